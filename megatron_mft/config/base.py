@@ -1,0 +1,209 @@
+"""YAML + dotted overrides -> typed dataclasses, with every error reported at once.
+
+Each concern (model, parallel, data, loss, peft, train) owns one dataclass in its own module.
+A dataclass may define ``validate(self) -> list[str]`` returning human-readable problems;
+``load_config`` collects the problems of every section and raises one ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """All problems found in a config, one per line, each naming its dotted field."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        head = f"invalid config{f' {source}' if source else ''}:"
+        super().__init__("\n".join([head] + [f"  - {p}" for p in problems]))
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
+    """Convert a YAML/CLI value to ``tp``; append a problem and return None when impossible."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        sub: list[str] = []
+        for a in non_none:
+            sub = []
+            out = _coerce(value, a, path, sub)
+            if not sub:
+                return out
+        problems.extend(sub)
+        return None
+    if origin is typing.Literal:
+        if value not in args:
+            problems.append(f"{path}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping, got {type(value).__name__}")
+            return None
+        return _build(tp, value, path, problems)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{path}: expected a list, got {type(value).__name__}")
+            return None
+        item_tp = args[0] if args else Any
+        out = [_coerce(v, item_tp, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+        return out if origin is list else tuple(out)
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping, got {type(value).__name__}")
+            return None
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(v, vt, f"{path}.{k}", problems) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        problems.append(f"{path}: expected true/false, got {value!r}")
+        return None
+    if tp is int:
+        if isinstance(value, bool):
+            problems.append(f"{path}: expected an integer, got {value!r}")
+            return None
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+        problems.append(f"{path}: expected an integer, got {value!r}")
+        return None
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        problems.append(f"{path}: expected a number, got {value!r}")
+        return None
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        problems.append(f"{path}: expected a string, got {value!r}")
+        return None
+    return value
+
+
+def _build(cls: type, data: dict, path: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        key = str(key).replace("-", "_")
+        full = f"{path}.{key}" if path else key
+        if key not in fields:
+            close = [n for n in fields if n.startswith(key[:3])]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            problems.append(f"{full}: unknown field{hint}; known: {', '.join(sorted(fields))}")
+            continue
+        kwargs[key] = _coerce(value, hints[key], full, problems)
+    try:
+        return cls(**{k: v for k, v in kwargs.items() if v is not None or _allows_none(hints[k])})
+    except TypeError as e:  # missing required fields
+        problems.append(f"{path or '<root>'}: {e}")
+        return None
+
+
+def _allows_none(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["train.steps=10", "parallel.tp=2"]`` -> nested dict; values parsed as YAML scalars."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError([f"override {item!r}: expected dotted key=value, e.g. train.steps=10"])
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError([f"override {item!r}: {p} is not a section"])
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def collect_problems(obj: Any, path: str = "") -> list[str]:
+    """Run ``validate()`` of every nested dataclass; prefix each problem with its section path."""
+    problems: list[str] = []
+    if not dataclasses.is_dataclass(obj):
+        return problems
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            problems += collect_problems(value, f"{path}{f.name}.")
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        problems += [p if p.split(":")[0].startswith(path) or not path else f"{path}{p}" for p in validate()]
+    return problems
+
+
+def load_dataclass(cls: type, data: dict, source: str | None = None) -> Any:
+    problems: list[str] = []
+    obj = _build(cls, data, "", problems)
+    if obj is not None:  # also validate what did parse, so one launch shows every mistake
+        problems += collect_problems(obj)
+    if problems:
+        raise ConfigError(problems, source)
+    return obj
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file {path} does not exist"])
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError([f"{where}: YAML syntax error: {getattr(e, 'problem', e)}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: top level must be a mapping"])
+    return data
+
+
+def to_dict(obj: Any) -> Any:
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj

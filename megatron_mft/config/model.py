@@ -1,0 +1,44 @@
+"""Model architecture: a preset name plus optional per-field overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Literal, Optional
+
+from megatron_mft.config.presets import PRESETS, ArchSpec
+
+
+@dataclass
+class ModelConfig:
+    """Which architecture to build. Unset fields come from ``preset``."""
+
+    preset: str = "tiny"
+    num_layers: Optional[int] = None
+    hidden_size: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_query_groups: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None
+    vocab_size: Optional[int] = None
+    max_position_embeddings: Optional[int] = None
+    rotary_base: Optional[float] = None
+    norm_epsilon: Optional[float] = None
+    init_method_std: float = 0.02
+    #: "auto" picks bf16 on CUDA, fp32 on CPU.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    #: Activation recompute: none, selective (core attention) or full (whole layers).
+    recompute: Literal["none", "selective", "full"] = "none"
+    #: Core attention: auto = TE if importable on CUDA, else flash-attn varlen, else torch SDPA.
+    attention_backend: Literal["auto", "te", "flash", "sdpa"] = "auto"
+    #: Hugging Face folder to initialise weights from at start (see megatron_mft.checkpoint.hf).
+    hf_init: Optional[str] = None
+
+    def arch(self) -> ArchSpec:
+        """The preset with this config's overrides applied."""
+        base = PRESETS[self.preset]
+        overrides = {f.name: getattr(self, f.name) for f in fields(ArchSpec) if getattr(self, f.name, None) is not None}
+        return replace(base, **overrides)
+
+    def validate(self) -> list[str]:
+        if self.preset not in PRESETS:
+            return [f"model.preset: unknown preset {self.preset!r}; known: {', '.join(PRESETS)}"]
+        return [f"model.{p}" for p in self.arch().problems()]

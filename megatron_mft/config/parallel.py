@@ -1,0 +1,33 @@
+"""Parallel layout: tensor, pipeline (optionally interleaved), data parallel, sequence parallel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class ParallelConfig:
+    #: Tensor-parallel size (heads and KV groups must divide by it).
+    tp: int = 1
+    #: Pipeline-parallel size (layers must divide by pp * vpp).
+    pp: int = 1
+    #: Virtual pipeline stages per rank (interleaved 1F1B); None = plain 1F1B.
+    vpp: Optional[int] = None
+    #: Sequence parallelism (needs tp > 1): norms/dropout on sequence shards.
+    sp: bool = False
+    #: Shard optimizer state over data-parallel ranks (megatron DistributedOptimizer).
+    distributed_optimizer: bool = True
+
+    def validate(self) -> list[str]:
+        p = []
+        for name in ("tp", "pp"):
+            if getattr(self, name) < 1:
+                p.append(f"parallel.{name}: must be >= 1")
+        if self.vpp is not None and self.vpp < 1:
+            p.append("parallel.vpp: must be >= 1 or null")
+        if self.vpp is not None and self.vpp > 1 and self.pp < 2:
+            p.append("parallel.vpp: virtual stages need parallel.pp >= 2")
+        if self.sp and self.tp < 2:
+            p.append("parallel.sp: sequence parallelism needs parallel.tp >= 2")
+        return p

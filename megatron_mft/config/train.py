@@ -1,0 +1,65 @@
+"""Optimisation and run control: steps or epochs, batch sizes, LR schedule, logging, saving."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class TrainConfig:
+    #: Optimizer steps to run; 0 means "derive from epochs".
+    steps: int = 20
+    #: Epochs over the training set (used when steps == 0).
+    epochs: Optional[float] = None
+    micro_batch_size: int = 2
+    global_batch_size: int = 8
+    lr: float = 2e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 2
+    #: Steps the cosine decay spans (default: all steps).
+    decay_steps: Optional[int] = None
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    log_interval: int = 1
+    #: Save a checkpoint every N steps (0 = only at the end).
+    save_interval: int = 0
+    #: Run validation every N steps (0 = never).
+    eval_interval: int = 0
+    #: Validation micro batches per task per evaluation (0 = whole validation split).
+    eval_iters: int = 0
+    #: Stop when validation has not improved for this many evaluations (0 = off).
+    early_stopping_patience: int = 0
+    #: Save and exit cleanly once this many minutes have passed (0 = off); for SLURM time limits.
+    exit_duration_minutes: float = 0.0
+    #: Peak FLOP/s of one device, for MFU; None = looked up from the device name.
+    peak_flops: Optional[float] = None
+
+    def validate(self) -> list[str]:
+        p = []
+        if self.steps < 0:
+            p.append("train.steps: must be >= 0")
+        if self.steps == 0 and not self.epochs:
+            p.append("train.steps: 0 needs train.epochs > 0")
+        if self.micro_batch_size < 1:
+            p.append("train.micro_batch_size: must be >= 1")
+        if self.global_batch_size < 1:
+            p.append("train.global_batch_size: must be >= 1")
+        elif self.micro_batch_size >= 1 and self.global_batch_size % self.micro_batch_size:
+            p.append(
+                f"train.global_batch_size: {self.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size {self.micro_batch_size}"
+            )
+        if self.lr <= 0:
+            p.append("train.lr: must be > 0")
+        if self.min_lr < 0 or self.min_lr > self.lr:
+            p.append(f"train.min_lr: must be in [0, train.lr={self.lr}]")
+        if self.log_interval < 1:
+            p.append("train.log_interval: must be >= 1")
+        for name in ("save_interval", "eval_interval", "eval_iters", "warmup_steps", "early_stopping_patience"):
+            if getattr(self, name) < 0:
+                p.append(f"train.{name}: must be >= 0")
+        return p
