@@ -35,6 +35,9 @@ class TrainConfig:
     early_stopping_patience: int = 0
     #: Save and exit cleanly once this many minutes have passed (0 = off); for SLURM time limits.
     exit_duration_minutes: float = 0.0
+    #: Start from these weights (a megatron dist checkpoint, e.g. from `convert hf-to-mcore`);
+    #: ignored when output_dir already holds a checkpoint to resume.
+    init_checkpoint: Optional[str] = None
     #: Peak FLOP/s of one device, for MFU; None = looked up from the device name.
     peak_flops: Optional[float] = None
 

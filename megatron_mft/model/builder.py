@@ -1,0 +1,103 @@
+"""Build megatron-core GPTModel chunks for a Llama/CodeLlama architecture."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_mft.compat import Environment
+from megatron_mft.config import ArchSpec, ModelConfig, ParallelConfig
+from megatron_mft.model.specs import attention_backend, block_spec, layer_spec
+
+log = logging.getLogger(__name__)
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """Pad only as much as tensor parallelism needs, so HF vocabularies (32016) stay exact."""
+    return -(-vocab_size // tp) * tp
+
+
+def resolve_dtype(precision: str, env: Environment) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if env.cuda else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
+
+def transformer_config(arch: ArchSpec, model: ModelConfig, parallel: ParallelConfig, env: Environment,
+                       *, variable_seq_lengths: bool = False) -> TransformerConfig:
+    dtype = resolve_dtype(model.precision, env)
+    recompute = {"none": {}, "selective": {"recompute_granularity": "selective"},
+                 "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}}
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_epsilon,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        bias_activation_fusion=env.cuda,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp if parallel.pp > 1 else None,
+        sequence_parallel=parallel.sp,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        pipeline_dtype=dtype,
+        autocast_dtype=dtype,
+        # Fused kernels only where they exist; on CPU these raise (shared doc).
+        apply_rope_fusion=env.te,
+        gradient_accumulation_fusion=env.apex,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=env.cuda,
+        use_cpu_initialization=not env.cuda,
+        # Our loss returns each micro batch's exact share of the global loss: sum, don't average.
+        calculate_per_token_loss=True,
+        variable_seq_lengths=variable_seq_lengths,
+        deallocate_pipeline_outputs=env.cuda,
+        **recompute[model.recompute],
+    )
+
+
+def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, env: Environment, *,
+                       layer: Optional[ModuleSpec] = None, variable_seq_lengths: bool = False) -> list[GPTModel]:
+    """This rank's model chunks (one per virtual pipeline stage). ``layer`` overrides the layer
+    spec (PEFT passes a spec with adapter linears)."""
+    arch = model.arch()
+    cfg = transformer_config(arch, model, parallel, env, variable_seq_lengths=variable_seq_lengths)
+    backend = attention_backend(model.attention_backend, env)
+    layer = layer or layer_spec(backend, env)
+    vpp = cfg.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        chunks.append(GPTModel(
+            config=cfg,
+            transformer_layer_spec=block_spec(cfg, backend, env, stage, layer),
+            vocab_size=padded_vocab_size(arch.vocab_size, parallel.tp),
+            max_sequence_length=arch.max_position_embeddings,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            parallel_output=True,
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="rope",
+            rotary_base=int(arch.rotary_base),
+            vp_stage=stage,
+        ))
+    return chunks

@@ -1,0 +1,78 @@
+"""The one place where transformer submodules are chosen.
+
+* Transformer Engine importable on CUDA -> megatron-core's TE spec (fused norm+linear, TE
+  attention, which handles packed THD sequences itself).
+* Otherwise -> megatron-core's local spec with two slots swapped: ``core_attention`` becomes
+  :class:`PackedCoreAttention` (flash-attn varlen or torch SDPA, packed-aware), and the norms
+  become our :class:`RMSNorm` (apex's fused RMSNorm when apex is installed on CUDA), which
+  also works with sequence parallelism.
+
+PEFT swaps the linear slots of the layer spec returned here (see megatron_mft.peft).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_mft.compat import Environment
+from megatron_mft.model.attention import PackedCoreAttention
+from megatron_mft.model.norm import RMSNorm
+
+
+def attention_backend(requested: str, env: Environment) -> str:
+    """Resolve ``model.attention_backend`` ("auto" | "te" | "flash" | "sdpa") for this machine."""
+    if requested == "auto":
+        return "te" if env.te else ("flash" if env.flash_attn else "sdpa")
+    if requested == "te" and not env.te:
+        raise RuntimeError("model.attention_backend=te but Transformer Engine is not usable here (needs CUDA + TE)")
+    if requested == "flash" and not env.flash_attn:
+        raise RuntimeError("model.attention_backend=flash but flash-attn is not installed (or no CUDA)")
+    return requested
+
+
+def _norm_module(env: Environment):
+    if env.apex:
+        from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
+
+        return FusedLayerNorm
+    return RMSNorm
+
+
+def layer_spec(backend: str, env: Environment) -> ModuleSpec:
+    """Spec of one Llama decoder layer for ``backend``."""
+    if backend == "te":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    sub = spec.submodules
+    norm = _norm_module(env)
+    sub.input_layernorm = norm
+    sub.pre_mlp_layernorm = norm
+    sub.self_attention.submodules.core_attention = ModuleSpec(
+        module=PackedCoreAttention, params={"use_flash": backend == "flash"}
+    )
+    # The local spec maps norm keys onto TE's fused names for checkpoint compatibility with the
+    # TE spec; keep that so a checkpoint moves between GPU (TE) and CPU (local) runs.
+    return spec
+
+
+def block_spec(config: TransformerConfig, backend: str, env: Environment, vp_stage: Optional[int] = None,
+               layer: Optional[ModuleSpec] = None) -> ModuleSpec:
+    """Spec of this pipeline stage's decoder block (its layers and the final norm)."""
+    layer = layer or layer_spec(backend, env)
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        final_norm = TENorm
+    else:
+        final_norm = _norm_module(env)
+    n = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return ModuleSpec(module=TransformerBlock,
+                      submodules=TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=final_norm))

@@ -1,0 +1,27 @@
+"""``python -m megatron_mft.train --config FILE [key=value ...]`` (single process, torchrun or srun)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron_mft.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megatron_mft.train", description=__doc__)
+    parser.add_argument("--config", required=True, help="run YAML (e.g. examples/tiny_cpu.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. parallel.tp=2 train.steps=10")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from megatron_mft.training.recipe import Recipe
+
+    return Recipe(cfg).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Initialise torch.distributed and megatron's parallel state for a run."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+
+from megatron_mft.compat import Environment
+from megatron_mft.config import ParallelConfig
+
+
+def init_parallel(parallel: ParallelConfig, env: Environment, seed: int) -> None:
+    """Process group (NCCL on CUDA, gloo on CPU) + megatron model-parallel groups + RNG."""
+    if not torch.distributed.is_initialized():
+        from megatron_mft.launch.env import init_distributed, read_dist_env
+
+        init_distributed(read_dist_env(), backend="nccl" if env.cuda else "gloo")
+    world = torch.distributed.get_world_size()
+    if world % (parallel.tp * parallel.pp):
+        raise ValueError(f"world size {world} is not divisible by parallel.tp x parallel.pp = "
+                         f"{parallel.tp} x {parallel.pp}")
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp if parallel.pp > 1 else None,
+    )
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def teardown() -> None:
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

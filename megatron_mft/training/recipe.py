@@ -1,0 +1,267 @@
+"""The training recipe: setup -> train -> save -> cleanup, read top to bottom."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from megatron.core import parallel_state as ps
+
+from megatron_mft.checkpoint.dist import (checkpoints_dir, latest_checkpoint, load_checkpoint,
+                                          load_model_weights, save_checkpoint)
+from megatron_mft.compat import setup_runtime
+from megatron_mft.config import RunConfig
+from megatron_mft.config.base import to_dict
+from megatron_mft.data import MFTData
+from megatron_mft.loss import build_balancer
+from megatron_mft.model import build_model_chunks
+from megatron_mft.training.metrics import MetricsLog, Timer, console_line, peak_flops, train_flops
+from megatron_mft.training.optimizer import build_optimizer, build_scheduler, total_steps, wrap_ddp
+from megatron_mft.training.parallel import init_parallel, teardown
+from megatron_mft.training.step import StepContext, evaluate, install_grad_finalizer, train_step
+
+log = logging.getLogger("megatron_mft")
+
+
+def _rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _say(msg: str) -> None:
+    if _rank0():
+        print(msg, flush=True)
+
+
+class Recipe:
+    """A whole fine-tuning run. ``Recipe(cfg).run()`` is what ``python -m megatron_mft.train`` does."""
+
+    def __init__(self, run: RunConfig):
+        self.run_cfg = run
+        self.out = Path(run.output_dir)
+        self.step = 0
+        self.consumed_rows = 0
+        self.stop_reason = None
+        self.early_stop = {"best": math.inf, "bad_evals": 0}
+
+    # ---------------------------------------------------------------- setup
+    def setup(self) -> None:
+        run = self.run_cfg
+        self.env = setup_runtime()
+        init_parallel(run.parallel, self.env, run.seed)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.env.cuda else torch.device("cpu")
+        _say(self.env.kernels_line())
+
+        dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        mbs, gbs = run.train.micro_batch_size, run.train.global_batch_size
+        if gbs % (mbs * dp_size):
+            raise ValueError(f"train.global_batch_size {gbs} must be a multiple of micro_batch_size x data-parallel "
+                             f"size = {mbs} x {dp_size}")
+        packed = run.data.batching == "packed"
+        self.data = MFTData(run.data, seed=run.seed, micro_batch_size=mbs, global_batch_size=gbs,
+                            dp_rank=dp_rank, dp_size=dp_size,
+                            pad_to_multiple_of=run.parallel.tp if run.parallel.sp else 1,
+                            fixed_seq_length=run.parallel.pp > 1 and not packed)
+        self.task_names = list(self.data.task_names)
+        arch = run.model.arch()
+        if self.data.vocab_size > arch.vocab_size:
+            raise ValueError(f"tokenizer vocabulary ({self.data.vocab_size}) is larger than model.vocab_size "
+                             f"({arch.vocab_size}) of preset {run.model.preset}")
+        self.arch = arch
+        self.total_steps = total_steps(run, self.data.rows_per_epoch)
+
+        layer = None
+        self.peft = None
+        if run.peft.method != "none":
+            from megatron_mft.peft import PeftPlan
+
+            self.peft = PeftPlan(run.peft, self.env)
+            layer = self.peft.layer_spec(run.model)
+        chunks = build_model_chunks(run.model, run.parallel, self.env, layer=layer)
+        if self.peft is not None:
+            self.peft.prepare(chunks)
+        if run.model.hf_init:
+            from megatron_mft.checkpoint.hf import load_hf_into_chunks
+
+            load_hf_into_chunks(run.model.hf_init, chunks, run.model, run.parallel)
+        self.chunks = wrap_ddp(chunks, run)
+        install_grad_finalizer(self.chunks)
+        self.optimizer = build_optimizer(self.chunks, run)
+        self.scheduler = build_scheduler(self.optimizer, run, self.total_steps)
+        self.balancer = build_balancer(run.loss, len(self.task_names))
+        self.ctx = StepContext(loss_cfg=run.loss, num_tasks=len(self.task_names), device=self.device, packed=packed)
+        self._report_params()
+
+        from megatron_mft.launch.signals import PreemptionGuard
+
+        self.guard = PreemptionGuard(exit_duration_minutes=run.train.exit_duration_minutes)
+        self.ckpt_root = checkpoints_dir(self.out)
+        latest = latest_checkpoint(self.ckpt_root)
+        if latest is not None:
+            self._resume(latest)
+        elif run.train.init_checkpoint:
+            load_model_weights(run.train.init_checkpoint, [c.module for c in self.chunks])
+            self.optimizer.reload_model_params()  # refresh the optimizer's fp32 main params
+            _say(f"initialised weights from {run.train.init_checkpoint}")
+        self.metrics = MetricsLog(self.out, enabled=_rank0())
+        if _rank0():
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(run), sort_keys=False))
+        self.peak = peak_flops(self.env.device_name, run.train.peak_flops)
+        _say(f"tasks: {', '.join(self.task_names)} | rows/epoch {self.data.rows_per_epoch} | "
+             f"steps {self.total_steps} | layout tp={run.parallel.tp} pp={run.parallel.pp} "
+             f"vpp={run.parallel.vpp} dp={dp_size} sp={run.parallel.sp}")
+
+    def _report_params(self) -> None:
+        local_total = sum(p.numel() for c in self.chunks for p in c.parameters())
+        local_train = sum(p.numel() for c in self.chunks for p in c.parameters() if p.requires_grad)
+        vec = torch.tensor([local_total, local_train], dtype=torch.float64, device=self.device)
+        # parameters are disjoint across TP and PP ranks of one data-parallel replica
+        torch.distributed.all_reduce(vec, group=ps.get_model_parallel_group())
+        total, trainable = vec.tolist()
+        _say(f"parameters: {total / 1e6:.2f}M on this layout (replicated norms counted per TP rank), "
+             f"trainable {trainable / 1e6:.3f}M ({100 * trainable / max(total, 1):.2f}%)")
+        if self.peft is not None:
+            _say(self.peft.memory_report(self.arch, self.run_cfg))
+
+    def _common_state(self) -> dict:
+        return {"step": self.step, "consumed_rows": self.consumed_rows,
+                "scheduler": self.scheduler.state_dict(),
+                "balancer": self.balancer.state_dict() if self.balancer is not None else None,
+                "early_stop": dict(self.early_stop)}
+
+    def _resume(self, path: Path) -> None:
+        common = load_checkpoint(path, [c.module for c in self.chunks], self.optimizer)
+        self.step = int(common["step"])
+        self.consumed_rows = int(common["consumed_rows"])
+        self.scheduler.load_state_dict(common["scheduler"])
+        if self.balancer is not None and common.get("balancer") is not None:
+            self.balancer.load_state_dict(common["balancer"])
+        self.early_stop = dict(common.get("early_stop") or self.early_stop)
+        _say(f"resumed from {path} at step {self.step} (consumed rows {self.consumed_rows})")
+
+    # ---------------------------------------------------------------- train
+    def task_weights(self) -> torch.Tensor:
+        static = torch.tensor([self.run_cfg.loss.task_weights.get(n, 1.0) for n in self.task_names],
+                              dtype=torch.float64)
+        if self.balancer is not None:
+            static = static * self.balancer.weights().double().cpu()
+        return static.to(self.device)
+
+    def train(self) -> None:
+        t = self.run_cfg.train
+        timer = Timer()
+        tokens_since, flops_since, steps_since = 0, 0.0, 0
+        while self.step < self.total_steps:
+            micro_batches = self.data.train_micro_batches(self.consumed_rows)
+            self.ctx.task_weights = self.task_weights()
+            out = train_step(self.chunks, self.optimizer, self.scheduler, micro_batches, self.ctx)
+            self.step += 1
+            self.consumed_rows += t.global_batch_size
+            n_tok, segs = _count_tokens(micro_batches)
+            tokens_since += n_tok
+            flops_since += train_flops(self.arch, segs, self.run_cfg.model.recompute == "full")
+            steps_since += 1
+            if self.step % t.log_interval == 0 or self.step == self.total_steps:
+                dt = timer.lap()
+                self._log_step(out, tokens_since, flops_since, dt)
+                tokens_since, flops_since, steps_since = 0, 0.0, 0
+            if self._should_validate():
+                self._validate()
+            if t.save_interval and self.step % t.save_interval == 0 and self.step < self.total_steps:
+                self.save()
+            self.stop_reason = self.stop_reason or self.guard.should_stop()
+            if self.stop_reason:
+                _say(f"stopping at step {self.step}: {self.stop_reason}")
+                break
+        self.save()
+
+    def _log_step(self, out: dict, tokens: int, flops: float, dt: float) -> None:
+        """Throughput is global (summed over DP); FLOPs per GPU divide by the world size."""
+        world = torch.distributed.get_world_size()
+        vec = torch.tensor([tokens, flops], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(vec, group=ps.get_data_parallel_group())
+        tokens, flops = vec.tolist()
+        tflops = flops / dt / world / 1e12
+        rec = {"step": self.step, "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
+               "tokens_per_s": tokens / dt, "tflops_per_gpu": tflops,
+               "mfu": (tflops * 1e12 / self.peak) if self.peak else None,
+               "consumed_rows": self.consumed_rows}
+        weights = self.ctx.task_weights.tolist()
+        for i, name in enumerate(self.task_names):
+            n = out["task_tokens"][i].item()
+            rec[f"task_loss/{name}"] = out["task_ce_sum"][i].item() / n if n else None
+            rec[f"task_tokens/{name}"] = int(n)
+            rec[f"task_weight/{name}"] = weights[i]
+        self.metrics.write(rec)
+        _say(console_line(rec, self.total_steps))
+
+    def _should_validate(self) -> bool:
+        t, loss = self.run_cfg.train, self.run_cfg.loss
+        due_eval = t.eval_interval and self.step % t.eval_interval == 0
+        due_bal = (self.balancer is not None and self.step >= loss.balancer_warmup
+                   and self.step % loss.balancer_interval == 0)
+        return bool(due_eval or due_bal)
+
+    def _validate(self) -> None:
+        for c in self.chunks:
+            c.eval()
+        losses = {}
+        for i, name in enumerate(self.task_names):
+            mbs = self.data.val_micro_batches(name, self.run_cfg.train.eval_iters)
+            ce, n = evaluate(self.chunks, mbs, self.ctx)
+            if n:
+                losses[i] = ce / n
+        for c in self.chunks:
+            c.train()
+        rec = {"step": self.step, **{f"val_loss/{self.task_names[i]}": v for i, v in losses.items()}}
+        if self.balancer is not None and self.step >= self.run_cfg.loss.balancer_warmup:
+            self.balancer.update(self.step, losses)
+            rec.update({f"task_weight/{n}": w for n, w in zip(self.task_names, self.balancer.weights().tolist())})
+        self.metrics.write(rec)
+        _say("validation: " + " ".join(f"{self.task_names[i]}={v:.4f}" for i, v in losses.items()))
+        patience = self.run_cfg.train.early_stopping_patience
+        if patience and losses:
+            mean = sum(losses.values()) / len(losses)
+            if mean < self.early_stop["best"]:
+                self.early_stop = {"best": mean, "bad_evals": 0}
+            else:
+                self.early_stop["bad_evals"] += 1
+                if self.early_stop["bad_evals"] >= patience:
+                    self.stop_reason = f"early stopping: validation loss has not improved for {patience} evaluations"
+
+    # ---------------------------------------------------------------- save / cleanup
+    def save(self) -> None:
+        info = {"config": to_dict(self.run_cfg), "task_names": self.task_names,
+                "consumed_rows": self.consumed_rows, "manifest": self.data.manifest,
+                "peft": self.run_cfg.peft.method}
+        path = save_checkpoint(self.ckpt_root, self.step, [c.module for c in self.chunks], self.optimizer,
+                               common=self._common_state(), run_info=info)
+        _say(f"saved checkpoint {path}")
+
+    def cleanup(self) -> None:
+        teardown()
+
+    def run(self) -> int:
+        self.setup()
+        try:
+            self.train()
+        finally:
+            self.cleanup()
+        return 0
+
+
+def _count_tokens(micro_batches: list[dict]) -> tuple[int, list[int]]:
+    """Real (non-padding) tokens and the lengths of the samples in them, for throughput."""
+    n, lengths = 0, []
+    for mb in micro_batches:
+        ids = mb["sample_ids"]
+        real = ids[ids >= 0]
+        n += int(real.numel())
+        if real.numel():
+            lengths += torch.bincount(real).tolist()
+    return n, [x for x in lengths if x]

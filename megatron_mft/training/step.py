@@ -1,0 +1,166 @@
+"""One optimizer step (and validation passes) through megatron-core's pipeline schedules.
+
+The loss of a micro batch is its exact share of the global-batch objective (see
+megatron_mft.loss), so gradients are summed over micro batches and data-parallel ranks:
+``calculate_per_token_loss=True`` stops the schedule's 1/num_microbatches, and
+``finalize_model_grads`` is called without a token count so nothing rescales the sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Optional
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_mft.loss import GlobalBatchStats, micro_batch_loss
+from megatron_mft.model import build_packed_seq_params
+
+
+@dataclass
+class StepContext:
+    loss_cfg: object
+    num_tasks: int
+    device: torch.device
+    packed: bool
+    task_weights: Optional[torch.Tensor] = None
+
+
+def _finalize_sum(model, num_tokens, *args, **kwargs):
+    """megatron's grad finalisation (DP/TP/PP reductions) without the 1/num_tokens rescale."""
+    return finalize_model_grads(model, None, *args, **kwargs)
+
+
+def install_grad_finalizer(chunks: list) -> None:
+    for c in chunks:
+        c.config.finalize_model_grads_func = _finalize_sum
+        c.config.no_sync_func = [m.no_sync for m in chunks] if len(chunks) > 1 else chunks[0].no_sync
+        c.config.grad_sync_func = None
+
+
+def model_inputs(batch: dict, ctx: StepContext) -> dict:
+    """Batch -> GPTModel keyword arguments: THD (packed) or SBHD (one sample per row)."""
+    dev = ctx.device
+    tokens, labels, pos = (batch[k].to(dev, non_blocking=True) for k in ("tokens", "labels", "position_ids"))
+    if ctx.packed:
+        return dict(input_ids=tokens.reshape(1, -1), position_ids=pos.reshape(1, -1), attention_mask=None,
+                    labels=labels.reshape(1, -1),
+                    packed_seq_params=build_packed_seq_params(batch["cu_seqlens"], int(batch["max_seqlen"]), dev))
+    return dict(input_ids=tokens, position_ids=pos, attention_mask=None, labels=labels)
+
+
+def _batch_on_device(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _loss_func(batch: dict, ctx: StepContext, stats, focal_stats, output_tensor: torch.Tensor):
+    token_ce = output_tensor.float().reshape(batch["tokens"].shape)
+    share, report = micro_batch_loss(token_ce, batch, stats, ctx.loss_cfg, num_tasks=ctx.num_tasks,
+                                     task_weights=ctx.task_weights, focal_task_stats=focal_stats)
+    report = dict(report)
+    report["objective"] = share.detach().clone().reshape(())
+    n_tokens = batch["loss_mask"].sum().to(torch.int)
+    return share, n_tokens, report
+
+
+def _ce_only_loss_func(batch: dict, output_tensor: torch.Tensor):
+    """Validation / statistics passes: hand back per-token CE, no objective."""
+    token_ce = output_tensor.float().reshape(batch["tokens"].shape).detach()
+    return token_ce.sum() * 0, torch.zeros([], dtype=torch.int), {"token_ce": token_ce, "batch": batch}
+
+
+def _forward_step(ctx: StepContext, loss_factory: Callable, data_iterator, model):
+    batch = _batch_on_device(next(data_iterator), ctx.device)
+    out = model(**model_inputs(batch, ctx))
+    return out, partial(loss_factory, batch)
+
+
+def run_schedule(chunks: list, micro_batches: list[dict], ctx: StepContext, loss_factory: Callable,
+                 forward_only: bool) -> list:
+    """Run megatron's forward(-backward) schedule over ``micro_batches``; returns the per-micro-batch
+    reports (non-empty only on the last pipeline stage)."""
+    shape = micro_batches[0]["tokens"].shape
+    seq = shape[0] * shape[1] if ctx.packed else max(mb["tokens"].shape[1] for mb in micro_batches)
+    mbs = 1 if ctx.packed else shape[0]
+    iters = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
+    return get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, ctx, loss_factory),
+        data_iterator=iters,
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(micro_batches),
+        seq_length=seq,
+        micro_batch_size=mbs,
+        forward_only=forward_only,
+    )
+
+
+def _broadcast_from_last_stage(vec: torch.Tensor) -> torch.Tensor:
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(vec, src=ps.get_pipeline_model_parallel_last_rank(),
+                                    group=ps.get_pipeline_model_parallel_group())
+    return vec
+
+
+def reduce_report_vector(vec: torch.Tensor) -> torch.Tensor:
+    """Sum a per-rank report vector over DP, then give every pipeline stage the last stage's."""
+    torch.distributed.all_reduce(vec, group=ps.get_data_parallel_group())
+    return _broadcast_from_last_stage(vec)
+
+
+def train_step(chunks: list, optimizer, scheduler, micro_batches: list[dict], ctx: StepContext) -> dict:
+    """Forward/backward over this rank's micro batches of the global batch, then one optimizer step."""
+    dp = ps.get_data_parallel_group()
+    stats = GlobalBatchStats.gather(micro_batches, ctx.num_tasks, group=dp)
+    focal_stats = None
+    if ctx.loss_cfg.mode == "focal-task" and ctx.loss_cfg.focal_task_exact:
+        focal_stats = focal_prepass(chunks, micro_batches, ctx)
+    for c in chunks:
+        c.zero_grad_buffer()
+    optimizer.zero_grad()
+    reports = run_schedule(chunks, micro_batches, ctx,
+                           partial(_wrap_loss, ctx, stats, focal_stats), forward_only=False)
+    ok, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=1)
+    T = ctx.num_tasks
+    vec = torch.zeros(2 * T + 1, dtype=torch.float64, device=ctx.device)
+    for r in reports:
+        vec[0] += r["objective"].double()
+        vec[1:T + 1] += r["task_ce_sum"].double()
+        vec[T + 1:] += r["task_tokens"].double()
+    vec = reduce_report_vector(vec)
+    return {"loss": vec[0].item(), "task_ce_sum": vec[1:T + 1].cpu(), "task_tokens": vec[T + 1:].cpu(),
+            "grad_norm": None if grad_norm is None else float(grad_norm), "update_ok": bool(ok),
+            "lr": optimizer.param_groups[0]["lr"]}
+
+
+def _wrap_loss(ctx, stats, focal_stats, batch, output_tensor):
+    return _loss_func(batch, ctx, stats, focal_stats, output_tensor)
+
+
+def focal_prepass(chunks: list, micro_batches: list[dict], ctx: StepContext):
+    """Exact focal-task: a no-grad forward over the global batch gives the per-task P_i, Q_i."""
+    from megatron_mft.loss import FocalTaskStats
+
+    with torch.no_grad():
+        reports = run_schedule(chunks, micro_batches, ctx, _ce_only_loss_func, forward_only=True)
+    return FocalTaskStats.gather([(r["token_ce"], r["batch"]) for r in reports], ctx.num_tasks,
+                                 group=ps.get_data_parallel_group(), pp_broadcast=_broadcast_from_last_stage)
+
+
+def evaluate(chunks: list, micro_batches: list[dict], ctx: StepContext) -> tuple[float, float]:
+    """Token-mean CE over (this rank's shard of) one task's validation micro batches, summed over
+    DP; returns (ce_sum, tokens) identical on every rank."""
+    vec = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    if micro_batches:
+        with torch.no_grad():
+            reports = run_schedule(chunks, micro_batches, ctx, _ce_only_loss_func, forward_only=True)
+        for r in reports:
+            mask = r["batch"]["loss_mask"].to(r["token_ce"].device)
+            vec[0] += (r["token_ce"].double() * mask).sum()
+            vec[1] += mask.sum()
+    vec = reduce_report_vector(vec)
+    return vec[0].item(), vec[1].item()
