@@ -1,0 +1,152 @@
+"""Stop cleanly before SLURM stops us: signals and a wall-clock budget.
+
+SLURM warns a job before its time limit with ``#SBATCH --signal=USR1@300`` (SIGUSR1 to every
+task, 300 s ahead) and sends SIGTERM on preemption or ``scancel`` (then SIGKILL after
+``KillWait``, often 30 s). :class:`PreemptionGuard` only *records* those signals; the trainer
+asks :meth:`PreemptionGuard.should_stop` after each optimizer step and, on a reason, saves a
+checkpoint and exits 0. All ranks agree on the answer (a MAX all-reduce of a flag), so every
+rank stops after the same step even when the signal reached only some of them or the
+exit-duration clock ran out on one rank slightly earlier.
+
+Reasons: ``"SIGUSR1"``, ``"SIGTERM"``, ``"exit_duration"``. Once a reason is returned it stays.
+
+When ``MFT_STOP_FILE`` is set, rank 0 writes the reason to that file the first time
+:meth:`should_stop` returns one. ``run_scripts/common.sh`` reads it after ``srun`` returns and
+requeues the job (``scontrol requeue``) for ``SIGUSR1`` and ``exit_duration``: a job that stops
+itself before its time limit ends COMPLETED, which ``--requeue`` alone would not restart.
+SIGTERM is not requeued by the script: SLURM requeues preempted jobs itself, and a user's
+``scancel`` means stop.
+
+Typical use (the trainer)::
+
+    guard = PreemptionGuard(exit_duration_minutes=cfg.train.exit_duration_minutes).install()
+    for step in ...:
+        train_step()
+        if reason := guard.should_stop():
+            save_checkpoint(); log(f"stopping: {reason}"); break
+    guard.uninstall()
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import warnings
+
+__all__ = ["PreemptionGuard", "REASONS"]
+
+#: Reason codes, ordered: the all-reduce MAX picks the highest when ranks disagree.
+REASONS = ("exit_duration", "SIGTERM", "SIGUSR1")
+_CODE = {r: i + 1 for i, r in enumerate(REASONS)}
+
+
+class PreemptionGuard:
+    """Record SIGTERM / SIGUSR1 and a wall-clock budget; answer "should we stop now?".
+
+    ``exit_duration_minutes``: stop once this many minutes have passed since ``start_time``
+    (default: construction time); 0 or None disables it. ``signals``: names to catch.
+    """
+
+    def __init__(self, exit_duration_minutes: float | None = 0.0,
+                 signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1"),
+                 start_time: float | None = None, stop_file: str | None = None):
+        self.exit_duration_minutes = float(exit_duration_minutes or 0.0)
+        self.signal_names = tuple(signals)
+        self.start_time = time.monotonic() if start_time is None else start_time
+        self.stop_file = stop_file if stop_file is not None else os.environ.get("MFT_STOP_FILE") or None
+        self._received: list[str] = []
+        self._previous: dict[int, object] = {}
+        self._reason: str | None = None
+
+    # --------------------------------------------------------------------------- handlers
+
+    def _handler(self, signum, frame) -> None:  # keep trivial: no I/O, no raising
+        self._received.append(signal.Signals(signum).name)
+
+    def install(self) -> "PreemptionGuard":
+        """Install the handlers (main thread only; elsewhere warns and records nothing)."""
+        if threading.current_thread() is not threading.main_thread():
+            warnings.warn("PreemptionGuard.install: not the main thread; signals will not be caught")
+            return self
+        for name in self.signal_names:
+            sig = getattr(signal, name, None)
+            if sig is not None and sig not in self._previous:
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def uninstall(self) -> None:
+        """Restore the handlers that were there before :meth:`install`."""
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def __enter__(self) -> "PreemptionGuard":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
+
+    # ---------------------------------------------------------------------------- queries
+
+    @property
+    def received(self) -> str | None:
+        """The first signal recorded on this rank (no communication)."""
+        return self._received[0] if self._received else None
+
+    def elapsed_minutes(self) -> float:
+        return (time.monotonic() - self.start_time) / 60.0
+
+    def local_reason(self) -> str | None:
+        """This rank's reason, without asking the others."""
+        if self._received:
+            return max(self._received, key=_CODE.get)
+        if self.exit_duration_minutes > 0 and self.elapsed_minutes() >= self.exit_duration_minutes:
+            return "exit_duration"
+        return None
+
+    def should_stop(self, group=None) -> str | None:
+        """The reason to stop now, the same on every rank of ``group``; None to go on.
+
+        Collective when ``torch.distributed`` is initialised: every rank of ``group``
+        (default: the world) must call it at the same point.
+        """
+        if self._reason is not None:
+            return self._reason
+        code = _CODE.get(self.local_reason(), 0)
+        code = _all_reduce_max(code, group)
+        if code:
+            self._reason = REASONS[code - 1]
+            self._write_stop_file()
+        return self._reason
+
+    def _write_stop_file(self) -> None:
+        if not self.stop_file or _rank() != 0:
+            return
+        try:
+            with open(self.stop_file, "w") as f:
+                f.write(self._reason + "\n")
+        except OSError as e:  # never let bookkeeping break the checkpoint that follows
+            warnings.warn(f"PreemptionGuard: cannot write MFT_STOP_FILE {self.stop_file}: {e}")
+
+
+def _rank() -> int:
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return 0
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _all_reduce_max(code: int, group=None) -> int:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return code
+    backend = dist.get_backend(group)
+    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(backend) else torch.device("cpu")
+    flag = torch.tensor([code], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return int(flag.item())
