@@ -9,7 +9,7 @@ import importlib
 
 _EXPORTS = {
     "DistEnv": "env", "LaunchError": "env", "default_port": "env", "init_distributed": "env",
-    "parse_tasks_per_node": "env",
+    "parse_tasks_per_node": "env", "read_dist_env": "env",
     "HostListError": "hostnames", "expand_nodelist": "hostnames",
     "PreemptionGuard": "signals",
 }

@@ -39,7 +39,7 @@ from typing import Literal, Mapping
 
 from megatron_mft.launch.hostnames import NODELIST_VARS, HostListError, expand_nodelist
 
-__all__ = ["DistEnv", "LaunchError", "default_port", "init_distributed", "parse_tasks_per_node"]
+__all__ = ["DistEnv", "LaunchError", "default_port", "init_distributed", "parse_tasks_per_node", "read_dist_env"]
 
 Source = Literal["torchrun", "slurm", "single"]
 
@@ -94,6 +94,11 @@ class DistEnv:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def read_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Same as :meth:`DistEnv.from_env`."""
+    return DistEnv.from_env(environ)
 
 
 def default_port(job_id: str | int | None) -> int:

@@ -19,7 +19,7 @@ SIGTERM is not requeued by the script: SLURM requeues preempted jobs itself, and
 
 Typical use (the trainer)::
 
-    guard = PreemptionGuard(exit_duration_minutes=cfg.train.exit_duration_minutes).install()
+    guard = PreemptionGuard(exit_duration_minutes=cfg.train.exit_duration_minutes)  # installs
     for step in ...:
         train_step()
         if reason := guard.should_stop():
@@ -47,11 +47,13 @@ class PreemptionGuard:
 
     ``exit_duration_minutes``: stop once this many minutes have passed since ``start_time``
     (default: construction time); 0 or None disables it. ``signals``: names to catch.
+    ``install``: install the handlers now (default); else call :meth:`install` later.
+    ``stop_file``: where rank 0 writes the reason (default: ``$MFT_STOP_FILE``, if set).
     """
 
     def __init__(self, exit_duration_minutes: float | None = 0.0,
                  signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1"),
-                 start_time: float | None = None, stop_file: str | None = None):
+                 start_time: float | None = None, stop_file: str | None = None, install: bool = True):
         self.exit_duration_minutes = float(exit_duration_minutes or 0.0)
         self.signal_names = tuple(signals)
         self.start_time = time.monotonic() if start_time is None else start_time
@@ -59,6 +61,8 @@ class PreemptionGuard:
         self._received: list[str] = []
         self._previous: dict[int, object] = {}
         self._reason: str | None = None
+        if install:
+            self.install()
 
     # --------------------------------------------------------------------------- handlers
 
@@ -66,7 +70,7 @@ class PreemptionGuard:
         self._received.append(signal.Signals(signum).name)
 
     def install(self) -> "PreemptionGuard":
-        """Install the handlers (main thread only; elsewhere warns and records nothing)."""
+        """Install the handlers (idempotent; main thread only, elsewhere warns and records nothing)."""
         if threading.current_thread() is not threading.main_thread():
             warnings.warn("PreemptionGuard.install: not the main thread; signals will not be caught")
             return self
