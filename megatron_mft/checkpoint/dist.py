@@ -52,10 +52,21 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def model_sharded_state_dict(chunks: list) -> dict:
+def _trainable_only(chunk, sd: dict) -> dict:
+    """Keep only entries of trainable parameters (adapters): PEFT checkpoints hold just those,
+    and name their frozen base in run.json."""
+    names = {n for n, p in chunk.named_parameters() if p.requires_grad}
+    return {k: v for k, v in sd.items() if k in names}
+
+
+def model_sharded_state_dict(chunks: list, trainable_only: bool = False) -> dict:
+    def one(c):
+        sd = c.sharded_state_dict()
+        return _trainable_only(c, sd) if trainable_only else sd
+
     if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+        return {"model": one(chunks[0])}
+    return {f"model{i}": one(c) for i, c in enumerate(chunks)}
 
 
 def _rng_state() -> dict:
@@ -87,7 +98,7 @@ def _restore_rng(state: dict) -> bool:
 
 
 def save_checkpoint(root: str | Path, step: int, chunks: list, optimizer=None, *, common: dict,
-                    run_info: dict) -> Path:
+                    run_info: dict, trainable_only: bool = False) -> Path:
     """Save model (+ optimizer) sharded state and ``common`` (plain picklable state) for ``step``."""
     root = Path(root)
     final = root / f"step_{step:07d}"
@@ -100,9 +111,9 @@ def save_checkpoint(root: str | Path, step: int, chunks: list, optimizer=None, *
             shutil.rmtree(final)
         tmp.mkdir()
     _barrier()
-    sharded = model_sharded_state_dict(chunks)
+    sharded = model_sharded_state_dict(chunks, trainable_only)
     if optimizer is not None:
-        sharded["optimizer"] = optimizer.sharded_state_dict(sharded)
+        sharded["optimizer"] = optimizer.sharded_state_dict(model_sharded_state_dict(chunks))
     sharded["common"] = common
     dist_checkpointing.save(sharded, str(tmp))
     (tmp / "rng").mkdir(exist_ok=True)
@@ -118,16 +129,16 @@ def save_checkpoint(root: str | Path, step: int, chunks: list, optimizer=None, *
     return final
 
 
-def load_checkpoint(path: str | Path, chunks: list, optimizer=None, *, strict_rng: bool = False) -> dict:
+def load_checkpoint(path: str | Path, chunks: list, optimizer=None, *, trainable_only: bool = False) -> dict:
     """Load into ``chunks`` (any TP/PP layout) and ``optimizer``; return the saved common state."""
     path = Path(path)
-    template = model_sharded_state_dict(chunks)
+    template = model_sharded_state_dict(chunks, trainable_only)
     if optimizer is not None:
-        template["optimizer"] = optimizer.sharded_state_dict(template, is_loading=True)
+        template["optimizer"] = optimizer.sharded_state_dict(model_sharded_state_dict(chunks), is_loading=True)
     state = dist_checkpointing.load(template, str(path))
     for i, chunk in enumerate(chunks):
         key = "model" if len(chunks) == 1 else f"model{i}"
-        chunk.load_state_dict(state[key], strict=False)
+        _load_into(chunk, state[key], partial=trainable_only)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
@@ -136,12 +147,23 @@ def load_checkpoint(path: str | Path, chunks: list, optimizer=None, *, strict_rn
     return state.get("common", {})
 
 
-def load_model_weights(path: str | Path, chunks: list) -> None:
-    """Weights only (fine-tuning start from a converted or earlier checkpoint)."""
+def _load_into(chunk, state: dict, partial: bool) -> None:
+    missing, unexpected = chunk.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if unexpected or (missing and not partial):
+        raise RuntimeError(f"checkpoint does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+
+
+def load_model_weights(path: str | Path, chunks: list, *, skip_missing_adapters: bool = True) -> None:
+    """Base weights only (fine-tuning start from a converted or earlier checkpoint). Adapter
+    parameters (trainable ones, when PEFT is on) may be absent from a base checkpoint."""
     template = model_sharded_state_dict(chunks)
+    adapters = {n for c in chunks for n, _ in c.named_parameters() if ".lora_" in n}
+    if skip_missing_adapters:
+        template = {k: {n: v for n, v in sd.items() if n not in adapters} for k, sd in template.items()}
     state = dist_checkpointing.load(template, str(path))
     for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(state["model" if len(chunks) == 1 else f"model{i}"], strict=False)
+        _load_into(chunk, state["model" if len(chunks) == 1 else f"model{i}"], partial=bool(adapters))
 
 
 def read_run_info(path: str | Path) -> dict[str, Any]:

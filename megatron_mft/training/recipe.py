@@ -74,6 +74,7 @@ class Recipe:
         self.arch = arch
         self.total_steps = total_steps(run, self.data.rows_per_epoch)
 
+        # --- peft hook (owned by megatron_mft.peft): adapter layer spec, then freeze/quantise.
         layer = None
         self.peft = None
         if run.peft.method != "none":
@@ -82,12 +83,10 @@ class Recipe:
             self.peft = PeftPlan(run.peft, self.env)
             layer = self.peft.layer_spec(run.model)
         chunks = build_model_chunks(run.model, run.parallel, self.env, layer=layer)
+        self._load_base_weights(chunks)
         if self.peft is not None:
             self.peft.prepare(chunks)
-        if run.model.hf_init:
-            from megatron_mft.checkpoint.hf import load_hf_into_chunks
-
-            load_hf_into_chunks(run.model.hf_init, chunks, run.model, run.parallel)
+        # --- end peft hook
         self.chunks = wrap_ddp(chunks, run)
         install_grad_finalizer(self.chunks)
         self.optimizer = build_optimizer(self.chunks, run)
@@ -103,10 +102,6 @@ class Recipe:
         latest = latest_checkpoint(self.ckpt_root)
         if latest is not None:
             self._resume(latest)
-        elif run.train.init_checkpoint:
-            load_model_weights(run.train.init_checkpoint, [c.module for c in self.chunks])
-            self.optimizer.reload_model_params()  # refresh the optimizer's fp32 main params
-            _say(f"initialised weights from {run.train.init_checkpoint}")
         self.metrics = MetricsLog(self.out, enabled=_rank0())
         if _rank0():
             self.out.mkdir(parents=True, exist_ok=True)
@@ -115,6 +110,18 @@ class Recipe:
         _say(f"tasks: {', '.join(self.task_names)} | rows/epoch {self.data.rows_per_epoch} | "
              f"steps {self.total_steps} | layout tp={run.parallel.tp} pp={run.parallel.pp} "
              f"vpp={run.parallel.vpp} dp={dp_size} sp={run.parallel.sp}")
+
+    def _load_base_weights(self, chunks: list) -> None:
+        """Pretrained weights, before DDP and the optimizer copy them: HF folder or dist checkpoint."""
+        run = self.run_cfg
+        if run.model.hf_init:
+            from megatron_mft.checkpoint.hf import load_hf_into_chunks
+
+            load_hf_into_chunks(run.model.hf_init, chunks, run.model, run.parallel)
+            _say(f"initialised weights from Hugging Face folder {run.model.hf_init}")
+        elif run.train.init_checkpoint:
+            load_model_weights(run.train.init_checkpoint, chunks)
+            _say(f"initialised weights from {run.train.init_checkpoint}")
 
     def _report_params(self) -> None:
         local_total = sum(p.numel() for c in self.chunks for p in c.parameters())
@@ -135,7 +142,8 @@ class Recipe:
                 "early_stop": dict(self.early_stop)}
 
     def _resume(self, path: Path) -> None:
-        common = load_checkpoint(path, [c.module for c in self.chunks], self.optimizer)
+        common = load_checkpoint(path, [c.module for c in self.chunks], self.optimizer,
+                                 trainable_only=self.peft is not None)
         self.step = int(common["step"])
         self.consumed_rows = int(common["consumed_rows"])
         self.scheduler.load_state_dict(common["scheduler"])
@@ -240,7 +248,8 @@ class Recipe:
                 "consumed_rows": self.consumed_rows, "manifest": self.data.manifest,
                 "peft": self.run_cfg.peft.method}
         path = save_checkpoint(self.ckpt_root, self.step, [c.module for c in self.chunks], self.optimizer,
-                               common=self._common_state(), run_info=info)
+                               common=self._common_state(), run_info=info,
+                               trainable_only=self.peft is not None)
         _say(f"saved checkpoint {path}")
 
     def cleanup(self) -> None:
