@@ -1,0 +1,209 @@
+"""Launcher environment: host lists, torchrun/SLURM parsing, errors, and a simulated 2x2 SLURM job."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_mft.launch.env import DistEnv, LaunchError, default_port, parse_tasks_per_node
+from megatron_mft.launch.hostnames import HostListError, expand_nodelist
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------ host lists
+
+@pytest.mark.parametrize("text, hosts", [
+    ("node01", ["node01"]),
+    ("gpu[001-003,007],cpu5", ["gpu001", "gpu002", "gpu003", "gpu007", "cpu5"]),
+    ("node[01-04]", ["node01", "node02", "node03", "node04"]),
+    ("n[8-11]", ["n8", "n9", "n10", "n11"]),
+    ("n[098-101]", ["n098", "n099", "n100", "n101"]),
+    ("r[1-2]n[1,3]", ["r1n1", "r1n3", "r2n1", "r2n3"]),
+    ("a[1-2],b,c[5]", ["a1", "a2", "b", "c5"]),
+    ("gpu-a100-[1-2].cluster", ["gpu-a100-1.cluster", "gpu-a100-2.cluster"]),
+    ("localhost,localhost", ["localhost", "localhost"]),
+])
+def test_expand_nodelist(text, hosts):
+    assert expand_nodelist(text) == hosts
+
+
+@pytest.mark.parametrize("text", ["", "gpu[1-3", "gpu1-3]", "gpu[3-1]", "gpu[a-b]", "a,,b", "g[[1]]"])
+def test_expand_nodelist_rejects(text):
+    with pytest.raises(HostListError):
+        expand_nodelist(text)
+
+
+def test_hostnames_cli():
+    run = subprocess.run([sys.executable, "-m", "megatron_mft.launch.hostnames", "gpu[001-002],cpu5"],
+                         capture_output=True, text=True, cwd=ROOT, check=True)
+    assert run.stdout.split() == ["gpu001", "gpu002", "cpu5"]
+    run = subprocess.run([sys.executable, "-m", "megatron_mft.launch.hostnames", "--first"],
+                         capture_output=True, text=True, cwd=ROOT, check=True,
+                         env={**os.environ, "SLURM_JOB_NODELIST": "node[07-09]"})
+    assert run.stdout.strip() == "node07"
+    assert "torch" not in run.stderr
+
+
+# ------------------------------------------------------------------------- tasks per node
+
+@pytest.mark.parametrize("text, out", [("8", [8]), ("2(x2)", [2, 2]), ("2(x3),1", [2, 2, 2, 1]), ("4,2", [4, 2])])
+def test_parse_tasks_per_node(text, out):
+    assert parse_tasks_per_node(text) == out
+
+
+def test_default_port():
+    assert default_port("123456") == 10000 + 123456 % 20000
+    assert default_port(None) == 29500
+    assert default_port("4242_7") == 10000 + 42427 % 20000  # array job ids
+
+
+# --------------------------------------------------------------------------------- parsing
+
+def slurm_task(rank, *, nodes=2, per_node=2, **extra):
+    env = {
+        "SLURM_JOB_ID": "4711", "SLURM_PROCID": str(rank), "SLURM_NTASKS": str(nodes * per_node),
+        "SLURM_LOCALID": str(rank % per_node), "SLURM_NODEID": str(rank // per_node),
+        "SLURM_NNODES": str(nodes), "SLURM_TASKS_PER_NODE": f"{per_node}(x{nodes})",
+        "SLURM_JOB_NODELIST": f"node[01-{nodes:02d}]",
+    }
+    env.update(extra)
+    return {k: v for k, v in env.items() if v is not None}
+
+
+def test_single_process():
+    e = DistEnv.from_env({})
+    assert (e.rank, e.world_size, e.local_rank, e.node_rank, e.source) == (0, 1, 0, 0, "single")
+    assert e.master_port == 0  # a free port is chosen at init
+
+
+def test_slurm_2x2():
+    envs = [DistEnv.from_env(slurm_task(r)) for r in range(4)]
+    assert [(e.rank, e.local_rank, e.node_rank) for e in envs] == [(0, 0, 0), (1, 1, 0), (2, 0, 1), (3, 1, 1)]
+    for e in envs:
+        assert (e.world_size, e.local_world_size, e.num_nodes, e.source) == (4, 2, 2, "slurm")
+        assert (e.master_addr, e.master_port) == ("node01", default_port("4711"))
+
+
+def test_slurm_node_rank_from_block_distribution_and_uneven_nodes():
+    # 3 + 1 tasks on two nodes, no SLURM_NODEID: rank 3 is the only task of node 1
+    env = slurm_task(3, SLURM_NODEID=None, SLURM_LOCALID="0", SLURM_TASKS_PER_NODE="3,1")
+    e = DistEnv.from_env(env)
+    assert (e.node_rank, e.local_rank, e.local_world_size) == (1, 0, 1)
+
+
+def test_slurm_ntasks_per_node_and_step_vars():
+    env = slurm_task(5, nodes=2, per_node=4, SLURM_TASKS_PER_NODE=None, SLURM_NTASKS_PER_NODE="4")
+    e = DistEnv.from_env(env)
+    assert (e.node_rank, e.local_rank, e.local_world_size, e.world_size) == (1, 1, 4, 8)
+    # an srun step on 2 of the job's 4 nodes: the step's variables win
+    env = slurm_task(1, nodes=4, per_node=1, SLURM_STEP_NUM_TASKS="2", SLURM_STEP_NUM_NODES="2",
+                     SLURM_STEP_TASKS_PER_NODE="1(x2)", SLURM_STEP_NODELIST="node[03-04]", SLURM_NODEID="1")
+    e = DistEnv.from_env(env)
+    assert (e.world_size, e.num_nodes, e.master_addr) == (2, 2, "node03")
+
+
+def test_slurm_master_override():
+    e = DistEnv.from_env(slurm_task(2, MASTER_ADDR="10.0.0.5", MASTER_PORT="31337"))
+    assert (e.master_addr, e.master_port) == ("10.0.0.5", 31337)
+
+
+def test_torchrun_wins_inside_srun():
+    env = slurm_task(0, nodes=2, per_node=1, SLURM_TASKS_PER_NODE="1(x2)")
+    env.update(RANK="5", WORLD_SIZE="8", LOCAL_RANK="1", LOCAL_WORLD_SIZE="4", GROUP_RANK="1",
+               MASTER_ADDR="node01", MASTER_PORT="29400")
+    e = DistEnv.from_env(env)
+    assert (e.source, e.rank, e.world_size, e.local_rank, e.local_world_size, e.node_rank, e.num_nodes) == \
+        ("torchrun", 5, 8, 1, 4, 1, 2)
+
+
+def test_forced_launcher():
+    env = slurm_task(1, SLURM_NTASKS="8")  # would be inconsistent as SLURM
+    assert DistEnv.from_env({**env, "MFT_LAUNCHER": "single"}).source == "single"
+
+
+@pytest.mark.parametrize("env, needles", [
+    (slurm_task(4), ["SLURM_PROCID=4 must be < SLURM_NTASKS=4"]),
+    (slurm_task(1, SLURM_LOCALID="2"), ["SLURM_LOCALID=2 must be < tasks on this node = 2"]),
+    (slurm_task(1, SLURM_NTASKS="6"), ["SLURM_NTASKS=6 != nodes x tasks per node", "= 4"]),
+    (slurm_task(1, SLURM_NNODES="3"), ["has 2 hosts but SLURM_NNODES=3"]),
+    (slurm_task(1, SLURM_JOB_NODELIST=None, SLURM_NNODES=None), ["no master address"]),
+    (slurm_task(1, SLURM_JOB_NODELIST="node[01-02"), ["never closed"]),
+    (slurm_task(1, SLURM_PROCID="x"), ["SLURM_PROCID='x' is not an integer"]),
+    ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h"}, ["RANK=2 must be < WORLD_SIZE=2"]),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, ["MASTER_ADDR is not set"]),
+    ({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "h"},
+     ["LOCAL_RANK=3 must be < LOCAL_WORLD_SIZE=2"]),
+    ({"RANK": "1", "WORLD_SIZE": "6", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_WORLD_SIZE": "2",
+      "MASTER_ADDR": "h"}, ["WORLD_SIZE=6 != GROUP_WORLD_SIZE=2 x LOCAL_WORLD_SIZE=2"]),
+])
+def test_inconsistent_environment_is_named(env, needles):
+    with pytest.raises(LaunchError) as info:
+        DistEnv.from_env(env)
+    msg = str(info.value)
+    for needle in needles:
+        assert needle in msg, msg
+    assert "variables:" in msg
+
+
+# ----------------------------------------------------- 2 nodes x 2 tasks, 4 processes, gloo
+
+WORKER = r"""
+import json, os, sys
+import torch, torch.distributed as dist
+from megatron_mft.launch.env import DistEnv, init_distributed
+env = init_distributed(DistEnv.from_env(), backend="gloo", timeout_minutes=2)
+t = torch.tensor([float(env.rank + 1)])
+dist.all_reduce(t)
+ranks = [None] * env.world_size
+dist.all_gather_object(ranks, (env.rank, env.node_rank, env.local_rank))
+print(json.dumps({**env.as_dict(), "sum": t.item(), "dist_rank": dist.get_rank(),
+                  "dist_world": dist.get_world_size(), "gathered": ranks}))
+dist.destroy_process_group()
+"""
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+               "MASTER_ADDR", "MASTER_PORT", "MFT_LAUNCHER")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_simulated_slurm_job_2_nodes_x_2_tasks():
+    """The environment of `srun -N2 --ntasks-per-node=2` on node[01-02]; node01 is this machine.
+
+    MASTER_ADDR=127.0.0.1 plays the documented override (an address for the first host);
+    MASTER_PORT pins a free port instead of the job-id port, which other jobs may hold.
+    """
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in LAUNCH_VARS}
+    base.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    procs = []
+    for rank in range(4):
+        env = {**base, **slurm_task(rank)}
+        if rank == 3:  # one task without SLURM_NODEID: derived from the block layout
+            env.pop("SLURM_NODEID")
+        procs.append(subprocess.Popen([sys.executable, "-c", WORKER], env=env, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    reports = []
+    for p in procs:
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err[-3000:]
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    expected = [(0, 0, 0), (1, 0, 1), (2, 1, 0), (3, 1, 1)]  # (rank, node_rank, local_rank)
+    assert [(r["rank"], r["node_rank"], r["local_rank"]) for r in reports] == expected
+    for r in reports:
+        assert r["source"] == "slurm"
+        assert (r["world_size"], r["local_world_size"], r["num_nodes"]) == (4, 2, 2)
+        assert (r["dist_rank"], r["dist_world"]) == (r["rank"], 4)
+        assert r["sum"] == 1 + 2 + 3 + 4
+        assert [tuple(g) for g in r["gathered"]] == expected
