@@ -1,0 +1,39 @@
+"""Shared fixtures: one process-wide gloo group (world size 1) with megatron's parallel state."""
+
+import os
+import socket
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def single_process_group():
+    from megatron_mft.compat import setup_runtime
+
+    env = setup_runtime()
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
+                                             rank=0, world_size=1)
+    return env
+
+
+@pytest.fixture()
+def tiny_model(single_process_group):
+    from megatron_mft.config import load_config
+    from megatron_mft.model import build_model_chunks
+    from megatron_mft.training.parallel import init_parallel
+
+    cfg = load_config(None, ["data.path=/unused", "model.num_layers=2"])
+    init_parallel(cfg.parallel, single_process_group, seed=7)
+    model = build_model_chunks(cfg.model, cfg.parallel, single_process_group)[0]
+    model.eval()
+    return model, cfg.model.arch().vocab_size

@@ -1,0 +1,43 @@
+"""Typed configs: YAML + dotted overrides, every error reported at once with its field."""
+
+import pytest
+
+from megatron_mft.config import ConfigError, load_config
+
+
+def test_overrides_are_typed(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data: {path: /x}\ntrain: {steps: 5}\n")
+    cfg = load_config(f, ["train.steps=7", "parallel.sp=true", "parallel.tp=2", "loss.task_weights.code=0.5"])
+    assert cfg.train.steps == 7 and cfg.parallel.sp is True and cfg.parallel.tp == 2
+    assert cfg.loss.task_weights == {"code": 0.5}
+
+
+def test_all_errors_at_once(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data: {path: /x}\nmodel: {preset: tiny, bogus: 1}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f, ["train.steps=abc", "parallel.tp=3", "train.global_batch_size=7"])
+    msg = str(e.value)
+    for needle in ("model.bogus: unknown field", "train.steps: expected an integer",
+                   "parallel.tp: 3 does not divide num_attention_heads", "train.global_batch_size: 7 is not a multiple"):
+        assert needle in msg, msg
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["parallel.pp=3"], r"not divisible by pp\*vpp"),
+    (["parallel.pp=2", "parallel.vpp=4"], r"not divisible by pp\*vpp"),
+    (["parallel.sp=true"], "sequence parallelism needs parallel.tp >= 2"),
+    (["model.preset=nope"], "unknown preset"),
+    (["parallel.tp=4"], "does not divide num_query_groups"),
+])
+def test_invalid_layouts(overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, ["data.path=/x"] + overrides)
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train:\n  steps: 3\n  lr: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+"):
+        load_config(f)
