@@ -1,39 +1,81 @@
-"""Loss mode and convergence balancer. Owned by megatron_mft.loss."""
+"""Loss mode and convergence balancer. Owned by megatron_mft.loss (formulas: docs/losses.md)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
+
+LOSS_MODES = ("token", "sample", "task-token", "task-sample", "focal-sample", "focal-task")
+BALANCERS = ("none", "famo", "coba")
 
 
 @dataclass
 class LossConfig:
-    #: token | sample | task-token (Eq. 1) | task-sample | focal-sample (Eq. 2) | focal-task (Eq. 3)
+    #: token | sample | task-token (Eq. 1) | task-sample | focal-sample (Eq. 2) | focal-task (Eq. 3).
+    #: Every mode is the formula over the whole global batch, whatever the micro-batch / DP split.
     mode: Literal["token", "sample", "task-token", "task-sample", "focal-sample", "focal-task"] = "task-token"
-    #: Focal exponent gamma (focal modes).
+    #: Focal exponent gamma (focal modes). gamma = 0 with alpha = 1 gives sample / task-sample.
     gamma: float = 0.0
-    #: Per-task focal alpha, by task name (missing tasks: 1.0).
+    #: Per-task focal alpha, by task name (missing tasks: 1.0). Focal modes only.
     alpha: dict[str, float] = field(default_factory=dict)
     #: Static per-task weights on top of any mode, by task name (missing tasks: 1.0).
+    #: token/sample modes weight each token/sample of the task; task modes weight the task's
+    #: term; every mode divides by the matching weighted count, so weights are scale-free.
     task_weights: dict[str, float] = field(default_factory=dict)
-    #: focal-task only. exact: a no-grad pre-pass over the global batch computes P_i, Q_i
-    #: (one extra forward per step). one-pass: P_i, Q_i from the micro batch itself; the
-    #: step's objective then depends on how the batch is split.
+    #: focal-task only. true (exact): a no-grad pre-pass over the global batch computes P_i, Q_i
+    #: (one extra forward per step); value and gradient are exactly Eq. 3 over the global batch.
+    #: false (one-pass): each micro batch plugs its own estimates P_i^mb, Q_i^mb into Eq. 3 and
+    #: the task term is the sample-count-weighted mean of those micro-batch terms; exact when
+    #: gamma = 0 or a task sits in one micro batch, otherwise the objective depends on how the
+    #: batch is split (a Jensen gap of (1-P)^gamma * Q; see docs/losses.md for its size).
     focal_task_exact: bool = True
-    #: Convergence balancer: none | famo | coba.
+    #: Convergence balancer: none | famo | coba. Both famo and coba need per-task validation
+    #: losses every balancer_interval steps (validation forward passes: the main cost).
     balancer: Literal["none", "famo", "coba"] = "none"
-    #: Update the balancer every N steps.
+    #: Update the balancer every N steps (the trainer runs a validation pass at those steps).
     balancer_interval: int = 10
     #: Steps of uniform weights before the balancer starts.
     balancer_warmup: int = 0
+    #: coba: validation points (most recent) used to fit each slope; also the length of the
+    #: slope history the absolute convergence score and the divergence factor look at.
+    coba_history: int = 20
+    #: coba: temperature of the divergence factor's softmax.
+    coba_tau: float = 5.0
+    #: coba: minimum weight as a fraction of the uniform weight 1/N (in [0, 1)).
+    coba_floor: float = 0.1
+    #: famo: learning rate of the Adam step on the task-weight logits.
+    famo_lr: float = 0.025
+    #: famo: weight decay on the task-weight logits (pulls weights back to uniform).
+    famo_weight_decay: float = 1e-3
 
     def validate(self) -> list[str]:
         p = []
+        if self.mode not in LOSS_MODES:
+            p.append(f"loss.mode: {self.mode!r} is not one of {', '.join(LOSS_MODES)}")
+        if self.balancer not in BALANCERS:
+            p.append(f"loss.balancer: {self.balancer!r} is not one of {', '.join(BALANCERS)}")
         if self.gamma < 0:
             p.append("loss.gamma: must be >= 0")
-        for k, v in {**self.alpha, **self.task_weights}.items():
+        if (self.gamma != 0 or self.alpha) and not self.mode.startswith("focal"):
+            p.append(f"loss.gamma/loss.alpha: only used by the focal modes, not mode={self.mode!r}")
+        for k, v in self.alpha.items():
             if v < 0:
-                p.append(f"loss.alpha/task_weights[{k}]: must be >= 0")
+                p.append(f"loss.alpha.{k}: must be >= 0")
+        for k, v in self.task_weights.items():
+            if v < 0:
+                p.append(f"loss.task_weights.{k}: must be >= 0")
         if self.balancer_interval < 1:
             p.append("loss.balancer_interval: must be >= 1")
+        if self.balancer_warmup < 0:
+            p.append("loss.balancer_warmup: must be >= 0")
+        if self.coba_history < 2:
+            p.append("loss.coba_history: must be >= 2 (a slope needs two points)")
+        if self.coba_tau <= 0:
+            p.append("loss.coba_tau: must be > 0")
+        if not 0.0 <= self.coba_floor < 1.0:
+            p.append("loss.coba_floor: must be in [0, 1)")
+        if self.famo_lr <= 0:
+            p.append("loss.famo_lr: must be > 0")
+        if self.famo_weight_decay < 0:
+            p.append("loss.famo_weight_decay: must be >= 0")
         return p
