@@ -20,10 +20,11 @@ problem's prompt before the tests run:
    block that defines the entry point, else the first block (an unterminated block runs to the
    end);
 3. if the code defines the entry point at top level (``def name(``), it is a whole function: keep
-   the top-level ``import``/``from``/``def``/``class``/decorator blocks (and comments) up to the
-   first other top-level statement (test calls, ``print``, ``if __name__``...), and append it after
-   the prompt, so the prompt's imports and helper functions stay available and the new
-   definition replaces the prompt's stub;
+   everything up to the end of that definition, then only the top-level ``def``/``class``/
+   ``import`` statements that follow, up to the first other top-level statement (test calls,
+   ``print``, ``if __name__``...); the statements come from ``ast`` when the code parses, else from
+   a line heuristic. The result is appended after the prompt, so the prompt's imports and helper
+   functions stay available and the new definition replaces the prompt's stub;
 4. otherwise it is a body continuation: cut at the first unindented line that starts one of
    :data:`STOP_SEQUENCES` (the human-eval convention: ``def``, ``class``, ``if``, ``print``,
    ``#``, ``assert``, a code fence).
@@ -31,6 +32,7 @@ problem's prompt before the tests run:
 
 from __future__ import annotations
 
+import ast
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -117,17 +119,35 @@ def _defines(code: str, entry_point: str) -> bool:
 
 
 _KEEP_TOP = ("def ", "async def ", "class ", "@", "import ", "from ", "#")
+_DEF_NODES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Import, ast.ImportFrom)
 
 
-def keep_definitions(code: str) -> str:
-    """Keep leading top-level definitions/imports; drop from the first other top-level statement."""
-    out = []
-    for line in code.splitlines():
-        if line and not line[0].isspace() and not line.startswith(_KEEP_TOP):
-            # a closing bracket/string continuation of a signature is still part of a def
-            if line[0] in ")]}'\"":
-                out.append(line)
-                continue
+def keep_definitions(code: str, entry_point: str) -> str:
+    """Keep the code up to and including the entry point's definition, then only the top-level
+    definitions/imports that follow it, up to the first other top-level statement (test calls,
+    prints, ``if __name__ == ...``)."""
+    try:
+        body = ast.parse(code).body
+    except SyntaxError:
+        body = None
+    lines = code.splitlines()
+    if body is not None:
+        end, seen_entry = 0, False
+        for node in body:
+            is_entry = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == entry_point
+            if seen_entry and not isinstance(node, _DEF_NODES):
+                break
+            seen_entry = seen_entry or is_entry
+            end = node.end_lineno
+        return "\n".join(lines[:end]).rstrip() + "\n"
+    # Unparsable (e.g. cut by max_new_tokens): line heuristic after the entry point's def.
+    out, seen_entry = [], False
+    entry = re.compile(rf"(?:async\s+)?def\s+{re.escape(entry_point)}\s*\(")
+    for line in lines:
+        if entry.match(line):
+            seen_entry = True
+        elif (seen_entry and line and not line[0].isspace() and not line.startswith(_KEEP_TOP)
+              and line[0] not in ")]}'\""):
             break
         out.append(line)
     return "\n".join(out).rstrip() + "\n"
@@ -148,7 +168,7 @@ def postprocess(raw: str, entry_point: str) -> str:
     text = cut_chat_stops(raw)
     code = extract_code(text, entry_point)
     if _defines(code, entry_point):
-        return "\n" + keep_definitions(code)
+        return "\n" + keep_definitions(code, entry_point)
     return truncate_body(code)
 
 

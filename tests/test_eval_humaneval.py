@@ -1,0 +1,163 @@
+"""HumanEval harness: templates, post-processing, --check-harness, custom problem files, and the
+whole CLI path end to end with a tiny random Llama exported to a temp folder (CPU)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from megatron_mft.evaluate.humaneval import build_program, load_problems  # noqa: E402
+from megatron_mft.evaluate.prompts import PromptTemplate, generation_done, postprocess  # noqa: E402
+from megatron_mft.evaluate.sandbox import SandboxLimits, run_many  # noqa: E402
+
+
+def cli(*args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "megatron_mft.evaluate", "humaneval", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_mft_template_is_the_training_chat_format():
+    t = PromptTemplate("mft", instruction="Complete:\n{prompt}")
+    assert t.render("def f():\n") == (
+        "<|role_start|>human<|role_end|>Complete:\ndef f():\n<|role_start|>bot<|role_end|>")
+    s = PromptTemplate("mft", instruction="{prompt}", system="You are a coder.")
+    assert s.render("x").startswith("<|role_start|>system<|role_end|>You are a coder.<|role_start|>human")
+    assert PromptTemplate("plain").render("def f():\n") == "def f():\n"
+    with pytest.raises(ValueError):
+        PromptTemplate("mft", instruction="no field")
+
+
+def test_postprocess_full_function_in_a_code_block():
+    raw = ("Sure, here it is:\n```python\nimport math\n\ndef f(x):\n    return math.floor(x)\n\n"
+           "print(f(2.5))\nassert f(1) == 1\n```\nThis uses floor.<|role_start|>human")
+    assert postprocess(raw, "f") == "\nimport math\n\ndef f(x):\n    return math.floor(x)\n"
+    # unterminated block (max_new_tokens reached), no language tag
+    assert postprocess("```\ndef f(x):\n    return x", "f") == "\ndef f(x):\n    return x\n"
+    # module-level code before the function is kept, even a string with unindented lines
+    raw = '```python\nDOC = """\nnot code\n"""\ndef f(x):\n    return x\nf(1)\n```'
+    assert postprocess(raw, "f") == '\nDOC = """\nnot code\n"""\ndef f(x):\n    return x\n'
+    # unparsable tail (cut mid-statement): the line heuristic still drops the driver code
+    raw = "```python\ndef f(x):\n    return x\n\ndef g():\n    pass\nprint(f(1))\ny = ("
+    assert postprocess(raw, "f") == "\ndef f(x):\n    return x\n\ndef g():\n    pass\n"
+
+
+def test_postprocess_body_continuation_stops_at_unindented_code():
+    raw = "    return x + 1\n\n\ndef other():\n    pass\n"
+    assert postprocess(raw, "f") == "    return x + 1\n"
+    assert postprocess("    y = 1\n    return y\nif __name__ == '__main__':\n    f()", "f") == "    y = 1\n    return y\n"
+    assert postprocess("    return 1</s>garbage", "f") == "    return 1\n"
+
+
+def test_generation_done_criteria():
+    assert generation_done("```python\ndef f(): pass\n```", "mft")
+    assert not generation_done("```python\ndef f(): pass\n", "mft")
+    assert generation_done("    return 1\ndef g", "plain")
+    assert not generation_done("    return 1\n    # comment", "plain")
+    assert generation_done("anything<|role_start|>", "plain")
+
+
+def test_check_harness_scores_all_164_canonical_solutions(tmp_path):
+    # The full set runs in about 5 s on 2 cores, so the unit test checks all of it.
+    out = tmp_path / "check.json"
+    p = cli("--check-harness", "--out", str(out), "--workers", "2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert rep["summary"]["pass@1"] == 1.0 and rep["summary"]["n"] == 164
+    assert rep["summary"]["mode"] == "check-harness"
+    assert all(r["result"] == "passed" for r in rep["results"])
+
+
+def test_postprocessed_chat_answers_of_canonical_solutions_pass():
+    """A chat-style answer (whole function in a fenced block + chatter) survives post-processing."""
+    problems = load_problems()
+    programs = []
+    for p in problems:
+        raw = ("Here is the completed function:\n```python\n" + p["prompt"] + p["canonical_solution"]
+               + "\n\nprint(" + p["entry_point"] + ")\n```\nIt works because...<|role_start|>human")
+        programs.append(build_program(p, postprocess(raw, p["entry_point"])))
+    res = run_many(programs, SandboxLimits(timeout_s=10.0), workers=2)
+    assert [r.reason for r in res] == ["passed"] * len(problems)
+
+
+def test_custom_problem_file_and_harness_failure_exit_code(tmp_path):
+    f = tmp_path / "probs.jsonl"
+    good = {"task_id": "t/0", "prompt": "def inc(x):\n", "canonical_solution": "    return x + 1\n",
+            "test": "def check(c):\n    assert c(1) == 2\n", "entry_point": "inc"}
+    bad = {**good, "task_id": "t/1", "canonical_solution": "    return x\n"}
+    f.write_text(json.dumps(good) + "\n\n" + json.dumps(bad) + "\n")
+    out = tmp_path / "r.json"
+    p = cli("--check-harness", "--problems", str(f), "--out", str(out))
+    assert p.returncode == 1  # the harness self-test must not pass below 1.0
+    rep = json.loads(out.read_text())
+    assert rep["summary"]["pass@1"] == 0.5
+    assert [r["result"] for r in rep["results"]] == ["passed", "failed: AssertionError"]
+    assert "t/1: failed: AssertionError" in p.stderr
+
+    f.write_text(json.dumps(good) + "\n{not json\n")
+    p = cli("--check-harness", "--problems", str(f), "--out", str(out))
+    assert p.returncode == 2 and f"{f}:2: invalid JSON" in p.stderr
+
+
+def test_missing_hf_dir_is_an_argument_error(tmp_path):
+    p = cli("--hf-dir", str(tmp_path / "nope"), "--limit", "1")
+    assert p.returncode == 2 and "--hf-dir" in p.stderr
+
+
+def _tiny_llama(path: Path) -> None:
+    """A random 2-layer Llama and a byte-level BPE tokenizer trained on a few lines, saved like
+    an exported model folder."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    text = ["def add(a, b):\n    return a + b\n", "from typing import List\n\n",
+            "<|role_start|>human<|role_end|>Complete the function.<|role_start|>bot<|role_end|>",
+            "```python\nfor x in numbers:\n    if x > threshold:\n        return True\n```\n"] * 4
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(text, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<s>", "</s>", "<pad>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def test_end_to_end_tiny_model_on_cpu(tmp_path):
+    hf = tmp_path / "hf"
+    _tiny_llama(hf)
+    out = tmp_path / "res.json"
+    p = cli("--hf-dir", str(hf), "--limit", "3", "--max-new-tokens", "8", "--out", str(out),
+            "--device", "cpu", "--backend", "transformers", "--add-special-tokens")
+    assert p.returncode == 0, p.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    s = rep["summary"]
+    assert s["n"] == 3 and len(rep["results"]) == 3
+    assert isinstance(s["pass@1"], float) and 0.0 <= s["pass@1"] <= 1.0
+    assert s["template"] == "mft" and s["add_special_tokens"] is True
+    assert s["template_string"] == "<|role_start|>human<|role_end|>{instruction}<|role_start|>bot<|role_end|>"
+    assert s["first_prompt"].startswith("<|role_start|>human<|role_end|>Complete the following Python")
+    assert s["first_prompt"].endswith("<|role_start|>bot<|role_end|>")
+    assert s["generation"]["starts_with_bos"] is True and s["generation"]["max_new_tokens"] == 8
+    assert s["model_dir"] == str(hf)
+    for r, tid in zip(rep["results"], ["HumanEval/0", "HumanEval/1", "HumanEval/2"]):
+        assert r["task_id"] == tid and isinstance(r["passed"], bool)
+        assert r["result"] == "passed" or r["result"].startswith(("failed", "timed out", "memory limit"))
+        assert "generation" in r and "completion" in r
+    # the log states template, the exact first prompt and the special-token choice
+    assert "template: mft" in p.stderr and "add_special_tokens: True" in p.stderr
+    assert repr(s["first_prompt"]) in p.stderr
