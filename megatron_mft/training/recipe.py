@@ -18,7 +18,7 @@ from megatron_mft.compat import setup_runtime
 from megatron_mft.config import RunConfig
 from megatron_mft.config.base import to_dict
 from megatron_mft.data import MFTData
-from megatron_mft.loss import build_balancer
+from megatron_mft.loss import build_balancer, task_weights_in_force
 from megatron_mft.model import build_model_chunks
 from megatron_mft.training.metrics import MetricsLog, Timer, console_line, peak_flops, train_flops
 from megatron_mft.training.optimizer import build_optimizer, build_scheduler, total_steps, wrap_ddp
@@ -91,8 +91,8 @@ class Recipe:
         install_grad_finalizer(self.chunks)
         self.optimizer = build_optimizer(self.chunks, run)
         self.scheduler = build_scheduler(self.optimizer, run, self.total_steps)
-        self.balancer = build_balancer(run.loss, len(self.task_names))
-        self.ctx = StepContext(loss_cfg=run.loss, num_tasks=len(self.task_names), device=self.device, packed=packed)
+        self.balancer = build_balancer(run.loss, len(self.task_names)) if run.loss.balancer != "none" else None
+        self.ctx = StepContext(loss_cfg=run.loss, task_names=self.task_names, device=self.device, packed=packed)
         self._report_params()
 
         from megatron_mft.launch.signals import PreemptionGuard
@@ -154,11 +154,7 @@ class Recipe:
 
     # ---------------------------------------------------------------- train
     def task_weights(self) -> torch.Tensor:
-        static = torch.tensor([self.run_cfg.loss.task_weights.get(n, 1.0) for n in self.task_names],
-                              dtype=torch.float64)
-        if self.balancer is not None:
-            static = static * self.balancer.weights().double().cpu()
-        return static.to(self.device)
+        return task_weights_in_force(self.run_cfg.loss, self.task_names, self.balancer).to(self.device)
 
     def train(self) -> None:
         t = self.run_cfg.train
@@ -198,13 +194,8 @@ class Recipe:
         rec = {"step": self.step, "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
                "tokens_per_s": tokens / dt, "tflops_per_gpu": tflops,
                "mfu": (tflops * 1e12 / self.peak) if self.peak else None,
-               "consumed_rows": self.consumed_rows}
-        weights = self.ctx.task_weights.tolist()
-        for i, name in enumerate(self.task_names):
-            n = out["task_tokens"][i].item()
-            rec[f"task_loss/{name}"] = out["task_ce_sum"][i].item() / n if n else None
-            rec[f"task_tokens/{name}"] = int(n)
-            rec[f"task_weight/{name}"] = weights[i]
+               "consumed_rows": self.consumed_rows,
+               **{k: v for k, v in out.items() if k.startswith("task_")}}
         self.metrics.write(rec)
         _say(console_line(rec, self.total_steps))
 

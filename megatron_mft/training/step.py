@@ -17,17 +17,21 @@ from megatron.core import parallel_state as ps
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_mft.loss import GlobalBatchStats, micro_batch_loss
+from megatron_mft.loss import FocalTaskStats, GlobalBatchStats, micro_batch_loss, task_metrics
 from megatron_mft.model import build_packed_seq_params
 
 
 @dataclass
 class StepContext:
     loss_cfg: object
-    num_tasks: int
+    task_names: list
     device: torch.device
     packed: bool
     task_weights: Optional[torch.Tensor] = None
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
 
 
 def _finalize_sum(model, num_tokens, *args, **kwargs):
@@ -60,9 +64,8 @@ def _batch_on_device(batch: dict, device) -> dict:
 def _loss_func(batch: dict, ctx: StepContext, stats, focal_stats, output_tensor: torch.Tensor):
     token_ce = output_tensor.float().reshape(batch["tokens"].shape)
     share, report = micro_batch_loss(token_ce, batch, stats, ctx.loss_cfg, num_tasks=ctx.num_tasks,
-                                     task_weights=ctx.task_weights, focal_task_stats=focal_stats)
-    report = dict(report)
-    report["objective"] = share.detach().clone().reshape(())
+                                     task_weights=ctx.task_weights, focal_task_stats=focal_stats,
+                                     task_names=ctx.task_names)
     n_tokens = batch["loss_mask"].sum().to(torch.int)
     return share, n_tokens, report
 
@@ -127,12 +130,13 @@ def train_step(chunks: list, optimizer, scheduler, micro_batches: list[dict], ct
     scheduler.step(increment=1)
     T = ctx.num_tasks
     vec = torch.zeros(2 * T + 1, dtype=torch.float64, device=ctx.device)
-    for r in reports:
-        vec[0] += r["objective"].double()
-        vec[1:T + 1] += r["task_ce_sum"].double()
-        vec[T + 1:] += r["task_tokens"].double()
-    vec = reduce_report_vector(vec)
-    return {"loss": vec[0].item(), "task_ce_sum": vec[1:T + 1].cpu(), "task_tokens": vec[T + 1:].cpu(),
+    for r in reports:  # only the last pipeline stage has reports
+        vec[0] += r["objective"].to(vec)
+        vec[1:T + 1] += r["task_ce_sum"].to(vec)
+        vec[T + 1:] += r["task_tokens"].to(vec)
+    vec = reduce_report_vector(vec).cpu()
+    summed = {"objective": vec[0], "task_ce_sum": vec[1:T + 1], "task_tokens": vec[T + 1:]}
+    return {**task_metrics(summed, ctx.task_names, ctx.task_weights),
             "grad_norm": None if grad_norm is None else float(grad_norm), "update_ok": bool(ok),
             "lr": optimizer.param_groups[0]["lr"]}
 
@@ -143,12 +147,12 @@ def _wrap_loss(ctx, stats, focal_stats, batch, output_tensor):
 
 def focal_prepass(chunks: list, micro_batches: list[dict], ctx: StepContext):
     """Exact focal-task: a no-grad forward over the global batch gives the per-task P_i, Q_i."""
-    from megatron_mft.loss import FocalTaskStats
-
     with torch.no_grad():
         reports = run_schedule(chunks, micro_batches, ctx, _ce_only_loss_func, forward_only=True)
-    return FocalTaskStats.gather([(r["token_ce"], r["batch"]) for r in reports], ctx.num_tasks,
-                                 group=ps.get_data_parallel_group(), pp_broadcast=_broadcast_from_last_stage)
+    stats = FocalTaskStats(ctx.num_tasks)
+    for r in reports:  # last pipeline stage only: the only stage that computes the loss
+        stats.accumulate(r["token_ce"], r["batch"])
+    return stats.all_reduce(ps.get_data_parallel_group())
 
 
 def evaluate(chunks: list, micro_batches: list[dict], ctx: StepContext) -> tuple[float, float]:
