@@ -102,8 +102,8 @@ class CoBaBalancer:
     - ACS (absolute convergence score) = softmax_i(-K alpha_i / sum_k |alpha_i^(k)|) over the
       task's own last K slopes: a task whose slope turned positive (diverging) gets the least;
     - DF (divergence factor) = min(1, K softmax_k(-tau K beta^(k) / sum |beta|)_last), beta the
-      slope of max_i l_i (the worst task's curve): near 1 while the worst curve still falls
-      as fast as before, towards 0 when it flattens or rises;
+      slope of max_i l_i (the worst task's curve) and k over all K updates so far: near 1
+      while the worst curve still falls as fast as before, towards 0 when it flattens or rises;
     - weights = softmax_i(N (DF RCS_i + (1 - DF) ACS_i)), then mixed with the uniform
       distribution so each is at least ``floor``/N; returned times N (mean 1).
     Uniform before ``warmup`` steps and until two validation points exist.
@@ -116,7 +116,7 @@ class CoBaBalancer:
         self.first: list[float] = [math.nan] * num_tasks
         self.last: list[float] | None = None
         self.task_slopes: list[list[float]] = []  # last `history` slope vectors
-        self.worst_slopes: list[float] = []
+        self.worst_slopes: list[float] = []  # every slope of the worst curve so far
         self._w = [1.0] * num_tasks
         self.last_scores: dict = {}  # rcs, acs, df of the latest update (for logging)
 
@@ -133,7 +133,7 @@ class CoBaBalancer:
         alpha = [_slope(self.steps, [l[i] for l in self.losses]) for i in range(self.num_tasks)]
         beta = _slope(self.steps, [max(l) for l in self.losses])
         self.task_slopes = (self.task_slopes + [alpha])[-self.history :]
-        self.worst_slopes = (self.worst_slopes + [beta])[-self.history :]
+        self.worst_slopes.append(beta)  # whole run: DF compares today's slope with all before
         if step < self.warmup:
             return
         self._w = self._compute(alpha).tolist()
@@ -178,13 +178,14 @@ class CoBaBalancer:
 
 
 class FAMOBalancer:
-    """FAMO (Liu et al. 2023) on per-task validation losses, the MFTCoder paper's Eq. 4.
+    """FAMO (Liu et al. 2023) on per-task validation losses, as the MFTCoder paper's Eq. 4 states it.
 
-    Task logits xi, z = softmax(xi). The training objective FAMO descends is sum_i z_i log L_i;
-    linearised at the latest validation losses L_i its gradient is sum_i (z_i / L_i) grad L_i, so
-    ``weights()`` = N * (z_i / L_i) / sum_j (z_j / L_j). After each update interval the observed
-    log-loss decrease delta_i = log L_i(prev) - log L_i(now) drives one Adam step (lr, L2 weight
-    decay) on xi with gradient J_softmax(xi)^T delta: tasks that improved least gain weight.
+    Task logits xi, weights w = N softmax(xi) multiply the task losses (g = sum_i w_i grad L_i).
+    At each update the relative decrease of each task's validation loss since the previous
+    update, c_i = (L_i(prev) - L_i(now)) / (L_i(prev) + eps) (Eq. 4's c_i), drives one Adam step
+    (lr, L2 weight decay towards uniform) on xi with gradient J_softmax(xi)^T c: tasks whose
+    validation loss fell least gain weight, the max-min of Eq. 4 solved online as FAMO does.
+    The first update after warm-up only records the losses.
     """
 
     def __init__(self, num_tasks: int, warmup: int = 0, lr: float = 0.025, weight_decay: float = 1e-3,
@@ -209,10 +210,10 @@ class FAMOBalancer:
         cur_t = torch.tensor(self.last, dtype=torch.float64)
         prev_t = torch.tensor(prev, dtype=torch.float64)
         ok = ~(cur_t.isnan() | prev_t.isnan())
-        delta = torch.where(ok, prev_t.clamp_min(1e-8).log() - cur_t.clamp_min(1e-8).log(), torch.zeros_like(cur_t))
+        delta = torch.where(ok, (prev_t - cur_t) / (prev_t.abs() + 1e-8), torch.zeros_like(cur_t))
         z = self._z()
         xi = torch.tensor(self.xi, dtype=torch.float64)
-        g = z * (delta - (z * delta).sum()) + self.weight_decay * xi  # J_softmax^T delta + L2
+        g = z * (delta - (z * delta).sum()) + self.weight_decay * xi  # J_softmax^T c + L2
         b1, b2 = self.betas
         self.t += 1
         m = b1 * torch.tensor(self.m, dtype=torch.float64) + (1 - b1) * g
@@ -220,10 +221,7 @@ class FAMOBalancer:
         mhat, vhat = m / (1 - b1**self.t), v / (1 - b2**self.t)
         xi = xi - self.lr * mhat / (vhat.sqrt() + self.eps)
         self.xi, self.m, self.v = xi.tolist(), m.tolist(), v.tolist()
-        z = self._z()
-        inv_l = torch.where(cur_t.isnan(), torch.ones_like(cur_t), 1.0 / cur_t.clamp_min(1e-8))
-        w = z * inv_l
-        self._w = (self.num_tasks * w / w.sum()).tolist()
+        self._w = (self.num_tasks * self._z()).tolist()
 
     def weights(self) -> torch.Tensor:
         return torch.tensor(self._w, dtype=torch.float64)
