@@ -13,7 +13,9 @@ from megatron_mft.evaluate.sandbox import SandboxLimits, run_many, run_program  
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="sandbox limits are Linux rlimits")
 
-FAST = SandboxLimits(timeout_s=2.0, memory_mb=256)
+# Generous wall clock for tests that are not about time (the CI machine is shared and loaded).
+FAST = SandboxLimits(timeout_s=10.0, memory_mb=256)
+LOOP = SandboxLimits(timeout_s=2.0, memory_mb=256)
 
 
 def test_passing_and_failing_programs():
@@ -25,10 +27,10 @@ def test_passing_and_failing_programs():
 
 def test_infinite_loop_times_out_within_the_wall_clock_limit():
     t0 = time.monotonic()
-    r = run_program("while True:\n    pass\n", FAST)
+    r = run_program("while True:\n    pass\n", LOOP)
     elapsed = time.monotonic() - t0
-    assert r.reason == "timed out" and not r.passed
-    assert FAST.timeout_s <= elapsed < FAST.timeout_s + 3.0
+    assert r.reason == "timed out" and not r.passed and "wall-clock" in r.detail
+    assert LOOP.timeout_s <= elapsed < LOOP.timeout_s + 3.0
     # sleeping (no CPU) is caught by the wall clock too
     assert run_program("import time\ntime.sleep(60)", SandboxLimits(timeout_s=1.0)).reason == "timed out"
 
@@ -47,8 +49,9 @@ def test_cpu_time_limit_stops_a_busy_loop_before_the_wall_clock():
 def test_memory_bomb_hits_the_memory_limit(bomb):
     t0 = time.monotonic()
     r = run_program(bomb, FAST)
+    # "memory limit" (not "timed out") shows the memory limit stopped it before the wall clock
     assert r.reason == "memory limit" and not r.passed
-    assert time.monotonic() - t0 < FAST.timeout_s + 1.0
+    assert time.monotonic() - t0 < FAST.timeout_s
 
 
 @pytest.mark.parametrize("attempt", [
