@@ -56,6 +56,56 @@ def test_postprocess_body_continuation_stops_at_unindented_code():
     assert postprocess("    return 1</s>garbage", "f") == "    return 1\n"
 
 
+def _metaspace_tokenizer(path: Path):
+    """A SentencePiece-like (Metaspace, prefix on every segment) tokenizer with the role markers as
+    added tokens: encoding the whole prompt string puts a '▁' before 'human', 'Complete', 'bot',
+    which training's segment-wise encoding does not."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    sp = Tokenizer(models.BPE(unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    sp.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    sp.train_from_iterator(["def add(a, b):\n    return a + b\n", "Complete human bot system",
+                            string.printable] * 4,
+                           trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                               show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  additional_special_tokens=["<|role_start|>", "<|role_end|>"])
+    tok.save_pretrained(path)
+    return tok
+
+
+def test_training_encoding_matches_the_training_data_token_for_token(tmp_path, caplog):
+    from megatron_mft.data.records import Record, Turn
+    from megatron_mft.data.template import ChatFormatter, load_template
+    from megatron_mft.data.tokenizer import load_tokenizer
+    from megatron_mft.evaluate.encoding import PromptEncoder
+    from megatron_mft.evaluate.humaneval import _log_prompt_diagnostics
+
+    tok = _metaspace_tokenizer(tmp_path)
+    t = PromptTemplate("mft", instruction="Complete:\n{prompt}")
+    enc = PromptEncoder(str(tmp_path), tok, t, "training", None)
+    text, ids = enc.encode("def add(a, b):\n")
+    # a training sample with the same human turn starts with exactly these ids
+    fmt = ChatFormatter(load_template("mftcoder"), load_tokenizer(str(tmp_path)))
+    sample, _ = fmt.encode([Record(turns=(Turn("human", "Complete:\ndef add(a, b):\n"),
+                                          Turn("bot", "    return a + b\n")))])[0]
+    assert sample.tolist()[: len(ids)] == ids
+    assert ids[0] == tok.convert_tokens_to_ids("<|role_start|>") and enc.add_special_tokens is False
+    # the naive string encoding differs here, and the log says so
+    _, naive = PromptEncoder(str(tmp_path), tok, t, "text", None).encode("def add(a, b):\n")
+    assert naive != ids
+    with caplog.at_level("INFO"):
+        info = _log_prompt_diagnostics(enc, "t/0", text, ids)
+    assert info["text_encoding_matches_training"] is False and "DIFFERS" in caplog.text
+    # --add-special-tokens forces BOS in front, like the 'mftcoder-bos' training template
+    _, with_bos = PromptEncoder(str(tmp_path), tok, t, "training", True).encode("def add(a, b):\n")
+    assert with_bos == [tok.bos_token_id] + ids
+
+
 def test_generation_done_criteria():
     assert generation_done("```python\ndef f(): pass\n```", "mft")
     assert not generation_done("```python\ndef f(): pass\n", "mft")
@@ -151,6 +201,7 @@ def test_end_to_end_tiny_model_on_cpu(tmp_path):
     assert s["n"] == 3 and len(rep["results"]) == 3
     assert isinstance(s["pass@1"], float) and 0.0 <= s["pass@1"] <= 1.0
     assert s["template"] == "mft" and s["add_special_tokens"] is True
+    assert s["prompt_encoding"] == "training" and s["generation"]["chat_template"] == "mftcoder"
     assert s["template_string"] == "<|role_start|>human<|role_end|>{instruction}<|role_start|>bot<|role_end|>"
     assert s["first_prompt"].startswith("<|role_start|>human<|role_end|>Complete the following Python")
     assert s["first_prompt"].endswith("<|role_start|>bot<|role_end|>")

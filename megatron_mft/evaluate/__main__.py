@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from megatron_mft.evaluate.encoding import ENCODINGS
 from megatron_mft.evaluate.generate import BACKENDS, GenerationConfig
 from megatron_mft.evaluate.humaneval import HumanEvalConfig, run_humaneval
 from megatron_mft.evaluate.prompts import DEFAULT_INSTRUCTION, TEMPLATES
@@ -32,9 +33,16 @@ def _parser() -> argparse.ArgumentParser:
                     help="problem file (.jsonl or .jsonl.gz, human-eval format); default HumanEval")
     he.add_argument("--limit", type=int, default=None, help="only the first N problems")
     he.add_argument("--max-new-tokens", type=int, default=512)
-    he.add_argument("--add-special-tokens", action=argparse.BooleanOptionalAction, default=False,
-                    help="tokenize prompts with add_special_tokens (e.g. prepend BOS); must match "
-                         "how training samples were tokenized (default: off)")
+    he.add_argument("--prompt-encoding", choices=ENCODINGS, default=None,
+                    help="training = token ids built by the training data code, exactly as samples "
+                         "were encoded (default for mft); text = HF tokenizer on the rendered string "
+                         "(default and only choice for plain)")
+    he.add_argument("--chat-template", default="mftcoder",
+                    help="training chat template (megatron_mft.data preset or JSON file) for the "
+                         "training encoding (default: %(default)s)")
+    he.add_argument("--add-special-tokens", action=argparse.BooleanOptionalAction, default=None,
+                    help="prepend the tokenizer's special tokens (BOS); must match training. Default: "
+                         "the chat template's add_bos (training encoding), off (text encoding)")
     he.add_argument("--backend", choices=BACKENDS, default="auto",
                     help="auto = vLLM if importable, else transformers")
     he.add_argument("--device", default="auto", help="transformers backend: auto, cpu, cuda, cuda:1...")
@@ -59,11 +67,11 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     cfg = HumanEvalConfig(
         hf_dir=args.hf_dir, template=args.template, instruction=args.instruction,
-        system=args.system, out=args.out, problems=args.problems, limit=args.limit,
+        system=args.system, prompt_encoding=args.prompt_encoding, chat_template=args.chat_template,
+        add_special_tokens=args.add_special_tokens, out=args.out, problems=args.problems, limit=args.limit,
         check_harness=args.check_harness, workers=args.workers,
         generation=GenerationConfig(max_new_tokens=args.max_new_tokens, backend=args.backend,
-                                    device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                                    add_special_tokens=args.add_special_tokens),
+                                    device=args.device, dtype=args.dtype, batch_size=args.batch_size),
         sandbox=SandboxLimits(timeout_s=args.timeout, memory_mb=args.memory_mb, cpu_s=args.cpu_s),
     )
     problems = cfg.validate()

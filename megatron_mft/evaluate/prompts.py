@@ -40,9 +40,6 @@ from typing import Optional
 ROLE_START = "<|role_start|>"
 ROLE_END = "<|role_end|>"
 
-#: Chat template of the MFTCoder training data, per role.
-MFT_ROLE = ROLE_START + "{role}" + ROLE_END
-
 DEFAULT_INSTRUCTION = (
     "Complete the following Python function. Reply with the complete function, "
     "including its signature, in a single ```python code block.\n"
@@ -66,6 +63,10 @@ class PromptTemplate:
     instruction: str = DEFAULT_INSTRUCTION
     #: Optional system turn (mft only), as in training samples that had one.
     system: Optional[str] = None
+    #: Markers and role names of the training chat template (mft only).
+    role_start: str = ROLE_START
+    role_end: str = ROLE_END
+    role_names: tuple = (("bot", "bot"), ("human", "human"), ("system", "system"))
 
     def __post_init__(self):
         if self.name not in TEMPLATES:
@@ -73,22 +74,26 @@ class PromptTemplate:
         if self.name == "mft" and "{prompt}" not in self.instruction:
             raise ValueError("instruction: must contain the field {prompt}")
 
+    def turns(self, problem_prompt: str) -> list[tuple[str, str]]:
+        """(role, content) of the conversation before the open bot turn (mft)."""
+        turns = [("system", self.system)] if self.system else []
+        return turns + [("human", self.instruction.replace("{prompt}", problem_prompt))]
+
+    def _header(self, role: str) -> str:
+        return self.role_start + dict(self.role_names)[role] + self.role_end
+
     def render(self, problem_prompt: str) -> str:
         if self.name == "plain":
             return problem_prompt
-        text = ""
-        if self.system:
-            text += MFT_ROLE.format(role="system") + self.system
-        text += MFT_ROLE.format(role="human") + self.instruction.replace("{prompt}", problem_prompt)
-        text += MFT_ROLE.format(role="bot")
-        return text
+        text = "".join(self._header(role) + content for role, content in self.turns(problem_prompt))
+        return text + self._header("bot")
 
     def describe(self) -> str:
         """The template with placeholders, for logs and the result JSON."""
         if self.name == "plain":
             return "{prompt}"
-        sys_part = MFT_ROLE.format(role="system") + "{system}" if self.system else ""
-        return sys_part + MFT_ROLE.format(role="human") + "{instruction}" + MFT_ROLE.format(role="bot")
+        sys_part = self._header("system") + "{system}" if self.system else ""
+        return sys_part + self._header("human") + "{instruction}" + self._header("bot")
 
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)(?:\n?```|\Z)", re.S)
