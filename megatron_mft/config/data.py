@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 
 @dataclass
@@ -16,16 +16,29 @@ class DataConfig:
     #: packed = fixed seq_length windows holding several samples; dynamic = one sample per row,
     #: each micro batch padded to its longest row.
     batching: Literal["packed", "dynamic"] = "packed"
+    #: Row width in packed mode, and the longest allowed sample. Offline data must have been
+    #: preprocessed with a --seq-length no larger than this.
     seq_length: int = 512
     #: Tokenizer for online mode (SentencePiece .model file or HF tokenizer folder).
     tokenizer: str = ""
     #: Online mode packing algorithm.
     packing: Literal["none", "next-fit", "best-fit"] = "best-fit"
-    #: Fraction of each task's samples held out for validation (when no val files exist).
+    #: Online mode: fraction of each task's samples held out for validation (tasks without
+    #: validation files only; offline data carries the split chosen at preprocessing).
     val_ratio: float = 0.05
-    #: Dynamic padding: sort rows of similar length into the same micro batch.
+    #: Dynamic padding: sort rows of similar length into the same micro batch (within each
+    #: global batch, so the epoch order and resume stay exact).
     group_by_length: bool = True
+    #: Online mode: tokenizer processes (0 or 1 = in the training process).
     num_workers: int = 0
+    #: Online mode: sft = loss on bot turns only; pretrain = loss on every real token.
+    mode: Literal["sft", "pretrain"] = "sft"
+    #: Online mode: chat template preset (megatron_mft.data.template.TEMPLATES) or a .json file.
+    template: str = "mftcoder"
+    #: Online mode: samples longer than seq_length are an error, dropped, or truncated.
+    overlong: Literal["error", "drop", "truncate"] = "error"
+    #: Online mode: skip bad lines (counted per reason) instead of failing on them.
+    skip_bad_samples: bool = False
 
     def validate(self) -> list[str]:
         p = []
@@ -37,4 +50,8 @@ class DataConfig:
             p.append("data.val_ratio: must be in [0, 1)")
         if self.source == "online" and not self.tokenizer:
             p.append("data.tokenizer: required when data.source=online")
+        if self.num_workers < 0:
+            p.append("data.num_workers: must be >= 0")
+        if not self.template:
+            p.append("data.template: required (a preset name such as mftcoder, or a .json file)")
         return p

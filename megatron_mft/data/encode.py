@@ -1,0 +1,234 @@
+"""Raw task folders -> tokenized samples, with every bad line accounted for.
+
+Shared by offline preprocessing and online mode. Files are read in the main process and cut
+into chunks of lines; chunks are parsed, validated and tokenized by ``workers`` processes and
+come back in order, so the result does not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from dataclasses import dataclass, field
+from typing import Iterator, Literal
+
+import numpy as np
+
+from megatron_mft.data.records import DataError, Reason, RecordError, parse_line
+from megatron_mft.data.taskdir import TaskFiles
+from megatron_mft.data.template import ChatFormatter, ChatTemplate, Mode
+from megatron_mft.data.tokenizer import load_tokenizer
+
+Overlong = Literal["error", "drop", "truncate"]
+#: Stop reading after this many errors: enough to see the pattern, not a wall of text.
+MAX_ERRORS = 50
+_CHUNK_LINES = 512
+_CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class EncodeSpec:
+    """Everything a worker process needs; small and picklable."""
+
+    tokenizer: str
+    template: ChatTemplate
+    seq_length: int
+    mode: Mode = "sft"
+    overlong: Overlong = "error"
+
+
+@dataclass
+class Issue:
+    """A line that did not become a sample as written. ``action``: error | rejected | dropped."""
+
+    file: str
+    line: int
+    reason: str
+    detail: str
+    action: str
+    raw: str = ""
+
+    def message(self) -> str:
+        return f"{self.file}:{self.line}: {self.reason}: {self.detail}"
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "line": self.line, "reason": self.reason, "detail": self.detail,
+                "action": self.action, "raw": self.raw}
+
+
+@dataclass
+class TaskCounts:
+    samples: int = 0
+    tokens: int = 0
+    loss_tokens: int = 0
+    dropped: int = 0
+    truncated: int = 0
+    rejected: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class EncodedTask:
+    files: TaskFiles
+    #: samples from training files / from validation files, in file and line order.
+    train: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    val: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    counts: TaskCounts = field(default_factory=TaskCounts)
+
+
+@dataclass
+class Encoded:
+    tasks: list[EncodedTask]
+    issues: list[Issue]
+    marker_ids: dict[str, list[int]]
+
+
+# --- worker side -------------------------------------------------------------------------
+_FORMATTER: ChatFormatter | None = None
+_SPEC: EncodeSpec | None = None
+
+
+def _init_worker(spec: EncodeSpec) -> None:
+    global _FORMATTER, _SPEC
+    _SPEC = spec
+    _FORMATTER = ChatFormatter(spec.template, load_tokenizer(spec.tokenizer), spec.mode)
+
+
+def _encode_chunk(chunk: tuple[int, str, str, list[tuple[int, bytes]]]):
+    """-> (task, split, file, bytes read, [(line, tokens, mask, truncated) | (line, reason, detail)])."""
+    task, split, path, lines = chunk
+    nbytes = sum(len(raw) + 1 for _, raw in lines)
+    assert _FORMATTER is not None and _SPEC is not None
+    good, out = [], []
+    for line_no, raw in lines:
+        try:
+            rec = parse_line(raw)
+        except RecordError as e:
+            out.append((line_no, e.reason.value, e.detail))
+            continue
+        if rec is not None:
+            good.append((line_no, rec))
+    encoded = _FORMATTER.encode([r for _, r in good])
+    seq = _SPEC.seq_length
+    for (line_no, _), (tokens, mask) in zip(good, encoded):
+        if len(tokens) <= seq:
+            out.append((line_no, tokens, mask, False))
+        elif _SPEC.overlong == "error":
+            out.append((line_no, Reason.OVERLONG.value, f"{len(tokens)} tokens > seq_length {seq}"))
+        elif _SPEC.overlong == "drop":
+            out.append((line_no, "dropped", f"{len(tokens)} tokens > seq_length {seq}"))
+        else:
+            out.append((line_no, tokens[:seq], mask[:seq], True))
+    out.sort(key=lambda x: x[0])
+    return task, split, path, nbytes, out
+
+
+# --- main side ---------------------------------------------------------------------------
+def _read_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    for i, raw in enumerate(data.split(b"\n"), start=1):
+        yield i, raw[:-1] if raw.endswith(b"\r") else raw
+
+
+def _chunks(tasks: list[TaskFiles]) -> Iterator[tuple[int, str, str, list[tuple[int, bytes]]]]:
+    for t_idx, t in enumerate(tasks):
+        for split, files in (("train", t.train), ("val", t.val)):
+            for path in files:
+                buf: list[tuple[int, bytes]] = []
+                size = 0
+                for line_no, raw in _read_lines(path):
+                    buf.append((line_no, raw))
+                    size += len(raw)
+                    if len(buf) >= _CHUNK_LINES or size >= _CHUNK_BYTES:
+                        yield t_idx, split, path, buf
+                        buf, size = [], 0
+                if buf:
+                    yield t_idx, split, path, buf
+
+
+def _raw_line(path: str, line_no: int, cache: dict) -> str:
+    lines = cache.get(path)
+    if lines is None:
+        with open(path, "rb") as f:
+            lines = cache[path] = f.read().split(b"\n")
+    return lines[line_no - 1].rstrip(b"\r").decode("utf-8", errors="replace")
+
+
+def encode_tasks(
+    tasks: list[TaskFiles],
+    spec: EncodeSpec,
+    *,
+    workers: int = 1,
+    skip_bad_samples: bool = False,
+    progress: bool = False,
+) -> Encoded:
+    """Tokenize every task; raise ``DataError`` naming each bad ``file:line`` unless skipping."""
+    out = [EncodedTask(t) for t in tasks]
+    issues: list[Issue] = []
+    errors = 0
+    raw_cache: dict = {}
+    total_bytes = sum(os.path.getsize(f) for t in tasks for f in t.train + t.val)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", mininterval=0.5)
+    pool = None
+    if workers > 1:
+        pool = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(
+            workers, initializer=_init_worker, initargs=(spec,)
+        )
+        results = pool.imap(_encode_chunk, _chunks(tasks), chunksize=1)
+    else:
+        _init_worker(spec)
+        results = map(_encode_chunk, _chunks(tasks))
+    try:
+        for t_idx, split, path, nbytes, items in results:
+            task = out[t_idx]
+            c = task.counts
+            dest = task.train if split == "train" else task.val
+            for item in items:
+                if len(item) == 4:
+                    line_no, tokens, mask, truncated = item
+                    if truncated and not mask.any():
+                        item = (line_no, "dropped", "no loss-taking token left after truncation")
+                    else:
+                        dest.append((tokens, mask))
+                        c.samples += 1
+                        c.tokens += len(tokens)
+                        c.loss_tokens += int(mask.sum())
+                        c.truncated += int(truncated)
+                        continue
+                line_no, reason, detail = item
+                raw = _raw_line(path, line_no, raw_cache)
+                if reason == "dropped":
+                    c.dropped += 1
+                    issues.append(Issue(path, line_no, Reason.OVERLONG.value, detail, "dropped", raw))
+                elif skip_bad_samples:
+                    c.rejected += 1
+                    c.reasons[reason] = c.reasons.get(reason, 0) + 1
+                    issues.append(Issue(path, line_no, reason, detail, "rejected", raw))
+                else:
+                    errors += 1
+                    issues.append(Issue(path, line_no, reason, detail, "error", raw))
+            if bar is not None:
+                bar.update(nbytes)
+            if errors >= MAX_ERRORS:
+                break
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        if bar is not None:
+            bar.close()
+    if errors:
+        msgs = [i.message() for i in issues if i.action == "error"]
+        more = "; stopped reading after that many errors" if errors >= MAX_ERRORS else ""
+        raise DataError(
+            msgs + ([f"{errors} bad line(s){more}; fix them, or pass --skip-bad-samples to skip and log them"])
+        )
+    formatter = ChatFormatter(spec.template, load_tokenizer(spec.tokenizer), spec.mode)
+    return Encoded(out, issues, formatter.marker_ids)

@@ -1,0 +1,215 @@
+"""The trainer-facing data object: global batches of micro-batch dicts for one DP rank.
+
+Rows are what a global batch counts: packs in ``packed`` mode, samples in ``dynamic`` mode.
+Every row is a contiguous range of samples in a split (see ``store``), so both modes and
+both sources (offline indexed files, online in-memory) share the sampler and the collator.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from megatron_mft.config.data import DataConfig
+from megatron_mft.data.collate import EMPTY_ROW, Row, collate, round_up, row_width
+from megatron_mft.data.sampler import EpochSampler, rank_micro_batches
+from megatron_mft.data.store import MemorySplit, SampleStore
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Row ``i`` = samples ``starts[i]:stops[i]`` of ``store``."""
+
+    store: SampleStore
+    starts: np.ndarray
+    stops: np.ndarray
+
+    @classmethod
+    def of(cls, store: SampleStore, per_sample: bool, packs: tuple[int, int] | None = None) -> "_Rows":
+        bounds = store.pack_bounds
+        p0, p1 = packs if packs is not None else (0, len(bounds) - 1)
+        if per_sample:
+            starts = np.arange(bounds[p0], bounds[p1], dtype=np.int64)
+            return cls(store, starts, starts + 1)
+        return cls(store, bounds[p0:p1].copy(), bounds[p0 + 1:p1 + 1].copy())
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        cum = np.concatenate([[0], np.cumsum(self.store.sample_lengths)])
+        return cum[self.stops] - cum[self.starts]
+
+    def read(self, row: int) -> Row:
+        a, b = int(self.starts[row]), int(self.stops[row])
+        tokens, mask = self.store.read(a, b)
+        return Row(tokens, mask, self.store.sample_lengths[a:b], self.store.sample_tasks[a:b])
+
+
+@dataclass
+class _Source:
+    manifest: dict
+    train: SampleStore
+    val: SampleStore
+
+
+def _open_offline(cfg: DataConfig) -> _Source:
+    import warnings
+
+    root = Path(cfg.path)
+    mf = root / "manifest.json"
+    if not mf.is_file():
+        raise FileNotFoundError(
+            f"data.path {cfg.path}: no manifest.json (run tools/preprocess/preprocess_mft.py, or set data.source=online)"
+        )
+    manifest = json.loads(mf.read_text(encoding="utf-8"))
+    if manifest["seq_length"] > cfg.seq_length:
+        raise ValueError(
+            f"data.seq_length {cfg.seq_length} < the preprocessed seq_length {manifest['seq_length']} of {cfg.path}"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron_mft.data.indexed import IndexedSplit
+    return _Source(manifest, IndexedSplit(root, "train"), IndexedSplit(root, "val"))
+
+
+def _build_online(cfg: DataConfig, seed: int) -> _Source:
+    from megatron_mft.data.encode import EncodeSpec, encode_tasks
+    from megatron_mft.data.plan import plan_splits
+    from megatron_mft.data.taskdir import discover_tasks
+    from megatron_mft.data.template import load_template
+    from megatron_mft.data.tokenizer import load_tokenizer
+
+    tasks = discover_tasks(cfg.path)
+    tok = load_tokenizer(cfg.tokenizer)
+    template = load_template(cfg.template)
+    spec = EncodeSpec(cfg.tokenizer, template, cfg.seq_length, cfg.mode, cfg.overlong)
+    encoded = encode_tasks(tasks, spec, workers=max(cfg.num_workers, 1), skip_bad_samples=cfg.skip_bad_samples)
+    packing = "none" if cfg.batching == "dynamic" else cfg.packing
+    train, val = plan_splits(encoded, seq_length=cfg.seq_length, packing=packing, val_ratio=cfg.val_ratio, seed=seed)
+    if not train.samples:
+        raise ValueError(f"data.path {cfg.path}: no usable training samples")
+    manifest = {
+        "format": "megatron-mft/online",
+        "mode": cfg.mode,
+        "seq_length": cfg.seq_length,
+        "packing": packing,
+        "seed": seed,
+        "val_ratio": cfg.val_ratio,
+        "tokenizer": tok.identity() | {"marker_ids": encoded.marker_ids},
+        "template": template.to_dict(),
+        "tasks": [{"id": i, "name": t.files.name, "train_files": list(t.files.train),
+                   "val_files": list(t.files.val), "val_source": t.files.val_source}
+                  for i, t in enumerate(encoded.tasks)],
+        "splits": {
+            "train": {"sequences": len(train.packs), "samples": len(train.samples)},
+            "val": {"sequences": len(val.packs), "samples": len(val.samples), "task_packs": val.task_packs},
+        },
+    }
+    return _Source(
+        manifest,
+        MemorySplit(train.samples, train.tasks, train.uids, train.packs),
+        MemorySplit(val.samples, val.tasks, val.uids, val.packs),
+    )
+
+
+class MFTData:
+    """Micro batches for one data-parallel rank. Pure function of (data, seed, consumed rows)."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        *,
+        seed: int,
+        micro_batch_size: int,
+        global_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        pad_to_multiple_of: int = 1,
+        fixed_seq_length: bool = False,
+    ):
+        problems = list(cfg.validate())
+        if micro_batch_size < 1 or dp_size < 1:
+            problems.append(f"micro_batch_size {micro_batch_size} and dp_size {dp_size} must be >= 1")
+        elif global_batch_size < 1 or global_batch_size % (micro_batch_size * dp_size):
+            problems.append(
+                f"global_batch_size {global_batch_size} must be a positive multiple of "
+                f"micro_batch_size*dp_size = {micro_batch_size * dp_size}"
+            )
+        if not 0 <= dp_rank < dp_size:
+            problems.append(f"dp_rank {dp_rank} not in [0, {dp_size})")
+        if pad_to_multiple_of < 1:
+            problems.append(f"pad_to_multiple_of {pad_to_multiple_of} must be >= 1")
+        if problems:
+            raise ValueError("MFTData: " + "; ".join(problems))
+        self.cfg = cfg
+        self.seed = seed
+        self.micro_batch_size = micro_batch_size
+        self.global_batch_size = global_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.fixed_seq_length = fixed_seq_length
+
+        src = _open_offline(cfg) if cfg.source == "offline" else _build_online(cfg, seed)
+        self.manifest: dict = src.manifest
+        self.task_names: list[str] = [t["name"] for t in self.manifest["tasks"]]
+        tok = self.manifest["tokenizer"]
+        self.vocab_size: int = int(tok["vocab_size"])
+        self.eos_id: int = int(tok["eos_id"])
+        self.pad_id: int = int(tok["pad_id"])
+        self._dynamic = cfg.batching == "dynamic"
+        self._train = _Rows.of(src.train, self._dynamic)
+        self._train_lengths = self._train.lengths if (self._dynamic and cfg.group_by_length) else None
+        task_packs = self.manifest["splits"]["val"]["task_packs"]
+        self._val = {name: _Rows.of(src.val, self._dynamic, tuple(task_packs[name])) for name in self.task_names}
+        self._sampler = EpochSampler(len(self._train), seed)
+
+    # --- API ------------------------------------------------------------------------------
+    @property
+    def rows_per_epoch(self) -> int:
+        return len(self._train)
+
+    def train_micro_batch_rows(self, consumed_rows: int) -> list[np.ndarray]:
+        """Row ids (into the train split) of this rank's micro batches of that global batch."""
+        rows = self._sampler.rows(consumed_rows, self.global_batch_size)
+        return rank_micro_batches(rows, micro_batch_size=self.micro_batch_size, dp_rank=self.dp_rank,
+                                  dp_size=self.dp_size, lengths=self._train_lengths)
+
+    def train_micro_batches(self, consumed_rows: int) -> list[dict]:
+        return [self._collate(self._train, ids) for ids in self.train_micro_batch_rows(consumed_rows)]
+
+    def val_micro_batches(self, task: str, max_batches: int = 0) -> list[dict]:
+        """This rank's strided share of the task's validation rows, in order. Every rank gets the
+        same number of micro batches of exactly ``micro_batch_size`` rows; missing rows are
+        all-padding rows (loss_mask 0, task_ids -1)."""
+        if task not in self._val:
+            raise KeyError(f"unknown task {task!r}; tasks: {', '.join(self.task_names)}")
+        rows = self._val[task]
+        mbs, dp = self.micro_batch_size, self.dp_size
+        n = -(-len(rows) // (mbs * dp))
+        if max_batches > 0:
+            n = min(n, max_batches)
+        mine = np.arange(self.dp_rank, len(rows), dp)
+        return [self._collate(rows, mine[j * mbs:(j + 1) * mbs], fill_to=mbs) for j in range(n)]
+
+    def row_sample_uids(self, row: int, split: str = "train", task: str | None = None) -> list[int]:
+        """Sample uids (input enumeration, see FORMAT.md) in one row; for checks and debugging."""
+        rows = self._train if split == "train" else self._val[task or ""]
+        a, b = int(rows.starts[row]), int(rows.stops[row])
+        return rows.store.sample_uids[a:b].tolist()
+
+    # --- internals ------------------------------------------------------------------------
+    def _collate(self, rows: _Rows, ids: np.ndarray, fill_to: int = 0) -> dict:
+        batch = [rows.read(int(i)) for i in ids]
+        batch += [EMPTY_ROW] * max(0, fill_to - len(batch))
+        if self._dynamic:
+            width = row_width(batch, multiple=self.pad_to_multiple_of,
+                              pad_to=self.cfg.seq_length if self.fixed_seq_length else None)
+        else:
+            width = round_up(self.cfg.seq_length, self.pad_to_multiple_of)
+        return collate(batch, width, self.pad_id)

@@ -1,0 +1,76 @@
+"""Encoded tasks -> train and validation splits, packed. Shared by offline and online modes.
+
+- Sample uids enumerate accepted samples task by task (manifest order); within a task, samples
+  of training files then of validation files, each in file and line order.
+- Validation: a task's validation files when it has any; otherwise ``round(val_ratio * n)``
+  of its samples (at least one when ``val_ratio > 0`` and the task has two or more), chosen by
+  a permutation seeded with ``(seed, task id)``, so the split is deterministic per seed.
+- Training windows mix tasks (next-fit in input order; best-fit over everything). Validation
+  windows are packed per task, because validation loss is reported per task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from megatron_mft.data.encode import Encoded
+from megatron_mft.data.packing import Packs, pack
+
+Sample = tuple[np.ndarray, np.ndarray]
+
+
+@dataclass
+class SplitPlan:
+    samples: list[Sample] = field(default_factory=list)
+    tasks: list[int] = field(default_factory=list)
+    uids: list[int] = field(default_factory=list)
+    packs: Packs = field(default_factory=list)
+    #: task name -> [first pack, end pack) (validation split only).
+    task_packs: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        return int(sum(len(s[0]) for s in self.samples))
+
+    def padding_ratio(self, seq_length: int) -> float:
+        return 1.0 - self.tokens / (len(self.packs) * seq_length) if self.packs else 0.0
+
+
+def plan_splits(
+    encoded: Encoded, *, seq_length: int, packing: str, val_ratio: float, seed: int
+) -> tuple[SplitPlan, SplitPlan]:
+    train, val = SplitPlan(), SplitPlan()
+    uid = 0
+    val_parts: list[tuple[str, list[Sample], list[int], int]] = []
+    for t_id, task in enumerate(encoded.tasks):
+        n = len(task.train)
+        uids = list(range(uid, uid + n + len(task.val)))
+        uid += n + len(task.val)
+        if task.val:
+            held = set()
+            v_samples, v_uids = list(task.val), uids[n:]
+        else:
+            k = int(round(val_ratio * n))
+            if val_ratio > 0 and n >= 2:
+                k = min(max(k, 1), n - 1)
+            held = set(np.random.default_rng([seed, t_id]).permutation(n)[:k].tolist()) if k else set()
+            v_samples = [task.train[i] for i in sorted(held)]
+            v_uids = [uids[i] for i in sorted(held)]
+        for i, smp in enumerate(task.train):
+            if i not in held:
+                train.samples.append(smp)
+                train.tasks.append(t_id)
+                train.uids.append(uids[i])
+        val_parts.append((task.files.name, v_samples, v_uids, t_id))
+    train.packs = pack([len(s[0]) for s in train.samples], seq_length, packing)
+    for name, samples, uids, t_id in val_parts:
+        base = len(val.samples)
+        start = len(val.packs)
+        val.packs += [[base + i for i in p] for p in pack([len(s[0]) for s in samples], seq_length, packing)]
+        val.samples += samples
+        val.tasks += [t_id] * len(samples)
+        val.uids += uids
+        val.task_packs[name] = [start, len(val.packs)]
+    return train, val

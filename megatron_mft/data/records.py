@@ -1,0 +1,151 @@
+"""Raw jsonl lines -> validated records, or a named reason why the line is unusable.
+
+Accepted line shapes (one JSON object per line; other keys are ignored):
+  {"chat_rounds": [{"role": "system"|"human"|"user"|"bot"|"assistant", "content": str}, ...]}
+  {"prompt": str, "answer": str, "system"?: str}
+  {"instruction": str, "input"?: str, "output": str, "system"?: str}
+  {"text": str}                      (pretraining continuation: loss on every token)
+Blank lines are skipped. Why strict: a silently mis-parsed line trains on garbage, so each
+problem gets a reason code that the preprocessing stats count and the error message names.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Reason(str, Enum):
+    INVALID_UTF8 = "invalid_utf8"
+    INVALID_JSON = "invalid_json"
+    WRONG_TYPE = "wrong_type"
+    UNKNOWN_FORMAT = "unknown_format"
+    MISSING_ROLE = "missing_role"
+    UNKNOWN_ROLE = "unknown_role"
+    EMPTY_ANSWER = "empty_answer"
+    NO_BOT_TURN = "no_bot_turn"
+    OVERLONG = "overlong"
+
+
+class RecordError(ValueError):
+    def __init__(self, reason: Reason, detail: str):
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+#: Accepted role spellings -> canonical role.
+ROLES = {"system": "system", "human": "human", "user": "human", "bot": "bot", "assistant": "bot"}
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str  # canonical: system | human | bot
+    content: str
+
+
+@dataclass(frozen=True)
+class Record:
+    """Either a conversation (``turns``) or a plain document (``text``)."""
+
+    turns: tuple[Turn, ...] = ()
+    text: str | None = None
+
+
+def _str_field(obj: dict, key: str, where: str) -> str:
+    value = obj[key]
+    if not isinstance(value, str):
+        raise RecordError(Reason.WRONG_TYPE, f"{where}{key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _optional_str(obj: dict, key: str) -> str:
+    return _str_field(obj, key, "") if obj.get(key) is not None else ""
+
+
+def _chat(obj: dict) -> Record:
+    rounds = obj["chat_rounds"]
+    if not isinstance(rounds, list):
+        raise RecordError(Reason.WRONG_TYPE, f"'chat_rounds' must be a list, got {type(rounds).__name__}")
+    turns = []
+    for i, r in enumerate(rounds):
+        if not isinstance(r, dict):
+            raise RecordError(Reason.WRONG_TYPE, f"chat_rounds[{i}] must be an object, got {type(r).__name__}")
+        if "role" not in r:
+            raise RecordError(Reason.MISSING_ROLE, f"chat_rounds[{i}] has no 'role'")
+        role = r["role"]
+        if not isinstance(role, str):
+            raise RecordError(Reason.WRONG_TYPE, f"chat_rounds[{i}]['role'] must be a string, got {type(role).__name__}")
+        canon = ROLES.get(role.strip().lower())
+        if canon is None:
+            raise RecordError(Reason.UNKNOWN_ROLE, f"chat_rounds[{i}] role {role!r}; known: {', '.join(ROLES)}")
+        if "content" not in r:
+            raise RecordError(Reason.WRONG_TYPE, f"chat_rounds[{i}] has no 'content' string")
+        content = _str_field(r, "content", f"chat_rounds[{i}] ")
+        if canon == "bot" and not content.strip():
+            raise RecordError(Reason.EMPTY_ANSWER, f"chat_rounds[{i}] (bot) is empty")
+        turns.append(Turn(canon, content))
+    if not any(t.role == "bot" for t in turns):
+        raise RecordError(Reason.NO_BOT_TURN, "no bot/assistant turn to learn from")
+    return Record(turns=tuple(turns))
+
+
+def _pair(obj: dict, prompt_key: str, answer_key: str) -> Record:
+    for k in (prompt_key, answer_key):
+        if k not in obj:
+            raise RecordError(Reason.UNKNOWN_FORMAT, f"has {prompt_key!r}/{answer_key!r} format but no {k!r}")
+    prompt = _str_field(obj, prompt_key, "")
+    answer = _str_field(obj, answer_key, "")
+    extra = _optional_str(obj, "input") if prompt_key == "instruction" else ""
+    if extra.strip():
+        prompt = f"{prompt}\n\n{extra}"
+    if not answer.strip():
+        raise RecordError(Reason.EMPTY_ANSWER, f"{answer_key!r} is empty")
+    system = _optional_str(obj, "system")
+    turns = ((Turn("system", system),) if system else ()) + (Turn("human", prompt), Turn("bot", answer))
+    return Record(turns=turns)
+
+
+def _text(obj: dict) -> Record:
+    text = _str_field(obj, "text", "")
+    if not text.strip():
+        raise RecordError(Reason.EMPTY_ANSWER, "'text' is empty")
+    return Record(text=text)
+
+
+def parse_line(raw: bytes) -> Record | None:
+    """One raw line (without its newline) -> Record; None for a blank line; RecordError otherwise."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecordError(Reason.INVALID_UTF8, f"byte {e.start}: {e.reason}") from None
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise RecordError(Reason.INVALID_JSON, f"column {e.colno}: {e.msg}") from None
+    if not isinstance(obj, dict):
+        raise RecordError(Reason.WRONG_TYPE, f"line must be a JSON object, got {type(obj).__name__}")
+    if "chat_rounds" in obj:
+        return _chat(obj)
+    if "prompt" in obj or "answer" in obj:
+        return _pair(obj, "prompt", "answer")
+    if "instruction" in obj or "output" in obj:
+        return _pair(obj, "instruction", "output")
+    if "text" in obj:
+        return _text(obj)
+    raise RecordError(
+        Reason.UNKNOWN_FORMAT,
+        f"no chat_rounds, prompt/answer, instruction/output or text key (keys: {', '.join(map(str, obj))})",
+    )
+
+
+class DataError(ValueError):
+    """Unusable input data: one message per problem, each naming ``file:line`` where it can."""
+
+    def __init__(self, problems: list[str], more: int = 0):
+        self.problems = problems
+        tail = [f"  ... and {more} more"] if more else []
+        super().__init__("\n".join(problems + tail))

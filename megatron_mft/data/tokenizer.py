@@ -1,0 +1,277 @@
+"""Tokenizers behind one small interface: SentencePiece ``.model`` files and Hugging Face folders.
+
+Why a wrapper: the chat template encodes a sample segment by segment, so that special markers
+are emitted only by the template and never recognised inside user text. That needs two things
+the raw libraries do not give directly: a *continuation* encoding (no dummy-prefix space in
+front of every segment) and an encoding that refuses to match protected strings. Both live
+here, once, for both backends. Loading is offline: only local files are read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from abc import ABC, abstractmethod
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Sequence
+
+from megatron_mft.data import spm_proto
+
+
+class TokenizerError(ValueError):
+    """A tokenizer path that cannot be loaded, with the reason."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Tokenizer(ABC):
+    """Text <-> ids. ``encode`` never emits an id for a protected string found in the text."""
+
+    kind: str
+    path: str
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int
+    pad_id: int
+
+    def __init__(self) -> None:
+        self._protect_cache: dict[tuple[str, ...], tuple[re.Pattern | None, frozenset[int]]] = {}
+
+    # --- backend hooks -------------------------------------------------------------------
+    @abstractmethod
+    def _encode_raw(self, texts: list[str]) -> list[list[int]]:
+        """Continuation encoding of each text, without BOS/EOS; may match special strings."""
+
+    @abstractmethod
+    def _special_strings(self) -> tuple[str, ...]:
+        """Strings the backend itself would map to special ids when they occur in raw text."""
+
+    @abstractmethod
+    def single_id(self, text: str) -> int | None:
+        """The id of ``text`` if the vocabulary holds it as one token that raw text can produce."""
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    @abstractmethod
+    def _file_for_identity(self) -> Path: ...
+
+    # --- shared --------------------------------------------------------------------------
+    def identity(self) -> dict:
+        """What a manifest needs to tell whether data was made with this tokenizer."""
+        return {
+            "kind": self.kind,
+            "path": self.path,
+            "sha256": _sha256(self._file_for_identity()),
+            "vocab_size": self.vocab_size,
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "pad_id": self.pad_id,
+        }
+
+    def _protection(self, protect: tuple[str, ...]) -> tuple[re.Pattern | None, frozenset[int]]:
+        hit = self._protect_cache.get(protect)
+        if hit is None:
+            strings = sorted({s for s in protect + self._special_strings() if len(s) > 1}, key=len, reverse=True)
+            pattern = re.compile("|".join(re.escape(s) for s in strings)) if strings else None
+            ids = frozenset(i for i in (self.single_id(s) for s in strings) if i is not None)
+            hit = self._protect_cache[protect] = (pattern, ids)
+        return hit
+
+    def encode_batch(self, texts: Sequence[str], protect: tuple[str, ...] = ()) -> list[list[int]]:
+        """Continuation-encode each text; occurrences of protected strings become plain text.
+
+        A protected occurrence is cut after its first character and each part encoded on its
+        own, so the vocabulary entry for the whole string cannot match.
+        """
+        pattern, protected_ids = self._protection(tuple(protect))
+        if pattern is None:
+            return self._encode_raw(list(texts))
+        pieces: list[str] = []
+        owners: list[int] = []
+        for i, text in enumerate(texts):
+            for p in _defuse(text, pattern) if pattern.search(text) else (text,):
+                pieces.append(p)
+                owners.append(i)
+        encoded = self._encode_raw(pieces)
+        out: list[list[int]] = [[] for _ in texts]
+        for i, ids in zip(owners, encoded):
+            out[i].extend(ids)
+        if protected_ids:
+            for i, ids in enumerate(out):
+                if not protected_ids.isdisjoint(ids):
+                    raise TokenizerError(f"encoding text #{i} produced a protected special id; text={texts[i][:80]!r}")
+        return out
+
+    def encode(self, text: str, protect: tuple[str, ...] = ()) -> list[int]:
+        return self.encode_batch([text], protect)[0]
+
+
+def _defuse(text: str, pattern: re.Pattern) -> list[str]:
+    """Split ``text`` so that no part contains a whole protected string."""
+    parts: list[str] = []
+    pos = 0
+    for m in pattern.finditer(text):
+        if m.start() > pos:
+            parts.append(text[pos:m.start()])
+        s = m.group(0)
+        parts.append(s[0])
+        rest = s[1:]
+        parts.extend(_defuse(rest, pattern) if pattern.search(rest) else [rest])
+        pos = m.end()
+    if pos < len(text):
+        parts.append(text[pos:])
+    return parts
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """CodeLlama's format. Segments are encoded with the dummy prefix switched off."""
+
+    kind = "sentencepiece"
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        import sentencepiece as spm
+
+        self._file = Path(path)
+        self.path = str(path)
+        proto = self._file.read_bytes()
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=spm_proto.without_dummy_prefix(proto))
+        except Exception as e:  # sentencepiece raises RuntimeError/OSError on bad files
+            raise TokenizerError(f"{path}: not a SentencePiece model ({e})") from None
+        self._user_defined = tuple(p for p, t in spm_proto.piece_types(proto) if t == spm_proto.USER_DEFINED)
+        self.vocab_size = self._sp.get_piece_size()
+        bos, eos, pad = self._sp.bos_id(), self._sp.eos_id(), self._sp.pad_id()
+        if eos < 0:
+            raise TokenizerError(f"{path}: the model defines no EOS piece")
+        self.bos_id = bos if bos >= 0 else None
+        self.eos_id = eos
+        self.pad_id = pad if pad >= 0 else eos
+
+    def _encode_raw(self, texts: list[str]) -> list[list[int]]:
+        return self._sp.encode(texts, num_threads=1) if texts else []
+
+    def _special_strings(self) -> tuple[str, ...]:
+        return ()  # control symbols (<s>, </s>) are never matched from text by SentencePiece
+
+    def single_id(self, text: str) -> int | None:
+        return self._sp.piece_to_id(text) if text in self._user_defined else None
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._sp.decode(list(map(int, ids)))
+
+    def _file_for_identity(self) -> Path:
+        return self._file
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face tokenizer folder (``tokenizer.json`` + optional ``tokenizer_config.json``)."""
+
+    kind = "huggingface"
+
+    def __init__(self, folder: str | Path):
+        super().__init__()
+        from tokenizers import Tokenizer as _Tok
+
+        self._folder = Path(folder)
+        self.path = str(folder)
+        spec = json.loads((self._folder / "tokenizer.json").read_text(encoding="utf-8"))
+        try:
+            self._tok = _Tok.from_str(json.dumps(_no_prefix_space(spec)))
+        except Exception as e:
+            raise TokenizerError(f"{folder}/tokenizer.json: cannot be loaded ({e})") from None
+        self._added = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
+        self._special = tuple(t.content for t in self._tok.get_added_tokens_decoder().values() if t.special)
+        cfg = _read_json(self._folder / "tokenizer_config.json") | _read_json(self._folder / "special_tokens_map.json")
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        eos = self._id_of(cfg.get("eos_token"), ("</s>", "<|endoftext|>", "<eos>"))
+        if eos is None:
+            raise TokenizerError(f"{folder}: no EOS token (set eos_token in tokenizer_config.json)")
+        self.eos_id = eos
+        self.bos_id = self._id_of(cfg.get("bos_token"), ("<s>", "<bos>"))
+        pad = self._id_of(cfg.get("pad_token"), ("<pad>",))
+        self.pad_id = pad if pad is not None else eos
+
+    def _id_of(self, value, fallbacks: tuple[str, ...]) -> int | None:
+        if isinstance(value, dict):
+            value = value.get("content")
+        for name in ((value,) if value else ()) + fallbacks:
+            i = self._tok.token_to_id(name)
+            if i is not None:
+                return i
+        return None
+
+    def _encode_raw(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)] if texts else []
+
+    def _special_strings(self) -> tuple[str, ...]:
+        return self._special
+
+    def single_id(self, text: str) -> int | None:
+        return self._added.get(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(map(int, ids)), skip_special_tokens=False)
+
+    def _file_for_identity(self) -> Path:
+        return self._folder / "tokenizer.json"
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _no_prefix_space(spec: dict) -> dict:
+    """Turn off the 'prepend ▁ / add prefix space' steps so each segment encodes as a continuation."""
+
+    def fix(node):
+        if isinstance(node, dict):
+            typ = node.get("type")
+            if typ == "Prepend":
+                return None
+            if typ == "Sequence":
+                for key in ("normalizers", "pretokenizers", "processors"):
+                    if key in node:
+                        node[key] = [n for n in (fix(x) for x in node[key]) if n is not None]
+            if typ == "Metaspace":
+                node["prepend_scheme"] = "never"
+                node.pop("add_prefix_space", None)
+            if typ == "ByteLevel" and "add_prefix_space" in node:
+                node["add_prefix_space"] = False
+        return node
+
+    spec = dict(spec)
+    spec["normalizer"] = fix(spec.get("normalizer"))
+    spec["pre_tokenizer"] = fix(spec.get("pre_tokenizer"))
+    return spec
+
+
+# Registry: the first loader whose probe accepts the path builds the tokenizer.
+_LOADERS: list[tuple[Callable[[Path], bool], Callable[[Path], Tokenizer]]] = [
+    (lambda p: p.is_file() and p.suffix == ".model", SentencePieceTokenizer),
+    (lambda p: p.is_dir() and (p / "tokenizer.json").is_file(), HFTokenizer),
+    (lambda p: p.is_dir() and (p / "tokenizer.model").is_file(), lambda p: SentencePieceTokenizer(p / "tokenizer.model")),
+]
+
+
+@lru_cache(maxsize=8)
+def load_tokenizer(path: str) -> Tokenizer:
+    """A SentencePiece ``.model`` file, or a folder with ``tokenizer.json`` (or ``tokenizer.model``)."""
+    p = Path(path)
+    if not p.exists():
+        raise TokenizerError(f"tokenizer {path}: does not exist")
+    for probe, build in _LOADERS:
+        if probe(p):
+            return build(p)
+    raise TokenizerError(
+        f"tokenizer {path}: expected a SentencePiece .model file or a folder holding tokenizer.json"
+    )
