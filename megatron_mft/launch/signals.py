@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -135,20 +136,23 @@ class PreemptionGuard:
             warnings.warn(f"PreemptionGuard: cannot write MFT_STOP_FILE {self.stop_file}: {e}")
 
 
+def _initialised_dist():
+    """torch.distributed if a process group exists, else None (never imports torch itself)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
 def _rank() -> int:
-    try:
-        import torch.distributed as dist
-    except ImportError:
-        return 0
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    dist = _initialised_dist()
+    return dist.get_rank() if dist is not None else 0
 
 
 def _all_reduce_max(code: int, group=None) -> int:
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
+    dist = _initialised_dist()
+    if dist is None:
         return code
+    import torch
+
     backend = dist.get_backend(group)
     device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(backend) else torch.device("cpu")
     flag = torch.tensor([code], dtype=torch.int32, device=device)
