@@ -37,8 +37,12 @@ class PromptEncoder:
         self.hf_tok, self.encoding = hf_tokenizer, encoding
         self.chat_template_name = None
         if encoding == "training":
-            from megatron_mft.data.template import ChatFormatter, load_template
-            from megatron_mft.data.tokenizer import load_tokenizer
+            try:
+                from megatron_mft.data.template import ChatFormatter, load_template
+                from megatron_mft.data.tokenizer import load_tokenizer
+            except ImportError as e:
+                raise ValueError(f"prompt encoding 'training' needs megatron_mft.data ({e}); "
+                                   "use --prompt-encoding text") from e
 
             ct = load_template(chat_template)
             if add_special_tokens is not None and add_special_tokens != ct.add_bos:
