@@ -28,6 +28,9 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 LATEST = "latest"
+#: Distributed-optimizer state in a canonical per-parameter layout, so a checkpoint saved with
+#: one TP/PP/DP layout resumes in another (megatron's 'fully_reshardable').
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -113,7 +116,8 @@ def save_checkpoint(root: str | Path, step: int, chunks: list, optimizer=None, *
     _barrier()
     sharded = model_sharded_state_dict(chunks, trainable_only)
     if optimizer is not None:
-        sharded["optimizer"] = optimizer.sharded_state_dict(model_sharded_state_dict(chunks))
+        sharded["optimizer"] = optimizer.sharded_state_dict(model_sharded_state_dict(chunks),
+                                                            metadata=OPTIMIZER_METADATA)
     sharded["common"] = common
     dist_checkpointing.save(sharded, str(tmp))
     (tmp / "rng").mkdir(exist_ok=True)
@@ -134,7 +138,8 @@ def load_checkpoint(path: str | Path, chunks: list, optimizer=None, *, trainable
     path = Path(path)
     template = model_sharded_state_dict(chunks, trainable_only)
     if optimizer is not None:
-        template["optimizer"] = optimizer.sharded_state_dict(model_sharded_state_dict(chunks), is_loading=True)
+        template["optimizer"] = optimizer.sharded_state_dict(model_sharded_state_dict(chunks), is_loading=True,
+                                                             metadata=OPTIMIZER_METADATA)
     state = dist_checkpointing.load(template, str(path))
     for i, chunk in enumerate(chunks):
         key = "model" if len(chunks) == 1 else f"model{i}"
