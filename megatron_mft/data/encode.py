@@ -215,7 +215,7 @@ def encode_tasks(
                     errors += 1
                     issues.append(Issue(path, line_no, reason, detail, "error", raw))
             if bar is not None:
-                bar.update(nbytes)
+                bar.update(min(nbytes, total_bytes - bar.n))
             if errors >= MAX_ERRORS:
                 break
     finally:

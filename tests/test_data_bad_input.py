@@ -1,0 +1,137 @@
+"""Bad input: each kind gets its named file:line error, a non-zero exit and no output folder;
+--skip-bad-samples logs and counts them instead; over-long samples follow --overlong."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data_fixtures import chat, cli_args, run_cli, write_jsonl  # noqa: E402
+
+from megatron_mft.data.preprocess import main  # noqa: E402
+
+GOOD = {"prompt": "add one", "answer": "x + 1"}
+LONG = {"prompt": "p", "answer": "word " * 400}
+
+# kind -> (the bad line, reason named in the error)
+BAD = {
+    "invalid_json": ('{"prompt": "a", "answer": ', "invalid_json"),
+    "invalid_utf8": (b'{"prompt": "caf\xe9", "answer": "x"}', "invalid_utf8"),
+    "missing_role": (json.dumps({"chat_rounds": [{"content": "hi"}, {"role": "bot", "content": "x"}]}), "missing_role"),
+    "unknown_role": (json.dumps(chat(("wizard", "hi"), ("bot", "x"))), "unknown_role"),
+    "wrong_type_content": (json.dumps({"prompt": 3, "answer": "x"}), "wrong_type"),
+    "wrong_type_rounds": (json.dumps({"chat_rounds": "hello"}), "wrong_type"),
+    "wrong_type_line": ("[1, 2]", "wrong_type"),
+    "empty_answer": (json.dumps({"prompt": "q", "answer": "   "}), "empty_answer"),
+    "no_bot_turn": (json.dumps(chat(("human", "hi"), ("system", "s"))), "no_bot_turn"),
+    "unknown_format": (json.dumps({"question": "q"}), "unknown_format"),
+    "overlong": (json.dumps(LONG), "overlong"),
+}
+
+
+def _data(tmp_path: Path, bad_line) -> Path:
+    data = tmp_path / "data"
+    write_jsonl(data / "alpha" / "train.jsonl", [GOOD, GOOD])
+    write_jsonl(data / "beta" / "part.jsonl", [GOOD, GOOD, bad_line, GOOD])  # bad line is line 3
+    return data
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_each_bad_input_kind_names_file_line_and_reason(tmp_path, capsys, kind):
+    line, reason = BAD[kind]
+    data = _data(tmp_path, line)
+    out = tmp_path / "out"
+    rc = main(cli_args(data, out, 128))
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert f"{data / 'beta' / 'part.jsonl'}:3: {reason}:" in err, err
+    assert "alpha" not in err  # only the bad line is named
+    assert not out.exists() and list(tmp_path.iterdir()) == [data]  # no partial output, no temp folder
+
+
+def test_cli_exit_codes_via_subprocess(tmp_path):
+    data = _data(tmp_path, BAD["invalid_json"][0])
+    write_jsonl(data / "gamma" / "train.jsonl", [GOOD, LONG])
+    p = run_cli(*cli_args(data, tmp_path / "out", 128))
+    assert p.returncode == 1, p.stderr
+    assert f"{data / 'beta' / 'part.jsonl'}:3: invalid_json: column" in p.stderr
+    assert f"{data / 'gamma' / 'train.jsonl'}:2: overlong:" in p.stderr  # every bad line is reported at once
+    assert "--skip-bad-samples" in p.stderr
+    assert not (tmp_path / "out").exists()
+    p = run_cli("--data-dir", str(data))  # missing required flags: argparse's usage error
+    assert p.returncode == 2 and "--tokenizer-model" in p.stderr
+
+
+def test_skip_bad_samples_logs_and_counts_per_reason(tmp_path):
+    data = tmp_path / "data"
+    kinds = [k for k in sorted(BAD) if k != "overlong"]
+    write_jsonl(data / "alpha" / "train.jsonl", [GOOD] * 3)
+    write_jsonl(data / "beta" / "train.jsonl", [GOOD] + [BAD[k][0] for k in kinds] + [LONG, GOOD])
+    out = tmp_path / "out"
+    assert main(cli_args(data, out, 128, "best-fit", "--skip-bad-samples", "--val-ratio", "0")) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    beta = stats["tasks"]["beta"]
+    expected = {}
+    for k in kinds + ["overlong"]:
+        expected[BAD[k][1]] = expected.get(BAD[k][1], 0) + 1
+    assert beta["rejected_reasons"] == expected
+    assert beta["rejected"] == len(kinds) + 1 and beta["samples"] == 2
+    assert stats["tasks"]["alpha"]["rejected"] == 0 and stats["tasks"]["alpha"]["samples"] == 3
+    assert stats["rejected"] == len(kinds) + 1 and stats["rejected_reasons"] == expected
+    rejected = [json.loads(x) for x in (out / "rejected.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["reason"], r["action"]) for r in rejected] == [
+        (i + 2, BAD[k][1], "rejected") for i, k in enumerate(kinds)] + [(len(kinds) + 2, "overlong", "rejected")]
+    assert all(r["file"] == str(data / "beta" / "train.jsonl") for r in rejected)
+    assert rejected[kinds.index("invalid_json")]["raw"] == BAD["invalid_json"][0]
+
+
+def test_overlong_drop_and_truncate(tmp_path):
+    data = tmp_path / "data"
+    write_jsonl(data / "t" / "train.jsonl", [GOOD, LONG, GOOD, {"text": "word " * 400}])
+    out = tmp_path / "drop"
+    assert main(cli_args(data, out, 64, "next-fit", "--overlong", "drop", "--val-ratio", "0")) == 0
+    s = json.loads((out / "stats.json").read_text())["tasks"]["t"]
+    assert (s["samples"], s["dropped"], s["truncated"], s["rejected"]) == (2, 2, 0, 0)
+    logged = [json.loads(x) for x in (out / "rejected.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["action"]) for r in logged] == [(2, "dropped"), (4, "dropped")]
+
+    out = tmp_path / "trunc"
+    assert main(cli_args(data, out, 64, "none", "--overlong", "truncate", "--val-ratio", "0")) == 0
+    s = json.loads((out / "stats.json").read_text())
+    assert (s["tasks"]["t"]["samples"], s["tasks"]["t"]["truncated"]) == (4, 2)
+    from megatron_mft.data.indexed import IndexedSplit
+
+    split = IndexedSplit(out, "train")
+    assert sorted(split.sample_lengths.tolist())[-2:] == [64, 64]
+
+
+def test_no_partial_output_when_writing_fails(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    write_jsonl(data / "t" / "train.jsonl", [GOOD] * 4)
+    out = tmp_path / "out"
+    assert main(cli_args(data, out, 64, "best-fit")) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    from megatron_mft.data import indexed
+
+    real = indexed.write_split
+
+    def boom(directory, split, *a, **k):
+        real(directory, split, *a, **k)  # some files are on disk when the failure happens
+        raise OSError("disk full")
+
+    monkeypatch.setattr(indexed, "write_split", boom)
+    with pytest.raises(OSError):
+        from megatron_mft.data.preprocess import PreprocessArgs, preprocess
+
+        preprocess(PreprocessArgs(str(data), cli_args(data, out)[3], 64, "none", str(out), overwrite=True,
+                                  progress=False))
+    # the previous output is untouched and nothing else is left in the parent folder
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]
+    # and an existing folder is never replaced silently
+    assert main(cli_args(data, out, 64, "best-fit")) == 1
