@@ -1,0 +1,159 @@
+"""Expected per-GPU memory of LoRA / QLoRA training for a layout, from the architecture alone.
+
+Every number is a formula over the preset (h hidden, f ffn, kv = query groups x head dim,
+V vocab, L layers), the layout (t tensor-, p pipeline-, d data-parallel, SP), the sequence
+length s, micro batch b (T = s*b tokens per micro batch) and the adapter rank r. The formulas
+are written next to the code and printed by ``tools/bench/peft_memory.py``; docs/peft.md
+explains them. They describe *this* implementation: megatron DDP with fp32 gradient buffers
+(``grad_reduce_in_fp32``), megatron's Adam with fp32 master weights, flash/SDPA attention (no
+s x s score tensor), adapters that save only their inputs, and frozen base linears that save
+nothing for a weight gradient.
+
+Not included: CUDA context, NCCL buffers, allocator fragmentation (typically 2-5 GB per GPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from megatron_mft.config.peft import PEFT_TARGETS
+from megatron_mft.config.presets import ArchSpec
+from megatron_mft.peft.nf4 import NF4_BYTES_PER_PARAM
+
+#: tensor-parallel kind of each target slot
+TARGET_KIND = {"linear_qkv": "column", "linear_proj": "row", "linear_fc1": "column", "linear_fc2": "row"}
+
+GB = 1e9
+
+
+def target_shapes(arch: ArchSpec) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each target's full (unsharded) weight.
+    fc1 is SwiGLU's fused [gate; up] projection, hence 2f outputs."""
+    h, f = arch.hidden_size, arch.ffn_hidden_size
+    kv = arch.num_query_groups * arch.head_dim
+    q = arch.num_attention_heads * arch.head_dim
+    return {"linear_qkv": (h, q + 2 * kv), "linear_proj": (q, h), "linear_fc1": (h, 2 * f), "linear_fc2": (f, h)}
+
+
+def lora_params_per_layer(arch: ArchSpec, rank: int, targets: Sequence[str]) -> int:
+    """r * (in + out) summed over the targets: A is [r, in], B is [out, r]."""
+    shapes = target_shapes(arch)
+    return sum(rank * (shapes[t][0] + shapes[t][1]) for t in targets)
+
+
+def lora_params(arch: ArchSpec, rank: int, targets: Sequence[str]) -> int:
+    """All adapter parameters of the model (each counted once, whatever the layout)."""
+    return arch.num_layers * lora_params_per_layer(arch, rank, targets)
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per GPU on the most loaded pipeline stage."""
+
+    method: str
+    base_weights: float
+    adapters: float
+    grads: float
+    optimizer: float
+    activations: float
+    logits: float
+    workspace: float
+    trainable_params: int
+    total_params: int
+    notes: list = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return (self.base_weights + self.adapters + self.grads + self.optimizer + self.activations + self.logits
+                + self.workspace)
+
+    def rows(self) -> list[tuple[str, float]]:
+        return [("base weights", self.base_weights), ("adapters", self.adapters), ("adapter grads", self.grads),
+                ("optimizer", self.optimizer), ("activations", self.activations), ("logits+CE", self.logits),
+                ("dequant workspace", self.workspace), ("total", self.total)]
+
+
+def estimate_memory(arch: ArchSpec, *, method: str, rank: int, targets: Sequence[str] = PEFT_TARGETS,
+                    tp: int = 1, pp: int = 1, dp: int = 1, vpp: Optional[int] = None, sp: bool = False,
+                    seq_length: int = 4096, micro_batch: int = 1, recompute: str = "full",
+                    distributed_optimizer: bool = True, param_bytes: int = 2) -> MemoryEstimate:
+    """Per-GPU bytes for ``method`` in {"lora", "qlora"} (see the module docstring).
+
+    weights   LoRA: param_bytes x (all parameters on the stage); QLoRA: 0.5159 B x targeted
+              base weights (NF4 + double-quantised absmax) + param_bytes x the rest
+              (embedding, output layer, norms, untargeted linears).
+    adapters  param_bytes x local adapter elements: column layer r*in + r*out/t,
+              row layer r*in/t + r*out (the replicated factor is stored on every TP rank).
+    grads     4 B x local adapter elements (megatron DDP fp32 main-grad buffer).
+    optimizer 12 B x local adapter elements (fp32 master + Adam m + v; 4 B less with fp32
+              params, which need no master copy), divided by d with the distributed optimizer.
+    activations, per layer and token, in param_bytes units (x T tokens, x L/p layers, x p
+              micro batches in flight on the first 1F1B stage, x (1 + (p-1)/(p*vpp)) when
+              interleaved):
+                recompute none/selective:  2h [norm inputs] + (2h + 2kv)/t [q, k, v, attn out]
+                  + 2f/t [SwiGLU input] + adapter inputs (h for qkv, fc1; f/t for fc2; proj's
+                  input is the attention output, already counted) + r per target;
+                  with SP every h term is divided by t.
+                recompute full: h (h/t with SP) per layer [the checkpointed layer input], plus one
+                  layer's no-recompute activations while it is recomputed.
+    logits    6 B x T x V/t on the last stage (bf16 logits + fp32 copy that the
+              vocab-parallel cross entropy turns into the softmax it saves).
+    workspace QLoRA: param_bytes x the largest targeted weight shard, dequantised for one
+              matmul at a time.
+    """
+    if method not in ("lora", "qlora"):
+        raise ValueError(f"method must be lora or qlora, got {method!r}")
+    h, f, V, L = arch.hidden_size, arch.ffn_hidden_size, arch.vocab_size, arch.num_layers
+    kv = arch.num_query_groups * arch.head_dim
+    t, p = tp, pp
+    shapes = target_shapes(arch)
+    targets = list(targets)
+    layers = L // p
+    T = seq_length * micro_batch
+
+    # ---- parameters on the most loaded stage (first/last hold embedding / output layer)
+    linear_all = sum(i * o for i, o in shapes.values())  # every linear of a layer
+    linear_tgt = sum(shapes[x][0] * shapes[x][1] for x in targets)
+    per_layer_dense = (linear_all - (linear_tgt if method == "qlora" else 0)) / t + 2 * h
+    per_layer_q = linear_tgt / t if method == "qlora" else 0
+    emb = V * h / t
+    # p == 1: embedding, output layer and final norm on one GPU; else the last stage's share
+    ends = 2 * emb + h if p == 1 else emb + h
+    base = layers * (per_layer_dense * param_bytes + per_layer_q * NF4_BYTES_PER_PARAM) + ends * param_bytes
+
+    adapter_local = 0.0
+    for x in targets:
+        i, o = shapes[x]
+        adapter_local += rank * i + rank * o / t if TARGET_KIND[x] == "column" else rank * i / t + rank * o
+    adapter_local *= layers
+    adapters = adapter_local * param_bytes
+    grads = adapter_local * 4
+    opt_per = 12 if param_bytes < 4 else 8
+    optimizer = adapter_local * opt_per / (dp if distributed_optimizer else 1)
+
+    # ---- activations (elements per token per layer)
+    hs = h / t if sp else h
+    none_layer = 2 * hs + (2 * h + 2 * kv) / t + 2 * f / t + rank * len(targets)
+    none_layer += sum({"linear_qkv": hs, "linear_fc1": hs, "linear_fc2": f / t, "linear_proj": 0}[x] for x in targets)
+    in_flight = p * (1 + (p - 1) / (p * vpp) if vpp and vpp > 1 else 1)
+    if recompute == "full":
+        saved = hs * layers * in_flight + none_layer
+    else:
+        saved = none_layer * layers * in_flight
+    activations = saved * T * param_bytes
+    logits = 6 * T * V / t
+    workspace = 0.0
+    if method == "qlora" and targets:
+        workspace = max(shapes[x][0] * shapes[x][1] for x in targets) / t * param_bytes
+
+    trainable = lora_params(arch, rank, targets)
+    notes = []
+    if recompute == "selective":
+        notes.append("selective recompute saves little with flash/SDPA attention (no s x s scores): counted as none")
+    return MemoryEstimate(method, base, adapters, grads, optimizer, activations, logits, workspace,
+                          trainable_params=trainable, total_params=arch.num_params() + trainable, notes=notes)
+
+
+def format_estimate(est: MemoryEstimate) -> str:
+    return " | ".join(f"{k} {v / GB:.2f} GB" for k, v in est.rows())

@@ -1,0 +1,377 @@
+"""PeftPlan: what the recipe asks of PEFT, in the order it asks.
+
+    plan = PeftPlan(run.peft, env)
+    layer = plan.layer_spec(run.model)            # local layer spec with adapter linears swapped in
+    chunks = build_model_chunks(..., layer=layer)
+    plan.load_base(path, chunks)  or  any loader   # QLoRA: quantised layer by layer on arrival
+    plan.prepare(chunks)                           # freeze, seed adapters, (quantise), count
+    print(plan.memory_report(arch, run))           # trainable share + expected memory per GPU
+    ... a few steps ...
+    print(plan.peak_memory_line())                 # measured peak
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import resource
+from typing import Iterator, Optional
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from megatron_mft.compat import Environment
+from megatron_mft.config import ModelConfig, PeftConfig
+from megatron_mft.config.presets import ArchSpec
+from megatron_mft.peft.layers import LORA_LAYERS, LoraColumnParallelLinear, LoraRowParallelLinear
+from megatron_mft.peft.memory import GB, estimate_memory, lora_params_per_layer, target_shapes
+from megatron_mft.peft.nf4 import NF4Weight
+
+log = logging.getLogger(__name__)
+
+
+def _slots(spec: ModuleSpec) -> dict:
+    """target name -> the submodules object holding that slot in a decoder-layer spec."""
+    attn = spec.submodules.self_attention.submodules
+    mlp = spec.submodules.mlp.submodules
+    return {"linear_qkv": attn, "linear_proj": attn, "linear_fc1": mlp, "linear_fc2": mlp}
+
+
+def adapter_spec(base: ModuleSpec, cfg: PeftConfig, quantize: bool) -> ModuleSpec:
+    """Swap ``cfg.target_modules`` slots of a (local) layer spec for adapter linears; a copy."""
+    import copy
+
+    spec = copy.deepcopy(base)
+    slots = _slots(spec)
+    params = dict(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora, quantize=quantize)
+    for target in cfg.target_modules:
+        owner = slots[target]
+        cur = getattr(owner, target)
+        cls = cur.module if isinstance(cur, ModuleSpec) else cur
+        if cls is ColumnParallelLinear:
+            new = LoraColumnParallelLinear
+        elif cls is RowParallelLinear:
+            new = LoraRowParallelLinear
+        else:
+            raise TypeError(f"peft: slot {target} holds {cls}, expected megatron's Column/RowParallelLinear "
+                            f"(the local layer spec)")
+        setattr(owner, target, ModuleSpec(module=new, params=dict(params)))
+    return spec
+
+
+def iter_adapters(chunks) -> Iterator[tuple[str, torch.nn.Module]]:
+    """(name within its chunk, module) of every adapter linear."""
+    for c in chunks:
+        for name, m in c.named_modules():
+            if isinstance(m, LORA_LAYERS):
+                yield name, m
+
+
+def global_adapter_names(chunk) -> Iterator[tuple[str, torch.nn.Module]]:
+    """(layout-independent name, module): the layer index is the global one (PP/VPP offsets
+    applied), e.g. ``decoder.layers.17.mlp.linear_fc1`` on any stage that holds layer 17."""
+    for _, layer in chunk.named_modules():
+        if isinstance(layer, TransformerLayer):
+            for sub, m in layer.named_modules():
+                if isinstance(m, LORA_LAYERS):
+                    yield f"decoder.layers.{layer.layer_number - 1}.{sub}", m
+
+
+def merge_adapters(chunks, keep_original: bool = False) -> int:
+    """Fold every adapter into its base weight shard (TP-aware: each rank merges its own shard,
+    B_shard @ A or B @ A_shard, with no communication; fp32 arithmetic). QLoRA bases become dense
+    merged Parameters (the NF4 codes are kept for un-merging). Returns the number merged."""
+    n = 0
+    for _, m in iter_adapters(chunks):
+        m.merge_(keep_original=keep_original)
+        n += 1
+    return n
+
+
+def unmerge_adapters(chunks) -> int:
+    """Undo :func:`merge_adapters` (exact for QLoRA and with ``keep_original``; otherwise within
+    fp32 rounding of W + d - d)."""
+    n = 0
+    for _, m in iter_adapters(chunks):
+        m.unmerge_()
+        n += 1
+    return n
+
+
+def _seed_for(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _read_slices(path, items: list) -> None:
+    """Read checkpoint slices in place: ``items`` are (key, global offset, destination) with the
+    destination shaped like the slice (prepended axes included). torch DCP with a planner that
+    requests exactly these chunks; collective over the default group (every rank calls it the
+    same number of times). Used instead of ``dist_checkpointing.load`` because torch's
+    ShardedTensor cannot describe a slice of a layer-stacked tensor on a world of one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    dests = {}
+    for key, offset, dest in items:
+        dests[(key, tuple(offset))] = dest
+
+    class SlicePlanner(DefaultLoadPlanner):
+        def create_local_plan(self):
+            requests = []
+            for key, offset, dest in items:
+                md = self.metadata.state_dict_metadata.get(key)
+                if md is None:
+                    raise KeyError(f"base checkpoint {path} has no tensor {key!r}")
+                end = [o + n for o, n in zip(offset, dest.shape)]
+                if len(md.size) != len(offset) or any(e > n for e, n in zip(end, md.size)):
+                    raise ValueError(f"{key}: checkpoint shape {tuple(md.size)} does not hold the slice at "
+                                     f"{tuple(offset)} of shape {tuple(dest.shape)}")
+                chunk = ChunkStorageMetadata(offsets=torch.Size(offset), sizes=dest.shape)
+                requests += create_read_items_for_chunk_list(key, md, [chunk])
+            return LoadPlan(requests)
+
+        def resolve_tensor(self, read_item):
+            dest = dests[(read_item.dest_index.fqn, tuple(read_item.dest_index.offset))]
+            for dim, (o, n) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+                dest = dest.narrow(dim, o, n)
+            return dest
+
+        def commit_tensor(self, read_item, tensor):
+            pass
+
+    dcp.load({}, storage_reader=dcp.FileSystemReader(str(path)), planner=SlicePlanner(),
+             no_dist=not torch.distributed.is_initialized())
+
+
+def _load_sharded_template(path, template: dict) -> dict:
+    """Load a flat megatron sharded template (ShardedTensors, ShardedTensorFactories) into its
+    own data tensors and return {key: tensor} as ``dist_checkpointing.load`` would."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    items, finish = [], {}
+    for key, v in template.items():
+        built = v.build() if isinstance(v, ShardedTensorFactory) else v
+        for sh in nested_values(built) if isinstance(built, (dict, list)) else [built]:
+            if not isinstance(sh, ShardedTensor) or sh.flattened_range is not None:
+                raise TypeError(f"{key}: cannot read {type(sh).__name__} slices")
+            if not sh.data.is_contiguous():
+                raise ValueError(f"{key}: destination is not contiguous")
+            dest = sh.data.view((1,) * sh.prepend_axis_num + tuple(sh.local_shape))
+            items.append((sh.key, tuple(sh.global_offset), dest))
+        finish[key] = (v, built)
+    _read_slices(path, items)
+    out = {}
+    for key, (v, built) in finish.items():
+        if isinstance(v, ShardedTensorFactory):
+            out[key] = v.merge_fn(dict_list_map_inplace(lambda sh: sh.data, built))
+        else:
+            out[key] = v.data
+    return out
+
+
+def load_base_weights(path, chunks) -> None:
+    """Load base weights from a megatron dist checkpoint (torch_dist format, any TP/PP layout)
+    one decoder layer at a time, every rank in step: a quantised linear gets a dense template
+    for its shard only while its own layer loads and quantises the loaded shard at once (its
+    ``load_state_dict`` hook), so beyond the quantised model at most one layer is dense.
+    Adapters (``.lora_``) are not read: a base checkpoint need not have them."""
+
+    def base_key(k: str) -> bool:
+        return ".lora_" not in k and not k.endswith("_extra_state")
+
+    for chunk in chunks:
+        decoder = getattr(chunk, "decoder", None)
+        n_layers = len(decoder.layers) if decoder is not None else 0
+        wanted_all = {k for k in chunk.sharded_state_dict() if base_key(k)}
+        done: set = set()
+        for i in range(max(n_layers, 1)):
+            mods = [m for _, m in iter_adapters([decoder.layers[i]])] if n_layers else []
+            for m in mods:
+                m.dense_weight_template = True
+            try:
+                full = chunk.sharded_state_dict()
+            finally:
+                for m in mods:
+                    m.dense_weight_template = False
+            here = f"decoder.layers.{i}."
+            template = {k: v for k, v in full.items() if base_key(k) and
+                        (k.startswith(here) or (i == 0 and not k.startswith("decoder.layers.")))}
+            del full
+            done |= set(template)
+            state = _load_sharded_template(path, template)
+            del template
+            result = chunk.load_state_dict(state, strict=False)
+            del state
+            if result.unexpected_keys:
+                raise RuntimeError(f"base checkpoint keys the model does not have: {result.unexpected_keys[:8]}")
+        if done != wanted_all:
+            raise RuntimeError(f"base weights not loaded: {sorted(wanted_all - done)[:8]}")
+
+
+class PeftPlan:
+    """PEFT for one run: ``cfg`` is the ``peft`` config section (contract keys: method, rank,
+    alpha, dropout, target_modules, rslora)."""
+
+    def __init__(self, cfg: PeftConfig, env: Environment, *, seed: Optional[int] = None):
+        problems = cfg.validate()
+        if cfg.method == "none":
+            problems.append("peft.method: PeftPlan needs lora or qlora")
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.cfg = cfg
+        self.env = env
+        self.quantized = cfg.method == "qlora"
+        #: adapters are drawn from (seed, global parameter name): same values on every layout
+        self.seed = int(torch.initial_seed() if seed is None else seed)
+        self.chunks: Optional[list] = None
+        self.counts: Optional[dict] = None
+
+    # ------------------------------------------------------------------ model construction
+    def layer_spec(self, model: ModelConfig) -> ModuleSpec:
+        """The decoder-layer spec with adapter linears in the target slots. Adapters wrap
+        megatron's own Column/RowParallelLinear, i.e. the local spec; under the TE backend PEFT
+        keeps TE's final norm but uses the local layer (flash-attn or SDPA core attention,
+        separate RMSNorm), whose checkpoint keys match TE's."""
+        from megatron_mft.model.specs import attention_backend, layer_spec
+
+        backend = attention_backend(model.attention_backend, self.env)
+        if backend == "te":
+            backend = "flash" if self.env.flash_attn else "sdpa"
+        return adapter_spec(layer_spec(backend, self.env), self.cfg, self.quantized)
+
+    def load_base(self, path, chunks) -> None:
+        """Base weights from a dist checkpoint, layer by layer (see :func:`load_base_weights`)."""
+        load_base_weights(path, chunks)
+
+    def prepare(self, chunks, *, init_adapters: bool = True) -> None:
+        """Freeze every parameter but the adapters; draw the adapters from (seed, global name)
+        so TP=1 and TP=2 (and any PP split) start identically; QLoRA: quantise any targeted base
+        weight still dense. Collective over the model-parallel group (the parameter count)."""
+        found = 0
+        for chunk in chunks:
+            for name, p in chunk.named_parameters():
+                p.requires_grad_(".lora_" in name)
+            for gname, m in global_adapter_names(chunk):
+                found += 1
+                if init_adapters:
+                    m.reset_adapters(torch.Generator().manual_seed(_seed_for(self.seed, gname)))
+                if self.quantized and not m.quantized:
+                    m.quantize_base_()
+        if not found:
+            raise RuntimeError("peft: no adapter layers in the model; build it with plan.layer_spec(...)")
+        self.chunks = chunks
+        self.counts = count_parameters(chunks)
+        log.info(self.trainable_line())
+
+    # ------------------------------------------------------------------ reports
+    def trainable_line(self) -> str:
+        c = self.counts
+        if c is None:
+            raise RuntimeError("call prepare(chunks) first")
+        cfg = self.cfg
+        base = f", base of the targets in NF4 ({c['nf4'] / 1e6:.2f}M params)" if self.quantized else ""
+        return (f"peft: {cfg.method} r={cfg.rank} alpha={cfg.alpha:g} scaling={self._scaling():g} dropout={cfg.dropout:g} "
+                f"on {','.join(cfg.target_modules)}: trainable {c['trainable']:,} of {c['total']:,} parameters "
+                f"({100 * c['trainable'] / max(c['total'], 1):.3f}%){base}")
+
+    def _scaling(self) -> float:
+        from megatron_mft.peft.layers import lora_scaling
+
+        return lora_scaling(self.cfg.rank, self.cfg.alpha, self.cfg.rslora)
+
+    def expected_trainable(self, arch: ArchSpec) -> int:
+        """Hand count: layers x r x sum over targets of (in + out)."""
+        return arch.num_layers * lora_params_per_layer(arch, self.cfg.rank, self.cfg.target_modules)
+
+    def memory_report(self, arch: ArchSpec, run_cfg) -> str:
+        """Trainable share, then expected parameter / gradient / optimizer / activation memory
+        per GPU for this layout (formulas: megatron_mft.peft.memory), then what this rank holds
+        now. Call on every rank (no collectives here; prepare() did the counting)."""
+        par = run_cfg.parallel
+        dp = ps.get_data_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+        precision = run_cfg.model.precision
+        param_bytes = 2 if (precision == "bf16" or (precision == "auto" and self.env.cuda)) else 4
+        est = estimate_memory(arch, method=self.cfg.method, rank=self.cfg.rank, targets=self.cfg.target_modules,
+                              tp=par.tp, pp=par.pp, dp=dp, vpp=par.vpp, sp=par.sp,
+                              seq_length=run_cfg.data.seq_length, micro_batch=run_cfg.train.micro_batch_size,
+                              recompute=run_cfg.model.recompute, distributed_optimizer=par.distributed_optimizer,
+                              param_bytes=param_bytes)
+        lines = []
+        if self.counts is not None:
+            lines.append(self.trainable_line())
+            hand = self.expected_trainable(arch)
+            per_layer = lora_params_per_layer(arch, self.cfg.rank, self.cfg.target_modules)
+            shapes = target_shapes(arch)
+            terms = " + ".join(f"{t}({shapes[t][0]}+{shapes[t][1]})" for t in self.cfg.target_modules)
+            lines.append(f"peft: hand count {arch.num_layers} layers x r={self.cfg.rank} x [{terms}] = "
+                         f"{arch.num_layers} x {per_layer:,} = {hand:,}")
+        lines.append(f"peft: expected memory per GPU (tp={par.tp} pp={par.pp} dp={dp} sp={par.sp} "
+                     f"s={run_cfg.data.seq_length} b={run_cfg.train.micro_batch_size} recompute={run_cfg.model.recompute}, "
+                     f"{param_bytes}-byte params/activations, CUDA context not included): "
+                     + " | ".join(f"{k} {v / GB:.2f} GB" for k, v in est.rows()))
+        lines.append("peft: " + self.resident_line())
+        return "\n".join(lines)
+
+    def resident_line(self) -> str:
+        """What this rank's model holds now (parameters, NF4 codes)."""
+        if self.chunks is None:
+            return "model not prepared"
+        c = local_bytes(self.chunks)
+        return (f"model on this rank: dense params {c['dense'] / GB:.3f} GB, NF4 base {c['nf4'] / GB:.3f} GB, "
+                f"trainable {c['trainable'] / GB:.4f} GB")
+
+    def peak_memory_line(self) -> str:
+        """Measured peak on this rank: CUDA max allocated/reserved, or the process's peak RSS on
+        the CPU (ru_maxrss, which also counts Python, torch and the data pipeline)."""
+        if torch.cuda.is_available() and self.env.cuda:
+            alloc = torch.cuda.max_memory_allocated()
+            resv = torch.cuda.max_memory_reserved()
+            return f"peak memory (GPU {torch.cuda.current_device()}): allocated {alloc / GB:.2f} GB, reserved {resv / GB:.2f} GB"
+        rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return f"peak memory (CPU process, ru_maxrss): {rss_kb * 1024 / GB:.2f} GB"
+
+
+def count_parameters(chunks) -> dict:
+    """Model parameters counted once each across the model-parallel group: TP-split tensors
+    (``tensor_model_parallel``) and NF4 shards on every TP rank, replicated ones on TP rank 0;
+    summed over TP and PP ranks. Collective when torch.distributed is initialised."""
+    tp_rank = ps.get_tensor_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
+    trainable = total = nf4 = 0
+    for c in chunks:
+        for _, p in c.named_parameters():
+            if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+                total += p.numel()
+                if p.requires_grad:
+                    trainable += p.numel()
+        for _, m in iter_adapters([c]):
+            if isinstance(m.weight, NF4Weight):
+                total += m.weight.numel()
+                nf4 += m.weight.numel()
+    vec = torch.tensor([trainable, total, nf4], dtype=torch.float64)
+    if torch.distributed.is_initialized() and ps.model_parallel_is_initialized():
+        if torch.cuda.is_available():
+            vec = vec.cuda()
+        torch.distributed.all_reduce(vec, group=ps.get_model_parallel_group())
+    trainable, total, nf4 = (int(x) for x in vec.tolist())
+    return {"trainable": trainable, "total": total, "nf4": nf4}
+
+
+def local_bytes(chunks) -> dict:
+    dense = trainable = nf4 = 0
+    for c in chunks:
+        for p in c.parameters():
+            n = p.numel() * p.element_size()
+            dense += n
+            trainable += n if p.requires_grad else 0
+        for _, m in iter_adapters([c]):
+            if isinstance(m.weight, NF4Weight):
+                nf4 += m.weight.nbytes()
+    return {"dense": dense, "trainable": trainable, "nf4": nf4}
