@@ -1,0 +1,90 @@
+"""config.json <-> our ModelConfig, with field-by-field checks against a preset."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+from megatron_mft.checkpoint.hf.families import ConversionError, Family, family_for
+from megatron_mft.config import PRESETS, ArchSpec, ModelConfig
+
+#: Files copied along with the weights in both directions (those present).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "generation_config.json", "chat_template.jinja")
+
+
+def read_hf_config(hf_dir: str | Path) -> dict:
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"{hf_dir} is not a Hugging Face model folder:", [f"{path} does not exist"])
+    return json.loads(path.read_text())
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
+    return a == b
+
+
+def arch_mismatches(arch: ArchSpec, fields: dict, family: Family, what: str) -> list[str]:
+    """One line per ArchSpec field where ``arch`` and the config.json values differ."""
+    hf_key = {f.arch: f.hf[0] for f in family.config}
+    return [f"{name}: {what} has {getattr(arch, name)!r}, config.json {hf_key.get(name, name)} has {value!r}"
+            for name, value in fields.items() if not _same(getattr(arch, name), value)]
+
+
+def arch_fields(hf_cfg: dict, family: Family, source: str) -> dict:
+    fields, problems = family.arch_fields(hf_cfg)
+    if problems:
+        raise ConversionError(f"{source}/config.json cannot be converted:", problems)
+    return fields
+
+
+def model_config_from_hf(hf_cfg: dict, preset: Optional[str] = None, source: str = "<hf>") -> ModelConfig:
+    """Our model section for a config.json.
+
+    With ``preset`` the preset must match config.json in every architecture field (all
+    mismatches are listed). Without, a preset that matches exactly is named; otherwise the
+    config is ``tiny`` with every architecture field overridden (the base preset is then
+    irrelevant)."""
+    family = family_for(hf_cfg)
+    fields = arch_fields(hf_cfg, family, source)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConversionError("unknown preset:", [f"--preset {preset!r}; known: {', '.join(PRESETS)}"])
+        bad = arch_mismatches(PRESETS[preset], fields, family, f"preset {preset}")
+        if bad:
+            raise ConversionError(f"--preset {preset} does not match {source}/config.json:", bad)
+        return ModelConfig(preset=preset)
+    for name, spec in PRESETS.items():
+        if not arch_mismatches(spec, fields, family, name):
+            return ModelConfig(preset=name)
+    cfg = ModelConfig(preset="tiny", **fields)
+    problems = cfg.validate()
+    if problems:
+        raise ConversionError(f"{source}/config.json describes an architecture the engine cannot build:", problems)
+    return cfg
+
+
+def check_model_config(model_cfg: ModelConfig, hf_cfg: dict, source: str) -> Family:
+    """Raise listing every field where the run's model config and config.json disagree."""
+    family = family_for(hf_cfg)
+    fields = arch_fields(hf_cfg, family, source)
+    bad = arch_mismatches(model_cfg.arch(), fields, family, f"model config (preset {model_cfg.preset})")
+    if bad:
+        raise ConversionError(f"the model config does not match {source}/config.json:", bad)
+    return family
+
+
+def model_section(cfg: ModelConfig) -> dict:
+    """The non-default architecture part of a ModelConfig, as it goes in a run YAML."""
+    from dataclasses import fields
+
+    out = {"preset": cfg.preset}
+    for f in fields(ArchSpec):
+        value = getattr(cfg, f.name, None)
+        if value is not None:
+            out[f.name] = value
+    return out

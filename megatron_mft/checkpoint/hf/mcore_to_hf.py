@@ -1,0 +1,295 @@
+"""Megatron dist checkpoint -> Hugging Face folder (``convert mcore-to-hf``), streaming.
+
+Accepted checkpoints (each describes itself):
+
+* a ``convert hf-to-mcore`` output (``conversion.json``);
+* a training checkpoint ``<output_dir>/checkpoints/step_N`` (``run.json`` holds the run config;
+  ``<output_dir>`` or ``<output_dir>/checkpoints`` resolve to the step named by ``latest``).
+  LoRA/QLoRA runs save only the adapters; their base is the run's ``model.hf_init`` (a Hugging
+  Face folder) or ``train.init_checkpoint`` (a dist checkpoint), read from the same place.
+
+Outputs: a ``LlamaForCausalLM`` folder (config.json, sharded safetensors + index, tokenizer
+files), with the adapters folded in (``merge_lora``), or a peft adapter folder
+(``adapter_only``): ``adapter_config.json`` + ``adapter_model.safetensors`` in transformers'
+module names, the fused ``linear_qkv`` adapter becoming q/k/v adapters that share ``A`` and
+split ``B`` by rows (``linear_fc1`` -> gate/up likewise).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from megatron_mft.checkpoint.hf.families import FAMILIES, ConversionError, Family, family_for
+from megatron_mft.checkpoint.hf.hf_io import SafetensorsShardWriter, copy_files, parse_size
+from megatron_mft.checkpoint.hf.hf_to_mcore import CONVERSION_FILE, DTYPES, TOKENIZER_DIR
+from megatron_mft.checkpoint.hf.hfconfig import TOKENIZER_FILES, read_hf_config
+from megatron_mft.checkpoint.hf.mcore_io import DistCheckpoint, Template, build_template, shards_of
+from megatron_mft.checkpoint.hf.source import HFSource
+from megatron_mft.checkpoint.hf.transforms import Gated
+from megatron_mft.config import ModelConfig, PeftConfig
+from megatron_mft.config.base import load_dataclass
+
+ADAPTER_PREFIX = "base_model.model."
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    kind: str  # "conversion" | "training"
+    model_cfg: ModelConfig
+    family: Family
+    #: the run's peft section when the checkpoint holds adapters only
+    peft_cfg: Optional[PeftConfig] = None
+    #: where the frozen base of an adapter checkpoint lives: ("hf", dir) or ("mcore", dir)
+    base: Optional[tuple[str, Path]] = None
+    hf_config: Optional[dict] = None
+    tokenizer_dirs: list = field(default_factory=list)
+    #: tensor-parallel size the checkpoint was saved with (training checkpoints)
+    saved_tp: int = 1
+
+    @property
+    def adapters(self) -> bool:
+        return self.peft_cfg is not None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step directory from a step directory, a checkpoints root or an output_dir (``latest``)."""
+    from megatron_mft.checkpoint.dist import latest_checkpoint
+
+    p = Path(path)
+    for root in (p / "checkpoints", p):
+        if (root / "latest").is_file():
+            found = latest_checkpoint(root)
+            if found is None:
+                raise ConversionError(f"{root}/latest:", ["names no complete checkpoint (no run.json)"])
+            return found
+    return p
+
+
+def describe_checkpoint(path: str | Path) -> CheckpointInfo:
+    p = resolve_checkpoint(path)
+    if (p / CONVERSION_FILE).is_file():
+        meta = json.loads((p / CONVERSION_FILE).read_text())
+        model = load_dataclass(ModelConfig, meta["model"], source=str(p / CONVERSION_FILE))
+        hf_cfg = meta.get("hf_config")
+        return CheckpointInfo(path=p, kind="conversion", model_cfg=model,
+                              family=FAMILIES[meta.get("family", "llama")], hf_config=hf_cfg,
+                              tokenizer_dirs=[p / TOKENIZER_DIR, Path(meta.get("source", {}).get("hf_dir", p))])
+    if not (p / "run.json").is_file():
+        raise ConversionError(f"cannot tell what {p} holds:", [
+            f"no {CONVERSION_FILE} (convert hf-to-mcore output) and no run.json (training checkpoint)"])
+    run = json.loads((p / "run.json").read_text())
+    cfg = run.get("config", {})
+    model = load_dataclass(ModelConfig, cfg.get("model", {}), source=str(p / "run.json"))
+    peft = load_dataclass(PeftConfig, cfg.get("peft", {}), source=str(p / "run.json"))
+    adapters = (run.get("peft") or peft.method) not in (None, "none")
+    hf_init = model.hf_init
+    init_ckpt = (cfg.get("train") or {}).get("init_checkpoint")
+    base, hf_cfg, toks = None, None, [p / TOKENIZER_DIR]
+    if hf_init:
+        base = ("hf", Path(hf_init))
+        if (Path(hf_init) / "config.json").is_file():
+            hf_cfg = read_hf_config(hf_init)
+        toks.append(Path(hf_init))
+    elif init_ckpt:
+        base = ("mcore", resolve_checkpoint(init_ckpt))
+        conv = base[1] / CONVERSION_FILE
+        if conv.is_file():
+            hf_cfg = json.loads(conv.read_text()).get("hf_config")
+        toks.append(base[1] / TOKENIZER_DIR)
+    tok = (cfg.get("data") or {}).get("tokenizer")
+    if tok:
+        toks.append(Path(tok) if Path(tok).is_dir() else Path(tok).parent)
+    if adapters and base is None:
+        raise ConversionError(f"{p} holds adapters only, but its run names no base:",
+                              ["run.json config has neither model.hf_init nor train.init_checkpoint"])
+    return CheckpointInfo(path=p, kind="training", model_cfg=model, family=family_for(hf_cfg) if hf_cfg else
+                          FAMILIES["llama"], peft_cfg=peft if adapters else None, base=base if adapters else None,
+                          hf_config=hf_cfg, tokenizer_dirs=toks,
+                          saved_tp=int((cfg.get("parallel") or {}).get("tp", 1)))
+
+
+# ------------------------------------------------------------------------------------ readers
+class Reader:
+    """Canonical megatron names -> TP=1 tensors, for the checkpoint and (adapter runs) its base."""
+
+    def __init__(self, info: CheckpointInfo, template: Template):
+        self.info, self.template = info, template
+        self.ckpt = DistCheckpoint(info.path)
+        arch = info.model_cfg.arch()
+        if info.base is None:
+            self.base_get = lambda name: self.ckpt.load(template, name)
+            key = shards_of(template.tensors["embedding.word_embeddings.weight"])[0].key
+            self.base_dtype = self.ckpt.dtype(key)
+        elif info.base[0] == "hf":
+            src = HFSource(info.base[1], info.family, arch, read_hf_config(info.base[1]))
+            self.base_get, self.base_dtype = src.get, src.dtype()
+        else:
+            base = DistCheckpoint(info.base[1])
+            self.base_get = lambda name: base.load(template, name)
+            self.base_dtype = base.dtype(shards_of(template.tensors["embedding.word_embeddings.weight"])[0].key)
+
+    def targets(self) -> list[str]:
+        """Adapter paths (``decoder.layers.3.self_attention.linear_qkv``) in checkpoint order."""
+        return [n[: -len(".lora_A.weight")] for n in self.template.names(adapters=True)
+                if n.endswith(".lora_A.weight")]
+
+    def adapter(self, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [r, in], B [out, r]) of one adapter, TP=1 layout."""
+        a = self.ckpt.load(self.template, f"{path}.lora_A.weight")
+        b_name = f"{path}.lora_B.weight"
+        b = self.ckpt.load(self.template, b_name)
+        w, _ = self.info.family.entry_for(f"{path}.weight")
+        if isinstance(w.transform, Gated):
+            b = self._gated_rows(b, b_name)
+        return a, b
+
+    def _gated_rows(self, b: torch.Tensor, name: str) -> torch.Tensor:
+        """The gated fc1 base weight is stored in megatron's global [gate; up] layout (swiglu
+        factory), but an adapter ``B`` saved as a plain row split holds each TP rank's local
+        [gate_r; up_r] in turn. Restore [gate; up] when the checkpoint was saved that way at TP > 1."""
+        from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+        entry = self.template.tensors[name]
+        if isinstance(entry, ShardedTensorFactory):
+            return b  # saved through a factory: already global [gate; up]
+        sh = shards_of(entry)[0]
+        t = self.ckpt.row_chunks(sh.key, sh.prepend_axis_num)
+        if t <= 1:
+            return b
+        rows, r = b.shape
+        return b.reshape(t, 2, rows // (2 * t), r).transpose(0, 1).reshape(rows, r)
+
+
+def _merged(reader: Reader, path: str, base: torch.Tensor, quantized: bool) -> torch.Tensor:
+    """Base + scaling * B @ A with the arithmetic of the training-time merge: fp32 sum, rounded
+    to the adapters' (training) dtype; a QLoRA base goes through NF4 first, as in training."""
+    a, b = reader.adapter(path)
+    train_dtype = a.dtype
+    base = base.to(train_dtype)
+    if quantized:
+        from megatron_mft.peft import NF4Weight
+
+        base = NF4Weight.quantize(base).dequantize(torch.float32)
+    delta = (b.float() @ a.float()) * reader.template.lora_scaling[path]
+    return (base.float() + delta).to(train_dtype)
+
+
+def _empty_out(out: Path) -> None:
+    if out.exists() and any(out.iterdir()):
+        raise ConversionError("refusing to write into a non-empty folder:", [str(out)])
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _copy_tokenizer(info: CheckpointInfo, out: Path, override: Optional[str], log) -> list[str]:
+    dirs = [Path(override)] if override else info.tokenizer_dirs
+    for d in dirs:
+        if d.is_dir():
+            copied = copy_files(d, out, TOKENIZER_FILES)
+            if copied:
+                log(f"tokenizer files from {d}: {', '.join(copied)}")
+                return copied
+    log("note: no tokenizer files found (looked in " + ", ".join(str(d) for d in dirs) + "); pass --tokenizer DIR")
+    return []
+
+
+def export_to_hf(ckpt: str | Path, out_dir: str | Path, *, merge_lora: bool = False, adapter_only: bool = False,
+                 dtype: Optional[str] = None, max_shard_size: str = "5GB", tokenizer: Optional[str] = None,
+                 log: Callable[[str], None] = print) -> dict:
+    """Needs torch.distributed + megatron parallel state at TP=1/PP=1 in this process."""
+    info = describe_checkpoint(ckpt)
+    out = Path(out_dir)
+    if adapter_only and merge_lora:
+        raise ConversionError("conflicting options:", ["--adapter-only and --merge-lora exclude each other"])
+    if adapter_only and not info.adapters:
+        raise ConversionError(f"{info.path} has no adapters:", [
+            "--adapter-only exports LoRA adapters; this is a full checkpoint (export it without the flag)"])
+    if info.adapters and not (adapter_only or merge_lora):
+        raise ConversionError(f"{info.path} holds LoRA adapters only (base: {info.base[1]}):", [
+            "pass --merge-lora for a full model with the adapters folded in, or --adapter-only for a peft adapter folder"])
+    if merge_lora and not info.adapters:
+        log(f"note: {info.path} is a full checkpoint; --merge-lora has nothing to fold in")
+    template = build_template(info.model_cfg, info.peft_cfg)
+    reader = Reader(info, template)
+    _empty_out(out)
+    if adapter_only:
+        return _export_adapters(info, reader, out, tokenizer, log)
+    return _export_model(info, reader, out, dtype, max_shard_size, tokenizer, log)
+
+
+def _export_model(info: CheckpointInfo, reader: Reader, out: Path, dtype: Optional[str], max_shard_size: str,
+                  tokenizer: Optional[str], log) -> dict:
+    from transformers import AutoConfig
+
+    t0 = time.time()
+    family, arch = info.family, info.model_cfg.arch()
+    target = DTYPES[dtype] if dtype else reader.base_dtype
+    lora = set(reader.targets()) if info.adapters else set()
+    quantized = info.adapters and info.peft_cfg.method == "qlora"
+    entries = family.entries(arch)
+    items = [(name, shape, target) for w, layer in entries
+             for name, shape in zip(w.hf_names(layer), w.hf_shapes(arch))]
+    writer = SafetensorsShardWriter(out, items, parse_size(max_shard_size))
+    for i, (w, layer) in enumerate(entries):
+        name = w.megatron_name(layer)
+        t = reader.base_get(name)
+        path = name[: -len(".weight")]
+        if path in lora:
+            t = _merged(reader, path, t, quantized)
+        for hf_name, part in zip(w.hf_names(layer), w.transform.split(t, arch)):
+            writer.write(hf_name, part.to(target))
+        del t
+        if (i + 1) % max(1, len(entries) // 10) == 0:
+            log(f"  {i + 1}/{len(entries)} tensors ({time.time() - t0:.0f}s) {name}")
+    files = writer.close()
+    dtype_name = str(target).replace("torch.", "")
+    cfg = family.hf_config(arch, dtype_name, base=info.hf_config)
+    AutoConfig.for_model(cfg.pop("model_type"), **cfg).save_pretrained(out)
+    tok = _copy_tokenizer(info, out, tokenizer, log)
+    merged = f", {len(lora)} adapters merged" if lora else ""
+    log(f"wrote {out}: {family.architecture}, {len(items)} tensors in {len(files)} file(s), {dtype_name}{merged} "
+        f"({time.time() - t0:.0f}s)")
+    return {"files": files, "tensors": len(items), "merged": len(lora), "tokenizer_files": tok}
+
+
+def _export_adapters(info: CheckpointInfo, reader: Reader, out: Path, tokenizer: Optional[str], log) -> dict:
+    from safetensors.torch import save_file
+
+    from megatron_mft.peft import lora_scaling
+
+    family, arch, peft = info.family, info.model_cfg.arch(), info.peft_cfg
+    expected = lora_scaling(peft.rank, peft.alpha, peft.rslora)
+    tensors, modules = {}, set()
+    for path in reader.targets():
+        if abs(reader.template.lora_scaling[path] - expected) > 1e-12 * max(1.0, abs(expected)):
+            raise ConversionError("adapter scaling differs from peft's:", [
+                f"{path}: megatron scaling {reader.template.lora_scaling[path]}, peft would use {expected}"])
+        a, b = reader.adapter(path)
+        w, layer = family.entry_for(f"{path}.weight")
+        for hf_name, b_part in zip(w.hf_names(layer), w.transform.split(b, arch)):
+            mod = hf_name[: -len(".weight")]
+            modules.add(mod.rsplit(".", 1)[1])
+            tensors[f"{ADAPTER_PREFIX}{mod}.lora_A.weight"] = a.contiguous()
+            tensors[f"{ADAPTER_PREFIX}{mod}.lora_B.weight"] = b_part.contiguous()
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    base_name = (str(info.base[1]) if info.base and info.base[0] == "hf" else
+                 (info.hf_config or {}).get("_name_or_path") or arch.hf_name or "")
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
+        "r": peft.rank, "lora_alpha": peft.alpha, "lora_dropout": peft.dropout, "use_rslora": peft.rslora,
+        "target_modules": sorted(modules), "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "modules_to_save": None, "init_lora_weights": True, "use_dora": False,
+        "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tok = _copy_tokenizer(info, out, tokenizer, log)
+    log(f"wrote {out}: peft LoRA adapter (r={peft.rank}, alpha={peft.alpha:g}, "
+        f"{'QLoRA: apply to the full-precision base' if peft.method == 'qlora' else 'LoRA'}), "
+        f"{len(tensors)} tensors on {', '.join(sorted(modules))}")
+    return {"tensors": len(tensors), "target_modules": sorted(modules), "tokenizer_files": tok}

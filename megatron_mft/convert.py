@@ -1,0 +1,200 @@
+"""Hugging Face <-> megatron checkpoints: ``python -m megatron_mft.convert COMMAND``.
+
+    hf-to-mcore  --hf-dir DIR [--preset NAME] [--tp T --pp P] --out CKPT [--dtype D] [--dry-run]
+    mcore-to-hf  --ckpt CKPT --out DIR [--merge-lora | --adapter-only] [--dtype D] [--max-shard-size 5GB]
+                 [--tokenizer DIR]
+    verify       --hf-dir DIR [--ckpt CKPT] [--adapter DIR] [--tp T --pp P] [--tol X]
+                 [--batch B --seq S --seed N]
+
+Conversions run in one process (the dist checkpoint they write or read reshards to any TP/PP
+layout). ``verify`` with ``--tp``/``--pp`` > 1 needs tp x pp ranks: under ``torchrun
+--nproc-per-node tp*pp`` it uses torchrun's ranks; started plainly it spawns them itself
+(gloo on 127.0.0.1 on the CPU, one GPU per rank with CUDA). See docs/conversion.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m megatron_mft.convert",
+                                description="Hugging Face <-> megatron-core checkpoint conversion")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    a = sub.add_parser("hf-to-mcore", help="HF folder -> megatron dist checkpoint (streaming)")
+    a.add_argument("--hf-dir", required=True, help="Hugging Face model folder (config.json + weights)")
+    a.add_argument("--preset", help="check config.json against this preset (else the config is read from it)")
+    a.add_argument("--tp", type=int, default=1, help="intended tensor-parallel size (validated, recorded)")
+    a.add_argument("--pp", type=int, default=1, help="intended pipeline-parallel size (validated, recorded)")
+    a.add_argument("--out", required=True, help="output checkpoint folder (new or empty)")
+    a.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="stored dtype (default: the source's)")
+    a.add_argument("--dry-run", action="store_true", help="check config, names and shapes; write nothing")
+
+    b = sub.add_parser("mcore-to-hf", help="megatron checkpoint -> HF folder or peft adapter")
+    b.add_argument("--ckpt", required=True,
+                   help="conversion output, training step dir, or output_dir / checkpoints root (latest)")
+    b.add_argument("--out", required=True, help="output folder (new or empty)")
+    b.add_argument("--merge-lora", action="store_true", help="fold LoRA adapters into the base weights")
+    b.add_argument("--adapter-only", action="store_true", help="write the adapters in peft format")
+    b.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: the stored one)")
+    b.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    b.add_argument("--tokenizer", help="folder to copy tokenizer files from (default: found via the checkpoint)")
+
+    c = sub.add_parser("verify", help="max |logit difference| between the megatron and HF models")
+    c.add_argument("--hf-dir", required=True, help="Hugging Face model folder (the reference)")
+    c.add_argument("--ckpt", help="megatron checkpoint; without it the model loads --hf-dir via hf_init")
+    c.add_argument("--adapter", help="peft adapter folder applied to the HF model (compare with a LoRA run)")
+    c.add_argument("--tp", type=int, default=1)
+    c.add_argument("--pp", type=int, default=1)
+    c.add_argument("--tol", type=float, default=1e-3, help="max allowed |difference| (default 1e-3)")
+    c.add_argument("--batch", type=int, default=2)
+    c.add_argument("--seq", type=int, default=64)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="megatron compute dtype")
+    c.add_argument("--result", help=argparse.SUPPRESS)  # JSON result file (set when spawning)
+    return p
+
+
+# ------------------------------------------------------------------------------ one process
+def _single_process():
+    """torch.distributed (world of 1, free port) + megatron parallel state at TP=1, PP=1."""
+    from megatron_mft.compat import setup_runtime
+    from megatron_mft.config import ParallelConfig
+    from megatron_mft.launch.env import DistEnv, init_distributed, read_dist_env
+    from megatron_mft.training.parallel import init_parallel
+
+    if read_dist_env().world_size > 1:
+        raise SystemExit("convert hf-to-mcore / mcore-to-hf run in one process; start them without torchrun/srun "
+                         "(or set MFT_LAUNCHER=single)")
+    env = setup_runtime()
+    init_distributed(DistEnv(0, 1, 0, 1, 0, "127.0.0.1", 0, "single", 1))
+    init_parallel(ParallelConfig(), env, seed=0)
+    return env
+
+
+def _hf_to_mcore(args) -> int:
+    _single_process()
+    from megatron_mft.checkpoint.hf.hf_to_mcore import convert_hf_to_mcore
+
+    convert_hf_to_mcore(args.hf_dir, args.out, preset=args.preset, tp=args.tp, pp=args.pp, dtype=args.dtype,
+                        dry_run=args.dry_run)
+    return 0
+
+
+def _mcore_to_hf(args) -> int:
+    _single_process()
+    from megatron_mft.checkpoint.hf.mcore_to_hf import export_to_hf
+
+    export_to_hf(args.ckpt, args.out, merge_lora=args.merge_lora, adapter_only=args.adapter_only,
+                 dtype=args.dtype, max_shard_size=args.max_shard_size, tokenizer=args.tokenizer)
+    return 0
+
+
+# ----------------------------------------------------------------------------------- verify
+def _verify_rank(args) -> int:
+    """One rank of ``verify`` (torch.distributed from the environment: torchrun, spawned, single)."""
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from megatron_mft.checkpoint.hf.verify import build_megatron, hf_logits, megatron_logits, random_tokens
+    from megatron_mft.compat import setup_runtime
+    from megatron_mft.config import ParallelConfig
+    from megatron_mft.training.parallel import init_parallel, teardown
+
+    env = setup_runtime()
+    par = ParallelConfig(tp=args.tp, pp=args.pp)
+    init_parallel(par, env, seed=args.seed)
+    try:
+        chunks, model_cfg = build_megatron(args.hf_dir, args.ckpt, par, env, precision=args.dtype)
+        vocab = model_cfg.arch().vocab_size
+        tokens = random_tokens(vocab, args.batch, args.seq, args.seed)
+        logits = megatron_logits(chunks, tokens, vocab)
+        worst = torch.tensor([-1.0], dtype=torch.float64)
+        report = {}
+        if logits is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
+            ref = hf_logits(args.hf_dir, tokens, args.adapter)
+            diff = (logits - ref).abs()
+            worst[0] = diff.max().item()
+            report = {"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(),
+                      "argmax_agreement": (logits.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+                      "logit_scale": ref.abs().max().item()}
+        if torch.cuda.is_available() and env.cuda:
+            worst = worst.cuda()
+        torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
+        worst = float(worst.item())
+        if report:
+            ok = report["max_abs_diff"] <= args.tol
+            print(f"verify: {args.ckpt or 'hf_init from ' + args.hf_dir} vs {args.hf_dir}"
+                  f"{' + adapter ' + args.adapter if args.adapter else ''} at tp={args.tp} pp={args.pp}, "
+                  f"{args.batch}x{args.seq} random tokens, {args.dtype}")
+            print(f"max abs logit difference: {report['max_abs_diff']:.3e} (tol {args.tol:g}) -> "
+                  f"{'OK' if ok else 'FAIL'}; mean {report['mean_abs_diff']:.3e}, |logit| max "
+                  f"{report['logit_scale']:.3g}, argmax agreement {100 * report['argmax_agreement']:.2f}%",
+                  flush=True)
+            if args.result:
+                Path(args.result).write_text(json.dumps({**report, "ok": ok, "tol": args.tol}))
+        torch.distributed.barrier()
+        return 0 if 0 <= worst <= args.tol else 1
+    finally:
+        teardown()
+
+
+def _spawned(local_rank: int, world: int, port: int, argv: list) -> None:
+    os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    _verify_rank(_parser().parse_args(argv))
+
+
+def _verify(args, argv: list) -> int:
+    from megatron_mft.launch.env import _free_port, read_dist_env
+
+    world = args.tp * args.pp
+    launched = read_dist_env()
+    if launched.world_size > 1 or world == 1:
+        if launched.world_size % world:
+            raise SystemExit(f"verify --tp {args.tp} --pp {args.pp} needs a multiple of {world} ranks, "
+                             f"got {launched.world_size}")
+        return _verify_rank(args)
+    # self-spawned ranks; rank 0 reports through a result file
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        argv = [a for a in argv] + ["--result", str(result)]
+        print(f"verify: spawning {world} ranks (tp={args.tp} pp={args.pp})", flush=True)
+        try:
+            mp.start_processes(_spawned, args=(world, _free_port("127.0.0.1"), argv), nprocs=world,
+                               start_method="spawn")
+        except Exception as e:  # a rank failed: its traceback is above
+            print(f"verify: a rank failed: {e}", file=sys.stderr)
+            return 2
+        if not result.is_file():
+            print("verify: no result was reported", file=sys.stderr)
+            return 2
+        return 0 if json.loads(result.read_text())["ok"] else 1
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    from megatron_mft.checkpoint.hf.families import ConversionError
+
+    try:
+        if args.cmd == "hf-to-mcore":
+            return _hf_to_mcore(args)
+        if args.cmd == "mcore-to-hf":
+            return _mcore_to_hf(args)
+        return _verify(args, argv)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
