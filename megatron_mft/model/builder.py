@@ -71,6 +71,10 @@ def transformer_config(arch: ArchSpec, model: ModelConfig, parallel: ParallelCon
         calculate_per_token_loss=True,
         variable_seq_lengths=variable_seq_lengths,
         deallocate_pipeline_outputs=env.cuda,
+        # Interleaved schedule with pp=2: the previous and next stage are the same rank, and a
+        # batched isend/irecv can pair an activation with a gradient (seen on gloo). The unbatched
+        # path orders the two directions by rank parity on separate groups.
+        batch_p2p_comm=not (parallel.pp == 2 and (parallel.vpp or 1) > 1),
         **recompute[model.recompute],
     )
 
