@@ -256,6 +256,10 @@ def test_misuse_is_reported():
         micro_batch_loss(ce, batch, stats, LossConfig(mode="focal-task", gamma=1.0), num_tasks=2)
     with pytest.raises(ValueError, match="task_weights"):
         micro_batch_loss(ce, batch, stats, LossConfig(task_weights={"a": 2.0}), num_tasks=2)
+    fts = FocalTaskStats(2)
+    fts.all_reduce(None)  # a pre-pass that saw nothing
+    with pytest.raises(ValueError, match="pre-pass"):
+        micro_batch_loss(ce, batch, stats, LossConfig(mode="focal-task", gamma=1.0), num_tasks=2, focal_task_stats=fts)
     bad = {k: v.clone() for k, v in batch.items()}
     bad["task_ids"][0, 0:3] = torch.tensor([0, 1, 0])
     bad["sample_ids"][0, 0:3] = 0

@@ -197,6 +197,11 @@ def micro_batch_loss(
             "focal-task with loss.focal_task_exact needs focal_task_stats (FocalTaskStats from a "
             "no-grad pre-pass); or set loss.focal_task_exact=false for the one-pass approximation"
         )
+    if exact and not torch.equal(focal_task_stats.task_samples, stats.task_samples):
+        raise ValueError(
+            "FocalTaskStats and GlobalBatchStats count different samples per task: the pre-pass "
+            "must cover exactly this step's micro batches and be all-reduced over the same group"
+        )
     if task_weights is None and cfg.task_weights:
         raise ValueError("loss.task_weights is set: pass task_weights=task_weights_in_force(cfg, task_names, balancer)")
     dev = token_ce.device
