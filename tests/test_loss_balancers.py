@@ -76,8 +76,8 @@ def test_state_dict_round_trip_and_determinism(kind):
         a.update(step, curves(step, rng_a))
         b.update(step, curves(step, rng_b))
         assert torch.equal(a.weights(), b.weights())  # bit-identical, as on every rank
-    c = drive(build_balancer(cfg, 4), range(0, 150, 10))
-    assert torch.equal(c.weights(), build_balancer(cfg, 4).weights()) or kind != "none"
+    c = drive(build_balancer(cfg, 4), range(0, 150, 10))  # another "rank", same inputs
+    assert c.state_dict() == state
     with pytest.raises(ValueError):
         build_balancer(cfg, 3).load_state_dict(state)
 
