@@ -268,8 +268,17 @@ class _LoraMixin:
         axes = {"weight": self._base_axis, f"{self._split_adapter}.weight": self._split_axis}
         if self._base_axis == 0:
             axes["bias"] = 0
-        return make_sharded_tensors_for_checkpoint(sd, prefix, axes, sharded_offsets, tp_group=self.tp_group,
-                                                   dp_cp_group=(metadata or {}).get("dp_cp_group"))
+        out = make_sharded_tensors_for_checkpoint(sd, prefix, axes, sharded_offsets, tp_group=self.tp_group,
+                                                  dp_cp_group=(metadata or {}).get("dp_cp_group"))
+        if getattr(self, "fused_gate_up", False):
+            # SwiGLU fc1: each TP rank holds [gate_r; up_r] rows. megatron's MLP re-maps `weight`
+            # so the checkpoint holds [gate; up]; B's rows follow the same layout.
+            from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+            key = f"{prefix}lora_B.weight"
+            out[key] = apply_swiglu_sharded_factory(out[key], sharded_offsets,
+                                                    (metadata or {}).get("singleton_local_shards", False))
+        return out
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -299,8 +308,11 @@ class LoraColumnParallelLinear(_LoraMixin, ColumnParallelLinear):
     _split_axis = 0
 
     def __init__(self, input_size: int, output_size: int, *, rank: int = 8, alpha: float = 16.0,
-                 dropout: float = 0.0, rslora: bool = False, quantize: bool = False, **kwargs):
+                 dropout: float = 0.0, rslora: bool = False, quantize: bool = False, fused_gate_up: bool = False,
+                 **kwargs):
         super().__init__(input_size, output_size, **kwargs)
+        #: SwiGLU's fused [gate; up] fc1 (set by the spec for the linear_fc1 slot)
+        self.fused_gate_up = bool(fused_gate_up and self.config.gated_linear_unit)
         self._setup_lora(in_local=input_size, out_local=self.output_size_per_partition, in_full=input_size,
                          rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, quantize=quantize)
 

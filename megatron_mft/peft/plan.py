@@ -58,7 +58,8 @@ def adapter_spec(base: ModuleSpec, cfg: PeftConfig, quantize: bool) -> ModuleSpe
         else:
             raise TypeError(f"peft: slot {target} holds {cls}, expected megatron's Column/RowParallelLinear "
                             f"(the local layer spec)")
-        setattr(owner, target, ModuleSpec(module=new, params=dict(params)))
+        extra = {"fused_gate_up": True} if target == "linear_fc1" else {}
+        setattr(owner, target, ModuleSpec(module=new, params={**params, **extra}))
     return spec
 
 
