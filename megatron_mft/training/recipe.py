@@ -83,7 +83,13 @@ class Recipe:
             self.peft = PeftPlan(run.peft, self.env)
             layer = self.peft.layer_spec(run.model)
         chunks = build_model_chunks(run.model, run.parallel, self.env, layer=layer)
-        self._load_base_weights(chunks)
+        if self.peft is not None and self.peft.quantized and run.train.init_checkpoint and not run.model.hf_init:
+            # QLoRA: read the dense base checkpoint one decoder layer at a time, quantising each
+            # targeted weight shard on arrival (peak ~ the NF4 model + one dense layer)
+            self.peft.load_base(run.train.init_checkpoint, chunks)
+            _say(f"initialised weights from {run.train.init_checkpoint} (targeted linears quantised to NF4 layer by layer)")
+        else:
+            self._load_base_weights(chunks)
         if self.peft is not None:
             self.peft.prepare(chunks)
         # --- end peft hook
