@@ -100,6 +100,18 @@ def _restore_rng(state: dict) -> bool:
     return True
 
 
+def _fault_injection_pause(step: int) -> None:
+    """Tests kill a run mid-save: MFT_FAULT_SLEEP_IN_SAVE="STEP:SECONDS" pauses the save of that
+    step after the shards are written and before the checkpoint is published."""
+    spec = os.environ.get("MFT_FAULT_SLEEP_IN_SAVE")
+    if spec:
+        at, seconds = spec.split(":")
+        if int(at) == step:
+            import time
+
+            time.sleep(float(seconds))
+
+
 def save_checkpoint(root: str | Path, step: int, chunks: list, optimizer=None, *, common: dict,
                     run_info: dict, trainable_only: bool = False) -> Path:
     """Save model (+ optimizer) sharded state and ``common`` (plain picklable state) for ``step``."""
@@ -122,6 +134,7 @@ def save_checkpoint(root: str | Path, step: int, chunks: list, optimizer=None, *
     dist_checkpointing.save(sharded, str(tmp))
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
+    _fault_injection_pause(step)
     _barrier()
     if _rank() == 0:
         (tmp / "run.json").write_text(json.dumps({**run_info, "step": step}, indent=1, default=str))
