@@ -62,6 +62,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------ one process
+def _return_freed_memory() -> None:
+    """Conversions allocate and free one large tensor after another. glibc raises its mmap
+    threshold to the largest block freed so far, after which such tensors come from the heap and
+    freed ones stay resident (fragmentation): a fixed threshold keeps big buffers in their own
+    mappings, so peak memory stays near the largest tensor. No-op off glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
+    except (OSError, AttributeError):
+        pass
+
+
 def _single_process():
     """torch.distributed (world of 1, free port) + megatron parallel state at TP=1, PP=1."""
     from megatron_mft.compat import setup_runtime
@@ -72,6 +85,7 @@ def _single_process():
     if read_dist_env().world_size > 1:
         raise SystemExit("convert hf-to-mcore / mcore-to-hf run in one process; start them without torchrun/srun "
                          "(or set MFT_LAUNCHER=single)")
+    _return_freed_memory()
     env = setup_runtime()
     init_distributed(DistEnv(0, 1, 0, 1, 0, "127.0.0.1", 0, "single", 1))
     init_parallel(ParallelConfig(), env, seed=0)

@@ -94,6 +94,8 @@ class Unsupported:
     hf: str
     allowed: tuple
     why: str
+    #: transformers' default when config.json omits the key
+    default: Any = None
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,7 @@ class Family:
             out[f.arch] = value
         for u in self.unsupported:
             value = self.hf_value(cfg, u.hf)
+            value = u.default if value is None else value
             if isinstance(value, dict):
                 value = value.get("rope_type", value.get("type"))
             if value not in u.allowed:
@@ -223,7 +226,7 @@ LLAMA = Family(
         ConfigField("norm_epsilon", ("rms_norm_eps",), default=1e-6),
     ),
     unsupported=(
-        Unsupported("hidden_act", ("silu",), "the engine's MLP is SwiGLU with silu"),
+        Unsupported("hidden_act", ("silu",), "the engine's MLP is SwiGLU with silu", default="silu"),
         Unsupported("attention_bias", (None, False), "the engine's linears have no biases"),
         Unsupported("mlp_bias", (None, False), "the engine's linears have no biases"),
         Unsupported("rope_scaling", (None, "default"), "only plain RoPE is implemented"),

@@ -268,10 +268,6 @@ class DistCheckpoint:
     def dtype(self, key: str) -> torch.dtype:
         return self.tensors[key].properties.dtype
 
-    def row_chunks(self, key: str, axis: int) -> int:
-        """How many pieces the stored tensor is cut into along ``axis`` (its saving layout)."""
-        return len({tuple(c.offsets)[axis] for c in self.tensors[key].chunks})
-
     def load(self, template: Template, name: str) -> torch.Tensor:
         """The TP=1 tensor ``name`` (canonical), in the stored dtype.
 

@@ -31,7 +31,6 @@ from megatron_mft.checkpoint.hf.hf_to_mcore import CONVERSION_FILE, DTYPES, TOKE
 from megatron_mft.checkpoint.hf.hfconfig import TOKENIZER_FILES, read_hf_config
 from megatron_mft.checkpoint.hf.mcore_io import DistCheckpoint, Template, build_template, shards_of
 from megatron_mft.checkpoint.hf.source import HFSource
-from megatron_mft.checkpoint.hf.transforms import Gated
 from megatron_mft.config import ModelConfig, PeftConfig
 from megatron_mft.config.base import load_dataclass
 
@@ -141,30 +140,10 @@ class Reader:
                 if n.endswith(".lora_A.weight")]
 
     def adapter(self, path: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A [r, in], B [out, r]) of one adapter, TP=1 layout."""
-        a = self.ckpt.load(self.template, f"{path}.lora_A.weight")
-        b_name = f"{path}.lora_B.weight"
-        b = self.ckpt.load(self.template, b_name)
-        w, _ = self.info.family.entry_for(f"{path}.weight")
-        if isinstance(w.transform, Gated):
-            b = self._gated_rows(b, b_name)
-        return a, b
-
-    def _gated_rows(self, b: torch.Tensor, name: str) -> torch.Tensor:
-        """The gated fc1 base weight is stored in megatron's global [gate; up] layout (swiglu
-        factory), but an adapter ``B`` saved as a plain row split holds each TP rank's local
-        [gate_r; up_r] in turn. Restore [gate; up] when the checkpoint was saved that way at TP > 1."""
-        from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
-
-        entry = self.template.tensors[name]
-        if isinstance(entry, ShardedTensorFactory):
-            return b  # saved through a factory: already global [gate; up]
-        sh = shards_of(entry)[0]
-        t = self.ckpt.row_chunks(sh.key, sh.prepend_axis_num)
-        if t <= 1:
-            return b
-        rows, r = b.shape
-        return b.reshape(t, 2, rows // (2 * t), r).transpose(0, 1).reshape(rows, r)
+        """(A [r, in], B [out, r]) of one adapter, TP=1 layout (B's rows in the weight's layout:
+        peft saves the fused fc1's B through megatron's swiglu factory, as [gate; up])."""
+        return (self.ckpt.load(self.template, f"{path}.lora_A.weight"),
+                self.ckpt.load(self.template, f"{path}.lora_B.weight"))
 
 
 def _merged(reader: Reader, path: str, base: torch.Tensor, quantized: bool) -> torch.Tensor:
@@ -275,8 +254,8 @@ def _export_adapters(info: CheckpointInfo, reader: Reader, out: Path, tokenizer:
         for hf_name, b_part in zip(w.hf_names(layer), w.transform.split(b, arch)):
             mod = hf_name[: -len(".weight")]
             modules.add(mod.rsplit(".", 1)[1])
-            tensors[f"{ADAPTER_PREFIX}{mod}.lora_A.weight"] = a.contiguous()
-            tensors[f"{ADAPTER_PREFIX}{mod}.lora_B.weight"] = b_part.contiguous()
+            tensors[f"{ADAPTER_PREFIX}{mod}.lora_A.weight"] = a.clone()  # shared A: one copy per module
+            tensors[f"{ADAPTER_PREFIX}{mod}.lora_B.weight"] = b_part.clone()
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     base_name = (str(info.base[1]) if info.base and info.base[0] == "hf" else
                  (info.hf_config or {}).get("_name_or_path") or arch.hf_name or "")
