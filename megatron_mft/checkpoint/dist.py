@@ -146,11 +146,32 @@ def save_checkpoint(root: str | Path, step: int, chunks: list, optimizer=None, *
     return final
 
 
+def _materialize_optimizer_state(optimizer) -> None:
+    """torch's Adam creates its state lazily at the first step, but megatron's sharded optimizer
+    state dict (the load template) needs it to exist. Take one step with zero gradients and
+    lr = 0 (a no-op on the parameters); the load then overwrites the state."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        if inner is None or len(inner.state) > 0:
+            continue
+        saved = [(g["lr"], g.get("weight_decay", 0.0)) for g in inner.param_groups]
+        for g in inner.param_groups:
+            g["lr"], g["weight_decay"] = 0.0, 0.0
+            for p in g["params"]:
+                p.grad = torch.zeros_like(p)
+        inner.step()
+        for g, (lr, wd) in zip(inner.param_groups, saved):
+            g["lr"], g["weight_decay"] = lr, wd
+            for p in g["params"]:
+                p.grad = None
+
+
 def load_checkpoint(path: str | Path, chunks: list, optimizer=None, *, trainable_only: bool = False) -> dict:
     """Load into ``chunks`` (any TP/PP layout) and ``optimizer``; return the saved common state."""
     path = Path(path)
     template = model_sharded_state_dict(chunks, trainable_only)
     if optimizer is not None:
+        _materialize_optimizer_state(optimizer)
         template["optimizer"] = optimizer.sharded_state_dict(model_sharded_state_dict(chunks), is_loading=True,
                                                              metadata=OPTIMIZER_METADATA)
     state = dist_checkpointing.load(template, str(path))

@@ -1,4 +1,4 @@
-"""Environment probing and the CPU compatibility shim (the only hardware-specific module)."""
+"""Environment probing, the CPU compatibility shim, and fixes for megatron-core paths without Apex/TE."""
 
 from megatron_mft.compat.probe import Environment, probe
 
@@ -10,6 +10,10 @@ def setup_runtime() -> Environment:
         from megatron_mft.compat import cpu
 
         cpu.activate()
+    if not (env.apex or env.te):
+        from megatron_mft.compat import megatron_fixes
+
+        megatron_fixes.apply()
     return env
 
 
