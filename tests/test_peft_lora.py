@@ -6,40 +6,24 @@ The TP=2 (with/without sequence parallelism) and PP=2 checks are in test_peft_tp
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
-
-from megatron_mft.compat import setup_runtime
 
 SEED = 1234
 B, S = 2, 32
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def env():
-    env = setup_runtime()
-    import torch.distributed as dist
+def env(single_process_group):
+    """The suite's world-size-1 gloo group (tests/conftest.py) with TP=PP=1 parallel state."""
     from megatron.core import parallel_state as ps
 
     from megatron_mft.config import ParallelConfig
     from megatron_mft.training.parallel import init_parallel
 
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    init_parallel(ParallelConfig(), env, SEED)
-    yield env
+    init_parallel(ParallelConfig(), single_process_group, SEED)
+    yield single_process_group
     ps.destroy_model_parallel()
-    if created:
-        dist.destroy_process_group()
 
 
 def _model_cfg():
@@ -362,3 +346,18 @@ def test_memory_estimates():
     # TP=2: the split factors halve, the replicated ones do not
     q70t = estimate_memory(a70, method="qlora", tp=2, **kw)
     assert q70.adapters / 2 < q70t.adapters < q70.adapters
+
+
+def test_memory_report_and_peak_line(env):
+    from megatron_mft.config import RunConfig
+
+    plan, chunks = _build(env, "qlora")
+    run = RunConfig()
+    run.model = _model_cfg()
+    report = plan.memory_report(run.model.arch(), run)
+    lines = report.splitlines()
+    assert lines[0] == plan.trainable_line() and "NF4" in lines[0]
+    assert "hand count 4 layers x r=8" in lines[1] and lines[1].endswith("= 62,464")
+    assert "expected memory per GPU (tp=1 pp=1 dp=1" in lines[2] and "optimizer" in lines[2]
+    assert "NF4 base" in lines[3]
+    assert "peak memory (CPU process, ru_maxrss)" in plan.peak_memory_line()

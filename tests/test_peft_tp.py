@@ -6,7 +6,7 @@ B  TP=2, and C  TP=2 + sequence parallel, loaded from A's checkpoint: same loss,
    replicated adapters); adapters drawn at init equal A's (layout-independent init); merged
    forward equals un-merged at TP=2; B saves an adapter-only checkpoint.
 D  TP=1 loads B's TP=2 adapter checkpoint: identical adapters (reshard TP2 -> TP1).
-E  QLoRA TP=2 + SP: base quantised layer by layer from A's dense checkpoint; per-shard NF4
+E  QLoRA TP=2 with and without SP: base quantised layer by layer from A's dense checkpoint; per-shard NF4
    error; forward and adapter gradients equal the dequantised-weight model's.
 F  QLoRA PP=2: layer-by-layer loading on each stage; NF4 error by global layer; embedding and
    output layer exact; adapters at init equal A's.
@@ -42,19 +42,24 @@ def _free_port() -> int:
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("peft_tp")
     port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(r), str(port), str(tmp)], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=240)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("TP workers timed out")
-    for r, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"worker {r} failed:\n{out[-6000:]}"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    logs = [tmp / f"worker{r}.log" for r in range(2)]
+    procs = []
+    for r in range(2):  # output to files: a full pipe would block a worker inside a collective
+        with open(logs[r], "w") as log:
+            procs.append(subprocess.Popen([sys.executable, __file__, "--worker", str(r), str(port), str(tmp)],
+                                          cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+    try:
+        for p in procs:
+            p.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("TP workers timed out:\n" + logs[0].read_text()[-4000:])
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, f"worker {r} failed:\n{logs[r].read_text()[-6000:]}"
     return json.loads((tmp / "results.json").read_text())
 
 
@@ -85,8 +90,9 @@ def test_adapter_checkpoint_reshards(results):
     assert results["tp1_from_tp2"]["adapters_equal"] == 32
 
 
-def test_qlora_tp2_sp(results):
-    r = results["qlora_tp2_sp"]
+@pytest.mark.parametrize("phase", ["qlora_tp2_sp", "qlora_tp2"])
+def test_qlora_tp2(results, phase):
+    r = results[phase]
     assert 0.05 < r["nf4_err_max"] < 0.11, r
     assert r["dense_exact"]
     assert r["logits"] < 1e-5 and r["grad_rel"] < 1e-4, r
@@ -255,37 +261,37 @@ def _worker(rank: int, port: int, tmp: Path) -> None:
     res["tp1_from_tp2"] = {"adapters_equal": sum(torch.equal(got[k], ref_adapters[k]) for k in ref_adapters)}
 
     lap("D")
-    # ---------------------------------------------------------------- E: QLoRA TP=2 + SP
-    par = ParallelConfig(tp=2, sp=True)
-    plan, chunks = build("qlora", par)
-    load_base_weights(ref_ckpt, chunks)
-    plan.prepare(chunks)
-    load_checkpoint(ref_ckpt, chunks, trainable_only=True)  # the reference adapters
-    deq = base_weights(chunks)
-    errs = [rel(deq[k], ref_base[k]) for k in ref_base]
-    dense_ok = True
-    for n, p in chunks[0].named_parameters():
-        if n.endswith("layernorm.weight"):
-            dense_ok &= torch.equal(p, ref_named[n])
-    emb = gather(chunks[0].embedding.word_embeddings.weight, 0)
-    dense_ok &= torch.equal(emb, ref_named["embedding.word_embeddings.weight"])
-    run = RunConfig()
-    run.model, run.parallel = mcfg, par
-    ddp = wrap_ddp(chunks, run)
-    q_loss, q_logits = fwd_bwd(ddp[0])
-    finalize_model_grads(ddp)
-    q_grads = adapters(chunks, "grad")
-    for c in chunks:
-        for _, m in global_adapter_names(c):
-            m.dequantize_base_()
-    ddp[0].zero_grad_buffer()
-    d_loss, d_logits = fwd_bwd(ddp[0])
-    finalize_model_grads(ddp)
-    d_grads = adapters(chunks, "grad")
-    res["qlora_tp2_sp"] = {"nf4_err_max": max(errs), "nf4_err_min": min(errs), "dense_exact": bool(dense_ok),
-                           "logits": (q_logits - d_logits).abs().max().item(), "grad_rel": max_rel(q_grads, d_grads),
-                           "loss_vs_lora": rel(q_loss, ref_loss)}
-
+    # ---------------------------------------------------------------- E: QLoRA TP=2, with and without SP
+    for tag, sp in (("qlora_tp2_sp", True), ("qlora_tp2", False)):
+        par = ParallelConfig(tp=2, sp=sp)
+        plan, chunks = build("qlora", par)
+        load_base_weights(ref_ckpt, chunks)
+        plan.prepare(chunks)
+        load_checkpoint(ref_ckpt, chunks, trainable_only=True)  # the reference adapters
+        deq = base_weights(chunks)
+        errs = [rel(deq[k], ref_base[k]) for k in ref_base]
+        dense_ok = True
+        for n, p in chunks[0].named_parameters():
+            if n.endswith("layernorm.weight"):
+                dense_ok &= torch.equal(p, ref_named[n])
+        emb = gather(chunks[0].embedding.word_embeddings.weight, 0)
+        dense_ok &= torch.equal(emb, ref_named["embedding.word_embeddings.weight"])
+        run = RunConfig()
+        run.model, run.parallel = mcfg, par
+        ddp = wrap_ddp(chunks, run)
+        q_loss, q_logits = fwd_bwd(ddp[0])
+        finalize_model_grads(ddp)
+        q_grads = adapters(chunks, "grad")
+        for c in chunks:
+            for _, m in global_adapter_names(c):
+                m.dequantize_base_()
+        ddp[0].zero_grad_buffer()
+        d_loss, d_logits = fwd_bwd(ddp[0])
+        finalize_model_grads(ddp)
+        d_grads = adapters(chunks, "grad")
+        res[tag] = {"nf4_err_max": max(errs), "nf4_err_min": min(errs), "dense_exact": bool(dense_ok),
+                    "logits": (q_logits - d_logits).abs().max().item(), "grad_rel": max_rel(q_grads, d_grads),
+                    "loss_vs_lora": rel(q_loss, ref_loss)}
     lap("E")
     # ---------------------------------------------------------------- F: QLoRA PP=2
     plan, chunks = build("qlora", ParallelConfig(tp=1, pp=2))

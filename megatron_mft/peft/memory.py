@@ -155,5 +155,10 @@ def estimate_memory(arch: ArchSpec, *, method: str, rank: int, targets: Sequence
                           trainable_params=trainable, total_params=arch.num_params() + trainable, notes=notes)
 
 
+def fmt_bytes(n: float) -> str:
+    """GB with 2 decimals from 1 GB up, else MB."""
+    return f"{n / GB:.2f} GB" if n >= GB else f"{n / 1e6:.1f} MB"
+
+
 def format_estimate(est: MemoryEstimate) -> str:
-    return " | ".join(f"{k} {v / GB:.2f} GB" for k, v in est.rows())
+    return " | ".join(f"{k} {fmt_bytes(v)}" for k, v in est.rows())

@@ -27,7 +27,7 @@ from megatron_mft.compat import Environment
 from megatron_mft.config import ModelConfig, PeftConfig
 from megatron_mft.config.presets import ArchSpec
 from megatron_mft.peft.layers import LORA_LAYERS, LoraColumnParallelLinear, LoraRowParallelLinear
-from megatron_mft.peft.memory import GB, estimate_memory, lora_params_per_layer, target_shapes
+from megatron_mft.peft.memory import estimate_memory, fmt_bytes, format_estimate, lora_params_per_layer, target_shapes
 from megatron_mft.peft.nf4 import NF4Weight
 
 log = logging.getLogger(__name__)
@@ -317,7 +317,7 @@ class PeftPlan:
         lines.append(f"peft: expected memory per GPU (tp={par.tp} pp={par.pp} dp={dp} sp={par.sp} "
                      f"s={run_cfg.data.seq_length} b={run_cfg.train.micro_batch_size} recompute={run_cfg.model.recompute}, "
                      f"{param_bytes}-byte params/activations, CUDA context not included): "
-                     + " | ".join(f"{k} {v / GB:.2f} GB" for k, v in est.rows()))
+                     + format_estimate(est))
         lines.append("peft: " + self.resident_line())
         return "\n".join(lines)
 
@@ -326,8 +326,8 @@ class PeftPlan:
         if self.chunks is None:
             return "model not prepared"
         c = local_bytes(self.chunks)
-        return (f"model on this rank: dense params {c['dense'] / GB:.3f} GB, NF4 base {c['nf4'] / GB:.3f} GB, "
-                f"trainable {c['trainable'] / GB:.4f} GB")
+        return (f"model on this rank: dense params {fmt_bytes(c['dense'])}, NF4 base {fmt_bytes(c['nf4'])}, "
+                f"trainable {fmt_bytes(c['trainable'])}")
 
     def peak_memory_line(self) -> str:
         """Measured peak on this rank: CUDA max allocated/reserved, or the process's peak RSS on
@@ -335,9 +335,10 @@ class PeftPlan:
         if torch.cuda.is_available() and self.env.cuda:
             alloc = torch.cuda.max_memory_allocated()
             resv = torch.cuda.max_memory_reserved()
-            return f"peak memory (GPU {torch.cuda.current_device()}): allocated {alloc / GB:.2f} GB, reserved {resv / GB:.2f} GB"
+            return (f"peak memory (GPU {torch.cuda.current_device()}): allocated {fmt_bytes(alloc)}, "
+                    f"reserved {fmt_bytes(resv)}")
         rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return f"peak memory (CPU process, ru_maxrss): {rss_kb * 1024 / GB:.2f} GB"
+        return f"peak memory (CPU process, ru_maxrss): {fmt_bytes(rss_kb * 1024)}"
 
 
 def count_parameters(chunks) -> dict:
