@@ -95,10 +95,12 @@ def _init_worker(spec: EncodeSpec) -> None:
 
 
 def _encode_chunk(chunk: tuple[int, str, str, list[tuple[int, bytes]]]):
-    """-> (task, split, file, bytes read, [(line, tokens, mask, truncated) | (line, reason, detail)])."""
+    """-> (task, split, file, bytes read, ids, mask, items). The chunk's samples come back as two
+    flat arrays (cheap to pickle); items are ``(line, start, end, truncated)`` slices of them, or
+    ``(line, reason, detail)`` for lines that are not samples."""
     task, split, path, lines = chunk
-    nbytes = sum(len(raw) + 1 for _, raw in lines)
     assert _FORMATTER is not None and _SPEC is not None
+    nbytes = sum(len(raw) + 1 for _, raw in lines)
     good, out = [], []
     for line_no, raw in lines:
         try:
@@ -108,19 +110,20 @@ def _encode_chunk(chunk: tuple[int, str, str, list[tuple[int, bytes]]]):
             continue
         if rec is not None:
             good.append((line_no, rec))
-    encoded = _FORMATTER.encode([r for _, r in good])
+    ids, mask, bounds = _FORMATTER.encode_flat([r for _, r in good])
     seq = _SPEC.seq_length
-    for (line_no, _), (tokens, mask) in zip(good, encoded):
-        if len(tokens) <= seq:
-            out.append((line_no, tokens, mask, False))
+    for (line_no, _), a, b in zip(good, bounds[:-1], bounds[1:]):
+        n = b - a
+        if n <= seq:
+            out.append((line_no, a, b, False))
         elif _SPEC.overlong == "error":
-            out.append((line_no, Reason.OVERLONG.value, f"{len(tokens)} tokens > seq_length {seq}"))
+            out.append((line_no, Reason.OVERLONG.value, f"{n} tokens > seq_length {seq}"))
         elif _SPEC.overlong == "drop":
-            out.append((line_no, "dropped", f"{len(tokens)} tokens > seq_length {seq}"))
+            out.append((line_no, "dropped", f"{n} tokens > seq_length {seq}"))
         else:
-            out.append((line_no, tokens[:seq], mask[:seq], True))
+            out.append((line_no, a, a + seq, True))
     out.sort(key=lambda x: x[0])
-    return task, split, path, nbytes, out
+    return task, split, path, nbytes, ids, mask, out
 
 
 # --- main side ---------------------------------------------------------------------------
@@ -164,8 +167,14 @@ def encode_tasks(
     workers: int = 1,
     skip_bad_samples: bool = False,
     progress: bool = False,
+    start_method: str | None = None,
 ) -> Encoded:
-    """Tokenize every task; raise ``DataError`` naming each bad ``file:line`` unless skipping."""
+    """Tokenize every task; raise ``DataError`` naming each bad ``file:line`` unless skipping.
+
+    ``start_method``: multiprocessing start method of the workers; default ``fork`` where it
+    exists (fast, for the preprocessing CLI). Pass ``spawn`` from a process that already runs
+    threads (a training process with CUDA or a process group).
+    """
     out = [EncodedTask(t) for t in tasks]
     issues: list[Issue] = []
     errors = 0
@@ -178,7 +187,8 @@ def encode_tasks(
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", mininterval=0.5)
     pool = None
     if workers > 1:
-        pool = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(
+        method = start_method or ("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        pool = mp.get_context(method).Pool(
             workers, initializer=_init_worker, initargs=(spec,)
         )
         results = pool.imap(_encode_chunk, _chunks(tasks), chunksize=1)
@@ -186,21 +196,23 @@ def encode_tasks(
         _init_worker(spec)
         results = map(_encode_chunk, _chunks(tasks))
     try:
-        for t_idx, split, path, nbytes, items in results:
+        for t_idx, split, path, nbytes, flat_ids, flat_mask, items in results:
             task = out[t_idx]
             c = task.counts
             dest = task.train if split == "train" else task.val
+            loss_cum = np.concatenate([[0], np.cumsum(flat_mask, dtype=np.int64)]).tolist()
             for item in items:
                 if len(item) == 4:
-                    line_no, tokens, mask, truncated = item
-                    if truncated and not mask.any():
+                    line_no, a, b, truncated = item
+                    loss = loss_cum[b] - loss_cum[a]
+                    if truncated and not loss:
                         item = (line_no, "dropped", "no loss-taking token left after truncation")
                     else:
-                        dest.append((tokens, mask))
+                        dest.append((flat_ids[a:b], flat_mask[a:b]))
                         c.samples += 1
-                        c.tokens += len(tokens)
-                        c.loss_tokens += int(mask.sum())
-                        c.truncated += int(truncated)
+                        c.tokens += b - a
+                        c.loss_tokens += loss
+                        c.truncated += truncated
                         continue
                 line_no, reason, detail = item
                 raw = _raw_line(path, line_no, raw_cache)

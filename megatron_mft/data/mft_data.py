@@ -88,6 +88,7 @@ def _build_online(cfg: DataConfig, seed: int) -> _Source:
     tok = load_tokenizer(cfg.tokenizer)
     template = load_template(cfg.template)
     spec = EncodeSpec(cfg.tokenizer, template, cfg.seq_length, cfg.mode, cfg.overlong)
+    # workers fork like torch DataLoader workers do; they only run the tokenizer (no torch, no CUDA)
     encoded = encode_tasks(tasks, spec, workers=max(cfg.num_workers, 1), skip_bad_samples=cfg.skip_bad_samples)
     packing = "none" if cfg.batching == "dynamic" else cfg.packing
     train, val = plan_splits(encoded, seq_length=cfg.seq_length, packing=packing, val_ratio=cfg.val_ratio, seed=seed)

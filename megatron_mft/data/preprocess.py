@@ -131,8 +131,10 @@ def preprocess(args: PreprocessArgs) -> dict:
     spec = EncodeSpec(args.tokenizer_model, template, args.seq_length, args.mode, args.overlong)  # type: ignore[arg-type]
     encoded = encode_tasks(tasks, spec, workers=args.workers, skip_bad_samples=args.skip_bad_samples,
                            progress=args.progress)
+    t_tokenized = time.perf_counter()
     train, val = plan_splits(encoded, seq_length=args.seq_length, packing=args.packing,
                              val_ratio=args.val_ratio, seed=args.seed)
+    t_packed = time.perf_counter()
     if not train.samples:
         raise DataError([f"{args.data_dir}: no usable training samples"])
 
@@ -157,7 +159,8 @@ def preprocess(args: PreprocessArgs) -> dict:
         with open(tmp / "rejected.jsonl", "w", encoding="utf-8") as f:
             for issue in encoded.issues:
                 f.write(json.dumps(issue.to_json(), ensure_ascii=False) + "\n")
-        elapsed = time.perf_counter() - t0 - import_seconds
+        t_written = time.perf_counter()
+        elapsed = t_written - t0 - import_seconds
         total_tokens = train.tokens + val.tokens
         all_seqs = len(train.packs) + len(val.packs)
         per_task = _task_stats(encoded, train, val)
@@ -182,6 +185,8 @@ def preprocess(args: PreprocessArgs) -> dict:
             "workers": args.workers,
             "seconds": round(elapsed, 3),
             "import_seconds": round(import_seconds, 3),
+            "phase_seconds": {"tokenize": round(t_tokenized - t0, 3), "pack": round(t_packed - t_tokenized, 3),
+                              "write": round(t_written - t_packed - import_seconds, 3)},
             "tokens_per_s": round(total_tokens / elapsed, 1) if elapsed > 0 else 0.0,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

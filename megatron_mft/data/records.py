@@ -69,6 +69,7 @@ def _chat(obj: dict) -> Record:
     if not isinstance(rounds, list):
         raise RecordError(Reason.WRONG_TYPE, f"'chat_rounds' must be a list, got {type(rounds).__name__}")
     turns = []
+    has_bot = False
     for i, r in enumerate(rounds):
         if not isinstance(r, dict):
             raise RecordError(Reason.WRONG_TYPE, f"chat_rounds[{i}] must be an object, got {type(r).__name__}")
@@ -77,16 +78,18 @@ def _chat(obj: dict) -> Record:
         role = r["role"]
         if not isinstance(role, str):
             raise RecordError(Reason.WRONG_TYPE, f"chat_rounds[{i}]['role'] must be a string, got {type(role).__name__}")
-        canon = ROLES.get(role.strip().lower())
+        canon = ROLES.get(role) or ROLES.get(role.strip().lower())
         if canon is None:
             raise RecordError(Reason.UNKNOWN_ROLE, f"chat_rounds[{i}] role {role!r}; known: {', '.join(ROLES)}")
         if "content" not in r:
             raise RecordError(Reason.WRONG_TYPE, f"chat_rounds[{i}] has no 'content' string")
         content = _str_field(r, "content", f"chat_rounds[{i}] ")
-        if canon == "bot" and not content.strip():
-            raise RecordError(Reason.EMPTY_ANSWER, f"chat_rounds[{i}] (bot) is empty")
+        if canon == "bot":
+            if not content.strip():
+                raise RecordError(Reason.EMPTY_ANSWER, f"chat_rounds[{i}] (bot) is empty")
+            has_bot = True
         turns.append(Turn(canon, content))
-    if not any(t.role == "bot" for t in turns):
+    if not has_bot:
         raise RecordError(Reason.NO_BOT_TURN, "no bot/assistant turn to learn from")
     return Record(turns=tuple(turns))
 

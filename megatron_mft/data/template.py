@@ -23,7 +23,7 @@ from typing import Literal, Sequence
 import numpy as np
 
 from megatron_mft.data.records import Record, Turn
-from megatron_mft.data.tokenizer import Tokenizer
+from megatron_mft.data.tokenizer import Tokenizer, TokenizerError
 
 Mode = Literal["sft", "pretrain"]
 
@@ -82,6 +82,8 @@ class ChatFormatter:
             for role, name in template.role_names.items()
         }
         self._bos = [tokenizer.bos_id] if template.add_bos and tokenizer.bos_id is not None else []
+        # ids that user text must never produce: single-id markers and the tokenizer's specials
+        self._protected_ids = np.asarray(sorted(tokenizer.protected_ids(self._protect)), dtype=np.int64)
 
     def _marker_ids(self, marker: str) -> list[int]:
         if not marker:
@@ -95,40 +97,75 @@ class ChatFormatter:
 
     def encode(self, records: Sequence[Record]) -> list[tuple[np.ndarray, np.ndarray]]:
         """(token ids int32, loss mask uint8) per record; one tokenizer call for the whole batch."""
+        ids, mask, bounds = self.encode_flat(records)
+        return [(ids[a:b], mask[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def encode_flat(self, records: Sequence[Record]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """All records' ids and masks concatenated, and the ``len(records) + 1`` sample bounds.
+
+        Built as two flat lists and converted once: per-sample conversion would cost as much
+        as the template itself.
+        """
         texts: list[str] = []
         for r in records:
             if r.text is not None:
                 texts.append(r.text)
             else:
                 texts.extend(t.content for t in r.turns)
-        encoded = iter(self.tok.encode_batch(texts, self._protect))
-        out = []
+        encoded = self.tok.encode_batch(texts, self._protect, check=False)  # checked below, at once
         eos = self.tok.eos_id
         all_loss = self.mode == "pretrain"
+        eos_after_bot = self.template.eos_after_bot
+        head_value = 1 if all_loss else 0
+        # ids as one flat list; the mask and the "came from user text" flag as runs
+        # (value, is_text, length), expanded by np.repeat: no per-token Python work
+        ids: list[int] = []
+        run_val: list[int] = []
+        run_text: list[bool] = []
+        run_len: list[int] = []
+        starts: list[int] = []
+        k = 0
         for r in records:
-            ids: list[int] = list(self._bos)
-            mask: list[int] = [0] * len(ids)
+            starts.append(len(ids))
+            if self._bos:
+                ids += self._bos
+                run_val.append(0)
+                run_text.append(False)
+                run_len.append(1)
             if r.text is not None:
-                body = next(encoded) + [eos]
+                body = encoded[k]
+                k += 1
                 ids += body
-                mask += [1] * len(body)
-            else:
-                for turn in r.turns:
-                    head = self._headers[turn.role]
-                    body = next(encoded)
-                    if turn.role == "bot" and self.template.eos_after_bot:
-                        body = body + [eos]
-                    ids += head
-                    ids += body
-                    learn = 1 if (turn.role == "bot" or all_loss) else 0
-                    mask += [1 if all_loss else 0] * len(head)
-                    mask += [learn] * len(body)
-            tokens = np.asarray(ids, dtype=np.int32)
-            m = np.asarray(mask, dtype=np.uint8)
-            if len(m):
-                m[0] = 0
-            out.append((tokens, m))
-        return out
+                ids.append(eos)
+                run_val += (1, 1)
+                run_text += (True, False)
+                run_len += (len(body), 1)
+                continue
+            for turn in r.turns:
+                body = encoded[k]
+                k += 1
+                head = self._headers[turn.role]
+                ids += head
+                ids += body
+                bot = turn.role == "bot"
+                learn = 1 if (bot or all_loss) else 0
+                run_val += (head_value, learn)
+                run_text += (False, True)
+                run_len += (len(head), len(body))
+                if bot and eos_after_bot:
+                    ids.append(eos)
+                    run_val.append(learn)
+                    run_text.append(False)
+                    run_len.append(1)
+        flat_ids = np.array(ids, dtype=np.int32)
+        flat_mask = np.repeat(np.array(run_val, dtype=np.uint8), run_len)
+        if starts:
+            flat_mask[starts] = 0  # a sample's first token is nobody's target
+        if len(self._protected_ids):
+            from_text = np.repeat(np.array(run_text, dtype=bool), run_len)
+            if np.isin(flat_ids[from_text], self._protected_ids).any():
+                raise TokenizerError("user text produced a protected special id (marker or special token)")
+        return flat_ids, flat_mask, starts + [len(ids)]
 
     def prompt_ids(self, turns: Sequence[Turn]) -> list[int]:
         """Ids for generation: the given turns, then the header of the bot turn to be written."""

@@ -14,6 +14,7 @@ import json
 import re
 from abc import ABC, abstractmethod
 from functools import lru_cache
+from itertools import chain
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -43,7 +44,7 @@ class Tokenizer(ABC):
     pad_id: int
 
     def __init__(self) -> None:
-        self._protect_cache: dict[tuple[str, ...], tuple[re.Pattern | None, frozenset[int]]] = {}
+        self._protect_cache: dict[tuple[str, ...], tuple[tuple[str, ...], re.Pattern | None, frozenset[int]]] = {}
 
     # --- backend hooks -------------------------------------------------------------------
     @abstractmethod
@@ -77,38 +78,45 @@ class Tokenizer(ABC):
             "pad_id": self.pad_id,
         }
 
-    def _protection(self, protect: tuple[str, ...]) -> tuple[re.Pattern | None, frozenset[int]]:
+    def _protection(self, protect: tuple[str, ...]) -> tuple[tuple[str, ...], re.Pattern | None, frozenset[int]]:
         hit = self._protect_cache.get(protect)
         if hit is None:
-            strings = sorted({s for s in protect + self._special_strings() if len(s) > 1}, key=len, reverse=True)
+            strings = tuple(sorted({s for s in protect + self._special_strings() if len(s) > 1}, key=len, reverse=True))
             pattern = re.compile("|".join(re.escape(s) for s in strings)) if strings else None
             ids = frozenset(i for i in (self.single_id(s) for s in strings) if i is not None)
-            hit = self._protect_cache[protect] = (pattern, ids)
+            hit = self._protect_cache[protect] = (strings, pattern, ids)
         return hit
 
-    def encode_batch(self, texts: Sequence[str], protect: tuple[str, ...] = ()) -> list[list[int]]:
+    def protected_ids(self, protect: tuple[str, ...] = ()) -> frozenset[int]:
+        """Ids that ``encode_batch(..., protect)`` guarantees never to emit."""
+        return self._protection(tuple(protect))[2]
+
+    def encode_batch(self, texts: Sequence[str], protect: tuple[str, ...] = (), check: bool = True) -> list[list[int]]:
         """Continuation-encode each text; occurrences of protected strings become plain text.
 
         A protected occurrence is cut after its first character and each part encoded on its
-        own, so the vocabulary entry for the whole string cannot match.
+        own, so the vocabulary entry for the whole string cannot match. With ``check`` the result
+        is verified to hold no protected id (normalization, e.g. NFKC, could still produce one);
+        callers that verify in bulk pass ``check=False``.
         """
-        pattern, protected_ids = self._protection(tuple(protect))
-        if pattern is None:
-            return self._encode_raw(list(texts))
-        pieces: list[str] = []
-        owners: list[int] = []
-        for i, text in enumerate(texts):
-            for p in _defuse(text, pattern) if pattern.search(text) else (text,):
-                pieces.append(p)
-                owners.append(i)
-        encoded = self._encode_raw(pieces)
-        out: list[list[int]] = [[] for _ in texts]
-        for i, ids in zip(owners, encoded):
-            out[i].extend(ids)
-        if protected_ids:
-            for i, ids in enumerate(out):
-                if not protected_ids.isdisjoint(ids):
-                    raise TokenizerError(f"encoding text #{i} produced a protected special id; text={texts[i][:80]!r}")
+        strings, pattern, protected_ids = self._protection(tuple(protect))
+        texts = list(texts)
+        joined = "\x00".join(texts) if strings else ""
+        if pattern is None or not any(p in joined for p in strings):  # one fast scan for the common case
+            out = self._encode_raw(texts)
+        else:
+            pieces: list[str] = []
+            owners: list[int] = []
+            for i, text in enumerate(texts):
+                for p in _defuse(text, pattern) if pattern.search(text) else (text,):
+                    pieces.append(p)
+                    owners.append(i)
+            out = [[] for _ in texts]
+            for i, ids in zip(owners, self._encode_raw(pieces)):
+                out[i].extend(ids)
+        if check and protected_ids and not protected_ids.isdisjoint(chain.from_iterable(out)):
+            bad = next(i for i, ids in enumerate(out) if not protected_ids.isdisjoint(ids))
+            raise TokenizerError(f"encoding text #{bad} produced a protected special id; text={texts[bad][:80]!r}")
         return out
 
     def encode(self, text: str, protect: tuple[str, ...] = ()) -> list[int]:
