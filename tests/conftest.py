@@ -37,3 +37,26 @@ def tiny_model(single_process_group):
     model = build_model_chunks(cfg.model, cfg.parallel, single_process_group)[0]
     model.eval()
     return model, cfg.model.arch().vocab_size
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """The bundled demo data preprocessed once (seq 512, best-fit packs) for training tests."""
+    from train_helpers import preprocess_demo
+
+    return preprocess_demo(tmp_path_factory.mktemp("demo_data") / "packed", seq_length=512)
+
+
+@pytest.fixture(scope="session")
+def tiny_init(tmp_path_factory):
+    """Initial weights of examples/tiny_cpu.yaml as a dist checkpoint: every layout starts here."""
+    from train_helpers import init_weights
+
+    return init_weights(tmp_path_factory.mktemp("tiny_init") / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def train_overrides(demo_data, tiny_init):
+    """Overrides that make the tiny CLI run fast and start from identical weights."""
+    return [f"data.source=offline", f"data.path={demo_data}", "data.seq_length=512",
+            f"train.init_checkpoint={tiny_init}", "train.eval_interval=0", "train.save_interval=0"]

@@ -6,18 +6,15 @@ the single-process run's per-step loss and per-task losses (fp32, relative 1e-5)
 
 import pytest
 
-from train_helpers import init_weights, preprocess_demo, run_train, train_losses
+from train_helpers import run_train, train_losses
 
 STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base(tmp_path_factory, train_overrides):
     root = tmp_path_factory.mktemp("layouts")
-    data = preprocess_demo(root / "data")
-    init = init_weights(root / "init")
-    common = [f"data.source=offline", f"data.path={data}", f"train.init_checkpoint={init}", f"train.steps={STEPS}",
-              "train.eval_interval=0", "train.save_interval=0"]
+    common = train_overrides + [f"train.steps={STEPS}"]
     run_train(common + [f"output_dir={root / 'single'}"])
     return root, common, train_losses(root / "single")
 
