@@ -123,6 +123,7 @@ def _verify_rank(args) -> int:
 
     env = setup_runtime()
     par = ParallelConfig(tp=args.tp, pp=args.pp)
+    own_group = not torch.distributed.is_initialized()  # else the caller's group stays up
     init_parallel(par, env, seed=args.seed)
     try:
         chunks, model_cfg = build_megatron(args.hf_dir, args.ckpt, par, env, precision=args.dtype)
@@ -156,7 +157,10 @@ def _verify_rank(args) -> int:
         torch.distributed.barrier()
         return 0 if 0 <= worst <= args.tol else 1
     finally:
-        teardown()
+        if own_group:
+            teardown()
+        else:
+            ps.destroy_model_parallel()
 
 
 def _spawned(local_rank: int, world: int, port: int, argv: list) -> None:

@@ -13,6 +13,7 @@ produced: memory stays at one tensor whatever the shard size.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 import struct
@@ -31,10 +32,11 @@ _ST_DTYPES = {
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
-def read_safetensors_header(path: Path) -> dict:
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """(header, offset of the data section) of a safetensors file."""
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n))
+        return json.loads(f.read(n)), 8 + n
 
 
 class HFWeights:
@@ -45,6 +47,8 @@ class HFWeights:
         self.files: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, torch.dtype] = {}
+        #: safetensors: name -> absolute byte range of the tensor's data in its file
+        self.ranges: dict[str, tuple[int, int]] = {}
         self.format = ""
         st_index = self.folder / "model.safetensors.index.json"
         bin_index = self.folder / "pytorch_model.bin.index.json"
@@ -80,7 +84,7 @@ class HFWeights:
 
     def _safetensors_meta(self, path: Path, expected: Optional[set]) -> None:
         self.format = "safetensors"
-        header = read_safetensors_header(path)
+        header, start = read_safetensors_header(path)
         header.pop("__metadata__", None)
         for name, info in header.items():
             if expected is not None and name not in expected:
@@ -88,9 +92,12 @@ class HFWeights:
             self.files[name] = path
             self.shapes[name] = tuple(info["shape"])
             self.dtypes[name] = _ST_DTYPES.get(info["dtype"], info["dtype"])
-        for name in sorted((expected or set()) - set(header)):
+            b, e = info["data_offsets"]
+            self.ranges[name] = (start + b, start + e)
+        absent = sorted((expected or set()) - set(header))
+        if absent:
             raise ConversionError(f"incomplete checkpoint {self.folder}:",
-                                  [f"{name}: the index names {path.name}, which does not hold it"])
+                                  [f"{name}: the index names {path.name}, which does not hold it" for name in absent])
 
     def _bin_meta(self, path: Path, expected: Optional[set]) -> None:
         self.format = "pytorch_model.bin"
@@ -118,13 +125,25 @@ class HFWeights:
         return name in self.files
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, copied out of its file (the file is closed again)."""
+        """One tensor, read from its file straight into a new tensor (no mapping of the file,
+        so nothing but the tensor itself becomes resident)."""
         path = self.files[name]
         if self.format == "safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                t = f.get_tensor(name)
+            dtype = self.dtypes[name]
+            if not isinstance(dtype, torch.dtype):
+                raise ConversionError(f"{path.name}:", [f"{name}: unsupported dtype {dtype}"])
+            b, e = self.ranges[name]
+            t = torch.empty(self.shapes[name], dtype=dtype)
+            if t.nbytes != e - b:
+                raise ConversionError(f"{path.name}:", [f"{name}: {e - b} bytes for shape {list(t.shape)} {dtype}"])
+            if t.nbytes:
+                # read into the tensor's memory through ctypes: a numpy view would pin the storage
+                # (writers free written tensors by resizing their storage)
+                buf = (ctypes.c_char * t.nbytes).from_address(t.data_ptr())
+                with open(path, "rb") as f:
+                    f.seek(b)
+                    if f.readinto(buf) != t.nbytes:
+                        raise ConversionError(f"{path.name}:", [f"{name}: file ends inside the tensor"])
             return t
         sd = self._load_bin(path)
         t = sd[name].clone()

@@ -215,17 +215,26 @@ def write_dist_checkpoint(out_dir: str | Path, template: Template, produce: Call
         items.append(WriteItem(index=MetadataIndex(obj.unique_key), type=WriteItemType.BYTE_IO))
 
     class StreamingPlanner(DefaultSavePlanner):
-        """Plans from the template; resolves each item's data when the writer reaches it."""
+        """Plans from the template; resolves each item's data when the writer reaches it.
+
+        The file writer keeps a reference to every tensor it wrote (one per checkpoint key, for
+        its safetensors mode), which would pin the embedding, the output layer and a layer's
+        worth of tensors. The serial writer resolves item n+1 only after writing item n, so
+        item n's storage is released then."""
 
         def __init__(self):
             super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
             self.current: tuple[Optional[str], Optional[torch.Tensor]] = (None, None)
+            self.written: Optional[torch.Tensor] = None
 
         def create_local_plan(self) -> SavePlan:
             self.plan = SavePlan(items=list(items))
             return self.plan
 
         def resolve_data(self, write_item):
+            if self.written is not None:
+                self.written.untyped_storage().resize_(0)
+                self.written = None
             if write_item.type == WriteItemType.BYTE_IO:
                 return blobs[write_item.index.fqn]
             name, sh, sizes = lookup[(write_item.index.fqn, tuple(write_item.index.offset))]
@@ -234,10 +243,15 @@ def write_dist_checkpoint(out_dir: str | Path, template: Template, produce: Call
                 self.current = (name, produce(name))
                 if on_tensor is not None:
                     on_tensor(name)
-            return region(self.current[1], sh, name).to(dtype).reshape(sizes).contiguous()
+            t = region(self.current[1], sh, name).to(dtype).reshape(sizes)
+            if not t.is_contiguous() or t.untyped_storage().nbytes() != t.nbytes:
+                t = t.contiguous().clone()  # owns exactly its bytes
+            self.written = t
+            return t
 
-    dcp.save({}, storage_writer=dcp.FileSystemWriter(str(out), single_file_per_rank=True, thread_count=1),
-             planner=StreamingPlanner(), no_dist=True)
+    # per_thread_copy_ahead=0: the serial loader (resolve, write, resolve, ...) also on CUDA hosts
+    writer = dcp.FileSystemWriter(str(out), single_file_per_rank=True, thread_count=1, per_thread_copy_ahead=0)
+    dcp.save({}, storage_writer=writer, planner=StreamingPlanner(), no_dist=True)
     torch.save({}, out / "common.pt")
     save_config(CheckpointingConfig("torch_dist", 1), str(out))
     return total
