@@ -303,3 +303,27 @@ def test_verify_command_fails_above_tolerance(env, tiny_hf, converted, tmp_path,
     assert convert.main(["verify", "--hf-dir", str(other), "--ckpt", str(converted), "--seq", "16"]) == 1
     assert "-> FAIL" in capsys.readouterr().out
     init_single_process()  # verify tore down megatron's parallel state; restore it for later tests
+
+
+def test_training_checkpoint_exports_from_its_output_dir(env, tiny_hf, tmp_path):
+    """A full-weights training checkpoint (run.json config) exports bit-exactly; the output_dir
+    resolves to checkpoints/latest."""
+    from megatron_mft.checkpoint.dist import save_checkpoint
+    from megatron_mft.checkpoint.hf import load_hf_into_chunks
+    from megatron_mft.checkpoint.hf.hfconfig import model_config_from_hf, read_hf_config
+    from megatron_mft.checkpoint.hf.mcore_to_hf import export_to_hf
+    from megatron_mft.config import ParallelConfig, RunConfig
+    from megatron_mft.config.base import to_dict
+    from megatron_mft.model import build_model_chunks
+
+    cfg = dataclasses.replace(model_config_from_hf(read_hf_config(tiny_hf)), precision="fp32", hf_init=str(tiny_hf))
+    chunks = build_model_chunks(cfg, ParallelConfig(), env)
+    load_hf_into_chunks(tiny_hf, chunks, cfg, ParallelConfig())
+    run = RunConfig(model=cfg, output_dir=str(tmp_path / "run"))
+    for step in (1, 2):
+        save_checkpoint(tmp_path / "run" / "checkpoints", step, chunks, None, common={"step": step},
+                        run_info={"config": to_dict(run), "peft": "none"})
+    export_to_hf(tmp_path / "run", tmp_path / "out", log=lambda s: None)
+    src, back = hf_state(tiny_hf), hf_state(tmp_path / "out")
+    assert sorted(src) == sorted(back) and all(torch.equal(src[k], back[k]) for k in src)
+    assert (tmp_path / "out" / "tokenizer_config.json").is_file()  # found through model.hf_init

@@ -75,7 +75,7 @@ def _train_like_run(env, tiny_hf: Path, out: Path, method: str, base: str) -> tu
     return out, megatron_logits(chunks, _tokens(), V)
 
 
-@pytest.mark.parametrize("method, base", [("lora", "hf"), ("qlora", "mcore")])
+@pytest.mark.parametrize("method, base", [("lora", "mcore"), ("qlora", "hf")])
 def test_adapter_and_merged_exports_reproduce_the_lora_model(env, tiny_hf, tmp_path, method, base):
     from megatron_mft.checkpoint.hf.mcore_to_hf import export_to_hf
     from megatron_mft.checkpoint.hf.verify import build_megatron, hf_logits, megatron_logits

@@ -50,11 +50,13 @@ def build_megatron(hf_dir: str | Path, ckpt: Optional[str | Path], parallel: Par
 
     plan = PeftPlan(info.peft_cfg, env)
     chunks = build_model_chunks(model_cfg, parallel, env, layer=plan.layer_spec(model_cfg))
-    kind, base = info.base
+    kind, base = info.base  # as the recipe loads the base of a PEFT run
     if kind == "hf":
         load_hf_into_chunks(base, chunks, model_cfg, parallel)
+    elif plan.quantized:
+        plan.load_base(base, chunks)  # quantised layer by layer on arrival
     else:
-        plan.load_base(base, chunks)
+        load_model_weights(base, chunks)
     plan.prepare(chunks, init_adapters=False)
     load_checkpoint(info.path, chunks, trainable_only=True)
     return chunks, model_cfg
