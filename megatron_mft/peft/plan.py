@@ -107,29 +107,27 @@ def _seed_for(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def _read_slices(path, items: list) -> None:
-    """Read checkpoint slices in place: ``items`` are (key, global offset, destination) with the
-    destination shaped like the slice (prepended axes included). torch DCP with a planner that
-    requests exactly these chunks; collective over the default group (every rank calls it the
-    same number of times). Used instead of ``dist_checkpointing.load`` because torch's
-    ShardedTensor cannot describe a slice of a layer-stacked tensor on a world of one process."""
-    import torch.distributed.checkpoint as dcp
+def _slice_planner_cls():
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
     from torch.distributed.checkpoint.planner import LoadPlan
     from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-    dests = {}
-    for key, offset, dest in items:
-        dests[(key, tuple(offset))] = dest
-
     class SlicePlanner(DefaultLoadPlanner):
+        """Requests exactly the given (key, global offset, destination) slices."""
+
+        def __init__(self, path, items):
+            super().__init__()
+            self.path = path
+            self.items = items
+            self.dests = {(key, tuple(offset)): dest for key, offset, dest in items}
+
         def create_local_plan(self):
             requests = []
-            for key, offset, dest in items:
+            for key, offset, dest in self.items:
                 md = self.metadata.state_dict_metadata.get(key)
                 if md is None:
-                    raise KeyError(f"base checkpoint {path} has no tensor {key!r}")
+                    raise KeyError(f"base checkpoint {self.path} has no tensor {key!r}")
                 end = [o + n for o, n in zip(offset, dest.shape)]
                 if len(md.size) != len(offset) or any(e > n for e, n in zip(end, md.size)):
                     raise ValueError(f"{key}: checkpoint shape {tuple(md.size)} does not hold the slice at "
@@ -139,7 +137,7 @@ def _read_slices(path, items: list) -> None:
             return LoadPlan(requests)
 
         def resolve_tensor(self, read_item):
-            dest = dests[(read_item.dest_index.fqn, tuple(read_item.dest_index.offset))]
+            dest = self.dests[(read_item.dest_index.fqn, tuple(read_item.dest_index.offset))]
             for dim, (o, n) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
                 dest = dest.narrow(dim, o, n)
             return dest
@@ -147,8 +145,30 @@ def _read_slices(path, items: list) -> None:
         def commit_tensor(self, read_item, tensor):
             pass
 
-    dcp.load({}, storage_reader=dcp.FileSystemReader(str(path)), planner=SlicePlanner(),
-             no_dist=not torch.distributed.is_initialized())
+    return SlicePlanner
+
+
+_SLICE_PLANNER = None
+
+
+def _read_slices(path, items: list) -> None:
+    """Read checkpoint slices in place: ``items`` are (key, global offset, destination) with the
+    destination shaped like the slice (prepended axes included). torch DCP with a planner that
+    requests exactly these chunks; collective over the default group (every rank calls it the
+    same number of times). Used instead of ``dist_checkpointing.load`` because torch's
+    ShardedTensor cannot describe a slice of a layer-stacked tensor on a world of one process."""
+    import torch.distributed.checkpoint as dcp
+
+    global _SLICE_PLANNER
+    if _SLICE_PLANNER is None:
+        _SLICE_PLANNER = _slice_planner_cls()
+    planner = _SLICE_PLANNER(path, items)
+    try:
+        dcp.load({}, storage_reader=dcp.FileSystemReader(str(path)), planner=planner,
+                 no_dist=not torch.distributed.is_initialized())
+    finally:
+        # DCP may keep the planner in reference cycles for a while: drop the big references now
+        planner.items, planner.dests = [], {}
 
 
 def _load_sharded_template(path, template: dict) -> dict:

@@ -9,13 +9,23 @@ not included (budget 2-5 GB per GPU).
     python tools/bench/peft_memory.py                                  # both models, 2 layouts
     python tools/bench/peft_memory.py --layout 1,1,1 --seq 4096 --micro-batch 1 --rank 64
     python tools/bench/peft_memory.py --models llama2-70b --layout 2,1,4 --sp --recompute none
+
+``--measure-load`` instead measures, on this machine, the peak host (CPU: ru_maxrss) or device
+(CUDA: max allocated) memory of building a model and loading a dense dist checkpoint into it:
+full model, LoRA, QLoRA (layer-by-layer quantisation), each in a fresh process, for a
+mid-size Llama shape (``--measure-shape LAYERS,HIDDEN,FFN``).
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import json
+import os
+import resource
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -43,7 +53,11 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu-gb", type=float, default=80.0, help="card size for the 'fits' column")
     ap.add_argument("--overhead-gb", type=float, default=4.0,
                     help="CUDA context + NCCL + allocator slack assumed for the 'fits' column")
+    ap.add_argument("--measure-load", action="store_true", help="measure model build + base-weight load peaks")
+    ap.add_argument("--measure-shape", default="8,1024,2816", metavar="LAYERS,HIDDEN,FFN")
     args = ap.parse_args(argv)
+    if args.measure_load:
+        return measure_load(args.measure_shape, args.rank)
     layouts = [tuple(int(x) for x in lay.split(",")) for lay in (args.layout or ["1,1,1", "2,1,4"])]
 
     cols = ["base", "adapters", "grads", "optim", "activ", "logits", "dequant", "total"]
@@ -78,5 +92,86 @@ def main(argv=None) -> int:
     return 0
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _peak_bytes() -> int:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _child(method: str, ckpt: str, overrides: list[str], rank: int) -> None:
+    """Build + load in this fresh process; print one JSON line."""
+    import torch
+
+    from megatron_mft.compat import setup_runtime
+    from megatron_mft.config import load_config
+
+    env = setup_runtime()
+    cfg = load_config(str(ROOT / "examples" / "tiny_cpu.yaml"), overrides + [f"peft.method={method}", f"peft.rank={rank}"])
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 1000))
+        torch.distributed.init_process_group("nccl" if env.cuda else "gloo", rank=0, world_size=1)
+    from megatron_mft.checkpoint.dist import load_model_weights
+    from megatron_mft.model import build_model_chunks
+    from megatron_mft.peft import PeftPlan
+    from megatron_mft.peft.plan import local_bytes
+    from megatron_mft.training.parallel import init_parallel
+
+    init_parallel(cfg.parallel, env, cfg.seed)
+    import gc
+
+    gc.collect()
+    before = _peak_bytes() if not env.cuda else 0
+    plan = PeftPlan(cfg.peft, env) if method != "none" else None
+    chunks = build_model_chunks(cfg.model, cfg.parallel, env, layer=plan.layer_spec(cfg.model) if plan else None)
+    built = _peak_bytes()
+    if plan is not None and plan.quantized:
+        plan.load_base(ckpt, chunks)
+    else:
+        load_model_weights(ckpt, chunks)
+    if plan is not None:
+        plan.prepare(chunks)
+    held = local_bytes(chunks) if plan else {"dense": sum(p.numel() * p.element_size() for c in chunks
+                                                          for p in c.parameters()), "nf4": 0}
+    print(json.dumps({"method": method, "before": before, "after_build": built, "after_load": _peak_bytes(),
+                      "model_bytes": held["dense"] + held["nf4"], "device": "cuda" if env.cuda else "cpu"}))
+
+
+def measure_load(shape: str, rank: int) -> int:
+    layers, hidden, ffn = (int(x) for x in shape.split(","))
+    overrides = [f"model.num_layers={layers}", f"model.hidden_size={hidden}", f"model.ffn_hidden_size={ffn}",
+                 "model.num_attention_heads=8", "model.num_query_groups=2", "data.path=/unused"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           # glibc: serve every allocation over 128 KB by mmap, so freed tensors leave the RSS
+           # (else its adaptive threshold keeps freed heap pages and ru_maxrss overstates)
+           "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "base"
+        subprocess.run([sys.executable, "-m", "megatron_mft.checkpoint", "init", "--config",
+                        str(ROOT / "examples" / "tiny_cpu.yaml"), "--out", str(ckpt)] + overrides,
+                       check=True, env=env, cwd=ROOT, capture_output=True)
+        print(f"shape: {layers} layers, hidden {hidden}, ffn {ffn}, 8 heads / 2 KV groups, vocab 2048, fp32 on CPU; "
+              f"LoRA/QLoRA r={rank} on all four targets")
+        print(f"{'method':<7} {'model held':>11} {'peak before':>12} {'peak after build':>17} {'peak after load':>16}")
+        for method in ("none", "lora", "qlora"):
+            out = subprocess.run([sys.executable, __file__, "--_child", method, str(ckpt), str(rank)] + overrides,
+                                 check=True, env=env, cwd=ROOT, capture_output=True, text=True).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            mb = 1e6
+            print(f"{method:<7} {r['model_bytes'] / mb:9.1f}MB {r['before'] / mb:10.1f}MB {r['after_build'] / mb:15.1f}MB "
+                  f"{r['after_load'] / mb:14.1f}MB  ({r['device']})")
+        print("peaks are process-wide (CPU: ru_maxrss, including Python, torch and megatron-core; "
+              "MALLOC_MMAP_THRESHOLD_=131072)")
+    return 0
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--_child":
+        _child(sys.argv[2], sys.argv[3], sys.argv[5:], int(sys.argv[4]))
+        sys.exit(0)
     sys.exit(main())
