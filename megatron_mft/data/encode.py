@@ -172,8 +172,7 @@ def encode_tasks(
     """Tokenize every task; raise ``DataError`` naming each bad ``file:line`` unless skipping.
 
     ``start_method``: multiprocessing start method of the workers; default ``fork`` where it
-    exists (fast, for the preprocessing CLI). Pass ``spawn`` from a process that already runs
-    threads (a training process with CUDA or a process group).
+    exists, as torch's DataLoader workers do (workers run only the tokenizer and numpy).
     """
     out = [EncodedTask(t) for t in tasks]
     issues: list[Issue] = []
@@ -200,11 +199,13 @@ def encode_tasks(
             task = out[t_idx]
             c = task.counts
             dest = task.train if split == "train" else task.val
-            loss_cum = np.concatenate([[0], np.cumsum(flat_mask, dtype=np.int64)]).tolist()
+            cum = np.concatenate([[0], np.cumsum(flat_mask, dtype=np.int64)])
+            spans = np.asarray([(it[1], it[2]) for it in items if len(it) == 4], dtype=np.int64).reshape(-1, 2)
+            losses = iter((cum[spans[:, 1]] - cum[spans[:, 0]]).tolist())
             for item in items:
                 if len(item) == 4:
                     line_no, a, b, truncated = item
-                    loss = loss_cum[b] - loss_cum[a]
+                    loss = next(losses)
                     if truncated and not loss:
                         item = (line_no, "dropped", "no loss-taking token left after truncation")
                     else:

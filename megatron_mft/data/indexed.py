@@ -45,16 +45,31 @@ def write_split(
     vocab_size: int,
     num_tasks: int,
 ) -> None:
-    """Write ``packs`` (lists of indices into ``samples``) in order."""
+    """Write ``packs`` (lists of indices into ``samples``) in order.
+
+    Everything is laid out once in pack order (one concatenation, one cast per dataset); each
+    pack then goes to megatron's builder as a view.
+    """
     dt = dtypes(vocab_size, num_tasks)
     builders = {k: IndexedDatasetBuilder(part_prefix(directory, split, k) + ".bin", dtype=dt[k]) for k in PARTS}
-    empty = np.zeros(0, dtype=np.int64)
-    for pack in packs:
-        lengths = [len(samples[i][0]) for i in pack]
-        builders["tokens"].add_document(np.concatenate([samples[i][0] for i in pack]) if pack else empty, lengths)
-        builders["loss_mask"].add_document(np.concatenate([samples[i][1] for i in pack]) if pack else empty, lengths)
-        builders["task_ids"].add_document(np.asarray([tasks[i] for i in pack]), [len(pack)])
-        builders["sample_uids"].add_document(np.asarray([uids[i] for i in pack]), [len(pack)])
+    order = [i for p in packs for i in p]
+    if order:
+        tokens = np.concatenate([samples[i][0] for i in order]).astype(dt["tokens"], copy=False)
+        mask = np.concatenate([samples[i][1] for i in order]).astype(np.uint8, copy=False)
+        task_arr = np.asarray([tasks[i] for i in order]).astype(dt["task_ids"])
+        uid_arr = np.asarray([uids[i] for i in order], dtype=np.int64)
+        lengths = [len(samples[i][0]) for i in order]
+        tok_bounds = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+        s = 0
+        for pack in packs:
+            e = s + len(pack)
+            a, b = tok_bounds[s], tok_bounds[e]
+            pack_lengths = lengths[s:e]
+            builders["tokens"].add_document(tokens[a:b], pack_lengths)
+            builders["loss_mask"].add_document(mask[a:b], pack_lengths)
+            builders["task_ids"].add_document(task_arr[s:e], [e - s])
+            builders["sample_uids"].add_document(uid_arr[s:e], [e - s])
+            s = e
     for k, b in builders.items():
         b.finalize(part_prefix(directory, split, k) + ".idx")
 

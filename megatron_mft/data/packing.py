@@ -42,12 +42,13 @@ def pack_best_fit(lengths: Sequence[int], capacity: int) -> Packs:
     ``rooms`` is the sorted list of distinct remaining-room values that have an open window
     (at most ``capacity`` values), so finding the tightest fit is one bisect.
     """
-    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    sizes = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-sizes, kind="stable").tolist()
+    sizes_desc = sizes[order].tolist()
     packs: Packs = []
     rooms: list[int] = []
     by_room: dict[int, list[int]] = {}
-    for i in order.tolist():
-        n = int(lengths[i])
+    for i, n in zip(order, sizes_desc):
         k = bisect_left(rooms, n)
         if k < len(rooms):
             room = rooms[k]
@@ -81,8 +82,8 @@ def pack(lengths: Sequence[int], capacity: int, algorithm: str) -> Packs:
     """Indices into ``lengths`` grouped into windows of at most ``capacity`` tokens."""
     if algorithm not in PACKERS:
         raise ValueError(f"packing {algorithm!r}: expected one of {', '.join(PACKERS)}")
-    too_long = [i for i, n in enumerate(lengths) if n > capacity]
-    if too_long:
+    too_long = np.flatnonzero(np.asarray(lengths, dtype=np.int64) > capacity)
+    if len(too_long):
         raise ValueError(f"{len(too_long)} sample(s) longer than the window {capacity} (first: #{too_long[0]})")
     return PACKERS[algorithm](lengths, capacity)
 

@@ -30,9 +30,11 @@ class SplitPlan:
     #: task name -> [first pack, end pack) (validation split only).
     task_packs: dict[str, list[int]] = field(default_factory=dict)
 
+    lengths: list[int] = field(default_factory=list)
+
     @property
     def tokens(self) -> int:
-        return int(sum(len(s[0]) for s in self.samples))
+        return sum(self.lengths)
 
     def padding_ratio(self, seq_length: int) -> float:
         return 1.0 - self.tokens / (len(self.packs) * seq_length) if self.packs else 0.0
@@ -58,18 +60,20 @@ def plan_splits(
             held = set(np.random.default_rng([seed, t_id]).permutation(n)[:k].tolist()) if k else set()
             v_samples = [task.train[i] for i in sorted(held)]
             v_uids = [uids[i] for i in sorted(held)]
-        for i, smp in enumerate(task.train):
-            if i not in held:
-                train.samples.append(smp)
-                train.tasks.append(t_id)
-                train.uids.append(uids[i])
+        keep = [i for i in range(n) if i not in held] if held else range(n)
+        train.samples += [task.train[i] for i in keep]
+        train.tasks += [t_id] * len(keep)
+        train.uids += [uids[i] for i in keep]
         val_parts.append((task.files.name, v_samples, v_uids, t_id))
-    train.packs = pack([len(s[0]) for s in train.samples], seq_length, packing)
+    train.lengths = [len(s[0]) for s in train.samples]
+    train.packs = pack(train.lengths, seq_length, packing)
     for name, samples, uids, t_id in val_parts:
         base = len(val.samples)
         start = len(val.packs)
-        val.packs += [[base + i for i in p] for p in pack([len(s[0]) for s in samples], seq_length, packing)]
+        lengths = [len(s[0]) for s in samples]
+        val.packs += [[base + i for i in p] for p in pack(lengths, seq_length, packing)]
         val.samples += samples
+        val.lengths += lengths
         val.tasks += [t_id] * len(samples)
         val.uids += uids
         val.task_packs[name] = [start, len(val.packs)]

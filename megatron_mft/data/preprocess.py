@@ -8,6 +8,7 @@ an error (bad input, interrupt) never leaves a partial output folder behind.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import json
 import os
 import shutil
@@ -67,13 +68,14 @@ class PreprocessArgs:
 
 def _task_stats(encoded: Encoded, train: SplitPlan, val: SplitPlan) -> dict:
     out = {}
+    n_train, n_val = Counter(train.tasks), Counter(val.tasks)
     for t_id, task in enumerate(encoded.tasks):
         c = task.counts
         out[task.files.name] = {
             "id": t_id,
             "samples": c.samples,
-            "train_samples": sum(1 for t in train.tasks if t == t_id),
-            "val_samples": sum(1 for t in val.tasks if t == t_id),
+            "train_samples": n_train[t_id],
+            "val_samples": n_val[t_id],
             "tokens": c.tokens,
             "loss_tokens": c.loss_tokens,
             "dropped": c.dropped,

@@ -1,31 +1,20 @@
-"""Just enough protobuf wire format to read and patch a SentencePiece ``.model`` file.
+"""Just enough protobuf wire format to switch off a SentencePiece model's dummy prefix.
 
 Why: we encode a sample segment by segment (so template markers can never be produced from user
 text), and each segment must be encoded as a *continuation*. CodeLlama's model has
 ``add_dummy_prefix = true``, which would put a spurious "▁" (space) in front of every segment.
 The python package exposes no switch for it and ``protobuf`` is not a dependency, so we flip the
-one boolean in the serialized ``NormalizerSpec`` ourselves. We also read the piece types to know
-which pieces are user-defined symbols (matched verbatim anywhere in raw text).
+one boolean in the serialized ``NormalizerSpec`` ourselves.
 
 Schema (sentencepiece_model.proto): ModelProto{1: repeated SentencePiece pieces, 2: TrainerSpec,
-3: NormalizerSpec normalizer_spec, ...}; SentencePiece{1: string piece, 2: float score, 3: Type};
-NormalizerSpec{..., 3: bool add_dummy_prefix (default true), ...}.
+3: NormalizerSpec normalizer_spec, ...}; NormalizerSpec{..., 3: bool add_dummy_prefix = true}.
+Only the top level and the normalizer are walked; the (many) pieces are copied as one span.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-USER_DEFINED = 4  # SentencePiece.Type
-NORMAL = 1
-
-
-@dataclass(frozen=True)
-class _Field:
-    number: int
-    wire: int
-    value: bytes | int
-    raw: bytes  # the whole field, key included, for verbatim re-serialization
+_NORMALIZER = 3  # ModelProto.normalizer_spec
+_ADD_DUMMY_PREFIX = 3  # NormalizerSpec.add_dummy_prefix
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -51,64 +40,50 @@ def _encode_varint(v: int) -> bytes:
             return bytes(out)
 
 
-def _fields(buf: bytes) -> list[_Field]:
-    out, pos = [], 0
+def _walk(buf: bytes):
+    """Yield (field number, wire type, start, value start, end) for each top-level field."""
+    pos = 0
     while pos < len(buf):
         start = pos
         key, pos = _varint(buf, pos)
         number, wire = key >> 3, key & 7
         if wire == 0:
-            value, pos = _varint(buf, pos)
+            _, end = _varint(buf, pos)
         elif wire == 1:
-            value, pos = buf[pos:pos + 8], pos + 8
+            end = pos + 8
         elif wire == 2:
             n, pos = _varint(buf, pos)
-            value, pos = buf[pos:pos + n], pos + n
+            end = pos + n
         elif wire == 5:
-            value, pos = buf[pos:pos + 4], pos + 4
+            end = pos + 4
         else:
             raise ValueError(f"unsupported protobuf wire type {wire} in SentencePiece model")
-        out.append(_Field(number, wire, value, buf[start:pos]))
-    return out
-
-
-def piece_types(model_proto: bytes) -> list[tuple[str, int]]:
-    """(piece, type) for every vocabulary entry, in id order."""
-    out = []
-    for f in _fields(model_proto):
-        if f.number == 1 and f.wire == 2:
-            piece, typ = "", NORMAL
-            for g in _fields(f.value):  # type: ignore[arg-type]
-                if g.number == 1:
-                    piece = g.value.decode("utf-8")  # type: ignore[union-attr]
-                elif g.number == 3:
-                    typ = int(g.value)  # type: ignore[arg-type]
-            out.append((piece, typ))
-    return out
+        yield number, wire, start, pos, end
+        pos = end
 
 
 def add_dummy_prefix(model_proto: bytes) -> bool:
-    for f in _fields(model_proto):
-        if f.number == 3 and f.wire == 2:
-            for g in _fields(f.value):  # type: ignore[arg-type]
-                if g.number == 3:
-                    return bool(g.value)
+    for number, wire, _, v, end in _walk(model_proto):
+        if number == _NORMALIZER and wire == 2:
+            for n2, w2, _, v2, _ in _walk(model_proto[v:end]):
+                if n2 == _ADD_DUMMY_PREFIX and w2 == 0:
+                    return bool(_varint(model_proto[v:end], v2)[0])
     return True  # proto default
 
 
 def without_dummy_prefix(model_proto: bytes) -> bytes:
     """The same model with ``normalizer_spec.add_dummy_prefix = false``."""
+    flag = _encode_varint((_ADD_DUMMY_PREFIX << 3) | 0) + _encode_varint(0)
     out = bytearray()
     seen = False
-    for f in _fields(model_proto):
-        if f.number == 3 and f.wire == 2:
+    for number, wire, start, v, end in _walk(model_proto):
+        if number == _NORMALIZER and wire == 2:
             seen = True
-            sub = b"".join(g.raw for g in _fields(f.value) if g.number != 3)  # type: ignore[arg-type]
-            sub += _encode_varint((3 << 3) | 0) + _encode_varint(0)
-            out += _encode_varint((3 << 3) | 2) + _encode_varint(len(sub)) + sub
+            spec = model_proto[v:end]
+            sub = b"".join(spec[s:e] for n2, _, s, _, e in _walk(spec) if n2 != _ADD_DUMMY_PREFIX) + flag
+            out += _encode_varint((_NORMALIZER << 3) | 2) + _encode_varint(len(sub)) + sub
         else:
-            out += f.raw
+            out += model_proto[start:end]
     if not seen:
-        sub = _encode_varint((3 << 3) | 0) + _encode_varint(0)
-        out += _encode_varint((3 << 3) | 2) + _encode_varint(len(sub)) + sub
+        out += _encode_varint((_NORMALIZER << 3) | 2) + _encode_varint(len(flag)) + flag
     return bytes(out)

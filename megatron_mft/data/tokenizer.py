@@ -156,7 +156,6 @@ class SentencePieceTokenizer(Tokenizer):
             self._sp = spm.SentencePieceProcessor(model_proto=spm_proto.without_dummy_prefix(proto))
         except Exception as e:  # sentencepiece raises RuntimeError/OSError on bad files
             raise TokenizerError(f"{path}: not a SentencePiece model ({e})") from None
-        self._user_defined = tuple(p for p, t in spm_proto.piece_types(proto) if t == spm_proto.USER_DEFINED)
         self.vocab_size = self._sp.get_piece_size()
         bos, eos, pad = self._sp.bos_id(), self._sp.eos_id(), self._sp.pad_id()
         if eos < 0:
@@ -172,7 +171,9 @@ class SentencePieceTokenizer(Tokenizer):
         return ()  # control symbols (<s>, </s>) are never matched from text by SentencePiece
 
     def single_id(self, text: str) -> int | None:
-        return self._sp.piece_to_id(text) if text in self._user_defined else None
+        # one token for the raw string, e.g. a user-defined symbol such as the template markers
+        ids = self._sp.encode(text) if text else []
+        return ids[0] if len(ids) == 1 else None
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode(list(map(int, ids)))
