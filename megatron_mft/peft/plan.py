@@ -280,6 +280,7 @@ class PeftPlan:
         for chunk in chunks:
             for name, p in chunk.named_parameters():
                 p.requires_grad_(".lora_" in name)
+            _embedding_output_requires_grad(chunk)
             for gname, m in global_adapter_names(chunk):
                 found += 1
                 if init_adapters:
@@ -359,6 +360,23 @@ class PeftPlan:
                     f"reserved {fmt_bytes(resv)}")
         rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return f"peak memory (CPU process, ru_maxrss): {fmt_bytes(rss_kb * 1024)}"
+
+
+def _mark_requires_grad(module, args, output):
+    if torch.is_tensor(output) and not output.requires_grad:
+        output.requires_grad_(True)
+
+
+def _embedding_output_requires_grad(chunk) -> None:
+    """With the embedding frozen, its output would not require grad, and megatron's reentrant
+    activation recompute (a checkpointed layer's output requires grad only if an input does)
+    would then cut the graph: no adapter would get a gradient. Mark the embedding output as
+    requiring grad (what transformers' enable_input_require_grads does); later pipeline stages
+    receive activations that already require grad."""
+    emb = getattr(chunk, "embedding", None)
+    if emb is not None and not getattr(emb, "_peft_output_grad_hook", False):
+        emb.register_forward_hook(_mark_requires_grad)
+        emb._peft_output_grad_hook = True
 
 
 def count_parameters(chunks) -> dict:
