@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
     ap.add_argument("--attention", default="auto", choices=["auto", "te", "flash", "sdpa"])
+    ap.add_argument("--peft", default="none", choices=["none", "lora", "qlora"])
+    ap.add_argument("--lora-rank", type=int, default=64)
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args()
 
@@ -53,7 +55,8 @@ def main() -> None:
     over = [f"model.preset={args.preset}", f"model.precision={args.precision}", f"model.recompute={args.recompute}",
             f"model.attention_backend={args.attention}", f"parallel.tp={args.tp}", f"parallel.pp={args.pp}",
             f"parallel.sp={str(args.sp).lower()}", "data.path=/synthetic", f"data.seq_length={args.seq}",
-            "loss.mode=token", f"train.micro_batch_size={args.micro_batch}", "train.warmup_steps=0"]
+            "loss.mode=token", f"train.micro_batch_size={args.micro_batch}", "train.warmup_steps=0",
+            f"peft.method={args.peft}", f"peft.rank={args.lora_rank}"]
     if args.layers:
         over.append(f"model.num_layers={args.layers}")
     cfg = load_config(None, over)
@@ -61,7 +64,16 @@ def main() -> None:
     dp = ps.get_data_parallel_world_size()
     cfg.train.global_batch_size = args.micro_batch * args.micro_batches * dp
     device = torch.device("cuda", torch.cuda.current_device()) if env.cuda else torch.device("cpu")
-    chunks = wrap_ddp(build_model_chunks(cfg.model, cfg.parallel, env), cfg)
+    layer, plan = None, None
+    if args.peft != "none":  # same order as the recipe: adapter spec, build, freeze/quantise
+        from megatron_mft.peft import PeftPlan
+
+        plan = PeftPlan(cfg.peft, env)
+        layer = plan.layer_spec(cfg.model)
+    raw = build_model_chunks(cfg.model, cfg.parallel, env, layer=layer)
+    if plan is not None:
+        plan.prepare(raw)
+    chunks = wrap_ddp(raw, cfg)
     install_grad_finalizer(chunks)
     opt = build_optimizer(chunks, cfg)
     sched = build_scheduler(opt, cfg, args.steps + 1)
@@ -97,7 +109,7 @@ def main() -> None:
     result = {
         "device": env.device_name, "kernels": env.kernels_line(), "preset": args.preset,
         "layers": arch.num_layers, "seq": s, "micro_batch": b, "micro_batches": args.micro_batches,
-        "tp": args.tp, "pp": args.pp, "dp": dp, "precision": str(chunks[0].config.params_dtype),
+        "tp": args.tp, "pp": args.pp, "dp": dp, "precision": str(chunks[0].config.params_dtype), "peft": args.peft,
         "step_s": dt, "tokens_per_s": tokens / dt, "tflops_per_gpu": tflops,
         "mfu": tflops * 1e12 / peak if peak else None, "loss": out["loss"],
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if env.cuda else None,
