@@ -13,7 +13,6 @@ import dataclasses
 import io
 import json
 import shutil
-import struct
 from contextlib import redirect_stderr
 from pathlib import Path
 

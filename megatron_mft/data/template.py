@@ -82,6 +82,9 @@ class ChatFormatter:
             for role, name in template.role_names.items()
         }
         self._bos = [tokenizer.bos_id] if template.add_bos and tokenizer.bos_id is not None else []
+        self._header_arrs = {role: np.asarray(h, dtype=np.int32) for role, h in self._headers.items()}
+        self._bos_arr = np.asarray(self._bos, dtype=np.int32)
+        self._eos_arr = np.asarray([tokenizer.eos_id], dtype=np.int32)
         # ids that user text must never produce: single-id markers and the tokenizer's specials
         self._protected_ids = np.asarray(sorted(tokenizer.protected_ids(self._protect)), dtype=np.int64)
 
@@ -103,8 +106,8 @@ class ChatFormatter:
     def encode_flat(self, records: Sequence[Record]) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """All records' ids and masks concatenated, and the ``len(records) + 1`` sample bounds.
 
-        Built as two flat lists and converted once: per-sample conversion would cost as much
-        as the template itself.
+        Built with one concatenation and one ``np.repeat`` per batch: per-sample conversion would
+        cost as much as the template itself.
         """
         texts: list[str] = []
         for r in records:
@@ -112,52 +115,55 @@ class ChatFormatter:
                 texts.append(r.text)
             else:
                 texts.extend(t.content for t in r.turns)
-        encoded = self.tok.encode_batch(texts, self._protect, check=False)  # checked below, at once
-        eos = self.tok.eos_id
+        encoded = self.tok.encode_arrays(texts, self._protect)  # protected ids: checked below, at once
+        eos = self._eos_arr
         all_loss = self.mode == "pretrain"
         eos_after_bot = self.template.eos_after_bot
         head_value = 1 if all_loss else 0
-        # ids as one flat list; the mask and the "came from user text" flag as runs
-        # (value, is_text, length), expanded by np.repeat: no per-token Python work
-        ids: list[int] = []
+        # ids as a list of arrays joined once; the mask and the "came from user text" flag as
+        # runs (value, is_text, length) expanded by np.repeat: no per-token Python work
+        pieces: list[np.ndarray] = []
         run_val: list[int] = []
         run_text: list[bool] = []
         run_len: list[int] = []
         starts: list[int] = []
+        pos = 0
         k = 0
         for r in records:
-            starts.append(len(ids))
+            starts.append(pos)
             if self._bos:
-                ids += self._bos
+                pieces.append(self._bos_arr)
                 run_val.append(0)
                 run_text.append(False)
                 run_len.append(1)
+                pos += 1
             if r.text is not None:
                 body = encoded[k]
                 k += 1
-                ids += body
-                ids.append(eos)
+                pieces += (body, eos)
                 run_val += (1, 1)
                 run_text += (True, False)
                 run_len += (len(body), 1)
+                pos += len(body) + 1
                 continue
             for turn in r.turns:
                 body = encoded[k]
                 k += 1
-                head = self._headers[turn.role]
-                ids += head
-                ids += body
+                head = self._header_arrs[turn.role]
+                pieces += (head, body)
                 bot = turn.role == "bot"
                 learn = 1 if (bot or all_loss) else 0
                 run_val += (head_value, learn)
                 run_text += (False, True)
                 run_len += (len(head), len(body))
+                pos += len(head) + len(body)
                 if bot and eos_after_bot:
-                    ids.append(eos)
+                    pieces.append(eos)
                     run_val.append(learn)
                     run_text.append(False)
                     run_len.append(1)
-        flat_ids = np.array(ids, dtype=np.int32)
+                    pos += 1
+        flat_ids = np.concatenate(pieces).astype(np.int32, copy=False) if pieces else np.zeros(0, np.int32)
         flat_mask = np.repeat(np.array(run_val, dtype=np.uint8), run_len)
         if starts:
             flat_mask[starts] = 0  # a sample's first token is nobody's target
@@ -165,7 +171,7 @@ class ChatFormatter:
             from_text = np.repeat(np.array(run_text, dtype=bool), run_len)
             if np.isin(flat_ids[from_text], self._protected_ids).any():
                 raise TokenizerError("user text produced a protected special id (marker or special token)")
-        return flat_ids, flat_mask, starts + [len(ids)]
+        return flat_ids, flat_mask, starts + [pos]
 
     def prompt_ids(self, turns: Sequence[Turn]) -> list[int]:
         """Ids for generation: the given turns, then the header of the bot turn to be written."""

@@ -18,6 +18,8 @@ from itertools import chain
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
+
 from megatron_mft.data import spm_proto
 
 
@@ -99,25 +101,50 @@ class Tokenizer(ABC):
         is verified to hold no protected id (normalization, e.g. NFKC, could still produce one);
         callers that verify in bulk pass ``check=False``.
         """
-        strings, pattern, protected_ids = self._protection(tuple(protect))
         texts = list(texts)
-        joined = "\x00".join(texts) if strings else ""
-        if pattern is None or not any(p in joined for p in strings):  # one fast scan for the common case
+        strings, pattern, protected_ids = self._protection(tuple(protect))
+        split = self._split_protected(texts, strings, pattern)
+        if split is None:
             out = self._encode_raw(texts)
         else:
-            pieces: list[str] = []
-            owners: list[int] = []
-            for i, text in enumerate(texts):
-                for p in _defuse(text, pattern) if pattern.search(text) else (text,):
-                    pieces.append(p)
-                    owners.append(i)
             out = [[] for _ in texts]
-            for i, ids in zip(owners, self._encode_raw(pieces)):
+            for i, ids in zip(split[1], self._encode_raw(split[0])):
                 out[i].extend(ids)
         if check and protected_ids and not protected_ids.isdisjoint(chain.from_iterable(out)):
             bad = next(i for i, ids in enumerate(out) if not protected_ids.isdisjoint(ids))
             raise TokenizerError(f"encoding text #{bad} produced a protected special id; text={texts[bad][:80]!r}")
         return out
+
+    def encode_arrays(self, texts: Sequence[str], protect: tuple[str, ...] = ()) -> list[np.ndarray]:
+        """``encode_batch`` as int32 arrays, unchecked: for callers that verify whole chunks at once."""
+        texts = list(texts)
+        strings, pattern, _ = self._protection(tuple(protect))
+        split = self._split_protected(texts, strings, pattern)
+        if split is None:
+            return self._encode_raw_arrays(texts)
+        parts: list[list[np.ndarray]] = [[] for _ in texts]
+        for i, ids in zip(split[1], self._encode_raw_arrays(split[0])):
+            parts[i].append(ids)
+        return [np.concatenate(p) if p else np.zeros(0, np.int32) for p in parts]
+
+    def _encode_raw_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(ids, dtype=np.int32) for ids in self._encode_raw(texts)]
+
+    @staticmethod
+    def _split_protected(texts: list[str], strings: tuple[str, ...], pattern: re.Pattern | None):
+        """None when no text holds a protected string (one fast scan); else (pieces, owner index)."""
+        if pattern is None:
+            return None
+        joined = "\x00".join(texts)
+        if not any(p in joined for p in strings):
+            return None
+        pieces: list[str] = []
+        owners: list[int] = []
+        for i, text in enumerate(texts):
+            for p in _defuse(text, pattern) if pattern.search(text) else (text,):
+                pieces.append(p)
+                owners.append(i)
+        return pieces, owners
 
     def encode(self, text: str, protect: tuple[str, ...] = ()) -> list[int]:
         return self.encode_batch([text], protect)[0]
@@ -166,6 +193,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     def _encode_raw(self, texts: list[str]) -> list[list[int]]:
         return self._sp.encode(texts, num_threads=1) if texts else []
+
+    def _encode_raw_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        return self._sp.encode(texts, num_threads=1, out_type="numpy") if texts else []
 
     def _special_strings(self) -> tuple[str, ...]:
         return ()  # control symbols (<s>, </s>) are never matched from text by SentencePiece

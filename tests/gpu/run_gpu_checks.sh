@@ -21,6 +21,4 @@ run full34b_4l --preset codellama-34b --layers 4 --seq 4096 --micro-batch 1 --mi
 # issue 5: LoRA vs QLoRA step time and peak memory on the same layers
 run lora34b_4l --preset codellama-34b --layers 4 --seq 4096 --micro-batch 1 --micro-batches 2 --steps 3 --precision bf16 --peft lora
 run qlora34b_4l --preset codellama-34b --layers 4 --seq 4096 --micro-batch 1 --micro-batches 2 --steps 3 --precision bf16 --peft qlora
-# packed attention and a short tiny run on CUDA (same code as CPU)
-timeout 120 python3 -m pytest -q -x tests/test_packed_attention.py 2>&1 | tail -3
 python3 tools/bench/peft_memory.py 2>&1 | tail -30 | tee "$OUT/peft_memory.txt"

@@ -71,8 +71,9 @@ def _load_chunk(chunk, source: HFSource) -> None:
         for key, entry in _flat(sd):
             if isinstance(entry, ShardedObject) or ".lora_" in key or key.endswith("_extra_state"):
                 continue
-            if key.startswith(prefix if group is not None else "decoder.layers.") != (group is not None):
-                continue  # not this group's (layer ``group``, or the non-layer tensors for None)
+            in_group = key.startswith(prefix) if group is not None else not key.startswith("decoder.layers.")
+            if not in_group:  # group None: embedding, final norm, output layer
+                continue
             name = entry_canonical(entry)
             try:
                 full = source.get(name)

@@ -49,8 +49,6 @@ class CheckpointInfo:
     base: Optional[tuple[str, Path]] = None
     hf_config: Optional[dict] = None
     tokenizer_dirs: list = field(default_factory=list)
-    #: tensor-parallel size the checkpoint was saved with (training checkpoints)
-    saved_tp: int = 1
 
     @property
     def adapters(self) -> bool:
@@ -110,8 +108,7 @@ def describe_checkpoint(path: str | Path) -> CheckpointInfo:
                               ["run.json config has neither model.hf_init nor train.init_checkpoint"])
     return CheckpointInfo(path=p, kind="training", model_cfg=model, family=family_for(hf_cfg) if hf_cfg else
                           FAMILIES["llama"], peft_cfg=peft if adapters else None, base=base if adapters else None,
-                          hf_config=hf_cfg, tokenizer_dirs=toks,
-                          saved_tp=int((cfg.get("parallel") or {}).get("tp", 1)))
+                          hf_config=hf_cfg, tokenizer_dirs=toks)
 
 
 # ------------------------------------------------------------------------------------ readers
