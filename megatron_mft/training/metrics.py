@@ -68,6 +68,15 @@ def console_line(rec: dict, total_steps: int) -> str:
     return " | ".join(parts)
 
 
+def peak_memory_gib() -> float:
+    """Peak device memory on CUDA (allocator), peak resident host memory on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB on Linux
+
+
 class Timer:
     def __init__(self):
         self.t = time.perf_counter()

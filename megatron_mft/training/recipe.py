@@ -20,7 +20,7 @@ from megatron_mft.config.base import to_dict
 from megatron_mft.data import MFTData
 from megatron_mft.loss import build_balancer, task_weights_in_force
 from megatron_mft.model import build_model_chunks
-from megatron_mft.training.metrics import MetricsLog, Timer, console_line, peak_flops, train_flops
+from megatron_mft.training.metrics import MetricsLog, Timer, console_line, peak_flops, peak_memory_gib, train_flops
 from megatron_mft.training.optimizer import build_optimizer, build_scheduler, total_steps, wrap_ddp
 from megatron_mft.training.parallel import init_parallel, teardown
 from megatron_mft.training.step import StepContext, evaluate, install_grad_finalizer, train_step
@@ -180,6 +180,8 @@ class Recipe:
                 dt = timer.lap()
                 self._log_step(out, tokens_since, flops_since, dt)
                 tokens_since, flops_since, steps_since = 0, 0.0, 0
+            if self.step == 3 and self.peft is not None:
+                _say(self.peft.peak_memory_line())
             if self._should_validate():
                 self._validate()
             if t.save_interval and self.step % t.save_interval == 0 and self.step < self.total_steps:
@@ -200,7 +202,7 @@ class Recipe:
         rec = {"step": self.step, "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
                "tokens_per_s": tokens / dt, "tflops_per_gpu": tflops,
                "mfu": (tflops * 1e12 / self.peak) if self.peak else None,
-               "consumed_rows": self.consumed_rows,
+               "consumed_rows": self.consumed_rows, "peak_mem_gib": peak_memory_gib(),
                **{k: v for k, v in out.items() if k.startswith("task_")}}
         self.metrics.write(rec)
         _say(console_line(rec, self.total_steps))
@@ -242,7 +244,7 @@ class Recipe:
     # ---------------------------------------------------------------- save / cleanup
     def save(self) -> None:
         info = {"config": to_dict(self.run_cfg), "task_names": self.task_names,
-                "consumed_rows": self.consumed_rows, "manifest": self.data.manifest,
+                "consumed_rows": self.consumed_rows, "peak_mem_gib": peak_memory_gib(), "manifest": self.data.manifest,
                 "peft": self.run_cfg.peft.method}
         path = save_checkpoint(self.ckpt_root, self.step, [c.module for c in self.chunks], self.optimizer,
                                common=self._common_state(), run_info=info,
