@@ -130,16 +130,15 @@ class Recipe:
             _say(f"initialised weights from {run.train.init_checkpoint}")
 
     def _report_params(self) -> None:
-        local_total = sum(p.numel() for c in self.chunks for p in c.parameters())
-        local_train = sum(p.numel() for c in self.chunks for p in c.parameters() if p.requires_grad)
-        vec = torch.tensor([local_total, local_train], dtype=torch.float64, device=self.device)
+        if self.peft is not None:  # prepare() logged the trainable share (NF4 base included)
+            _say(self.peft.memory_report(self.arch, self.run_cfg))
+            return
+        local = sum(p.numel() for c in self.chunks for p in c.parameters())
+        vec = torch.tensor([local], dtype=torch.float64, device=self.device)
         # parameters are disjoint across TP and PP ranks of one data-parallel replica
         torch.distributed.all_reduce(vec, group=ps.get_model_parallel_group())
-        total, trainable = vec.tolist()
-        _say(f"parameters: {total / 1e6:.2f}M on this layout (replicated norms counted per TP rank), "
-             f"trainable {trainable / 1e6:.3f}M ({100 * trainable / max(total, 1):.2f}%)")
-        if self.peft is not None:
-            _say(self.peft.memory_report(self.arch, self.run_cfg))
+        _say(f"parameters: {vec.item() / 1e6:.2f}M on this layout (norms counted once per TP rank), "
+             f"all trainable; {self.arch.num_params() / 1e6:.2f}M in the architecture")
 
     def _common_state(self) -> dict:
         return {"step": self.step, "consumed_rows": self.consumed_rows,
