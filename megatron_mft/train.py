@@ -8,6 +8,18 @@ import sys
 from megatron_mft.config import ConfigError, load_config
 
 
+def _quiet_known_warnings() -> None:
+    """megatron-core warns on import about every optional kernel it lacks; the recipe prints
+    one line naming the kernels in force instead."""
+    import warnings
+
+    for pattern in (r".*(Apex|Transformer Engine|TransformerEngine).*(not installed|Falling back).*",
+                    r".*full scope is deprecated.*", r".*\.grad attribute of a Tensor that is not a leaf.*",
+                    r".*is deprecated. Please use .*_single.*", r".*deprecating ShardedTensor.*",
+                    r".*`load_state_dict` is deprecated.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_mft.train", description=__doc__)
     parser.add_argument("--config", required=True, help="run YAML (e.g. examples/tiny_cpu.yaml)")
@@ -18,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    _quiet_known_warnings()
     from megatron_mft.training.recipe import Recipe
 
     return Recipe(cfg).run()
