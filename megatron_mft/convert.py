@@ -87,7 +87,8 @@ def _single_process():
                          "(or set MFT_LAUNCHER=single)")
     _return_freed_memory()
     env = setup_runtime()
-    init_distributed(DistEnv(0, 1, 0, 1, 0, "127.0.0.1", 0, "single", 1))
+    # gloo even on GPU hosts: conversions are host-memory work, and collectives carry CPU objects
+    init_distributed(DistEnv(0, 1, 0, 1, 0, "127.0.0.1", 0, "single", 1), backend="gloo")
     init_parallel(ParallelConfig(), env, seed=0)
     return env
 

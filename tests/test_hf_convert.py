@@ -172,23 +172,31 @@ def test_metadata_and_tokenizer_beside_checkpoint(converted):
     assert json.loads((converted / "metadata.json").read_text())["sharded_backend"] == "torch_dist"
 
 
-def test_pytorch_bin_input_matches_safetensors(env, tiny_hf, tmp_path):
-    """pytorch_model.bin is read with weights_only=True and maps to the same tensors."""
+def test_single_file_and_pytorch_bin_inputs_match_sharded(env, tiny_hf, tmp_path):
+    """model.safetensors (one file) and pytorch_model.bin (read with weights_only=True) map to the
+    same megatron tensors as the sharded safetensors."""
+    from safetensors.torch import save_file
+
     from megatron_mft.checkpoint.hf.families import LLAMA
     from megatron_mft.checkpoint.hf.hfconfig import model_config_from_hf, read_hf_config
     from megatron_mft.checkpoint.hf.source import HFSource
 
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    shutil.copy(tiny_hf / "config.json", bin_dir / "config.json")
-    torch.save(hf_state(tiny_hf), bin_dir / "pytorch_model.bin")
+    state = hf_state(tiny_hf)
+    single, bin_dir = tmp_path / "single", tmp_path / "bin"
+    for d in (single, bin_dir):
+        d.mkdir()
+        shutil.copy(tiny_hf / "config.json", d / "config.json")
+    save_file(state, str(single / "model.safetensors"), metadata={"format": "pt"})
+    torch.save(state, bin_dir / "pytorch_model.bin")
     cfg = read_hf_config(tiny_hf)
     arch = model_config_from_hf(cfg).arch()
-    a, b = HFSource(tiny_hf, LLAMA, arch, cfg), HFSource(bin_dir, LLAMA, arch, cfg)
-    assert b.weights.format == "pytorch_model.bin"
+    sources = [HFSource(d, LLAMA, arch, cfg) for d in (tiny_hf, single, bin_dir)]
+    assert len(set(sources[0].weights.files.values())) > 5 and len(set(sources[1].weights.files.values())) == 1
+    assert sources[2].weights.format == "pytorch_model.bin"
     for w, layer in LLAMA.entries(arch):
         name = w.megatron_name(layer)
-        assert torch.equal(a.get(name), b.get(name)), name
+        ref = sources[0].get(name)
+        assert all(torch.equal(ref, s.get(name)) for s in sources[1:]), name
 
 
 # ------------------------------------------------------------------------------ refusals
