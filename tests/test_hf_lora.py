@@ -107,11 +107,22 @@ def test_adapter_and_merged_exports_reproduce_the_lora_model(env, tiny_hf, tmp_p
 
 
 def test_adapter_checkpoint_needs_an_export_mode(env, tiny_hf, tmp_path):
+    """An adapter-only checkpoint asks for --merge-lora or --adapter-only; the adapter export
+    works without the base, the merge names the missing base."""
+    import shutil
+
     from megatron_mft.checkpoint.hf import ConversionError
     from megatron_mft.checkpoint.hf.mcore_to_hf import export_to_hf
 
-    run_dir, _ = _train_like_run(env, tiny_hf, tmp_path / "run", "lora", "hf")
+    base = tmp_path / "base"
+    shutil.copytree(tiny_hf, base)
+    run_dir, _ = _train_like_run(env, base, tmp_path / "run", "lora", "hf")
     with pytest.raises(ConversionError, match="holds LoRA adapters only"):
         export_to_hf(run_dir, tmp_path / "x", log=lambda s: None)
     with pytest.raises(ConversionError, match="exclude each other"):
         export_to_hf(run_dir, tmp_path / "x", merge_lora=True, adapter_only=True, log=lambda s: None)
+    shutil.rmtree(base)
+    export_to_hf(run_dir, tmp_path / "adapter", adapter_only=True, log=lambda s: None)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    with pytest.raises(ConversionError, match=f"{base} is not a Hugging Face model folder"):
+        export_to_hf(run_dir, tmp_path / "merged", merge_lora=True, log=lambda s: None)

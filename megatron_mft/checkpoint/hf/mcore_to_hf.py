@@ -113,23 +113,34 @@ def describe_checkpoint(path: str | Path) -> CheckpointInfo:
 
 # ------------------------------------------------------------------------------------ readers
 class Reader:
-    """Canonical megatron names -> TP=1 tensors, for the checkpoint and (adapter runs) its base."""
+    """Canonical megatron names -> TP=1 tensors, for the checkpoint and (adapter runs) its base.
+    The base is opened on first use: an adapter-only export does not need it to exist."""
 
     def __init__(self, info: CheckpointInfo, template: Template):
         self.info, self.template = info, template
         self.ckpt = DistCheckpoint(info.path)
-        arch = info.model_cfg.arch()
-        if info.base is None:
-            self.base_get = lambda name: self.ckpt.load(template, name)
-            key = shards_of(template.tensors["embedding.word_embeddings.weight"])[0].key
-            self.base_dtype = self.ckpt.dtype(key)
-        elif info.base[0] == "hf":
-            src = HFSource(info.base[1], info.family, arch, read_hf_config(info.base[1]))
-            self.base_get, self.base_dtype = src.get, src.dtype()
-        else:
-            base = DistCheckpoint(info.base[1])
-            self.base_get = lambda name: base.load(template, name)
-            self.base_dtype = base.dtype(shards_of(template.tensors["embedding.word_embeddings.weight"])[0].key)
+        self._base = None
+
+    def _open_base(self):
+        if self._base is None:
+            info, template = self.info, self.template
+            embed_key = shards_of(template.tensors["embedding.word_embeddings.weight"])[0].key
+            if info.base is None:
+                self._base = (lambda name: self.ckpt.load(template, name), self.ckpt.dtype(embed_key))
+            elif info.base[0] == "hf":
+                src = HFSource(info.base[1], info.family, info.model_cfg.arch(), read_hf_config(info.base[1]))
+                self._base = (src.get, src.dtype())
+            else:
+                base = DistCheckpoint(info.base[1])
+                self._base = (lambda name: base.load(template, name), base.dtype(embed_key))
+        return self._base
+
+    def base_get(self, name: str) -> torch.Tensor:
+        return self._open_base()[0](name)
+
+    @property
+    def base_dtype(self) -> torch.dtype:
+        return self._open_base()[1]
 
     def targets(self) -> list[str]:
         """Adapter paths (``decoder.layers.3.self_attention.linear_qkv``) in checkpoint order."""
