@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_fixtures import chat, cli_args, run_cli, write_jsonl  # noqa: E402
+from data_fixtures import DEMO_TOKENIZER, chat, cli_args, run_cli, write_jsonl  # noqa: E402
 
 from megatron_mft.data.preprocess import main  # noqa: E402
 
@@ -128,8 +128,7 @@ def test_no_partial_output_when_writing_fails(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         from megatron_mft.data.preprocess import PreprocessArgs, preprocess
 
-        preprocess(PreprocessArgs(str(data), cli_args(data, out)[3], 64, "none", str(out), overwrite=True,
-                                  progress=False))
+        preprocess(PreprocessArgs(str(data), DEMO_TOKENIZER, 64, "none", str(out), overwrite=True, progress=False))
     # the previous output is untouched and nothing else is left in the parent folder
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]

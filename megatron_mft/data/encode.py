@@ -96,8 +96,9 @@ def _init_worker(spec: EncodeSpec) -> None:
 
 def _encode_chunk(chunk: tuple[int, str, str, list[tuple[int, bytes]]]):
     """-> (task, split, file, bytes read, ids, mask, items). The chunk's samples come back as two
-    flat arrays (cheap to pickle); items are ``(line, start, end, truncated)`` slices of them, or
-    ``(line, reason, detail)`` for lines that are not samples."""
+    flat arrays (cheap to pickle); items are ``(line, start, end, loss tokens)`` slices of them
+    (loss tokens negated when the sample was truncated), or ``(line, reason, detail)`` for lines
+    that are not samples."""
     task, split, path, lines = chunk
     assert _FORMATTER is not None and _SPEC is not None
     nbytes = sum(len(raw) + 1 for _, raw in lines)
@@ -111,17 +112,20 @@ def _encode_chunk(chunk: tuple[int, str, str, list[tuple[int, bytes]]]):
         if rec is not None:
             good.append((line_no, rec))
     ids, mask, bounds = _FORMATTER.encode_flat([r for _, r in good])
+    cum = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)]).tolist()  # loss tokens by prefix sums
     seq = _SPEC.seq_length
     for (line_no, _), a, b in zip(good, bounds[:-1], bounds[1:]):
         n = b - a
         if n <= seq:
-            out.append((line_no, a, b, False))
+            out.append((line_no, a, b, cum[b] - cum[a]))
         elif _SPEC.overlong == "error":
             out.append((line_no, Reason.OVERLONG.value, f"{n} tokens > seq_length {seq}"))
         elif _SPEC.overlong == "drop":
             out.append((line_no, "dropped", f"{n} tokens > seq_length {seq}"))
+        elif cum[a + seq] - cum[a]:
+            out.append((line_no, a, a + seq, -(cum[a + seq] - cum[a])))  # negative: truncated
         else:
-            out.append((line_no, a, a + seq, True))
+            out.append((line_no, "dropped", "no loss-taking token left after truncation"))
     out.sort(key=lambda x: x[0])
     return task, split, path, nbytes, ids, mask, out
 
@@ -199,22 +203,15 @@ def encode_tasks(
             task = out[t_idx]
             c = task.counts
             dest = task.train if split == "train" else task.val
-            cum = np.concatenate([[0], np.cumsum(flat_mask, dtype=np.int64)])
-            spans = np.asarray([(it[1], it[2]) for it in items if len(it) == 4], dtype=np.int64).reshape(-1, 2)
-            losses = iter((cum[spans[:, 1]] - cum[spans[:, 0]]).tolist())
             for item in items:
                 if len(item) == 4:
-                    line_no, a, b, truncated = item
-                    loss = next(losses)
-                    if truncated and not loss:
-                        item = (line_no, "dropped", "no loss-taking token left after truncation")
-                    else:
-                        dest.append((flat_ids[a:b], flat_mask[a:b]))
-                        c.samples += 1
-                        c.tokens += b - a
-                        c.loss_tokens += loss
-                        c.truncated += truncated
-                        continue
+                    line_no, a, b, loss = item
+                    dest.append((flat_ids[a:b], flat_mask[a:b]))
+                    c.samples += 1
+                    c.tokens += b - a
+                    c.loss_tokens += abs(loss)
+                    c.truncated += loss < 0
+                    continue
                 line_no, reason, detail = item
                 raw = _raw_line(path, line_no, raw_cache)
                 if reason == "dropped":
