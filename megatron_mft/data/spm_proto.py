@@ -6,13 +6,20 @@ text), and each segment must be encoded as a *continuation*. CodeLlama's model h
 The python package exposes no switch for it and ``protobuf`` is not a dependency, so we flip the
 one boolean in the serialized ``NormalizerSpec`` ourselves.
 
+It also tells the type of one piece: only user-defined symbols (type 4) are matched verbatim
+anywhere in raw text, which is what makes a template marker a single, protectable id.
+
 Schema (sentencepiece_model.proto): ModelProto{1: repeated SentencePiece pieces, 2: TrainerSpec,
-3: NormalizerSpec normalizer_spec, ...}; NormalizerSpec{..., 3: bool add_dummy_prefix = true}.
-Only the top level and the normalizer are walked; the (many) pieces are copied as one span.
+3: NormalizerSpec normalizer_spec, ...}; SentencePiece{1: string piece, 2: float score,
+3: Type type = NORMAL}; NormalizerSpec{..., 3: bool add_dummy_prefix = true}.
+Only the top level and single messages are walked, never the whole vocabulary.
 """
 
 from __future__ import annotations
 
+USER_DEFINED = 4  # SentencePiece.Type
+_PIECES = 1  # ModelProto.pieces
+_TYPE = 3  # SentencePiece.type
 _NORMALIZER = 3  # ModelProto.normalizer_spec
 _ADD_DUMMY_PREFIX = 3  # NormalizerSpec.add_dummy_prefix
 
@@ -60,6 +67,21 @@ def _walk(buf: bytes):
             raise ValueError(f"unsupported protobuf wire type {wire} in SentencePiece model")
         yield number, wire, start, pos, end
         pos = end
+
+
+def piece_type(model_proto: bytes, index: int) -> int:
+    """The ``SentencePiece.Type`` of vocabulary entry ``index`` (1 = NORMAL when unset)."""
+    seen = 0
+    for number, wire, _, v, end in _walk(model_proto):
+        if number == _PIECES and wire == 2:
+            if seen == index:
+                piece = model_proto[v:end]
+                for n2, w2, _, v2, _ in _walk(piece):
+                    if n2 == _TYPE and w2 == 0:
+                        return _varint(piece, v2)[0]
+                return 1
+            seen += 1
+    raise IndexError(f"piece {index} not in the model ({seen} pieces)")
 
 
 def add_dummy_prefix(model_proto: bytes) -> bool:

@@ -178,7 +178,8 @@ class SentencePieceTokenizer(Tokenizer):
 
         self._file = Path(path)
         self.path = str(path)
-        proto = self._file.read_bytes()
+        proto = self._proto = self._file.read_bytes()
+        self._single: dict[str, int | None] = {}
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=spm_proto.without_dummy_prefix(proto))
         except Exception as e:  # sentencepiece raises RuntimeError/OSError on bad files
@@ -201,9 +202,12 @@ class SentencePieceTokenizer(Tokenizer):
         return ()  # control symbols (<s>, </s>) are never matched from text by SentencePiece
 
     def single_id(self, text: str) -> int | None:
-        # one token for the raw string, e.g. a user-defined symbol such as the template markers
-        ids = self._sp.encode(text) if text else []
-        return ids[0] if len(ids) == 1 else None
+        # only user-defined symbols are matched verbatim in raw text (the template markers)
+        if text not in self._single:
+            i = self._sp.piece_to_id(text) if text else self._sp.unk_id()
+            ok = i != self._sp.unk_id() and spm_proto.piece_type(self._proto, i) == spm_proto.USER_DEFINED
+            self._single[text] = i if ok else None
+        return self._single[text]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode(list(map(int, ids)))
