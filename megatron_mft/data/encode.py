@@ -112,18 +112,21 @@ def _encode_chunk(chunk: tuple[int, str, str, list[tuple[int, bytes]]]):
         if rec is not None:
             good.append((line_no, rec))
     ids, mask, bounds = _FORMATTER.encode_flat([r for _, r in good])
-    cum = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)]).tolist()  # loss tokens by prefix sums
     seq = _SPEC.seq_length
-    for (line_no, _), a, b in zip(good, bounds[:-1], bounds[1:]):
+    b_arr = np.asarray(bounds, dtype=np.int64)
+    ends = np.minimum(b_arr[1:], b_arr[:-1] + seq)  # where each sample ends once truncated
+    cum = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+    losses = (cum[ends] - cum[b_arr[:-1]]).tolist()  # loss tokens of each (truncated) sample
+    for (line_no, _), a, b, loss in zip(good, bounds[:-1], bounds[1:], losses):
         n = b - a
         if n <= seq:
-            out.append((line_no, a, b, cum[b] - cum[a]))
+            out.append((line_no, a, b, loss))
         elif _SPEC.overlong == "error":
             out.append((line_no, Reason.OVERLONG.value, f"{n} tokens > seq_length {seq}"))
         elif _SPEC.overlong == "drop":
             out.append((line_no, "dropped", f"{n} tokens > seq_length {seq}"))
-        elif cum[a + seq] - cum[a]:
-            out.append((line_no, a, a + seq, -(cum[a + seq] - cum[a])))  # negative: truncated
+        elif loss:
+            out.append((line_no, a, a + seq, -loss))  # negative: truncated
         else:
             out.append((line_no, "dropped", "no loss-taking token left after truncation"))
     out.sort(key=lambda x: x[0])
