@@ -124,7 +124,7 @@ def test_segments_encode_without_dummy_prefix(tok):
 
     raw = spm.SentencePieceProcessor(model_file=DEMO_TOKENIZER)
     assert raw.encode("def", out_type=str)[0].startswith("▁")
-    assert not tok._sp.id_to_piece(tok.encode("def")[0]).startswith("▁")
+    assert not tok.backend.sp.id_to_piece(tok.encode("def")[0]).startswith("▁")
     assert tok.decode(tok.encode("    return x")) == "    return x"
     assert tok.vocab_size == 2048 and tok.eos_id == EOS and tok.single_id("<|role_start|>") == RS
     # only user-defined symbols count as single marker ids: not normal pieces, not control pieces

@@ -12,11 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from abc import ABC, abstractmethod
 from functools import lru_cache
 from itertools import chain
 from pathlib import Path
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -35,8 +35,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-class Tokenizer(ABC):
-    """Text <-> ids. ``encode`` never emits an id for a protected string found in the text."""
+class Backend(Protocol):
+    """What a tokenizer library must provide; ``Tokenizer`` adds the protection on top."""
 
     kind: str
     path: str
@@ -45,53 +45,74 @@ class Tokenizer(ABC):
     eos_id: int
     pad_id: int
 
-    def __init__(self) -> None:
-        self._protect_cache: dict[tuple[str, ...], tuple[tuple[str, ...], re.Pattern | None, frozenset[int]]] = {}
-
-    # --- backend hooks -------------------------------------------------------------------
-    @abstractmethod
-    def _encode_raw(self, texts: list[str]) -> list[list[int]]:
+    def encode_raw(self, texts: list[str]) -> list[list[int]]:
         """Continuation encoding of each text, without BOS/EOS; may match special strings."""
+        ...
 
-    @abstractmethod
-    def _special_strings(self) -> tuple[str, ...]:
-        """Strings the backend itself would map to special ids when they occur in raw text."""
+    def encode_raw_arrays(self, texts: list[str]) -> list[np.ndarray]: ...
 
-    @abstractmethod
+    def special_strings(self) -> tuple[str, ...]:
+        """Strings the library itself maps to special ids when they occur in raw text."""
+        ...
+
     def single_id(self, text: str) -> int | None:
-        """The id of ``text`` if the vocabulary holds it as one token that raw text can produce."""
+        """The id of ``text`` if the vocabulary holds it as one token matched verbatim in raw text."""
+        ...
 
-    @abstractmethod
     def decode(self, ids: Sequence[int]) -> str: ...
 
-    @abstractmethod
-    def _file_for_identity(self) -> Path: ...
+    def identity_file(self) -> Path: ...
 
-    # --- shared --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Protection:
+    strings: tuple[str, ...]
+    pattern: re.Pattern | None
+    ids: frozenset[int]
+
+
+class Tokenizer:
+    """Text <-> ids over one backend. ``encode*`` never emit an id for a protected string found in
+    the text: template markers passed as ``protect`` and the backend's own special tokens."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.kind, self.path = backend.kind, backend.path
+        self.vocab_size = backend.vocab_size
+        self.bos_id, self.eos_id, self.pad_id = backend.bos_id, backend.eos_id, backend.pad_id
+        self._protect_cache: dict[tuple[str, ...], _Protection] = {}
+
+    def single_id(self, text: str) -> int | None:
+        return self.backend.single_id(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.backend.decode(ids)
+
     def identity(self) -> dict:
         """What a manifest needs to tell whether data was made with this tokenizer."""
         return {
             "kind": self.kind,
             "path": self.path,
-            "sha256": _sha256(self._file_for_identity()),
+            "sha256": _sha256(self.backend.identity_file()),
             "vocab_size": self.vocab_size,
             "bos_id": self.bos_id,
             "eos_id": self.eos_id,
             "pad_id": self.pad_id,
         }
 
-    def _protection(self, protect: tuple[str, ...]) -> tuple[tuple[str, ...], re.Pattern | None, frozenset[int]]:
+    def _protection(self, protect: tuple[str, ...]) -> _Protection:
         hit = self._protect_cache.get(protect)
         if hit is None:
-            strings = tuple(sorted({s for s in protect + self._special_strings() if len(s) > 1}, key=len, reverse=True))
+            found = {s for s in protect + self.backend.special_strings() if len(s) > 1}
+            strings = tuple(sorted(found, key=len, reverse=True))
             pattern = re.compile("|".join(re.escape(s) for s in strings)) if strings else None
-            ids = frozenset(i for i in (self.single_id(s) for s in strings) if i is not None)
-            hit = self._protect_cache[protect] = (strings, pattern, ids)
+            ids = frozenset(i for i in (self.backend.single_id(s) for s in strings) if i is not None)
+            hit = self._protect_cache[protect] = _Protection(strings, pattern, ids)
         return hit
 
     def protected_ids(self, protect: tuple[str, ...] = ()) -> frozenset[int]:
         """Ids that ``encode_batch(..., protect)`` guarantees never to emit."""
-        return self._protection(tuple(protect))[2]
+        return self._protection(tuple(protect)).ids
 
     def encode_batch(self, texts: Sequence[str], protect: tuple[str, ...] = (), check: bool = True) -> list[list[int]]:
         """Continuation-encode each text; occurrences of protected strings become plain text.
@@ -102,52 +123,48 @@ class Tokenizer(ABC):
         callers that verify in bulk pass ``check=False``.
         """
         texts = list(texts)
-        strings, pattern, protected_ids = self._protection(tuple(protect))
-        split = self._split_protected(texts, strings, pattern)
+        prot = self._protection(tuple(protect))
+        split = _split_protected(texts, prot)
         if split is None:
-            out = self._encode_raw(texts)
+            out = self.backend.encode_raw(texts)
         else:
             out = [[] for _ in texts]
-            for i, ids in zip(split[1], self._encode_raw(split[0])):
+            for i, ids in zip(split[1], self.backend.encode_raw(split[0])):
                 out[i].extend(ids)
-        if check and protected_ids and not protected_ids.isdisjoint(chain.from_iterable(out)):
-            bad = next(i for i, ids in enumerate(out) if not protected_ids.isdisjoint(ids))
+        if check and prot.ids and not prot.ids.isdisjoint(chain.from_iterable(out)):
+            bad = next(i for i, ids in enumerate(out) if not prot.ids.isdisjoint(ids))
             raise TokenizerError(f"encoding text #{bad} produced a protected special id; text={texts[bad][:80]!r}")
         return out
 
     def encode_arrays(self, texts: Sequence[str], protect: tuple[str, ...] = ()) -> list[np.ndarray]:
         """``encode_batch`` as int32 arrays, unchecked: for callers that verify whole chunks at once."""
         texts = list(texts)
-        strings, pattern, _ = self._protection(tuple(protect))
-        split = self._split_protected(texts, strings, pattern)
+        split = _split_protected(texts, self._protection(tuple(protect)))
         if split is None:
-            return self._encode_raw_arrays(texts)
+            return self.backend.encode_raw_arrays(texts)
         parts: list[list[np.ndarray]] = [[] for _ in texts]
-        for i, ids in zip(split[1], self._encode_raw_arrays(split[0])):
+        for i, ids in zip(split[1], self.backend.encode_raw_arrays(split[0])):
             parts[i].append(ids)
         return [np.concatenate(p) if p else np.zeros(0, np.int32) for p in parts]
 
-    def _encode_raw_arrays(self, texts: list[str]) -> list[np.ndarray]:
-        return [np.asarray(ids, dtype=np.int32) for ids in self._encode_raw(texts)]
-
-    @staticmethod
-    def _split_protected(texts: list[str], strings: tuple[str, ...], pattern: re.Pattern | None):
-        """None when no text holds a protected string (one fast scan); else (pieces, owner index)."""
-        if pattern is None:
-            return None
-        joined = "\x00".join(texts)
-        if not any(p in joined for p in strings):
-            return None
-        pieces: list[str] = []
-        owners: list[int] = []
-        for i, text in enumerate(texts):
-            for p in _defuse(text, pattern) if pattern.search(text) else (text,):
-                pieces.append(p)
-                owners.append(i)
-        return pieces, owners
-
     def encode(self, text: str, protect: tuple[str, ...] = ()) -> list[int]:
         return self.encode_batch([text], protect)[0]
+
+
+def _split_protected(texts: list[str], prot: _Protection) -> tuple[list[str], list[int]] | None:
+    """None when no text holds a protected string (one fast scan); else (pieces, owner index)."""
+    if prot.pattern is None:
+        return None
+    joined = "\x00".join(texts)
+    if not any(p in joined for p in prot.strings):
+        return None
+    pieces: list[str] = []
+    owners: list[int] = []
+    for i, text in enumerate(texts):
+        for p in _defuse(text, prot.pattern) if prot.pattern.search(text) else (text,):
+            pieces.append(p)
+            owners.append(i)
+    return pieces, owners
 
 
 def _defuse(text: str, pattern: re.Pattern) -> list[str]:
@@ -167,75 +184,74 @@ def _defuse(text: str, pattern: re.Pattern) -> list[str]:
     return parts
 
 
-class SentencePieceTokenizer(Tokenizer):
+class SentencePieceBackend:
     """CodeLlama's format. Segments are encoded with the dummy prefix switched off."""
 
     kind = "sentencepiece"
 
     def __init__(self, path: str | Path):
-        super().__init__()
         import sentencepiece as spm
 
         self._file = Path(path)
         self.path = str(path)
-        proto = self._proto = self._file.read_bytes()
+        self._proto = self._file.read_bytes()
         self._single: dict[str, int | None] = {}
         try:
-            self._sp = spm.SentencePieceProcessor(model_proto=spm_proto.without_dummy_prefix(proto))
+            self.sp = spm.SentencePieceProcessor(model_proto=spm_proto.without_dummy_prefix(self._proto))
         except Exception as e:  # sentencepiece raises RuntimeError/OSError on bad files
             raise TokenizerError(f"{path}: not a SentencePiece model ({e})") from None
-        self.vocab_size = self._sp.get_piece_size()
-        bos, eos, pad = self._sp.bos_id(), self._sp.eos_id(), self._sp.pad_id()
+        self.vocab_size = self.sp.get_piece_size()
+        bos, eos, pad = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
         if eos < 0:
             raise TokenizerError(f"{path}: the model defines no EOS piece")
         self.bos_id = bos if bos >= 0 else None
         self.eos_id = eos
         self.pad_id = pad if pad >= 0 else eos
 
-    def _encode_raw(self, texts: list[str]) -> list[list[int]]:
-        return self._sp.encode(texts, num_threads=1) if texts else []
+    def encode_raw(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts, num_threads=1) if texts else []
 
-    def _encode_raw_arrays(self, texts: list[str]) -> list[np.ndarray]:
-        return self._sp.encode(texts, num_threads=1, out_type="numpy") if texts else []
+    def encode_raw_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        return self.sp.encode(texts, num_threads=1, out_type="numpy") if texts else []
 
-    def _special_strings(self) -> tuple[str, ...]:
+    def special_strings(self) -> tuple[str, ...]:
         return ()  # control symbols (<s>, </s>) are never matched from text by SentencePiece
 
     def single_id(self, text: str) -> int | None:
         # only user-defined symbols are matched verbatim in raw text (the template markers)
         if text not in self._single:
-            i = self._sp.piece_to_id(text) if text else self._sp.unk_id()
-            ok = i != self._sp.unk_id() and spm_proto.piece_type(self._proto, i) == spm_proto.USER_DEFINED
+            i = self.sp.piece_to_id(text) if text else self.sp.unk_id()
+            ok = i != self.sp.unk_id() and spm_proto.piece_type(self._proto, i) == spm_proto.USER_DEFINED
             self._single[text] = i if ok else None
         return self._single[text]
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._sp.decode(list(map(int, ids)))
+        return self.sp.decode(list(map(int, ids)))
 
-    def _file_for_identity(self) -> Path:
+    def identity_file(self) -> Path:
         return self._file
 
 
-class HFTokenizer(Tokenizer):
+class HFBackend:
     """A Hugging Face tokenizer folder (``tokenizer.json`` + optional ``tokenizer_config.json``)."""
 
     kind = "huggingface"
 
     def __init__(self, folder: str | Path):
-        super().__init__()
         from tokenizers import Tokenizer as _Tok
 
         self._folder = Path(folder)
         self.path = str(folder)
         spec = json.loads((self._folder / "tokenizer.json").read_text(encoding="utf-8"))
         try:
-            self._tok = _Tok.from_str(json.dumps(_no_prefix_space(spec)))
+            self.tok = _Tok.from_str(json.dumps(_no_prefix_space(spec)))
         except Exception as e:
             raise TokenizerError(f"{folder}/tokenizer.json: cannot be loaded ({e})") from None
-        self._added = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
-        self._special = tuple(t.content for t in self._tok.get_added_tokens_decoder().values() if t.special)
+        added = self.tok.get_added_tokens_decoder()
+        self._added = {t.content: i for i, t in added.items()}
+        self._special = tuple(t.content for t in added.values() if t.special)
         cfg = _read_json(self._folder / "tokenizer_config.json") | _read_json(self._folder / "special_tokens_map.json")
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         eos = self._id_of(cfg.get("eos_token"), ("</s>", "<|endoftext|>", "<eos>"))
         if eos is None:
             raise TokenizerError(f"{folder}: no EOS token (set eos_token in tokenizer_config.json)")
@@ -248,24 +264,27 @@ class HFTokenizer(Tokenizer):
         if isinstance(value, dict):
             value = value.get("content")
         for name in ((value,) if value else ()) + fallbacks:
-            i = self._tok.token_to_id(name)
+            i = self.tok.token_to_id(name)
             if i is not None:
                 return i
         return None
 
-    def _encode_raw(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)] if texts else []
+    def encode_raw(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)] if texts else []
 
-    def _special_strings(self) -> tuple[str, ...]:
+    def encode_raw_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(ids, dtype=np.int32) for ids in self.encode_raw(texts)]
+
+    def special_strings(self) -> tuple[str, ...]:
         return self._special
 
     def single_id(self, text: str) -> int | None:
         return self._added.get(text)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(map(int, ids)), skip_special_tokens=False)
+        return self.tok.decode(list(map(int, ids)), skip_special_tokens=False)
 
-    def _file_for_identity(self) -> Path:
+    def identity_file(self) -> Path:
         return self._folder / "tokenizer.json"
 
 
@@ -298,11 +317,11 @@ def _no_prefix_space(spec: dict) -> dict:
     return spec
 
 
-# Registry: the first loader whose probe accepts the path builds the tokenizer.
-_LOADERS: list[tuple[Callable[[Path], bool], Callable[[Path], Tokenizer]]] = [
-    (lambda p: p.is_file() and p.suffix == ".model", SentencePieceTokenizer),
-    (lambda p: p.is_dir() and (p / "tokenizer.json").is_file(), HFTokenizer),
-    (lambda p: p.is_dir() and (p / "tokenizer.model").is_file(), lambda p: SentencePieceTokenizer(p / "tokenizer.model")),
+# Registry: the first loader whose probe accepts the path builds the backend.
+_LOADERS: list[tuple[Callable[[Path], bool], Callable[[Path], Backend]]] = [
+    (lambda p: p.is_file() and p.suffix == ".model", SentencePieceBackend),
+    (lambda p: p.is_dir() and (p / "tokenizer.json").is_file(), HFBackend),
+    (lambda p: p.is_dir() and (p / "tokenizer.model").is_file(), lambda p: SentencePieceBackend(p / "tokenizer.model")),
 ]
 
 
@@ -314,7 +333,7 @@ def load_tokenizer(path: str) -> Tokenizer:
         raise TokenizerError(f"tokenizer {path}: does not exist")
     for probe, build in _LOADERS:
         if probe(p):
-            return build(p)
+            return Tokenizer(build(p))
     raise TokenizerError(
         f"tokenizer {path}: expected a SentencePiece .model file or a folder holding tokenizer.json"
     )
