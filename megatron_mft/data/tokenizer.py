@@ -12,10 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 from itertools import chain
 from pathlib import Path
-from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
