@@ -74,6 +74,12 @@ class Recipe:
         self.arch = arch
         self.total_steps = total_steps(run, self.data.rows_per_epoch)
 
+        self.ckpt_root = checkpoints_dir(self.out)
+        latest = latest_checkpoint(self.ckpt_root)
+        # A full-model resume overwrites every weight: skip the base load. PEFT checkpoints hold
+        # only adapters, so their base is loaded as at the start.
+        self.skip_base = latest is not None and run.peft.method == "none"
+
         # --- peft hook (owned by megatron_mft.peft): adapter layer spec, then freeze/quantise.
         layer = None
         self.peft = None
@@ -83,7 +89,9 @@ class Recipe:
             self.peft = PeftPlan(run.peft, self.env)
             layer = self.peft.layer_spec(run.model)
         chunks = build_model_chunks(run.model, run.parallel, self.env, layer=layer)
-        if self.peft is not None and self.peft.quantized and run.train.init_checkpoint and not run.model.hf_init:
+        if self.skip_base:
+            pass
+        elif self.peft is not None and self.peft.quantized and run.train.init_checkpoint and not run.model.hf_init:
             # QLoRA: read the dense base checkpoint one decoder layer at a time, quantising each
             # targeted weight shard on arrival (peak ~ the NF4 model + one dense layer)
             self.peft.load_base(run.train.init_checkpoint, chunks)
@@ -104,8 +112,6 @@ class Recipe:
         from megatron_mft.launch.signals import PreemptionGuard
 
         self.guard = PreemptionGuard(exit_duration_minutes=run.train.exit_duration_minutes)
-        self.ckpt_root = checkpoints_dir(self.out)
-        latest = latest_checkpoint(self.ckpt_root)
         if latest is not None:
             self._resume(latest)
         self.metrics = MetricsLog(self.out, enabled=_rank0())
