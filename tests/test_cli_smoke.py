@@ -41,3 +41,15 @@ def test_cli_reports_every_config_error(tmp_path):
     assert p.returncode == 2
     for needle in ("parallel.tp: 3 does not divide", "train.lr: must be > 0", "loss.mode"):
         assert needle in p.stderr, p.stderr
+
+
+@pytest.mark.slow
+def test_early_stopping_stops_a_diverging_run(tmp_path, train_overrides):
+    out = tmp_path / "diverge"
+    proc = run_train(train_overrides + [f"output_dir={out}", "train.steps=12", "train.eval_interval=1",
+                                        "train.eval_iters=1", "train.early_stopping_patience=2", "train.lr=3.0",
+                                        "train.min_lr=0.1", "train.warmup_steps=0", "train.clip_grad=0"])
+    assert "early stopping" in proc.stdout
+    steps = [r["step"] for r in read_metrics(out) if "loss" in r]
+    assert steps == [1, 2, 3]  # evaluations after steps 2 and 3 did not beat step 1's
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000003"

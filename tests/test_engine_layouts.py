@@ -1,7 +1,8 @@
 """TP / PP (1F1B and interleaved) / DP / SP give the single-process losses on the same weights.
 
 Each layout runs the real CLI (``torchrun -m megatron_mft.train``) on gloo and must reproduce
-the single-process run's per-step loss and per-task losses (fp32, relative 1e-5).
+the single-process run's per-step loss and per-task losses (fp32, relative 1e-5), for packed
+rows (THD attention over cu_seqlens) and for dynamic padding (one sample per row).
 """
 
 import pytest
@@ -12,11 +13,18 @@ STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, train_overrides):
+def baselines(tmp_path_factory, train_overrides):
     root = tmp_path_factory.mktemp("layouts")
-    common = train_overrides + [f"train.steps={STEPS}"]
-    run_train(common + [f"output_dir={root / 'single'}"])
-    return root, common, train_losses(root / "single")
+    cache = {}
+
+    def get(batching: str):
+        if batching not in cache:
+            common = train_overrides + [f"train.steps={STEPS}", f"data.batching={batching}"]
+            run_train(common + [f"output_dir={root / ('single_' + batching)}"])
+            cache[batching] = (common, train_losses(root / ("single_" + batching)))
+        return root, cache[batching]
+
+    return get
 
 
 def _assert_same(ref: dict, got: dict):
@@ -27,20 +35,21 @@ def _assert_same(ref: dict, got: dict):
         for k, v in r.items():
             if k.startswith("task_loss/") and v is not None:
                 assert g[k] == pytest.approx(v, rel=1e-5), (step, k)
-    # training actually moved the weights
-    assert ref[STEPS]["loss"] < ref[1]["loss"]
+    assert ref[STEPS]["loss"] < ref[1]["loss"]  # training moved the weights
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout, nproc", [
-    (["parallel.tp=2", "parallel.sp=true"], 2),
-    (["parallel.pp=2"], 2),
-    (["parallel.pp=2", "parallel.vpp=2"], 2),
-    ([], 2),  # DP=2
-    (["parallel.tp=2", "parallel.pp=2"], 4),
-], ids=["tp2-sp", "pp2-1f1b", "pp2-interleaved", "dp2", "tp2xpp2"])
-def test_layout_matches_single_process(base, layout, nproc):
-    root, common, ref = base
-    out = root / ("run_" + "_".join(layout).replace("=", "").replace(".", "") + f"_n{nproc}")
+@pytest.mark.parametrize("batching, layout, nproc", [
+    ("packed", ["parallel.tp=2", "parallel.sp=true"], 2),
+    ("packed", ["parallel.pp=2"], 2),
+    ("packed", ["parallel.pp=2", "parallel.vpp=2"], 2),
+    ("packed", [], 2),  # DP=2
+    ("packed", ["parallel.tp=2", "parallel.pp=2"], 4),
+    ("dynamic", ["parallel.tp=2", "parallel.sp=true"], 2),
+    ("dynamic", ["parallel.pp=2"], 2),
+], ids=["tp2-sp", "pp2-1f1b", "pp2-interleaved", "dp2", "tp2xpp2", "dynamic-tp2-sp", "dynamic-pp2"])
+def test_layout_matches_single_process(baselines, batching, layout, nproc):
+    root, (common, ref) = baselines(batching)
+    out = root / (batching + "_" + "_".join(layout).replace("=", "").replace(".", "") + f"_n{nproc}")
     run_train(common + layout + [f"output_dir={out}"], nproc=nproc)
     _assert_same(ref, train_losses(out))
