@@ -12,7 +12,7 @@ from train_helpers import ROOT, env, read_metrics, run_train
 @pytest.mark.slow
 def test_tiny_config_online_with_balancer(tmp_path):
     out = tmp_path / "run"
-    run_train([f"output_dir={out}", "train.steps=4", "train.eval_interval=2", "train.eval_iters=1",
+    run_train([f"output_dir={out}", "train.steps=4", "train.eval_interval=2", "train.eval_iters=1", "train.tensorboard=true",
                "loss.balancer=coba", "loss.balancer_interval=2", "train.early_stopping_patience=5",
                "data.seq_length=512"])
     records = read_metrics(out)
@@ -28,6 +28,13 @@ def test_tiny_config_online_with_balancer(tmp_path):
     assert {k.split("/", 1)[1] for k in val[-1] if k.startswith("val_loss/")} == tasks
     assert train[-1]["tokens_per_s"] > 0 and train[-1]["mfu"] is None  # CPU: no known peak, no MFU claimed
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000004"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "lr", "tokens_per_s", "task_loss/docstring", "val_loss/doctest"} <= tags
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
     png = out / "loss.png"
     subprocess.run([sys.executable, "-m", "megatron_mft.plot", "--metrics", str(out / "metrics.jsonl"),
                     "--out", str(png)], check=True, cwd=ROOT, env=env())

@@ -38,6 +38,8 @@ class TrainConfig:
     #: Start from these weights (a megatron dist checkpoint, e.g. from `convert hf-to-mcore`);
     #: ignored when output_dir already holds a checkpoint to resume.
     init_checkpoint: Optional[str] = None
+    #: Also write every metrics.jsonl scalar to TensorBoard under <output_dir>/tensorboard.
+    tensorboard: bool = False
     #: Peak FLOP/s of one device, for MFU; None = looked up from the device name.
     peak_flops: Optional[float] = None
 

@@ -40,13 +40,19 @@ def train_flops(arch: ArchSpec, segment_lengths: list[int], recompute_full: bool
 
 
 class MetricsLog:
-    """One JSON object per logged step; resumed runs append, never overwrite."""
+    """One JSON object per logged step; resumed runs append, never overwrite. Optionally the same
+    scalars to TensorBoard (``<output_dir>/tensorboard``; a resumed run adds an events file)."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool):
+    def __init__(self, output_dir: str | Path, enabled: bool, tensorboard: bool = False):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
+        self.tb = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -54,6 +60,15 @@ class MetricsLog:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
+        if self.tb is not None:
+            for key, value in clean.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(key, value, clean["step"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
 
 
 def console_line(rec: dict, total_steps: int) -> str:

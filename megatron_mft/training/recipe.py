@@ -114,7 +114,7 @@ class Recipe:
         self.guard = PreemptionGuard(exit_duration_minutes=run.train.exit_duration_minutes)
         if latest is not None:
             self._resume(latest)
-        self.metrics = MetricsLog(self.out, enabled=_rank0())
+        self.metrics = MetricsLog(self.out, enabled=_rank0(), tensorboard=run.train.tensorboard)
         if _rank0():
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(run), sort_keys=False))
@@ -257,6 +257,8 @@ class Recipe:
         _say(f"saved checkpoint {path}")
 
     def cleanup(self) -> None:
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
         teardown()
 
     def run(self) -> int:
