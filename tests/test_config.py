@@ -41,3 +41,13 @@ def test_yaml_syntax_error_names_line(tmp_path):
     f.write_text("train:\n  steps: 3\n  lr: [1,\n")
     with pytest.raises(ConfigError, match=r"bad.yaml:\d+"):
         load_config(f)
+
+
+def test_steps_from_epochs():
+    from megatron_mft.training.optimizer import total_steps
+
+    cfg = load_config(None, ["data.path=/x", "train.steps=0", "train.epochs=2", "train.global_batch_size=8"])
+    assert total_steps(cfg, rows_per_epoch=100) == 25  # ceil(2 * 100 / 8)
+    assert total_steps(load_config(None, ["data.path=/x", "train.steps=7"]), rows_per_epoch=100) == 7
+    with pytest.raises(ConfigError, match="train.steps: 0 needs train.epochs"):
+        load_config(None, ["data.path=/x", "train.steps=0"])
