@@ -7,6 +7,7 @@ come back in order, so the result does not depend on the number of workers.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 from dataclasses import dataclass, field
@@ -94,14 +95,28 @@ def _init_worker(spec: EncodeSpec) -> None:
     _FORMATTER = ChatFormatter(spec.template, load_tokenizer(spec.tokenizer), spec.mode)
 
 
-def _encode_chunk(chunk: tuple[int, str, str, list[tuple[int, bytes]]]):
+def _chunk_lines(path: str, first_line: int, start: int, end: int) -> list[tuple[int, bytes]]:
+    """The lines of a byte range of ``path`` (read by the worker: no raw text is pickled)."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    if start == 0 and data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if data.endswith(b"\n"):
+        data = data[:-1]
+    return [(i, raw[:-1] if raw.endswith(b"\r") else raw)
+            for i, raw in enumerate(data.split(b"\n"), start=first_line)]
+
+
+def _encode_chunk(chunk: tuple[int, str, str, int, int, int]):
     """-> (task, split, file, bytes read, ids, mask, items). The chunk's samples come back as two
     flat arrays (cheap to pickle); items are ``(line, start, end, loss tokens)`` slices of them
     (loss tokens negated when the sample was truncated), or ``(line, reason, detail)`` for lines
     that are not samples."""
-    task, split, path, lines = chunk
+    task, split, path, first_line, start, end = chunk
     assert _FORMATTER is not None and _SPEC is not None
-    nbytes = sum(len(raw) + 1 for _, raw in lines)
+    lines = _chunk_lines(path, first_line, start, end)
+    nbytes = end - start
     good, out = [], []
     for line_no, raw in lines:
         try:
@@ -134,29 +149,25 @@ def _encode_chunk(chunk: tuple[int, str, str, list[tuple[int, bytes]]]):
 
 
 # --- main side ---------------------------------------------------------------------------
-def _read_lines(path: str) -> Iterator[tuple[int, bytes]]:
-    with open(path, "rb") as f:
-        data = f.read()
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    for i, raw in enumerate(data.split(b"\n"), start=1):
-        yield i, raw[:-1] if raw.endswith(b"\r") else raw
-
-
-def _chunks(tasks: list[TaskFiles]) -> Iterator[tuple[int, str, str, list[tuple[int, bytes]]]]:
+def _chunks(tasks: list[TaskFiles]) -> Iterator[tuple[int, str, str, int, int, int]]:
+    """(task, split, file, first line number, byte start, byte end) of runs of whole lines: the
+    main process only finds line boundaries; workers read and parse the bytes themselves."""
     for t_idx, t in enumerate(tasks):
         for split, files in (("train", t.train), ("val", t.val)):
             for path in files:
-                buf: list[tuple[int, bytes]] = []
-                size = 0
-                for line_no, raw in _read_lines(path):
-                    buf.append((line_no, raw))
-                    size += len(raw)
-                    if len(buf) >= _CHUNK_LINES or size >= _CHUNK_BYTES:
-                        yield t_idx, split, path, buf
-                        buf, size = [], 0
-                if buf:
-                    yield t_idx, split, path, buf
+                with open(path, "rb") as f:
+                    data = f.read()
+                start, line_no, size = 0, 1, len(data)
+                while start < size or (start == 0 and size == 0):
+                    end, lines = start, 0
+                    while end < size and lines < _CHUNK_LINES and end - start < _CHUNK_BYTES:
+                        nl = data.find(b"\n", end)
+                        end = size if nl < 0 else nl + 1
+                        lines += 1
+                    yield t_idx, split, path, line_no, start, end
+                    if end >= size:
+                        break
+                    start, line_no = end, line_no + lines
 
 
 def _raw_line(path: str, line_no: int, cache: dict) -> str:
@@ -194,9 +205,13 @@ def encode_tasks(
     pool = None
     if workers > 1:
         method = start_method or ("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        pool = mp.get_context(method).Pool(
-            workers, initializer=_init_worker, initargs=(spec,)
-        )
+        # Freeze the parent's objects before forking: the workers' garbage collector then never
+        # walks (and copy-on-write copies) the parent's heap, e.g. a trainer's torch modules.
+        gc.freeze()
+        try:
+            pool = mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(spec,))
+        finally:
+            gc.unfreeze()
         results = pool.imap(_encode_chunk, _chunks(tasks), chunksize=1)
     else:
         _init_worker(spec)
