@@ -137,7 +137,8 @@ def _slice_planner_cls():
             return LoadPlan(requests)
 
         def resolve_tensor(self, read_item):
-            dest = self.dests[(read_item.dest_index.fqn, tuple(read_item.dest_index.offset))]
+            # detach: destinations may be Parameters; the reader writes into a plain view of them
+            dest = self.dests[(read_item.dest_index.fqn, tuple(read_item.dest_index.offset))].detach()
             for dim, (o, n) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
                 dest = dest.narrow(dim, o, n)
             return dest
