@@ -136,8 +136,15 @@ class PackedCoreAttention(MegatronModule):
                 mask = params.masks.get(start)
                 if mask is None:
                     mask = params.masks[start] = _block_causal_mask(params.host_cu_seqlens, start, end, q.device)
+            gqa = self.groups != self.heads
+            if gqa and mask is not None and qb.is_cuda:
+                # CUDA's memory-efficient kernel takes a mask but not enable_gqa (that combination
+                # falls back to the O(s^2)-memory math kernel): expand K/V to all heads instead.
+                rep = self.heads // self.groups
+                kb, vb = kb.repeat_interleave(rep, dim=1), vb.repeat_interleave(rep, dim=1)
+                gqa = False
             ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=p, is_causal=single,
-                                                scale=self.scale, enable_gqa=self.groups != self.heads)
+                                                scale=self.scale, enable_gqa=gqa)
             outs.append(ob.squeeze(0).transpose(0, 1))
         out = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
         return out.reshape(t, self.heads * self.head_dim)
