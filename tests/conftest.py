@@ -1,7 +1,7 @@
 """Shared fixtures: one process-wide gloo group (world size 1) with megatron's parallel state."""
 
 import os
-import socket
+from train_helpers import free_port
 
 import pytest
 import torch
@@ -9,10 +9,6 @@ import torch
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -58,5 +54,5 @@ def tiny_init(tmp_path_factory):
 @pytest.fixture(scope="session")
 def train_overrides(demo_data, tiny_init):
     """Overrides that make the tiny CLI run fast and start from identical weights."""
-    return [f"data.source=offline", f"data.path={demo_data}", "data.seq_length=512",
+    return ["data.source=offline", f"data.path={demo_data}", "data.seq_length=512",
             f"train.init_checkpoint={tiny_init}", "train.eval_interval=0", "train.save_interval=0"]

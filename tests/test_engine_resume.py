@@ -2,7 +2,6 @@
 during a save, and a checkpoint saved at TP=2 loading at TP=1 with the same per-token losses."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+from train_helpers import free_port
 import subprocess
 import sys
 from pathlib import Path
@@ -22,10 +22,6 @@ TINY = dict(vocab_size=250, hidden_size=64, intermediate_size=96, num_hidden_lay
             tie_word_embeddings=False)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_hf_model(out: Path, seed: int = 0, max_shard_size: str = "40KB", **overrides) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+from train_helpers import free_port
 import subprocess
 import sys
 from pathlib import Path
@@ -172,10 +172,6 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RA
                "MASTER_ADDR", "MASTER_PORT", "MFT_LAUNCHER")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_simulated_slurm_job_2_nodes_x_2_tasks():
@@ -186,7 +182,7 @@ def test_simulated_slurm_job_2_nodes_x_2_tasks():
     """
     base = {k: v for k, v in os.environ.items()
             if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in LAUNCH_VARS}
-    base.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    base.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     procs = []
     for rank in range(4):
         env = {**base, **slurm_task(rank)}

@@ -5,7 +5,7 @@ entropy feeding the loss, gradients of each vocab shard equal the full-vocab ref
 from __future__ import annotations
 
 import os
-import socket
+from train_helpers import free_port
 import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -18,10 +18,6 @@ NT, SEQ, ROWS, V = 5, 24, 8, 16
 MODES = ["token", "sample", "task-token", "task-sample", "focal-sample", "focal-task"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cfg(mode, exact=True):
@@ -127,4 +123,4 @@ def _worker(rank: int, world: int, port: int) -> None:
 
 
 def test_gloo_dp2_then_tp2_match_single_process():
-    mp.spawn(_worker, args=(2, _free_port()), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port()), nprocs=2, join=True)

@@ -21,7 +21,6 @@ def main(argv=None) -> int:
     init.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
 
-    import torch
     from megatron.core import dist_checkpointing
 
     from megatron_mft.checkpoint.dist import model_sharded_state_dict
@@ -33,11 +32,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides + ["parallel.tp=1", "parallel.pp=1", "parallel.vpp=null",
                                                       "parallel.sp=false"])
     env = setup_runtime()
-    if not torch.distributed.is_initialized() and "RANK" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 1000))
-        torch.distributed.init_process_group("gloo" if not env.cuda else "nccl", rank=0, world_size=1)
-    init_parallel(cfg.parallel, env, cfg.seed)
+    init_parallel(cfg.parallel, env, cfg.seed)  # starts torch.distributed from the launch environment
     chunks = build_model_chunks(cfg.model, cfg.parallel, env)
     os.makedirs(args.out, exist_ok=True)
     dist_checkpointing.save(model_sharded_state_dict(chunks), args.out)

@@ -144,6 +144,3 @@ def activate() -> bool:
         _active = True
     return True
 
-
-def is_active() -> bool:
-    return _active

@@ -20,8 +20,6 @@ class ArchSpec:
     norm_epsilon: float = 1e-5
     #: Hugging Face repository this preset mirrors (documentation, conversion checks).
     hf_name: str = ""
-    #: Published parameter count, for the preset test.
-    published_params: float = 0.0
 
     @property
     def head_dim(self) -> int:
@@ -57,15 +55,15 @@ PRESETS: dict[str, ArchSpec] = {
     # CPU demo and tests: CodeLlama's architecture (GQA, rope 1e6) at toy size.
     "tiny": ArchSpec(4, 128, 4, 2, 352, 2048, 1024, _CODELLAMA_ROPE),
     "codellama-7b": ArchSpec(32, 4096, 32, 32, 11008, 32016, 16384, _CODELLAMA_ROPE,
-                             hf_name="codellama/CodeLlama-7b-hf", published_params=6.74e9),
+                             hf_name="codellama/CodeLlama-7b-hf"),
     "codellama-13b": ArchSpec(40, 5120, 40, 40, 13824, 32016, 16384, _CODELLAMA_ROPE,
-                              hf_name="codellama/CodeLlama-13b-hf", published_params=13.0e9),
+                              hf_name="codellama/CodeLlama-13b-hf"),
     "codellama-34b": ArchSpec(48, 8192, 64, 8, 22016, 32000, 16384, _CODELLAMA_ROPE,
-                              hf_name="codellama/CodeLlama-34b-hf", published_params=33.7e9),
+                              hf_name="codellama/CodeLlama-34b-hf"),
     "llama2-7b": ArchSpec(32, 4096, 32, 32, 11008, 32000, 4096, _LLAMA2_ROPE,
-                          hf_name="meta-llama/Llama-2-7b-hf", published_params=6.74e9),
+                          hf_name="meta-llama/Llama-2-7b-hf"),
     "llama2-13b": ArchSpec(40, 5120, 40, 40, 13824, 32000, 4096, _LLAMA2_ROPE,
-                           hf_name="meta-llama/Llama-2-13b-hf", published_params=13.0e9),
+                           hf_name="meta-llama/Llama-2-13b-hf"),
     "llama2-70b": ArchSpec(80, 8192, 64, 8, 28672, 32000, 4096, _LLAMA2_ROPE,
-                           hf_name="meta-llama/Llama-2-70b-hf", published_params=69.0e9),
+                           hf_name="meta-llama/Llama-2-70b-hf"),
 }

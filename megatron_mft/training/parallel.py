@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import torch
 from megatron.core import parallel_state as ps

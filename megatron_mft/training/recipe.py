@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
-import time
 from pathlib import Path
 
 import torch
@@ -78,7 +76,7 @@ class Recipe:
         latest = latest_checkpoint(self.ckpt_root)
         # A full-model resume overwrites every weight: skip the base load. PEFT checkpoints hold
         # only adapters, so their base is loaded as at the start.
-        self.skip_base = latest is not None and run.peft.method == "none"
+        skip_base = latest is not None and run.peft.method == "none"
 
         # --- peft hook (owned by megatron_mft.peft): adapter layer spec, then freeze/quantise.
         layer = None
@@ -89,8 +87,8 @@ class Recipe:
             self.peft = PeftPlan(run.peft, self.env)
             layer = self.peft.layer_spec(run.model)
         chunks = build_model_chunks(run.model, run.parallel, self.env, layer=layer)
-        if self.skip_base:
-            pass
+        if skip_base:
+            _say("resuming a full-model checkpoint: its weights replace the base, which is not loaded")
         elif self.peft is not None and self.peft.quantized and run.train.init_checkpoint and not run.model.hf_init:
             # QLoRA: read the dense base checkpoint one decoder layer at a time, quantising each
             # targeted weight shard on arrival (peak ~ the NF4 model + one dense layer)
@@ -170,7 +168,7 @@ class Recipe:
     def train(self) -> None:
         t = self.run_cfg.train
         timer = Timer()
-        tokens_since, flops_since, steps_since = 0, 0.0, 0
+        tokens_since, flops_since = 0, 0.0
         while self.step < self.total_steps:
             micro_batches = self.data.train_micro_batches(self.consumed_rows)
             self.ctx.task_weights = self.task_weights()
@@ -180,11 +178,10 @@ class Recipe:
             n_tok, segs = _count_tokens(micro_batches)
             tokens_since += n_tok
             flops_since += train_flops(self.arch, segs, self.run_cfg.model.recompute == "full")
-            steps_since += 1
             if self.step % t.log_interval == 0 or self.step == self.total_steps:
                 dt = timer.lap()
                 self._log_step(out, tokens_since, flops_since, dt)
-                tokens_since, flops_since, steps_since = 0, 0.0, 0
+                tokens_since, flops_since = 0, 0.0
             if self.step == 3 and self.peft is not None:
                 _say(self.peft.peak_memory_line())
             if self._should_validate():

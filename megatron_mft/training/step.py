@@ -61,7 +61,7 @@ def _batch_on_device(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def _loss_func(batch: dict, ctx: StepContext, stats, focal_stats, output_tensor: torch.Tensor):
+def _loss_func(ctx: StepContext, stats, focal_stats, batch: dict, output_tensor: torch.Tensor):
     token_ce = output_tensor.float().reshape(batch["tokens"].shape)
     share, report = micro_batch_loss(token_ce, batch, stats, ctx.loss_cfg, num_tasks=ctx.num_tasks,
                                      task_weights=ctx.task_weights, focal_task_stats=focal_stats,
@@ -124,8 +124,8 @@ def train_step(chunks: list, optimizer, scheduler, micro_batches: list[dict], ct
     for c in chunks:
         c.zero_grad_buffer()
     optimizer.zero_grad()
-    reports = run_schedule(chunks, micro_batches, ctx,
-                           partial(_wrap_loss, ctx, stats, focal_stats), forward_only=False)
+    reports = run_schedule(chunks, micro_batches, ctx, partial(_loss_func, ctx, stats, focal_stats),
+                           forward_only=False)
     ok, grad_norm, _ = optimizer.step()
     scheduler.step(increment=1)
     T = ctx.num_tasks
@@ -139,10 +139,6 @@ def train_step(chunks: list, optimizer, scheduler, micro_batches: list[dict], ct
     return {**task_metrics(summed, ctx.task_names, ctx.task_weights),
             "grad_norm": None if grad_norm is None else float(grad_norm), "update_ok": bool(ok),
             "lr": optimizer.param_groups[0]["lr"]}
-
-
-def _wrap_loss(ctx, stats, focal_stats, batch, output_tensor):
-    return _loss_func(batch, ctx, stats, focal_stats, output_tensor)
 
 
 def focal_prepass(chunks: list, micro_batches: list[dict], ctx: StepContext):

@@ -14,7 +14,6 @@ def main():
     ckpt, overrides = sys.argv[1], sys.argv[2:]
     env = setup_runtime()
     init_distributed(read_dist_env(), backend="gloo")
-    from megatron.core import parallel_state as ps
 
     from megatron_mft.checkpoint.dist import load_model_weights
     from megatron_mft.config import load_config

@@ -18,7 +18,6 @@ import argparse
 import os
 import platform
 import random
-import socket
 import statistics
 import sys
 import time
@@ -60,14 +59,11 @@ def make_batch(b: int, s: int, num_tasks: int, seed: int = 0) -> dict:
 
 
 def init_megatron_tp1():
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    if not dist.is_initialized():
-        with socket.socket() as sk:
-            sk.bind(("127.0.0.1", 0))
-            port = sk.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    from megatron_mft.launch import init_distributed
+
+    init_distributed(backend="gloo")
     ps.initialize_model_parallel(tensor_model_parallel_size=1)
 
 

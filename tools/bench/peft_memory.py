@@ -105,17 +105,14 @@ def _peak_bytes() -> int:
 
 def _child(method: str, ckpt: str, overrides: list[str], rank: int) -> None:
     """Build + load in this fresh process; print one JSON line."""
-    import torch
-
     from megatron_mft.compat import setup_runtime
     from megatron_mft.config import load_config
 
     env = setup_runtime()
     cfg = load_config(str(ROOT / "examples" / "tiny_cpu.yaml"), overrides + [f"peft.method={method}", f"peft.rank={rank}"])
-    if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 1000))
-        torch.distributed.init_process_group("nccl" if env.cuda else "gloo", rank=0, world_size=1)
+    from megatron_mft.launch import init_distributed
+
+    init_distributed()
     from megatron_mft.checkpoint.dist import load_model_weights
     from megatron_mft.model import build_model_chunks
     from megatron_mft.peft import PeftPlan

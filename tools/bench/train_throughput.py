@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import torch
@@ -41,7 +40,6 @@ def main() -> None:
 
     from megatron_mft.compat import setup_runtime
     from megatron_mft.config import load_config
-    from megatron_mft.loss import build_balancer  # noqa: F401  (import check)
     from megatron_mft.model import build_model_chunks
     from megatron_mft.training.metrics import peak_flops, train_flops
     from megatron_mft.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
@@ -49,9 +47,6 @@ def main() -> None:
     from megatron_mft.training.step import StepContext, install_grad_finalizer, train_step
 
     env = setup_runtime()
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(29500 + os.getpid() % 500))
     over = [f"model.preset={args.preset}", f"model.precision={args.precision}", f"model.recompute={args.recompute}",
             f"model.attention_backend={args.attention}", f"parallel.tp={args.tp}", f"parallel.pp={args.pp}",
             f"parallel.sp={str(args.sp).lower()}", "data.path=/synthetic", f"data.seq_length={args.seq}",
