@@ -134,3 +134,38 @@ def test_no_partial_output_when_writing_fails(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]
     # and an existing folder is never replaced silently
     assert main(cli_args(data, out, 64, "best-fit")) == 1
+
+
+# Lines where a strict parser and the stdlib's json may disagree: the stdlib's verdict must win.
+EDGE_LINES = [
+    b'{"prompt": "q", "answer": NaN}',  # stdlib accepts NaN; a strict parser does not
+    b'{"prompt": "q", "answer": "\\ud800"}',  # lone surrogate escape
+    b'{"prompt": "q", "answer": "a", "id": 123456789012345678901234567890}',  # beyond 64 bits
+    b'{"prompt": "q", "answer": "a", "answer": "b"}',  # duplicate key: the last one counts
+    b'\xef\xbb\xbf{"prompt": "q", "answer": "a"}',  # BOM inside a line
+    b'   ', b'', b'\t',  # blank
+    b'{"prompt": "caf\xe9", "answer": "x"}',  # invalid UTF-8
+    b'{"prompt": "q", "answer": "a"} trailing',
+    b'{"prompt": "q",\n "answer": "a"}',
+    b'{"chat_rounds": [{"role": "user", "content": "\\u00e9 \\n"}, {"role": "bot", "content": "ok"}]}',
+    b'[' * 2000 + b']' * 2000,  # deeper than the strict parser's limit
+]
+
+
+@pytest.mark.parametrize("raw", EDGE_LINES, ids=range(len(EDGE_LINES)))
+def test_fast_json_path_agrees_with_the_stdlib(raw, monkeypatch):
+    from megatron_mft.data import records
+
+    assert records._strict_loads is not None, "orjson (requirements.txt) is not installed"
+
+    def outcome():
+        try:
+            return ("ok", records.parse_line(raw))
+        except records.RecordError as e:
+            return ("error", e.reason, e.detail)
+        except RecursionError:
+            return ("recursion",)
+
+    fast = outcome()
+    monkeypatch.setattr(records, "_strict_loads", None)
+    assert fast == outcome()

@@ -32,7 +32,26 @@ def engine(single_process_group, demo_data):
     opt = build_optimizer(chunks, cfg)
     sched = build_scheduler(opt, cfg, 100)
     weights = copy.deepcopy(chunks[0].module.state_dict())
-    return cfg, chunks, opt, sched, weights
+    # Sharpen the untrained model's predictions: at init every token has p ~ 1/vocab, which
+    # makes the focal factors nearly constant and hides any split dependence.
+    out_keys = [k for k in weights if "output_layer.weight" in k]
+    assert out_keys, list(weights)
+    for k in out_keys:
+        weights[k] = weights[k] * 20.0
+    return cfg, chunks, opt, sched, weights, _spread_batch(cfg)
+
+
+def _spread_batch(cfg) -> int:
+    """Consumed rows of the first global batch (4 rows) in which some task takes loss in both
+    halves: only then do the 2- and 1-row splits differ for the split-sensitive modes."""
+    from megatron_mft.data import MFTData
+
+    data = MFTData(cfg.data, seed=0, micro_batch_size=1, global_batch_size=4, dp_rank=0, dp_size=1)
+    for consumed in range(0, 400, 4):
+        rows = [set(b["task_ids"][b["loss_mask"] > 0].tolist()) for b in data.train_micro_batches(consumed)]
+        if (rows[0] | rows[1]) & (rows[2] | rows[3]):
+            return consumed
+    raise AssertionError("no global batch spreads a task over both halves")
 
 
 def _step(engine, mode, extra, micro_batch_size):
@@ -41,14 +60,14 @@ def _step(engine, mode, extra, micro_batch_size):
     from megatron_mft.loss import task_weights_in_force
     from megatron_mft.training.step import StepContext, train_step
 
-    cfg, chunks, opt, sched, weights = engine
+    cfg, chunks, opt, sched, weights, consumed = engine
     over = [f"loss.mode={mode}"] + [f"{k}={v}" for k, v in extra.items()]
     loss_cfg = load_config(None, ["data.path=/x"] + over).loss
     chunks[0].module.load_state_dict(weights)
     data = MFTData(cfg.data, seed=0, micro_batch_size=micro_batch_size, global_batch_size=4, dp_rank=0, dp_size=1)
     ctx = StepContext(loss_cfg=loss_cfg, task_names=data.task_names, device=torch.device("cpu"), packed=True)
     ctx.task_weights = task_weights_in_force(loss_cfg, data.task_names)
-    out = train_step(chunks, opt, sched, data.train_micro_batches(8), ctx)
+    out = train_step(chunks, opt, sched, data.train_micro_batches(consumed), ctx)
     return out["loss"], out["grad_norm"]
 
 
@@ -60,7 +79,9 @@ def test_split_invariance(engine, mode, extra):
         got = _step(engine, mode, extra, mbs)
         if mode == "focal-task" and extra.get("loss.focal_task_exact") is False:
             # one-pass focal-task is an approximation that depends on the split (docs/losses.md)
-            assert got[0] != pytest.approx(ref[0], rel=1e-9)
+            # ... so it fails the tolerances the exact modes meet below
+            exact_looking = got[0] == pytest.approx(ref[0], rel=1e-6) and got[1] == pytest.approx(ref[1], rel=1e-5)
+            assert not exact_looking, (mbs, got, ref)
             continue
         assert got[0] == pytest.approx(ref[0], rel=1e-6), (mbs, got, ref)
         assert got[1] == pytest.approx(ref[1], rel=1e-5), (mbs, got, ref)

@@ -40,7 +40,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 MARKERS = ["<|role_start|>", "<|role_end|>"]
 VOCAB_SIZE = 2048
-TRAIN_PER_TASK = 750
+TRAIN_PER_TASK = 1500
 VAL_PER_TASK = 50
 SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo", "tkinter",
              "ensurepip", "pydoc_data", "encodings", "__pycache__", "venv"}

@@ -12,8 +12,13 @@ problem gets a reason code that the preprocessing stats count and the error mess
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
+
+try:  # optional: a strict JSON parser ~2x faster than the stdlib's; the stdlib decides every failure
+    from orjson import loads as _strict_loads
+except ImportError:  # pragma: no cover - orjson is in requirements.txt
+    _strict_loads = None
 
 
 class Reason(str, Enum):
@@ -39,15 +44,14 @@ class RecordError(ValueError):
 ROLES = {"system": "system", "human": "human", "user": "human", "bot": "bot", "assistant": "bot"}
 
 
-@dataclass(frozen=True)
-class Turn:
+class Turn(NamedTuple):
     role: str  # canonical: system | human | bot
     content: str
 
 
-@dataclass(frozen=True)
-class Record:
-    """Either a conversation (``turns``) or a plain document (``text``)."""
+class Record(NamedTuple):
+    """Either a conversation (``turns``) or a plain document (``text``). Tuples: preprocessing
+    builds one per line, and a tuple costs a fraction of a frozen dataclass."""
 
     turns: tuple[Turn, ...] = ()
     text: str | None = None
@@ -117,18 +121,37 @@ def _text(obj: dict) -> Record:
     return Record(text=text)
 
 
-def parse_line(raw: bytes) -> Record | None:
-    """One raw line (without its newline) -> Record; None for a blank line; RecordError otherwise."""
+_BLANK = object()
+
+
+def _stdlib_loads(raw: bytes):
+    """The reference parse: what the stdlib accepts is accepted, and its errors are the messages."""
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise RecordError(Reason.INVALID_UTF8, f"byte {e.start}: {e.reason}") from None
     if not line.strip():
-        return None
+        return _BLANK
     try:
-        obj = json.loads(line)
+        return json.loads(line)
     except json.JSONDecodeError as e:
         raise RecordError(Reason.INVALID_JSON, f"column {e.colno}: {e.msg}") from None
+
+
+def _loads(raw: bytes):
+    if _strict_loads is not None:
+        try:
+            return _strict_loads(raw)
+        except ValueError:  # invalid UTF-8, NaN, lone surrogates, huge ints, errors: the stdlib decides
+            pass
+    return _stdlib_loads(raw)
+
+
+def parse_line(raw: bytes) -> Record | None:
+    """One raw line (without its newline) -> Record; None for a blank line; RecordError otherwise."""
+    obj = _loads(raw)
+    if obj is _BLANK:
+        return None
     if not isinstance(obj, dict):
         raise RecordError(Reason.WRONG_TYPE, f"line must be a JSON object, got {type(obj).__name__}")
     if "chat_rounds" in obj:

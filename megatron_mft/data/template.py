@@ -82,8 +82,13 @@ class ChatFormatter:
             for role, name in template.role_names.items()
         }
         self._bos = [tokenizer.bos_id] if template.add_bos and tokenizer.bos_id is not None else []
-        self._header_arrs = {role: np.asarray(h, dtype=np.int32) for role, h in self._headers.items()}
         self._bos_arr = np.asarray(self._bos, dtype=np.int32)
+        # role -> (header ids, header length, loss value of the content, EOS after it)
+        self._role_parts = {
+            role: (np.asarray(h, dtype=np.int32), len(h), int(role == "bot" or mode == "pretrain"),
+                   role == "bot" and template.eos_after_bot)
+            for role, h in self._headers.items()
+        }
         self._eos_arr = np.asarray([tokenizer.eos_id], dtype=np.int32)
         # ids that user text must never produce: single-id markers and the tokenizer's specials
         self._protected_ids = np.asarray(sorted(tokenizer.protected_ids(self._protect)), dtype=np.int64)
@@ -114,17 +119,17 @@ class ChatFormatter:
             if r.text is not None:
                 texts.append(r.text)
             else:
-                texts.extend(t.content for t in r.turns)
+                texts.extend([content for _, content in r.turns])
         encoded = self.tok.encode_arrays(texts, self._protect)  # protected ids: checked below, at once
+        if len(self._protected_ids) and encoded and np.isin(np.concatenate(encoded), self._protected_ids).any():
+            raise TokenizerError("user text produced a protected special id (marker or special token)")
         eos = self._eos_arr
-        all_loss = self.mode == "pretrain"
-        eos_after_bot = self.template.eos_after_bot
-        head_value = 1 if all_loss else 0
-        # ids as a list of arrays joined once; the mask and the "came from user text" flag as
-        # runs (value, is_text, length) expanded by np.repeat: no per-token Python work
+        head_value = 1 if self.mode == "pretrain" else 0
+        parts = self._role_parts
+        # ids as a list of arrays joined once; the mask as runs (value, length) expanded by one
+        # np.repeat: no per-token Python work
         pieces: list[np.ndarray] = []
         run_val: list[int] = []
-        run_text: list[bool] = []
         run_len: list[int] = []
         starts: list[int] = []
         pos = 0
@@ -134,7 +139,6 @@ class ChatFormatter:
             if self._bos:
                 pieces.append(self._bos_arr)
                 run_val.append(0)
-                run_text.append(False)
                 run_len.append(1)
                 pos += 1
             if r.text is not None:
@@ -142,35 +146,28 @@ class ChatFormatter:
                 k += 1
                 pieces += (body, eos)
                 run_val += (1, 1)
-                run_text += (True, False)
                 run_len += (len(body), 1)
                 pos += len(body) + 1
                 continue
-            for turn in r.turns:
+            for role, _ in r.turns:
                 body = encoded[k]
                 k += 1
-                head = self._header_arrs[turn.role]
-                pieces += (head, body)
-                bot = turn.role == "bot"
-                learn = 1 if (bot or all_loss) else 0
-                run_val += (head_value, learn)
-                run_text += (False, True)
-                run_len += (len(head), len(body))
-                pos += len(head) + len(body)
-                if bot and eos_after_bot:
-                    pieces.append(eos)
-                    run_val.append(learn)
-                    run_text.append(False)
-                    run_len.append(1)
-                    pos += 1
+                head, n_head, learn, with_eos = parts[role]
+                n = len(body)
+                if with_eos:
+                    pieces += (head, body, eos)
+                    run_val += (head_value, learn, learn)
+                    run_len += (n_head, n, 1)
+                    pos += n_head + n + 1
+                else:
+                    pieces += (head, body)
+                    run_val += (head_value, learn)
+                    run_len += (n_head, n)
+                    pos += n_head + n
         flat_ids = np.concatenate(pieces).astype(np.int32, copy=False) if pieces else np.zeros(0, np.int32)
         flat_mask = np.repeat(np.array(run_val, dtype=np.uint8), run_len)
         if starts:
             flat_mask[starts] = 0  # a sample's first token is nobody's target
-        if len(self._protected_ids):
-            from_text = np.repeat(np.array(run_text, dtype=bool), run_len)
-            if np.isin(flat_ids[from_text], self._protected_ids).any():
-                raise TokenizerError("user text produced a protected special id (marker or special token)")
         return flat_ids, flat_mask, starts + [pos]
 
     def prompt_ids(self, turns: Sequence[Turn]) -> list[int]:
