@@ -117,6 +117,34 @@ def test_deterministic_across_workers_and_runs(built, data, tmp_path):
     assert _digest(out1) == _digest(built)  # 1 worker in-process == 2 worker processes, byte for byte
 
 
+@pytest.mark.parametrize("content", [b"", b"a", b"a\n", b"\n\n\n", b"one\ntwo\n\nfour line is long\nfive",
+                                     b"x" * 120 + b"\nshort\n" + b"y" * 30 + b"\n"])
+def test_chunks_cover_every_line_once(tmp_path, monkeypatch, content):
+    """Chunks are runs of whole lines within the line and byte budgets (a longer line alone),
+    numbered from 1, covering the file exactly (the main process finds line ends block-wise)."""
+    from megatron_mft.data import encode
+    from megatron_mft.data.taskdir import TaskFiles
+
+    monkeypatch.setattr(encode, "_CHUNK_LINES", 2)
+    monkeypatch.setattr(encode, "_CHUNK_BYTES", 40)
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(content)
+    lines = content.split(b"\n")
+    if content.endswith(b"\n"):
+        lines.pop()
+    lines = lines or [b""]
+    chunks = list(encode._chunks([TaskFiles("t", [str(path)], [])]))
+    got, next_line, pos = [], 1, 0
+    for t_idx, split, f, first_line, start, end in chunks:
+        assert (t_idx, split, f) == (0, "train", str(path)) and first_line == next_line and start == pos
+        part = encode._chunk_lines(str(path), first_line, start, end)
+        assert 1 <= len(part) <= 2 and (end - start <= 40 or len(part) == 1)
+        got += [raw for _, raw in part]
+        next_line, pos = first_line + len(part), end
+    assert pos == len(content) and got == lines
+    assert encode._line_ends(str(path), block=3).tolist() == encode._line_ends(str(path)).tolist()
+
+
 def test_val_split_by_ratio_is_seeded(tmp_path):
     data = tmp_path / "data"
     write_jsonl(data / "a" / "train.jsonl", [{"prompt": f"q{i}", "answer": f"a{i}"} for i in range(40)])

@@ -11,6 +11,7 @@ boundaries, so nothing here re-implements the indexed format.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -44,34 +45,46 @@ def write_split(
     *,
     vocab_size: int,
     num_tasks: int,
+    threads: int = 2,
 ) -> None:
     """Write ``packs`` (lists of indices into ``samples``) in order.
 
-    Everything is laid out once in pack order (one concatenation, one cast per dataset); each
-    pack then goes to megatron's builder as a view.
+    Each dataset is laid out once in pack order (one concatenation straight into its on-disk
+    dtype); each pack then goes to megatron's builder as a view. The four datasets are
+    independent files, written by ``threads`` threads (numpy copies and file writes release
+    the GIL), so the output does not depend on the thread count.
     """
     dt = dtypes(vocab_size, num_tasks)
-    builders = {k: IndexedDatasetBuilder(part_prefix(directory, split, k) + ".bin", dtype=dt[k]) for k in PARTS}
     order = [i for p in packs for i in p]
-    if order:
-        tokens = np.concatenate([samples[i][0] for i in order]).astype(dt["tokens"], copy=False)
-        mask = np.concatenate([samples[i][1] for i in order]).astype(np.uint8, copy=False)
-        task_arr = np.asarray([tasks[i] for i in order]).astype(dt["task_ids"])
-        uid_arr = np.asarray([uids[i] for i in order], dtype=np.int64)
-        lengths = [len(samples[i][0]) for i in order]
-        tok_bounds = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+    lengths = [len(samples[i][0]) for i in order]
+    bounds = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).tolist()
+    pack_ends = np.cumsum([len(p) for p in packs], dtype=np.int64).tolist()
+
+    def write(part: str) -> None:
+        builder = IndexedDatasetBuilder(part_prefix(directory, split, part) + ".bin", dtype=dt[part])
         s = 0
-        for pack in packs:
-            e = s + len(pack)
-            a, b = tok_bounds[s], tok_bounds[e]
-            pack_lengths = lengths[s:e]
-            builders["tokens"].add_document(tokens[a:b], pack_lengths)
-            builders["loss_mask"].add_document(mask[a:b], pack_lengths)
-            builders["task_ids"].add_document(task_arr[s:e], [e - s])
-            builders["sample_uids"].add_document(uid_arr[s:e], [e - s])
-            s = e
-    for k, b in builders.items():
-        b.finalize(part_prefix(directory, split, k) + ".idx")
+        if part in ("tokens", "loss_mask"):  # a sequence per sample, a document per pack
+            col = 0 if part == "tokens" else 1
+            flat = (np.concatenate([samples[i][col] for i in order], dtype=dt[part], casting="unsafe")
+                    if order else np.zeros(0, dt[part]))
+            for e in pack_ends:
+                builder.add_document(flat[bounds[s]:bounds[e]], lengths[s:e])
+                s = e
+        else:  # one sequence per pack: its samples' task ids / uids
+            values = tasks if part == "task_ids" else uids
+            flat = np.asarray([values[i] for i in order], dtype=np.int64).astype(dt[part])
+            for e in pack_ends:
+                builder.add_document(flat[s:e], [e - s])
+                s = e
+        builder.finalize(part_prefix(directory, split, part) + ".idx")
+
+    if threads <= 1:
+        for part in PARTS:
+            write(part)
+        return
+    with ThreadPoolExecutor(min(threads, len(PARTS))) as pool:
+        for done in [pool.submit(write, part) for part in PARTS]:
+            done.result()
 
 
 def _flat(ds: IndexedDataset) -> np.ndarray:

@@ -155,7 +155,7 @@ def preprocess(args: PreprocessArgs) -> dict:
     try:
         for name, plan in (("train", train), ("val", val)):
             indexed.write_split(tmp, name, plan.samples, plan.tasks, plan.uids, plan.packs,
-                                vocab_size=tok.vocab_size, num_tasks=len(tasks))
+                                vocab_size=tok.vocab_size, num_tasks=len(tasks), threads=args.workers)
         dtypes = indexed.dtypes(tok.vocab_size, len(tasks))
         manifest = build_manifest(args, tok.identity(), template, encoded, train, val, dtypes)
         with open(tmp / "rejected.jsonl", "w", encoding="utf-8") as f:
