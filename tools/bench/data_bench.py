@@ -85,15 +85,17 @@ def _encode_texts(texts: list[str]) -> int:
 
 
 def segment_texts(raw: Path) -> list[list[str]]:
-    """The texts the pipeline tokenizes (every turn's content / document), in 512-line chunks."""
+    """The texts the pipeline tokenizes (every turn's content / document), in the pipeline's
+    chunks of lines."""
+    from megatron_mft.data.encode import _CHUNK_LINES as N
     from megatron_mft.data.records import parse_line
 
     chunks = []
     for f in sorted(raw.glob("*/*.jsonl")):
         lines = f.read_bytes().split(b"\n")
-        for i in range(0, len(lines), 512):
+        for i in range(0, len(lines), N):
             texts = []
-            for ln in lines[i:i + 512]:
+            for ln in lines[i:i + N]:
                 rec = parse_line(ln)
                 if rec is not None:
                     texts += [rec.text] if rec.text is not None else [t.content for t in rec.turns]
