@@ -82,14 +82,22 @@ class ChatFormatter:
             for role, name in template.role_names.items()
         }
         self._bos = [tokenizer.bos_id] if template.add_bos and tokenizer.bos_id is not None else []
-        self._bos_arr = np.asarray(self._bos, dtype=np.int32)
-        # role -> (header ids, header length, loss value of the content, EOS after it)
-        self._role_parts = {
-            role: (np.asarray(h, dtype=np.int32), len(h), int(role == "bot" or mode == "pretrain"),
-                   role == "bot" and template.eos_after_bot)
-            for role, h in self._headers.items()
-        }
-        self._eos_arr = np.asarray([tokenizer.eos_id], dtype=np.int32)
+        # Segment kinds (the roles, then plain documents) as tables indexed by kind code.
+        roles = list(self._headers)
+        self._kind_code = {role: i for i, role in enumerate(roles)}
+        self._text_kind = len(roles)
+        eos = [tokenizer.eos_id]
+        heads = [self._headers[r] for r in roles] + [[]]
+        tails = [eos if (r == "bot" and template.eos_after_bot) else [] for r in roles] + [eos]
+        self._prefix = [np.asarray(h, dtype=np.int32) for h in heads]
+        self._prefix_first = [np.asarray(self._bos + h, dtype=np.int32) for h in heads]
+        self._suffix = [np.asarray(t, dtype=np.int32) for t in tails]
+        self._prefix_len = np.array([len(h) for h in heads], dtype=np.int64)
+        self._suffix_len = np.array([len(t) for t in tails], dtype=np.int64)
+        self._with_bos = bool(self._bos)
+        all_loss = mode == "pretrain"
+        self._prefix_value = np.array([int(all_loss)] * len(roles) + [1], dtype=np.uint8)
+        self._body_value = np.array([int(r == "bot" or all_loss) for r in roles] + [1], dtype=np.uint8)
         # ids that user text must never produce: single-id markers and the tokenizer's specials
         self._protected_ids = np.asarray(sorted(tokenizer.protected_ids(self._protect)), dtype=np.int64)
 
@@ -114,61 +122,48 @@ class ChatFormatter:
         Built with one concatenation and one ``np.repeat`` per batch: per-sample conversion would
         cost as much as the template itself.
         """
+        kind_of = self._kind_code
         texts: list[str] = []
+        kinds: list[int] = []  # per segment (turn or document): row of the kind tables
+        n_segments: list[int] = []  # per record
         for r in records:
             if r.text is not None:
                 texts.append(r.text)
+                kinds.append(self._text_kind)
+                n_segments.append(1)
             else:
-                texts.extend([content for _, content in r.turns])
+                for role, content in r.turns:
+                    texts.append(content)
+                    kinds.append(kind_of[role])
+                n_segments.append(len(r.turns))
+        if not records:
+            return np.zeros(0, np.int32), np.zeros(0, np.uint8), [0]
+        if min(n_segments) == 0:
+            raise ValueError("a record without turns has nothing to encode")
         encoded = self.tok.encode_arrays(texts, self._protect)  # protected ids: checked below, at once
         if len(self._protected_ids) and encoded and np.isin(np.concatenate(encoded), self._protected_ids).any():
             raise TokenizerError("user text produced a protected special id (marker or special token)")
-        eos = self._eos_arr
-        head_value = 1 if self.mode == "pretrain" else 0
-        parts = self._role_parts
-        # ids as a list of arrays joined once; the mask as runs (value, length) expanded by one
-        # np.repeat: no per-token Python work
-        pieces: list[np.ndarray] = []
-        run_val: list[int] = []
-        run_len: list[int] = []
-        starts: list[int] = []
-        pos = 0
-        k = 0
-        for r in records:
-            starts.append(pos)
-            if self._bos:
-                pieces.append(self._bos_arr)
-                run_val.append(0)
-                run_len.append(1)
-                pos += 1
-            if r.text is not None:
-                body = encoded[k]
-                k += 1
-                pieces += (body, eos)
-                run_val += (1, 1)
-                run_len += (len(body), 1)
-                pos += len(body) + 1
-                continue
-            for role, _ in r.turns:
-                body = encoded[k]
-                k += 1
-                head, n_head, learn, with_eos = parts[role]
-                n = len(body)
-                if with_eos:
-                    pieces += (head, body, eos)
-                    run_val += (head_value, learn, learn)
-                    run_len += (n_head, n, 1)
-                    pos += n_head + n + 1
-                else:
-                    pieces += (head, body)
-                    run_val += (head_value, learn)
-                    run_len += (n_head, n)
-                    pos += n_head + n
-        flat_ids = np.concatenate(pieces).astype(np.int32, copy=False) if pieces else np.zeros(0, np.int32)
-        flat_mask = np.repeat(np.array(run_val, dtype=np.uint8), run_len)
-        if starts:
-            flat_mask[starts] = 0  # a sample's first token is nobody's target
-        return flat_ids, flat_mask, starts + [pos]
+        # Every segment is [prefix][body][suffix]: prefix = (BOS if it opens a sample) + role
+        # header, suffix = EOS after bot turns and documents. Ids: one concatenation; the mask:
+        # runs (value, length) built with numpy and expanded by one np.repeat.
+        k = np.asarray(kinds, dtype=np.intp)
+        first = np.zeros(len(kinds), dtype=bool)
+        seg_start = np.concatenate([[0], np.cumsum(n_segments)[:-1]])
+        first[seg_start] = True
+        prefixes, prefixes_first, suffixes = self._prefix, self._prefix_first, self._suffix
+        pieces = [a for kind, opens, body in zip(kinds, first.tolist(), encoded)
+                  for a in ((prefixes_first if opens else prefixes)[kind], body, suffixes[kind])]
+        body_len = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        pre_len = self._prefix_len[k] + (first & self._with_bos)
+        suf_len = self._suffix_len[k]
+        run_len = np.stack([pre_len, body_len, suf_len], axis=1).ravel()
+        run_val = np.stack([self._prefix_value[k], self._body_value[k], self._body_value[k]], axis=1).ravel()
+        flat_ids = np.concatenate(pieces).astype(np.int32, copy=False)
+        flat_mask = np.repeat(run_val, run_len)
+        sample_len = np.add.reduceat(pre_len + body_len + suf_len, seg_start)
+        bounds = np.concatenate([[0], np.cumsum(sample_len)])
+        flat_mask[bounds[:-1]] = 0  # a sample's first token is nobody's target
+        return flat_ids, flat_mask, bounds.tolist()
 
     def prompt_ids(self, turns: Sequence[Turn]) -> list[int]:
         """Ids for generation: the given turns, then the header of the bot turn to be written."""
