@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_fixtures import DEMO_TOKENIZER, MARKERS, hf_tokenizer_dir  # noqa: E402
+from data_fixtures import DEMO_RAW, DEMO_TOKENIZER, MARKERS, hf_tokenizer_dir  # noqa: E402
 
 from megatron_mft.data import spm_proto  # noqa: E402
 from megatron_mft.data.records import Record, Turn, parse_line  # noqa: E402
@@ -162,3 +162,34 @@ def test_custom_template_from_json(tmp_path, tok):
     assert tok.decode(ids.tolist()).startswith("User: q")
     with pytest.raises(ValueError, match="not one of"):
         load_template("nope")
+
+
+def _reference(fmt: ChatFormatter, tok, rec: Record, pretrain: bool) -> tuple[list[int], list[int]]:
+    """One record the slow, obvious way: segment by segment with the public tokenizer API."""
+    t = fmt.template
+    ids = [tok.bos_id] if t.add_bos else []
+    mask = [0] * len(ids)
+    if rec.text is not None:
+        body = tok.encode(rec.text, t.markers) + [tok.eos_id]
+        ids, mask = ids + body, mask + [1] * len(body)
+    for role, content in rec.turns:
+        head = [RS] + tok.encode(t.role_names[role], t.markers) + [RE]
+        body = tok.encode(content, t.markers) + ([tok.eos_id] if role == "bot" and t.eos_after_bot else [])
+        ids += head + body
+        mask += [int(pretrain)] * len(head) + [int(pretrain or role == "bot")] * len(body)
+    mask[0] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("template", ["mftcoder", "mftcoder-bos", "no-eos"])
+@pytest.mark.parametrize("mode", ["sft", "pretrain"])
+def test_batched_assembly_matches_per_record_reference(tok, template, mode):
+    t = ChatTemplate(eos_after_bot=False) if template == "no-eos" else TEMPLATES[template]
+    fmt = ChatFormatter(t, tok, mode)
+    lines = [ln for f in sorted(DEMO_RAW.glob("*/val.jsonl")) for ln in f.read_bytes().splitlines()[:15]]
+    recs = [parse_line(ln) for ln in lines] + [Record(text="def f(x):\n    return x"), Record(text="a")]
+    ids, mask, bounds = fmt.encode_flat(recs[::-1])
+    for rec, a, b in zip(recs[::-1], bounds[:-1], bounds[1:]):
+        want_ids, want_mask = _reference(fmt, tok, rec, mode == "pretrain")
+        assert ids[a:b].tolist() == want_ids and mask[a:b].tolist() == want_mask
+    assert bounds[-1] == len(ids) == len(mask) and len(bounds) == len(recs) + 1
