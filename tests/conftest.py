@@ -9,8 +9,6 @@ import torch
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-
-
 @pytest.fixture(scope="session")
 def single_process_group():
     from megatron_mft.compat import setup_runtime
@@ -20,6 +18,20 @@ def single_process_group():
         torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
                                              rank=0, world_size=1)
     return env
+
+
+@pytest.fixture(scope="module")
+def tp1_env(single_process_group):
+    """Megatron's parallel state at TP=PP=1 over the session group, torn down after the module."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_mft.config import ParallelConfig
+    from megatron_mft.training.parallel import init_parallel
+
+    init_parallel(ParallelConfig(), single_process_group, 0)
+    yield single_process_group
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
 
 
 @pytest.fixture()

@@ -9,23 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from test_hf_fixtures import finish_single_process, init_single_process, make_hf_model, run_cli
+from test_hf_fixtures import make_hf_model, run_cli
 
 TOL = "1e-4"
 
 
 @pytest.fixture(scope="module")
-def odd_vocab(tmp_path_factory) -> tuple[Path, Path]:
+def odd_vocab(tp1_env, tmp_path_factory) -> tuple[Path, Path]:
     """HF model with vocabulary 251 (odd: megatron pads it for TP=2) and its converted checkpoint."""
     from megatron_mft.checkpoint.hf.hf_to_mcore import convert_hf_to_mcore
 
     root = tmp_path_factory.mktemp("odd")
     hf = make_hf_model(root / "hf", seed=2, vocab_size=251)
-    _, created = init_single_process()
-    try:
-        convert_hf_to_mcore(hf, root / "ckpt", log=lambda s: None)
-    finally:
-        finish_single_process(created)
+    convert_hf_to_mcore(hf, root / "ckpt", log=lambda s: None)
     return hf, root / "ckpt"
 
 

@@ -19,16 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_hf_fixtures import TINY, finish_single_process, hf_state, init_single_process, make_hf_model
+from test_hf_fixtures import TINY, hf_state, make_hf_model
 
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def env():
-    env, created = init_single_process()
-    yield env
-    finish_single_process(created)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +30,7 @@ def tiny_hf(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def converted(env, tiny_hf, tmp_path_factory) -> Path:
+def converted(tp1_env, tiny_hf, tmp_path_factory) -> Path:
     from megatron_mft.checkpoint.hf.hf_to_mcore import convert_hf_to_mcore
 
     out = tmp_path_factory.mktemp("mcore") / "ckpt"
@@ -69,7 +62,7 @@ def test_fused_layouts_are_megatrons():
     assert all(torch.equal(a, b) for a, b in zip(GATED.split(torch.cat([gate, up]), arch), [gate, up]))
 
 
-def test_rope_conventions_agree(env):
+def test_rope_conventions_agree(tp1_env):
     """megatron's non-interleaved RoPE == transformers' rotate_half on [first half | second half]."""
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb as mg_apply
@@ -83,7 +76,7 @@ def test_rope_conventions_agree(env):
     s, b, heads, d = 12, 1, 2, 16
     mcfg = ModelConfig(preset="tiny", hidden_size=heads * d, num_attention_heads=heads, num_query_groups=heads,
                        precision="fp32")
-    tcfg = transformer_config(mcfg.arch(), mcfg, ParallelConfig(), env)
+    tcfg = transformer_config(mcfg.arch(), mcfg, ParallelConfig(), tp1_env)
     assert not tcfg.rotary_interleaved
     freqs = RotaryEmbedding(kv_channels=d, rotary_percent=1.0, rotary_base=1_000_000)(s)  # [s, 1, 1, d]
     x = torch.randn(s, b, heads, d)
@@ -95,7 +88,7 @@ def test_rope_conventions_agree(env):
     torch.testing.assert_close(ours, theirs.permute(2, 0, 1, 3), rtol=0, atol=1e-6)
 
 
-def test_weight_map_names_every_tensor_of_every_preset(env):
+def test_weight_map_names_every_tensor_of_every_preset(tp1_env):
     """The declarative map and megatron's own state dict name the same tensors (meta model)."""
     from megatron_mft.checkpoint.hf.families import LLAMA
     from megatron_mft.checkpoint.hf.hf_to_mcore import check_map_covers_template
@@ -108,11 +101,11 @@ def test_weight_map_names_every_tensor_of_every_preset(env):
 
 
 # ------------------------------------------------------------------------------ parity
-def test_checkpoint_logits_equal_hf_logits(env, tiny_hf, converted):
+def test_checkpoint_logits_equal_hf_logits(tp1_env, tiny_hf, converted):
     from megatron_mft.checkpoint.hf.verify import build_megatron, hf_logits, megatron_logits
     from megatron_mft.config import ParallelConfig
 
-    chunks, cfg = build_megatron(tiny_hf, converted, ParallelConfig(), env)
+    chunks, cfg = build_megatron(tiny_hf, converted, ParallelConfig(), tp1_env)
     tokens = _tokens()
     ours = megatron_logits(chunks, tokens, cfg.arch().vocab_size)
     ref = hf_logits(tiny_hf, tokens)
@@ -120,7 +113,7 @@ def test_checkpoint_logits_equal_hf_logits(env, tiny_hf, converted):
     assert (ours - ref).abs().max().item() <= TOL
 
 
-def test_hf_init_equals_checkpoint_and_hf(env, tiny_hf, converted):
+def test_hf_init_equals_checkpoint_and_hf(tp1_env, tiny_hf, converted):
     """load_hf_into_chunks (model.hf_init) gives the converted checkpoint's weights exactly."""
     from megatron_mft.checkpoint.dist import load_model_weights
     from megatron_mft.checkpoint.hf import load_hf_into_chunks
@@ -130,8 +123,8 @@ def test_hf_init_equals_checkpoint_and_hf(env, tiny_hf, converted):
     from megatron_mft.model import build_model_chunks
 
     cfg = dataclasses.replace(model_config_from_hf(read_hf_config(tiny_hf)), precision="fp32")
-    a = build_model_chunks(cfg, ParallelConfig(), env)
-    b = build_model_chunks(cfg, ParallelConfig(), env)
+    a = build_model_chunks(cfg, ParallelConfig(), tp1_env)
+    b = build_model_chunks(cfg, ParallelConfig(), tp1_env)
     load_hf_into_chunks(tiny_hf, a, cfg, ParallelConfig())
     load_model_weights(converted, b)
     sa, sb = a[0].state_dict(), b[0].state_dict()
@@ -141,7 +134,7 @@ def test_hf_init_equals_checkpoint_and_hf(env, tiny_hf, converted):
     assert (megatron_logits(a, tokens, cfg.arch().vocab_size) - hf_logits(tiny_hf, tokens)).abs().max() <= TOL
 
 
-def test_round_trip_is_bit_exact(env, tiny_hf, converted, tmp_path):
+def test_round_trip_is_bit_exact(tp1_env, tiny_hf, converted, tmp_path):
     from transformers import AutoConfig, LlamaForCausalLM
 
     from megatron_mft.checkpoint.hf.mcore_to_hf import export_to_hf
@@ -172,7 +165,7 @@ def test_metadata_and_tokenizer_beside_checkpoint(converted):
     assert json.loads((converted / "metadata.json").read_text())["sharded_backend"] == "torch_dist"
 
 
-def test_single_file_and_pytorch_bin_inputs_match_sharded(env, tiny_hf, tmp_path):
+def test_single_file_and_pytorch_bin_inputs_match_sharded(tp1_env, tiny_hf, tmp_path):
     """model.safetensors (one file) and pytorch_model.bin (read with weights_only=True) map to the
     same megatron tensors as the sharded safetensors."""
     from safetensors.torch import save_file
@@ -223,7 +216,7 @@ def hf_state_file(path: Path) -> dict:
         return {k: h.get_tensor(k) for k in h.keys()}
 
 
-def test_missing_misshaped_and_unknown_tensors_are_all_named(env, tiny_hf, tmp_path):
+def test_missing_misshaped_and_unknown_tensors_are_all_named(tp1_env, tiny_hf, tmp_path):
     from megatron_mft.checkpoint.hf import ConversionError
     from megatron_mft.checkpoint.hf.hf_to_mcore import convert_hf_to_mcore
 
@@ -246,7 +239,7 @@ def test_missing_misshaped_and_unknown_tensors_are_all_named(env, tiny_hf, tmp_p
     assert not (tmp_path / "out").exists()  # checked before anything is written
 
 
-def test_cli_reports_errors_and_exits_nonzero(env, tiny_hf, tmp_path):
+def test_cli_reports_errors_and_exits_nonzero(tp1_env, tiny_hf, tmp_path):
     from megatron_mft import convert
 
     cfg = json.loads((tiny_hf / "config.json").read_text())
@@ -288,7 +281,7 @@ def test_preset_is_recognised_or_every_mismatch_listed():
     assert other.num_layers == 3 and other.arch().vocab_size == 32016
 
 
-def test_hf_init_refuses_a_mismatched_model_config(env, tiny_hf):
+def test_hf_init_refuses_a_mismatched_model_config(tp1_env, tiny_hf):
     from megatron_mft.checkpoint.hf import ConversionError, load_hf_into_chunks
     from megatron_mft.config import ModelConfig
 
@@ -299,7 +292,7 @@ def test_hf_init_refuses_a_mismatched_model_config(env, tiny_hf):
     assert "vocab_size" in str(e.value)
 
 
-def test_verify_command_fails_above_tolerance(env, tiny_hf, converted, tmp_path, capsys):
+def test_verify_command_fails_above_tolerance(tp1_env, tiny_hf, converted, tmp_path, capsys):
     """``verify`` exits 0 on a faithful conversion and 1 when the logits differ (another model)."""
     from megatron_mft import convert
 
@@ -309,10 +302,13 @@ def test_verify_command_fails_above_tolerance(env, tiny_hf, converted, tmp_path,
     other = make_hf_model(tmp_path / "other", seed=5)
     assert convert.main(["verify", "--hf-dir", str(other), "--ckpt", str(converted), "--seq", "16"]) == 1
     assert "-> FAIL" in capsys.readouterr().out
-    init_single_process()  # verify tore down megatron's parallel state; restore it for later tests
+    from megatron_mft.config import ParallelConfig
+    from megatron_mft.training.parallel import init_parallel
+
+    init_parallel(ParallelConfig(), tp1_env, 0)  # verify tore down megatron's parallel state; restore it
 
 
-def test_training_checkpoint_exports_from_its_output_dir(env, tiny_hf, tmp_path):
+def test_training_checkpoint_exports_from_its_output_dir(tp1_env, tiny_hf, tmp_path):
     """A full-weights training checkpoint (run.json config) exports bit-exactly; the output_dir
     resolves to checkpoints/latest."""
     from megatron_mft.checkpoint.dist import save_checkpoint
@@ -324,7 +320,7 @@ def test_training_checkpoint_exports_from_its_output_dir(env, tiny_hf, tmp_path)
     from megatron_mft.model import build_model_chunks
 
     cfg = dataclasses.replace(model_config_from_hf(read_hf_config(tiny_hf)), precision="fp32", hf_init=str(tiny_hf))
-    chunks = build_model_chunks(cfg, ParallelConfig(), env)
+    chunks = build_model_chunks(cfg, ParallelConfig(), tp1_env)
     load_hf_into_chunks(tiny_hf, chunks, cfg, ParallelConfig())
     run = RunConfig(model=cfg, output_dir=str(tmp_path / "run"))
     for step in (1, 2):

@@ -1,12 +1,12 @@
 """Helpers for the Hugging Face conversion tests (imported by tests/test_hf_*.py and
-tests/test_convert_*.py; no tests here): tiny random transformers Llama models on disk and a
-one-process megatron environment."""
+tests/test_convert_*.py; no tests here): tiny random transformers Llama models on disk, their
+state dicts, and the conversion CLI in a subprocess. The one-process megatron environment is
+conftest's ``tp1_env``."""
 
 from __future__ import annotations
 
 import json
 import os
-from train_helpers import free_port
 import subprocess
 import sys
 from pathlib import Path
@@ -59,33 +59,6 @@ def hf_state(folder: Path) -> dict:
             for k in h.keys():
                 out[k] = h.get_tensor(k)
     return out
-
-
-def init_single_process(seed: int = 0):
-    """torch.distributed world of 1 (created if absent) + megatron parallel state TP=1/PP=1.
-    Returns (env, created) where ``created`` says whether the caller should destroy the group."""
-    import torch.distributed as dist
-
-    from megatron_mft.compat import setup_runtime
-    from megatron_mft.config import ParallelConfig
-    from megatron_mft.training.parallel import init_parallel
-
-    env = setup_runtime()
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    init_parallel(ParallelConfig(), env, seed)
-    return env, created
-
-
-def finish_single_process(created: bool) -> None:
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    if created and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def run_cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:

@@ -11,16 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_hf_fixtures import TINY, finish_single_process, init_single_process, make_hf_model
+from test_hf_fixtures import TINY, make_hf_model
 
 V = TINY["vocab_size"]
-
-
-@pytest.fixture(scope="module")
-def env():
-    env, created = init_single_process()
-    yield env
-    finish_single_process(created)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +27,7 @@ def _tokens():
     return random_tokens(V, 2, 20, seed=5)
 
 
-def _train_like_run(env, tiny_hf: Path, out: Path, method: str, base: str) -> tuple[Path, torch.Tensor]:
+def _train_like_run(tp1_env, tiny_hf: Path, out: Path, method: str, base: str) -> tuple[Path, torch.Tensor]:
     """A LoRA model as the recipe builds it (base from hf_init or init_checkpoint, prepare), with
     non-trivial adapters, saved adapter-only with its run.json; returns (step dir, its logits)."""
     from megatron_mft.checkpoint.dist import load_model_weights, save_checkpoint
@@ -56,8 +49,8 @@ def _train_like_run(env, tiny_hf: Path, out: Path, method: str, base: str) -> tu
         convert_hf_to_mcore(tiny_hf, ckpt, log=lambda s: None)
         train = TrainConfig(init_checkpoint=str(ckpt))
     peft = PeftConfig(method=method, rank=4, alpha=8.0, rslora=method == "qlora")
-    plan = PeftPlan(peft, env, seed=3)
-    chunks = build_model_chunks(model, ParallelConfig(), env, layer=plan.layer_spec(model))
+    plan = PeftPlan(peft, tp1_env, seed=3)
+    chunks = build_model_chunks(model, ParallelConfig(), tp1_env, layer=plan.layer_spec(model))
     if base == "hf":
         load_hf_into_chunks(tiny_hf, chunks, model, ParallelConfig())
     elif method == "qlora":
@@ -76,12 +69,12 @@ def _train_like_run(env, tiny_hf: Path, out: Path, method: str, base: str) -> tu
 
 
 @pytest.mark.parametrize("method, base", [("lora", "mcore"), ("qlora", "hf")])
-def test_adapter_and_merged_exports_reproduce_the_lora_model(env, tiny_hf, tmp_path, method, base):
+def test_adapter_and_merged_exports_reproduce_the_lora_model(tp1_env, tiny_hf, tmp_path, method, base):
     from megatron_mft.checkpoint.hf.mcore_to_hf import export_to_hf
     from megatron_mft.checkpoint.hf.verify import build_megatron, hf_logits, megatron_logits
     from megatron_mft.config import ParallelConfig
 
-    run_dir, lora_logits = _train_like_run(env, tiny_hf, tmp_path / "run", method, base)
+    run_dir, lora_logits = _train_like_run(tp1_env, tiny_hf, tmp_path / "run", method, base)
     tokens = _tokens()
     base_logits = hf_logits(tiny_hf, tokens)
     assert (base_logits - lora_logits).abs().max() > 0.05  # the adapters matter
@@ -102,11 +95,11 @@ def test_adapter_and_merged_exports_reproduce_the_lora_model(env, tiny_hf, tmp_p
         assert (with_peft - lora_logits).abs().max() < (base_logits - lora_logits).abs().max()
 
     # verify's adapter-run path rebuilds the same model (base + adapters) from the checkpoint
-    chunks, _ = build_megatron(merged, run_dir, ParallelConfig(), env)
+    chunks, _ = build_megatron(merged, run_dir, ParallelConfig(), tp1_env)
     assert (megatron_logits(chunks, tokens, V) - lora_logits).abs().max() <= 1e-5
 
 
-def test_adapter_checkpoint_needs_an_export_mode(env, tiny_hf, tmp_path):
+def test_adapter_checkpoint_needs_an_export_mode(tp1_env, tiny_hf, tmp_path):
     """An adapter-only checkpoint asks for --merge-lora or --adapter-only; the adapter export
     works without the base, the merge names the missing base."""
     import shutil
@@ -116,7 +109,7 @@ def test_adapter_checkpoint_needs_an_export_mode(env, tiny_hf, tmp_path):
 
     base = tmp_path / "base"
     shutil.copytree(tiny_hf, base)
-    run_dir, _ = _train_like_run(env, base, tmp_path / "run", "lora", "hf")
+    run_dir, _ = _train_like_run(tp1_env, base, tmp_path / "run", "lora", "hf")
     with pytest.raises(ConversionError, match="holds LoRA adapters only"):
         export_to_hf(run_dir, tmp_path / "x", log=lambda s: None)
     with pytest.raises(ConversionError, match="exclude each other"):
