@@ -23,6 +23,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from megatron_mft.checkpoint.layerwise import base_templates, is_base_key, load_group
 from megatron_mft.compat import Environment
 from megatron_mft.config import ModelConfig, PeftConfig
 from megatron_mft.config.presets import ArchSpec
@@ -205,37 +206,19 @@ def load_base_weights(path, chunks) -> None:
     for its shard only while its own layer loads and quantises the loaded shard at once (its
     ``load_state_dict`` hook), so beyond the quantised model at most one layer is dense.
     Adapters (``.lora_``) are not read: a base checkpoint need not have them."""
-
-    def base_key(k: str) -> bool:
-        return ".lora_" not in k and not k.endswith("_extra_state")
-
     for chunk in chunks:
-        decoder = getattr(chunk, "decoder", None)
-        n_layers = len(decoder.layers) if decoder is not None else 0
-        wanted_all = {k for k in chunk.sharded_state_dict() if base_key(k)}
+        wanted = {k for k in chunk.sharded_state_dict() if is_base_key(k)}
         done: set = set()
-        for i in range(max(n_layers, 1)):
-            mods = [m for _, m in iter_adapters([decoder.layers[i]])] if n_layers else []
-            for m in mods:
-                m.dense_weight_template = True
-            try:
-                full = chunk.sharded_state_dict()
-            finally:
-                for m in mods:
-                    m.dense_weight_template = False
-            here = f"decoder.layers.{i}."
-            template = {k: v for k, v in full.items() if base_key(k) and
-                        (k.startswith(here) or (i == 0 and not k.startswith("decoder.layers.")))}
-            del full
+        for template in base_templates(chunk):
+            if not template:  # e.g. a middle pipeline stage has no embedding or output layer
+                continue
             done |= set(template)
             state = _load_sharded_template(path, template)
             del template
-            result = chunk.load_state_dict(state, strict=False)
+            load_group(chunk, state, f"base checkpoint {path}")
             del state
-            if result.unexpected_keys:
-                raise RuntimeError(f"base checkpoint keys the model does not have: {result.unexpected_keys[:8]}")
-        if done != wanted_all:
-            raise RuntimeError(f"base weights not loaded: {sorted(wanted_all - done)[:8]}")
+        if done != wanted:
+            raise RuntimeError(f"base weights not loaded: {sorted(wanted - done)[:8]}")
 
 
 class PeftPlan:

@@ -20,17 +20,10 @@ import torch
 
 from megatron_mft.checkpoint.hf.families import ConversionError
 from megatron_mft.checkpoint.hf.hfconfig import check_model_config, read_hf_config
-from megatron_mft.checkpoint.hf.mcore_io import _flat, entry_canonical, region, shards_of
+from megatron_mft.checkpoint.hf.mcore_io import entry_canonical, region, shards_of
 from megatron_mft.checkpoint.hf.source import HFSource
+from megatron_mft.checkpoint.layerwise import base_templates, load_group
 from megatron_mft.config import ModelConfig, ParallelConfig
-
-
-def _adapter_modules(module) -> list:
-    try:
-        from megatron_mft.peft import iter_adapters
-    except ImportError:  # pragma: no cover - peft is part of the package
-        return []
-    return [m for _, m in iter_adapters([module])]
 
 
 def load_hf_into_chunks(hf_dir: str | Path, chunks: list, model_cfg: ModelConfig,
@@ -52,28 +45,12 @@ def load_hf_into_chunks(hf_dir: str | Path, chunks: list, model_cfg: ModelConfig
 
 
 def _load_chunk(chunk, source: HFSource) -> None:
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron_mft.peft import iter_adapters
 
-    decoder = getattr(chunk, "decoder", None)
-    n_layers = len(decoder.layers) if decoder is not None else 0
     loaded: set[str] = set()
-    for group in [None] + list(range(n_layers)):
-        mods = _adapter_modules(decoder.layers[group]) if group is not None else []
-        for m in mods:
-            m.dense_weight_template = True  # a quantised base offers a dense tensor to load into
-        try:
-            sd = chunk.sharded_state_dict()
-        finally:
-            for m in mods:
-                m.dense_weight_template = False
-        prefix = f"decoder.layers.{group}."
+    for template in base_templates(chunk):
         state = {}
-        for key, entry in _flat(sd):
-            if isinstance(entry, ShardedObject) or ".lora_" in key or key.endswith("_extra_state"):
-                continue
-            in_group = key.startswith(prefix) if group is not None else not key.startswith("decoder.layers.")
-            if not in_group:  # group None: embedding, final norm, output layer
-                continue
+        for key, entry in template.items():
             name = entry_canonical(entry)
             try:
                 full = source.get(name)
@@ -85,14 +62,12 @@ def _load_chunk(chunk, source: HFSource) -> None:
                     sh.data.copy_(region(full, sh, name))
             del full
             state[key] = entry.data
-        del sd
-        result = chunk.load_state_dict(state, strict=False)
-        if result.unexpected_keys:
-            raise RuntimeError(f"hf_init produced keys the model does not have: {result.unexpected_keys[:8]}")
+        del template
+        load_group(chunk, state, "hf_init")
         loaded |= set(state)
         del state
     expected = {n for n, _ in chunk.named_parameters() if ".lora_" not in n}
-    adapters = {id(m) for m in _adapter_modules(chunk)}
+    adapters = {id(m) for _, m in iter_adapters([chunk])}
     expected |= {f"{n}.weight" for n, m in chunk.named_modules()  # quantised bases: not Parameters
                  if id(m) in adapters and "weight" not in m._parameters}
     missing = sorted(expected - loaded)
