@@ -109,10 +109,11 @@ def _chunk_lines(path: str, first_line: int, start: int, end: int) -> list[tuple
 
 
 def _encode_chunk(chunk: tuple[int, str, str, int, int, int]):
-    """-> (task, split, file, bytes read, ids, mask, kept, bad). The chunk's samples come back as
-    two flat arrays (cheap to pickle); ``kept`` = (starts, ends, loss tokens) arrays of the kept
-    samples' slices of them, in line order (loss tokens negated when the sample was truncated);
-    ``bad`` = ``(line, reason, detail)`` for lines that are not samples."""
+    """-> (task, split, file, bytes read, packed, kept, bad). The chunk's samples come back as two
+    flat arrays, ids and loss mask, in compact form (``packed``, see :func:`_pack_arrays`);
+    ``kept`` = (starts, ends, loss tokens) arrays of the kept samples' slices of them, in line
+    order (loss tokens negated when the sample was truncated); ``bad`` = ``(line, reason,
+    detail)`` for lines that are not samples."""
     task, split, path, first_line, start, end = chunk
     assert _FORMATTER is not None and _SPEC is not None
     good, bad = [], []
