@@ -23,7 +23,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from megatron_mft.checkpoint.layerwise import base_templates, is_base_key, load_group
+from megatron_mft.peft.layerwise import base_templates, is_base_key, load_group
 from megatron_mft.compat import Environment
 from megatron_mft.config import ModelConfig, PeftConfig
 from megatron_mft.config.presets import ArchSpec

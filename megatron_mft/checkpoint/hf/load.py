@@ -22,7 +22,7 @@ from megatron_mft.checkpoint.hf.families import ConversionError
 from megatron_mft.checkpoint.hf.hfconfig import check_model_config, read_hf_config
 from megatron_mft.checkpoint.hf.mcore_io import entry_canonical, region, shards_of
 from megatron_mft.checkpoint.hf.source import HFSource
-from megatron_mft.checkpoint.layerwise import base_templates, load_group
+from megatron_mft.peft.layerwise import base_templates, load_group
 from megatron_mft.config import ModelConfig, ParallelConfig
 
 

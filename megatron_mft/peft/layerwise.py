@@ -4,7 +4,8 @@ A QLoRA linear keeps its base weight quantised. It offers a dense tensor for its
 while its own layer's template is built (``dense_weight_template``) and quantises the shard it
 receives in ``load_state_dict``. Building a template per layer and loading it before the next
 therefore keeps at most one layer dense. Sources: a megatron dist checkpoint
-(``peft.load_base_weights``) and a Hugging Face folder (``checkpoint.hf.load``).
+(``peft.plan.load_base_weights``) and a Hugging Face folder (``checkpoint.hf.load``, which
+imports this: peft comes before checkpoint in the package order).
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ def base_templates(chunk) -> Iterator[dict[str, Any]]:
     layer. Fill and load each (:func:`load_group`) before asking for the next."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    from megatron_mft.checkpoint.hf.mcore_io import _flat
-    from megatron_mft.peft import iter_adapters
+    from megatron_mft.peft.plan import iter_adapters
 
     decoder = getattr(chunk, "decoder", None)
     n_layers = len(decoder.layers) if decoder is not None else 0
@@ -39,7 +39,7 @@ def base_templates(chunk) -> Iterator[dict[str, Any]]:
                 m.dense_weight_template = False
         prefix = f"decoder.layers.{layer}."
         group = {}
-        for key, entry in _flat(sd):
+        for key, entry in sd.items():  # megatron's sharded state dict of a model is flat
             if isinstance(entry, ShardedObject) or not is_base_key(key):
                 continue
             if key.startswith(prefix) if layer is not None else not key.startswith("decoder.layers."):

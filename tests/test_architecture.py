@@ -1,0 +1,36 @@
+"""The package layering of docs/architecture.md holds: every module imports (at top level or
+inside functions) only from its own package and the layers below; command entry points may
+import anything."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "megatron_mft"
+#: bottom to top; a package may import from the ones before it
+LAYERS = ["compat", "config", "launch", "data", "model", "loss", "peft", "checkpoint", "training", "evaluate"]
+ENTRY_POINTS = {"__main__.py"}  # package-level entry modules (train.py, convert.py, plot.py) are not layered
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("megatron_mft."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("megatron_mft.")}
+    return found
+
+
+def test_layers_import_only_downwards():
+    assert sorted(p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").is_file()) == sorted(LAYERS)
+    bad = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG)
+        if len(rel.parts) < 2 or rel.name in ENTRY_POINTS:
+            continue
+        own = LAYERS.index(rel.parts[0])
+        bad += [f"{rel} imports megatron_mft.{m}" for m in sorted(_imports(path))
+                if m in LAYERS and LAYERS.index(m) > own]
+    assert not bad, bad
