@@ -34,3 +34,25 @@ def test_layers_import_only_downwards():
         bad += [f"{rel} imports megatron_mft.{m}" for m in sorted(_imports(path))
                 if m in LAYERS and LAYERS.index(m) > own]
     assert not bad, bad
+
+
+def test_wheel_holds_every_module(tmp_path):
+    """``pip install`` gets the whole package: setuptools' package finder skips folders without
+    an ``__init__.py``, which a source checkout (on PYTHONPATH) would never notice."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    src = tmp_path / "src"
+    shutil.copytree(PKG, src / "megatron_mft", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(PKG.parent / name, src / name)
+    run = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
+                          "-q", "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("megatron_mft-*.whl")
+    packed = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("megatron_mft/")}
+    tree = {p.relative_to(PKG.parent).as_posix() for p in PKG.rglob("*") if p.suffix in (".py", ".md")
+            and "__pycache__" not in p.parts}
+    assert tree - packed == set()
