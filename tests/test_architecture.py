@@ -10,7 +10,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "megatron_mft"
 #: bottom to top; a package may import from the ones before it
 LAYERS = ["compat", "config", "launch", "data", "model", "loss", "peft", "checkpoint", "training", "evaluate"]
-ENTRY_POINTS = {"__main__.py"}  # package-level entry modules (train.py, convert.py, plot.py) are not layered
+ENTRY_POINTS = {"__main__.py"}  # and the top-level train.py, convert.py, plot.py (not in a layer)
 
 
 def _imports(path: Path) -> set[str]:
@@ -37,8 +37,9 @@ def test_layers_import_only_downwards():
 
 
 def test_wheel_holds_every_module(tmp_path):
-    """``pip install`` gets the whole package: setuptools' package finder skips folders without
-    an ``__init__.py``, which a source checkout (on PYTHONPATH) would never notice."""
+    """``pip install`` gets the whole package, every module and the docs shipped beside the code
+    (``data/FORMAT.md``): a source checkout on PYTHONPATH would never notice a package or a
+    package-data pattern that the build leaves out."""
     import shutil
     import subprocess
     import sys
