@@ -117,6 +117,23 @@ def test_deterministic_across_workers_and_runs(built, data, tmp_path):
     assert _digest(out1) == _digest(built)  # 1 worker in-process == 2 worker processes, byte for byte
 
 
+@pytest.mark.parametrize("vocab_size", [2048, 32016, 65536, 65537, 128256])
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 1001])
+def test_result_transport_round_trip_is_exact(vocab_size, n):
+    """Worker results travel as uint16 ids (when the vocabulary fits) and a bit-packed mask."""
+    from megatron_mft.data.encode import _pack_arrays, _unpack_arrays
+
+    rng = np.random.default_rng(n)
+    ids = rng.integers(0, vocab_size, n).astype(np.int32)
+    ids[:1] = vocab_size - 1
+    mask = rng.integers(0, 2, n).astype(np.uint8)
+    packed = _pack_arrays(ids, mask, vocab_size)
+    back_ids, back_mask = _unpack_arrays(packed)
+    assert back_ids.dtype == np.int32 and back_mask.dtype == np.uint8
+    assert np.array_equal(back_ids, ids) and np.array_equal(back_mask, mask)
+    assert packed[0].dtype == (np.uint16 if vocab_size <= 65536 else np.int32)
+
+
 @pytest.mark.parametrize("content", [b"", b"a", b"a\n", b"\n\n\n", b"one\ntwo\n\nfour line is long\nfive",
                                      b"x" * 120 + b"\nshort\n" + b"y" * 30 + b"\n"])
 def test_chunks_cover_every_line_once(tmp_path, monkeypatch, content):

@@ -145,15 +145,15 @@ def _encode_chunk(chunk: tuple[int, str, str, int, int, int]):
             else:
                 bad.append((line_no, "dropped", "no loss-taking token left after truncation"))
         bad.sort(key=lambda x: x[0])
-    return task, split, path, end - start, _pack_arrays(ids, mask), (starts[keep], ends[keep], loss[keep]), bad
+    packed = _pack_arrays(ids, mask, _FORMATTER.tok.vocab_size)
+    return task, split, path, end - start, packed, (starts[keep], ends[keep], loss[keep]), bad
 
 
-def _pack_arrays(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+def _pack_arrays(ids: np.ndarray, mask: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Compact form for the trip back to the main process: ids as uint16 when the vocabulary
     allows, the 0/1 mask as bits. Less than half the bytes through the result pipe, whose
     copies and wake-ups otherwise cost the main process more than its own work."""
-    assert _FORMATTER is not None
-    small = _FORMATTER.tok.vocab_size <= np.iinfo(np.uint16).max + 1
+    small = vocab_size <= np.iinfo(np.uint16).max + 1
     return (ids.astype(np.uint16) if small else ids), np.packbits(mask), len(mask)
 
 
