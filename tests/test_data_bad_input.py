@@ -89,6 +89,18 @@ def test_skip_bad_samples_logs_and_counts_per_reason(tmp_path):
     assert rejected[kinds.index("invalid_json")]["raw"] == BAD["invalid_json"][0]
 
 
+def test_rejected_raw_is_the_line_the_parser_saw(tmp_path):
+    """A byte-order mark and a CRLF ending are not part of the line: rejected.jsonl shows it as parsed."""
+    data = tmp_path / "data"
+    (data / "t").mkdir(parents=True)
+    (data / "t" / "train.jsonl").write_bytes(b'\xef\xbb\xbf{"prompt": 1, "answer": "x"}\r\n'
+                                             + json.dumps(GOOD).encode() + b"\r\n")
+    out = tmp_path / "out"
+    assert main(cli_args(data, out, 128, "best-fit", "--skip-bad-samples", "--val-ratio", "0")) == 0
+    (rej,) = [json.loads(x) for x in (out / "rejected.jsonl").read_text().splitlines()]
+    assert (rej["line"], rej["reason"], rej["raw"]) == (1, "wrong_type", '{"prompt": 1, "answer": "x"}')
+
+
 def test_overlong_drop_and_truncate(tmp_path):
     data = tmp_path / "data"
     write_jsonl(data / "t" / "train.jsonl", [GOOD, LONG, GOOD, {"text": "word " * 400}])

@@ -32,3 +32,18 @@ def test_recompute_is_exact(single_process_group, demo_data, recompute):
     got = _step(single_process_group, demo_data, recompute)
     assert got[0] == pytest.approx(ref[0], rel=1e-6)
     assert got[1] == pytest.approx(ref[1], rel=1e-5)
+
+
+
+def test_kernels_line_is_read_off_the_built_model(single_process_group):
+    """The start-up kernels line names what the model uses: here the local spec with torch SDPA
+    attention, none of the CUDA fusions."""
+    from megatron_mft.config import load_config
+    from megatron_mft.model import build_model_chunks, kernels_line
+    from megatron_mft.training.parallel import init_parallel
+
+    cfg = load_config(None, ["data.path=/unused", "model.num_layers=2"])
+    init_parallel(cfg.parallel, single_process_group, seed=1)
+    chunks = build_model_chunks(cfg.model, cfg.parallel, single_process_group)
+    line = kernels_line(chunks, single_process_group)
+    assert line.endswith("kernels: torch SDPA attention"), line

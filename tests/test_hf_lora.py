@@ -53,8 +53,6 @@ def _train_like_run(tp1_env, tiny_hf: Path, out: Path, method: str, base: str) -
     chunks = build_model_chunks(model, ParallelConfig(), tp1_env, layer=plan.layer_spec(model))
     if base == "hf":
         load_hf_into_chunks(tiny_hf, chunks, model, ParallelConfig())
-    elif method == "qlora":
-        plan.load_base(train.init_checkpoint, chunks)
     else:
         load_model_weights(train.init_checkpoint, chunks)
     plan.prepare(chunks)

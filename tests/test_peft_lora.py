@@ -135,7 +135,9 @@ def test_trainable_share_matches_hand_count(env, rank, targets):
     hand = 4 * rank * sum(per_target[t] for t in (targets or per_target))
     base_total = 4 * (2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 352 + 2 * 128) + 2 * 2048 * 128 + 128
     assert plan.counts == {"trainable": hand, "total": base_total + hand, "nf4": 0}
-    assert plan.expected_trainable(_model_cfg().arch()) == hand
+    from megatron_mft.peft.memory import lora_params
+
+    assert lora_params(_model_cfg().arch(), rank, targets or list(per_target)) == hand
     assert sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad) == hand
     line = plan.trainable_line()
     assert f"trainable {hand:,} of {base_total + hand:,}" in line

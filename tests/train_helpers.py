@@ -11,8 +11,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "tiny_cpu.yaml"
-DEMO_RAW = ROOT / "examples" / "demo_data" / "raw"
-DEMO_TOKENIZER = ROOT / "examples" / "demo_data" / "tokenizer" / "demo_sp2048.model"
 
 
 def free_port() -> int:
@@ -62,10 +60,12 @@ def train_losses(output_dir: str | Path) -> dict[int, dict]:
 
 
 def preprocess_demo(out: Path, seq_length: int = 1024) -> Path:
-    subprocess.run([sys.executable, str(ROOT / "tools" / "preprocess" / "preprocess_mft.py"),
-                    "--data-dir", str(DEMO_RAW), "--tokenizer-model", str(DEMO_TOKENIZER),
-                    "--seq-length", str(seq_length), "--packing", "best-fit", "--output-dir", str(out),
-                    "--overlong", "drop", "--no-progress"], check=True, cwd=ROOT, env=env(2), capture_output=True)
+    """The whole bundled demo set through the preprocessing CLI (best-fit packs)."""
+    from data_fixtures import DEMO_RAW, cli_args, run_cli
+
+    proc = run_cli(*cli_args(DEMO_RAW, out, seq_length, "best-fit", "--overlong", "drop", "--workers", "2"),
+                   timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 

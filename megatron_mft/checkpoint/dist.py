@@ -193,13 +193,19 @@ def _load_into(chunk, state: dict, partial: bool) -> None:
         raise RuntimeError(f"checkpoint does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
 
 
-def load_model_weights(path: str | Path, chunks: list, *, skip_missing_adapters: bool = True) -> None:
+def load_model_weights(path: str | Path, chunks: list) -> None:
     """Base weights only (fine-tuning start from a converted or earlier checkpoint). Adapter
-    parameters (trainable ones, when PEFT is on) may be absent from a base checkpoint."""
+    parameters (trainable ones, when PEFT is on) may be absent from a base checkpoint. A model
+    with NF4 bases (QLoRA) is read one decoder layer at a time, each targeted shard quantised
+    on arrival (``peft.load_base_weights``): the generic load would need the whole model dense."""
+    from megatron_mft.peft import iter_adapters, load_base_weights
+
+    if any(m.quantized for _, m in iter_adapters(chunks)):
+        load_base_weights(path, chunks)
+        return
     template = model_sharded_state_dict(chunks)
     adapters = {n for c in chunks for n, _ in c.named_parameters() if ".lora_" in n}
-    if skip_missing_adapters:
-        template = {k: {n: v for n, v in sd.items() if n not in adapters} for k, sd in template.items()}
+    template = {k: {n: v for n, v in sd.items() if n not in adapters} for k, sd in template.items()}
     state = dist_checkpointing.load(template, str(path))
     for i, chunk in enumerate(chunks):
         _load_into(chunk, state["model" if len(chunks) == 1 else f"model{i}"], partial=bool(adapters))

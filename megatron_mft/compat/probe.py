@@ -28,18 +28,6 @@ class Environment:
     apex: bool
     device_name: str
 
-    def kernels_line(self) -> str:
-        """One log line naming the kernels in force."""
-        on = {
-            "transformer-engine": self.te and self.cuda,
-            "flash-attn varlen": self.flash_attn and self.cuda,
-            "apex fused adam/rmsnorm": self.apex and self.cuda,
-            "fused rope": self.cuda,
-            "fused softmax": self.cuda,
-        }
-        active = [k for k, v in on.items() if v] or ["none (plain PyTorch: SDPA attention, torch Adam)"]
-        return f"device={self.device_name} kernels: {', '.join(active)}"
-
 
 @lru_cache(maxsize=1)
 def probe() -> Environment:
@@ -54,6 +42,8 @@ def probe() -> Environment:
         cuda=cuda,
         te=cuda and _importable("transformer_engine"),
         flash_attn=cuda and _importable("flash_attn"),
-        apex=cuda and _importable("apex"),
+        # apex counts only with its CUDA extensions (megatron's gradient-accumulation fusion
+        # needs fused_weight_gradient_mlp_cuda; a pure-Python apex install would crash the build)
+        apex=cuda and _importable("apex") and _importable("fused_weight_gradient_mlp_cuda"),
         device_name=name,
     )

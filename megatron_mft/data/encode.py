@@ -1,8 +1,8 @@
 """Raw task folders -> tokenized samples, with every bad line accounted for.
 
-Shared by offline preprocessing and online mode. Files are read in the main process and cut
-into chunks of lines; chunks are parsed, validated and tokenized by ``workers`` processes and
-come back in order, so the result does not depend on the number of workers.
+Shared by offline preprocessing and online mode. The main process finds line boundaries and
+hands out byte ranges of whole lines; ``workers`` processes read, parse, validate and tokenize
+them, and the chunks come back in order, so the result does not depend on the number of workers.
 """
 
 from __future__ import annotations
@@ -113,7 +113,8 @@ def _encode_chunk(chunk: tuple[int, str, str, int, int, int]):
     flat arrays, ids and loss mask, in compact form (``packed``, see :func:`_pack_arrays`);
     ``kept`` = (starts, ends, loss tokens) arrays of the kept samples' slices of them, in line
     order (loss tokens negated when the sample was truncated); ``bad`` = ``(line, reason,
-    detail)`` for lines that are not samples."""
+    detail, dropped, raw text)`` for lines that are not samples (``dropped``: by ``--overlong
+    drop``, else an error or, with ``--skip-bad-samples``, a rejection)."""
     task, split, path, first_line, start, end = chunk
     assert _FORMATTER is not None and _SPEC is not None
     good, bad = [], []
@@ -121,11 +122,11 @@ def _encode_chunk(chunk: tuple[int, str, str, int, int, int]):
         try:
             rec = parse_line(raw)
         except RecordError as e:
-            bad.append((line_no, e.reason.value, e.detail))
+            bad.append((line_no, e.reason.value, e.detail, False, _text(raw)))
             continue
         if rec is not None:
-            good.append((line_no, rec))
-    ids, mask, bounds = _FORMATTER.encode_flat([r for _, r in good])
+            good.append((line_no, rec, raw))
+    ids, mask, bounds = _FORMATTER.encode_flat([r for _, r, _ in good])
     seq = _SPEC.seq_length
     b_arr = np.asarray(bounds, dtype=np.int64)
     starts, ends = b_arr[:-1], np.minimum(b_arr[1:], b_arr[:-1] + seq)  # ends once truncated
@@ -134,19 +135,26 @@ def _encode_chunk(chunk: tuple[int, str, str, int, int, int]):
     keep = (b_arr[1:] - starts) <= seq
     if not keep.all():
         for i in np.flatnonzero(~keep).tolist():
-            line_no, n = good[i][0], int(b_arr[i + 1] - starts[i])
+            line_no, _, raw = good[i]
+            n = int(b_arr[i + 1] - starts[i])
             if _SPEC.overlong == "error":
-                bad.append((line_no, Reason.OVERLONG.value, f"{n} tokens > seq_length {seq}"))
+                bad.append((line_no, Reason.OVERLONG.value, f"{n} tokens > seq_length {seq}", False, _text(raw)))
             elif _SPEC.overlong == "drop":
-                bad.append((line_no, "dropped", f"{n} tokens > seq_length {seq}"))
+                bad.append((line_no, Reason.OVERLONG.value, f"{n} tokens > seq_length {seq}", True, _text(raw)))
             elif loss[i]:
                 keep[i] = True
                 loss[i] = -loss[i]  # negative: truncated
             else:
-                bad.append((line_no, "dropped", "no loss-taking token left after truncation"))
+                bad.append((line_no, Reason.OVERLONG.value, "no loss-taking token left after truncation", True,
+                            _text(raw)))
         bad.sort(key=lambda x: x[0])
     packed = _pack_arrays(ids, mask, _FORMATTER.tok.vocab_size)
     return task, split, path, end - start, packed, (starts[keep], ends[keep], loss[keep]), bad
+
+
+def _text(raw: bytes) -> str:
+    """A bad line as the parser saw it, for the error message and rejected.jsonl."""
+    return raw.decode("utf-8", errors="replace")
 
 
 def _pack_arrays(ids: np.ndarray, mask: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -194,14 +202,6 @@ def _chunks(tasks: list[TaskFiles]) -> Iterator[tuple[int, str, str, int, int, i
                     first = last
 
 
-def _raw_line(path: str, line_no: int, cache: dict) -> str:
-    lines = cache.get(path)
-    if lines is None:
-        with open(path, "rb") as f:
-            lines = cache[path] = f.read().split(b"\n")
-    return lines[line_no - 1].rstrip(b"\r").decode("utf-8", errors="replace")
-
-
 def encode_tasks(
     tasks: list[TaskFiles],
     spec: EncodeSpec,
@@ -209,17 +209,15 @@ def encode_tasks(
     workers: int = 1,
     skip_bad_samples: bool = False,
     progress: bool = False,
-    start_method: str | None = None,
 ) -> Encoded:
     """Tokenize every task; raise ``DataError`` naming each bad ``file:line`` unless skipping.
 
-    ``start_method``: multiprocessing start method of the workers; default ``fork`` where it
-    exists, as torch's DataLoader workers do (workers run only the tokenizer and numpy).
+    Workers start with ``fork`` where it exists, as torch's DataLoader workers do (they run only
+    the tokenizer and numpy), else ``spawn``.
     """
     out = [EncodedTask(t) for t in tasks]
     issues: list[Issue] = []
     errors = 0
-    raw_cache: dict = {}
     total_bytes = sum(os.path.getsize(f) for t in tasks for f in t.train + t.val)
     bar = None
     if progress:
@@ -228,7 +226,7 @@ def encode_tasks(
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", mininterval=0.5)
     pool = None
     if workers > 1:
-        method = start_method or ("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         # Freeze the parent's objects before forking: the workers' garbage collector then never
         # walks (and copy-on-write copies) the parent's heap, e.g. a trainer's torch modules.
         gc.freeze()
@@ -251,11 +249,10 @@ def encode_tasks(
             c.tokens += int((ends - starts).sum())
             c.loss_tokens += int(np.abs(loss).sum())
             c.truncated += int((loss < 0).sum())
-            for line_no, reason, detail in bad:
-                raw = _raw_line(path, line_no, raw_cache)
-                if reason == "dropped":
+            for line_no, reason, detail, dropped, raw in bad:
+                if dropped:
                     c.dropped += 1
-                    issues.append(Issue(path, line_no, Reason.OVERLONG.value, detail, "dropped", raw))
+                    issues.append(Issue(path, line_no, reason, detail, "dropped", raw))
                 elif skip_bad_samples:
                     c.rejected += 1
                     c.reasons[reason] = c.reasons.get(reason, 0) + 1

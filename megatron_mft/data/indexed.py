@@ -11,13 +11,16 @@ boundaries, so nothing here re-implements the indexed format.
 
 from __future__ import annotations
 
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
+with warnings.catch_warnings():  # megatron-core warns about missing TE/apex on import
+    warnings.simplefilter("ignore")
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 
 PARTS = ("tokens", "loss_mask", "task_ids", "sample_uids")
 

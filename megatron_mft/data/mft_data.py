@@ -58,8 +58,6 @@ class _Source:
 
 
 def _open_offline(cfg: DataConfig) -> _Source:
-    import warnings
-
     root = Path(cfg.path)
     mf = root / "manifest.json"
     if not mf.is_file():
@@ -71,9 +69,7 @@ def _open_offline(cfg: DataConfig) -> _Source:
         raise ValueError(
             f"data.seq_length {cfg.seq_length} < the preprocessed seq_length {manifest['seq_length']} of {cfg.path}"
         )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from megatron_mft.data.indexed import IndexedSplit
+    from megatron_mft.data.indexed import IndexedSplit
     return _Source(manifest, IndexedSplit(root, "train"), IndexedSplit(root, "val"))
 
 

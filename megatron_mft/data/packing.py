@@ -88,9 +88,6 @@ def pack(lengths: Sequence[int], capacity: int, algorithm: str) -> Packs:
     return PACKERS[algorithm](lengths, capacity)
 
 
-def padding_ratio(lengths: Sequence[int], packs: Packs, capacity: int) -> float:
-    """Padding tokens over all tokens of the packed windows."""
-    if not packs:
-        return 0.0
-    used = int(np.sum(np.asarray(lengths, dtype=np.int64)))
-    return 1.0 - used / (len(packs) * capacity)
+def padding_ratio(tokens: int, windows: int, capacity: int) -> float:
+    """Padding tokens over all tokens of ``windows`` windows of ``capacity`` holding ``tokens``."""
+    return 1.0 - tokens / (windows * capacity) if windows else 0.0

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megatron_mft.data.encode import Encoded
-from megatron_mft.data.packing import Packs, pack
+from megatron_mft.data.packing import Packs, pack, padding_ratio
 
 Sample = tuple[np.ndarray, np.ndarray]
 
@@ -37,7 +37,7 @@ class SplitPlan:
         return sum(self.lengths)
 
     def padding_ratio(self, seq_length: int) -> float:
-        return 1.0 - self.tokens / (len(self.packs) * seq_length) if self.packs else 0.0
+        return padding_ratio(self.tokens, len(self.packs), seq_length)
 
 
 def plan_splits(

@@ -14,12 +14,11 @@ import os
 import shutil
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_mft.data.encode import EncodeSpec, Encoded, encode_tasks
-from megatron_mft.data.packing import PACKERS
+from megatron_mft.data.packing import PACKERS, padding_ratio
 from megatron_mft.data.plan import SplitPlan, plan_splits
 from megatron_mft.data.records import DataError
 from megatron_mft.data.taskdir import DataDirError, discover_tasks
@@ -141,9 +140,7 @@ def preprocess(args: PreprocessArgs) -> dict:
         raise DataError([f"{args.data_dir}: no usable training samples"])
 
     t_import = time.perf_counter()
-    with warnings.catch_warnings():  # megatron-core warns about missing TE/apex on import
-        warnings.simplefilter("ignore")
-        from megatron_mft.data import indexed
+    from megatron_mft.data import indexed
     # Imported late so bad input fails fast; its one-time cost (seconds) is not data throughput.
     import_seconds = time.perf_counter() - t_import
 
@@ -180,7 +177,7 @@ def preprocess(args: PreprocessArgs) -> dict:
             "rejected": sum(t["rejected"] for t in per_task.values()),
             "rejected_reasons": dict(sorted(reasons.items())),
             "sequences": all_seqs,
-            "padding_ratio": round(1.0 - total_tokens / (all_seqs * args.seq_length), 6) if all_seqs else 0.0,
+            "padding_ratio": round(padding_ratio(total_tokens, all_seqs, args.seq_length), 6),
             "splits": {"train": _split_stats(train, args.seq_length), "val": _split_stats(val, args.seq_length)},
             "seq_length": args.seq_length,
             "packing": args.packing,

@@ -171,7 +171,6 @@ def parse_line(raw: bytes) -> Record | None:
 class DataError(ValueError):
     """Unusable input data: one message per problem, each naming ``file:line`` where it can."""
 
-    def __init__(self, problems: list[str], more: int = 0):
+    def __init__(self, problems: list[str]):
         self.problems = problems
-        tail = [f"  ... and {more} more"] if more else []
-        super().__init__("\n".join(problems + tail))
+        super().__init__("\n".join(problems))

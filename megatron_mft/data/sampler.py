@@ -23,16 +23,12 @@ import numpy as np
 class EpochSampler:
     num_rows: int
     seed: int
-    shuffle: bool = True
     _cache: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     def permutation(self, epoch: int) -> np.ndarray:
         perm = self._cache.get(epoch)
         if perm is None:
-            if self.shuffle:
-                perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
-            else:
-                perm = np.arange(self.num_rows)
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
             if len(self._cache) >= 4:
                 self._cache.pop(min(self._cache))
             self._cache[epoch] = perm

@@ -73,7 +73,6 @@ class ChatFormatter:
     def __init__(self, template: ChatTemplate, tokenizer: Tokenizer, mode: Mode = "sft"):
         self.template = template
         self.tok = tokenizer
-        self.mode = mode
         self._protect = template.markers
         self._start = self._marker_ids(template.role_start)
         self._end = self._marker_ids(template.role_end)

@@ -45,11 +45,9 @@ class Backend(Protocol):
     eos_id: int
     pad_id: int
 
-    def encode_raw(self, texts: list[str]) -> list[list[int]]:
+    def encode_raw_arrays(self, texts: list[str]) -> list[np.ndarray]:
         """Continuation encoding of each text, without BOS/EOS; may match special strings."""
         ...
-
-    def encode_raw_arrays(self, texts: list[str]) -> list[np.ndarray]: ...
 
     def special_strings(self) -> tuple[str, ...]:
         """Strings the library itself maps to special ids when they occur in raw text."""
@@ -114,24 +112,17 @@ class Tokenizer:
         """Ids that ``encode_batch(..., protect)`` guarantees never to emit."""
         return self._protection(tuple(protect)).ids
 
-    def encode_batch(self, texts: Sequence[str], protect: tuple[str, ...] = (), check: bool = True) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], protect: tuple[str, ...] = ()) -> list[list[int]]:
         """Continuation-encode each text; occurrences of protected strings become plain text.
 
         A protected occurrence is cut after its first character and each part encoded on its
-        own, so the vocabulary entry for the whole string cannot match. With ``check`` the result
-        is verified to hold no protected id (normalization, e.g. NFKC, could still produce one);
-        callers that verify in bulk pass ``check=False``.
+        own, so the vocabulary entry for the whole string cannot match. The result is verified
+        to hold no protected id (normalization, e.g. NFKC, could still produce one).
         """
         texts = list(texts)
         prot = self._protection(tuple(protect))
-        split = _split_protected(texts, prot)
-        if split is None:
-            out = self.backend.encode_raw(texts)
-        else:
-            out = [[] for _ in texts]
-            for i, ids in zip(split[1], self.backend.encode_raw(split[0])):
-                out[i].extend(ids)
-        if check and prot.ids and not prot.ids.isdisjoint(chain.from_iterable(out)):
+        out = [a.tolist() for a in self.encode_arrays(texts, protect)]
+        if prot.ids and not prot.ids.isdisjoint(chain.from_iterable(out)):
             bad = next(i for i, ids in enumerate(out) if not prot.ids.isdisjoint(ids))
             raise TokenizerError(f"encoding text #{bad} produced a protected special id; text={texts[bad][:80]!r}")
         return out
@@ -208,9 +199,6 @@ class SentencePieceBackend:
         self.eos_id = eos
         self.pad_id = pad if pad >= 0 else eos
 
-    def encode_raw(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts, num_threads=1) if texts else []
-
     def encode_raw_arrays(self, texts: list[str]) -> list[np.ndarray]:
         return self.sp.encode(texts, num_threads=1, out_type="numpy") if texts else []
 
@@ -269,11 +257,9 @@ class HFBackend:
                 return i
         return None
 
-    def encode_raw(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)] if texts else []
-
     def encode_raw_arrays(self, texts: list[str]) -> list[np.ndarray]:
-        return [np.asarray(ids, dtype=np.int32) for ids in self.encode_raw(texts)]
+        encoded = self.tok.encode_batch(texts, add_special_tokens=False) if texts else []
+        return [np.asarray(e.ids, dtype=np.int32) for e in encoded]
 
     def special_strings(self) -> tuple[str, ...]:
         return self._special

@@ -86,14 +86,14 @@ def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, env: Enviro
     arch = model.arch()
     cfg = transformer_config(arch, model, parallel, env, variable_seq_lengths=variable_seq_lengths)
     backend = attention_backend(model.attention_backend, env)
-    layer = layer or layer_spec(backend, env)
+    layer = layer or layer_spec(backend)
     vpp = cfg.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
         chunks.append(GPTModel(
             config=cfg,
-            transformer_layer_spec=block_spec(cfg, backend, env, stage, layer),
+            transformer_layer_spec=block_spec(cfg, backend, stage, layer),
             vocab_size=padded_vocab_size(arch.vocab_size, parallel.tp),
             max_sequence_length=arch.max_position_embeddings,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),

@@ -4,8 +4,8 @@
   attention, which handles packed THD sequences itself).
 * Otherwise -> megatron-core's local spec with two slots swapped: ``core_attention`` becomes
   :class:`PackedCoreAttention` (flash-attn varlen or torch SDPA, packed-aware), and the norms
-  become our :class:`RMSNorm` (apex's fused RMSNorm when apex is installed on CUDA), which
-  also works with sequence parallelism.
+  become our :class:`RMSNorm` (torch's fused ``rms_norm``), which also works with sequence
+  parallelism. (megatron's apex ``FusedLayerNorm`` is LayerNorm only: it refuses RMSNorm.)
 
 PEFT swaps the linear slots of the layer spec returned here (see megatron_mft.peft).
 """
@@ -25,6 +25,25 @@ from megatron_mft.model.attention import PackedCoreAttention
 from megatron_mft.model.norm import RMSNorm
 
 
+def kernels_line(chunks: list, env: Environment) -> str:
+    """One log line naming the kernels the built model actually uses (read off its modules and
+    its TransformerConfig, so it cannot drift from the spec and builder choices)."""
+    mods = [m for c in chunks for m in c.modules()]
+    cfg = chunks[0].config
+    attention = sorted({"flash-attn varlen" if m.use_flash else "torch SDPA"
+                        for m in mods if isinstance(m, PackedCoreAttention)})
+    on = {
+        "transformer-engine layers": any(type(m).__module__.startswith("megatron.core.extensions.transformer_engine")
+                                         for m in mods),
+        **{f"{a} attention": True for a in attention},
+        "fused rope": cfg.apply_rope_fusion,
+        "fused bias+activation/dropout": cfg.bias_activation_fusion or cfg.bias_dropout_fusion,
+        "gradient-accumulation fusion": cfg.gradient_accumulation_fusion,
+        "fused Adam (TE or apex)": env.te or env.apex,
+    }
+    return f"device={env.device_name} kernels: {', '.join(k for k, v in on.items() if v) or 'none'}"
+
+
 def attention_backend(requested: str, env: Environment) -> str:
     """Resolve ``model.attention_backend`` ("auto" | "te" | "flash" | "sdpa") for this machine."""
     if requested == "auto":
@@ -36,15 +55,7 @@ def attention_backend(requested: str, env: Environment) -> str:
     return requested
 
 
-def _norm_module(env: Environment):
-    if env.apex:
-        from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
-
-        return FusedLayerNorm
-    return RMSNorm
-
-
-def layer_spec(backend: str, env: Environment) -> ModuleSpec:
+def layer_spec(backend: str) -> ModuleSpec:
     """Spec of one Llama decoder layer for ``backend``."""
     if backend == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
@@ -52,9 +63,8 @@ def layer_spec(backend: str, env: Environment) -> ModuleSpec:
         return get_gpt_layer_with_transformer_engine_spec()
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
     sub = spec.submodules
-    norm = _norm_module(env)
-    sub.input_layernorm = norm
-    sub.pre_mlp_layernorm = norm
+    sub.input_layernorm = RMSNorm
+    sub.pre_mlp_layernorm = RMSNorm
     sub.self_attention.submodules.core_attention = ModuleSpec(
         module=PackedCoreAttention, params={"use_flash": backend == "flash"}
     )
@@ -63,16 +73,16 @@ def layer_spec(backend: str, env: Environment) -> ModuleSpec:
     return spec
 
 
-def block_spec(config: TransformerConfig, backend: str, env: Environment, vp_stage: Optional[int] = None,
+def block_spec(config: TransformerConfig, backend: str, vp_stage: Optional[int] = None,
                layer: Optional[ModuleSpec] = None) -> ModuleSpec:
     """Spec of this pipeline stage's decoder block (its layers and the final norm)."""
-    layer = layer or layer_spec(backend, env)
+    layer = layer or layer_spec(backend)
     if backend == "te":
         from megatron.core.extensions.transformer_engine import TENorm
 
         final_norm = TENorm
     else:
-        final_norm = _norm_module(env)
+        final_norm = RMSNorm
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
     return ModuleSpec(module=TransformerBlock,
                       submodules=TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=final_norm))

@@ -251,7 +251,7 @@ class _LoraMixin:
         one as a replicated ShardedTensor; so adapter checkpoints reshard across TP/PP.
 
         A quantised (un-merged) base weight appears as a shape-only entry (meta tensor): adapter
-        checkpoints drop it, and :func:`megatron_mft.peft.load_base_weights` switches on
+        checkpoints drop it, and :func:`megatron_mft.peft.layerwise.base_templates` switches on
         ``dense_weight_template`` to receive dense weights into it."""
         sd = {}
         w = self.weight

@@ -3,7 +3,7 @@
     plan = PeftPlan(run.peft, env)
     layer = plan.layer_spec(run.model)            # local layer spec with adapter linears swapped in
     chunks = build_model_chunks(..., layer=layer)
-    plan.load_base(path, chunks)  or  any loader   # QLoRA: quantised layer by layer on arrival
+    load_model_weights(path, chunks) / hf_init    # QLoRA: quantised layer by layer on arrival
     plan.prepare(chunks)                           # freeze, seed adapters, (quantise), count
     print(plan.memory_report(arch, run))           # trainable share + expected memory per GPU
     ... a few steps ...
@@ -23,12 +23,14 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from megatron_mft.peft.layerwise import base_templates, is_base_key, load_group
+from megatron_mft.peft.layerwise import base_templates, load_group
 from megatron_mft.compat import Environment
 from megatron_mft.config import ModelConfig, PeftConfig
 from megatron_mft.config.presets import ArchSpec
 from megatron_mft.peft.layers import LORA_LAYERS, LoraColumnParallelLinear, LoraRowParallelLinear
-from megatron_mft.peft.memory import estimate_memory, fmt_bytes, format_estimate, lora_params_per_layer, target_shapes
+from megatron_mft.model.builder import resolve_dtype
+from megatron_mft.peft.memory import (estimate_memory, fmt_bytes, format_estimate, lora_params, lora_params_per_layer,
+                                      target_shapes)
 from megatron_mft.peft.nf4 import NF4Weight
 
 log = logging.getLogger(__name__)
@@ -207,18 +209,13 @@ def load_base_weights(path, chunks) -> None:
     ``load_state_dict`` hook), so beyond the quantised model at most one layer is dense.
     Adapters (``.lora_``) are not read: a base checkpoint need not have them."""
     for chunk in chunks:
-        wanted = {k for k in chunk.sharded_state_dict() if is_base_key(k)}
-        done: set = set()
-        for template in base_templates(chunk):
+        for template in base_templates(chunk):  # together: every base entry of the chunk
             if not template:  # e.g. a middle pipeline stage has no embedding or output layer
                 continue
-            done |= set(template)
-            state = _load_sharded_template(path, template)
+            state = _load_sharded_template(path, template)  # a key absent from the checkpoint raises
             del template
             load_group(chunk, state, f"base checkpoint {path}")
             del state
-        if done != wanted:
-            raise RuntimeError(f"base weights not loaded: {sorted(wanted - done)[:8]}")
 
 
 class PeftPlan:
@@ -250,11 +247,7 @@ class PeftPlan:
         backend = attention_backend(model.attention_backend, self.env)
         if backend == "te":
             backend = "flash" if self.env.flash_attn else "sdpa"
-        return adapter_spec(layer_spec(backend, self.env), self.cfg, self.quantized)
-
-    def load_base(self, path, chunks) -> None:
-        """Base weights from a dist checkpoint, layer by layer (see :func:`load_base_weights`)."""
-        load_base_weights(path, chunks)
+        return adapter_spec(layer_spec(backend), self.cfg, self.quantized)
 
     def prepare(self, chunks, *, init_adapters: bool = True) -> None:
         """Freeze every parameter but the adapters; draw the adapters from (seed, global name)
@@ -293,18 +286,13 @@ class PeftPlan:
 
         return lora_scaling(self.cfg.rank, self.cfg.alpha, self.cfg.rslora)
 
-    def expected_trainable(self, arch: ArchSpec) -> int:
-        """Hand count: layers x r x sum over targets of (in + out)."""
-        return arch.num_layers * lora_params_per_layer(arch, self.cfg.rank, self.cfg.target_modules)
-
     def memory_report(self, arch: ArchSpec, run_cfg) -> str:
         """Trainable share, then expected parameter / gradient / optimizer / activation memory
         per GPU for this layout (formulas: megatron_mft.peft.memory), then what this rank holds
         now. Call on every rank (no collectives here; prepare() did the counting)."""
         par = run_cfg.parallel
         dp = ps.get_data_parallel_world_size() if ps.model_parallel_is_initialized() else 1
-        precision = run_cfg.model.precision
-        param_bytes = 2 if (precision == "bf16" or (precision == "auto" and self.env.cuda)) else 4
+        param_bytes = resolve_dtype(run_cfg.model.precision, self.env).itemsize
         est = estimate_memory(arch, method=self.cfg.method, rank=self.cfg.rank, targets=self.cfg.target_modules,
                               tp=par.tp, pp=par.pp, dp=dp, vpp=par.vpp, sp=par.sp,
                               seq_length=run_cfg.data.seq_length, micro_batch=run_cfg.train.micro_batch_size,
@@ -313,7 +301,7 @@ class PeftPlan:
         lines = []
         if self.counts is not None:
             lines.append(self.trainable_line())
-            hand = self.expected_trainable(arch)
+            hand = lora_params(arch, self.cfg.rank, self.cfg.target_modules)
             per_layer = lora_params_per_layer(arch, self.cfg.rank, self.cfg.target_modules)
             shapes = target_shapes(arch)
             terms = " + ".join(f"{t}({shapes[t][0]}+{shapes[t][1]})" for t in self.cfg.target_modules)

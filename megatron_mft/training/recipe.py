@@ -17,7 +17,7 @@ from megatron_mft.config import RunConfig
 from megatron_mft.config.base import to_dict
 from megatron_mft.data import MFTData
 from megatron_mft.loss import build_balancer, task_weights_in_force
-from megatron_mft.model import build_model_chunks
+from megatron_mft.model import build_model_chunks, kernels_line
 from megatron_mft.training.metrics import MetricsLog, Timer, console_line, peak_flops, peak_memory_gib, train_flops
 from megatron_mft.training.optimizer import build_optimizer, build_scheduler, total_steps, wrap_ddp
 from megatron_mft.training.parallel import init_parallel, teardown
@@ -52,7 +52,6 @@ class Recipe:
         self.env = setup_runtime()
         init_parallel(run.parallel, self.env, run.seed)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.env.cuda else torch.device("cpu")
-        _say(self.env.kernels_line())
 
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         mbs, gbs = run.train.micro_batch_size, run.train.global_batch_size
@@ -87,13 +86,9 @@ class Recipe:
             self.peft = PeftPlan(run.peft, self.env)
             layer = self.peft.layer_spec(run.model)
         chunks = build_model_chunks(run.model, run.parallel, self.env, layer=layer)
+        _say(kernels_line(chunks, self.env))
         if skip_base:
             _say("resuming a full-model checkpoint: its weights replace the base, which is not loaded")
-        elif self.peft is not None and self.peft.quantized and run.train.init_checkpoint and not run.model.hf_init:
-            # QLoRA: read the dense base checkpoint one decoder layer at a time, quantising each
-            # targeted weight shard on arrival (peak ~ the NF4 model + one dense layer)
-            self.peft.load_base(run.train.init_checkpoint, chunks)
-            _say(f"initialised weights from {run.train.init_checkpoint} (targeted linears quantised to NF4 layer by layer)")
         else:
             self._load_base_weights(chunks)
         if self.peft is not None:
@@ -230,7 +225,8 @@ class Recipe:
         rec = {"step": self.step, **{f"val_loss/{self.task_names[i]}": v for i, v in losses.items()}}
         if self.balancer is not None and self.step >= self.run_cfg.loss.balancer_warmup:
             self.balancer.update(self.step, losses)
-            rec.update({f"task_weight/{n}": w for n, w in zip(self.task_names, self.balancer.weights().tolist())})
+            # the same quantity as the training records' task_weight/* (static x balancer)
+            rec.update({f"task_weight/{n}": w for n, w in zip(self.task_names, self.task_weights().tolist())})
         self.metrics.write(rec)
         _say("validation: " + " ".join(f"{self.task_names[i]}={v:.4f}" for i, v in losses.items()))
         patience = self.run_cfg.train.early_stopping_patience

@@ -127,10 +127,7 @@ def _child(method: str, ckpt: str, overrides: list[str], rank: int) -> None:
     plan = PeftPlan(cfg.peft, env) if method != "none" else None
     chunks = build_model_chunks(cfg.model, cfg.parallel, env, layer=plan.layer_spec(cfg.model) if plan else None)
     built = _peak_bytes()
-    if plan is not None and plan.quantized:
-        plan.load_base(ckpt, chunks)
-    else:
-        load_model_weights(ckpt, chunks)
+    load_model_weights(ckpt, chunks)  # QLoRA: layer by layer, quantised on arrival
     if plan is not None:
         plan.prepare(chunks)
     held = local_bytes(chunks) if plan else {"dense": sum(p.numel() * p.element_size() for c in chunks

@@ -40,7 +40,7 @@ def main() -> None:
 
     from megatron_mft.compat import setup_runtime
     from megatron_mft.config import load_config
-    from megatron_mft.model import build_model_chunks
+    from megatron_mft.model import build_model_chunks, kernels_line
     from megatron_mft.training.metrics import peak_flops, train_flops
     from megatron_mft.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
     from megatron_mft.training.parallel import init_parallel
@@ -57,7 +57,6 @@ def main() -> None:
     cfg = load_config(None, over)
     init_parallel(cfg.parallel, env, cfg.seed)
     dp = ps.get_data_parallel_world_size()
-    cfg.train.global_batch_size = args.micro_batch * args.micro_batches * dp
     device = torch.device("cuda", torch.cuda.current_device()) if env.cuda else torch.device("cpu")
     layer, plan = None, None
     if args.peft != "none":  # same order as the recipe: adapter spec, build, freeze/quantise
@@ -102,7 +101,7 @@ def main() -> None:
     tflops = flops / dt / world / 1e12
     peak = peak_flops(env.device_name)
     result = {
-        "device": env.device_name, "kernels": env.kernels_line(), "preset": args.preset,
+        "device": env.device_name, "kernels": kernels_line(raw, env), "preset": args.preset,
         "layers": arch.num_layers, "seq": s, "micro_batch": b, "micro_batches": args.micro_batches,
         "tp": args.tp, "pp": args.pp, "dp": dp, "precision": str(chunks[0].config.params_dtype), "peft": args.peft,
         "step_s": dt, "tokens_per_s": tokens / dt, "tflops_per_gpu": tflops,

@@ -53,8 +53,6 @@ def build_megatron(hf_dir: str | Path, ckpt: Optional[str | Path], parallel: Par
     kind, base = info.base  # as the recipe loads the base of a PEFT run
     if kind == "hf":
         load_hf_into_chunks(base, chunks, model_cfg, parallel)
-    elif plan.quantized:
-        plan.load_base(base, chunks)  # quantised layer by layer on arrival
     else:
         load_model_weights(base, chunks)
     plan.prepare(chunks, init_adapters=False)
