@@ -22,8 +22,12 @@ def _step(env, data_path, recompute):
     opt = build_optimizer(chunks, cfg)
     data = MFTData(cfg.data, seed=0, micro_batch_size=2, global_batch_size=4, dp_rank=0, dp_size=1)
     ctx = StepContext(loss_cfg=cfg.loss, task_names=data.task_names, device=torch.device("cpu"), packed=True)
+    layer = chunks[0].module.decoder.layers[0]
+    calls = {"layer": 0, "core_attention": 0}
+    for name, mod in (("layer", layer), ("core_attention", layer.self_attention.core_attention)):
+        mod.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
     out = train_step(chunks, opt, build_scheduler(opt, cfg, 10), data.train_micro_batches(0), ctx)
-    return out["loss"], out["grad_norm"]
+    return out["loss"], out["grad_norm"], calls
 
 
 @pytest.mark.parametrize("recompute", ["selective", "full"])
@@ -32,6 +36,9 @@ def test_recompute_is_exact(single_process_group, demo_data, recompute):
     got = _step(single_process_group, demo_data, recompute)
     assert got[0] == pytest.approx(ref[0], rel=1e-6)
     assert got[1] == pytest.approx(ref[1], rel=1e-5)
+    # ... and recompute did happen: the recomputed part ran forward again in backward (2 micro batches)
+    assert ref[2] == {"layer": 2, "core_attention": 2}
+    assert got[2] == ({"layer": 4, "core_attention": 4} if recompute == "full" else {"layer": 2, "core_attention": 4})
 
 
 

@@ -323,7 +323,11 @@ def test_training_checkpoint_exports_from_its_output_dir(tp1_env, tiny_hf, tmp_p
     chunks = build_model_chunks(cfg, ParallelConfig(), tp1_env)
     load_hf_into_chunks(tiny_hf, chunks, cfg, ParallelConfig())
     run = RunConfig(model=cfg, output_dir=str(tmp_path / "run"))
-    for step in (1, 2):
+    first = next(chunks[0].parameters())
+    kept = first.detach().clone()
+    for step in (1, 2):  # step 1 holds other weights: only resolving to latest (step 2) gives the HF model back
+        with torch.no_grad():
+            first.copy_(kept + 1.0 if step == 1 else kept)
         save_checkpoint(tmp_path / "run" / "checkpoints", step, chunks, None, common={"step": step},
                         run_info={"config": to_dict(run), "peft": "none"})
     export_to_hf(tmp_path / "run", tmp_path / "out", log=lambda s: None)

@@ -59,9 +59,10 @@ def test_parse_tasks_per_node(text, out):
 
 
 def test_default_port():
-    assert default_port("123456") == 10000 + 123456 % 20000
+    assert default_port("123456") == 13456  # 10000 + job id mod 20000: inside 10000-29999
+    assert default_port("777") == 10777
     assert default_port(None) == 29500
-    assert default_port("4242_7") == 10000 + 42427 % 20000  # array job ids
+    assert default_port("4242_7") == 12427  # array job "4242_7" counts as 42427
 
 
 # --------------------------------------------------------------------------------- parsing

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from megatron_mft.config import load_config
+from megatron_mft.launch.env import default_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p for p in (ROOT / "run_scripts").glob("*.sh") if p.name != "common.sh")
@@ -67,7 +68,8 @@ def test_dry_run_prints_a_launch_that_fits(script):
     assert recipe.is_file() and recipe.parent == ROOT / "examples"
     assert re.search(rf"^mft_launch examples/{recipe.name}\b", script.read_text(), re.M)
     hosts = "node01" if nodes == 1 else f"node[01-{nodes:02d}]"
-    assert f"on {hosts}; rendezvous node01:{10000 + 12345}" in run.stdout
+    # the shell's port formula agrees with the Python one (megatron_mft.launch.env.default_port)
+    assert f"on {hosts}; rendezvous node01:{default_port('12345')}" in run.stdout
 
     overrides = cmd[cmd.index("--config") + 2:]
     assert any(o.startswith("output_dir=") for o in overrides) and any(o.startswith("data.path=") for o in overrides)
@@ -82,11 +84,11 @@ def test_dry_run_prints_a_launch_that_fits(script):
 
 def test_dry_run_paths_node_list_and_overrides():
     script = ROOT / "run_scripts" / "codellama34b_full.sh"
-    run = dry_run(script, SLURM_JOB_NODELIST="gpu[007-008,010],gpu012", SLURM_JOB_ID="777", DATA_DIR="/d",
+    run = dry_run(script, SLURM_JOB_NODELIST="gpu[007-008,010],gpu012", SLURM_JOB_ID="123456", DATA_DIR="/d",
                   OUTPUT_DIR="/o", HF_DIR="/hf", EXTRA_ARGS="train.steps=3 seed=9")
     assert run.returncode == 0, run.stderr
     cmd = launched(run.stdout)
-    assert "rendezvous gpu007:10777" in run.stdout
+    assert "rendezvous gpu007:13456" in run.stdout
     assert ["output_dir=/o", "data.path=/d", "model.hf_init=/hf"] == cmd[cmd.index("--config") + 2:][:3]
     assert cmd[-2:] == ["train.steps=3", "seed=9"]
     assert not any(a.startswith("train.init_checkpoint=") for a in cmd)

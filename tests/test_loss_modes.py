@@ -22,7 +22,7 @@ from megatron_mft.loss import (
     task_metrics,
     task_weights_in_force,
 )
-from test_loss_reference import make_rows, random_ce, reference_loss, rows_to_batch, split_rows
+from test_loss_reference import make_rows, random_ce, reference_loss, rows_to_batch, samples_of, split_rows
 
 torch.set_num_threads(1)
 
@@ -217,8 +217,12 @@ def test_report_gives_token_mean_ce_per_task_and_objective():
     total, reports, stats = split_loss(rows, ce, cfg, 2, 2, weights=w)
     rep = sum_reports(reports)
     m = task_metrics(rep, names, weights=w)
-    assert m["loss"] == pytest.approx(float(total), rel=1e-12)
-    assert torch.equal(rep["task_tokens"], stats.task_tokens) and torch.equal(rep["task_samples"], stats.task_samples)
+    ref = reference_loss(rows, ce, "task-sample", NT, weights=w)
+    assert m["loss"] == pytest.approx(float(ref), rel=1e-12)  # the objective, against the float64 reference
+    counted = torch.zeros(NT, dtype=rep["task_samples"].dtype)  # samples with loss tokens, counted by hand
+    for task, _ in samples_of(rows, ce):
+        counted[task] += 1
+    assert torch.equal(rep["task_samples"], counted)
     batch = rows_to_batch(rows, SEQ)
     for i, n in enumerate(names):
         sel = (batch["task_ids"] == i) & (batch["loss_mask"] > 0)
@@ -266,10 +270,10 @@ def test_misuse_is_reported():
     with pytest.raises(ValueError, match="more than one task"):
         check_micro_batch(bad, 2)
     bad = {k: v.clone() for k, v in batch.items()}
-    bad["loss_mask"][bad["sample_ids"] == -1] = 1.0
-    if (batch["sample_ids"] == -1).any():
-        with pytest.raises(ValueError, match="loss_mask"):
-            check_micro_batch(bad, 2)
+    bad["sample_ids"][0, -1] = bad["task_ids"][0, -1] = -1  # a padding position ...
+    bad["loss_mask"][0, -1] = 1.0  # ... that takes loss
+    with pytest.raises(ValueError, match="loss_mask"):
+        check_micro_batch(bad, 2)
     with pytest.raises(ValueError, match="task_ids"):
         GlobalBatchStats.gather([batch], 1)
 
