@@ -1,6 +1,6 @@
 #!/bin/bash
 # CodeLlama-34B 5-task MFT with LoRA on a bf16 base: 1 node x 8 GPUs, TP=4 x DP=2;
-# ~37 GB per GPU (estimate in examples/codellama34b_lora.yaml).
+# ~34 GB per GPU (estimate in examples/codellama34b_lora.yaml).
 #SBATCH --job-name=cl34b-lora
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8

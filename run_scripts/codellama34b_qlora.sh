@@ -1,6 +1,6 @@
 #!/bin/bash
 # CodeLlama-34B 5-task MFT with QLoRA, the paper study's recipe (micro batch 8, global batch
-# 128, lr 2e-4 -> 1e-5, pack mode, task-token loss): 1 node x 8 GPUs, TP=2 x DP=4; ~42 GB per
+# 128, lr 2e-4 -> 1e-5, pack mode, task-token loss): 1 node x 8 GPUs, TP=2 x DP=4; ~36 GB per
 # GPU (estimate in examples/codellama34b_qlora.yaml).
 #SBATCH --job-name=cl34b-qlora
 #SBATCH --nodes=1

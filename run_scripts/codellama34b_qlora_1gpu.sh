@@ -1,6 +1,6 @@
 #!/bin/bash
 # CodeLlama-34B 5-task MFT with QLoRA on one GPU: the paper study's recipe with TP=1 and
-# micro batch 4 (same global batch 128, so the same loss and updates); ~55 GB (estimate in
+# micro batch 4 (same global batch 128, so the same loss and updates); ~53 GB (estimate in
 # examples/codellama34b_qlora.yaml). A step takes ~10-15 min here: USR1 30 min ahead leaves
 # time to finish it and save.
 #SBATCH --job-name=cl34b-qlora-1gpu

@@ -124,7 +124,7 @@ mft_launch() {
   [[ ${DRY_RUN:-0} == 1 ]] && return 0
 
   local path
-  for path in "$DATA_DIR" ${init:+"$init"}; do  # fail here, not after the queue wait and start-up
+  for path in "$DATA_DIR" ${init:+"$init"}; do  # fail here, before srun starts every task
     [[ -e $path ]] || { echo "not found: $path (DATA_DIR / CKPT / HF_DIR)" >&2; return 1; }
   done
   mkdir -p "$OUTPUT_DIR"

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Llama-2-70B 5-task MFT with QLoRA: 1 node x 8 GPUs, TP=1 x DP=8; ~60 GB per GPU
+# Llama-2-70B 5-task MFT with QLoRA: 1 node x 8 GPUs, TP=1 x DP=8; ~54 GB per GPU
 # (estimate in examples/llama2_70b_qlora.yaml).
 #SBATCH --job-name=l2-70b-qlora
 #SBATCH --nodes=1

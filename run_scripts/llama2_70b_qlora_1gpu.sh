@@ -1,5 +1,5 @@
 #!/bin/bash
-# Llama-2-70B 5-task MFT with QLoRA on one 80 GB GPU (the paper's claim); ~60 GB (estimate in
+# Llama-2-70B 5-task MFT with QLoRA on one 80 GB GPU (the paper's claim); ~61 GB (estimate in
 # examples/llama2_70b_qlora.yaml). A step takes ~10-15 min here: USR1 30 min ahead leaves time
 # to finish it and save.
 #SBATCH --job-name=l2-70b-qlora-1gpu

@@ -35,8 +35,8 @@ class TrainConfig:
     early_stopping_patience: int = 0
     #: Save and exit cleanly once this many minutes have passed (0 = off); for SLURM time limits.
     exit_duration_minutes: float = 0.0
-    #: Start from these weights (a megatron dist checkpoint, e.g. from `convert hf-to-mcore`);
-    #: ignored when output_dir already holds a checkpoint to resume.
+    #: Start from these weights (a megatron dist checkpoint, e.g. from `convert hf-to-mcore`).
+    #: On resume a full fine-tune does not read it; a LoRA/QLoRA run reads its base from it again.
     init_checkpoint: Optional[str] = None
     #: Also write every metrics.jsonl scalar to TensorBoard under <output_dir>/tensorboard.
     tensorboard: bool = False
