@@ -51,3 +51,15 @@ def test_steps_from_epochs():
     assert total_steps(load_config(None, ["data.path=/x", "train.steps=7"]), rows_per_epoch=100) == 7
     with pytest.raises(ConfigError, match="train.steps: 0 needs train.epochs"):
         load_config(None, ["data.path=/x", "train.steps=0"])
+
+
+def test_loss_names_in_config_match_the_implementations():
+    """The config's Literals are the contract; the loss package implements exactly those names."""
+    from typing import get_args
+
+    from megatron_mft.config.loss import BalancerName, LossMode
+    from megatron_mft.loss.balancers import BALANCERS
+    from megatron_mft.loss.modes import MODES
+
+    assert set(MODES) == set(get_args(LossMode))
+    assert set(BALANCERS) == set(get_args(BalancerName))

@@ -166,7 +166,7 @@ def deep_merge(base: dict, extra: dict) -> dict:
 
 
 def collect_problems(obj: Any, path: str = "") -> list[str]:
-    """Run ``validate()`` of every nested dataclass; prefix each problem with its section path."""
+    """Run ``validate()`` of every nested dataclass (each names its own section: ``loss.gamma: ...``)."""
     problems: list[str] = []
     if not dataclasses.is_dataclass(obj):
         return problems
@@ -176,7 +176,7 @@ def collect_problems(obj: Any, path: str = "") -> list[str]:
             problems += collect_problems(value, f"{path}{f.name}.")
     validate = getattr(obj, "validate", None)
     if callable(validate):
-        problems += [p if p.split(":")[0].startswith(path) or not path else f"{path}{p}" for p in validate()]
+        problems += validate()
     return problems
 
 

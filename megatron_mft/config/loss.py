@@ -5,15 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-LOSS_MODES = ("token", "sample", "task-token", "task-sample", "focal-sample", "focal-task")
-BALANCERS = ("none", "famo", "coba")
+LossMode = Literal["token", "sample", "task-token", "task-sample", "focal-sample", "focal-task"]
+BalancerName = Literal["none", "famo", "coba"]
 
 
 @dataclass
 class LossConfig:
     #: token | sample | task-token (Eq. 1) | task-sample | focal-sample (Eq. 2) | focal-task (Eq. 3).
     #: Every mode is the formula over the whole global batch, whatever the micro-batch / DP split.
-    mode: Literal["token", "sample", "task-token", "task-sample", "focal-sample", "focal-task"] = "task-token"
+    mode: LossMode = "task-token"
     #: Focal exponent gamma (focal modes). gamma = 0 with alpha = 1 gives sample / task-sample.
     gamma: float = 0.0
     #: Per-task focal alpha, by task name (missing tasks: 1.0). Focal modes only.
@@ -31,7 +31,7 @@ class LossConfig:
     focal_task_exact: bool = True
     #: Convergence balancer: none | famo | coba. Both famo and coba need per-task validation
     #: losses every balancer_interval steps (validation forward passes: the main cost).
-    balancer: Literal["none", "famo", "coba"] = "none"
+    balancer: BalancerName = "none"
     #: Update the balancer every N steps (the trainer runs a validation pass at those steps).
     balancer_interval: int = 10
     #: Steps of uniform weights before the balancer starts.
@@ -49,11 +49,7 @@ class LossConfig:
     famo_weight_decay: float = 1e-3
 
     def validate(self) -> list[str]:
-        p = []
-        if self.mode not in LOSS_MODES:
-            p.append(f"loss.mode: {self.mode!r} is not one of {', '.join(LOSS_MODES)}")
-        if self.balancer not in BALANCERS:
-            p.append(f"loss.balancer: {self.balancer!r} is not one of {', '.join(BALANCERS)}")
+        p = []  # mode and balancer names: checked against their Literal when the config loads
         if self.gamma < 0:
             p.append("loss.gamma: must be >= 0")
         if (self.gamma != 0 or self.alpha) and not self.mode.startswith("focal"):

@@ -27,8 +27,7 @@ class RunConfig:
 
     def validate(self) -> list[str]:
         p = []
-        arch_ok = self.model.preset in __import__("megatron_mft.config.presets", fromlist=["PRESETS"]).PRESETS
-        if arch_ok and not self.model.validate():
+        if not self.model.validate():  # a known preset and sane fields: its arch can be checked
             a, par = self.model.arch(), self.parallel
             if par.tp >= 1 and a.num_attention_heads % par.tp:
                 p.append(f"parallel.tp: {par.tp} does not divide num_attention_heads {a.num_attention_heads}")

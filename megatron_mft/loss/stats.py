@@ -81,24 +81,6 @@ class GlobalBatchStats:
     def num_tasks(self) -> int:
         return self.task_tokens.numel()
 
-    @property
-    def total_tokens(self) -> float:
-        return float(self.task_tokens.sum())
-
-    @property
-    def total_samples(self) -> float:
-        return float(self.task_samples.sum())
-
-    @property
-    def tasks_present(self) -> torch.Tensor:
-        """bool [num_tasks]: the task has at least one loss token in the global batch."""
-        return self.task_tokens > 0
-
-    @property
-    def num_tasks_present(self) -> int:
-        """N of Eqs. 1 and 3."""
-        return int(self.tasks_present.sum())
-
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(task_tokens, task_samples) as float64 tensors on ``device`` (cached)."""
         key = str(device)

@@ -30,8 +30,8 @@ def resolve_dtype(precision: str, env: Environment) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
 
 
-def transformer_config(arch: ArchSpec, model: ModelConfig, parallel: ParallelConfig, env: Environment,
-                       *, variable_seq_lengths: bool = False) -> TransformerConfig:
+def transformer_config(arch: ArchSpec, model: ModelConfig, parallel: ParallelConfig,
+                       env: Environment) -> TransformerConfig:
     dtype = resolve_dtype(model.precision, env)
     recompute = {"none": {}, "selective": {"recompute_granularity": "selective"},
                  "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}}
@@ -69,7 +69,6 @@ def transformer_config(arch: ArchSpec, model: ModelConfig, parallel: ParallelCon
         use_cpu_initialization=not env.cuda,
         # Our loss returns each micro batch's exact share of the global loss: sum, don't average.
         calculate_per_token_loss=True,
-        variable_seq_lengths=variable_seq_lengths,
         deallocate_pipeline_outputs=env.cuda,
         # Interleaved schedule with pp=2: the previous and next stage are the same rank, and a
         # batched isend/irecv can pair an activation with a gradient (seen on gloo). The unbatched
@@ -80,11 +79,11 @@ def transformer_config(arch: ArchSpec, model: ModelConfig, parallel: ParallelCon
 
 
 def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, env: Environment, *,
-                       layer: Optional[ModuleSpec] = None, variable_seq_lengths: bool = False) -> list[GPTModel]:
+                       layer: Optional[ModuleSpec] = None) -> list[GPTModel]:
     """This rank's model chunks (one per virtual pipeline stage). ``layer`` overrides the layer
     spec (PEFT passes a spec with adapter linears)."""
     arch = model.arch()
-    cfg = transformer_config(arch, model, parallel, env, variable_seq_lengths=variable_seq_lengths)
+    cfg = transformer_config(arch, model, parallel, env)
     backend = attention_backend(model.attention_backend, env)
     layer = layer or layer_spec(backend)
     vpp = cfg.virtual_pipeline_model_parallel_size

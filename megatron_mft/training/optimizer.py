@@ -11,9 +11,9 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron_mft.config import RunConfig
 
 
-def wrap_ddp(chunks: list, run: RunConfig, *, grad_fp32: bool = True) -> list:
+def wrap_ddp(chunks: list, run: RunConfig) -> list:
     ddp_cfg = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=grad_fp32,
+        grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=run.parallel.distributed_optimizer,
     )

@@ -66,8 +66,9 @@ def _loss_func(ctx: StepContext, stats, focal_stats, batch: dict, output_tensor:
     share, report = micro_batch_loss(token_ce, batch, stats, ctx.loss_cfg, num_tasks=ctx.num_tasks,
                                      task_weights=ctx.task_weights, focal_task_stats=focal_stats,
                                      task_names=ctx.task_names)
-    n_tokens = batch["loss_mask"].sum().to(torch.int)
-    return share, n_tokens, report
+    # megatron's schedule sums the middle value for finalize_model_grads' 1/num_tokens, which
+    # _finalize_sum does not apply: the shares are already exact parts of the global loss.
+    return share, torch.zeros([], dtype=torch.int), report
 
 
 def _ce_only_loss_func(batch: dict, output_tensor: torch.Tensor):
