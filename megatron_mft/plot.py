@@ -101,12 +101,7 @@ def make_figure(steps: dict[int, dict[str, float]], title: Optional[str] = None,
     if logy:
         ax_loss.set_yscale("log")
     ax_loss.set_title(title or "Per-task loss (solid: train, dashed: validation)")
-    ax_loss.grid(True, alpha=0.3)
-    if ax_loss.lines:
-        ax_loss.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    else:
-        ax_loss.text(0.5, 0.5, "no loss keys in metrics", ha="center", va="center",
-                     transform=ax_loss.transAxes)
+    _legend_or_note(ax_loss, "no loss keys in metrics")
 
     for t in tasks:
         xs, ys = _series(steps, WEIGHT + t)
@@ -115,13 +110,17 @@ def make_figure(steps: dict[int, dict[str, float]], title: Optional[str] = None,
     ax_w.set_title("Task weights")
     ax_w.set_xlabel("step")
     ax_w.set_ylabel("weight")
-    ax_w.grid(True, alpha=0.3)
-    if ax_w.lines:
-        ax_w.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    else:
-        ax_w.text(0.5, 0.5, "no task_weight/<task> keys in metrics", ha="center", va="center",
-                  transform=ax_w.transAxes)
+    _legend_or_note(ax_w, "no task_weight/<task> keys in metrics")
     return fig
+
+
+def _legend_or_note(ax, note: str) -> None:
+    """Grid, and a legend beside the axes, or ``note`` in the middle when nothing was drawn."""
+    ax.grid(True, alpha=0.3)
+    if ax.lines:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    else:
+        ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes)
 
 
 def plot_metrics(metrics: str, out: str, title: Optional[str] = None, logy: bool = False,

@@ -162,6 +162,17 @@ def test_missing_hf_dir_is_an_argument_error(tmp_path):
     assert p.returncode == 2 and "--hf-dir" in p.stderr
 
 
+def test_config_validation_names_every_bad_limit():
+    """The config itself (not only the CLI) refuses a batch size or CPU limit below 1."""
+    from megatron_mft.evaluate.generate import GenerationConfig
+    from megatron_mft.evaluate.humaneval import HumanEvalConfig
+
+    cfg = HumanEvalConfig(check_harness=True, generation=GenerationConfig(batch_size=0),
+                          sandbox=SandboxLimits(cpu_s=0))
+    problems = cfg.validate()
+    assert any(p.startswith("--batch-size") for p in problems) and any(p.startswith("--cpu-s") for p in problems)
+
+
 def _tiny_llama(path: Path) -> None:
     """A random 2-layer Llama and a byte-level BPE tokenizer trained on a few lines, saved like
     an exported model folder."""

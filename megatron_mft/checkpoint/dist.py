@@ -19,7 +19,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -210,6 +210,3 @@ def load_model_weights(path: str | Path, chunks: list) -> None:
     for i, chunk in enumerate(chunks):
         _load_into(chunk, state["model" if len(chunks) == 1 else f"model{i}"], partial=bool(adapters))
 
-
-def read_run_info(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / "run.json").read_text())

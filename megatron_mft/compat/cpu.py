@@ -1,7 +1,7 @@
 """Run megatron-core 0.16 on a CPU-only machine (tests, the demo). Inactive when CUDA exists.
 
 megatron-core hard-codes CUDA in a few ways that no config flag turns off
-(see shared/docs/megatron-core-on-cpu.md):
+(see ../shared/docs/megatron-core-on-cpu.md, beside the repository):
 
 * ~150 allocations pass ``device=torch.cuda.current_device()`` or ``device="cuda"``;
   ``.cuda()`` calls move tensors;

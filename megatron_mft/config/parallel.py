@@ -19,6 +19,11 @@ class ParallelConfig:
     #: Shard optimizer state over data-parallel ranks (megatron DistributedOptimizer).
     distributed_optimizer: bool = True
 
+    @property
+    def virtual_stages(self) -> Optional[int]:
+        """megatron's ``virtual_pipeline_model_parallel_size``: vpp, only with pipeline parallelism."""
+        return self.vpp if self.pp > 1 else None
+
     def validate(self) -> list[str]:
         p = []
         for name in ("tp", "pp"):

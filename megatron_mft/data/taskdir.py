@@ -2,7 +2,7 @@
 
 Convention (documented in FORMAT.md):
   DATA/<task>/**/*.jsonl            task name = folder name; tasks sorted by name = task ids
-  validation files                  any .jsonl under a ``val/`` (or ``valid/``, ``dev/``) folder of
+  validation files                  any .jsonl under a ``val/`` (``valid/``, ``validation/``, ``dev/``) folder of
                                     the task, or whose file stem has ``val``/``valid``/``validation``/
                                     ``dev`` as a word (``val.jsonl``, ``foo_val.jsonl``, ``val-1.jsonl``)
   otherwise                         the task is split by ``val_ratio`` (seeded, per task)

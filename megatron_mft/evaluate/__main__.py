@@ -75,8 +75,6 @@ def main(argv=None) -> int:
         sandbox=SandboxLimits(timeout_s=args.timeout, memory_mb=args.memory_mb, cpu_s=args.cpu_s),
     )
     problems = cfg.validate()
-    if args.batch_size < 1:
-        problems.append("--batch-size: must be >= 1")
     if problems:
         print("error: invalid arguments:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 2

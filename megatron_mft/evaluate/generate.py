@@ -129,9 +129,8 @@ class Generator:
     def _init_vllm(self):
         from vllm import LLM
 
-        dtype = "auto" if self.cfg.dtype == "auto" else self.cfg.dtype
-        self.dtype, self.device = dtype, "cuda"
-        self.llm = LLM(model=self.hf_dir, tokenizer=self.hf_dir, dtype=dtype, trust_remote_code=False)
+        self.dtype, self.device = self.cfg.dtype, "cuda"
+        self.llm = LLM(model=self.hf_dir, tokenizer=self.hf_dir, dtype=self.cfg.dtype, trust_remote_code=False)
 
     def _generate_vllm(self, ids: Sequence[list[int]], template: str) -> list[str]:
         from vllm import SamplingParams
@@ -149,7 +148,7 @@ class Generator:
         if self.backend == "vllm":
             return self._generate_vllm(prompt_ids, template)
         out: list[str] = []
-        bs = max(1, self.cfg.batch_size)
+        bs = self.cfg.batch_size
         for i in range(0, len(prompt_ids), bs):
             out.extend(self._generate_hf(prompt_ids[i:i + bs], template))
             if progress is not None:

@@ -95,6 +95,10 @@ class HumanEvalConfig:
             p.append("--limit: must be >= 1")
         if self.generation.max_new_tokens < 1:
             p.append("--max-new-tokens: must be >= 1")
+        if self.generation.batch_size < 1:
+            p.append("--batch-size: must be >= 1")
+        if self.sandbox.cpu_s is not None and self.sandbox.cpu_s < 1:
+            p.append("--cpu-s: must be >= 1")
         if self.sandbox.timeout_s <= 0:
             p.append("--timeout: must be > 0")
         if self.sandbox.memory_mb < 0:

@@ -2,7 +2,7 @@
 
 Templates
 ---------
-``mft`` (default) is the MFTCoder training template (docs: mftcoder-method.md section 2) with one
+``mft`` (default) is the MFTCoder training template (../shared/docs/mftcoder-method.md section 2) with one
 human turn and an open bot turn::
 
     [<|role_start|>system<|role_end|>{system}]<|role_start|>human<|role_end|>{instruction}<|role_start|>bot<|role_end|>

@@ -75,10 +75,6 @@ class DistEnv:
     source: Source
     num_nodes: int = 1
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "DistEnv":
         """Read the launcher's variables from ``environ`` (default: ``os.environ``)."""

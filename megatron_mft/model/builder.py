@@ -54,7 +54,7 @@ def transformer_config(arch: ArchSpec, model: ModelConfig, parallel: ParallelCon
         init_method_std=model.init_method_std,
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
-        virtual_pipeline_model_parallel_size=parallel.vpp if parallel.pp > 1 else None,
+        virtual_pipeline_model_parallel_size=parallel.virtual_stages,
         sequence_parallel=parallel.sp,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,

@@ -77,14 +77,6 @@ class NF4Weight:
             tensors += [s.state2.absmax, s.state2.code]
         return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
 
-    def to_(self, device) -> "NF4Weight":
-        """Move to ``device`` in place (codes and quantisation state)."""
-        device = torch.device(device)
-        if device != self.packed.device:
-            self.packed = self.packed.to(device)
-            self.state.to(device)
-        return self
-
     def __repr__(self) -> str:
         return f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
 

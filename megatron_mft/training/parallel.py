@@ -26,7 +26,7 @@ def init_parallel(parallel: ParallelConfig, env: Environment, seed: int) -> None
     ps.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
-        virtual_pipeline_model_parallel_size=parallel.vpp if parallel.pp > 1 else None,
+        virtual_pipeline_model_parallel_size=parallel.virtual_stages,
     )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

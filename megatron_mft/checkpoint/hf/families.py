@@ -110,8 +110,6 @@ class Family:
     ignored_hf: tuple[str, ...] = ()
     #: HF config keys that alias a nested value, e.g. ``rope_theta`` inside ``rope_parameters``.
     nested: dict = field(default_factory=dict)
-    #: LoRA target (megatron linear name) -> its weight entry's megatron name.
-    lora_targets: dict = field(default_factory=dict)
 
     # --------------------------------------------------------------- names
     def entries(self, arch: ArchSpec):
@@ -235,12 +233,6 @@ LLAMA = Family(
     ),
     ignored_hf=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",),
     nested={"rope_theta": "rope_parameters"},
-    lora_targets={
-        "linear_qkv": "decoder.layers.{}.self_attention.linear_qkv.weight",
-        "linear_proj": "decoder.layers.{}.self_attention.linear_proj.weight",
-        "linear_fc1": "decoder.layers.{}.mlp.linear_fc1.weight",
-        "linear_fc2": "decoder.layers.{}.mlp.linear_fc2.weight",
-    },
 )
 
 #: Registry keyed by family name.
@@ -257,8 +249,3 @@ def family_for(hf_config: dict) -> Family:
     raise ConversionError("unsupported Hugging Face model:", [f"config.json model_type={model_type!r}; "
                                                               f"supported: {', '.join(known)}"])
 
-
-def family_named(name: str) -> Family:
-    if name not in FAMILIES:
-        raise ConversionError("unknown model family:", [f"{name!r}; known: {', '.join(FAMILIES)}"])
-    return FAMILIES[name]

@@ -118,9 +118,6 @@ class HFWeights:
             return torch.load(path, map_location="cpu", weights_only=True)
 
     # ---------------------------------------------------------------- data
-    def names(self) -> list[str]:
-        return list(self.files)
-
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
@@ -176,20 +173,16 @@ def _nbytes(shape, dtype) -> int:
 class SafetensorsShardWriter:
     """Write ``items`` (name, shape, dtype) in order into transformers-style sharded safetensors
     (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``; a single
-    ``model.safetensors`` when everything fits one shard), one tensor in memory at a time.
-
-    ``prefix``/``index_name`` serve other file families (e.g. ``adapter_model``)."""
+    ``model.safetensors`` when everything fits one shard), one tensor in memory at a time."""
 
     def __init__(self, out_dir: str | Path, items: list[tuple[str, tuple[int, ...], torch.dtype]],
-                 max_shard_bytes: int, prefix: str = "model", metadata: Optional[dict] = None):
+                 max_shard_bytes: int):
         self.out = Path(out_dir)
         self.items = items
         self.shards = shard_plan(items, max_shard_bytes)
         n = len(self.shards)
-        self.file_names = ([f"{prefix}.safetensors"] if n == 1 else
-                           [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
-        self.prefix = prefix
-        self.metadata = {"format": "pt", **(metadata or {})}
+        self.file_names = (["model.safetensors"] if n == 1 else
+                           [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
         self.order = [i for shard in self.shards for i in shard]
         self.next = 0
         self._file = None
@@ -197,7 +190,7 @@ class SafetensorsShardWriter:
         self._remaining = 0
 
     def _open_shard(self, s: int) -> None:
-        header: dict = {"__metadata__": {k: str(v) for k, v in self.metadata.items()}}
+        header: dict = {"__metadata__": {"format": "pt"}}
         offset = 0
         for i in self.shards[s]:
             name, shape, dtype = self.items[i]
@@ -236,7 +229,7 @@ class SafetensorsShardWriter:
             weight_map = {self.items[i][0]: self.file_names[s] for s, shard in enumerate(self.shards) for i in shard}
             total = sum(_nbytes(shape, dtype) for _, shape, dtype in self.items)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (self.out / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         return self.file_names
 
 

@@ -25,10 +25,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -50,12 +49,6 @@ def canonical_name(key: str, layer: Optional[int]) -> str:
     if not key.startswith(_LAYERS):
         raise ValueError(f"{key}: layer-stacked key outside decoder.layers")
     return f"{_LAYERS}{layer}.{key[len(_LAYERS):]}"
-
-
-def split_canonical(name: str) -> tuple[str, Optional[int]]:
-    """Inverse of :func:`canonical_name`."""
-    m = re.match(r"^decoder\.layers\.(\d+)\.(.+)$", name)
-    return (f"{_LAYERS}{m.group(2)}", int(m.group(1))) if m else (name, None)
 
 
 def shards_of(entry) -> list:
@@ -131,9 +124,6 @@ class Template:
     def names(self, adapters: bool = False) -> list[str]:
         return [n for n in self.tensors if (".lora_" in n) == adapters]
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.tensors[name].data.shape)
-
 
 def build_template(model_cfg: ModelConfig, peft_cfg: Optional[PeftConfig] = None) -> Template:
     """Needs torch.distributed and megatron's parallel state initialised with TP=1, PP=1."""
@@ -181,9 +171,8 @@ def _flat(sd, prefix=""):
 
 # ----------------------------------------------------------------------------------- writing
 def write_dist_checkpoint(out_dir: str | Path, template: Template, produce: Callable[[str], torch.Tensor],
-                          dtype: torch.dtype, names: Optional[Iterable[str]] = None,
-                          on_tensor: Optional[Callable[[str], None]] = None) -> int:
-    """Write the template's tensors (``names``, default: every non-adapter tensor) with data from
+                          dtype: torch.dtype, on_tensor: Optional[Callable[[str], None]] = None) -> int:
+    """Write the template's non-adapter tensors with data from
     ``produce(canonical) -> TP=1 tensor``, streaming. Returns the number of bytes written."""
     import torch.distributed.checkpoint as dcp
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
@@ -193,7 +182,7 @@ def write_dist_checkpoint(out_dir: str | Path, template: Template, produce: Call
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    names = list(names) if names is not None else template.names()
+    names = template.names()
     items, lookup, blobs = [], {}, {}
     total = 0
     for name in names:
@@ -275,9 +264,6 @@ class DistCheckpoint:
             raise ConversionError(f"{self.path}:", [f"sharded backend {backend!r}; only torch_dist is read"])
         md = FileSystemReader(str(self.path)).read_metadata()
         self.tensors = {k: v for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
-
-    def has(self, key: str) -> bool:
-        return key in self.tensors
 
     def dtype(self, key: str) -> torch.dtype:
         return self.tensors[key].properties.dtype

@@ -57,11 +57,11 @@ class CheckpointInfo:
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A step directory from a step directory, a checkpoints root or an output_dir (``latest``)."""
-    from megatron_mft.checkpoint.dist import latest_checkpoint
+    from megatron_mft.checkpoint.dist import LATEST, latest_checkpoint
 
     p = Path(path)
     for root in (p / "checkpoints", p):
-        if (root / "latest").is_file():
+        if (root / LATEST).is_file():
             found = latest_checkpoint(root)
             if found is None:
                 raise ConversionError(f"{root}/latest:", ["names no complete checkpoint (no run.json)"])
