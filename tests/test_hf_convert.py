@@ -257,8 +257,8 @@ def test_cli_reports_errors_and_exits_nonzero(tp1_env, tiny_hf, tmp_path):
         rc = convert.main(["hf-to-mcore", "--hf-dir", str(tiny_hf), "--out", str(tmp_path / "o"), "--tp", "3",
                            "--pp", "3"])
     assert rc == 2
-    assert "--tp 3 does not divide num_attention_heads 4" in err.getvalue()
-    assert "--pp 3 does not divide num_layers 2" in err.getvalue()
+    assert "--tp: 3 does not divide num_attention_heads 4" in err.getvalue()
+    assert "--pp: num_layers 2 not divisible by pp*vpp = 3" in err.getvalue()
 
 
 def test_preset_is_recognised_or_every_mismatch_listed():

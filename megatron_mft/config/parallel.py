@@ -36,3 +36,18 @@ class ParallelConfig:
         if self.sp and self.tp < 2:
             p.append("parallel.sp: sequence parallelism needs parallel.tp >= 2")
         return p
+
+
+def layout_problems(arch, tp: int, pp: int, vpp: Optional[int] = None, *, tp_name: str = "parallel.tp",
+                    pp_name: str = "parallel.pp") -> list[str]:
+    """What keeps ``arch`` (an ArchSpec) from splitting over TP x PP (x virtual stages): the one
+    rule set for training configs and checkpoint conversion; ``*_name`` label the messages."""
+    p = []
+    if tp >= 1 and arch.num_attention_heads % tp:
+        p.append(f"{tp_name}: {tp} does not divide num_attention_heads {arch.num_attention_heads}")
+    if tp >= 1 and arch.num_query_groups % tp:
+        p.append(f"{tp_name}: {tp} does not divide num_query_groups {arch.num_query_groups}")
+    stages = pp * (vpp or 1)
+    if stages >= 1 and arch.num_layers % stages:
+        p.append(f"{pp_name}: num_layers {arch.num_layers} not divisible by pp*vpp = {stages}")
+    return p

@@ -9,7 +9,7 @@ from megatron_mft.config.base import deep_merge, load_dataclass, parse_overrides
 from megatron_mft.config.data import DataConfig
 from megatron_mft.config.loss import LossConfig
 from megatron_mft.config.model import ModelConfig
-from megatron_mft.config.parallel import ParallelConfig
+from megatron_mft.config.parallel import ParallelConfig, layout_problems
 from megatron_mft.config.peft import PeftConfig
 from megatron_mft.config.train import TrainConfig
 
@@ -28,14 +28,8 @@ class RunConfig:
     def validate(self) -> list[str]:
         p = []
         if not self.model.validate():  # a known preset and sane fields: its arch can be checked
-            a, par = self.model.arch(), self.parallel
-            if par.tp >= 1 and a.num_attention_heads % par.tp:
-                p.append(f"parallel.tp: {par.tp} does not divide num_attention_heads {a.num_attention_heads}")
-            if par.tp >= 1 and a.num_query_groups % par.tp:
-                p.append(f"parallel.tp: {par.tp} does not divide num_query_groups {a.num_query_groups}")
-            stages = par.pp * (par.vpp or 1)
-            if stages >= 1 and a.num_layers % stages:
-                p.append(f"parallel.pp: num_layers {a.num_layers} not divisible by pp*vpp = {stages}")
+            par = self.parallel
+            p += layout_problems(self.model.arch(), par.tp, par.pp, par.vpp)
             if par.sp and self.data.seq_length % max(par.tp, 1):
                 p.append(f"parallel.sp: data.seq_length {self.data.seq_length} not divisible by tp {par.tp}")
         if not self.output_dir:

@@ -14,9 +14,10 @@ from __future__ import annotations
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
+
+from megatron_mft.data.store import MemorySplit
 
 with warnings.catch_warnings():  # megatron-core warns about missing TE/apex on import
     warnings.simplefilter("ignore")
@@ -38,47 +39,28 @@ def dtypes(vocab_size: int, num_tasks: int) -> dict[str, type]:
     }
 
 
-def write_split(
-    directory: str | Path,
-    split: str,
-    samples: Sequence[tuple[np.ndarray, np.ndarray]],
-    tasks: Sequence[int],
-    uids: Sequence[int],
-    packs: list[list[int]],
-    *,
-    vocab_size: int,
-    num_tasks: int,
-    threads: int = 2,
-) -> None:
-    """Write ``packs`` (lists of indices into ``samples``) in order.
-
-    Each dataset is laid out once in pack order (one concatenation straight into its on-disk
-    dtype); each pack then goes to megatron's builder as a view. The four datasets are
-    independent files, written by ``threads`` threads (numpy copies and file writes release
-    the GIL), so the output does not depend on the thread count.
-    """
+def write_split(directory: str | Path, split: str, store: MemorySplit, *, vocab_size: int, num_tasks: int,
+                threads: int = 2) -> None:
+    """Write ``store`` (samples already in pack order, as online mode holds them) as the four
+    datasets of ``split``: each pack goes to megatron's builder as a view. The datasets are
+    independent files, written by ``threads`` threads (numpy copies and file writes release the
+    GIL), so the output does not depend on the thread count."""
     dt = dtypes(vocab_size, num_tasks)
-    order = [i for p in packs for i in p]
-    lengths = [len(samples[i][0]) for i in order]
-    bounds = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).tolist()
-    pack_ends = np.cumsum([len(p) for p in packs], dtype=np.int64).tolist()
+    tokens, mask = store.read(0, len(store.sample_lengths))
+    lengths = store.sample_lengths.tolist()
+    offsets = np.concatenate([[0], np.cumsum(store.sample_lengths)]).tolist()
+    packs = list(zip(store.pack_bounds[:-1].tolist(), store.pack_bounds[1:].tolist()))
 
     def write(part: str) -> None:
         builder = IndexedDatasetBuilder(part_prefix(directory, split, part) + ".bin", dtype=dt[part])
-        s = 0
         if part in ("tokens", "loss_mask"):  # a sequence per sample, a document per pack
-            col = 0 if part == "tokens" else 1
-            flat = (np.concatenate([samples[i][col] for i in order], dtype=dt[part], casting="unsafe")
-                    if order else np.zeros(0, dt[part]))
-            for e in pack_ends:
-                builder.add_document(flat[bounds[s]:bounds[e]], lengths[s:e])
-                s = e
+            flat = (tokens if part == "tokens" else mask).astype(dt[part], copy=False)
+            for s, e in packs:
+                builder.add_document(flat[offsets[s]:offsets[e]], lengths[s:e])
         else:  # one sequence per pack: its samples' task ids / uids
-            values = tasks if part == "task_ids" else uids
-            flat = np.asarray([values[i] for i in order], dtype=np.int64).astype(dt[part])
-            for e in pack_ends:
+            flat = (store.sample_tasks if part == "task_ids" else store.sample_uids).astype(dt[part])
+            for s, e in packs:
                 builder.add_document(flat[s:e], [e - s])
-                s = e
         builder.finalize(part_prefix(directory, split, part) + ".idx")
 
     if threads <= 1:

@@ -21,6 +21,7 @@ from megatron_mft.data.encode import EncodeSpec, Encoded, encode_tasks
 from megatron_mft.data.packing import PACKERS, padding_ratio
 from megatron_mft.data.plan import SplitPlan, plan_splits
 from megatron_mft.data.records import DataError
+from megatron_mft.data.store import MemorySplit
 from megatron_mft.data.taskdir import DataDirError, discover_tasks
 from megatron_mft.data.template import TEMPLATES, load_template
 from megatron_mft.data.tokenizer import TokenizerError, load_tokenizer
@@ -151,7 +152,7 @@ def preprocess(args: PreprocessArgs) -> dict:
     tmp.mkdir()
     try:
         for name, plan in (("train", train), ("val", val)):
-            indexed.write_split(tmp, name, plan.samples, plan.tasks, plan.uids, plan.packs,
+            indexed.write_split(tmp, name, MemorySplit(plan.samples, plan.tasks, plan.uids, plan.packs),
                                 vocab_size=tok.vocab_size, num_tasks=len(tasks), threads=args.workers)
         dtypes = indexed.dtypes(tok.vocab_size, len(tasks))
         manifest = build_manifest(args, tok.identity(), template, encoded, train, val, dtypes)

@@ -3,7 +3,9 @@
 A split holds samples in pack order: pack ``p`` is the contiguous sample range
 ``pack_bounds[p]:pack_bounds[p+1]``. The offline backend (``indexed.IndexedSplit``) reads
 megatron ``.bin/.idx`` files through mmap; ``MemorySplit`` holds the same arrays in RAM for
-online mode. Batching code sees only this interface, so both modes batch identically.
+online mode, and preprocessing writes a ``MemorySplit``'s arrays as they are
+(``indexed.write_split``). Batching code sees only this interface, so both modes batch
+identically.
 """
 
 from __future__ import annotations

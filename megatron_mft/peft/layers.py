@@ -59,6 +59,16 @@ from megatron_mft.peft.nf4 import NF4Weight, nf4_linear
 _init_counter = itertools.count()
 
 
+
+def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """scaling * B @ A in fp32: the one merge delta, for training-time merges and HF export."""
+    return (b.float() @ a.float()) * scaling
+
+
+def merged_weight(base: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """base + delta summed in fp32, rounded once to ``dtype``."""
+    return (base.float() + delta).to(dtype)
+
 class AdapterWeight(torch.nn.Module):
     """Holds one adapter matrix as ``.weight`` so its name is ``<path>.lora_A.weight``."""
 
@@ -190,7 +200,7 @@ class _LoraMixin:
     # ------------------------------------------------------------------ merge
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A for this shard, in fp32 (local: no communication for either layer)."""
-        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        return lora_delta(self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     def merge_(self, keep_original: bool = False) -> None:
         """Fold the adapter into the base weight shard (fp32 arithmetic). QLoRA: the merged weight
@@ -201,13 +211,12 @@ class _LoraMixin:
         delta = self.delta_weight()
         with torch.no_grad():
             if self.quantized:
-                dense = (self._nf4.dequantize(torch.float32) + delta).to(self._nf4.dtype)
-                self._set_dense_weight(dense)
+                self._set_dense_weight(merged_weight(self._nf4.dequantize(torch.float32), delta, self._nf4.dtype))
             else:
                 w = self.weight
                 if keep_original:
                     self._original_weight = w.detach().clone()
-                w.copy_((w.float() + delta).to(w.dtype))
+                w.copy_(merged_weight(w, delta, w.dtype))
         self.merged = True
 
     def unmerge_(self) -> None:

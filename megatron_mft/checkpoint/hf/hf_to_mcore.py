@@ -16,6 +16,7 @@ from megatron_mft.checkpoint.hf.mcore_io import build_template, write_dist_check
 from megatron_mft.checkpoint.hf.source import HFSource
 from megatron_mft.config import ArchSpec
 from megatron_mft.config.base import to_dict
+from megatron_mft.config.parallel import layout_problems
 
 #: Written beside the weights: what the checkpoint is and where it came from.
 CONVERSION_FILE = "conversion.json"
@@ -23,20 +24,6 @@ CONVERSION_FILE = "conversion.json"
 TOKENIZER_DIR = "tokenizer"
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def layout_problems(arch: ArchSpec, tp: int, pp: int) -> list[str]:
-    p = []
-    if tp < 1 or pp < 1:
-        p.append(f"--tp {tp} --pp {pp}: must be >= 1")
-        return p
-    if arch.num_attention_heads % tp:
-        p.append(f"--tp {tp} does not divide num_attention_heads {arch.num_attention_heads}")
-    if arch.num_query_groups % tp:
-        p.append(f"--tp {tp} does not divide num_query_groups (num_key_value_heads) {arch.num_query_groups}")
-    if arch.num_layers % pp:
-        p.append(f"--pp {pp} does not divide num_layers {arch.num_layers}")
-    return p
 
 
 def check_map_covers_template(template_names: list[str], family, arch: ArchSpec) -> None:
@@ -59,7 +46,8 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, preset: Opti
     family = family_for(hf_cfg)
     model_cfg = model_config_from_hf(hf_cfg, preset, source=str(hf_dir))
     arch = model_cfg.arch()
-    bad = layout_problems(arch, tp, pp)
+    bad = ([f"--tp {tp} --pp {pp}: must be >= 1"] if tp < 1 or pp < 1
+           else layout_problems(arch, tp, pp, tp_name="--tp", pp_name="--pp"))
     if bad:
         raise ConversionError("the requested layout does not fit the model:", bad)
     if not dry_run and out.exists() and any(out.iterdir()):

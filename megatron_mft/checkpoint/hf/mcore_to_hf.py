@@ -157,15 +157,15 @@ class Reader:
 def _merged(reader: Reader, path: str, base: torch.Tensor, quantized: bool) -> torch.Tensor:
     """Base + scaling * B @ A with the arithmetic of the training-time merge: fp32 sum, rounded
     to the adapters' (training) dtype; a QLoRA base goes through NF4 first, as in training."""
+    from megatron_mft.peft import NF4Weight
+    from megatron_mft.peft.layers import lora_delta, merged_weight
+
     a, b = reader.adapter(path)
     train_dtype = a.dtype
     base = base.to(train_dtype)
     if quantized:
-        from megatron_mft.peft import NF4Weight
-
         base = NF4Weight.quantize(base).dequantize(torch.float32)
-    delta = (b.float() @ a.float()) * reader.template.lora_scaling[path]
-    return (base.float() + delta).to(train_dtype)
+    return merged_weight(base, lora_delta(a, b, reader.template.lora_scaling[path]), train_dtype)
 
 
 def _empty_out(out: Path) -> None:
