@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from megatron_mft.errors import UsageError, command
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m megatron_mft.convert",
@@ -83,7 +85,7 @@ def _single_process():
     from megatron_mft.training.parallel import init_parallel
 
     if read_dist_env().world_size > 1:
-        raise SystemExit("convert hf-to-mcore / mcore-to-hf run in one process; start them without torchrun/srun "
+        raise UsageError("convert hf-to-mcore / mcore-to-hf run in one process; start them without torchrun/srun "
                          "(or set MFT_LAUNCHER=single)")
     _return_freed_memory()
     env = setup_runtime()
@@ -177,7 +179,7 @@ def _verify(args, argv: list) -> int:
     launched = read_dist_env()
     if launched.world_size > 1 or world == 1:
         if launched.world_size % world:
-            raise SystemExit(f"verify --tp {args.tp} --pp {args.pp} needs a multiple of {world} ranks, "
+            raise UsageError(f"verify --tp {args.tp} --pp {args.pp} needs a multiple of {world} ranks, "
                              f"got {launched.world_size}")
         return _verify_rank(args)
     # self-spawned ranks; rank 0 reports through a result file
@@ -199,20 +201,14 @@ def _verify(args, argv: list) -> int:
         return 0 if json.loads(result.read_text())["ok"] else 1
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+@command
+def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    from megatron_mft.checkpoint.hf.families import ConversionError
-
-    try:
-        if args.cmd == "hf-to-mcore":
-            return _hf_to_mcore(args)
-        if args.cmd == "mcore-to-hf":
-            return _mcore_to_hf(args)
-        return _verify(args, argv)
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.cmd == "hf-to-mcore":
+        return _hf_to_mcore(args)
+    if args.cmd == "mcore-to-hf":
+        return _mcore_to_hf(args)
+    return _verify(args, argv)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ import sys
 import warnings
 from typing import Optional
 
+from megatron_mft.errors import command
+
 TRAIN, VAL, WEIGHT = "task_loss/", "val_loss/", "task_weight/"
 
 
@@ -134,7 +136,8 @@ def plot_metrics(metrics: str, out: str, title: Optional[str] = None, logy: bool
     return fig
 
 
-def main(argv=None) -> int:
+@command
+def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m megatron_mft.plot", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--metrics", required=True, help="OUTPUT_DIR/metrics.jsonl")

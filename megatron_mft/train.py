@@ -1,11 +1,15 @@
-"""``python -m megatron_mft.train --config FILE [key=value ...]`` (single process, torchrun or srun)."""
+"""``python -m megatron_mft.train --config FILE [key=value ...] [--debug]`` (single process, torchrun or srun).
+
+Errors print one message and exit 2 (config) or 1 (run time); ``--debug`` or ``MFT_DEBUG=1`` adds
+the traceback (megatron_mft.errors)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from megatron_mft.config import ConfigError, load_config
+from megatron_mft.config import load_config
+from megatron_mft.errors import command
 
 
 def _quiet_known_warnings() -> None:
@@ -20,16 +24,13 @@ def _quiet_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
-def main(argv: list[str] | None = None) -> int:
+@command
+def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_mft.train", description=__doc__)
     parser.add_argument("--config", required=True, help="run YAML (e.g. examples/tiny_cpu.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. parallel.tp=2 train.steps=10")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
     _quiet_known_warnings()
     from megatron_mft.training.recipe import Recipe
 

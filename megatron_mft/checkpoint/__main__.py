@@ -11,8 +11,11 @@ import argparse
 import os
 import sys
 
+from megatron_mft.errors import command
 
-def main(argv=None) -> int:
+
+@command
+def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m megatron_mft.checkpoint")
     sub = p.add_subparsers(dest="cmd", required=True)
     init = sub.add_parser("init", help="save a config's initial weights")

@@ -15,9 +15,11 @@ from typing import Any
 
 import yaml
 
+from megatron_mft.errors import UsageError
 
-class ConfigError(ValueError):
-    """All problems found in a config, one per line, each naming its dotted field."""
+
+class ConfigError(UsageError, ValueError):
+    """All problems found in a config, one per line, each naming its dotted field (exit 2)."""
 
     def __init__(self, problems: list[str], source: str | None = None):
         self.problems = problems

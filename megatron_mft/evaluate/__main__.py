@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from megatron_mft.errors import command
 from megatron_mft.evaluate.encoding import ENCODINGS
 from megatron_mft.evaluate.generate import BACKENDS, GenerationConfig
 from megatron_mft.evaluate.humaneval import HumanEvalConfig, run_humaneval
@@ -61,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv=None) -> int:
+@command
+def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 
 from megatron_mft.checkpoint.hf.transforms import COPY, GATED, QKV, VOCAB, Transform
 from megatron_mft.config import ArchSpec
+from megatron_mft.errors import UsageError
 
 LAYER = "{}"
 
@@ -45,8 +46,8 @@ def resolve_shape(symbols: tuple[str, ...], arch: ArchSpec) -> tuple[int, ...]:
     return tuple(SHAPE_SYMBOLS[s](arch) for s in symbols)
 
 
-class ConversionError(ValueError):
-    """Every problem found, one per line (unknown, missing, mis-shaped tensors; config mismatches)."""
+class ConversionError(UsageError, ValueError):
+    """Every problem found, one per line (unknown, missing, mis-shaped tensors; config mismatches); exit 2."""
 
     def __init__(self, head: str, problems: list[str]):
         self.problems = list(problems)

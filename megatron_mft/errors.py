@@ -1,0 +1,110 @@
+"""One error convention for every command (train, checkpoint init, convert, evaluate, plot, preprocess).
+
+Code that finds a problem the user can fix raises :class:`UserError` (runtime, exit 1) or
+:class:`UsageError` (bad arguments or config, exit 2) with a message that names the file, line,
+key or path. Each command's ``main`` is wrapped by :func:`command`, which prints that message as
+``error: ...`` and returns the exit code instead of showing a traceback. Any other exception is an
+internal error: one paragraph with its type and message, exit 1, and a hint to rerun with the
+traceback. ``--debug`` anywhere on a command line (removed before the command parses it) or
+``MFT_DEBUG=1`` in the environment shows the traceback too.
+
+Under torchrun/srun every rank runs the same checks: a usage/config error is printed by rank 0
+only (the other ranks would print the same words), while runtime and internal errors, which may
+differ between ranks, are printed by every rank that hits them, prefixed ``[rank N]``. Every rank
+exits non-zero either way.
+
+This module imports nothing from the package, so every layer may raise these errors.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from typing import Callable
+
+__all__ = ["RUNTIME", "USAGE", "UsageError", "UserError", "command", "debug_enabled", "report"]
+
+#: exit codes
+USAGE, RUNTIME = 2, 1
+DEBUG_FLAG, DEBUG_ENV = "--debug", "MFT_DEBUG"
+_HINT = f"rerun with {DEBUG_FLAG} (or {DEBUG_ENV}=1) for the traceback"
+
+
+class UserError(Exception):
+    """A problem the user can fix at run time (a missing, damaged or unwritable file...); exit 1.
+    ``str(error)`` is the whole message."""
+
+    exit_code = RUNTIME
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class UsageError(UserError):
+    """Bad command-line arguments or config values; exit 2. Found identically on every rank."""
+
+    exit_code = USAGE
+
+
+def debug_enabled() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _rank() -> tuple[int, int]:
+    """(rank, world size) from the launcher's variables, without importing the launch layer."""
+    for rank_var, world_var in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        try:
+            return int(os.environ[rank_var]), int(os.environ[world_var])
+        except (KeyError, ValueError):
+            continue
+    return 0, 1
+
+
+def report(error: BaseException) -> int:
+    """Print ``error`` by the convention above (to stderr) and return its exit code."""
+    rank, world = _rank()
+    debug = debug_enabled()
+    if isinstance(error, UserError):
+        code = error.exit_code
+        text = f"error: {error}"
+        if isinstance(error, UsageError) and rank != 0 and not debug:
+            return code  # rank 0 prints the same message
+    elif isinstance(error, KeyboardInterrupt):
+        code, text = 130, "interrupted"
+    elif isinstance(error, OSError):  # a file system or network failure, e.g. no space left on device
+        code, text = RUNTIME, f"error: {error}" + ("" if debug else f" ({_HINT})")
+    else:
+        code = RUNTIME
+        text = (f"internal error: {type(error).__name__}: {error}. This is a bug or a case without a proper "
+                f"message yet" + ("" if debug else f"; {_HINT}") + ".")
+    if world > 1:
+        text = "\n".join(f"[rank {rank}] {line}" for line in text.splitlines())
+    sys.stdout.flush()
+    if debug:
+        traceback.print_exception(error, file=sys.stderr)
+    print(text, file=sys.stderr, flush=True)
+    return code
+
+
+def command(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], int]:
+    """Wrap a command's ``main(argv) -> exit code``: ``--debug`` is taken off ``argv`` (and sets
+    ``MFT_DEBUG=1``, so processes the command starts inherit it); errors become messages."""
+
+    @functools.wraps(main)
+    def wrapped(argv: list[str] | None = None) -> int:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if DEBUG_FLAG in argv:
+            argv = [a for a in argv if a != DEBUG_FLAG]
+            os.environ[DEBUG_ENV] = "1"
+        try:
+            return main(argv)
+        except SystemExit:  # argparse's usage errors and --help print themselves
+            raise
+        except BaseException as error:  # noqa: BLE001 - the one place every error is turned into a message
+            return report(error)
+
+    return wrapped
