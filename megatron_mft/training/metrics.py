@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
-from megatron_mft.config import ArchSpec
+from megatron_mft.config import ArchSpec, PeftConfig
+from megatron_mft.peft.memory import lora_params_per_layer, target_shapes
 
 #: Dense bf16 peak FLOP/s by device-name substring (tensor cores, no sparsity).
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
@@ -26,17 +28,67 @@ def peak_flops(device_name: str, override: Optional[float] = None) -> Optional[f
     return None
 
 
-def train_flops(arch: ArchSpec, segment_lengths: list[int], recompute_full: bool = False) -> float:
-    """Model FLOPs of one training pass (forward + backward) over these causal segments.
+@dataclass(frozen=True)
+class FlopCount:
+    """Matmul FLOPs of one training pass (forward + backward) over a batch, by what they compute.
+    Formulas and sources: docs/performance.md, "FLOPs and MFU"."""
 
-    Matmul FLOPs: 2 per weight per token forward (embedding lookup excluded, LM head included);
-    causal attention: 2 * 2 * s * h / 2 per token per layer forward. Backward = 2x forward.
+    forward: float  #: every matmul of the forward pass
+    activation_grads: float  #: backward: gradients with respect to matmul inputs
+    weight_grads: float  #: backward: gradients of the trained weights only
+    recompute: float  #: forward work that activation recompute repeats in the backward pass
+
+    @property
+    def model(self) -> float:
+        """What the method needs, recompute excluded: the numerator of MFU (PaLM, appendix B)."""
+        return self.forward + self.activation_grads + self.weight_grads
+
+    @property
+    def hardware(self) -> float:
+        """What the GPU executes: model FLOPs plus recompute (Megatron-LM's 2021 count)."""
+        return self.model + self.recompute
+
+
+def flop_count(arch: ArchSpec, sample_lengths: Sequence[int], peft: Optional[PeftConfig] = None,
+               recompute: str = "none") -> FlopCount:
+    """FLOPs of one training pass over causal samples of these lengths (packed or not: each
+    sample attends only to itself, so attention counts per-sample lengths).
+
+    2 FLOPs per multiply-add; per token and layer, forward: 2 x (every linear weight) + 2 r (in +
+    out) per adapter; per sample of length s and layer, attention scores and values: 2 x 2 s^2 d
+    per head, halved for the causal mask; LM head 2 h V per token; input embedding 0 (a lookup).
+    Backward: every matmul's input gradient (attention: 2x its forward); weight gradients only
+    of trained weights (full: all linears and the LM head; LoRA/QLoRA: the adapters only).
+    Recompute: ``selective`` repeats core attention, ``full`` the whole transformer layer.
+    ``peft``: a PeftConfig (method lora/qlora, rank, target_modules) or None = full fine-tuning;
+    QLoRA counts as LoRA (dequantisation is elementwise work, not matmul FLOPs).
     """
-    h, L = arch.hidden_size, arch.num_layers
-    dense_params = arch.num_params() - arch.vocab_size * arch.hidden_size  # minus input embedding
-    tokens = sum(segment_lengths)
-    fwd = 2 * dense_params * tokens + sum(2 * L * h * s * s for s in segment_lengths)
-    return fwd * (4 if recompute_full else 3)
+    if recompute not in ("none", "selective", "full"):
+        raise ValueError(f"recompute must be none, selective or full, got {recompute!r}")
+    L, h, V = arch.num_layers, arch.hidden_size, arch.vocab_size
+    tokens = float(sum(sample_lengths))
+    linears = 2.0 * sum(i * o for i, o in target_shapes(arch).values()) * tokens  # one layer
+    attention = 2.0 * arch.num_attention_heads * arch.head_dim * float(sum(s * s for s in sample_lengths))
+    head = 2.0 * h * V * tokens
+    lora = peft is not None and peft.method != "none"
+    adapters = 2.0 * lora_params_per_layer(arch, peft.rank, peft.target_modules) * tokens if lora else 0.0
+
+    forward = L * (linears + attention + adapters) + head
+    activation_grads = L * (linears + 2 * attention + adapters) + head
+    weight_grads = L * adapters if lora else L * linears + head
+    layer_forward = {"none": 0.0, "selective": attention, "full": linears + attention + adapters}[recompute]
+    return FlopCount(forward, activation_grads, weight_grads, L * layer_forward)
+
+
+def model_flops(arch: ArchSpec, sample_lengths: Sequence[int], peft: Optional[PeftConfig] = None) -> float:
+    """Model FLOPs (recompute excluded) of one training pass: for MFU and ``tflops_per_gpu``."""
+    return flop_count(arch, sample_lengths, peft).model
+
+
+def hardware_flops(arch: ArchSpec, sample_lengths: Sequence[int], peft: Optional[PeftConfig] = None,
+                   recompute: str = "none") -> float:
+    """Hardware FLOPs (recompute included) of one training pass: for ``hw_tflops_per_gpu``."""
+    return flop_count(arch, sample_lengths, peft, recompute).hardware
 
 
 class MetricsLog:
@@ -74,7 +126,8 @@ class MetricsLog:
 def console_line(rec: dict, total_steps: int) -> str:
     parts = [f"step {rec['step']}/{total_steps}", f"loss {rec['loss']:.4f}", f"lr {rec['lr']:.2e}",
              f"grad_norm {rec['grad_norm']:.3f}" if rec.get("grad_norm") is not None else "grad_norm -",
-             f"tok/s {rec['tokens_per_s']:.0f}", f"TFLOP/s/gpu {rec['tflops_per_gpu']:.3f}"]
+             f"tok/s {rec['tokens_per_s']:.0f}", f"TFLOP/s/gpu {rec['tflops_per_gpu']:.3f}"
+             + (f" (hw {rec['hw_tflops_per_gpu']:.3f})" if rec.get("hw_tflops_per_gpu") is not None else "")]
     if rec.get("mfu") is not None:
         parts.append(f"MFU {100 * rec['mfu']:.1f}%")
     tasks = [f"{k.split('/', 1)[1]}={v:.3f}" for k, v in rec.items() if k.startswith("task_loss/") and v is not None]

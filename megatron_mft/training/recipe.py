@@ -18,7 +18,7 @@ from megatron_mft.config.base import to_dict
 from megatron_mft.data import MFTData
 from megatron_mft.loss import build_balancer, task_weights_in_force
 from megatron_mft.model import build_model_chunks, kernels_line
-from megatron_mft.training.metrics import MetricsLog, Timer, console_line, peak_flops, peak_memory_gib, train_flops
+from megatron_mft.training.metrics import MetricsLog, Timer, console_line, flop_count, peak_flops, peak_memory_gib
 from megatron_mft.training.optimizer import build_optimizer, build_scheduler, total_steps, wrap_ddp
 from megatron_mft.training.parallel import init_parallel, teardown
 from megatron_mft.training.step import StepContext, evaluate, install_grad_finalizer, train_step
@@ -163,7 +163,7 @@ class Recipe:
     def train(self) -> None:
         t = self.run_cfg.train
         timer = Timer()
-        tokens_since, flops_since = 0, 0.0
+        tokens_since, flops_since = 0, [0.0, 0.0]  # model, hardware
         while self.step < self.total_steps:
             micro_batches = self.data.train_micro_batches(self.consumed_rows)
             self.ctx.task_weights = self.task_weights()
@@ -172,11 +172,12 @@ class Recipe:
             self.consumed_rows += t.global_batch_size
             n_tok, segs = _count_tokens(micro_batches)
             tokens_since += n_tok
-            flops_since += train_flops(self.arch, segs, self.run_cfg.model.recompute == "full")
+            count = flop_count(self.arch, segs, self.run_cfg.peft, self.run_cfg.model.recompute)
+            flops_since = [flops_since[0] + count.model, flops_since[1] + count.hardware]
             if self.step % t.log_interval == 0 or self.step == self.total_steps:
                 dt = timer.lap()
                 self._log_step(out, tokens_since, flops_since, dt)
-                tokens_since, flops_since = 0, 0.0
+                tokens_since, flops_since = 0, [0.0, 0.0]
             if self.step == 3 and self.peft is not None:
                 _say(self.peft.peak_memory_line())
             if self._should_validate():
@@ -189,15 +190,17 @@ class Recipe:
                 break
         self.save()
 
-    def _log_step(self, out: dict, tokens: int, flops: float, dt: float) -> None:
-        """Throughput is global (summed over DP); FLOPs per GPU divide by the world size."""
+    def _log_step(self, out: dict, tokens: int, flops: list[float], dt: float) -> None:
+        """Throughput is global (summed over DP); FLOPs per GPU divide by the world size.
+        ``flops`` = [model, hardware]: MFU from model FLOPs, hw_tflops_per_gpu adds recompute."""
         world = torch.distributed.get_world_size()
-        vec = torch.tensor([tokens, flops], dtype=torch.float64, device=self.device)
+        vec = torch.tensor([tokens, *flops], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(vec, group=ps.get_data_parallel_group())
-        tokens, flops = vec.tolist()
+        tokens, flops, hw_flops = vec.tolist()
         tflops = flops / dt / world / 1e12
         rec = {"step": self.step, "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
                "tokens_per_s": tokens / dt, "tflops_per_gpu": tflops,
+               "hw_tflops_per_gpu": hw_flops / dt / world / 1e12,
                "mfu": (tflops * 1e12 / self.peak) if self.peak else None,
                "consumed_rows": self.consumed_rows, "peak_mem_gib": peak_memory_gib(),
                **{k: v for k, v in out.items() if k.startswith("task_")}}

@@ -41,7 +41,7 @@ def main() -> None:
     from megatron_mft.compat import setup_runtime
     from megatron_mft.config import load_config
     from megatron_mft.model import build_model_chunks, kernels_line
-    from megatron_mft.training.metrics import peak_flops, train_flops
+    from megatron_mft.training.metrics import flop_count, peak_flops
     from megatron_mft.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
     from megatron_mft.training.parallel import init_parallel
     from megatron_mft.training.step import StepContext, install_grad_finalizer, train_step
@@ -97,14 +97,15 @@ def main() -> None:
     dt = (time.perf_counter() - t0) / args.steps
     world = torch.distributed.get_world_size()
     tokens = b * s * args.micro_batches * dp
-    flops = train_flops(arch, [s] * (b * args.micro_batches * dp), cfg.model.recompute == "full")
-    tflops = flops / dt / world / 1e12
+    count = flop_count(arch, [s] * (b * args.micro_batches * dp), cfg.peft, cfg.model.recompute)
+    tflops = count.model / dt / world / 1e12
     peak = peak_flops(env.device_name)
     result = {
         "device": env.device_name, "kernels": kernels_line(raw, env), "preset": args.preset,
         "layers": arch.num_layers, "seq": s, "micro_batch": b, "micro_batches": args.micro_batches,
         "tp": args.tp, "pp": args.pp, "dp": dp, "precision": str(chunks[0].config.params_dtype), "peft": args.peft,
         "step_s": dt, "tokens_per_s": tokens / dt, "tflops_per_gpu": tflops,
+        "hw_tflops_per_gpu": count.hardware / dt / world / 1e12,
         "mfu": tflops * 1e12 / peak if peak else None, "loss": out["loss"],
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if env.cuda else None,
     }
