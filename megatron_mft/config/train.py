@@ -38,6 +38,15 @@ class TrainConfig:
     #: Start from these weights (a megatron dist checkpoint, e.g. from `convert hf-to-mcore`).
     #: On resume a full fine-tune does not read it; a LoRA/QLoRA run reads its base from it again.
     init_checkpoint: Optional[str] = None
+    #: Which checkpoint to continue from. None (default): the step `<output_dir>/checkpoints/latest`
+    #: names (none there: a fresh start). A step number N: `<output_dir>/checkpoints/step_N`. A path
+    #: of a step folder (e.g. another run's, continued in a new output_dir). A run never starts
+    #: afresh over existing checkpoints: use a new output_dir for that.
+    resume_from: Optional[str] = None
+    #: Steps whose loss or grad norm is not finite (NaN/inf) are skipped without updating the
+    #: weights; the run stops with an error once more than this many come in a row (0 = stop at
+    #: the first). A non-finite checkpoint is never saved.
+    max_nonfinite_steps: int = 0
     #: Also write every metrics.jsonl scalar to TensorBoard under <output_dir>/tensorboard.
     tensorboard: bool = False
     #: Peak FLOP/s of one device, for MFU; None = looked up from the device name.
@@ -64,7 +73,12 @@ class TrainConfig:
             p.append(f"train.min_lr: must be in [0, train.lr={self.lr}]")
         if self.log_interval < 1:
             p.append("train.log_interval: must be >= 1")
-        for name in ("save_interval", "eval_interval", "eval_iters", "warmup_steps", "early_stopping_patience"):
+        if self.resume_from is not None and str(self.resume_from).strip().lower() in ("none", "null", "false", "0"):
+            p.append(f"train.resume_from: {self.resume_from!r} would start afresh over existing checkpoints, which "
+                     f"is not allowed; leave it unset (resume from `latest`, or start fresh where there are no "
+                     f"checkpoints) and use a new output_dir to start afresh")
+        for name in ("save_interval", "eval_interval", "eval_iters", "warmup_steps", "early_stopping_patience",
+                     "max_nonfinite_steps"):
             if getattr(self, name) < 0:
                 p.append(f"train.{name}: must be >= 0")
         return p
