@@ -63,3 +63,37 @@ def test_loss_names_in_config_match_the_implementations():
 
     assert set(MODES) == set(get_args(LossMode))
     assert set(BALANCERS) == set(get_args(BalancerName))
+
+
+def _float_fields(cls, prefix=""):
+    """Dotted override keys of every float field (plain, Optional, or mapping values) of a config."""
+    import dataclasses
+    import typing
+
+    keys = []
+    for name, tp in typing.get_type_hints(cls).items():
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if dataclasses.is_dataclass(tp):
+            keys += _float_fields(tp, f"{prefix}{name}.")
+        elif tp is float or (typing.get_origin(tp) in (typing.Union, __import__("types").UnionType) and args == [float]):
+            keys.append(f"{prefix}{name}")
+        elif typing.get_origin(tp) is dict and typing.get_args(tp)[1] is float:
+            keys.append(f"{prefix}{name}.some_task")
+    return keys
+
+
+def test_every_float_field_must_be_finite():
+    """nan/inf passed every ``x < 0`` check (loss.gamma=.nan trained with a NaN loss; train.min_lr=.nan
+    was an AssertionError deep in the scheduler): each is a problem naming its key, all at once."""
+    from megatron_mft.config import RunConfig
+
+    keys = _float_fields(RunConfig)
+    assert {"loss.gamma", "train.min_lr", "train.lr", "loss.task_weights.some_task", "train.epochs"} <= set(keys)
+    values = [".nan", ".inf", "-.inf", "nan", "1e999"]
+    overrides = [f"{k}={values[i % len(values)]}" for i, k in enumerate(keys)]
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.path=/x"] + overrides)
+    msg = str(e.value)
+    missing = [k for k in keys if f"{k}: must be a finite number" not in msg]
+    assert not missing, msg
+    assert len(e.value.problems) == len(keys), msg  # nothing else trips over the refused values

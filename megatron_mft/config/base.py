@@ -3,11 +3,15 @@
 Each concern (model, parallel, data, loss, peft, train) owns one dataclass in its own module.
 A dataclass may define ``validate(self) -> list[str]`` returning human-readable problems;
 ``load_config`` collects the problems of every section and raises one ``ConfigError``.
+Every float field, in any section, list or mapping, must be finite: nan and inf are refused where
+values are parsed, so no ``validate`` has to think about them.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -65,14 +69,19 @@ def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
             problems.append(f"{path}: expected a list, got {type(value).__name__}")
             return None
         item_tp = args[0] if args else Any
+        before = len(problems)
         out = [_coerce(v, item_tp, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+        if len(problems) > before:  # no container with holes reaches a validate()
+            return None
         return out if origin is list else tuple(out)
     if origin is dict:
         if not isinstance(value, dict):
             problems.append(f"{path}: expected a mapping, got {type(value).__name__}")
             return None
         vt = args[1] if len(args) == 2 else Any
-        return {str(k): _coerce(v, vt, f"{path}.{k}", problems) for k, v in value.items()}
+        before = len(problems)
+        out = {str(k): _coerce(v, vt, f"{path}.{k}", problems) for k, v in value.items()}
+        return None if len(problems) > before else out
     if tp is Any:
         return value
     if tp is bool:
@@ -98,21 +107,35 @@ def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         problems.append(f"{path}: expected an integer, got {value!r}")
         return None
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        problems.append(f"{path}: expected a number, got {value!r}")
-        return None
+        if number is None:
+            problems.append(f"{path}: expected a number, got {value!r}")
+        elif not math.isfinite(number):  # nan/inf slip through every `x < 0` check downstream
+            problems.append(f"{path}: must be a finite number, got {value!r}")
+            number = None
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         problems.append(f"{path}: expected a string, got {value!r}")
         return None
     return value
+
+
+def finite_float(text: str) -> float:
+    """argparse ``type=`` for float options: the same finite-number rule as config fields."""
+    problems: list[str] = []
+    number = _coerce(text, float, "value", problems)
+    if problems:
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return number
 
 
 def _build(cls: type, data: dict, path: str, problems: list[str]) -> Any:
