@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from megatron_mft.config.peft import PEFT_TARGETS  # noqa: E402
 from megatron_mft.config.presets import PRESETS  # noqa: E402
-from megatron_mft.peft.memory import GB, estimate_memory  # noqa: E402
+from megatron_mft.peft.memory import GB, MemoryEstimate, estimate_memory  # noqa: E402
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["codellama-34b", "llama2-70b"], choices=sorted(PRESETS))
     ap.add_argument("--methods", nargs="+", default=["lora", "qlora"], choices=["lora", "qlora"])
@@ -55,10 +55,30 @@ def main(argv=None) -> int:
                     help="CUDA context + NCCL + allocator slack assumed for the 'fits' column")
     ap.add_argument("--measure-load", action="store_true", help="measure model build + base-weight load peaks")
     ap.add_argument("--measure-shape", default="8,1024,2816", metavar="LAYERS,HIDDEN,FFN")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def estimates(args: argparse.Namespace) -> list[tuple[str, str, tuple[int, int, int], bool, MemoryEstimate]]:
+    """(model, method, (tp, pp, dp), sp, estimate) for every row the arguments ask for (the recipe
+    headers quote these rows; tests/test_recipes.py checks them through this function)."""
+    layouts = [tuple(int(x) for x in lay.split(",")) for lay in (args.layout or ["1,1,1", "2,1,4"])]
+    rows = []
+    for name in args.models:
+        for tp, pp, dp in layouts:
+            sp = (tp > 1) if args.sp is None else (args.sp and tp > 1)
+            for method in args.methods:
+                est = estimate_memory(PRESETS[name], method=method, rank=args.rank, targets=args.targets, tp=tp,
+                                      pp=pp, dp=dp, vpp=args.vpp, sp=sp, seq_length=args.seq,
+                                      micro_batch=args.micro_batch, recompute=args.recompute,
+                                      distributed_optimizer=not args.no_distributed_optimizer)
+                rows.append((name, method, (tp, pp, dp), sp, est))
+    return rows
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.measure_load:
         return measure_load(args.measure_shape, args.rank)
-    layouts = [tuple(int(x) for x in lay.split(",")) for lay in (args.layout or ["1,1,1", "2,1,4"])]
 
     cols = ["base", "adapters", "grads", "optim", "activ", "logits", "dequant", "total"]
     print(f"per-GPU memory, GB (1e9 B); s={args.seq} b={args.micro_batch} r={args.rank} "
@@ -67,24 +87,16 @@ def main(argv=None) -> int:
     head += f" {'fits ' + format(args.gpu_gb, 'g') + 'GB':>10}  trainable"
     print(head)
     print("-" * len(head))
-    for name in args.models:
-        arch = PRESETS[name]
-        for tp, pp, dp in layouts:
-            sp = (tp > 1) if args.sp is None else (args.sp and tp > 1)
-            for method in args.methods:
-                est = estimate_memory(arch, method=method, rank=args.rank, targets=args.targets, tp=tp, pp=pp,
-                                      dp=dp, vpp=args.vpp, sp=sp, seq_length=args.seq, micro_batch=args.micro_batch,
-                                      recompute=args.recompute,
-                                      distributed_optimizer=not args.no_distributed_optimizer)
-                vals = [est.base_weights, est.adapters, est.grads, est.optimizer, est.activations, est.logits,
-                        est.workspace, est.total]
-                fits = "yes" if est.total / GB + args.overhead_gb <= args.gpu_gb else "no"
-                share = 100 * est.trainable_params / est.total_params
-                print(f"{name:<14} {method:<6} {f'{tp},{pp},{dp}':<9} {'on' if sp else 'off':<3} "
-                      + " ".join(f"{v / GB:8.2f}" for v in vals)
-                      + f" {fits:>10}  {est.trainable_params / 1e6:.1f}M ({share:.2f}%)")
-                for note in est.notes:
-                    print(f"{'':<14} note: {note}")
+    for name, method, (tp, pp, dp), sp, est in estimates(args):
+        vals = [est.base_weights, est.adapters, est.grads, est.optimizer, est.activations, est.logits,
+                est.workspace, est.total]
+        fits = "yes" if est.total / GB + args.overhead_gb <= args.gpu_gb else "no"
+        share = 100 * est.trainable_params / est.total_params
+        print(f"{name:<14} {method:<6} {f'{tp},{pp},{dp}':<9} {'on' if sp else 'off':<3} "
+              + " ".join(f"{v / GB:8.2f}" for v in vals)
+              + f" {fits:>10}  {est.trainable_params / 1e6:.1f}M ({share:.2f}%)")
+        for note in est.notes:
+            print(f"{'':<14} note: {note}")
     print(f"\n'fits' adds {args.overhead_gb:g} GB for CUDA context, NCCL buffers and allocator slack.")
     print("\nFormulas (megatron_mft.peft.memory.estimate_memory):")
     doc = inspect.getdoc(estimate_memory).split("\n", 2)[-1]
