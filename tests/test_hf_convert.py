@@ -89,15 +89,16 @@ def test_rope_conventions_agree(tp1_env):
 
 
 def test_weight_map_names_every_tensor_of_every_preset(tp1_env):
-    """The declarative map and megatron's own state dict name the same tensors (meta model)."""
-    from megatron_mft.checkpoint.hf.families import LLAMA
+    """The declarative map of each preset's family and megatron's own state dict name the same
+    tensors (meta model)."""
+    from megatron_mft.checkpoint.hf.families import FAMILIES
     from megatron_mft.checkpoint.hf.hf_to_mcore import check_map_covers_template
     from megatron_mft.checkpoint.hf.mcore_io import build_template
     from megatron_mft.config import PRESETS, ModelConfig
 
     for name in PRESETS:
         cfg = ModelConfig(preset=name)
-        check_map_covers_template(build_template(cfg).names(), LLAMA, cfg.arch())
+        check_map_covers_template(build_template(cfg).names(), FAMILIES[cfg.arch().family], cfg.arch())
 
 
 # ------------------------------------------------------------------------------ parity
@@ -245,13 +246,13 @@ def test_cli_reports_errors_and_exits_nonzero(tp1_env, tiny_hf, tmp_path):
     cfg = json.loads((tiny_hf / "config.json").read_text())
     bad = tmp_path / "bad"
     shutil.copytree(tiny_hf, bad)
-    (bad / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "llama3", "factor": 8.0},
+    (bad / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 8.0},
                                                  "hidden_act": "gelu"}))
     err = io.StringIO()
     with redirect_stderr(err):
         rc = convert.main(["hf-to-mcore", "--hf-dir", str(bad), "--out", str(tmp_path / "o"), "--tp", "3"])
     assert rc == 2
-    assert "hidden_act='gelu' is not supported" in err.getvalue() and "rope_scaling='llama3'" in err.getvalue()
+    assert "hidden_act='gelu' is not supported" in err.getvalue() and "rope_scaling.rope_type='yarn'" in err.getvalue()
     err = io.StringIO()
     with redirect_stderr(err):
         rc = convert.main(["hf-to-mcore", "--hf-dir", str(tiny_hf), "--out", str(tmp_path / "o"), "--tp", "3",

@@ -22,6 +22,15 @@ class ModelConfig:
     max_position_embeddings: Optional[int] = None
     rotary_base: Optional[float] = None
     norm_epsilon: Optional[float] = None
+    qkv_bias: Optional[bool] = None
+    linear_bias: Optional[bool] = None
+    normalization: Optional[Literal["RMSNorm", "LayerNorm"]] = None
+    activation: Optional[Literal["swiglu", "gelu_tanh"]] = None
+    tied_embeddings: Optional[bool] = None
+    rope_type: Optional[Literal["default", "linear", "llama3"]] = None
+    rope_factor: Optional[float] = None
+    sliding_window: Optional[int] = None
+    family: Optional[str] = None
     init_method_std: float = 0.02
     #: "auto" picks bf16 on CUDA, fp32 on CPU.
     precision: Literal["auto", "bf16", "fp32"] = "auto"

@@ -1,13 +1,26 @@
-"""Llama-family architecture table: one home for the published numbers of each model."""
+"""Architecture table: one home for the published numbers of each model family.
+
+Every number is taken from the model's own ``config.json`` on the Hugging Face hub (the
+``hf_name`` repository, file ``config.json``); ``tests/test_presets.py`` checks each preset's
+parameter count within 1% of the published one."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: values of the categorical ArchSpec fields (validated by ``ArchSpec.problems``)
+NORMALIZATIONS = ("RMSNorm", "LayerNorm")
+ACTIVATIONS = ("swiglu", "gelu_tanh")
+ROPE_TYPES = ("default", "linear", "llama3")
+#: megatron-core's llama3 RoPE scaling has these constants built in (rotary_pos_embedding.py)
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """A Llama-style decoder: RMSNorm, SwiGLU, RoPE, optional GQA, untied embeddings, no biases."""
+    """A pre-norm RoPE decoder as megatron-core's GPTModel builds it. The defaults are the
+    Llama-2 graph (RMSNorm, SwiGLU, no biases, untied embeddings, plain RoPE, full attention);
+    the other families differ only in these fields."""
 
     num_layers: int
     hidden_size: int
@@ -20,19 +33,47 @@ class ArchSpec:
     norm_epsilon: float = 1e-5
     #: Hugging Face repository this preset mirrors (documentation, conversion checks).
     hf_name: str = ""
+    #: bias on the q/k/v projection only (Qwen2)
+    qkv_bias: bool = False
+    #: bias on every linear: qkv, attention output, both MLP linears (StarCoder2)
+    linear_bias: bool = False
+    normalization: str = "RMSNorm"
+    #: MLP: "swiglu" (gated, silu) or "gelu_tanh" (non-gated fc1 -> GELU tanh -> fc2)
+    activation: str = "swiglu"
+    #: output layer shares the input embedding's weight
+    tied_embeddings: bool = False
+    #: RoPE scaling: "default" (none), "linear" (positions / factor), "llama3" (per-frequency)
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    #: sliding-window attention: each token sees itself and the previous window-1 tokens; 0 = off
+    sliding_window: int = 0
+    #: Hugging Face family this architecture exports to (checkpoint.hf.families)
+    family: str = "llama"
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def gated(self) -> bool:
+        return self.activation == "swiglu"
+
     def num_params(self) -> int:
         """Exact parameter count, computed without allocating weights."""
         h, f, v, L = self.hidden_size, self.ffn_hidden_size, self.vocab_size, self.num_layers
+        q = self.num_attention_heads * self.head_dim
         kv = self.num_query_groups * self.head_dim
-        attn = h * h + 2 * h * kv + h * h  # q, k, v, o
-        mlp = 3 * h * f  # gate, up, down
-        norms = 2 * h
-        return L * (attn + mlp + norms) + 2 * v * h + h  # embed + lm_head untied + final norm
+        fc1 = (2 if self.gated else 1) * f
+        attn = h * q + 2 * h * kv + q * h  # q, k, v, o
+        mlp = h * fc1 + f * h
+        bias = 0
+        if self.qkv_bias or self.linear_bias:
+            bias += q + 2 * kv
+        if self.linear_bias:
+            bias += h + fc1 + h  # o, fc1, fc2
+        norm = (2 if self.normalization == "LayerNorm" else 1) * h  # weight (+ bias)
+        embed = v * h * (1 if self.tied_embeddings else 2)
+        return L * (attn + mlp + bias + 2 * norm) + embed + norm
 
     def problems(self) -> list[str]:
         p = []
@@ -45,11 +86,48 @@ class ArchSpec:
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "vocab_size", "max_position_embeddings"):
             if getattr(self, name) <= 0:
                 p.append(f"{name}: must be positive")
+        for name, allowed in (("normalization", NORMALIZATIONS), ("activation", ACTIVATIONS),
+                              ("rope_type", ROPE_TYPES)):
+            if getattr(self, name) not in allowed:
+                p.append(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.rope_type != "default" and self.rope_factor <= 1.0:
+            p.append(f"rope_factor: {self.rope_factor} must be > 1 with rope_type {self.rope_type}")
+        if self.sliding_window < 0:
+            p.append("sliding_window: must be >= 0 (0 = full attention)")
         return p
 
 
 _CODELLAMA_ROPE = 1_000_000.0
 _LLAMA2_ROPE = 10_000.0
+
+
+def _llama3(layers, hidden, heads, ffn, factor, tied, hf_name):
+    """meta-llama/Llama-3.x config.json: 8 KV heads, vocab 128256, max positions 131072,
+    rope_theta 500000, rms_norm_eps 1e-5, rope_scaling llama3 (factor, low 1, high 4, original 8192)."""
+    return ArchSpec(layers, hidden, heads, 8, ffn, 128256, 131072, 500_000.0, 1e-5, hf_name=hf_name,
+                    rope_type="llama3", rope_factor=factor, tied_embeddings=tied)
+
+
+def _qwen25_coder(layers, hidden, heads, groups, ffn, vocab, tied, hf_name):
+    """Qwen/Qwen2.5-Coder-* config.json: QKV bias, rope_theta 1e6, rms_norm_eps 1e-6, max positions
+    32768, use_sliding_window false (so no window)."""
+    return ArchSpec(layers, hidden, heads, groups, ffn, vocab, 32768, 1_000_000.0, 1e-6, hf_name=hf_name,
+                    qkv_bias=True, tied_embeddings=tied, family="qwen2")
+
+
+def _deepseek_coder(layers, hidden, heads, groups, ffn, hf_name):
+    """deepseek-ai/deepseek-coder-*-base config.json (LlamaForCausalLM): vocab 32256, max positions
+    16384, rope_theta 100000, rms_norm_eps 1e-6, rope_scaling linear factor 4."""
+    return ArchSpec(layers, hidden, heads, groups, ffn, 32256, 16384, 100_000.0, 1e-6, hf_name=hf_name,
+                    rope_type="linear", rope_factor=4.0)
+
+
+def _starcoder2(layers, hidden, heads, groups, rope, tied, hf_name):
+    """bigcode/starcoder2-* config.json: LayerNorm (norm_epsilon 1e-5), GELU tanh MLP with
+    intermediate 4h, use_bias true, vocab 49152, max positions 16384, sliding_window 4096."""
+    return ArchSpec(layers, hidden, heads, groups, 4 * hidden, 49152, 16384, rope, 1e-5, hf_name=hf_name,
+                    linear_bias=True, normalization="LayerNorm", activation="gelu_tanh", tied_embeddings=tied,
+                    sliding_window=4096, family="starcoder2")
 
 PRESETS: dict[str, ArchSpec] = {
     # CPU demo and tests: CodeLlama's architecture (GQA, rope 1e6) at toy size.
@@ -66,4 +144,29 @@ PRESETS: dict[str, ArchSpec] = {
                            hf_name="meta-llama/Llama-2-13b-hf"),
     "llama2-70b": ArchSpec(80, 8192, 64, 8, 28672, 32000, 4096, _LLAMA2_ROPE,
                            hf_name="meta-llama/Llama-2-70b-hf"),
+    # Llama-3.x: GQA, llama3 RoPE scaling; 3.2 1B/3B tie the output layer to the embedding.
+    "llama3.1-8b": _llama3(32, 4096, 32, 14336, 8.0, False, "meta-llama/Llama-3.1-8B"),
+    "llama3.1-70b": _llama3(80, 8192, 64, 28672, 8.0, False, "meta-llama/Llama-3.1-70B"),
+    "llama3.2-1b": _llama3(16, 2048, 32, 8192, 32.0, True, "meta-llama/Llama-3.2-1B"),
+    "llama3.2-3b": _llama3(28, 3072, 24, 8192, 32.0, True, "meta-llama/Llama-3.2-3B"),
+    # Qwen2.5-Coder: QKV bias, GQA, padded vocabularies; the small sizes tie their embeddings.
+    "qwen2.5-coder-0.5b": _qwen25_coder(24, 896, 14, 2, 4864, 151936, True, "Qwen/Qwen2.5-Coder-0.5B"),
+    "qwen2.5-coder-1.5b": _qwen25_coder(28, 1536, 12, 2, 8960, 151936, True, "Qwen/Qwen2.5-Coder-1.5B"),
+    "qwen2.5-coder-3b": _qwen25_coder(36, 2048, 16, 2, 11008, 151936, True, "Qwen/Qwen2.5-Coder-3B"),
+    "qwen2.5-coder-7b": _qwen25_coder(28, 3584, 28, 4, 18944, 152064, False, "Qwen/Qwen2.5-Coder-7B"),
+    "qwen2.5-coder-14b": _qwen25_coder(48, 5120, 40, 8, 13824, 152064, False, "Qwen/Qwen2.5-Coder-14B"),
+    "qwen2.5-coder-32b": _qwen25_coder(64, 5120, 40, 8, 27648, 152064, False, "Qwen/Qwen2.5-Coder-32B"),
+    # DeepSeek-Coder (v1): the Llama graph with linear RoPE scaling.
+    "deepseek-coder-1.3b": _deepseek_coder(24, 2048, 16, 16, 5504, "deepseek-ai/deepseek-coder-1.3b-base"),
+    "deepseek-coder-6.7b": _deepseek_coder(32, 4096, 32, 32, 11008, "deepseek-ai/deepseek-coder-6.7b-base"),
+    "deepseek-coder-33b": _deepseek_coder(62, 7168, 56, 8, 19200, "deepseek-ai/deepseek-coder-33b-base"),
+    # Mistral: GQA; v0.1 7B has a 4096 sliding window, Codestral-22B none (config.json null).
+    "mistral-7b": ArchSpec(32, 4096, 32, 8, 14336, 32000, 32768, 10_000.0, 1e-5, hf_name="mistralai/Mistral-7B-v0.1",
+                           sliding_window=4096, family="mistral"),
+    "codestral-22b": ArchSpec(56, 6144, 48, 8, 16384, 32768, 32768, 1_000_000.0, 1e-5,
+                              hf_name="mistralai/Codestral-22B-v0.1", family="mistral"),
+    # StarCoder2: LayerNorm + biases, GELU tanh MLP, sliding window 4096, rope_theta per size.
+    "starcoder2-3b": _starcoder2(30, 3072, 24, 2, 999999.4420358813, True, "bigcode/starcoder2-3b"),
+    "starcoder2-7b": _starcoder2(32, 4608, 36, 4, 1_000_000.0, True, "bigcode/starcoder2-7b"),
+    "starcoder2-15b": _starcoder2(40, 6144, 48, 4, 100_000.0, False, "bigcode/starcoder2-15b"),
 }

@@ -1,4 +1,5 @@
-"""Build megatron-core GPTModel chunks for a Llama/CodeLlama architecture."""
+"""Build megatron-core GPTModel chunks for an ArchSpec (Llama, Qwen2, Mistral, StarCoder2 graphs),
+each family difference through megatron's own TransformerConfig / GPTModel options."""
 
 from __future__ import annotations
 
@@ -17,6 +18,15 @@ from megatron_mft.config import ArchSpec, ModelConfig, ParallelConfig
 from megatron_mft.model.specs import attention_backend, block_spec, layer_spec
 
 log = logging.getLogger(__name__)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU, tanh approximation (HF ``gelu_pytorch_tanh``, StarCoder2's MLP)."""
+    return F.gelu(x, approximate="tanh")
+
+
+#: ArchSpec.activation -> megatron's activation_func (swiglu = gated_linear_unit + silu)
+ACTIVATIONS = {"swiglu": F.silu, "gelu_tanh": gelu_tanh}
 
 
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
@@ -42,13 +52,16 @@ def transformer_config(arch: ArchSpec, model: ModelConfig, parallel: ParallelCon
         num_query_groups=arch.num_query_groups,
         ffn_hidden_size=arch.ffn_hidden_size,
         kv_channels=arch.head_dim,
-        normalization="RMSNorm",
+        normalization=arch.normalization,
         layernorm_epsilon=arch.norm_epsilon,
-        add_bias_linear=False,
-        add_qkv_bias=False,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        bias_activation_fusion=env.cuda,
+        add_bias_linear=arch.linear_bias,
+        add_qkv_bias=arch.qkv_bias,
+        gated_linear_unit=arch.gated,
+        activation_func=ACTIVATIONS[arch.activation],
+        # megatron fuses bias+swiglu, and bias+GELU only for exact F.gelu (not the tanh form)
+        bias_activation_fusion=env.cuda and arch.gated,
+        # (left, right) tokens around the query: HF's window counts the query itself
+        window_size=(arch.sliding_window - 1, 0) if arch.sliding_window else None,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
@@ -85,7 +98,7 @@ def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, env: Enviro
     arch = model.arch()
     cfg = transformer_config(arch, model, parallel, env)
     backend = attention_backend(model.attention_backend, env)
-    layer = layer or layer_spec(backend)
+    layer = layer or layer_spec(backend, arch.normalization)
     vpp = cfg.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):
@@ -98,9 +111,12 @@ def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, env: Enviro
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             parallel_output=True,
-            share_embeddings_and_output_weights=False,
+            share_embeddings_and_output_weights=arch.tied_embeddings,
             position_embedding_type="rope",
-            rotary_base=int(arch.rotary_base),
+            rotary_base=arch.rotary_base,
+            rope_scaling=arch.rope_type == "llama3",
+            rope_scaling_factor=arch.rope_factor,
+            seq_len_interpolation_factor=arch.rope_factor if arch.rope_type == "linear" else None,
             vp_stage=stage,
         ))
     return chunks

@@ -1,4 +1,4 @@
-"""RMSNorm in plain PyTorch that works with sequence parallelism.
+"""RMSNorm and LayerNorm in plain PyTorch that work with sequence parallelism.
 
 megatron-core's local ``WrappedTorchNorm`` refuses sequence parallelism; the only thing SP
 needs from a norm is that its weight is marked ``sequence_parallel`` so ``finalize_model_grads``
@@ -15,8 +15,33 @@ class RMSNorm(torch.nn.Module):
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused):
         super().__init__()
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        # On the device megatron puts every other weight on: nothing moves modules afterwards
+        # (megatron's DDP moves only trainable parameters, and only with the distributed optimizer).
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class LayerNorm(torch.nn.Module):
+    """LayerNorm with weight and bias (StarCoder2), both marked for sequence parallelism."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__()
+        self.eps = eps
+        # On the device megatron puts every other weight on: nothing moves modules afterwards
+        # (megatron's DDP moves only trainable parameters, and only with the distributed optimizer).
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
+        self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype, device=device))
+        for p in (self.weight, self.bias):
+            setattr(p, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+#: TransformerConfig.normalization -> our norm module (local spec)
+NORMS = {"RMSNorm": RMSNorm, "LayerNorm": LayerNorm}

@@ -22,7 +22,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mft.compat import Environment
 from megatron_mft.model.attention import PackedCoreAttention
-from megatron_mft.model.norm import RMSNorm
+from megatron_mft.model.norm import NORMS
 
 
 def kernels_line(chunks: list, env: Environment) -> str:
@@ -55,16 +55,17 @@ def attention_backend(requested: str, env: Environment) -> str:
     return requested
 
 
-def layer_spec(backend: str) -> ModuleSpec:
-    """Spec of one Llama decoder layer for ``backend``."""
+def layer_spec(backend: str, normalization: str = "RMSNorm") -> ModuleSpec:
+    """Spec of one decoder layer for ``backend``; biases, MLP gating and the window come from the
+    TransformerConfig, the norm class from ``normalization`` (TE reads it from the config)."""
     if backend == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec()
-    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=normalization))
     sub = spec.submodules
-    sub.input_layernorm = RMSNorm
-    sub.pre_mlp_layernorm = RMSNorm
+    sub.input_layernorm = NORMS[normalization]
+    sub.pre_mlp_layernorm = NORMS[normalization]
     sub.self_attention.submodules.core_attention = ModuleSpec(
         module=PackedCoreAttention, params={"use_flash": backend == "flash"}
     )
@@ -76,13 +77,13 @@ def layer_spec(backend: str) -> ModuleSpec:
 def block_spec(config: TransformerConfig, backend: str, vp_stage: Optional[int] = None,
                layer: Optional[ModuleSpec] = None) -> ModuleSpec:
     """Spec of this pipeline stage's decoder block (its layers and the final norm)."""
-    layer = layer or layer_spec(backend)
+    layer = layer or layer_spec(backend, config.normalization)
     if backend == "te":
         from megatron.core.extensions.transformer_engine import TENorm
 
         final_norm = TENorm
     else:
-        final_norm = RMSNorm
+        final_norm = NORMS[config.normalization]
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
     return ModuleSpec(module=TransformerBlock,
                       submodules=TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=final_norm))

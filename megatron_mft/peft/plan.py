@@ -247,7 +247,7 @@ class PeftPlan:
         backend = attention_backend(model.attention_backend, self.env)
         if backend == "te":
             backend = "flash" if self.env.flash_attn else "sdpa"
-        return adapter_spec(layer_spec(backend), self.cfg, self.quantized)
+        return adapter_spec(layer_spec(backend, model.arch().normalization), self.cfg, self.quantized)
 
     def prepare(self, chunks, *, init_adapters: bool = True) -> None:
         """Freeze every parameter but the adapters; draw the adapters from (seed, global name)

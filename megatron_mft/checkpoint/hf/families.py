@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 
 from megatron_mft.checkpoint.hf.transforms import COPY, GATED, QKV, VOCAB, Transform
 from megatron_mft.config import ArchSpec
+from megatron_mft.config.presets import LLAMA3_ROPE
 from megatron_mft.errors import UsageError
 
 LAYER = "{}"
@@ -62,6 +63,8 @@ class W:
     hf: tuple[str, ...]
     shapes: tuple[tuple[str, ...], ...]
     transform: Transform = COPY
+    #: the tensor exists only for architectures where this holds (e.g. untied output layer)
+    when: Callable[[ArchSpec], bool] = lambda arch: True
 
     @property
     def per_layer(self) -> bool:
@@ -77,15 +80,22 @@ class W:
         return [resolve_shape(s, arch) for s in self.shapes]
 
 
+_UNSET = object()
+
+
 @dataclass(frozen=True)
 class ConfigField:
     """ArchSpec field <- config.json key (first present of ``hf``), else ``default`` (a constant
-    or another ArchSpec field's HF key)."""
+    or another ArchSpec field's HF key). ``hf=()`` makes the field a constant of the family.
+    ``null`` is the ArchSpec value that config.json writes as null (sliding_window 0)."""
 
     arch: str
     hf: tuple[str, ...]
     default: Any = None
     default_from: Optional[str] = None
+    null: Any = _UNSET
+    #: not written to config.json when equal to ``default`` (a RoPE factor of plain RoPE)
+    omit_default: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,15 +119,17 @@ class Family:
     unsupported: tuple[Unsupported, ...]
     #: HF tensors that carry no weights (regexes; e.g. rotary buffers of old exports).
     ignored_hf: tuple[str, ...] = ()
-    #: HF config keys that alias a nested value, e.g. ``rope_theta`` inside ``rope_parameters``.
+    #: HF config keys that may live in a nested dict: key -> parents, searched in order (the
+    #: first parent is where export writes it), e.g. ``rope_theta`` inside ``rope_parameters``.
     nested: dict = field(default_factory=dict)
 
     # --------------------------------------------------------------- names
     def entries(self, arch: ArchSpec):
         """(W, layer or None) in checkpoint order: embeddings, layers in order, final norm, output."""
-        head = [w for w in self.weights if not w.per_layer and w.megatron.startswith("embedding.")]
-        layer = [w for w in self.weights if w.per_layer]
-        tail = [w for w in self.weights if not w.per_layer and not w.megatron.startswith("embedding.")]
+        weights = [w for w in self.weights if w.when(arch)]
+        head = [w for w in weights if not w.per_layer and w.megatron.startswith("embedding.")]
+        layer = [w for w in weights if w.per_layer]
+        tail = [w for w in weights if not w.per_layer and not w.megatron.startswith("embedding.")]
         out = [(w, None) for w in head]
         out += [(w, i) for i in range(arch.num_layers) for w in layer]
         out += [(w, None) for w in tail]
@@ -142,10 +154,19 @@ class Family:
     def hf_value(self, cfg: dict, key: str) -> Any:
         if key in cfg and cfg[key] is not None:
             return cfg[key]
-        parent = self.nested.get(key)
-        if parent and isinstance(cfg.get(parent), dict):
-            return cfg[parent].get(key)
+        for parent in self.nested.get(key, ()):
+            if isinstance(cfg.get(parent), dict) and cfg[parent].get(key) is not None:
+                return cfg[parent][key]
         return None
+
+    def hf_occurrences(self, cfg: dict, key: str) -> list[tuple[str, Any]]:
+        """Every place ``key`` is set in config.json, as (dotted path, value): a config may carry
+        both the 4.x ``rope_scaling`` and the 5.x ``rope_parameters``."""
+        out = [(key, cfg[key])] if cfg.get(key) is not None else []
+        for parent in self.nested.get(key, ()):
+            if isinstance(cfg.get(parent), dict) and cfg[parent].get(key) is not None:
+                out.append((f"{parent}.{key}", cfg[parent][key]))
+        return out
 
     def arch_fields(self, cfg: dict) -> tuple[dict, list[str]]:
         """ArchSpec field values read from a config.json, and the problems found."""
@@ -161,12 +182,11 @@ class Family:
                 continue
             out[f.arch] = value
         for u in self.unsupported:
-            value = self.hf_value(cfg, u.hf)
-            value = u.default if value is None else value
-            if isinstance(value, dict):
-                value = value.get("rope_type", value.get("type"))
-            if value not in u.allowed:
-                problems.append(f"config.json: {u.hf}={value!r} is not supported ({u.why})")
+            for path, value in self.hf_occurrences(cfg, u.hf) or [(u.hf, u.default)]:
+                if value not in u.allowed:
+                    problems.append(f"config.json: {path}={value!r} is not supported ({u.why})")
+        if out.get("sliding_window", 0) < 0:
+            problems.append(f"config.json: sliding_window={out['sliding_window']!r} must be positive or null")
         if "hidden_size" in out and "num_attention_heads" in out:
             head_dim = self.hf_value(cfg, "head_dim")
             if head_dim is not None and head_dim * out["num_attention_heads"] != out["hidden_size"]:
@@ -178,42 +198,88 @@ class Family:
         """config.json for ``arch``. Keys of ``base`` (the source config) that the arch does not
         decide are kept (token ids, ...); the arch fields and the layout-affecting keys are set."""
         cfg = {k: v for k, v in (base or {}).items()
-               if k not in ("architectures", "torch_dtype", "dtype", "transformers_version", "_name_or_path")}
+               if k not in ("architectures", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
+                            *RESERVED_KEYS)}
         for f in self.config:
             for k in f.hf:
                 cfg.pop(k, None)
-                parent = self.nested.get(k)
-                if parent and isinstance(cfg.get(parent), dict):
-                    cfg[parent] = {kk: vv for kk, vv in cfg[parent].items() if kk != k}
-            cfg[f.hf[0]] = getattr(arch, f.arch)
-        cfg.update(model_type=self.model_types[0], architectures=[self.architecture], tie_word_embeddings=False,
-                   head_dim=arch.head_dim, dtype=dtype)
+                for parent in self.nested.get(k, ()):
+                    if isinstance(cfg.get(parent), dict):
+                        cfg[parent] = {kk: vv for kk, vv in cfg[parent].items() if kk != k}
+        for f in self.config:
+            value = getattr(arch, f.arch)
+            if not f.hf or (f.omit_default and value == f.default):
+                continue
+            if f.null is not _UNSET and value == f.null:
+                value = None
+            parents = self.nested.get(f.hf[0], ())
+            if parents:
+                cfg[parents[0]] = {**(cfg.get(parents[0]) or {}), f.hf[0]: value}
+            else:
+                cfg[f.hf[0]] = value
+        if arch.rope_type == "llama3":  # megatron's constants, written out for transformers
+            cfg["rope_parameters"] = {**cfg.get("rope_parameters", {}), **LLAMA3_ROPE}
+        cfg.update(model_type=self.model_types[0], architectures=[self.architecture], head_dim=arch.head_dim,
+                   dtype=dtype)
         return cfg
 
 
-LLAMA = Family(
-    name="llama",
-    model_types=("llama",),
-    architecture="LlamaForCausalLM",
-    weights=(
-        W("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), (("v", "h"),), VOCAB),
-        W("decoder.layers.{}.self_attention.linear_qkv.layer_norm_weight",
-          ("model.layers.{}.input_layernorm.weight",), (("h",),)),
-        W("decoder.layers.{}.self_attention.linear_qkv.weight",
-          ("model.layers.{}.self_attn.q_proj.weight", "model.layers.{}.self_attn.k_proj.weight",
-           "model.layers.{}.self_attn.v_proj.weight"), (("q", "h"), ("kv", "h"), ("kv", "h")), QKV),
-        W("decoder.layers.{}.self_attention.linear_proj.weight",
-          ("model.layers.{}.self_attn.o_proj.weight",), (("h", "q"),)),
-        W("decoder.layers.{}.mlp.linear_fc1.layer_norm_weight",
-          ("model.layers.{}.post_attention_layernorm.weight",), (("h",),)),
-        W("decoder.layers.{}.mlp.linear_fc1.weight",
-          ("model.layers.{}.mlp.gate_proj.weight", "model.layers.{}.mlp.up_proj.weight"),
-          (("f", "h"), ("f", "h")), GATED),
-        W("decoder.layers.{}.mlp.linear_fc2.weight", ("model.layers.{}.mlp.down_proj.weight",), (("h", "f"),)),
-        W("decoder.final_layernorm.weight", ("model.norm.weight",), (("h",),)),
-        W("output_layer.weight", ("lm_head.weight",), (("v", "h"),), VOCAB),
-    ),
-    config=(
+#: RoPE keys: transformers 4.x writes ``rope_theta`` + ``rope_scaling``, 5.x ``rope_parameters``.
+ROPE_NESTED = {k: ("rope_parameters", "rope_scaling") for k in ("rope_theta", "rope_type", "type", "factor",
+                                                                 "low_freq_factor", "high_freq_factor",
+                                                                 "original_max_position_embeddings")}
+#: config.json keys export rewrites from the architecture (the source's copies are dropped)
+RESERVED_KEYS = ("rope_scaling", "rope_parameters", "tie_word_embeddings")
+
+
+def untied(arch: ArchSpec) -> bool:
+    return not arch.tied_embeddings
+
+
+def _decoder_weights(*, qkv_bias: bool = False, all_bias: bool = False, norm_bias: bool = False,
+                     mlp: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")) -> tuple[W, ...]:
+    """Weight map of a HF pre-norm decoder (``model.layers.N.self_attn.q_proj`` ...). ``mlp``:
+    (gate, up, down) for a gated MLP, (fc_in, fc_out) for a plain one."""
+    L, A, M = "model.layers.{}.", "model.layers.{}.self_attn.", "model.layers.{}.mlp."
+    qkv = tuple(f"{A}{n}_proj" for n in "qkv")
+    out = [W("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), (("v", "h"),), VOCAB)]
+    norms = [("self_attention.linear_qkv.layer_norm", f"{L}input_layernorm"),
+             ("mlp.linear_fc1.layer_norm", f"{L}post_attention_layernorm")]
+    out.append(W(f"decoder.layers.{{}}.{norms[0][0]}_weight", (f"{norms[0][1]}.weight",), (("h",),)))
+    if norm_bias:
+        out.append(W(f"decoder.layers.{{}}.{norms[0][0]}_bias", (f"{norms[0][1]}.bias",), (("h",),)))
+    out.append(W("decoder.layers.{}.self_attention.linear_qkv.weight", tuple(f"{n}.weight" for n in qkv),
+                 (("q", "h"), ("kv", "h"), ("kv", "h")), QKV))
+    if qkv_bias or all_bias:
+        out.append(W("decoder.layers.{}.self_attention.linear_qkv.bias", tuple(f"{n}.bias" for n in qkv),
+                     (("q",), ("kv",), ("kv",)), QKV))
+    out.append(W("decoder.layers.{}.self_attention.linear_proj.weight", (f"{A}o_proj.weight",), (("h", "q"),)))
+    if all_bias:
+        out.append(W("decoder.layers.{}.self_attention.linear_proj.bias", (f"{A}o_proj.bias",), (("h",),)))
+    out.append(W(f"decoder.layers.{{}}.{norms[1][0]}_weight", (f"{norms[1][1]}.weight",), (("h",),)))
+    if norm_bias:
+        out.append(W(f"decoder.layers.{{}}.{norms[1][0]}_bias", (f"{norms[1][1]}.bias",), (("h",),)))
+    if len(mlp) == 3:
+        out.append(W("decoder.layers.{}.mlp.linear_fc1.weight", (f"{M}{mlp[0]}.weight", f"{M}{mlp[1]}.weight"),
+                     (("f", "h"), ("f", "h")), GATED))
+    else:
+        out.append(W("decoder.layers.{}.mlp.linear_fc1.weight", (f"{M}{mlp[0]}.weight",), (("f", "h"),)))
+        if all_bias:
+            out.append(W("decoder.layers.{}.mlp.linear_fc1.bias", (f"{M}{mlp[0]}.bias",), (("f",),)))
+    out.append(W("decoder.layers.{}.mlp.linear_fc2.weight", (f"{M}{mlp[-1]}.weight",), (("h", "f"),)))
+    if all_bias:
+        out.append(W("decoder.layers.{}.mlp.linear_fc2.bias", (f"{M}{mlp[-1]}.bias",), (("h",),)))
+    out.append(W("decoder.final_layernorm.weight", ("model.norm.weight",), (("h",),)))
+    if norm_bias:
+        out.append(W("decoder.final_layernorm.bias", ("model.norm.bias",), (("h",),)))
+    out.append(W("output_layer.weight", ("lm_head.weight",), (("v", "h"),), VOCAB, when=untied))
+    return tuple(out)
+
+
+def _config(family: str, *, norm_eps: str = "rms_norm_eps", tied_default: bool = False,
+            extra: tuple[ConfigField, ...] = ()) -> tuple[ConfigField, ...]:
+    """The config map every family shares (sizes, RoPE, tying) plus its own fields."""
+    return (
         ConfigField("num_layers", ("num_hidden_layers",)),
         ConfigField("hidden_size", ("hidden_size",)),
         ConfigField("num_attention_heads", ("num_attention_heads",)),
@@ -222,22 +288,93 @@ LLAMA = Family(
         ConfigField("vocab_size", ("vocab_size",)),
         ConfigField("max_position_embeddings", ("max_position_embeddings",)),
         ConfigField("rotary_base", ("rope_theta",), default=10000.0),
-        ConfigField("norm_epsilon", ("rms_norm_eps",), default=1e-6),
-    ),
+        ConfigField("norm_epsilon", (norm_eps,), default=1e-6),
+        ConfigField("tied_embeddings", ("tie_word_embeddings",), default=tied_default),
+        ConfigField("rope_type", ("rope_type", "type"), default="default"),
+        ConfigField("rope_factor", ("factor",), default=1.0, omit_default=True),
+        ConfigField("family", (), default=family),
+    ) + extra
+
+
+#: features refused by name unless the engine reproduces them
+_ROPE_UNSUPPORTED = (
+    Unsupported("rope_type", ("default", "linear", "llama3"),
+                "RoPE scaling implemented: linear and llama3 (megatron-core's); not yarn, dynamic, longrope",
+                default="default"),
+    Unsupported("type", (None, "default", "linear", "llama3"), "RoPE scaling implemented: linear and llama3"),
+    *(Unsupported(k, (None, v), f"megatron-core's llama3 RoPE scaling has {k}={v:g}")
+      for k, v in LLAMA3_ROPE.items()),
+)
+_SWIGLU = (Unsupported("hidden_act", ("silu",), "the engine's gated MLP is SwiGLU with silu", default="silu"),)
+_SWIGLU_CONSTANTS = (ConfigField("normalization", (), default="RMSNorm"),
+                     ConfigField("activation", (), default="swiglu"))
+
+LLAMA = Family(
+    name="llama",
+    model_types=("llama",),
+    architecture="LlamaForCausalLM",
+    weights=_decoder_weights(),
+    config=_config("llama", extra=_SWIGLU_CONSTANTS),
     unsupported=(
-        Unsupported("hidden_act", ("silu",), "the engine's MLP is SwiGLU with silu", default="silu"),
-        Unsupported("attention_bias", (None, False), "the engine's linears have no biases"),
-        Unsupported("mlp_bias", (None, False), "the engine's linears have no biases"),
-        Unsupported("rope_scaling", (None, "default"), "only plain RoPE is implemented"),
-        Unsupported("rope_parameters", (None, "default"), "only plain RoPE is implemented"),
+        *_SWIGLU,
+        Unsupported("attention_bias", (None, False), "Llama with attention_bias (q/k/v and o biases) is not mapped"),
+        Unsupported("mlp_bias", (None, False), "Llama with mlp_bias is not mapped"),
         Unsupported("pretraining_tp", (None, 1), "sliced linears at pretraining_tp > 1 are not mapped"),
+        *_ROPE_UNSUPPORTED,
     ),
     ignored_hf=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",),
-    nested={"rope_theta": "rope_parameters"},
+    nested=ROPE_NESTED,
+)
+
+QWEN2 = Family(
+    name="qwen2",
+    model_types=("qwen2",),
+    architecture="Qwen2ForCausalLM",
+    weights=_decoder_weights(qkv_bias=True),
+    config=_config("qwen2", extra=(*_SWIGLU_CONSTANTS, ConfigField("qkv_bias", (), default=True))),
+    unsupported=(
+        *_SWIGLU,
+        Unsupported("use_sliding_window", (None, False),
+                    "Qwen2's per-layer sliding window (max_window_layers) is not implemented"),
+        *_ROPE_UNSUPPORTED,
+    ),
+    nested=ROPE_NESTED,
+)
+
+MISTRAL = Family(
+    name="mistral",
+    model_types=("mistral",),
+    architecture="MistralForCausalLM",
+    weights=_decoder_weights(),
+    # transformers' MistralConfig defaults sliding_window to 4096 when config.json omits it
+    config=_config("mistral", extra=(
+        *_SWIGLU_CONSTANTS, ConfigField("sliding_window", ("sliding_window",), default=4096, null=0))),
+    unsupported=(*_SWIGLU, *_ROPE_UNSUPPORTED),
+    nested=ROPE_NESTED,
+)
+
+STARCODER2 = Family(
+    name="starcoder2",
+    model_types=("starcoder2",),
+    architecture="Starcoder2ForCausalLM",
+    weights=_decoder_weights(all_bias=True, norm_bias=True, mlp=("c_fc", "c_proj")),
+    config=_config("starcoder2", norm_eps="norm_epsilon", tied_default=True, extra=(
+        ConfigField("normalization", (), default="LayerNorm"),
+        ConfigField("activation", (), default="gelu_tanh"),
+        ConfigField("linear_bias", (), default=True),
+        ConfigField("sliding_window", ("sliding_window",), default=0, null=0),
+    )),
+    unsupported=(
+        Unsupported("hidden_act", ("gelu_pytorch_tanh",), "the engine's StarCoder2 MLP is GELU (tanh)",
+                    default="gelu_pytorch_tanh"),
+        Unsupported("use_bias", (None, True), "StarCoder2 without biases is not mapped"),
+        *_ROPE_UNSUPPORTED,
+    ),
+    nested=ROPE_NESTED,
 )
 
 #: Registry keyed by family name.
-FAMILIES: dict[str, Family] = {LLAMA.name: LLAMA}
+FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, QWEN2, MISTRAL, STARCODER2)}
 
 
 def family_for(hf_config: dict) -> Family:

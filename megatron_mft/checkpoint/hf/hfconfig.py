@@ -30,7 +30,7 @@ def _same(a, b) -> bool:
 
 def arch_mismatches(arch: ArchSpec, fields: dict, family: Family, what: str) -> list[str]:
     """One line per ArchSpec field where ``arch`` and the config.json values differ."""
-    hf_key = {f.arch: f.hf[0] for f in family.config}
+    hf_key = {f.arch: f.hf[0] if f.hf else f"({family.name} family)" for f in family.config}
     return [f"{name}: {what} has {getattr(arch, name)!r}, config.json {hf_key.get(name, name)} has {value!r}"
             for name, value in fields.items() if not _same(getattr(arch, name), value)]
 

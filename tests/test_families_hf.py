@@ -1,0 +1,127 @@
+"""Model families on one process (gloo, world size 1, fp32, CPU): for Llama-3.x, Qwen2.5,
+DeepSeek-Coder, Mistral and StarCoder2 tiny random models, megatron's logits equal transformers'
+(unpacked rows and packed samples, sequences longer than the sliding windows and than
+DeepSeek's max_position_embeddings); hf -> mcore -> hf is bit-exact and loads with the family's
+own class; config.json is read in both the transformers 4.x and 5.x forms; unimplemented
+features are refused by name. TP=2 (+SP) and PP=2: tests/test_families_parallel.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_families_fixtures import FAMILIES, REGISTRY_FAMILY, TOL, make_all, parity
+from test_hf_fixtures import hf_state
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory) -> dict[str, Path]:
+    return make_all(tmp_path_factory.mktemp("families"))
+
+
+def _hf_init_chunks(env, hf_dir: Path):
+    from megatron_mft.checkpoint.hf import load_hf_into_chunks
+    from megatron_mft.checkpoint.hf.hfconfig import model_config_from_hf, read_hf_config
+    from megatron_mft.config import ParallelConfig
+    from megatron_mft.model import build_model_chunks
+
+    cfg = dataclasses.replace(model_config_from_hf(read_hf_config(hf_dir)), precision="fp32")
+    chunks = build_model_chunks(cfg, ParallelConfig(), env)
+    load_hf_into_chunks(hf_dir, chunks, cfg, ParallelConfig())
+    return chunks, cfg
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_logits_equal_transformers_unpacked_and_packed(tp1_env, family_models, name):
+    chunks, cfg = _hf_init_chunks(tp1_env, family_models[name])
+    assert cfg.arch().family == REGISTRY_FAMILY[name]
+    rows, packed = parity(chunks, family_models[name])
+    assert rows <= TOL and packed <= TOL, (name, rows, packed)
+
+
+def test_family_features_reach_megatron(tp1_env, family_models):
+    """The architecture read from each config.json, and the built model, have the family's features."""
+    from megatron_mft.checkpoint.hf.hfconfig import model_config_from_hf, read_hf_config
+
+    arch = {n: model_config_from_hf(read_hf_config(family_models[n])).arch() for n in FAMILIES}
+    assert (arch["llama3"].rope_type, arch["llama3"].rope_factor, arch["llama3"].tied_embeddings) == ("llama3", 8.0, True)
+    assert (arch["deepseek"].rope_type, arch["deepseek"].rope_factor) == ("linear", 4.0)
+    assert arch["qwen2"].qkv_bias and not arch["qwen2"].linear_bias and arch["qwen2"].sliding_window == 0
+    assert arch["mistral"].sliding_window == 12
+    sc = arch["starcoder2"]
+    assert (sc.normalization, sc.activation, sc.linear_bias, sc.tied_embeddings, sc.sliding_window) == (
+        "LayerNorm", "gelu_tanh", True, True, 12)
+    chunks, _ = _hf_init_chunks(tp1_env, family_models["starcoder2"])
+    cfg = chunks[0].config
+    assert cfg.window_size == (11, 0) and cfg.add_bias_linear and not cfg.gated_linear_unit
+    assert chunks[0].output_layer.weight is None  # tied: the output layer reads the embedding
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_round_trip_is_bit_exact_and_loads_with_the_family_class(tp1_env, family_models, tmp_path, name):
+    import transformers
+
+    from megatron_mft.checkpoint.hf.hf_to_mcore import convert_hf_to_mcore
+    from megatron_mft.checkpoint.hf.mcore_to_hf import export_to_hf
+    from test_families_fixtures import FAMILY_CONFIGS
+
+    src = family_models[name]
+    convert_hf_to_mcore(src, tmp_path / "ckpt", log=lambda s: None)
+    export_to_hf(tmp_path / "ckpt", tmp_path / "back", max_shard_size="60KB", log=lambda s: None)
+    a, b = hf_state(src), hf_state(tmp_path / "back")
+    assert sorted(a) == sorted(b)
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    ca = json.loads((src / "config.json").read_text())
+    cb = json.loads((tmp_path / "back" / "config.json").read_text())
+    for key in set(ca) - {"transformers_version", "dtype", "torch_dtype"}:
+        assert ca[key] == cb.get(key), (name, key, ca[key], cb.get(key))
+    model_cls = getattr(transformers, FAMILY_CONFIGS[name][1])
+    loaded = model_cls.from_pretrained(tmp_path / "back")
+    assert type(loaded) is model_cls
+
+
+def _four_x(cfg: dict) -> dict:
+    """The transformers 4.x spelling of a 5.x config.json: rope_theta + rope_scaling."""
+    out = {k: v for k, v in cfg.items() if k != "rope_parameters"}
+    rope = dict(cfg.get("rope_parameters") or {})
+    out["rope_theta"] = rope.pop("rope_theta", 10000.0)
+    kind = rope.pop("rope_type", "default")
+    out["rope_scaling"] = None if kind == "default" else {"type" if kind == "linear" else "rope_type": kind, **rope}
+    return out
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_transformers_4x_and_5x_config_forms_read_alike(family_models, name):
+    from megatron_mft.checkpoint.hf.families import family_for
+
+    five = json.loads((family_models[name] / "config.json").read_text())
+    assert "rope_parameters" in five and "rope_theta" not in five  # transformers 5 wrote it
+    four = _four_x(five)
+    fam = family_for(five)
+    (f5, p5), (f4, p4) = fam.arch_fields(five), fam.arch_fields(four)
+    assert p5 == [] and p4 == [] and f5 == f4
+
+
+def test_unimplemented_features_are_refused_by_name(family_models):
+    from megatron_mft.checkpoint.hf import ConversionError
+    from megatron_mft.checkpoint.hf.hfconfig import model_config_from_hf
+
+    def refused(name, **edit):
+        cfg = {**json.loads((family_models[name] / "config.json").read_text()), **edit}
+        with pytest.raises(ConversionError) as e:
+            model_config_from_hf(cfg)
+        return str(e.value)
+
+    yarn = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 32768}
+    msg = refused("qwen2", rope_parameters=yarn, use_sliding_window=True)
+    assert "rope_parameters.rope_type='yarn' is not supported" in msg and "use_sliding_window=True is not supported" in msg
+    llama3 = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 2.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    assert "rope_parameters.low_freq_factor=2.0 is not supported" in refused("llama3", rope_parameters=llama3)
+    assert "hidden_act='gelu' is not supported" in refused("starcoder2", hidden_act="gelu")
+    assert "rope_scaling.type='dynamic' is not supported" in refused(
+        "deepseek", rope_parameters=None, rope_theta=1e5, rope_scaling={"type": "dynamic", "factor": 2.0})
