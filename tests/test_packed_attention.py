@@ -114,3 +114,34 @@ def test_sbhd_rows_are_independent(tiny_model):
         both = model(tokens, pos, None, labels=tokens)
         one = model(tokens[1:], pos[1:], None, labels=tokens[1:])
     assert torch.allclose(both[1], one[0], atol=2e-6)
+
+
+
+def _same_values_and_grads(ours, theirs, x, g):
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_a, out_b = ours(a), theirs(b)
+    assert torch.equal(out_a, out_b)
+    w = torch.randn(out_a.shape, generator=g)
+    (out_a * w).sum().backward()
+    (out_b * w).sum().backward()
+    assert torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("rot_dim", [DIM, DIM // 2])
+def test_rope_equals_megatrons_unfused_rope_bit_for_bit(tp1_env, rot_dim):
+    """The torch RoPE in megatron's fused slots (model/rope.py) against megatron's own unfused
+    THD (packed, positions restart per document) and BSHD paths: identical values and grads."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.common.embeddings.rope_utils import (_apply_rotary_pos_emb_bshd,
+                                                                   _apply_rotary_pos_emb_thd)
+
+    from megatron_mft.model.rope import rope_bshd, rope_thd
+
+    g = torch.Generator().manual_seed(5)
+    freqs = torch.randn(max(LENGTHS), 1, 1, rot_dim, generator=g)
+    cu = torch.tensor([0] + LENGTHS).cumsum(0).to(torch.int32)
+    cp = ps.get_context_parallel_group()
+    _same_values_and_grads(lambda t: rope_thd(t, cu, freqs), lambda t: _apply_rotary_pos_emb_thd(t, cu, freqs, cp_group=cp),
+                           torch.randn(sum(LENGTHS), HEADS, DIM, generator=g), g)
+    _same_values_and_grads(lambda t: rope_bshd(t, freqs[:20]), lambda t: _apply_rotary_pos_emb_bshd(t, freqs[:20]),
+                           torch.randn(20, 2, HEADS, DIM, generator=g), g)

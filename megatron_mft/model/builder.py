@@ -15,6 +15,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mft.compat import Environment
 from megatron_mft.config import ArchSpec, ModelConfig, ParallelConfig
+from megatron_mft.model.rope import install_torch_rope
 from megatron_mft.model.specs import attention_backend, block_spec, layer_spec
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def transformer_config(arch: ArchSpec, model: ModelConfig, parallel: ParallelCon
         pipeline_dtype=dtype,
         autocast_dtype=dtype,
         # Fused kernels only where they exist; on CPU these raise (shared doc).
-        apply_rope_fusion=env.te,
+        apply_rope_fusion=install_torch_rope(),  # TE's fused RoPE, else megatron_mft.model.rope
         gradient_accumulation_fusion=env.apex,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
