@@ -19,7 +19,7 @@ def test_tiny_config_online_with_balancer(tmp_path):
     train = [r for r in records if "loss" in r]
     val = [r for r in records if any(k.startswith("val_loss/") for k in r)]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
-    required = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "mfu"}
+    required = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "hw_tflops_per_gpu", "mfu"}
     assert required <= set(train[0])
     tasks = {"code-completion", "docstring", "doctest", "text-to-code"}
     assert {k.split("/", 1)[1] for k in train[-1] if k.startswith("task_weight/")} == tasks
