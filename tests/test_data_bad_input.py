@@ -137,15 +137,17 @@ def test_no_partial_output_when_writing_fails(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(indexed, "write_split", boom)
-    with pytest.raises(OSError):
+    from megatron_mft.errors import UserError
+
+    with pytest.raises(UserError, match=f"--output-dir {out}: writing failed at .*disk full"):
         from megatron_mft.data.preprocess import PreprocessArgs, preprocess
 
         preprocess(PreprocessArgs(str(data), DEMO_TOKENIZER, 64, "none", str(out), overwrite=True, progress=False))
     # the previous output is untouched and nothing else is left in the parent folder
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]
-    # and an existing folder is never replaced silently
-    assert main(cli_args(data, out, 64, "best-fit")) == 1
+    # and an existing folder is never replaced silently (a usage error)
+    assert main(cli_args(data, out, 64, "best-fit")) == 2
 
 
 # Lines where a strict parser and the stdlib's json may disagree: the stdlib's verdict must win.

@@ -240,9 +240,11 @@ def test_mftdata_argument_and_path_errors(offline, tmp_path):
         data(offline, micro_batch_size=2, dp_size=2, global_batch_size=6)
     with pytest.raises(ValueError, match="dp_rank 2 not in"):
         data(offline, dp_rank=2, dp_size=2)
-    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+    from megatron_mft.errors import UsageError
+
+    with pytest.raises(UsageError, match="no manifest.json"):  # a config error: exit 2
         data(tmp_path)
-    with pytest.raises(ValueError, match="< the preprocessed seq_length"):
+    with pytest.raises(UsageError, match="< the preprocessed seq_length"):
         data(offline, seq_length=512)
     cfg = DataConfig(path="", seq_length=4, val_ratio=1.5, source="online")
     assert len(cfg.validate()) == 4 and all(p.startswith("data.") for p in cfg.validate())

@@ -139,11 +139,14 @@ def test_result_transport_round_trip_is_exact(vocab_size, n):
     assert packed[0].dtype == (np.uint16 if vocab_size <= 65536 else np.int32)
 
 
+@pytest.mark.parametrize("max_line_bytes", [1 << 20, 11])
 @pytest.mark.parametrize("content", [b"", b"a", b"a\n", b"\n\n\n", b"one\ntwo\n\nfour line is long\nfive",
                                      b"x" * 120 + b"\nshort\n" + b"y" * 30 + b"\n"])
-def test_chunks_cover_every_line_once(tmp_path, monkeypatch, content):
+def test_chunks_cover_every_line_once(tmp_path, monkeypatch, content, max_line_bytes):
     """Chunks are runs of whole lines within the line and byte budgets (a longer line alone),
-    numbered from 1, covering the file exactly (the main process finds line ends block-wise)."""
+    numbered from 1, covering the file exactly (the main process finds line ends block-wise); a
+    line over the byte limit is a chunk of its own that carries its length (bytes without the
+    newline) and is never read."""
     from megatron_mft.data import encode
     from megatron_mft.data.taskdir import TaskFiles
 
@@ -155,16 +158,20 @@ def test_chunks_cover_every_line_once(tmp_path, monkeypatch, content):
     if content.endswith(b"\n"):
         lines.pop()
     lines = lines or [b""]
-    chunks = list(encode._chunks([TaskFiles("t", [str(path)], [])]))
+    chunks = list(encode._chunks([TaskFiles("t", [str(path)], [])], max_line_bytes))
     got, next_line, pos = [], 1, 0
-    for t_idx, split, f, first_line, start, end in chunks:
+    for t_idx, split, f, first_line, start, end, too_long in chunks:
         assert (t_idx, split, f) == (0, "train", str(path)) and first_line == next_line and start == pos
         part = encode._chunk_lines(str(path), first_line, start, end)
         assert 1 <= len(part) <= 2 and (end - start <= 40 or len(part) == 1)
+        raw = content[start:end].split(b"\n")[0]
+        assert too_long == (len(raw) if len(raw) > max_line_bytes else 0)
+        assert not too_long or len(part) == 1
         got += [raw for _, raw in part]
         next_line, pos = first_line + len(part), end
     assert pos == len(content) and got == lines
-    assert encode._line_ends(str(path), block=3).tolist() == encode._line_ends(str(path)).tolist()
+    for a, b in zip(encode._line_ends(str(path), block=3), encode._line_ends(str(path))):
+        assert a.tolist() == b.tolist()
 
 
 def test_val_split_by_ratio_is_seeded(tmp_path):

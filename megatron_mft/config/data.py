@@ -39,6 +39,9 @@ class DataConfig:
     overlong: Literal["error", "drop", "truncate"] = "error"
     #: Online mode: skip bad lines (counted per reason) instead of failing on them.
     skip_bad_samples: bool = False
+    #: Online mode: a longer input line (bytes) is a bad line (line_too_long), rejected without
+    #: being read or parsed; the offline flag is preprocess_mft.py --max-line-bytes. 64 MiB.
+    max_line_bytes: int = 64 << 20
 
     def validate(self) -> list[str]:
         p = []
@@ -52,6 +55,8 @@ class DataConfig:
             p.append("data.tokenizer: required when data.source=online")
         if self.num_workers < 0:
             p.append("data.num_workers: must be >= 0")
+        if self.max_line_bytes < 1:
+            p.append("data.max_line_bytes: must be >= 1")
         if not self.template:
             p.append("data.template: required (a preset name such as mftcoder, or a .json file)")
         return p

@@ -23,6 +23,9 @@ from megatron_mft.data.tokenizer import load_tokenizer
 Overlong = Literal["error", "drop", "truncate"]
 #: Stop reading after this many errors: enough to see the pattern, not a wall of text.
 MAX_ERRORS = 50
+#: Default byte limit of one line: far above any real sample, far below what a stray multi-GB
+#: line would cost to parse and tokenize (tens of times its size in memory).
+MAX_LINE_BYTES = 64 << 20
 _CHUNK_LINES = 512
 _CHUNK_BYTES = 1 << 20
 
@@ -36,6 +39,8 @@ class EncodeSpec:
     seq_length: int
     mode: Mode = "sft"
     overlong: Overlong = "error"
+    #: a longer line (bytes, without its newline) is rejected as ``line_too_long`` without being read
+    max_line_bytes: int = MAX_LINE_BYTES
 
 
 @dataclass
@@ -108,15 +113,22 @@ def _chunk_lines(path: str, first_line: int, start: int, end: int) -> list[tuple
             for i, raw in enumerate(data.split(b"\n"), start=first_line)]
 
 
-def _encode_chunk(chunk: tuple[int, str, str, int, int, int]):
-    """-> (task, split, file, bytes read, packed, kept, bad). The chunk's samples come back as two
+def _encode_chunk(chunk: tuple[int, str, str, int, int, int, int]):
+    """-> (task, split, file, bytes read, packed, kept, bad). A chunk is a run of whole lines, or
+    (``too_long`` > 0) one line of that many bytes over the limit, which is not read at all.
+    The chunk's samples come back as two
     flat arrays, ids and loss mask, in compact form (``packed``, see :func:`_pack_arrays`);
     ``kept`` = (starts, ends, loss tokens) arrays of the kept samples' slices of them, in line
     order (loss tokens negated when the sample was truncated); ``bad`` = ``(line, reason,
     detail, dropped, raw text)`` for lines that are not samples (``dropped``: by ``--overlong
     drop``, else an error or, with ``--skip-bad-samples``, a rejection)."""
-    task, split, path, first_line, start, end = chunk
+    task, split, path, first_line, start, end, too_long = chunk
     assert _FORMATTER is not None and _SPEC is not None
+    if too_long:
+        none = np.zeros(0, np.int64)
+        detail = f"{too_long} bytes > --max-line-bytes / data.max_line_bytes {_SPEC.max_line_bytes}; not read"
+        return (task, split, path, end - start, _pack_arrays(np.zeros(0, np.int32), np.zeros(0, np.uint8), 0),
+                (none, none, none), [(first_line, Reason.LINE_TOO_LONG.value, detail, False, "")])
     good, bad = [], []
     for line_no, raw in _chunk_lines(path, first_line, start, end):
         try:
@@ -171,35 +183,56 @@ def _unpack_arrays(packed: tuple[np.ndarray, np.ndarray, int]) -> tuple[np.ndarr
 
 
 # --- main side ---------------------------------------------------------------------------
-def _line_ends(path: str, block: int = 64 << 20) -> np.ndarray:
-    """Byte offset one past each line of ``path`` (the last line may lack its newline), found
-    block by block: memory stays at one block plus 8 bytes per line, whatever the file size."""
+def _line_ends(path: str, block: int = 64 << 20) -> tuple[np.ndarray, np.ndarray]:
+    """Byte offset one past each line of ``path`` (the last line may lack its newline) and each
+    line's length without its newline, found block by block: memory stays at one block plus
+    16 bytes per line, whatever the file or line size."""
     ends, size = [], 0
-    with open(path, "rb") as f:
-        while data := f.read(block):
-            ends.append(np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10) + (size + 1))
-            size += len(data)
+    try:
+        with open(path, "rb") as f:
+            while data := f.read(block):
+                ends.append(np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10) + (size + 1))
+                size += len(data)
+    except OSError as e:
+        raise DataError([f"{path}: cannot read ({e.strerror or e})"]) from None
     line_ends = np.concatenate(ends) if ends else np.zeros(0, np.int64)
+    lengths = np.diff(line_ends, prepend=0) - 1
     if not len(line_ends) or line_ends[-1] != size:
+        lengths = np.append(lengths, size - (line_ends[-1] if len(line_ends) else 0))
         line_ends = np.append(line_ends, size)
-    return line_ends
+    return line_ends, lengths
 
 
-def _chunks(tasks: list[TaskFiles]) -> Iterator[tuple[int, str, str, int, int, int]]:
-    """(task, split, file, first line number, byte start, byte end) of runs of whole lines: the
-    main process only finds line boundaries; workers read and parse the bytes themselves."""
+def _chunks(tasks: list[TaskFiles], max_line_bytes: int) -> Iterator[tuple[int, str, str, int, int, int, int]]:
+    """(task, split, file, first line number, byte start, byte end, too_long) of runs of whole
+    lines: the main process only finds line boundaries; workers read and parse the bytes
+    themselves. A line over ``max_line_bytes`` is a chunk of its own with ``too_long`` = its
+    length, which no worker reads."""
     for t_idx, t in enumerate(tasks):
         for split, files in (("train", t.train), ("val", t.val)):
             for path in files:
-                line_ends = _line_ends(path)
+                line_ends, lengths = _line_ends(path)
+                long_lines = np.flatnonzero(lengths > max_line_bytes).tolist() + [len(line_ends)]
+                k = 0  # next long line
                 first = 0  # index of the chunk's first line
                 while first < len(line_ends):
                     start = int(line_ends[first - 1]) if first else 0
-                    last = min(first + _CHUNK_LINES, len(line_ends))
+                    if first == long_lines[k]:
+                        yield t_idx, split, path, first + 1, start, int(line_ends[first]), int(lengths[first])
+                        first, k = first + 1, k + 1
+                        continue
+                    last = min(first + _CHUNK_LINES, long_lines[k])
                     # fewer lines if they exceed the byte budget, but always at least one
                     last = max(first + 1, min(last, int(np.searchsorted(line_ends, start + _CHUNK_BYTES, "right"))))
-                    yield t_idx, split, path, first + 1, start, int(line_ends[last - 1])
+                    yield t_idx, split, path, first + 1, start, int(line_ends[last - 1]), 0
                     first = last
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError as e:
+        raise DataError([f"{path}: cannot read ({e.strerror or e})"]) from None
 
 
 def encode_tasks(
@@ -218,7 +251,7 @@ def encode_tasks(
     out = [EncodedTask(t) for t in tasks]
     issues: list[Issue] = []
     errors = 0
-    total_bytes = sum(os.path.getsize(f) for t in tasks for f in t.train + t.val)
+    total_bytes = sum(_size(f) for t in tasks for f in t.train + t.val)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -234,10 +267,10 @@ def encode_tasks(
             pool = mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(spec,))
         finally:
             gc.unfreeze()
-        results = pool.imap(_encode_chunk, _chunks(tasks), chunksize=1)
+        results = pool.imap(_encode_chunk, _chunks(tasks, spec.max_line_bytes), chunksize=1)
     else:
         _init_worker(spec)
-        results = map(_encode_chunk, _chunks(tasks))
+        results = map(_encode_chunk, _chunks(tasks, spec.max_line_bytes))
     try:
         for t_idx, split, path, nbytes, packed, (starts, ends, loss), bad in results:
             flat_ids, flat_mask = _unpack_arrays(packed)
@@ -278,3 +311,23 @@ def encode_tasks(
         )
     formatter = ChatFormatter(spec.template, load_tokenizer(spec.tokenizer), spec.mode)
     return Encoded(out, issues, formatter.marker_ids)
+
+
+def task_warnings(encoded: Encoded) -> list[str]:
+    """Tasks that will not train as the data folder suggests: no samples at all (an empty file,
+    every line skipped or dropped), or names equal but for case (they collide on case-insensitive
+    file systems and are easily confused in metrics). Warnings, not errors: the other tasks train."""
+    out = []
+    by_folded: dict[str, list[str]] = {}
+    for t in encoded.tasks:
+        by_folded.setdefault(t.files.name.casefold(), []).append(t.files.name)
+        c = t.counts
+        if c.samples == 0:
+            lost = ", ".join(f"{n} {what}" for n, what in ((c.rejected, "rejected"), (c.dropped, "dropped")) if n)
+            out.append(f"task {t.files.name!r}: 0 samples ({lost or 'its files hold no lines'}); "
+                       f"it takes no part in training or validation")
+    for names in by_folded.values():
+        if len(names) > 1:
+            out.append(f"tasks {', '.join(map(repr, names))} differ only in case: they collide on case-insensitive "
+                       f"file systems and in metric names read by people; rename one")
+    return out

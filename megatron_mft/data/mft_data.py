@@ -8,6 +8,7 @@ both sources (offline indexed files, online in-memory) share the sampler and the
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +16,13 @@ import numpy as np
 
 from megatron_mft.config.data import DataConfig
 from megatron_mft.data.collate import EMPTY_ROW, Row, collate, round_up, row_width
+from megatron_mft.data.outdir import MANIFEST, OUTPUT_FORMAT
+from megatron_mft.data.records import DataError
+from megatron_mft.data.taskdir import DataDirError
 from megatron_mft.data.sampler import EpochSampler, rank_micro_batches
 from megatron_mft.data.store import MemorySplit, SampleStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,24 +63,58 @@ class _Source:
     val: SampleStore
 
 
+def _manifest_problems(m) -> list[str]:
+    """What a readable manifest.json lacks for training (FORMAT.md section 3)."""
+    if not isinstance(m, dict):
+        return [f"must hold a JSON object, got {type(m).__name__}"]
+    p = []
+    if m.get("format") != OUTPUT_FORMAT:
+        p.append(f"format {m.get('format')!r}, expected {OUTPUT_FORMAT!r}")
+    if not isinstance(m.get("seq_length"), int):
+        p.append("'seq_length' missing or not an integer")
+    tok = m.get("tokenizer")
+    if not isinstance(tok, dict) or not all(isinstance(tok.get(k), int) for k in ("vocab_size", "eos_id", "pad_id")):
+        p.append("'tokenizer' missing or without integer vocab_size, eos_id, pad_id")
+    tasks = m.get("tasks")
+    names = []
+    if isinstance(tasks, list) and tasks and all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in tasks):
+        names = [t["name"] for t in tasks]
+    else:
+        p.append("'tasks' missing or not a list of {name, ...} objects")
+    splits = m.get("splits")
+    val = splits.get("val") if isinstance(splits, dict) else None
+    packs = val.get("task_packs") if isinstance(val, dict) else None
+    if not isinstance(packs, dict) or any(not (isinstance(packs.get(n), list) and len(packs[n]) == 2) for n in names):
+        p.append("'splits.val.task_packs' missing or without a [first, end) pair per task")
+    return p
+
+
 def _open_offline(cfg: DataConfig) -> _Source:
     root = Path(cfg.path)
-    mf = root / "manifest.json"
+    mf = root / MANIFEST
     if not mf.is_file():
-        raise FileNotFoundError(
-            f"data.path {cfg.path}: no manifest.json (run tools/preprocess/preprocess_mft.py, or set data.source=online)"
-        )
-    manifest = json.loads(mf.read_text(encoding="utf-8"))
+        raise DataDirError(f"data.path {cfg.path}: no {MANIFEST} (run tools/preprocess/preprocess_mft.py, "
+                           f"or set data.source=online for a raw task folder)")
+    redo = "the preprocessed folder is damaged; run tools/preprocess/preprocess_mft.py again (--overwrite)"
+    try:
+        manifest = json.loads(mf.read_bytes())
+    except (OSError, ValueError) as e:
+        raise DataError([f"{mf}: not valid JSON ({e}); {redo}"]) from None
+    problems = _manifest_problems(manifest)
+    if problems:
+        raise DataError([f"{mf}: " + "; ".join(problems) + f"; {redo}"])
     if manifest["seq_length"] > cfg.seq_length:
-        raise ValueError(
+        raise DataDirError(
             f"data.seq_length {cfg.seq_length} < the preprocessed seq_length {manifest['seq_length']} of {cfg.path}"
         )
     from megatron_mft.data.indexed import IndexedSplit
-    return _Source(manifest, IndexedSplit(root, "train"), IndexedSplit(root, "val"))
+
+    vocab, n_tasks = manifest["tokenizer"]["vocab_size"], len(manifest["tasks"])
+    return _Source(manifest, IndexedSplit(root, "train", vocab, n_tasks), IndexedSplit(root, "val", vocab, n_tasks))
 
 
 def _build_online(cfg: DataConfig, seed: int) -> _Source:
-    from megatron_mft.data.encode import EncodeSpec, encode_tasks
+    from megatron_mft.data.encode import EncodeSpec, encode_tasks, task_warnings
     from megatron_mft.data.plan import plan_splits
     from megatron_mft.data.taskdir import discover_tasks
     from megatron_mft.data.template import load_template
@@ -83,13 +123,15 @@ def _build_online(cfg: DataConfig, seed: int) -> _Source:
     tasks = discover_tasks(cfg.path)
     tok = load_tokenizer(cfg.tokenizer)
     template = load_template(cfg.template)
-    spec = EncodeSpec(cfg.tokenizer, template, cfg.seq_length, cfg.mode, cfg.overlong)
+    spec = EncodeSpec(cfg.tokenizer, template, cfg.seq_length, cfg.mode, cfg.overlong, cfg.max_line_bytes)
     # workers fork like torch DataLoader workers do; they only run the tokenizer (no torch, no CUDA)
     encoded = encode_tasks(tasks, spec, workers=max(cfg.num_workers, 1), skip_bad_samples=cfg.skip_bad_samples)
+    for w in task_warnings(encoded):
+        log.warning("data.path %s: %s", cfg.path, w)
     packing = "none" if cfg.batching == "dynamic" else cfg.packing
     train, val = plan_splits(encoded, seq_length=cfg.seq_length, packing=packing, val_ratio=cfg.val_ratio, seed=seed)
     if not train.samples:
-        raise ValueError(f"data.path {cfg.path}: no usable training samples")
+        raise DataError([f"data.path {cfg.path}: no usable training samples"])
     manifest = {
         "format": "megatron-mft/online",
         "mode": cfg.mode,

@@ -1,8 +1,9 @@
 """Offline preprocessing: raw task folders -> packed indexed datasets + manifest + stats.
 
 Runs top to bottom: discover tasks, tokenize (several processes), split, pack, write. All
-output goes to a temporary sibling folder that is renamed into place only at the very end, so
-an error (bad input, interrupt) never leaves a partial output folder behind.
+output goes to a temporary sibling folder that is swapped into place only at the very end, so
+an error (bad input, interrupt) never leaves a partial output folder behind, and an existing
+folder is replaced only when it is an earlier output of this tool (``outdir``).
 """
 
 from __future__ import annotations
@@ -10,23 +11,22 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 import json
-import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_mft.data.encode import EncodeSpec, Encoded, encode_tasks
+from megatron_mft.data.encode import MAX_LINE_BYTES, EncodeSpec, Encoded, encode_tasks, task_warnings
+from megatron_mft.data.outdir import OUTPUT_FORMAT, output_dir_problems, swap_into_place, temp_dir_for
 from megatron_mft.data.packing import PACKERS, padding_ratio
 from megatron_mft.data.plan import SplitPlan, plan_splits
 from megatron_mft.data.records import DataError
 from megatron_mft.data.store import MemorySplit
-from megatron_mft.data.taskdir import DataDirError, discover_tasks
+from megatron_mft.data.taskdir import discover_tasks
 from megatron_mft.data.template import TEMPLATES, load_template
-from megatron_mft.data.tokenizer import TokenizerError, load_tokenizer
-
-FORMAT_VERSION = "megatron-mft/packed-v1"
+from megatron_mft.data.tokenizer import load_tokenizer
+from megatron_mft.errors import UsageError, UserError, command
 
 
 @dataclass
@@ -45,6 +45,7 @@ class PreprocessArgs:
     val_ratio: float = 0.05
     overwrite: bool = False
     progress: bool = True
+    max_line_bytes: int = MAX_LINE_BYTES
 
     def problems(self) -> list[str]:
         p = []
@@ -60,10 +61,9 @@ class PreprocessArgs:
             p.append(f"--overlong {self.overlong}: expected error, drop or truncate")
         if not 0.0 <= self.val_ratio < 1.0:
             p.append(f"--val-ratio {self.val_ratio}: must be in [0, 1)")
-        out = Path(self.output_dir)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not self.overwrite:
-            p.append(f"--output-dir {out}: exists and is not empty (pass --overwrite to replace it)")
-        return p
+        if self.max_line_bytes < 1:
+            p.append(f"--max-line-bytes {self.max_line_bytes}: must be >= 1")
+        return p + output_dir_problems(self.output_dir, self.data_dir, self.tokenizer_model, self.overwrite)
 
 
 def _task_stats(encoded: Encoded, train: SplitPlan, val: SplitPlan) -> dict:
@@ -99,7 +99,7 @@ def _split_stats(plan: SplitPlan, seq_length: int) -> dict:
 def build_manifest(args: PreprocessArgs, tok_identity: dict, template, encoded: Encoded,
                    train: SplitPlan, val: SplitPlan, dtypes: dict) -> dict:
     return {
-        "format": FORMAT_VERSION,
+        "format": OUTPUT_FORMAT,
         "mode": args.mode,
         "seq_length": args.seq_length,
         "packing": args.packing,
@@ -122,17 +122,23 @@ def build_manifest(args: PreprocessArgs, tok_identity: dict, template, encoded: 
 
 
 def preprocess(args: PreprocessArgs) -> dict:
-    """Build the output folder; return the stats. Raises DataError/TokenizerError/ValueError."""
+    """Build the output folder; return the stats (its ``warnings`` also go to stderr). Raises
+    ``UsageError`` for bad arguments (a data folder, tokenizer or template that cannot be used, an
+    output folder that may not be replaced) and ``UserError`` (e.g. ``DataError``) otherwise."""
     problems = args.problems()
     if problems:
-        raise ValueError("\n".join(problems))
+        raise UsageError("\n".join(problems))
     t0 = time.perf_counter()
     tasks = discover_tasks(args.data_dir)
     tok = load_tokenizer(args.tokenizer_model)
     template = load_template(args.template)
-    spec = EncodeSpec(args.tokenizer_model, template, args.seq_length, args.mode, args.overlong)  # type: ignore[arg-type]
+    spec = EncodeSpec(args.tokenizer_model, template, args.seq_length, args.mode, args.overlong,  # type: ignore[arg-type]
+                      args.max_line_bytes)
     encoded = encode_tasks(tasks, spec, workers=args.workers, skip_bad_samples=args.skip_bad_samples,
                            progress=args.progress)
+    warnings = task_warnings(encoded)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     t_tokenized = time.perf_counter()
     train, val = plan_splits(encoded, seq_length=args.seq_length, packing=args.packing,
                              val_ratio=args.val_ratio, seed=args.seed)
@@ -146,10 +152,13 @@ def preprocess(args: PreprocessArgs) -> dict:
     import_seconds = time.perf_counter() - t_import
 
     out = Path(args.output_dir).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = temp_dir_for(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise UserError(f"--output-dir {args.output_dir}: cannot create {e.filename or tmp} ({e.strerror or e})") from None
     try:
         for name, plan in (("train", train), ("val", val)):
             indexed.write_split(tmp, name, MemorySplit(plan.samples, plan.tasks, plan.uids, plan.packs),
@@ -188,24 +197,23 @@ def preprocess(args: PreprocessArgs) -> dict:
             "phase_seconds": {"tokenize": round(t_tokenized - t0, 3), "pack": round(t_packed - t_tokenized, 3),
                               "write": round(t_written - t_packed - import_seconds, 3)},
             "tokens_per_s": round(total_tokens / elapsed, 1) if elapsed > 0 else 0.0,
+            "warnings": warnings,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
-        _swap_into_place(tmp, out)
+        # checked again: the folder may have changed (a user's file put in it) since the start
+        problems = output_dir_problems(args.output_dir, args.data_dir, args.tokenizer_model, args.overwrite)
+        if problems:
+            raise UsageError("\n".join(problems))
+        swap_into_place(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"--output-dir {args.output_dir}: writing failed at {e.filename or tmp} "
+                        f"({e.strerror or e}); the previous contents, if any, are unchanged") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return stats
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,24 +238,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default="mftcoder", help=f"one of {', '.join(TEMPLATES)} or a .json file")
     p.add_argument("--val-ratio", type=float, default=0.05,
                    help="held-out share per task that has no validation files")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output-dir if it is an earlier output of this tool (never the data or tokenizer)")
+    p.add_argument("--max-line-bytes", type=int, default=MAX_LINE_BYTES,
+                   help="a longer input line is rejected (line_too_long) without being read; default 64 MiB")
     p.add_argument("--no-progress", action="store_true")
+    p.epilog = "Errors exit 2 (arguments) or 1 (data, files); --debug or MFT_DEBUG=1 shows the traceback."
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+@command
+def main(argv: list[str]) -> int:
     ns = build_parser().parse_args(argv)
     args = PreprocessArgs(
         data_dir=ns.data_dir, tokenizer_model=ns.tokenizer_model, seq_length=ns.seq_length, packing=ns.packing,
         output_dir=ns.output_dir, workers=ns.workers, seed=ns.seed, mode=ns.mode,
         skip_bad_samples=ns.skip_bad_samples, overlong=ns.overlong, template=ns.template,
         val_ratio=ns.val_ratio, overwrite=ns.overwrite, progress=not ns.no_progress,
+        max_line_bytes=ns.max_line_bytes,
     )
-    try:
-        stats = preprocess(args)
-    except (DataError, DataDirError, TokenizerError, ValueError) as e:
-        print(f"preprocess_mft: error:\n{e}", file=sys.stderr)
-        return 1
+    stats = preprocess(args)
     s = stats["splits"]
     print(
         f"wrote {args.output_dir}: {len(stats['tasks'])} tasks, {stats['samples']} samples "

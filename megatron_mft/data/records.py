@@ -15,6 +15,8 @@ import json
 from enum import Enum
 from typing import NamedTuple
 
+from megatron_mft.errors import UserError
+
 try:  # optional: a strict JSON parser ~2x faster than the stdlib's; the stdlib decides every failure
     from orjson import loads as _strict_loads
 except ImportError:  # pragma: no cover - orjson is in requirements.txt
@@ -31,6 +33,8 @@ class Reason(str, Enum):
     EMPTY_ANSWER = "empty_answer"
     NO_BOT_TURN = "no_bot_turn"
     OVERLONG = "overlong"
+    #: longer than the byte limit (--max-line-bytes / data.max_line_bytes): rejected unread
+    LINE_TOO_LONG = "line_too_long"
 
 
 class RecordError(ValueError):
@@ -168,8 +172,9 @@ def parse_line(raw: bytes) -> Record | None:
     )
 
 
-class DataError(ValueError):
-    """Unusable input data: one message per problem, each naming ``file:line`` where it can."""
+class DataError(UserError, ValueError):
+    """Unusable input or preprocessed data: one message per problem, each naming ``file:line`` or
+    the damaged file (exit 1)."""
 
     def __init__(self, problems: list[str]):
         self.problems = problems

@@ -6,21 +6,28 @@ Convention (documented in FORMAT.md):
                                     the task, or whose file stem has ``val``/``valid``/``validation``/
                                     ``dev`` as a word (``val.jsonl``, ``foo_val.jsonl``, ``val-1.jsonl``)
   otherwise                         the task is split by ``val_ratio`` (seeded, per task)
+  skipped                           folders starting with ``.`` or ``_`` (at any depth) and folders
+                                    holding a preprocessing output (its manifest.json), so an output
+                                    written inside the data folder is never read back as data
 Why names, not flags: a data directory should describe itself so every run splits it the same way.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from megatron_mft.data.outdir import is_output_dir
+from megatron_mft.errors import UsageError
 
 _VAL_DIRS = {"val", "valid", "validation", "dev"}
 _VAL_STEM = re.compile(r"(^|[._-])(val|valid|validation|dev)([._-]|$)", re.IGNORECASE)
 
 
-class DataDirError(ValueError):
-    pass
+class DataDirError(UsageError, ValueError):
+    """An unusable ``--data-dir`` / ``data.path`` (exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -41,14 +48,54 @@ def is_val_file(relpath: Path) -> bool:
     return bool(_VAL_STEM.search(relpath.stem))
 
 
+def _shown(path: str | Path) -> str:
+    """A path for a message, undecodable bytes as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _not_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return False
+    except UnicodeEncodeError:  # os.fsdecode's surrogate escapes of undecodable bytes
+        return True
+
+
+def _skipped(name: str) -> bool:
+    return name.startswith((".", "_"))
+
+
+def _jsonl_files(task_dir: Path, problems: list[str]) -> list[Path]:
+    """The task's .jsonl files, sorted, without hidden folders and preprocessing outputs."""
+    found = []
+    for here, dirs, files in os.walk(task_dir, onerror=lambda e: problems.append(f"{_shown(e.filename)}: "
+                                                                                  f"cannot list ({e.strerror})")):
+        dirs[:] = [d for d in dirs if not _skipped(d) and not is_output_dir(Path(here) / d)]
+        for name in files:
+            path = Path(here) / name
+            if name.endswith(".jsonl") and path.is_file():
+                if _not_utf8(str(path)):
+                    problems.append(f"{_shown(path)}: file name is not valid UTF-8; rename it")
+                else:
+                    found.append(path)
+    return sorted(found)
+
+
 def discover_tasks(data_dir: str | Path) -> list[TaskFiles]:
     root = Path(data_dir)
     if not root.is_dir():
-        raise DataDirError(f"--data-dir {data_dir}: not a directory")
+        raise DataDirError(f"data folder {data_dir}: not a folder")
     tasks = []
-    problems = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
-        files = sorted(f for f in sub.rglob("*.jsonl") if f.is_file())
+    problems: list[str] = []
+    try:
+        subs = sorted(p for p in root.iterdir() if p.is_dir() and not _skipped(p.name) and not is_output_dir(p))
+    except OSError as e:
+        raise DataDirError(f"data folder {data_dir}: cannot list ({e.strerror})") from None
+    for sub in subs:
+        if _not_utf8(sub.name):
+            problems.append(f"{_shown(sub)}: task folder name is not valid UTF-8; rename it")
+            continue
+        files = _jsonl_files(sub, problems)
         if not files:
             problems.append(f"{sub}: task folder has no .jsonl files")
             continue

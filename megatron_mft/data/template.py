@@ -24,6 +24,7 @@ import numpy as np
 
 from megatron_mft.data.records import Record, Turn
 from megatron_mft.data.tokenizer import Tokenizer, TokenizerError
+from megatron_mft.errors import UsageError
 
 Mode = Literal["sft", "pretrain"]
 
@@ -53,18 +54,44 @@ TEMPLATES: dict[str, ChatTemplate] = {
 }
 
 
+class TemplateError(UsageError, ValueError):
+    """A ``--template`` / ``data.template`` that cannot be used (exit 2)."""
+
+
+def _field_problems(data: dict) -> list[str]:
+    """Each field of a template file must have its default's type (role_names: the three roles)."""
+    problems = [f"unknown field {k!r}" for k in sorted(set(data) - set(ChatTemplate.__dataclass_fields__))]
+    default = ChatTemplate()
+    for key, value in data.items():
+        want = getattr(default, key, None)
+        if key not in ChatTemplate.__dataclass_fields__ or want is None:
+            continue
+        if type(value) is not type(want):  # noqa: E721 - bool is not an int here
+            problems.append(f"{key!r} must be a {type(want).__name__}, got {type(value).__name__} {value!r}")
+        elif isinstance(want, dict) and (not {"system", "human", "bot"} <= set(value)
+                                         or not all(isinstance(v, str) for v in value.values())):
+            problems.append(f"{key!r} must map system, human and bot to strings, got {value!r}")
+    return problems
+
+
 def load_template(spec: str) -> ChatTemplate:
     """A preset name from ``TEMPLATES`` or a JSON file holding ``ChatTemplate`` fields."""
     if spec in TEMPLATES:
         return TEMPLATES[spec]
     p = Path(spec)
     if p.suffix == ".json" and p.is_file():
-        data = json.loads(p.read_text(encoding="utf-8"))
-        unknown = set(data) - set(ChatTemplate.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"template {spec}: unknown fields {sorted(unknown)}")
+        try:
+            data = json.loads(p.read_bytes())
+        except (OSError, ValueError) as e:
+            raise TemplateError(f"template {spec}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise TemplateError(f"template {spec}: must hold a JSON object of ChatTemplate fields, "
+                                f"got {type(data).__name__}")
+        problems = _field_problems(data)
+        if problems:
+            raise TemplateError(f"template {spec}: " + "; ".join(problems))
         return ChatTemplate(**data)
-    raise ValueError(f"template {spec!r}: not one of {', '.join(TEMPLATES)} and not a .json file")
+    raise TemplateError(f"template {spec!r}: not one of {', '.join(TEMPLATES)} and not a .json file")
 
 
 class ChatFormatter:

@@ -21,10 +21,11 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from megatron_mft.data import spm_proto
+from megatron_mft.errors import UsageError
 
 
-class TokenizerError(ValueError):
-    """A tokenizer path that cannot be loaded, with the reason."""
+class TokenizerError(UsageError, ValueError):
+    """A tokenizer path that cannot be loaded, with the reason (exit 2)."""
 
 
 def _sha256(path: Path) -> str:
@@ -230,7 +231,7 @@ class HFBackend:
 
         self._folder = Path(folder)
         self.path = str(folder)
-        spec = json.loads((self._folder / "tokenizer.json").read_text(encoding="utf-8"))
+        spec = _read_json(self._folder / "tokenizer.json")
         try:
             self.tok = _Tok.from_str(json.dumps(_no_prefix_space(spec)))
         except Exception as e:
@@ -275,7 +276,16 @@ class HFBackend:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """The JSON object in ``path`` ({} when there is no such file); a damaged one is named."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"{path}: not valid JSON, the file is damaged or truncated ({e})") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _no_prefix_space(spec: dict) -> dict:
