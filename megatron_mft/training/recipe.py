@@ -16,11 +16,13 @@ from megatron_mft.compat import setup_runtime
 from megatron_mft.config import RunConfig
 from megatron_mft.config.base import to_dict
 from megatron_mft.data import MFTData
+from megatron_mft.launch.env import read_dist_env
 from megatron_mft.loss import build_balancer, task_weights_in_force
 from megatron_mft.model import build_model_chunks, kernels_line
 from megatron_mft.training.metrics import MetricsLog, Timer, console_line, flop_count, peak_flops, peak_memory_gib
 from megatron_mft.training.optimizer import build_optimizer, build_scheduler, total_steps, wrap_ddp
 from megatron_mft.training.parallel import init_parallel, teardown
+from megatron_mft.training.preflight import check_against_data, check_run
 from megatron_mft.training.step import StepContext, evaluate, install_grad_finalizer, train_step
 
 log = logging.getLogger("megatron_mft")
@@ -49,26 +51,21 @@ class Recipe:
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         run = self.run_cfg
+        check_run(run, read_dist_env().world_size)  # paths, folders, process count: before anything is built
         self.env = setup_runtime()
         init_parallel(run.parallel, self.env, run.seed)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.env.cuda else torch.device("cpu")
 
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         mbs, gbs = run.train.micro_batch_size, run.train.global_batch_size
-        if gbs % (mbs * dp_size):
-            raise ValueError(f"train.global_batch_size {gbs} must be a multiple of micro_batch_size x data-parallel "
-                             f"size = {mbs} x {dp_size}")
         packed = run.data.batching == "packed"
         self.data = MFTData(run.data, seed=run.seed, micro_batch_size=mbs, global_batch_size=gbs,
                             dp_rank=dp_rank, dp_size=dp_size,
                             pad_to_multiple_of=run.parallel.tp if run.parallel.sp else 1,
                             fixed_seq_length=run.parallel.pp > 1 and not packed)
         self.task_names = list(self.data.task_names)
-        arch = run.model.arch()
-        if self.data.vocab_size > arch.vocab_size:
-            raise ValueError(f"tokenizer vocabulary ({self.data.vocab_size}) is larger than model.vocab_size "
-                             f"({arch.vocab_size}) of preset {run.model.preset}")
-        self.arch = arch
+        check_against_data(run, self.task_names, self.data.vocab_size)  # before the model is built
+        self.arch = run.model.arch()
         self.total_steps = total_steps(run, self.data.rows_per_epoch)
 
         self.ckpt_root = checkpoints_dir(self.out)
