@@ -43,14 +43,25 @@ def test_recompute_is_exact(single_process_group, demo_data, recompute):
 
 
 def test_kernels_line_is_read_off_the_built_model(single_process_group):
-    """The start-up kernels line names what the model uses: here the local spec with torch SDPA
-    attention, none of the CUDA fusions."""
+    """The start-up kernels line names what the model runs per batching mode: here the local
+    spec with torch SDPA attention, none of the CUDA fusions; a flash-enabled attention module
+    runs flash-attn only for packed batches on CUDA (dynamic padding goes to causal SDPA)."""
+    import dataclasses
+
     from megatron_mft.config import load_config
     from megatron_mft.model import build_model_chunks, kernels_line
+    from megatron_mft.model.specs import attention_kernel
     from megatron_mft.training.parallel import init_parallel
 
     cfg = load_config(None, ["data.path=/unused", "model.num_layers=2"])
     init_parallel(cfg.parallel, single_process_group, seed=1)
     chunks = build_model_chunks(cfg.model, cfg.parallel, single_process_group)
-    line = kernels_line(chunks, single_process_group)
-    assert line.endswith("kernels: torch SDPA attention"), line
+    line = kernels_line(chunks, single_process_group, packed=True)
+    assert line.endswith("kernels: torch SDPA (packed, block-diagonal causal) attention, torch RoPE tables"), line
+    line = kernels_line(chunks, single_process_group, packed=False)
+    assert line.endswith("kernels: torch SDPA (dynamic padding, causal) attention, torch RoPE tables"), line
+    attn = chunks[0].decoder.layers[0].self_attention.core_attention
+    attn.use_flash = True  # as built where flash-attn is importable
+    gpu = dataclasses.replace(single_process_group, cuda=True)
+    assert attention_kernel(attn, True, gpu) == "flash-attn varlen (packed)"
+    assert attention_kernel(attn, False, gpu) == "torch SDPA (dynamic padding, causal)"

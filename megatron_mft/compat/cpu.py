@@ -13,6 +13,11 @@ megatron-core hard-codes CUDA in a few ways that no config flag turns off
 to CPU and answers ``Tensor.type()`` in CUDA names; ``torch.cuda`` helpers that only
 synchronise or query become CPU no-ops; the RNG tracker uses the CPU generator. It is a no-op
 when ``torch.cuda.is_available()``, so GPU runs execute megatron-core untouched.
+
+Device-placement test mode (:func:`cuda_redirected_to`): the same redirects, but to a device that
+is *not* the CPU (``meta``). A model built under it with ``use_cpu_initialization=False`` holds
+on the CPU exactly the tensors that a GPU run would leave on the host, which is the class of
+bug a plain CPU run cannot see.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _CPU = torch.device("cpu")
+#: where "CUDA" tensors go: the CPU, or another device in the placement test mode
+_target = _CPU
 _lock = threading.Lock()
 _active = False
 _mode: "_CudaToCpuMode | None" = None
@@ -49,19 +56,22 @@ def _is_cuda(device) -> bool:
 
 
 class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrite CUDA device arguments to CPU; report tensor types with CUDA names."""
+    """Rewrite CUDA device arguments to the target device (CPU); report tensor types with CUDA
+    names."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if "device" in kwargs and _is_cuda(kwargs["device"]):
-            kwargs["device"] = _CPU
+            kwargs["device"] = _target
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
+            if name.startswith(f"torch.{_target.type}."):  # placement test mode
+                return "torch.cuda." + name[len(f"torch.{_target.type}."):]
             return _TYPE_NAMES.get(name, name)
         if func in (torch.Tensor.to,) and len(args) > 1 and _is_cuda(args[1]):
-            args = (args[0], _CPU) + tuple(args[2:])
+            args = (args[0], _target) + tuple(args[2:])
         if func is torch.Tensor.cuda:
-            return args[0]
+            return args[0] if _target == _CPU else args[0].to(_target)
         return func(*args, **kwargs)
 
 
@@ -114,7 +124,7 @@ class _NullStream(_NullEvent):
 
 def _patch_cuda_module() -> None:
     c = torch.cuda
-    c.current_device = lambda: _CPU
+    c.current_device = lambda: _target
     c.synchronize = lambda *a, **k: None
     c.empty_cache = lambda: None
     c.set_device = lambda *a, **k: None
@@ -144,3 +154,19 @@ def activate() -> bool:
         _active = True
     return True
 
+
+
+@contextlib.contextmanager
+def cuda_redirected_to(device: str | torch.device = "meta"):
+    """Device-placement test mode: while active, every CUDA allocation and move (megatron's
+    ``device=torch.cuda.current_device()``, ``.cuda()``, ``.to("cuda")``) lands on ``device``
+    instead of the CPU. Build a model here with ``use_cpu_initialization=False``: anything left
+    on the CPU would have stayed on the host on a GPU. Needs the shim active (CPU machine)."""
+    global _target
+    if not _active:
+        raise RuntimeError("cuda_redirected_to needs the CPU shim (activate() on a machine without CUDA)")
+    previous, _target = _target, torch.device(device)
+    try:
+        yield _target
+    finally:
+        _target = previous

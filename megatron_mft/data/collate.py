@@ -11,6 +11,7 @@ not looped per sample: a 128 x 4096 global batch holds thousands of samples.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -56,6 +57,18 @@ def row_width(rows: Sequence[Row], *, multiple: int = 1, pad_to: int | None = No
             raise ValueError(f"a row of {longest} tokens does not fit pad_to={pad_to}")
         return round_up(pad_to, multiple)
     return round_up(max(longest, 1), multiple)
+
+
+@functools.cache
+def _pin() -> bool:
+    return torch.cuda.is_available()
+
+
+def _host_tensor(a: np.ndarray) -> torch.Tensor:
+    """In page-locked memory when there is a GPU: only then is ``.to(device, non_blocking=True)``
+    an asynchronous copy (from pageable memory it is synchronous)."""
+    t = torch.from_numpy(a)
+    return t.pin_memory() if _pin() else t
 
 
 def collate(rows: Sequence[Row], width: int, pad_id: int) -> dict:
@@ -104,12 +117,12 @@ def collate(rows: Sequence[Row], width: int, pad_id: int) -> dict:
     cu = np.zeros(len(segs) + 1, dtype=np.int32)
     np.cumsum(segs, out=cu[1:])
     return {
-        "tokens": torch.from_numpy(tokens),
-        "labels": torch.from_numpy(labels),
-        "loss_mask": torch.from_numpy(loss_mask),
-        "task_ids": torch.from_numpy(task_ids),
-        "sample_ids": torch.from_numpy(sample_ids),
-        "position_ids": torch.from_numpy(position_ids),
-        "cu_seqlens": torch.from_numpy(cu),
+        "tokens": _host_tensor(tokens),
+        "labels": _host_tensor(labels),
+        "loss_mask": _host_tensor(loss_mask),
+        "task_ids": _host_tensor(task_ids),
+        "sample_ids": _host_tensor(sample_ids),
+        "position_ids": _host_tensor(position_ids),
+        "cu_seqlens": _host_tensor(cu),  # read on the host too (packed-sequence plan)
         "max_seqlen": int(segs.max()) if len(segs) else 0,
     }

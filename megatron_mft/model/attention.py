@@ -68,7 +68,7 @@ def plan_runs(cu_seqlens: list[int]) -> list[tuple[int, int, int]]:
 
 def build_packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int, device) -> MFTPackedSeqParams:
     cu_list = cu_seqlens.tolist()
-    cu = cu_seqlens.to(device=device, dtype=torch.int32)
+    cu = cu_seqlens.to(device=device, dtype=torch.int32, non_blocking=True)  # pinned by the loader
     return MFTPackedSeqParams(
         qkv_format="thd",
         cu_seqlens_q=cu,

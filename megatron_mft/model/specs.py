@@ -25,18 +25,40 @@ from megatron_mft.model.attention import PackedCoreAttention
 from megatron_mft.model.norm import NORMS
 
 
-def kernels_line(chunks: list, env: Environment) -> str:
-    """One log line naming the kernels the built model actually uses (read off its modules and
-    its TransformerConfig, so it cannot drift from the spec and builder choices)."""
+def attention_kernel(module, packed: bool, env: Environment) -> str | None:
+    """The kernel one core-attention module runs for this batching mode (None: not attention).
+    ``PackedCoreAttention`` calls flash-attn only for packed (THD) batches on CUDA; one sample
+    per row (dynamic padding) always goes to causal SDPA."""
+    if isinstance(module, PackedCoreAttention):
+        if packed and module.use_flash and env.cuda:
+            return "flash-attn varlen (packed)"
+        return "torch SDPA (packed, block-diagonal causal)" if packed else "torch SDPA (dynamic padding, causal)"
+    if type(module).__name__ == "TEDotProductAttention":
+        return f"TE attention ({'packed THD' if packed else 'SBHD, dynamic padding'})"
+    return None
+
+
+def rope_kernel(packed: bool) -> str:
+    """What megatron's fused-RoPE slot for this batching mode holds: TE's kernel, or the torch
+    tables of megatron_mft.model.rope (used when ``apply_rope_fusion`` is set)."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    fn = rope_utils.fused_apply_rotary_pos_emb_thd if packed else rope_utils.fused_apply_rotary_pos_emb
+    return "TE fused RoPE" if "transformer_engine" in getattr(fn, "__module__", "") else "torch RoPE tables"
+
+
+def kernels_line(chunks: list, env: Environment, *, packed: bool) -> str:
+    """One log line naming the kernels the built model actually runs for this batching mode
+    (``packed``: THD packs; else one sample per row), read off its modules and its
+    TransformerConfig, so it cannot drift from the spec and builder choices."""
     mods = [m for c in chunks for m in c.modules()]
     cfg = chunks[0].config
-    attention = sorted({"flash-attn varlen" if m.use_flash else "torch SDPA"
-                        for m in mods if isinstance(m, PackedCoreAttention)})
+    attention = sorted({k for k in (attention_kernel(m, packed, env) for m in mods) if k})
     on = {
         "transformer-engine layers": any(type(m).__module__.startswith("megatron.core.extensions.transformer_engine")
                                          for m in mods),
         **{f"{a} attention": True for a in attention},
-        "fused rope": cfg.apply_rope_fusion,
+        rope_kernel(packed): cfg.apply_rope_fusion,
         "fused bias+activation/dropout": cfg.bias_activation_fusion or cfg.bias_dropout_fusion,
         "gradient-accumulation fusion": cfg.gradient_accumulation_fusion,
         "fused Adam (TE or apex)": env.te or env.apex,

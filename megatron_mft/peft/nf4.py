@@ -61,6 +61,16 @@ class NF4Weight:
     def device(self) -> torch.device:
         return self.packed.device
 
+    def named_tensors(self):
+        """(name, tensor) of everything held: packed codes and the quantisation state (what the
+        device-placement check walks, see megatron_mft.model.placement)."""
+        s = self.state
+        items = [("packed", self.packed), ("absmax", s.absmax), ("code", s.code),
+                 ("offset", getattr(s, "offset", None))]
+        if getattr(s, "state2", None) is not None:
+            items += [("state2.absmax", s.state2.absmax), ("state2.code", s.state2.code)]
+        return [(n, t) for n, t in items if torch.is_tensor(t)]
+
     def numel(self) -> int:
         return self.shape.numel()
 
@@ -69,13 +79,7 @@ class NF4Weight:
 
     def nbytes(self) -> int:
         """Bytes actually held: packed codes, absmax codes, nested absmax, code books, offset."""
-        s = self.state
-        tensors = [self.packed, s.absmax, s.code]
-        if getattr(s, "offset", None) is not None:
-            tensors.append(s.offset)
-        if getattr(s, "state2", None) is not None:
-            tensors += [s.state2.absmax, s.state2.code]
-        return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+        return sum(t.numel() * t.element_size() for _, t in self.named_tensors())
 
     def __repr__(self) -> str:
         return f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"

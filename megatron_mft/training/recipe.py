@@ -18,7 +18,7 @@ from megatron_mft.config.base import to_dict
 from megatron_mft.data import MFTData
 from megatron_mft.launch.env import read_dist_env
 from megatron_mft.loss import build_balancer, task_weights_in_force
-from megatron_mft.model import build_model_chunks, kernels_line
+from megatron_mft.model import build_model_chunks, check_placement, kernels_line
 from megatron_mft.training.metrics import MetricsLog, Timer, console_line, flop_count, peak_flops, peak_memory_gib
 from megatron_mft.training.optimizer import build_optimizer, build_scheduler, total_steps, wrap_ddp
 from megatron_mft.training.parallel import init_parallel, teardown
@@ -83,7 +83,7 @@ class Recipe:
             self.peft = PeftPlan(run.peft, self.env)
             layer = self.peft.layer_spec(run.model)
         chunks = build_model_chunks(run.model, run.parallel, self.env, layer=layer)
-        _say(kernels_line(chunks, self.env))
+        _say(kernels_line(chunks, self.env, packed=packed))
         if skip_base:
             _say("resuming a full-model checkpoint: its weights replace the base, which is not loaded")
         else:
@@ -104,6 +104,9 @@ class Recipe:
         self.guard = PreemptionGuard(exit_duration_minutes=run.train.exit_duration_minutes)
         if latest is not None:
             self._resume(latest)
+        # every weight, buffer and NF4 code on the training device, or an error naming it now
+        # (instead of a device-mismatch kernel error deep in the first step)
+        check_placement(self.chunks, self.device)
         self.metrics = MetricsLog(self.out, enabled=_rank0(), tensorboard=run.train.tensorboard)
         if _rank0():
             self.out.mkdir(parents=True, exist_ok=True)

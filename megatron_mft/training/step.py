@@ -58,7 +58,11 @@ def model_inputs(batch: dict, ctx: StepContext) -> dict:
 
 
 def _batch_on_device(batch: dict, device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    """Tensors to ``device`` (asynchronous from the loader's pinned memory), except ``cu_seqlens``:
+    the packed-sequence plan is read from it on the host (a device copy would be read back, a sync
+    per micro batch) and ``build_packed_seq_params`` moves it itself."""
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) and k != "cu_seqlens" else v)
+            for k, v in batch.items()}
 
 
 def _loss_func(ctx: StepContext, stats, focal_stats, batch: dict, output_tensor: torch.Tensor):

@@ -101,7 +101,7 @@ def main() -> None:
     tflops = count.model / dt / world / 1e12
     peak = peak_flops(env.device_name)
     result = {
-        "device": env.device_name, "kernels": kernels_line(raw, env), "preset": args.preset,
+        "device": env.device_name, "kernels": kernels_line(raw, env, packed=True), "preset": args.preset,
         "layers": arch.num_layers, "seq": s, "micro_batch": b, "micro_batches": args.micro_batches,
         "tp": args.tp, "pp": args.pp, "dp": dp, "precision": str(chunks[0].config.params_dtype), "peft": args.peft,
         "step_s": dt, "tokens_per_s": tokens / dt, "tflops_per_gpu": tflops,

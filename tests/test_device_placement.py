@@ -1,0 +1,164 @@
+"""Device placement as on a GPU, checked on the CPU.
+
+The CPU shim normally turns every CUDA allocation into a CPU one, so a tensor created without a
+device looks right here and sits on the host of a GPU machine. In the placement test mode
+(``compat.cpu.cuda_redirected_to("meta")``) "the CUDA device" is ``meta`` instead: each model
+variant the recipe builds is built and prepared exactly as on CUDA (``use_cpu_initialization=
+False``, bf16, DDP, optimizer) and every parameter, buffer, plain tensor attribute (RoPE's
+``inv_freq``) and NF4 code must be on ``meta``. A forward and backward on ``meta`` then proves that
+nothing in a micro batch's step reads device data back to the host (meta tensors have no data:
+``.tolist()``/``.item()`` raise) or mixes host tensors into device kernels.
+
+Not covered here: the Transformer Engine spec (TE needs CUDA; ``tests/gpu/run_gpu_checks.sh``
+runs the same check on a GPU), vocabulary padding (it only pads at TP > 1, a multi-process
+layout; the padded embedding is built by the same megatron code path checked here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import pytest
+import torch
+
+VARIANTS = [("none", "sdpa"), ("none", "flash"), ("lora", "sdpa"), ("qlora", "sdpa"), ("qlora", "flash")]
+STAGES = {"first": (True, False), "middle": (False, False), "last": (False, True), "whole": (True, True)}
+
+
+@pytest.fixture(scope="module")
+def gpu_like(tp1_env):
+    """The environment of a CUDA machine with flash-attn and without TE/apex (what the GPU checks
+    run), so the builder takes every CUDA branch."""
+    return dataclasses.replace(tp1_env, cuda=True, te=False, flash_attn=True, apex=False,
+                               device_name="placement probe (CUDA mapped to meta)")
+
+
+def _config(method: str, backend: str, extra=()):
+    from megatron_mft.config import load_config
+
+    return load_config(None, ["data.path=/unused", "model.num_layers=2", f"model.attention_backend={backend}",
+                              f"peft.method={method}", "peft.rank=4", *extra])
+
+
+def _build(cfg, env, monkeypatch, stage="whole"):
+    """What Recipe.setup does to the model (base-weight loading aside): adapter spec, build,
+    PEFT prepare (freeze, adapters, NF4), DDP, optimizer."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_mft.model import build_model_chunks
+    from megatron_mft.training.optimizer import build_optimizer, wrap_ddp
+    from megatron_mft.training.step import install_grad_finalizer
+
+    first, last = STAGES[stage]
+    monkeypatch.setattr(ps, "is_pipeline_first_stage", lambda *a, **k: first)
+    monkeypatch.setattr(ps, "is_pipeline_last_stage", lambda *a, **k: last)
+    layer, plan = None, None
+    if cfg.peft.method != "none":
+        from megatron_mft.peft import PeftPlan
+
+        plan = PeftPlan(cfg.peft, env)
+        layer = plan.layer_spec(cfg.model)
+    chunks = build_model_chunks(cfg.model, cfg.parallel, env, layer=layer)
+    assert chunks[0].config.use_cpu_initialization is False
+    if plan is not None:
+        plan.prepare(chunks)
+    ddp = wrap_ddp(chunks, cfg)
+    install_grad_finalizer(ddp)
+    return ddp, build_optimizer(ddp, cfg)
+
+
+@pytest.mark.parametrize("stage", ["first", "middle", "last"])
+@pytest.mark.parametrize("method,backend", VARIANTS)
+def test_every_tensor_is_on_the_device(gpu_like, monkeypatch, method, backend, stage):
+    from megatron_mft.compat.cpu import cuda_redirected_to
+    from megatron_mft.model import misplaced_tensors
+    from megatron_mft.model.placement import model_tensors
+
+    with cuda_redirected_to("meta") as device:
+        chunks, _ = _build(_config(method, backend), gpu_like, monkeypatch, stage)
+        names = [n for n, _ in model_tensors(chunks)]
+        assert misplaced_tensors(chunks, device) == []
+    # the walk sees what it must (so an empty list above means something)
+    assert any(n.endswith("rotary_pos_emb.inv_freq") for n in names)
+    assert any(n.endswith("input_layernorm.weight") for n in names)
+    assert any(n.endswith("embedding.word_embeddings.weight") for n in names) == (stage == "first")
+    assert any(n.endswith("output_layer.weight") for n in names) == (stage == "last")
+    assert any(n.endswith("final_layernorm.weight") for n in names) == (stage == "last")
+    assert any(n.endswith("linear_qkv.weight.packed") for n in names) == (method == "qlora")
+    assert any(n.endswith("lora_A.weight") for n in names) == (method != "none")
+
+
+def test_te_spec_placement(gpu_like):
+    pytest.importorskip("transformer_engine", reason="Transformer Engine needs CUDA and is not installed on this "
+                        "machine; tests/gpu/run_gpu_checks.sh checks the TE-spec model on a GPU")
+    pytest.skip("the TE spec builds only on a real CUDA device (tests/gpu/run_gpu_checks.sh)")
+
+
+def test_flagship_shapes_qlora(gpu_like, monkeypatch):
+    """CodeLlama-34B-shaped layers (hidden 8192, GQA 64/8, ffn 22016, vocab 32000), QLoRA: on
+    ``meta`` this costs no memory."""
+    from megatron_mft.compat.cpu import cuda_redirected_to
+    from megatron_mft.model import misplaced_tensors
+
+    cfg = _config("qlora", "sdpa", ["model.preset=codellama-34b"])
+    with cuda_redirected_to("meta") as device:
+        chunks, _ = _build(cfg, gpu_like, monkeypatch)
+        assert chunks[0].module.config.hidden_size == 8192
+        assert misplaced_tensors(chunks, device) == []
+
+
+def test_check_placement_names_the_tensor(tp1_env):
+    """The recipe's end-of-setup check fails with the tensor's name and device."""
+    from megatron_mft.model import check_placement
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(2, 2, device="meta")
+            self.norm = torch.nn.LayerNorm(2)
+
+    block = Block()
+    with pytest.raises(RuntimeError, match=r"training device meta: norm\.weight on cpu, norm\.bias on cpu$"):
+        check_placement([block], torch.device("meta"))
+    block.norm.to("meta")
+    check_placement([block], torch.device("meta"))
+
+
+def _micro_batch(b: int, s: int, packed: bool) -> dict:
+    """Two samples per row when packed (one per row otherwise), host tensors as the loader gives."""
+    from megatron_mft.data.collate import Row, collate
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(b):
+        lengths = [s // 2, s - s // 2] if packed else [s - 3]
+        samples = [(torch.randint(3, 200, (n,), generator=g).numpy(), torch.ones(n, dtype=torch.uint8).numpy(), 0)
+                   for n in lengths]
+        rows.append(Row.of(samples))
+    return collate(rows, s, pad_id=0)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "dynamic"])
+def test_micro_batch_step_stays_on_the_device(gpu_like, monkeypatch, packed):
+    """Forward and backward of LoRA micro batches on ``meta``: no host read-back of device data
+    (packed-sequence plan built from the host batch), no host tensor in a device kernel."""
+    from megatron_mft.compat.cpu import cuda_redirected_to
+    from megatron_mft.loss import GlobalBatchStats
+    from megatron_mft.training.step import StepContext, _loss_func, run_schedule
+
+    cfg = _config("lora", "sdpa")
+    with cuda_redirected_to("meta") as device:
+        chunks, _ = _build(cfg, gpu_like, monkeypatch)
+        # megatron's fused bias-dropout-add / bias-SwiGLU go through torch.compile, which cannot
+        # trace meta tensors; their unfused forms run the same data movement
+        chunks[0].config.bias_dropout_fusion = chunks[0].config.bias_activation_fusion = False
+        chunks[0].config.finalize_model_grads_func = None  # collectives have no meta kernels
+        mbs = [_micro_batch(2, 64, packed) for _ in range(2)]
+        ctx = StepContext(loss_cfg=cfg.loss, task_names=["t"], device=device, packed=packed,
+                          task_weights=torch.ones(1, dtype=torch.float64, device=device))
+        stats = GlobalBatchStats.gather(mbs, 1, group=None)
+        reports = run_schedule(chunks, mbs, ctx, partial(_loss_func, ctx, stats, None), forward_only=False)
+        assert len(reports) == 2 and reports[0]["objective"].device == device
+        grads = [p.main_grad for c in chunks for p in c.parameters() if p.requires_grad]
+        assert grads and all(g.device == device for g in grads)
