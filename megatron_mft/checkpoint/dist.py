@@ -166,6 +166,23 @@ def _materialize_optimizer_state(optimizer) -> None:
                 p.grad = None
 
 
+def _load_sharded(template: dict, path: str | Path) -> dict:
+    """``dist_checkpointing.load`` of ``template``, except that module extra state
+    (``..._extra_state``, e.g. Transformer Engine's FP8 metadata) absent from the checkpoint is
+    skipped: checkpoints written by the local spec (CPU runs, ``convert hf-to-mcore``) have none,
+    yet a TE-spec model asks for it. Entries the checkpoint has and the model does not ask for
+    are not read, so the reverse direction (TE checkpoint, local model) needs nothing. Any other
+    absent entry is an error naming it."""
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    state, _, absent = dist_checkpointing.load(template, str(path), strict=StrictHandling.RETURN_UNEXPECTED)
+    needed = sorted(k for k in absent if not k.endswith("_extra_state"))
+    if needed:
+        raise RuntimeError(f"checkpoint {path} does not hold {len(needed)} entries this model needs: "
+                           f"{', '.join(needed[:8])}{' ...' if len(needed) > 8 else ''}")
+    return state
+
+
 def load_checkpoint(path: str | Path, chunks: list, optimizer=None, *, trainable_only: bool = False) -> dict:
     """Load into ``chunks`` (any TP/PP layout) and ``optimizer``; return the saved common state."""
     path = Path(path)
@@ -174,7 +191,7 @@ def load_checkpoint(path: str | Path, chunks: list, optimizer=None, *, trainable
         _materialize_optimizer_state(optimizer)
         template["optimizer"] = optimizer.sharded_state_dict(model_sharded_state_dict(chunks), is_loading=True,
                                                              metadata=OPTIMIZER_METADATA)
-    state = dist_checkpointing.load(template, str(path))
+    state = _load_sharded(template, path)
     for i, chunk in enumerate(chunks):
         key = "model" if len(chunks) == 1 else f"model{i}"
         _load_into(chunk, state[key], partial=trainable_only)
@@ -206,7 +223,7 @@ def load_model_weights(path: str | Path, chunks: list) -> None:
     template = model_sharded_state_dict(chunks)
     adapters = {n for c in chunks for n, _ in c.named_parameters() if ".lora_" in n}
     template = {k: {n: v for n, v in sd.items() if n not in adapters} for k, sd in template.items()}
-    state = dist_checkpointing.load(template, str(path))
+    state = _load_sharded(template, path)
     for i, chunk in enumerate(chunks):
         _load_into(chunk, state["model" if len(chunks) == 1 else f"model{i}"], partial=bool(adapters))
 

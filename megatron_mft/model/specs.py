@@ -92,7 +92,8 @@ def layer_spec(backend: str, normalization: str = "RMSNorm") -> ModuleSpec:
         module=PackedCoreAttention, params={"use_flash": backend == "flash"}
     )
     # The local spec maps norm keys onto TE's fused names for checkpoint compatibility with the
-    # TE spec; keep that so a checkpoint moves between GPU (TE) and CPU (local) runs.
+    # TE spec; keep that so a checkpoint moves between GPU (TE) and CPU (local) runs (TE's
+    # `_extra_state` entries, absent from local checkpoints, are skipped by the dist load).
     return spec
 
 
