@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_fixtures import DEMO_TOKENIZER, cli_args, hf_tokenizer_dir, write_jsonl  # noqa: E402
+from data_fixtures import DEMO_TOKENIZER, cli_args, hf_tokenizer_dir, run_cli, write_jsonl  # noqa: E402
 
 from megatron_mft.config.data import DataConfig  # noqa: E402
 from megatron_mft.data.preprocess import main  # noqa: E402
@@ -187,6 +187,18 @@ def test_template_json_with_wrong_types_is_a_usage_error(tmp_path, capsys, conte
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_prints_one_message_and_the_traceback_only_with_debug(tmp_path):
+    data = _data(tmp_path)
+    tpl = tmp_path / "tpl.json"
+    tpl.write_text('{"add_bos": 1}')
+    args = [*cli_args(data, tmp_path / "out", SEQ), "--template", str(tpl)]
+    p = run_cli(*args)
+    assert p.returncode == 2 and p.stderr.startswith(f"error: template {tpl}: 'add_bos' must be a bool"), p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    p = run_cli(*args, "--debug")
+    assert p.returncode == 2 and "Traceback" in p.stderr and "TemplateError" in p.stderr, p.stderr
+
+
 # --- item 3: damaged files ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
@@ -292,6 +304,20 @@ def test_empty_and_case_colliding_tasks_are_warned_and_recorded(tmp_path, capsys
     assert any("'skipped'" in w and "0 samples" in w and "2 rejected" in w for w in warnings)
     for w in warnings:
         assert f"warning: {w}" in err
+
+
+def test_empty_splits_and_empty_tasks_open_for_training(tmp_path, capsys):
+    """--val-ratio 0 writes empty val datasets (an empty .bin cannot be mmap'd) and an empty task
+    has no packs: both open, and training and validation batches come out."""
+    data = _data(tmp_path)
+    write_jsonl(data / "empty" / "train.jsonl", [])
+    out = tmp_path / "out"
+    assert _run(capsys, *cli_args(data, out, SEQ, "best-fit", "--val-ratio", "0"))[0] == 0
+    assert os.path.getsize(out / "val_tokens.bin") == 0
+    d = _open(out)
+    assert d.task_names == ["alpha", "beta", "empty"] and d.rows_per_epoch >= 1
+    assert int(d.train_micro_batches(0)[0]["loss_mask"].sum()) > 0
+    assert all(d.val_micro_batches(t) == [] for t in d.task_names)
 
 
 # --- item 5: the line byte limit ------------------------------------------------------------------
