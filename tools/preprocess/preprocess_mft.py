@@ -3,8 +3,9 @@
 
 python tools/preprocess/preprocess_mft.py --data-dir DIR --tokenizer-model PATH --seq-length N \
     --packing {none,next-fit,best-fit} --output-dir OUT [--workers K] [--seed S] [--mode {sft,pretrain}] \
-    [--skip-bad-samples] [--overlong {error,drop,truncate}]
-On-disk layout: megatron_mft/data/FORMAT.md. Exit code 1 on bad input (each line named file:line).
+    [--skip-bad-samples] [--overlong {error,drop,truncate}] [--max-line-bytes B] [--overwrite] [--debug]
+On-disk layout: megatron_mft/data/FORMAT.md. Exit code 2 for bad arguments, 1 for bad input (each line
+named file:line) or a failed read/write; --overwrite replaces only an earlier output of this tool.
 """
 
 import sys
