@@ -49,13 +49,11 @@ mft_sbatch_opt() {
   echo "${value:-$2}"
 }
 
-# Host names of a SLURM node list, one per line.
+# Host names of a SLURM node list, one per line: scontrol where it works, else the Python
+# expander (no scontrol in the container, or a client without a slurm.conf, as under DRY_RUN).
 mft_hostnames() {
-  if command -v scontrol >/dev/null 2>&1; then
-    scontrol show hostnames "$1"
-  else
-    "$PYTHON" -m megatron_mft.launch.hostnames "$1"
-  fi
+  command -v scontrol >/dev/null 2>&1 && scontrol show hostnames "$1" 2>/dev/null && return 0
+  "$PYTHON" -m megatron_mft.launch.hostnames "$1"
 }
 
 # Outside SLURM under DRY_RUN: the variables sbatch would set, from the #SBATCH lines.

@@ -43,7 +43,7 @@ def launched(stdout: str) -> list[str]:
 def test_there_are_scripts():
     names = {p.name for p in SCRIPTS}
     assert {"codellama34b_full.sh", "codellama34b_lora.sh", "codellama34b_qlora.sh", "codellama34b_qlora_1gpu.sh",
-            "llama2_70b_qlora.sh", "llama2_70b_qlora_1gpu.sh", "codellama34b_pretrain.sh"} <= names
+            "llama2_70b_qlora.sh", "llama2_70b_qlora_1gpu.sh", "codellama34b_pretrain.sh", "tiny_cpu.sh"} <= names
 
 
 @pytest.mark.parametrize("script", sorted((ROOT / "run_scripts").glob("*.sh")), ids=lambda p: p.name)
@@ -57,7 +57,10 @@ def test_dry_run_prints_a_launch_that_fits(script):
     opts = sbatch_opts(script)
     assert opts.get("signal", "").startswith("USR1@") and "requeue" in opts
     nodes, per_node = int(opts["nodes"]), int(opts["ntasks-per-node"])
-    assert int(opts["gpus-per-node"]) == per_node  # one task per GPU
+    if script.name == "tiny_cpu.sh":  # the CPU script: one core per task
+        assert "gpus-per-node" not in opts and opts["cpus-per-task"] == "1"
+    else:
+        assert int(opts["gpus-per-node"]) == per_node  # one task per GPU
 
     run = dry_run(script)
     assert run.returncode == 0, run.stderr
@@ -92,6 +95,18 @@ def test_dry_run_paths_node_list_and_overrides():
     assert ["output_dir=/o", "data.path=/d", "model.hf_init=/hf"] == cmd[cmd.index("--config") + 2:][:3]
     assert cmd[-2:] == ["train.steps=3", "seed=9"]
     assert not any(a.startswith("train.init_checkpoint=") for a in cmd)
+
+
+def test_dry_run_with_an_unconfigured_scontrol(tmp_path):
+    """SLURM's client installed without a configuration (a laptop, a container, CI before the
+    cluster fixture starts): `scontrol show hostnames` fails, the Python expander answers."""
+    fake = tmp_path / "scontrol"
+    fake.write_text("#!/bin/bash\necho 'scontrol: fatal: Could not establish a configuration source' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    run = dry_run(ROOT / "run_scripts" / "tiny_cpu.sh", PATH=f"{tmp_path}:{os.environ['PATH']}",
+                  SLURM_JOB_NODELIST="cpu[3-4]")
+    assert run.returncode == 0, run.stderr
+    assert f"on cpu[3-4]; rendezvous cpu3:{default_port('12345')}" in run.stdout
 
 
 def test_refuses_to_launch_outside_slurm():

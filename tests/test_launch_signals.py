@@ -10,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from train_helpers import free_port
+import pytest
+
+from train_helpers import env, free_port, read_metrics, train_command
 
 from megatron_mft.launch.signals import PreemptionGuard
 
@@ -89,3 +91,44 @@ def test_ranks_agree_on_the_stop_step():
         assert p.returncode == 0, err[-3000:]
         outs.append(json.loads(out.strip().splitlines()[-1]))
     assert outs[0] == outs[1] == [None, None, "SIGUSR1", "SIGUSR1"]
+
+
+def _wait_until_torch_is_loading(pid: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Past the entry point, long before the trainer's PreemptionGuard exists (it is made after
+    the model, data and optimizer): the process has mapped libtorch."""
+    maps = Path(f"/proc/{pid}/maps")
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            if "libtorch" in maps.read_text():
+                return
+        except OSError:
+            pass
+        time.sleep(0.01)
+    raise AssertionError(f"the trainer never loaded torch (exit {proc.poll()})")
+
+
+@pytest.mark.slow
+def test_sigusr1_during_start_up_stops_after_the_first_step(tmp_path, train_overrides):
+    """SLURM's time-limit warning (--signal=USR1@N) comes up to a minute early, and a start-up
+    that loads a large checkpoint takes minutes: a SIGUSR1 before the guard exists must not
+    kill the task (the default action), which failed the job instead of saving and requeueing
+    (seen with a real slurmctld, tests/slurm). It is kept: the run stops after step 1, saved."""
+    out, stop_file = tmp_path / "run", tmp_path / "stop_reason"
+    e = env(2)
+    e["MFT_STOP_FILE"] = str(stop_file)
+    proc = subprocess.Popen(train_command(train_overrides + [f"output_dir={out}", "train.steps=5"]), cwd=ROOT,
+                            env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_until_torch_is_loading(proc.pid, proc)
+        assert not (out / "metrics.jsonl").exists()
+        proc.send_signal(signal.SIGUSR1)
+        stdout, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{stdout[-3000:]}"
+    assert "stopping at step 1: SIGUSR1" in stdout
+    assert [r["step"] for r in read_metrics(out)] == [1]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000001"
+    assert stop_file.read_text().strip() == "SIGUSR1"  # what run_scripts/common.sh requeues on
