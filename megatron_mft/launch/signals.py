@@ -36,11 +36,32 @@ import threading
 import time
 import warnings
 
-__all__ = ["PreemptionGuard", "REASONS"]
+__all__ = ["PreemptionGuard", "REASONS", "catch_early"]
 
 #: Reason codes, ordered: the all-reduce MAX picks the highest when ranks disagree.
 REASONS = ("exit_duration", "SIGTERM", "SIGUSR1")
 _CODE = {r: i + 1 for i, r in enumerate(REASONS)}
+
+
+#: Signals recorded by :func:`catch_early` before a guard existed; the next guard adopts them.
+_EARLY: list[str] = []
+
+
+def _early_handler(signum, frame) -> None:
+    _EARLY.append(signal.Signals(signum).name)
+
+
+def catch_early(signals: tuple[str, ...] = ("SIGUSR1",)) -> None:
+    """Record these signals from now until a :class:`PreemptionGuard` takes them over.
+
+    SLURM sends the time-limit warning (``--signal=USR1@N``) up to a minute early, and a start-up
+    that loads a large checkpoint takes minutes: SIGUSR1's default action would kill the task
+    before the guard exists, and the job would fail instead of saving and requeueing. The
+    trainer calls this first thing (``megatron_mft.train``); main thread only.
+    """
+    if threading.current_thread() is threading.main_thread():
+        for name in signals:
+            signal.signal(getattr(signal, name), _early_handler)
 
 
 class PreemptionGuard:
@@ -78,7 +99,11 @@ class PreemptionGuard:
         for name in self.signal_names:
             sig = getattr(signal, name, None)
             if sig is not None and sig not in self._previous:
-                self._previous[sig] = signal.signal(sig, self._handler)
+                previous = signal.signal(sig, self._handler)
+                # catch_early's bridge is not restored: after the guard, the default applies
+                self._previous[sig] = signal.SIG_DFL if previous is _early_handler else previous
+        self._received.extend(_EARLY)  # signals that came before the guard (catch_early)
+        _EARLY.clear()
         return self
 
     def uninstall(self) -> None:
