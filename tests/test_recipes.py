@@ -21,8 +21,9 @@ from peft_memory import build_parser, estimates  # noqa: E402
 from step_flops import step_flops  # noqa: E402
 
 RECIPES = sorted((ROOT / "examples").glob("*.yaml"))
-FULL = ["codellama34b_full.yaml", "codellama34b_pretrain.yaml"]
-PEFT = ["codellama34b_lora.yaml", "codellama34b_qlora.yaml", "llama2_70b_qlora.yaml"]
+FULL = ["codellama34b_full.yaml", "codellama34b_pretrain.yaml", "starcoder2_15b_full.yaml"]
+PEFT = ["codellama34b_lora.yaml", "codellama34b_qlora.yaml", "llama2_70b_qlora.yaml", "qwen25_coder_32b_lora.yaml",
+        "deepseek_coder_33b_qlora.yaml", "llama31_70b_qlora.yaml"]
 CLUSTER = FULL + PEFT
 OVERHEAD_GB = 4  # "~4 GB" of CUDA context, NCCL buffers and allocator slack, as the headers say
 

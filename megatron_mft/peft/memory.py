@@ -29,11 +29,12 @@ GB = 1e9
 
 def target_shapes(arch: ArchSpec) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each target's full (unsharded) weight.
-    fc1 is SwiGLU's fused [gate; up] projection, hence 2f outputs."""
+    fc1 is SwiGLU's fused [gate; up] projection (2f outputs), or f for a plain GELU MLP."""
     h, f = arch.hidden_size, arch.ffn_hidden_size
     kv = arch.num_query_groups * arch.head_dim
     q = arch.num_attention_heads * arch.head_dim
-    return {"linear_qkv": (h, q + 2 * kv), "linear_proj": (q, h), "linear_fc1": (h, 2 * f), "linear_fc2": (f, h)}
+    fc1 = 2 * f if arch.gated else f
+    return {"linear_qkv": (h, q + 2 * kv), "linear_proj": (q, h), "linear_fc1": (h, fc1), "linear_fc2": (f, h)}
 
 
 def lora_params_per_layer(arch: ArchSpec, rank: int, targets: Sequence[str]) -> int:
@@ -115,11 +116,15 @@ def estimate_memory(arch: ArchSpec, *, method: str, rank: int, targets: Sequence
     # ---- parameters on the most loaded stage (first/last hold embedding / output layer)
     linear_all = sum(i * o for i, o in shapes.values())  # every linear of a layer
     linear_tgt = sum(shapes[x][0] * shapes[x][1] for x in targets)
-    per_layer_dense = (linear_all - (linear_tgt if method == "qlora" else 0)) / t + 2 * h
+    # biases and norms stay dense (num_params' per-layer total minus the linear weights)
+    final_norm = (2 if arch.normalization == "LayerNorm" else 1) * h
+    small = (arch.num_params() - V * h * (1 if arch.tied_embeddings else 2) - final_norm) // L - linear_all
+    per_layer_dense = (linear_all - (linear_tgt if method == "qlora" else 0)) / t + small
     per_layer_q = linear_tgt / t if method == "qlora" else 0
     emb = V * h / t
-    # p == 1: embedding, output layer and final norm on one GPU; else the last stage's share
-    ends = 2 * emb + h if p == 1 else emb + h
+    # p == 1: embedding, output layer (none when tied) and final norm on one GPU; else the last
+    # stage's share (a tied output layer is a copy of the embedding there)
+    ends = (1 if arch.tied_embeddings else 2) * emb + h if p == 1 else emb + h
     base = layers * (per_layer_dense * param_bytes + per_layer_q * NF4_BYTES_PER_PARAM) + ends * param_bytes
 
     adapter_local = 0.0
@@ -134,7 +139,7 @@ def estimate_memory(arch: ArchSpec, *, method: str, rank: int, targets: Sequence
 
     # ---- activations (elements per token per layer)
     hs = h / t if sp else h
-    none_layer = 2 * hs + (2 * h + 2 * kv) / t + 2 * f / t + rank * len(targets)
+    none_layer = 2 * hs + (2 * h + 2 * kv) / t + shapes["linear_fc1"][1] / t + rank * len(targets)
     none_layer += sum({"linear_qkv": hs, "linear_fc1": hs, "linear_fc2": f / t, "linear_proj": 0}[x] for x in targets)
     in_flight = p * (1 + (p - 1) / (p * vpp) if vpp and vpp > 1 else 1)
     if recompute == "full":
