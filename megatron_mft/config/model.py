@@ -50,4 +50,9 @@ class ModelConfig:
     def validate(self) -> list[str]:
         if self.preset not in PRESETS:
             return [f"model.preset: unknown preset {self.preset!r}; known: {', '.join(PRESETS)}"]
-        return [f"model.{p}" for p in self.arch().problems()]
+        problems = [f"model.{p}" for p in self.arch().problems()]
+        if self.attention_backend == "flash" and self.precision == "fp32":
+            problems.append("model.attention_backend: flash-attn computes only in fp16/bf16, but model.precision is "
+                            "fp32; use precision bf16 (or auto: bf16 on a GPU), or attention_backend sdpa or auto "
+                            "(auto never picks flash-attn for fp32)")
+        return problems

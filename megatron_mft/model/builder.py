@@ -98,7 +98,7 @@ def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, env: Enviro
     spec (PEFT passes a spec with adapter linears)."""
     arch = model.arch()
     cfg = transformer_config(arch, model, parallel, env)
-    backend = attention_backend(model.attention_backend, env)
+    backend = attention_backend(model, env)
     layer = layer or layer_spec(backend, arch.normalization)
     vpp = cfg.virtual_pipeline_model_parallel_size
     chunks = []

@@ -21,6 +21,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock, Transf
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mft.compat import Environment
+from megatron_mft.config import ModelConfig
 from megatron_mft.model.attention import PackedCoreAttention
 from megatron_mft.model.norm import NORMS
 
@@ -66,14 +67,20 @@ def kernels_line(chunks: list, env: Environment, *, packed: bool) -> str:
     return f"device={env.device_name} kernels: {', '.join(k for k, v in on.items() if v) or 'none'}"
 
 
-def attention_backend(requested: str, env: Environment) -> str:
-    """Resolve ``model.attention_backend`` ("auto" | "te" | "flash" | "sdpa") for this machine."""
-    if requested == "auto":
-        return "te" if env.te else ("flash" if env.flash_attn else "sdpa")
+def attention_backend(model: ModelConfig, env: Environment, *, local_only: bool = False) -> str:
+    """Resolve ``model.attention_backend`` ("auto" | "te" | "flash" | "sdpa") for this machine and
+    precision; ``local_only``: a backend of the local spec (PEFT's layers), flash or SDPA in place
+    of TE. flash-attn takes only fp16/bf16, so fp32 never gets it (an explicit ``flash`` with
+    ``fp32`` is refused by ``ModelConfig.validate``)."""
+    requested = model.attention_backend
     if requested == "te" and not env.te:
         raise RuntimeError("model.attention_backend=te but Transformer Engine is not usable here (needs CUDA + TE)")
     if requested == "flash" and not env.flash_attn:
         raise RuntimeError("model.attention_backend=flash but flash-attn is not installed (or no CUDA)")
+    if requested == "auto" or (requested == "te" and local_only):
+        if env.te and not local_only:
+            return "te"
+        return "flash" if env.flash_attn and model.precision != "fp32" else "sdpa"
     return requested
 
 

@@ -244,9 +244,7 @@ class PeftPlan:
         separate RMSNorm), whose checkpoint keys match TE's."""
         from megatron_mft.model.specs import attention_backend, layer_spec
 
-        backend = attention_backend(model.attention_backend, self.env)
-        if backend == "te":
-            backend = "flash" if self.env.flash_attn else "sdpa"
+        backend = attention_backend(model, self.env, local_only=True)
         return adapter_spec(layer_spec(backend, model.arch().normalization), self.cfg, self.quantized)
 
     def prepare(self, chunks, *, init_adapters: bool = True) -> None:
