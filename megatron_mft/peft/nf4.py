@@ -26,6 +26,33 @@ def _bnb_functional():
     return bnbf
 
 
+#: absmax values per block of the second (8-bit) quantisation
+NESTED_BLOCKSIZE = 256
+
+
+def _double_quantize(state, bnbf):
+    """QLoRA's double quantisation of the fp32 absmax values of ``state`` (one per block of 64):
+    minus their mean, in blocks of 256, each block scaled by its absmax and rounded to the
+    nearest value of the signed 8-bit dynamic map. Done here with torch ops (bucketize on the
+    map's midpoints, as bitsandbytes' pure-torch backend does) instead of bitsandbytes'
+    ``compress_statistics``: its CPU kernel (0.50.2) picks a neighbour of the nearest value for
+    about 1 block in 60 (tests/test_nf4_reference.py). The resulting state is bitsandbytes' own
+    nested QuantState, so ``dequantize_4bit`` reads it unchanged on any device."""
+    absmax = state.absmax.float()
+    offset = absmax.mean()
+    centred = absmax - offset
+    n = centred.numel()
+    blocks = -(-n // NESTED_BLOCKSIZE)
+    padded = torch.nn.functional.pad(centred, (0, blocks * NESTED_BLOCKSIZE - n)).view(blocks, NESTED_BLOCKSIZE)
+    absmax2 = padded.abs().amax(dim=1)  # zero padding never raises a block's max
+    scaled = (padded / absmax2.clamp_min(1e-38)[:, None]).clamp(-1, 1).reshape(-1)[:n]
+    code = bnbf.create_dynamic_map(signed=True).to(device=absmax.device, dtype=torch.float32)
+    q = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2).to(torch.uint8)
+    nested = bnbf.QuantState(absmax=absmax2, code=code, blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
+    return bnbf.QuantState(absmax=q, shape=state.shape, code=state.code, blocksize=state.blocksize,
+                           quant_type=state.quant_type, dtype=state.dtype, offset=offset, state2=nested)
+
+
 class NF4Weight:
     """A quantised weight shard. Not a Parameter (it is never trained); a module keeps it in the
     slot where megatron's linear keeps ``weight`` so the base forward passes it to
@@ -47,7 +74,8 @@ class NF4Weight:
             # Quantise the flat storage: blocks of 64 consecutive elements, as on CUDA. (On the
             # CPU, bitsandbytes 0.50.2 quantises a 2-D tensor whose rows are not a multiple of
             # 64 with 0.24 relative error instead of 0.09; flat input avoids it.)
-            packed, state = bnbf.quantize_4bit(src.reshape(-1), quant_type="nf4", compress_statistics=True)
+            packed, state = bnbf.quantize_4bit(src.reshape(-1), quant_type="nf4", compress_statistics=False)
+            state = _double_quantize(state, bnbf)
         return cls(packed, state, src.shape, src.dtype)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
