@@ -102,9 +102,12 @@ def _init_worker(spec: EncodeSpec) -> None:
 
 def _chunk_lines(path: str, first_line: int, start: int, end: int) -> list[tuple[int, bytes]]:
     """The lines of a byte range of ``path`` (read by the worker: no raw text is pickled)."""
-    with open(path, "rb") as f:
-        f.seek(start)
-        data = f.read(end - start)
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read(end - start)
+    except OSError as e:
+        raise DataError([f"{path}: cannot read ({e.strerror or e})"]) from None
     if start == 0 and data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     if data.endswith(b"\n"):

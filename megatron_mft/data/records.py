@@ -179,3 +179,6 @@ class DataError(UserError, ValueError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("\n".join(problems))
+
+    def __reduce__(self):  # multiprocessing re-raises errors of the task generator in a worker
+        return type(self), (self.problems,)
