@@ -157,6 +157,30 @@ def test_custom_problem_file_and_harness_failure_exit_code(tmp_path):
     assert p.returncode == 2 and f"{f}:2: invalid JSON" in p.stderr
 
 
+def test_known_completions_give_an_exact_pass_at_1(tmp_path):
+    """Eight problems whose 'solutions' pass or fail by construction: pass@1 = 5/8 exactly, and
+    every outcome is the known one."""
+    from megatron_mft.evaluate.humaneval import HumanEvalConfig, run_humaneval
+
+    base = {"prompt": "def inc(x):\n", "test": "def check(c):\n    assert c(1) == 2\n    assert c(-3) == -2\n",
+            "entry_point": "inc"}
+    bodies = {"ok-add": "    return x + 1\n", "ok-sub": "    return x - (-1)\n", "ok-sum": "    return sum([x, 1])\n",
+              "ok-helper": "    return _one() + x\ndef _one():\n    return 1\n", "ok-int": "    return int(x) + 1\n",
+              "wrong-value": "    return x + 2\n", "one-case-right": "    return 2\n",
+              "name-error": "    return y + 1\n"}
+    f = tmp_path / "known.jsonl"
+    f.write_text("".join(json.dumps({**base, "task_id": k, "canonical_solution": v}) + "\n" for k, v in bodies.items()))
+    rep = run_humaneval(HumanEvalConfig(check_harness=True, problems=str(f), out=str(tmp_path / "r.json"),
+                                        workers=2, sandbox=SandboxLimits(timeout_s=10.0)))
+    s = rep["summary"]
+    assert (s["pass@1"], s["passed"], s["n"]) == (0.625, 5, 8)
+    assert {r["task_id"]: r["result"] for r in rep["results"]} == {
+        **{k: "passed" for k in bodies if k.startswith("ok-")},
+        "wrong-value": "failed: AssertionError", "one-case-right": "failed: AssertionError",
+        "name-error": "failed: NameError: name 'y' is not defined"}
+    assert s["outcomes"] == {"passed": 5, "failed": 3}
+
+
 def test_missing_hf_dir_is_an_argument_error(tmp_path):
     p = cli("--hf-dir", str(tmp_path / "nope"), "--limit", "1")
     assert p.returncode == 2 and "--hf-dir" in p.stderr
@@ -210,7 +234,11 @@ def test_end_to_end_tiny_model_on_cpu(tmp_path):
     rep = json.loads(out.read_text())
     s = rep["summary"]
     assert s["n"] == 3 and len(rep["results"]) == 3
-    assert isinstance(s["pass@1"], float) and 0.0 <= s["pass@1"] <= 1.0
+    # pass@1 is the share of problems whose recorded completion passes: re-run them independently
+    rerun = run_many([build_program(p, r["completion"]) for p, r in zip(load_problems()[:3], rep["results"])],
+                     SandboxLimits(timeout_s=10.0), workers=2)
+    assert [r["passed"] for r in rep["results"]] == [x.passed for x in rerun]
+    assert s["passed"] == sum(x.passed for x in rerun) and s["pass@1"] == s["passed"] / 3
     assert s["template"] == "mft" and s["add_special_tokens"] is True
     assert s["prompt_encoding"] == "training" and s["generation"]["chat_template"] == "mftcoder"
     assert s["template_string"] == "<|role_start|>human<|role_end|>{instruction}<|role_start|>bot<|role_end|>"
