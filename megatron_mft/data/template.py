@@ -16,6 +16,7 @@ first token of a sample is never a target (nothing in the sample precedes it), s
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
@@ -29,8 +30,19 @@ from megatron_mft.errors import UsageError
 Mode = Literal["sft", "pretrain"]
 
 
+#: placeholders in a family format's strings for the tokenizer's own BOS / EOS tokens
+BOS, EOS = "{bos}", "{eos}"
+
+
 @dataclass(frozen=True)
 class ChatTemplate:
+    """MFTCoder's marker format (role_start, role_end, role_names, eos_after_bot), or a model
+    family's official format given as per-role strings around each turn's content:
+    ``prefix`` (no loss) + content + ``suffix`` (loss on bot turns: the end-of-turn token the
+    model learns to emit) + ``separator`` (no loss). ``specials`` are the family's control tokens
+    (single vocabulary ids, protected in user text); ``{bos}`` / ``{eos}`` stand for the
+    tokenizer's own."""
+
     name: str = "mftcoder"
     role_start: str = "<|role_start|>"
     role_end: str = "<|role_end|>"
@@ -39,18 +51,77 @@ class ChatTemplate:
     eos_after_bot: bool = True
     #: MFTCoder does not start samples with BOS; set for models that expect it.
     add_bos: bool = False
+    #: family format (empty: MFTCoder's markers): role -> text before / after / between turns
+    prefix: dict[str, str] = field(default_factory=dict)
+    suffix: dict[str, str] = field(default_factory=dict)
+    separator: dict[str, str] = field(default_factory=dict)
+    specials: tuple[str, ...] = ()
+    #: text after BOS at the start of every conversation
+    preamble: str = ""
+    #: system turn inserted when a conversation starts without one ("" = none)
+    default_system: str = ""
+    #: False: the family's template has no system role; such records are refused
+    system: bool = True
+    #: strip whitespace around each turn's content (Llama-3's ``| trim``)
+    strip: bool = False
 
     @property
     def markers(self) -> tuple[str, ...]:
+        if self.prefix:
+            return tuple(self.specials)
         return tuple(m for m in (self.role_start, self.role_end) if m)
+
+    def turn_strings(self, role: str) -> tuple[str, str, str]:
+        """(prefix, suffix, separator) of one turn; MFTCoder's format in the same terms."""
+        if self.prefix:
+            return self.prefix[role], self.suffix.get(role, ""), self.separator.get(role, "")
+        end = EOS if role == "bot" and self.eos_after_bot else ""
+        return self.role_start + self.role_names[role] + self.role_end, end, ""
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def _roles(system: str, human: str, bot: str) -> dict[str, str]:
+    return {"system": system, "human": human, "bot": bot}
+
+
+_IM = ("<|im_start|>", "<|im_end|>")
+_L3 = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+#: Family formats follow each model's official ``chat_template`` (tokenizer_config.json):
+#: llama3 = Meta-Llama-3-8B-Instruct; qwen2 = Qwen2.5(-Coder)-Instruct, no tools (ChatML, Qwen's
+#: default system prompt); deepseek-coder = deepseek-coder-*-instruct; mistral = Mistral-7B-
+#: Instruct (no system role); starcoder2 = starcoder2-15b-instruct-v0.1 (no system role).
 TEMPLATES: dict[str, ChatTemplate] = {
     "mftcoder": ChatTemplate(),
     "mftcoder-bos": ChatTemplate(name="mftcoder-bos", add_bos=True),
+    "llama3": ChatTemplate(
+        name="llama3", add_bos=True, specials=_L3, strip=True,
+        prefix=_roles(*(f"<|start_header_id|>{r}<|end_header_id|>\n\n" for r in ("system", "user", "assistant"))),
+        suffix=_roles("<|eot_id|>", "<|eot_id|>", "<|eot_id|>")),
+    "qwen2": ChatTemplate(
+        name="qwen2", specials=_IM,
+        prefix=_roles(*(f"<|im_start|>{r}\n" for r in ("system", "user", "assistant"))),
+        suffix=_roles("<|im_end|>", "<|im_end|>", "<|im_end|>"), separator=_roles("\n", "\n", "\n"),
+        default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
+    "deepseek-coder": ChatTemplate(
+        name="deepseek-coder", add_bos=True, specials=("<|EOT|>",),
+        prefix=_roles("", "### Instruction:\n", "### Response:\n"), suffix=_roles("", "\n", "\n<|EOT|>"),
+        separator=_roles("", "", "\n"),
+        default_system="You are an AI programming assistant, utilizing the Deepseek Coder model, developed by "
+                       "Deepseek Company, and you only answer questions related to computer science. For "
+                       "politically sensitive questions, security and privacy issues, and other non-computer "
+                       "science questions, you will refuse to answer\n"),
+    "mistral": ChatTemplate(
+        name="mistral", add_bos=True, system=False, specials=("[INST]", "[/INST]"),
+        prefix=_roles("", "[INST] ", ""), suffix=_roles("", " [/INST]", EOS)),
+    "starcoder2": ChatTemplate(
+        name="starcoder2", add_bos=True, system=False,
+        preamble="You are an exceptionally intelligent coding assistant that consistently delivers accurate and "
+                 "reliable responses to user instructions.\n\n",
+        prefix=_roles("", "### Instruction\n", "### Response\n"), suffix=_roles("", "", EOS),
+        separator=_roles("", "\n\n", "\n\n")),
 }
 
 
@@ -66,10 +137,12 @@ def _field_problems(data: dict) -> list[str]:
         want = getattr(default, key, None)
         if key not in ChatTemplate.__dataclass_fields__ or want is None:
             continue
+        if isinstance(want, tuple) and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            continue  # JSON has no tuples: a list of strings
         if type(value) is not type(want):  # noqa: E721 - bool is not an int here
             problems.append(f"{key!r} must be a {type(want).__name__}, got {type(value).__name__} {value!r}")
-        elif isinstance(want, dict) and (not {"system", "human", "bot"} <= set(value)
-                                         or not all(isinstance(v, str) for v in value.values())):
+        elif isinstance(want, dict) and (value or want) and (not {"system", "human", "bot"} <= set(value)
+                                                             or not all(isinstance(v, str) for v in value.values())):
             problems.append(f"{key!r} must map system, human and bot to strings, got {value!r}")
     return problems
 
@@ -90,6 +163,8 @@ def load_template(spec: str) -> ChatTemplate:
         problems = _field_problems(data)
         if problems:
             raise TemplateError(f"template {spec}: " + "; ".join(problems))
+        if "specials" in data:
+            data = {**data, "specials": tuple(data["specials"])}
         return ChatTemplate(**data)
     raise TemplateError(f"template {spec!r}: not one of {', '.join(TEMPLATES)} and not a .json file")
 
@@ -101,26 +176,25 @@ class ChatFormatter:
         self.template = template
         self.tok = tokenizer
         self._protect = template.markers
-        self._start = self._marker_ids(template.role_start)
-        self._end = self._marker_ids(template.role_end)
-        self._headers = {
-            role: self._start + self.tok.encode(name, self._protect) + self._end
-            for role, name in template.role_names.items()
-        }
+        roles = ("system", "human", "bot")
+        turns = {r: [self._ids(t) for t in template.turn_strings(r)] for r in roles}
+        self._headers = {r: turns[r][0] for r in roles}
         self._bos = [tokenizer.bos_id] if template.add_bos and tokenizer.bos_id is not None else []
+        opening = self._bos + self._ids(template.preamble)
         # Segment kinds (the roles, then plain documents) as tables indexed by kind code.
-        roles = list(self._headers)
         self._kind_code = {role: i for i, role in enumerate(roles)}
         self._text_kind = len(roles)
         eos = [tokenizer.eos_id]
-        heads = [self._headers[r] for r in roles] + [[]]
-        tails = [eos if (r == "bot" and template.eos_after_bot) else [] for r in roles] + [eos]
+        heads = [turns[r][0] for r in roles] + [[]]
+        tails = [turns[r][1] for r in roles] + [eos]
+        seps = [turns[r][2] for r in roles] + [[]]
         self._prefix = [np.asarray(h, dtype=np.int32) for h in heads]
-        self._prefix_first = [np.asarray(self._bos + h, dtype=np.int32) for h in heads]
-        self._suffix = [np.asarray(t, dtype=np.int32) for t in tails]
+        self._prefix_first = [np.asarray(opening + h, dtype=np.int32) for h in heads]
+        self._suffix = [np.asarray(t + sep, dtype=np.int32) for t, sep in zip(tails, seps)]
         self._prefix_len = np.array([len(h) for h in heads], dtype=np.int64)
         self._suffix_len = np.array([len(t) for t in tails], dtype=np.int64)
-        self._with_bos = bool(self._bos)
+        self._sep_len = np.array([len(sep) for sep in seps], dtype=np.int64)
+        self._opening_len = len(opening)
         all_loss = mode == "pretrain"
         self._prefix_value = np.array([int(all_loss)] * len(roles) + [1], dtype=np.uint8)
         self._body_value = np.array([int(r == "bot" or all_loss) for r in roles] + [1], dtype=np.uint8)
@@ -133,9 +207,27 @@ class ChatFormatter:
         single = self.tok.single_id(marker)
         return [single] if single is not None else self.tok.encode(marker)
 
+    def _ids(self, text: str) -> list[int]:
+        """Template text -> ids: markers and {bos}/{eos} as their single ids, the rest encoded."""
+        if not text:
+            return []
+        named = {BOS: self.tok.bos_id, EOS: self.tok.eos_id}
+        cut = re.compile("|".join(re.escape(m) for m in sorted((*self._protect, BOS, EOS), key=len, reverse=True)))
+        out, pos = [], 0
+        for m in cut.finditer(text):
+            out += self.tok.encode(text[pos:m.start()], self._protect) if m.start() > pos else []
+            if m.group(0) in named:
+                if named[m.group(0)] is None:
+                    raise TemplateError(f"template {self.template.name}: the tokenizer has no {m.group(0)} token")
+                out.append(named[m.group(0)])
+            else:
+                out += self._marker_ids(m.group(0))
+            pos = m.end()
+        return out + (self.tok.encode(text[pos:], self._protect) if pos < len(text) else [])
+
     @property
     def marker_ids(self) -> dict[str, list[int]]:
-        return {self.template.role_start: self._start, self.template.role_end: self._end}
+        return {m: self._marker_ids(m) for m in self.template.markers}
 
     def encode(self, records: Sequence[Record]) -> list[tuple[np.ndarray, np.ndarray]]:
         """(token ids int32, loss mask uint8) per record; one tokenizer call for the whole batch."""
@@ -149,6 +241,7 @@ class ChatFormatter:
         cost as much as the template itself.
         """
         kind_of = self._kind_code
+        strip = self.template.strip
         texts: list[str] = []
         kinds: list[int] = []  # per segment (turn or document): row of the kind tables
         n_segments: list[int] = []  # per record
@@ -158,10 +251,11 @@ class ChatFormatter:
                 kinds.append(self._text_kind)
                 n_segments.append(1)
             else:
-                for role, content in r.turns:
-                    texts.append(content)
+                turns = self._turns(r.turns)
+                for role, content in turns:
+                    texts.append(content.strip() if strip else content)
                     kinds.append(kind_of[role])
-                n_segments.append(len(r.turns))
+                n_segments.append(len(turns))
         if not records:
             return np.zeros(0, np.int32), np.zeros(0, np.uint8), [0]
         if min(n_segments) == 0:
@@ -169,9 +263,10 @@ class ChatFormatter:
         encoded = self.tok.encode_arrays(texts, self._protect)  # protected ids: checked below, at once
         if len(self._protected_ids) and encoded and np.isin(np.concatenate(encoded), self._protected_ids).any():
             raise TokenizerError("user text produced a protected special id (marker or special token)")
-        # Every segment is [prefix][body][suffix]: prefix = (BOS if it opens a sample) + role
-        # header, suffix = EOS after bot turns and documents. Ids: one concatenation; the mask:
-        # runs (value, length) built with numpy and expanded by one np.repeat.
+        # Every segment is [prefix][body][suffix][separator]: prefix = (BOS + preamble if it opens
+        # a sample) + role header, suffix = end of turn (EOS after bot turns and documents),
+        # separator = text between turns. Ids: one concatenation; the mask: runs (value, length)
+        # built with numpy and expanded by one np.repeat.
         k = np.asarray(kinds, dtype=np.intp)
         first = np.zeros(len(kinds), dtype=bool)
         seg_start = np.concatenate([[0], np.cumsum(n_segments)[:-1]])
@@ -180,16 +275,27 @@ class ChatFormatter:
         pieces = [a for kind, opens, body in zip(kinds, first.tolist(), encoded)
                   for a in ((prefixes_first if opens else prefixes)[kind], body, suffixes[kind])]
         body_len = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-        pre_len = self._prefix_len[k] + (first & self._with_bos)
-        suf_len = self._suffix_len[k]
-        run_len = np.stack([pre_len, body_len, suf_len], axis=1).ravel()
-        run_val = np.stack([self._prefix_value[k], self._body_value[k], self._body_value[k]], axis=1).ravel()
+        pre_len = self._prefix_len[k] + first * self._opening_len
+        suf_len, sep_len = self._suffix_len[k], self._sep_len[k]
+        run_len = np.stack([pre_len, body_len, suf_len, sep_len], axis=1).ravel()
+        run_val = np.stack([self._prefix_value[k], self._body_value[k], self._body_value[k], self._prefix_value[k]],
+                           axis=1).ravel()
         flat_ids = np.concatenate(pieces).astype(np.int32, copy=False)
         flat_mask = np.repeat(run_val, run_len)
-        sample_len = np.add.reduceat(pre_len + body_len + suf_len, seg_start)
+        sample_len = np.add.reduceat(pre_len + body_len + suf_len + sep_len, seg_start)
         bounds = np.concatenate([[0], np.cumsum(sample_len)])
         flat_mask[bounds[:-1]] = 0  # a sample's first token is nobody's target
         return flat_ids, flat_mask, bounds.tolist()
+
+    def _turns(self, turns: Sequence[Turn]) -> Sequence[Turn]:
+        """The record's turns, with the family's default system turn where it has none."""
+        t = self.template
+        if not t.system and any(role == "system" for role, _ in turns):
+            raise TemplateError(f"template {t.name}: the family's chat format has no system role; "
+                                f"drop the system turn or fold it into the first human turn")
+        if t.default_system and turns and turns[0][0] != "system":
+            return (("system", t.default_system), *turns)
+        return turns
 
     def prompt_ids(self, turns: Sequence[Turn]) -> list[int]:
         """Ids for generation: the given turns, then the header of the bot turn to be written."""
