@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from megatron_mft.errors import command
+from megatron_mft.errors import UsageError, command
 
 
 @command
@@ -23,6 +23,11 @@ def main(argv: list[str]) -> int:
     init.add_argument("--out", required=True)
     init.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
+    if os.path.isdir(args.out) and os.listdir(args.out):
+        raise UsageError(f"checkpoint init --out {args.out}: refusing to write into a non-empty folder (its files, "
+                         f"e.g. {sorted(os.listdir(args.out))[0]}, would be overwritten); give a new or empty folder")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"checkpoint init --out {args.out}: exists and is not a folder")
 
     from megatron.core import dist_checkpointing
 

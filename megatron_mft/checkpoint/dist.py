@@ -7,16 +7,30 @@ Layout of ``<output_dir>/checkpoints``::
     step_000100/run.json    config, step, consumed rows, task names: the checkpoint describes itself
     latest                  text file naming the last complete step directory
 
-A save writes into ``step_N.tmp`` and renames it after every rank finished; ``latest`` is
-replaced atomically afterwards. A crash mid-save therefore leaves ``latest`` on the previous
-complete checkpoint, and a stale ``*.tmp`` that the next save removes.
+A save never removes the last good checkpoint before its replacement is durable: it writes into
+``step_N.tmp``, fsyncs every file and the folders, then publishes. A new step is a rename; a
+step that already exists (a re-run of a finished job, a stop signal at a save step) is swapped
+with the new copy in one atomic ``renameat2(RENAME_EXCHANGE)`` where the file system has it,
+else moved aside to ``step_N.old`` first (``latest`` readers fall back to it, and the next save
+puts it back). ``latest`` is replaced atomically afterwards, and only then is the old copy
+deleted. A crash anywhere therefore leaves ``latest`` on a complete checkpoint, plus a stale
+``*.tmp`` that the next save removes. A failed save (e.g. no space left on device) removes its
+``step_N.tmp`` and says which path filled up.
+
+Resuming is strict (:func:`resume_checkpoint`): checkpoints without a usable ``latest`` stop the
+run with the steps found and the ``train.resume_from=`` to pick one, never a silent restart;
+:func:`checkpoint_problems` checks a step folder's files against its metadata, so a truncated
+shard is named instead of surfacing as a bare ``EOFError``.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -27,7 +41,10 @@ from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
+from megatron_mft.errors import UserError
+
 LATEST = "latest"
+STEP_DIR = re.compile(r"step_(\d+)")
 #: Distributed-optimizer state in a canonical per-parameter layout, so a checkpoint saved with
 #: one TP/PP/DP layout resumes in another (megatron's 'fully_reshardable').
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -37,13 +54,156 @@ def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used as asked (damaged, missing, refused); exit 1."""
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step_{step:07d}"
+
+
+def step_dirs(root: str | Path) -> list[Path]:
+    """Published step folders under ``root`` (complete or not), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(STEP_DIR.fullmatch(p.name).group(1)))
+
+
+def _complete(path: Path) -> bool:
+    return (path / "run.json").is_file()
+
+
+def _read_pointer(root: Path) -> tuple[Optional[Path], Optional[str]]:
+    """(checkpoint named by ``latest``, None) or (None, what is wrong with ``latest``)."""
+    pointer = root / LATEST
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"cannot be read ({type(e).__name__}: {e})"
+    if not STEP_DIR.fullmatch(name):
+        return None, (f"names {name!r}, which is not a step folder inside {root}" if name else "is empty")
+    path = root / name
+    if _complete(path):
+        return path, None
+    backup = root / (name + ".old")
+    if _complete(backup):  # a re-save was interrupted while the old copy was moved aside
+        return backup, None
+    return None, f"names {name}, which is missing or incomplete (no run.json)"
+
+
 def latest_checkpoint(root: str | Path) -> Optional[Path]:
-    """The last complete checkpoint under ``root`` (a checkpoints dir), or None."""
-    pointer = Path(root) / LATEST
-    if not pointer.is_file():
+    """The checkpoint ``root/latest`` names, or None (no pointer, or one that is not usable)."""
+    root = Path(root)
+    if not (root / LATEST).exists():
         return None
-    path = Path(root) / pointer.read_text().strip()
-    return path if (path / "run.json").is_file() else None
+    return _read_pointer(root)[0]
+
+
+def _steps_line(root: Path) -> str:
+    steps = step_dirs(root)
+    if not steps:
+        return "no step folders"
+    return "steps found: " + ", ".join(p.name + ("" if _complete(p) else " (incomplete)") for p in steps)
+
+
+def resume_checkpoint(root: str | Path, resume_from: Optional[str] = None) -> Optional[Path]:
+    """The checkpoint a run in this checkpoints folder continues from; None = a fresh start.
+
+    ``resume_from``: None (the step ``latest`` names), a step number (``step_N`` of ``root``),
+    or the path of a step folder (another run's, to continue it in a new output_dir). Checkpoints
+    that exist but cannot be resumed stop the run: it never starts over them from step 0."""
+    root = Path(root)
+    if resume_from is not None and str(resume_from).strip() != "":
+        return _explicit_checkpoint(root, str(resume_from).strip())
+    pointer = root / LATEST
+    if not pointer.exists() and not pointer.is_symlink():
+        if not step_dirs(root):
+            return None
+        problem = "there is no `latest` file"
+    else:
+        found, problem = _read_pointer(root)
+        if found is not None:
+            return found
+        problem = f"`latest` {problem}"
+    complete = [p for p in step_dirs(root) if _complete(p)]
+    pick = (f"pick one with train.resume_from=STEP (e.g. train.resume_from={_step_of(complete[-1])})"
+            if complete else "no step is complete")
+    raise CheckpointError(
+        f"cannot tell which checkpoint to resume in {root}: {problem}; {_steps_line(root)}. "
+        f"Nothing was changed: {pick}, or use a new output_dir to start afresh.")
+
+
+def _step_of(path: Path) -> int:
+    m = STEP_DIR.fullmatch(path.name[:-4] if path.name.endswith(".old") else path.name)
+    return int(m.group(1)) if m else -1
+
+
+def _explicit_checkpoint(root: Path, value: str) -> Path:
+    if value.isdigit():
+        path = step_dir(root, int(value))
+        if _complete(path):
+            return path
+        raise CheckpointError(f"train.resume_from={value}: {path} is not a complete checkpoint; "
+                              f"{_steps_line(root)} in {root}", exit_code=2)
+    path = Path(value)
+    if _complete(path):
+        return path
+    raise CheckpointError(f"train.resume_from={value}: not a complete checkpoint step folder (no run.json); "
+                          f"give a step number of {root} ({_steps_line(root)}) or the path of a step_N folder",
+                          exit_code=2)
+
+
+def checkpoint_problems(path: str | Path) -> list[str]:
+    """What is damaged in the checkpoint folder ``path`` (empty when every file is whole): a
+    missing or unreadable run.json / metadata, and shard files shorter than their metadata says."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    path = Path(path)
+    problems = []
+    try:
+        json.loads((path / "run.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        pass  # conversion outputs and init checkpoints have none
+    except (OSError, ValueError) as e:
+        problems.append(f"{path / 'run.json'}: unreadable ({e})")
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - any failure to read the metadata means damage
+        return problems + [f"{path / '.metadata'}: unreadable ({type(e).__name__}: {e})"]
+    need: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for rel, size in sorted(need.items()):
+        f = path / rel
+        if not f.is_file():
+            problems.append(f"{f}: missing")
+        elif f.stat().st_size < size:
+            problems.append(f"{f}: truncated ({f.stat().st_size} of at least {size} bytes)")
+    for f in [path / "common.pt"] + sorted((path / "rng").glob("*.pt")):
+        if f.is_file():
+            try:
+                torch.load(f, map_location="cpu", weights_only=False)
+            except Exception as e:  # noqa: BLE001
+                problems.append(f"{f}: unreadable ({type(e).__name__}: {e})")
+    return problems
+
+
+def intact_before(path: Path) -> Optional[Path]:
+    """The newest complete, undamaged step folder beside ``path`` with a smaller step."""
+    step = _step_of(path)
+    for p in reversed(step_dirs(path.parent)):
+        if _step_of(p) < step and _complete(p) and not checkpoint_problems(p):
+            return p
+    return None
+
+
+def damaged_checkpoint_error(path: Path, problems: list[str]) -> CheckpointError:
+    earlier = intact_before(path)
+    way = (f"the newest intact earlier checkpoint is {earlier}: resume from it with "
+           f"train.resume_from={_step_of(earlier)}" if earlier else "no earlier intact checkpoint was found")
+    return CheckpointError(f"checkpoint {path} is damaged: {'; '.join(problems)}. {way}.")
 
 
 def _rank() -> int:
@@ -100,9 +260,11 @@ def _restore_rng(state: dict) -> bool:
     return True
 
 
-def _fault_injection_pause(step: int) -> None:
-    """Tests kill a run mid-save: MFT_FAULT_SLEEP_IN_SAVE="STEP:SECONDS" pauses the save of that
-    step after the shards are written and before the checkpoint is published."""
+def _fault_injection(step: int) -> None:
+    """The project's fault hook, for tests that break a save at a known point:
+    MFT_FAULT_SLEEP_IN_SAVE="STEP:SECONDS" pauses the save of that step after the shards are
+    written and before the checkpoint is published (a window to SIGKILL the run in);
+    MFT_FAULT_ENOSPC_IN_SAVE="STEP" makes that save fail as a full disk would."""
     spec = os.environ.get("MFT_FAULT_SLEEP_IN_SAVE")
     if spec:
         at, seconds = spec.split(":")
@@ -110,40 +272,185 @@ def _fault_injection_pause(step: int) -> None:
             import time
 
             time.sleep(float(seconds))
+    if os.environ.get("MFT_FAULT_ENOSPC_IN_SAVE", "") == str(step):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "(MFT_FAULT_ENOSPC_IN_SAVE)")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some file systems cannot fsync a directory; the data files were
+        if e.errno not in (errno.EINVAL, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(top: Path) -> None:
+    """Make every file and folder under ``top`` durable before it is published."""
+    for dirpath, _, files in os.walk(top):
+        for name in files:
+            _fsync(Path(dirpath) / name)
+        _fsync(Path(dirpath))
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def _publish(tmp: Path, final: Path) -> Optional[Path]:
+    """Move the durable ``tmp`` to ``final``; return the replaced old copy (to delete once
+    ``latest`` is updated), or None. The old copy stays reachable at every instant."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return None
+    if _exchange(tmp, final):  # tmp now holds the old copy
+        return tmp
+    backup = final.with_name(final.name + ".old")
+    shutil.rmtree(backup, ignore_errors=True)
+    os.replace(final, backup)  # latest readers fall back to step_N.old in this window
+    os.replace(tmp, final)
+    return backup
+
+
+def _write_latest(root: Path, final: Path) -> None:
+    pointer_tmp = root / (LATEST + ".tmp")
+    with open(pointer_tmp, "w", encoding="utf-8") as f:
+        f.write(final.name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(pointer_tmp, root / LATEST)
+    _fsync(root)
+
+
+def _prepare_root(root: Path) -> None:
+    """Rank 0, before a save: remove broken saves, put back a step moved aside by an
+    interrupted re-save (so ``latest`` names a real folder again)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for backup in root.glob("step_*.old"):
+        final = backup.with_name(backup.name[:-4])
+        if not _complete(final) and _complete(backup):
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(backup, final)
+        else:
+            shutil.rmtree(backup, ignore_errors=True)
+    for stale in root.glob("*.tmp"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _all_ok(ok: bool) -> bool:
+    """True when every rank succeeded (a MIN all-reduce), so all ranks raise together."""
+    if not torch.distributed.is_initialized():
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    if torch.distributed.get_backend() == "nccl":
+        flag = flag.cuda()
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+_INTERRUPTS = (KeyboardInterrupt, SystemExit)
+
+
+def _no_space(error: BaseException) -> bool:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def save_checkpoint(root: str | Path, step: int, chunks: list, optimizer=None, *, common: dict,
                     run_info: dict, trainable_only: bool = False) -> Path:
     """Save model (+ optimizer) sharded state and ``common`` (plain picklable state) for ``step``."""
     root = Path(root)
-    final = root / f"step_{step:07d}"
-    tmp = root / f"step_{step:07d}.tmp"
+    final = step_dir(root, step)
+    tmp = final.with_name(final.name + ".tmp")
     if _rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob("*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-        if final.exists():
-            shutil.rmtree(final)
+        _prepare_root(root)
         tmp.mkdir()
     _barrier()
-    sharded = model_sharded_state_dict(chunks, trainable_only)
-    if optimizer is not None:
-        sharded["optimizer"] = optimizer.sharded_state_dict(model_sharded_state_dict(chunks),
-                                                            metadata=OPTIMIZER_METADATA)
-    sharded["common"] = common
-    dist_checkpointing.save(sharded, str(tmp))
-    (tmp / "rng").mkdir(exist_ok=True)
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
-    _fault_injection_pause(step)
-    _barrier()
+    error = None
+    try:
+        sharded = model_sharded_state_dict(chunks, trainable_only)
+        if optimizer is not None:
+            sharded["optimizer"] = optimizer.sharded_state_dict(model_sharded_state_dict(chunks),
+                                                                metadata=OPTIMIZER_METADATA)
+        sharded["common"] = common
+        dist_checkpointing.save(sharded, str(tmp))
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(_rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
+        _fault_injection(step)
+    except _INTERRUPTS:
+        raise
+    except BaseException as e:  # noqa: BLE001 - every rank must learn that the save failed (dcp's
+        error = e  # CheckpointException derives from BaseException)
+    if not _all_ok(error is None):
+        full = error is not None and (_no_space(error) or _nearly_full(tmp))  # before freeing the partial
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        _raise_save_error(root, final, tmp, error, full)
     if _rank() == 0:
-        (tmp / "run.json").write_text(json.dumps({**run_info, "step": step}, indent=1, default=str))
-        os.replace(tmp, final)
-        pointer_tmp = root / (LATEST + ".tmp")
-        pointer_tmp.write_text(final.name + "\n")
-        os.replace(pointer_tmp, root / LATEST)
-    _barrier()
+        try:
+            (tmp / "run.json").write_text(json.dumps({**run_info, "step": step}, indent=1, default=str))
+            _fsync_tree(tmp)
+            old = _publish(tmp, final)
+            _write_latest(root, final)
+            if old is not None:
+                shutil.rmtree(old)
+        except OSError as e:
+            error = e
+            full = _no_space(e) or _nearly_full(tmp)
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    if not _all_ok(error is None):
+        _raise_save_error(root, final, tmp, error, error is not None and full)
     return final
+
+
+def _nearly_full(path: Path) -> bool:
+    """Less than 1 MiB left where ``path`` lives: torch's zip writer reports a full disk as
+    "unexpected pos", without ENOSPC."""
+    try:
+        st = os.statvfs(path if path.exists() else path.parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
+
+
+def _raise_save_error(root: Path, final: Path, tmp: Path, error: Optional[BaseException], full: bool) -> None:
+    kept = latest_checkpoint(root)
+    kept_line = f"`latest` still names {kept}" if kept else "there is no earlier checkpoint"
+    if error is None:  # another rank failed; it reports the cause
+        raise CheckpointError(f"saving {final} failed on another rank; the partial {tmp} was removed; {kept_line}")
+    if full:
+        raise CheckpointError(f"no space left on device while saving checkpoint {final} (writing {tmp}); "
+                              f"the partial {tmp} was removed and {kept_line}. Free space on that file system "
+                              f"(or point output_dir elsewhere) and rerun: it resumes from there.") from error
+    raise error
 
 
 def _materialize_optimizer_state(optimizer) -> None:
@@ -191,15 +498,24 @@ def load_checkpoint(path: str | Path, chunks: list, optimizer=None, *, trainable
         _materialize_optimizer_state(optimizer)
         template["optimizer"] = optimizer.sharded_state_dict(model_sharded_state_dict(chunks), is_loading=True,
                                                              metadata=OPTIMIZER_METADATA)
-    state = _load_sharded(template, path)
+    try:
+        state = _load_sharded(template, path)
+        rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
+        rng = torch.load(rng_file, weights_only=False) if rng_file.is_file() else None
+    except _INTERRUPTS:
+        raise
+    except BaseException as e:  # noqa: BLE001 - damage surfaces as EOFError, pickle or dcp's CheckpointException
+        problems = checkpoint_problems(path)
+        if problems:
+            raise damaged_checkpoint_error(path, problems) from e
+        raise
     for i, chunk in enumerate(chunks):
         key = "model" if len(chunks) == 1 else f"model{i}"
         _load_into(chunk, state[key], partial=trainable_only)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
-    rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
-    if rng_file.is_file():
-        _restore_rng(torch.load(rng_file, weights_only=False))
+    if rng is not None:
+        _restore_rng(rng)
     return state.get("common", {})
 
 

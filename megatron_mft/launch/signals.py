@@ -8,7 +8,9 @@ checkpoint and exits 0. All ranks agree on the answer (a MAX all-reduce of a fla
 rank stops after the same step even when the signal reached only some of them or the
 exit-duration clock ran out on one rank slightly earlier.
 
-Reasons: ``"SIGUSR1"``, ``"SIGTERM"``, ``"exit_duration"``. Once a reason is returned it stays.
+Reasons: ``"SIGUSR1"``, ``"SIGTERM"``, ``"SIGINT"``, ``"exit_duration"``. Once a reason is
+returned it stays. SIGINT (Ctrl-C) is handled like SIGTERM: save and exit; a second SIGINT exits
+at once (status 130) without saving, leaving the last complete checkpoint as it was.
 
 When ``MFT_STOP_FILE`` is set, rank 0 writes the reason to that file the first time
 :meth:`should_stop` returns one. ``run_scripts/common.sh`` reads it after ``srun`` returns and
@@ -39,7 +41,7 @@ import warnings
 __all__ = ["PreemptionGuard", "REASONS", "catch_early"]
 
 #: Reason codes, ordered: the all-reduce MAX picks the highest when ranks disagree.
-REASONS = ("exit_duration", "SIGTERM", "SIGUSR1")
+REASONS = ("exit_duration", "SIGINT", "SIGTERM", "SIGUSR1")
 _CODE = {r: i + 1 for i, r in enumerate(REASONS)}
 
 
@@ -74,7 +76,7 @@ class PreemptionGuard:
     """
 
     def __init__(self, exit_duration_minutes: float | None = 0.0,
-                 signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1"),
+                 signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGINT"),
                  start_time: float | None = None, stop_file: str | None = None, install: bool = True):
         self.exit_duration_minutes = float(exit_duration_minutes or 0.0)
         self.signal_names = tuple(signals)
@@ -88,8 +90,12 @@ class PreemptionGuard:
 
     # --------------------------------------------------------------------------- handlers
 
-    def _handler(self, signum, frame) -> None:  # keep trivial: no I/O, no raising
-        self._received.append(signal.Signals(signum).name)
+    def _handler(self, signum, frame) -> None:  # keep trivial: no raising
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and "SIGINT" in self._received:  # the user insists: stop now, save nothing
+            os.write(2, b"second SIGINT: exiting now without saving; the last complete checkpoint is kept\n")
+            os._exit(130)
+        self._received.append(name)
 
     def install(self) -> "PreemptionGuard":
         """Install the handlers (idempotent; main thread only, elsewhere warns and records nothing)."""

@@ -10,12 +10,13 @@ import torch
 import yaml
 from megatron.core import parallel_state as ps
 
-from megatron_mft.checkpoint.dist import (checkpoints_dir, latest_checkpoint, load_checkpoint,
-                                          load_model_weights, save_checkpoint)
+from megatron_mft.checkpoint.dist import (checkpoints_dir, latest_checkpoint, load_checkpoint, load_model_weights,
+                                          resume_checkpoint, save_checkpoint)
 from megatron_mft.compat import setup_runtime
 from megatron_mft.config import RunConfig
 from megatron_mft.config.base import to_dict
 from megatron_mft.data import MFTData
+from megatron_mft.errors import UsageError, UserError
 from megatron_mft.launch.env import read_dist_env
 from megatron_mft.loss import build_balancer, task_weights_in_force
 from megatron_mft.model import build_model_chunks, check_placement, kernels_line
@@ -47,6 +48,8 @@ class Recipe:
         self.consumed_rows = 0
         self.stop_reason = None
         self.early_stop = {"best": math.inf, "bad_evals": 0}
+        self.nonfinite_in_a_row = 0
+        self.lock = None
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -55,6 +58,7 @@ class Recipe:
         self.env = setup_runtime()
         init_parallel(run.parallel, self.env, run.seed)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.env.cuda else torch.device("cpu")
+        self._lock_output_dir()
 
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         mbs, gbs = run.train.micro_batch_size, run.train.global_batch_size
@@ -69,7 +73,9 @@ class Recipe:
         self.total_steps = total_steps(run, self.data.rows_per_epoch)
 
         self.ckpt_root = checkpoints_dir(self.out)
-        latest = latest_checkpoint(self.ckpt_root)
+        latest = resume_checkpoint(self.ckpt_root, run.train.resume_from)
+        if latest is not None:
+            self._check_resume_compatible(latest)
         # A full-model resume overwrites every weight: skip the base load. PEFT checkpoints hold
         # only adapters, so their base is loaded as at the start.
         skip_base = latest is not None and run.peft.method == "none"
@@ -115,6 +121,46 @@ class Recipe:
         _say(f"tasks: {', '.join(self.task_names)} | rows/epoch {self.data.rows_per_epoch} | "
              f"steps {self.total_steps} | layout tp={run.parallel.tp} pp={run.parallel.pp} "
              f"vpp={run.parallel.vpp} dp={dp_size} sp={run.parallel.sp}")
+
+    def _lock_output_dir(self) -> None:
+        """One run per output_dir (launch.runlock): rank 0 holds the lock; every rank stops if it
+        cannot be taken."""
+        from megatron_mft.launch.runlock import RunLock, RunLockError
+
+        error = None
+        if _rank0():
+            try:
+                self.lock = RunLock(self.out).acquire()
+            except RunLockError as e:
+                error = e
+        flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if error is not None:
+            raise error
+        if flag.item():
+            raise UserError(f"output_dir {self.out} is in use by another run (rank 0 says which)")
+        if self.lock is not None and self.lock.note:
+            _say(f"note: {self.lock.note}")
+
+    def _check_resume_compatible(self, path: Path) -> None:
+        """Refuse a config that does not continue the checkpoint's run (one message, every
+        difference); report the safe changes (checkpoint.resume_check)."""
+        import json
+
+        from megatron_mft.checkpoint.resume_check import resume_differences
+
+        try:
+            saved = json.loads((path / "run.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise UserError(f"checkpoint {path} is damaged: {path / 'run.json'} is unreadable ({e})") from e
+        refused, changed = resume_differences(saved, self.run_cfg, self.data.manifest, self.task_names,
+                                              source=str(path / "run.json"))
+        if refused:
+            raise UsageError(f"the config does not continue the run saved in {path}: " + "; ".join(refused)
+                             + ". Restore those settings to resume, or start a new run in a new output_dir "
+                               "(train.init_checkpoint / model.hf_init for its weights).")
+        if changed:
+            _say(f"resuming {path} with changed settings: " + ", ".join(changed))
 
     def _load_base_weights(self, chunks: list) -> None:
         """Pretrained weights, before DDP and the optimizer copy them: HF folder or dist checkpoint."""
@@ -178,6 +224,7 @@ class Recipe:
                 dt = timer.lap()
                 self._log_step(out, tokens_since, flops_since, dt)
                 tokens_since, flops_since = 0, [0.0, 0.0]
+            self._check_finite(out)
             if self.step == 3 and self.peft is not None:
                 _say(self.peft.peak_memory_line())
             if self._should_validate():
@@ -189,6 +236,26 @@ class Recipe:
                 _say(f"stopping at step {self.step}: {self.stop_reason}")
                 break
         self.save()
+
+    def _check_finite(self, out: dict) -> None:
+        """A step with a non-finite loss or grad norm was skipped (no update, train_step); stop
+        once more than train.max_nonfinite_steps come in a row. Nothing is saved: the last
+        checkpoint stays the newest."""
+        if not out.get("nonfinite"):
+            self.nonfinite_in_a_row = 0
+            return
+        self.nonfinite_in_a_row += 1
+        allowed = self.run_cfg.train.max_nonfinite_steps
+        what = f"loss {out['loss']}, grad norm {out['grad_norm']}"
+        if self.nonfinite_in_a_row > allowed:
+            kept = latest_checkpoint(self.ckpt_root)
+            raise UserError(
+                f"step {self.step}: non-finite {what} ({self.nonfinite_in_a_row} such step(s) in a row, "
+                f"train.max_nonfinite_steps={allowed}); stopped without saving, and the weights were not updated "
+                f"by it. {f'The newest checkpoint is {kept}.' if kept else 'No checkpoint was saved.'} "
+                f"Check the loss settings and learning rate (or allow skips with train.max_nonfinite_steps).")
+        _say(f"warning: step {self.step}: non-finite {what}; update skipped "
+             f"({self.nonfinite_in_a_row} of {allowed} allowed in a row)")
 
     def _log_step(self, out: dict, tokens: int, flops: list[float], dt: float) -> None:
         """Throughput is global (summed over DP); FLOPs per GPU divide by the world size.
@@ -243,7 +310,17 @@ class Recipe:
                     self.stop_reason = f"early stopping: validation loss has not improved for {patience} evaluations"
 
     # ---------------------------------------------------------------- save / cleanup
+    def _weights_finite(self) -> bool:
+        """Every rank's parameters are finite (a MIN all-reduce over the world)."""
+        ok = all(bool(torch.isfinite(p).all()) for c in self.chunks for p in c.parameters())
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+
     def save(self) -> None:
+        if not self._weights_finite():
+            raise UserError(f"step {self.step}: the weights hold NaN/inf; not saving a checkpoint over "
+                            f"{self.ckpt_root} (the newest one there is kept)")
         info = {"config": to_dict(self.run_cfg), "task_names": self.task_names,
                 "consumed_rows": self.consumed_rows, "peak_mem_gib": peak_memory_gib(), "manifest": self.data.manifest,
                 "peft": self.run_cfg.peft.method}
@@ -255,6 +332,10 @@ class Recipe:
     def cleanup(self) -> None:
         if getattr(self, "metrics", None) is not None:
             self.metrics.close()
+        if getattr(self, "guard", None) is not None:
+            self.guard.uninstall()
+        if self.lock is not None:
+            self.lock.release()
         teardown()
 
     def run(self) -> int:

@@ -8,6 +8,7 @@ megatron_mft.loss), so gradients are summed over micro batches and data-parallel
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Optional
@@ -15,6 +16,7 @@ from typing import Callable, Optional
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_mft.loss import FocalTaskStats, GlobalBatchStats, micro_batch_loss, task_metrics
@@ -131,19 +133,38 @@ def train_step(chunks: list, optimizer, scheduler, micro_batches: list[dict], ct
     optimizer.zero_grad()
     reports = run_schedule(chunks, micro_batches, ctx, partial(_loss_func, ctx, stats, focal_stats),
                            forward_only=False)
-    ok, grad_norm, _ = optimizer.step()
-    scheduler.step(increment=1)
     T = ctx.num_tasks
     vec = torch.zeros(2 * T + 1, dtype=torch.float64, device=ctx.device)
     for r in reports:  # only the last pipeline stage has reports
         vec[0] += r["objective"].to(vec)
         vec[1:T + 1] += r["task_ce_sum"].to(vec)
         vec[T + 1:] += r["task_tokens"].to(vec)
-    vec = reduce_report_vector(vec).cpu()
+    vec = reduce_report_vector(vec).cpu()  # the same on every rank, so all ranks skip together
+    ok, grad_norm, nonfinite = step_if_finite(optimizer, loss_finite=bool(torch.isfinite(vec[0])))
+    if ok:  # as Megatron-LM: a skipped update does not advance the LR schedule
+        scheduler.step(increment=1)
     summed = {"objective": vec[0], "task_ce_sum": vec[1:T + 1], "task_tokens": vec[T + 1:]}
     return {**task_metrics(summed, ctx.task_names, ctx.task_weights),
             "grad_norm": None if grad_norm is None else float(grad_norm), "update_ok": bool(ok),
-            "lr": optimizer.param_groups[0]["lr"]}
+            "nonfinite": nonfinite, "lr": optimizer.param_groups[0]["lr"]}
+
+
+def step_if_finite(optimizer, loss_finite: bool) -> tuple[bool, Optional[float], bool]:
+    """megatron's optimizer step (ChainedOptimizer.step's sequence: prepare, global grad norm,
+    clip by it, update) that skips the update when the loss or the grad norm is not finite: an
+    fp32/bf16 megatron optimizer would otherwise write NaN into every weight. Returns (updated,
+    grad norm, skipped for a non-finite value)."""
+    if optimizer.prepare_grads():  # a loss scaler found inf/nan: it skips and adjusts itself
+        return False, None, False
+    grad_norm = float(optimizer.get_grad_norm())
+    if not (loss_finite and math.isfinite(grad_norm)):
+        return False, grad_norm, True
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = [] if getattr(opt, "is_stub_optimizer", False) else opt.get_parameters()
+        if params and opt.config.clip_grad > 0.0:
+            clip_grad_by_total_norm_fp32(params, max_norm=opt.config.clip_grad, total_norm=grad_norm,
+                                         use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    return bool(optimizer.step_with_ready_grads()), grad_norm, False
 
 
 def focal_prepass(chunks: list, micro_batches: list[dict], ctx: StepContext):

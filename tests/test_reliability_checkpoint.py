@@ -1,0 +1,262 @@
+"""Checkpoints lose nothing (issue 13): a re-save keeps the old step until the new one is durable
+(SIGKILL in the window), `latest` that is dangling / unreadable / outside is refused with the
+steps found, train.resume_from picks one, a truncated shard is named with the intact step to use,
+a full disk says so and leaves no partial step, and resume refuses a config that does not
+continue the checkpoint's run."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from train_helpers import ROOT, env, run_train
+
+SAVER = str(ROOT / "tests" / "scripts" / "save_tiny_checkpoint.py")
+
+
+def _tiny_chunks(env_, seed: int):
+    from megatron_mft.config import load_config
+    from megatron_mft.model import build_model_chunks
+    from megatron_mft.training.parallel import init_parallel
+
+    cfg = load_config(None, ["data.path=/unused", "model.num_layers=2"])
+    init_parallel(cfg.parallel, env_, seed)
+    return build_model_chunks(cfg.model, cfg.parallel, env_)
+
+
+def _save(root: Path, step: int, chunks) -> Path:
+    from megatron_mft.checkpoint.dist import save_checkpoint
+
+    return save_checkpoint(root, step, chunks, common={"step": step}, run_info={"step": step})
+
+
+def _digest(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def saved(tp1_env, tmp_path_factory):
+    """Checkpoints step 1 and step 2 of a tiny model (different weights), and that model."""
+    root = tmp_path_factory.mktemp("saved") / "checkpoints"
+    _save(root, 1, _tiny_chunks(tp1_env, seed=1))
+    chunks = _tiny_chunks(tp1_env, seed=2)
+    _save(root, 2, chunks)
+    return root, chunks
+
+
+def _copy(saved_root: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "out" / "checkpoints"
+    shutil.copytree(saved_root, root)
+    return root
+
+
+def test_killed_resave_keeps_the_old_step(saved, tmp_path):
+    """Re-saving step 2 (a re-run of a finished job, a stop signal at a save step) and SIGKILL
+    after the new shards are written, before publication: step 2 is still the old, whole copy."""
+    from megatron_mft.checkpoint.dist import checkpoint_problems, resume_checkpoint
+
+    root = _copy(saved[0], tmp_path)
+    before = _digest(root / "step_0000002")
+    e = env(2)
+    e["MFT_FAULT_SLEEP_IN_SAVE"] = "2:120"
+    proc = subprocess.Popen([sys.executable, SAVER, str(root), "2", "7"], cwd=ROOT, env=e,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    tmp = root / "step_0000002.tmp"
+    deadline = time.time() + 240
+    while not (tmp / "rng").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the re-save ended early: {proc.stderr.read()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (root / "latest").read_text().strip() == "step_0000002"
+    assert _digest(root / "step_0000002") == before  # the old copy, untouched
+    assert checkpoint_problems(root / "step_0000002") == []
+    assert resume_checkpoint(root) == root / "step_0000002"
+
+
+def test_resave_replaces_atomically_with_and_without_rename_exchange(tp1_env, saved, tmp_path, monkeypatch):
+    """Both publication paths end with the new copy and no leftovers; with the fallback, a crash
+    between its two renames leaves step_N.old, which `latest` readers use and the next save puts back."""
+    from megatron_mft.checkpoint import dist
+
+    def shards():  # the weights (the metadata and RNG files differ from save to save)
+        return {k: v for k, v in _digest(root / "step_0000002").items() if k.endswith(".distcp")}
+
+    root = _copy(saved[0], tmp_path)
+    old = shards()
+    _save(root, 2, _tiny_chunks(tp1_env, seed=5))  # renameat2(RENAME_EXCHANGE) here
+    assert shards() != old and sorted(p.name for p in root.iterdir()) == ["latest", "step_0000001", "step_0000002"]
+    monkeypatch.setattr(dist, "_exchange", lambda a, b: False)
+    _save(root, 2, saved[1])  # the step-2 weights again, through the two-rename fallback
+    assert shards() == old
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000001", "step_0000002"]
+    # a crash between "step_2 -> step_2.old" and "step_2.tmp -> step_2":
+    os.replace(root / "step_0000002", root / "step_0000002.old")
+    assert dist.resume_checkpoint(root) == root / "step_0000002.old"
+    _save(root, 3, saved[1])
+    assert (root / "step_0000002" / "run.json").is_file() and not (root / "step_0000002.old").exists()
+
+
+def test_truncated_shard_names_the_file_and_the_intact_step(tp1_env, saved, tmp_path):
+    from megatron_mft.checkpoint.dist import CheckpointError, load_checkpoint
+
+    root = _copy(saved[0], tmp_path)
+    shard = max((root / "step_0000002").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    chunks = _tiny_chunks(tp1_env, seed=0)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(root / "step_0000002", chunks)
+    msg = str(err.value)
+    assert "damaged" in msg and str(shard) in msg and "truncated" in msg
+    assert str(root / "step_0000001") in msg and "train.resume_from=1" in msg
+
+
+def _mount_tmpfs(path: Path, size: str) -> str | None:
+    """Mount a tiny tmpfs at path; None when this machine does not allow it (then the reason)."""
+    path.mkdir(parents=True)
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                       text=True)
+    return None if p.returncode == 0 else (p.stderr.strip() or f"mount exit {p.returncode}")
+
+
+def test_disk_full_names_the_path_and_removes_the_partial_step(tp1_env, saved, tmp_path, monkeypatch):
+    from megatron_mft.checkpoint.dist import CheckpointError
+
+    small = tmp_path / "small"
+    why_not = _mount_tmpfs(small, "1m")  # the tiny model's shards alone are ~2.5 MB
+    if why_not:  # not root / no CAP_SYS_ADMIN: the project's fault hook raises ENOSPC instead
+        print(f"tmpfs not available ({why_not}); using MFT_FAULT_ENOSPC_IN_SAVE")
+        monkeypatch.setenv("MFT_FAULT_ENOSPC_IN_SAVE", "3")
+    try:
+        root = small / "checkpoints"
+        with pytest.raises(CheckpointError) as err:
+            _save(root, 3, saved[1])
+        msg = str(err.value)
+        assert "no space left on device" in msg and str(root / "step_0000003") in msg
+        assert not (root / "step_0000003.tmp").exists() and not (root / "step_0000003").exists()
+    finally:
+        if not why_not:
+            subprocess.run(["umount", str(small)], check=False)
+
+
+# ------------------------------------------------------------------ which checkpoint to resume
+def _fake_steps(root: Path, steps=(1, 2)) -> None:
+    for s in steps:
+        d = root / f"step_{s:07d}"
+        d.mkdir(parents=True)
+        (d / "run.json").write_text(json.dumps({"step": s}))
+
+
+@pytest.mark.parametrize("pointer", [b"step_0000009\n", b"\xff\xfe\x00garbage", b"", b"../elsewhere/step_0000001",
+                                     b"/abs/step_0000001"])
+def test_unusable_latest_is_refused_with_the_steps_found(tmp_path, pointer):
+    from megatron_mft.checkpoint.dist import CheckpointError, resume_checkpoint
+
+    root = tmp_path / "run" / "checkpoints"
+    _fake_steps(root)
+    _fake_steps(tmp_path / "run" / "elsewhere", (1,))  # a real checkpoint, but outside this folder
+    (root / "latest").write_bytes(pointer)
+    with pytest.raises(CheckpointError) as err:
+        resume_checkpoint(root)
+    msg = str(err.value)
+    assert str(root) in msg and "step_0000001, step_0000002" in msg and "train.resume_from=2" in msg
+
+
+def test_resume_from_picks_a_step_or_a_folder(tmp_path):
+    from megatron_mft.checkpoint.dist import CheckpointError, resume_checkpoint
+    from megatron_mft.config import ConfigError, load_config
+
+    root = tmp_path / "checkpoints"
+    assert resume_checkpoint(root) is None  # nothing there: a fresh start
+    _fake_steps(root)
+    with pytest.raises(CheckpointError, match="no `latest` file"):
+        resume_checkpoint(root)  # checkpoints without a pointer: never a silent restart
+    assert resume_checkpoint(root, "1") == root / "step_0000001"
+    assert resume_checkpoint(tmp_path / "new", str(root / "step_0000002")) == root / "step_0000002"
+    with pytest.raises(CheckpointError) as err:
+        resume_checkpoint(root, "7")
+    assert err.value.exit_code == 2 and "step_0000001, step_0000002" in str(err.value)
+    with pytest.raises(ConfigError, match="train.resume_from"):
+        load_config(None, ["data.path=/x", "train.resume_from=none"])
+
+
+def test_train_refuses_a_dangling_latest_and_changes_nothing(tmp_path, train_overrides):
+    out = tmp_path / "run"
+    _fake_steps(out / "checkpoints")
+    (out / "checkpoints" / "latest").write_text("step_0000009\n")
+    before = _digest(out)
+    p = run_train(train_overrides + [f"output_dir={out}", "train.steps=1"], check=False, timeout=300)
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert str(out / "checkpoints") in p.stderr and "step_0000001, step_0000002" in p.stderr
+    assert "train.resume_from=2" in p.stderr
+    assert _digest(out) == before and not (out / "metrics.jsonl").exists()
+
+
+# ------------------------------------------------------------------ does the config continue the run
+def _run_json(train_overrides: list, demo_data: Path) -> dict:
+    from megatron_mft.config import load_config
+    from megatron_mft.config.base import to_dict
+    from train_helpers import CONFIG
+
+    manifest = json.loads((Path(demo_data) / "manifest.json").read_text())
+    return {"config": to_dict(load_config(CONFIG, train_overrides + ["train.steps=4"])),
+            "task_names": [t["name"] for t in manifest["tasks"]], "manifest": manifest, "peft": "none", "step": 2}
+
+
+def test_resume_differences_refuse_and_allow(train_overrides, demo_data, tmp_path):
+    from megatron_mft.checkpoint.resume_check import resume_differences
+    from megatron_mft.config import load_config
+    from train_helpers import CONFIG
+
+    saved = _run_json(train_overrides, demo_data)
+    manifest, tasks = saved["manifest"], saved["task_names"]
+    same = load_config(CONFIG, train_overrides + ["train.steps=9", "parallel.tp=2", "train.log_interval=3"])
+    refused, changed = resume_differences(saved, same, manifest, tasks)
+    assert refused == []
+    assert set(changed) == {"train.steps 4 -> 9", "parallel.tp 1 -> 2", "train.log_interval 1 -> 3"}
+
+    other = load_config(CONFIG, train_overrides + ["peft.method=lora", "loss.mode=sample", "model.num_layers=2"])
+    moved = json.loads(json.dumps(manifest))
+    moved["tasks"][0]["train_files"] = ["other.jsonl"]
+    refused, _ = resume_differences(saved, other, moved, tasks)
+    text = "\n".join(refused)
+    for what in ("model shape num_layers: checkpoint 4, config 2", "peft.method", "loss.mode: checkpoint",
+                 "data tasks: checkpoint"):
+        assert what in text, (what, text)
+    assert len(refused) == 4
+    refused, _ = resume_differences(saved, same, manifest, tasks[::-1])
+    assert refused == [f"task names: checkpoint {tasks}, data {tasks[::-1]}"]
+    lora = load_config(CONFIG, train_overrides + ["peft.method=lora"])
+    lora_saved = {**saved, "peft": "lora", "config": {**saved["config"], "peft": {**saved["config"]["peft"],
+                                                                                   "method": "lora"}}}
+    moved_base = load_config(CONFIG, train_overrides + ["peft.method=lora", f"train.init_checkpoint={tmp_path}",
+                                                        "peft.rank=4"])
+    assert resume_differences(lora_saved, lora, manifest, tasks)[0] == []
+    text = "\n".join(resume_differences(lora_saved, moved_base, manifest, tasks)[0])
+    assert "train.init_checkpoint (the frozen base" in text and "peft.rank: checkpoint 8, config 4" in text
+
+
+def test_train_refuses_an_incompatible_resume_in_one_message(tmp_path, train_overrides, demo_data):
+    """A full checkpoint resumed as LoRA with another loss mode (today a 60-key KeyError): one
+    message listing both; train.resume_from names another run's step folder."""
+    step = tmp_path / "old" / "checkpoints" / "step_0000002"
+    step.mkdir(parents=True)
+    (step / "run.json").write_text(json.dumps(_run_json(train_overrides, demo_data), default=str))
+    out = tmp_path / "new"
+    p = run_train(train_overrides + [f"output_dir={out}", "train.steps=4", f"train.resume_from={step}",
+                                     "peft.method=lora", "loss.mode=sample"], check=False, timeout=300)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and p.stderr.count("error:") == 1
+    assert "peft.method: a full-model checkpoint" in p.stderr and "loss.mode: checkpoint 'task-token'" in p.stderr
+    assert not (out / "metrics.jsonl").exists()
