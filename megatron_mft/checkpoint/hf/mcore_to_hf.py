@@ -8,7 +8,8 @@ Accepted checkpoints (each describes itself):
   LoRA/QLoRA runs save only the adapters; their base is the run's ``model.hf_init`` (a Hugging
   Face folder) or ``train.init_checkpoint`` (a dist checkpoint), read from the same place.
 
-Outputs: a ``LlamaForCausalLM`` folder (config.json, sharded safetensors + index, tokenizer
+Outputs: a folder of the family's class (``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
+``MistralForCausalLM``, ``Starcoder2ForCausalLM``: config.json, sharded safetensors + index, tokenizer
 files), with the adapters folded in (``merge_lora``), or a peft adapter folder
 (``adapter_only``): ``adapter_config.json`` + ``adapter_model.safetensors`` in transformers'
 module names, the fused ``linear_qkv`` adapter becoming q/k/v adapters that share ``A`` and
@@ -107,7 +108,8 @@ def describe_checkpoint(path: str | Path) -> CheckpointInfo:
         raise ConversionError(f"{p} holds adapters only, but its run names no base:",
                               ["run.json config has neither model.hf_init nor train.init_checkpoint"])
     return CheckpointInfo(path=p, kind="training", model_cfg=model, family=family_for(hf_cfg) if hf_cfg else
-                          FAMILIES["llama"], peft_cfg=peft if adapters else None, base=base if adapters else None,
+                          FAMILIES[model.arch().family], peft_cfg=peft if adapters else None,
+                          base=base if adapters else None,
                           hf_config=hf_cfg, tokenizer_dirs=toks)
 
 
