@@ -125,3 +125,45 @@ def test_unimplemented_features_are_refused_by_name(family_models):
     assert "hidden_act='gelu' is not supported" in refused("starcoder2", hidden_act="gelu")
     assert "rope_scaling.type='dynamic' is not supported" in refused(
         "deepseek", rope_parameters=None, rope_theta=1e5, rope_scaling={"type": "dynamic", "factor": 2.0})
+
+
+#: config.json of one model per family as the hub has it (transformers 4.x spelling; the keys
+#: that matter for the architecture), which must be recognised as our preset.
+HUB_CONFIGS = {
+    "llama3.2-1b": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 2048,
+                    "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+                    "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
+                    "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "tie_word_embeddings": True, "hidden_act": "silu",
+                    "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1, "head_dim": 64,
+                    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                     "original_max_position_embeddings": 8192, "rope_type": "llama3"}},
+    "qwen2.5-coder-0.5b": {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 896,
+                           "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+                           "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 32768,
+                           "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "tie_word_embeddings": True,
+                           "hidden_act": "silu", "use_sliding_window": False, "sliding_window": 32768,
+                           "max_window_layers": 24, "rope_scaling": None},
+    "deepseek-coder-33b": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 7168,
+                           "intermediate_size": 19200, "num_hidden_layers": 62, "num_attention_heads": 56,
+                           "num_key_value_heads": 8, "vocab_size": 32256, "max_position_embeddings": 16384,
+                           "rms_norm_eps": 1e-06, "rope_theta": 100000, "tie_word_embeddings": False,
+                           "hidden_act": "silu", "pretraining_tp": 1, "rope_scaling": {"factor": 4.0, "type": "linear"}},
+    "codestral-22b": {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "hidden_size": 6144,
+                      "intermediate_size": 16384, "num_hidden_layers": 56, "num_attention_heads": 48,
+                      "num_key_value_heads": 8, "vocab_size": 32768, "max_position_embeddings": 32768,
+                      "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": None,
+                      "tie_word_embeddings": False, "hidden_act": "silu"},
+    "starcoder2-3b": {"model_type": "starcoder2", "architectures": ["Starcoder2ForCausalLM"], "hidden_size": 3072,
+                      "intermediate_size": 12288, "num_hidden_layers": 30, "num_attention_heads": 24,
+                      "num_key_value_heads": 2, "vocab_size": 49152, "max_position_embeddings": 16384,
+                      "norm_epsilon": 1e-05, "rope_theta": 999999.4420358813, "sliding_window": 4096,
+                      "use_bias": True, "hidden_act": "gelu_pytorch_tanh", "norm_type": "layer_norm"},
+}
+
+
+@pytest.mark.parametrize("preset", sorted(HUB_CONFIGS))
+def test_hub_config_is_recognised_as_its_preset(preset):
+    from megatron_mft.checkpoint.hf.hfconfig import model_config_from_hf
+
+    assert model_config_from_hf(HUB_CONFIGS[preset]).preset == preset
+    assert model_config_from_hf(HUB_CONFIGS[preset], preset=preset).preset == preset

@@ -173,6 +173,8 @@ class Family:
         problems, out = [], {}
         for f in self.config:
             value = next((self.hf_value(cfg, k) for k in f.hf if self.hf_value(cfg, k) is not None), None)
+            if value is None and f.null is not _UNSET and any(k in cfg and cfg[k] is None for k in f.hf):
+                value = f.null  # an explicit null (Codestral's sliding_window), not a missing key
             if value is None and f.default_from:
                 value = self.hf_value(cfg, f.default_from)
             if value is None:
