@@ -1,24 +1,68 @@
 #!/usr/bin/env bash
-# The GPU checks the issues name, as one prepared script for the device tool (one H100/H200,
-# Python 3.12, PyTorch 2.11, peft + transformers, no megatron-core/TE/flash-attn, no internet).
+# The GPU checks of issue 12 as one prepared script for the device tool: one H100/H200, Python
+# 3.12, PyTorch (CUDA) 2.11, transformers + peft preinstalled; no megatron-core, TE, flash-attn or
+# internet there. Budget: under 9 minutes in all (each step has its own timeout below).
 #
-# Before the call, here (not on the device), fetch the megatron-core wheel for Python 3.12:
-#   echo /.whl/ >> .git/info/exclude
+#   1. placement   every variant the recipes build (full/LoRA/QLoRA x each attention backend
+#                  importable there), built as the recipe does on CUDA: every parameter, buffer
+#                  and NF4 code on the GPU, then one packed and one dynamic step each
+#   2. hf-parity   megatron logits vs transformers' on CUDA, fp32 (<= 1e-3) and bf16 (no further
+#                  from transformers' fp32 logits than 1.5 x transformers' own bf16 run + 0.02)
+#   3. bench       CodeLlama-34B-shaped layers (4 of 48, hidden 8192), seq 4096, bf16: full, LoRA
+#                  and QLoRA packed, LoRA dynamic: tokens/s, model and hardware TFLOP/s, MFU,
+#                  peak memory (FLOPs from megatron_mft.training.metrics.flop_count)
+#   4. summary     QLoRA/LoRA step-time ratio (target <= 1.3), packed vs dynamic, a markdown table
+#
+# Prepare here (not on the device; .whl/ is git-ignored), from the repository root:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.16.1
-# Then: device run with carry=[".whl"], command "bash tests/gpu/run_gpu_checks.sh", timeout_s 540.
-# Results land in $OUT (JSON per check + log); copy the figures, with the card, to docs/performance.md.
+#     --platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 -d .whl \
+#     megatron-core==0.16.1 bitsandbytes==0.50.2
+# (megatron-core: the cp312 wheel, it has a compiled helper; bitsandbytes: py3-none manylinux with
+# its CUDA libraries, ~43 MB; both together stay under the device tool's 64 MiB carry limit.)
+# Then: device run, carry [".whl"], command "bash tests/gpu/run_gpu_checks.sh", timeout_s 560.
+# Results: $OUT/*.json, $OUT/summary.md, $OUT/log.txt. Put the figures, with the card, in
+# docs/performance.md.
+#
+# DRY_RUN=1 bash tests/gpu/run_gpu_checks.sh   runs the same Python on the CPU with tiny shapes
+# (this repository's .venv, nothing installed): it checks the script, its figures mean nothing.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-/tmp/gpu_out}"; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-B=tools/bench/train_throughput.py
-run() { local name=$1; shift; echo "== $name"; timeout 150 python3 "$B" "$@" --json "$OUT/$name.json" 2>&1 | tail -25; }
-# issue 2: CodeLlama-34B-shaped layers, bf16, seq 4096, plain PyTorch SDPA (no TE here)
-run full34b_4l --preset codellama-34b --layers 4 --seq 4096 --micro-batch 1 --micro-batches 2 --steps 3 --precision bf16
-# issue 5: LoRA vs QLoRA step time and peak memory on the same layers
-run lora34b_4l --preset codellama-34b --layers 4 --seq 4096 --micro-batch 1 --micro-batches 2 --steps 3 --precision bf16 --peft lora
-run qlora34b_4l --preset codellama-34b --layers 4 --seq 4096 --micro-batch 1 --micro-batches 2 --steps 3 --precision bf16 --peft qlora
-python3 tools/bench/peft_memory.py 2>&1 | tail -30 | tee "$OUT/peft_memory.txt"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+DRY=()
+if [ "${DRY_RUN:-0}" = 1 ]; then
+  . .venv/bin/activate
+  DRY=(--dry-run)
+  PY=python
+else
+  PY=python3
+  ls .whl/megatron_core-*.whl .whl/bitsandbytes-*.whl >/dev/null || { echo "missing wheels in .whl/ (see header)"; exit 2; }
+  # install next to the preinstalled torch; --no-deps: torch, numpy, packaging are there already
+  "$PY" -m pip install -q --no-index --no-deps --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site:$PYTHONPATH"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+fi
+"$PY" -c "import torch, megatron.core, bitsandbytes, transformers, peft; print('torch', torch.__version__, \
+'cuda', torch.version.cuda, 'megatron-core', megatron.core.__version__, 'bitsandbytes', bitsandbytes.__version__, \
+'transformers', transformers.__version__, 'peft', peft.__version__)" | tee "$OUT/versions.txt" || exit 1
+
+FAILED=()
+step() {  # step NAME TIMEOUT_S ARGS...: one check, its own process and time limit
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s)"
+  local t0=$SECONDS
+  timeout "$limit" "$PY" tests/gpu/gpu_checks.py "$@" --out "$OUT" "${DRY[@]}"
+  local rc=$?
+  echo "== $name: exit $rc after $((SECONDS - t0))s"
+  [ $rc = 0 ] || FAILED+=("$name(exit $rc)")
+}
+step placement 90 placement
+step hf-parity 90 hf-parity
+step bench-full-packed 75 bench --peft none --batching packed
+step bench-lora-packed 60 bench --peft lora --batching packed
+step bench-qlora-packed 75 bench --peft qlora --batching packed
+step bench-lora-dynamic 60 bench --peft lora --batching dynamic
+step summary 30 summary
+echo "failed: ${FAILED[*]:-none}"
+[ ${#FAILED[@]} = 0 ]

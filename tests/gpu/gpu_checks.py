@@ -1,0 +1,337 @@
+"""The GPU checks of issue 12, one subcommand per process (tests/gpu/run_gpu_checks.sh runs them).
+
+    python tests/gpu/gpu_checks.py placement --out DIR     # every variant built as the recipe does,
+                                                           # all tensors on cuda, one packed + one
+                                                           # dynamic step each (real kernels)
+    python tests/gpu/gpu_checks.py hf-parity --out DIR     # logits vs transformers on CUDA, fp32 and bf16
+    python tests/gpu/gpu_checks.py bench --peft lora --batching packed --out DIR
+                                                           # CodeLlama-34B-shaped layers: tokens/s,
+                                                           # model/hardware TFLOP/s, MFU, peak memory
+    python tests/gpu/gpu_checks.py summary --out DIR       # ratios + a markdown table for docs/performance.md
+
+``--dry-run``: the same code on the CPU with tiny shapes (checks this script without a GPU;
+its figures mean nothing). Each subcommand writes ``DIR/<name>.json`` and exits 1 when its
+check fails.
+
+Tolerances (HF parity, logits of a random 4-layer Llama with O(1-10) logits, 2 x 256 tokens):
+fp32: max |megatron - transformers| <= 1e-3 (the CPU suite holds 1e-4; CUDA kernels reduce in
+other orders). bf16: megatron's bf16 logits may be no further from transformers' fp32 logits
+than 1.5 x transformers' own bf16 run is, plus 0.02 (bf16 keeps 8 bits of mantissa).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))  # test_hf_fixtures.make_hf_model
+
+#: CodeLlama-34B-shaped layers (issue 12): 4 of its 48 layers at its full width, seq 4096, bf16
+BENCH = dict(preset="codellama-34b", layers=4, seq=4096, docs=[1536, 1024, 1024, 512], micro_batches=2,
+             steps=3, lora_rank=64)
+DRY_BENCH = dict(preset="tiny", layers=2, seq=256, docs=[96, 64, 64, 32], micro_batches=2, steps=1, lora_rank=8)
+QLORA_OVER_LORA_TARGET = 1.3
+
+
+# ---------------------------------------------------------------- set-up shared by the checks
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def runtime():
+    """Environment, one-process group (NCCL on CUDA) and the device tensors must live on."""
+    from megatron_mft.compat import setup_runtime
+
+    env = setup_runtime()
+    if env.cuda:
+        torch.cuda.set_device(0)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if env.cuda else "gloo",
+                                             init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    device = torch.device("cuda", torch.cuda.current_device()) if env.cuda else torch.device("cpu")
+    return env, device
+
+
+def load_cfg(overrides: list[str]):
+    from megatron_mft.config import load_config
+
+    return load_config(None, ["data.path=/synthetic", "loss.mode=token", "train.warmup_steps=0", *overrides])
+
+
+def build_engine(cfg, env):
+    """What Recipe.setup does to the model (base weights aside): adapter spec, GPTModel chunks,
+    PEFT prepare (freeze, adapters, NF4), megatron DDP, optimizer, scheduler."""
+    from megatron_mft.model import build_model_chunks
+    from megatron_mft.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
+    from megatron_mft.training.parallel import init_parallel
+    from megatron_mft.training.step import install_grad_finalizer
+
+    init_parallel(cfg.parallel, env, cfg.seed)
+    layer, plan = None, None
+    if cfg.peft.method != "none":
+        from megatron_mft.peft import PeftPlan
+
+        plan = PeftPlan(cfg.peft, env)
+        layer = plan.layer_spec(cfg.model)
+    raw = build_model_chunks(cfg.model, cfg.parallel, env, layer=layer)
+    if plan is not None:
+        plan.prepare(raw)
+    chunks = wrap_ddp(raw, cfg)
+    install_grad_finalizer(chunks)
+    opt = build_optimizer(chunks, cfg)
+    return raw, chunks, opt, build_scheduler(opt, cfg, 1000)
+
+
+def micro_batches(docs: list[int], packed: bool, n: int, vocab: int, seed: int = 0) -> list[dict]:
+    """``n`` micro batches through the real collator: packed = one row holding every document
+    (THD); dynamic = one document per row, padded to the longest (SBHD). Same tokens either way."""
+    import numpy as np
+
+    from megatron_mft.data.collate import Row, collate, row_width
+
+    g = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        samples = [(g.integers(3, vocab, size=d), np.ones(d, dtype=np.uint8), 0) for d in docs]
+        rows = [Row.of(samples)] if packed else [Row.of([s]) for s in samples]
+        out.append(collate(rows, row_width(rows, multiple=8), pad_id=0))
+    return out
+
+
+def write(out: Path, name: str, result: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
+    print(json.dumps(result, indent=1, default=str), flush=True)
+
+
+def release() -> None:
+    """Between variants in one process: megatron's parallel state down, freed memory returned
+    (the caller drops its references to the model and optimizer first)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- placement
+
+def check_placement(args) -> bool:
+    """Every variant the recipes build, built as on CUDA (use_cpu_initialization=False), every
+    tensor on the device (the recipe's own check), then one packed and one dynamic step."""
+    from megatron_mft.model import kernels_line, misplaced_tensors
+    from megatron_mft.model.placement import model_tensors
+    from megatron_mft.training.step import StepContext, train_step
+
+    env, device = runtime()
+    backends = ["sdpa"] + (["flash"] if env.flash_attn else []) + (["te"] if env.te else [])
+    results, ok = [], True
+    for method in ("none", "lora", "qlora"):
+        for backend in backends:
+            cfg = load_cfg(["model.num_layers=2", "model.precision=bf16" if env.cuda else "model.precision=fp32",
+                            f"model.attention_backend={backend}", f"peft.method={method}", "peft.rank=8",
+                            "train.micro_batch_size=4"])
+            rec = {"method": method, "backend": backend}
+            try:
+                raw, chunks, opt, sched = build_engine(cfg, env)
+                rec["use_cpu_initialization"] = raw[0].config.use_cpu_initialization
+                rec["misplaced"] = [f"{n} on {d}" for n, d in misplaced_tensors(chunks, device)]
+                rec["tensors_checked"] = sum(1 for _ in model_tensors(chunks))
+                for packed in (True, False):
+                    ctx = StepContext(loss_cfg=cfg.loss, task_names=["t"], device=device, packed=packed)
+                    mbs = micro_batches([48, 32, 32, 16], packed, 2, cfg.model.arch().vocab_size)
+                    out = train_step(chunks, opt, sched, mbs, ctx)
+                    rec[f"loss_{'packed' if packed else 'dynamic'}"] = out["loss"]
+                    rec[f"kernels_{'packed' if packed else 'dynamic'}"] = kernels_line(raw, env, packed=packed)
+                good = (not rec["misplaced"] and rec["use_cpu_initialization"] is (not env.cuda)
+                        and all(math.isfinite(rec[k]) for k in ("loss_packed", "loss_dynamic")))
+                del raw, chunks, opt, sched
+                release()
+            except Exception as e:  # noqa: BLE001 - every variant is reported
+                rec["error"] = f"{type(e).__name__}: {e}"
+                good = False
+                release()
+            rec["ok"] = good
+            ok &= good
+            results.append(rec)
+    write(Path(args.out), "placement", {"device": env.device_name, "ok": ok, "variants": results})
+    return ok
+
+
+# ---------------------------------------------------------------- HF parity
+
+def check_hf_parity(args) -> bool:
+    """Random Llama (transformers) -> model.hf_init loader -> megatron logits on the device,
+    against transformers' logits on the same device, fp32 and bf16."""
+    import tempfile
+
+    from test_hf_fixtures import make_hf_model
+    from transformers import AutoModelForCausalLM
+
+    from megatron_mft.checkpoint.hf.verify import build_megatron, megatron_logits, random_tokens
+    from megatron_mft.config import ParallelConfig
+    from megatron_mft.training.parallel import init_parallel
+
+    env, device = runtime()
+    shape = (dict(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2) if args.dry_run else
+             dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                  num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096))
+    tokens = random_tokens(shape["vocab_size"], 2, 64 if args.dry_run else 256, seed=3)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = make_hf_model(Path(tmp) / "hf", seed=5, max_shard_size="2GB", **shape)
+
+        def hf(dtype):
+            # cast after loading: the from_pretrained dtype keyword differs across transformers versions
+            model = AutoModelForCausalLM.from_pretrained(str(hf_dir), attn_implementation="sdpa")
+            with torch.no_grad():
+                model = model.to(device=device, dtype=dtype).eval()
+                logits = model(input_ids=tokens.to(device)).logits.float().cpu()
+            del model
+            return logits
+
+        def ours(precision):
+            init_parallel(ParallelConfig(), env, 0)
+            chunks, cfg = build_megatron(hf_dir, None, ParallelConfig(), env, precision=precision)
+            logits = megatron_logits(chunks, tokens, cfg.arch().vocab_size)
+            del chunks
+            release()
+            return logits
+
+        ref32, ref16 = hf(torch.float32), hf(torch.bfloat16)
+        got32, got16 = ours("fp32"), ours("bf16")
+    err32 = (got32 - ref32).abs().max().item()
+    err16 = (got16 - ref32).abs().max().item()
+    hf16 = (ref16 - ref32).abs().max().item()
+    tol16 = 1.5 * hf16 + 0.02
+    result = {"device": env.device_name, "tokens": list(tokens.shape), "max_abs_logit": ref32.abs().max().item(),
+              "fp32_max_abs_diff": err32, "fp32_tol": 1e-3,
+              "bf16_max_abs_diff_vs_hf_fp32": err16, "hf_bf16_max_abs_diff_vs_hf_fp32": hf16, "bf16_tol": tol16,
+              "bf16_argmax_agreement": (got16.argmax(-1) == ref32.argmax(-1)).float().mean().item(),
+              "hf_bf16_argmax_agreement": (ref16.argmax(-1) == ref32.argmax(-1)).float().mean().item()}
+    result["ok"] = ref32.abs().max().item() > 1.0 and err32 <= 1e-3 and err16 <= tol16
+    write(Path(args.out), "hf_parity", result)
+    return result["ok"]
+
+
+# ---------------------------------------------------------------- throughput
+
+def bench(args) -> bool:
+    """Real optimizer steps of the engine on CodeLlama-34B-shaped layers: the same documents
+    packed (one THD row per micro batch) or dynamic (one document per row, padded)."""
+    from megatron_mft.model import kernels_line
+    from megatron_mft.training.metrics import flop_count, peak_flops
+    from megatron_mft.training.step import StepContext, train_step
+
+    b = DRY_BENCH if args.dry_run else BENCH
+    env, device = runtime()
+    packed = args.batching == "packed"
+    docs = b["docs"]
+    cfg = load_cfg([f"model.preset={b['preset']}", f"model.num_layers={b['layers']}",
+                    "model.precision=bf16" if env.cuda else "model.precision=fp32",
+                    f"data.seq_length={b['seq']}", f"data.batching={args.batching}",
+                    f"train.micro_batch_size={1 if packed else len(docs)}",
+                    f"peft.method={args.peft}", f"peft.rank={b['lora_rank']}", f"peft.alpha={2 * b['lora_rank']}"])
+    arch = cfg.model.arch()
+    raw, chunks, opt, sched = build_engine(cfg, env)
+    ctx = StepContext(loss_cfg=cfg.loss, task_names=["bench"], device=device, packed=packed)
+    mbs = micro_batches(docs, packed, b["micro_batches"], arch.vocab_size)
+    if env.cuda:
+        torch.cuda.reset_peak_memory_stats()
+    out = train_step(chunks, opt, sched, mbs, ctx)  # warm-up (allocator, kernels' autotuning)
+    if env.cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(b["steps"]):
+        out = train_step(chunks, opt, sched, mbs, ctx)
+    if env.cuda:
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / b["steps"]
+    lengths = docs * b["micro_batches"]
+    flops = flop_count(arch, lengths, cfg.peft if args.peft != "none" else None, cfg.model.recompute)
+    peak = peak_flops(env.device_name)
+    result = {
+        "device": env.device_name, "torch": torch.__version__, "kernels": kernels_line(raw, env, packed=packed),
+        "preset": b["preset"], "layers": arch.num_layers, "hidden": arch.hidden_size, "seq": b["seq"],
+        "docs_per_micro_batch": docs, "micro_batches": b["micro_batches"], "batching": args.batching,
+        "peft": args.peft, "lora_rank": b["lora_rank"] if args.peft != "none" else None,
+        "precision": str(raw[0].config.params_dtype), "recompute": cfg.model.recompute,
+        "real_tokens_per_step": sum(lengths),
+        "padded_tokens_per_step": sum(int(mb["tokens"].numel()) for mb in mbs),
+        "step_s": dt, "tokens_per_s": sum(lengths) / dt,
+        "model_tflops_per_s": flops.model / dt / 1e12, "hardware_tflops_per_s": flops.hardware / dt / 1e12,
+        "peak_tflops": peak / 1e12 if peak else None, "mfu": flops.model / dt / peak if peak else None,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if env.cuda else None,
+        "loss": out["loss"],
+    }
+    result["ok"] = math.isfinite(out["loss"])
+    write(Path(args.out), f"bench_{args.peft}_{args.batching}", result)
+    return result["ok"]
+
+
+# ---------------------------------------------------------------- summary
+
+def summary(args) -> bool:
+    """Ratios across the bench runs and a markdown table (for docs/performance.md)."""
+    out = Path(args.out)
+    runs = {p.stem[len("bench_"):]: json.loads(p.read_text()) for p in sorted(out.glob("bench_*.json"))}
+    checks = {n: json.loads((out / f"{n}.json").read_text()).get("ok") if (out / f"{n}.json").is_file() else None
+              for n in ("placement", "hf_parity")}
+    res = {"checks": checks, "runs": sorted(runs)}
+    if "qlora_packed" in runs and "lora_packed" in runs:
+        r = runs["qlora_packed"]["step_s"] / runs["lora_packed"]["step_s"]
+        res.update(qlora_over_lora_step_time=r, qlora_over_lora_target=QLORA_OVER_LORA_TARGET,
+                   qlora_over_lora_within_target=r <= QLORA_OVER_LORA_TARGET)
+    for method in ("none", "lora", "qlora"):
+        if f"{method}_packed" in runs and f"{method}_dynamic" in runs:
+            res[f"{method}_packed_over_dynamic_tokens_per_s"] = (runs[f"{method}_packed"]["tokens_per_s"]
+                                                                 / runs[f"{method}_dynamic"]["tokens_per_s"])
+    lines = ["| run | step s | tokens/s | model TFLOP/s | hardware TFLOP/s | MFU | peak GiB |", "|---|---|---|---|---|---|---|"]
+    for name, r in runs.items():
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+        mem = f"{r['peak_mem_gib']:.1f}" if r.get("peak_mem_gib") is not None else "-"
+        lines.append(f"| {name} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['model_tflops_per_s']:.1f} | "
+                     f"{r['hardware_tflops_per_s']:.1f} | {mfu} | {mem} |")
+    if runs:
+        first = next(iter(runs.values()))
+        lines.insert(0, f"{first['device']}, torch {first['torch']}, {first['preset']} x {first['layers']} layers, "
+                        f"seq {first['seq']}, {first['precision']}; kernels: {first['kernels']}\n")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    res["ok"] = all(v is True for v in checks.values()) and res.get("qlora_over_lora_within_target", True)
+    write(out, "summary", res)
+    print("\n".join(lines))
+    return res["ok"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("check", choices=["placement", "hf-parity", "bench", "summary"])
+    ap.add_argument("--out", required=True, help="folder for <check>.json")
+    ap.add_argument("--peft", default="none", choices=["none", "lora", "qlora"])
+    ap.add_argument("--batching", default="packed", choices=["packed", "dynamic"])
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (no GPU needed)")
+    args = ap.parse_args(argv)
+    if not args.dry_run and not torch.cuda.is_available():
+        print("no CUDA device: these are GPU checks (use --dry-run to exercise the script on the CPU)",
+              file=sys.stderr)
+        return 2
+    fn = {"placement": check_placement, "hf-parity": check_hf_parity, "bench": bench, "summary": summary}[args.check]
+    return 0 if fn(args) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
