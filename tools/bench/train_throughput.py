@@ -1,30 +1,51 @@
-"""Training throughput of a preset (optionally with fewer layers): tokens/s, TFLOP/s per GPU, MFU.
+"""Training throughput of a preset (optionally with fewer layers): tokens/s, TFLOP/s per GPU, MFU;
+or the engine against a plain Hugging Face training loop on the same model (``--compare-hf``).
 
     python tools/bench/train_throughput.py --preset codellama-34b --layers 4 --seq 4096   # one GPU
     python tools/bench/train_throughput.py                                                # CPU default
+    python tools/bench/train_throughput.py --compare-hf --threads 1,2 --peft-modes none,lora
 
-Runs real optimizer steps of the training engine (megatron schedules, DDP, Adam) on synthetic
-packed rows (one document per row) and prints measured figures with the device name.
+Default mode: real optimizer steps of the training engine (megatron schedules, DDP, Adam) on
+synthetic packed rows (``--docs-per-row`` documents per row) with the device name.
 Multi-GPU: launch under torchrun with --tp/--pp.
+
+``--compare-hf``: the parent writes one random transformers ``LlamaForCausalLM`` of the preset's
+architecture (``save_pretrained``) and starts two worker processes: the engine (weights loaded
+from that folder by ``model.hf_init``'s loader, packed rows) and a plain PyTorch loop over the
+same ``LlamaForCausalLM`` (``model(input_ids, labels=...)``, backward per micro batch, gradient
+clipping, ``torch.optim.AdamW``; peft's LoRA for ``lora``). Both see the same token batches.
+Trials rotate which timing runs first; each trial gives one ratio engine/HF (tokens/s over wall
+time, and over the worker's process CPU time, the steadier figure on a shared machine), and the
+median and range over trials are printed, per thread count and per mode. A third timing per trial runs
+the engine on rows packed with several documents each (the MFT pack mode) on the same tokens.
+Before timing, both workers report the loss of the same batch at the initial weights (the same
+model built two ways must agree). ``--profile`` prints a torch.profiler table of one step of
+each loop instead of the trials.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
 
 
-def main() -> None:
+def _args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--layers", type=int, default=None, help="override num_layers (e.g. 4 of 34B's 48)")
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--micro-batches", type=int, default=2, help="micro batches per step")
-    ap.add_argument("--steps", type=int, default=4, help="measured steps (after 1 warm-up step)")
+    ap.add_argument("--steps", type=int, default=4, help="measured steps (after 1 warm-up step); per trial with --compare-hf")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--sp", action="store_true")
@@ -33,79 +54,148 @@ def main() -> None:
     ap.add_argument("--attention", default="auto", choices=["auto", "te", "flash", "sdpa"])
     ap.add_argument("--peft", default="none", choices=["none", "lora", "qlora"])
     ap.add_argument("--lora-rank", type=int, default=64)
+    ap.add_argument("--docs-per-row", type=int, default=1, help="documents packed per row (random lengths)")
     ap.add_argument("--json", help="also write the result here")
-    args = ap.parse_args()
+    cmp = ap.add_argument_group("--compare-hf")
+    cmp.add_argument("--compare-hf", action="store_true", help="engine vs a plain transformers loop, alternating")
+    cmp.add_argument("--threads", default="1,2", help="torch threads per worker, comma-separated")
+    cmp.add_argument("--peft-modes", default="none,lora", help="comma-separated: none (full fine-tune), lora")
+    cmp.add_argument("--trials", type=int, default=8, help="alternating paired trials per thread count and mode")
+    cmp.add_argument("--packed-docs", type=int, default=4, help="documents per row of the packed engine timing")
+    cmp.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step per loop")
+    cmp.add_argument("--worker", choices=["engine", "hf"], help=argparse.SUPPRESS)
+    cmp.add_argument("--hf-dir", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
 
-    from megatron.core import parallel_state as ps
 
-    from megatron_mft.compat import setup_runtime
-    from megatron_mft.config import load_config
-    from megatron_mft.model import build_model_chunks, kernels_line
-    from megatron_mft.training.metrics import flop_count, peak_flops
-    from megatron_mft.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
-    from megatron_mft.training.parallel import init_parallel
-    from megatron_mft.training.step import StepContext, install_grad_finalizer, train_step
+# ---------------------------------------------------------------- synthetic batches
 
-    env = setup_runtime()
+def doc_lengths(seq: int, docs: int, g: torch.Generator) -> list[int]:
+    """``docs`` random lengths (each >= 16) filling a row of ``seq`` tokens exactly."""
+    if docs <= 1:
+        return [seq]
+    cuts = sorted(torch.randperm(seq // 16 - 1, generator=g)[:docs - 1].add(1).mul(16).tolist())
+    return [b - a for a, b in zip([0] + cuts, cuts + [seq])]
+
+
+def micro_batch(tokens: torch.Tensor, docs: int, g: torch.Generator) -> dict:
+    """The data contract's micro batch for ``tokens`` [b, s], rows split into ``docs`` documents;
+    every position but a document's last takes loss (as a causal LM loss over each document)."""
+    b, s = tokens.shape
+    lengths = [doc_lengths(s, docs, g) for _ in range(b)]
+    flat = [n for row in lengths for n in row]
+    sample = torch.repeat_interleave(torch.arange(len(flat)), torch.tensor(flat)).reshape(b, s)
+    pos = torch.cat([torch.arange(n) for n in flat]).reshape(b, s)
+    last = torch.cat([torch.arange(n) == n - 1 for n in flat]).reshape(b, s)
+    cu = torch.tensor([0] + flat).cumsum(0).to(torch.int32)
+    return dict(tokens=tokens, labels=torch.where(last, 0, tokens.roll(-1, 1)), loss_mask=(~last).float(),
+                task_ids=torch.zeros(b, s, dtype=torch.long), sample_ids=sample, position_ids=pos,
+                cu_seqlens=cu, max_seqlen=max(flat))
+
+
+def token_batches(args, vocab: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1234)
+    return [torch.randint(0, vocab, (args.micro_batch, args.seq), generator=g) for _ in range(args.micro_batches)]
+
+
+# ---------------------------------------------------------------- the engine
+
+def _engine_overrides(args) -> list[str]:
     over = [f"model.preset={args.preset}", f"model.precision={args.precision}", f"model.recompute={args.recompute}",
             f"model.attention_backend={args.attention}", f"parallel.tp={args.tp}", f"parallel.pp={args.pp}",
             f"parallel.sp={str(args.sp).lower()}", "data.path=/synthetic", f"data.seq_length={args.seq}",
             "loss.mode=token", f"train.micro_batch_size={args.micro_batch}", "train.warmup_steps=0",
-            f"peft.method={args.peft}", f"peft.rank={args.lora_rank}"]
+            f"peft.method={args.peft}", f"peft.rank={args.lora_rank}", f"peft.alpha={2 * args.lora_rank}"]
     if args.layers:
         over.append(f"model.num_layers={args.layers}")
-    cfg = load_config(None, over)
-    init_parallel(cfg.parallel, env, cfg.seed)
-    dp = ps.get_data_parallel_world_size()
-    device = torch.device("cuda", torch.cuda.current_device()) if env.cuda else torch.device("cpu")
-    layer, plan = None, None
-    if args.peft != "none":  # same order as the recipe: adapter spec, build, freeze/quantise
-        from megatron_mft.peft import PeftPlan
+    return over
 
-        plan = PeftPlan(cfg.peft, env)
-        layer = plan.layer_spec(cfg.model)
-    raw = build_model_chunks(cfg.model, cfg.parallel, env, layer=layer)
-    if plan is not None:
-        plan.prepare(raw)
-    chunks = wrap_ddp(raw, cfg)
-    install_grad_finalizer(chunks)
-    opt = build_optimizer(chunks, cfg)
-    sched = build_scheduler(opt, cfg, args.steps + 1)
-    arch = cfg.model.arch()
+
+class Engine:
+    """The training engine as the recipe builds it: (adapter spec,) GPTModel chunks, DDP, optimizer."""
+
+    def __init__(self, args, hf_dir: str | None = None, total_steps: int = 1000):
+        from megatron.core import parallel_state as ps
+
+        from megatron_mft.compat import setup_runtime
+        from megatron_mft.config import load_config
+        from megatron_mft.model import build_model_chunks
+        from megatron_mft.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
+        from megatron_mft.training.parallel import init_parallel
+        from megatron_mft.training.step import StepContext, install_grad_finalizer
+
+        self.env = env = setup_runtime()
+        self.cfg = cfg = load_config(None, _engine_overrides(args))
+        init_parallel(cfg.parallel, env, cfg.seed)
+        self.dp = ps.get_data_parallel_world_size()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if env.cuda else torch.device("cpu")
+        layer, plan = None, None
+        if args.peft != "none":  # same order as the recipe: adapter spec, build, (load,) freeze/quantise
+            from megatron_mft.peft import PeftPlan
+
+            plan = PeftPlan(cfg.peft, env)
+            layer = plan.layer_spec(cfg.model)
+        self.raw = build_model_chunks(cfg.model, cfg.parallel, env, layer=layer)
+        if hf_dir is not None:
+            from megatron_mft.checkpoint.hf.load import load_hf_into_chunks
+
+            load_hf_into_chunks(hf_dir, self.raw, cfg.model, cfg.parallel)
+        if plan is not None:
+            plan.prepare(self.raw)
+        self.chunks = wrap_ddp(self.raw, cfg)
+        install_grad_finalizer(self.chunks)
+        self.opt = build_optimizer(self.chunks, cfg)
+        self.sched = build_scheduler(self.opt, cfg, total_steps)
+        self.ctx = StepContext(loss_cfg=cfg.loss, task_names=["bench"], device=self.device, packed=True)
+
+    def step(self, batches: list[dict]) -> dict:
+        from megatron_mft.training.step import train_step
+
+        return train_step(self.chunks, self.opt, self.sched, batches, self.ctx)
+
+    def initial_loss(self, tokens: torch.Tensor) -> float:
+        """Mean next-token CE of one document per row (sbhd forward, no grad)."""
+        model = self.raw[0]
+        b, s = tokens.shape
+        with torch.no_grad():
+            model.eval()
+            ce = model(tokens, torch.arange(s).expand(b, s), None, labels=tokens.roll(-1, 1))
+            model.train()
+        return ce[:, :-1].double().mean().item()
+
+
+def run_default(args) -> None:
+    eng = Engine(args, total_steps=args.steps + 1)
+    from megatron_mft.model import kernels_line
+    from megatron_mft.training.metrics import flop_count, peak_flops
+
+    env, arch = eng.env, eng.cfg.model.arch()
     b, s = args.micro_batch, args.seq
     g = torch.Generator().manual_seed(0)
-
-    def micro_batch():
-        tok = torch.randint(0, arch.vocab_size, (b, s), generator=g)
-        rows = torch.arange(b)[:, None].expand(b, s)
-        return dict(tokens=tok, labels=tok.roll(-1, 1), loss_mask=torch.ones(b, s), task_ids=torch.zeros(b, s, dtype=torch.long),
-                    sample_ids=rows.clone(), position_ids=torch.arange(s).expand(b, s).clone(),
-                    cu_seqlens=torch.arange(0, b * s + 1, s, dtype=torch.int32), max_seqlen=s)
-
-    ctx = StepContext(loss_cfg=cfg.loss, task_names=["bench"], device=device, packed=True)
-    batches = [micro_batch() for _ in range(args.micro_batches)]
+    batches = [micro_batch(t, args.docs_per_row, g) for t in token_batches(args, arch.vocab_size)]
     if env.cuda:
         torch.cuda.reset_peak_memory_stats()
-    train_step(chunks, opt, sched, batches, ctx)  # warm-up
+    eng.step(batches)  # warm-up
     if env.cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        out = train_step(chunks, opt, sched, batches, ctx)
+        out = eng.step(batches)
     if env.cuda:
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.steps
     world = torch.distributed.get_world_size()
-    tokens = b * s * args.micro_batches * dp
-    count = flop_count(arch, [s] * (b * args.micro_batches * dp), cfg.peft, cfg.model.recompute)
-    tflops = count.model / dt / world / 1e12
+    tokens = b * s * args.micro_batches * eng.dp
+    lengths = [int(e - a) for mb in batches for a, e in zip(mb["cu_seqlens"][:-1], mb["cu_seqlens"][1:])]
+    flops = flop_count(arch, lengths * eng.dp, eng.cfg.peft, eng.cfg.model.recompute).model
+    tflops = flops / dt / world / 1e12
     peak = peak_flops(env.device_name)
     result = {
-        "device": env.device_name, "kernels": kernels_line(raw, env, packed=True), "preset": args.preset,
+        "device": env.device_name, "kernels": kernels_line(eng.raw, env, packed=True), "preset": args.preset,
         "layers": arch.num_layers, "seq": s, "micro_batch": b, "micro_batches": args.micro_batches,
-        "tp": args.tp, "pp": args.pp, "dp": dp, "precision": str(chunks[0].config.params_dtype), "peft": args.peft,
+        "docs_per_row": args.docs_per_row, "tp": args.tp, "pp": args.pp, "dp": eng.dp,
+        "precision": str(eng.chunks[0].config.params_dtype), "peft": args.peft, "threads": torch.get_num_threads(),
         "step_s": dt, "tokens_per_s": tokens / dt, "tflops_per_gpu": tflops,
-        "hw_tflops_per_gpu": count.hardware / dt / world / 1e12,
         "mfu": tflops * 1e12 / peak if peak else None, "loss": out["loss"],
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if env.cuda else None,
     }
@@ -114,6 +204,238 @@ def main() -> None:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)
+
+
+# ---------------------------------------------------------------- the plain transformers loop
+
+def hf_config(args):
+    """transformers' LlamaConfig of the preset's architecture (untied embeddings, like the presets)."""
+    from transformers import LlamaConfig
+
+    from megatron_mft.config import load_config
+
+    arch = load_config(None, _engine_overrides(args)).model.arch()
+    return LlamaConfig(vocab_size=arch.vocab_size, hidden_size=arch.hidden_size, intermediate_size=arch.ffn_hidden_size,
+                       num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_attention_heads,
+                       num_key_value_heads=arch.num_query_groups, head_dim=arch.head_dim,
+                       max_position_embeddings=arch.max_position_embeddings, rope_theta=float(arch.rotary_base),
+                       rms_norm_eps=arch.norm_epsilon, tie_word_embeddings=False, attention_bias=False,
+                       mlp_bias=False, torch_dtype="float32")
+
+
+class HFLoop:
+    """What a user writes with transformers: forward with labels, backward, clip, AdamW."""
+
+    def __init__(self, args, hf_dir: str):
+        from transformers import LlamaForCausalLM
+
+        from megatron_mft.config import load_config
+
+        t = load_config(None, _engine_overrides(args)).train
+        self.model = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32, attn_implementation="sdpa")
+        if args.peft == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+            self.model = get_peft_model(self.model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
+                                                               lora_dropout=0.0, target_modules=targets))
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                     weight_decay=t.weight_decay)
+        self.clip = t.clip_grad
+
+    def step(self, batches: list[dict]) -> dict:
+        loss_sum = 0.0
+        for mb in batches:
+            loss = self.model(input_ids=mb["tokens"], labels=mb["tokens"]).loss / len(batches)
+            loss.backward()
+            loss_sum += loss.item()
+        torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return {"loss": loss_sum}
+
+    def initial_loss(self, tokens: torch.Tensor) -> float:
+        with torch.no_grad():
+            self.model.eval()
+            loss = self.model(input_ids=tokens, labels=tokens).loss
+            self.model.train()
+        return loss.item()
+
+
+# ---------------------------------------------------------------- worker process
+
+def profile_table(step, batches, rows: int = 25) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    step(batches)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        step(batches)
+        dt = time.perf_counter() - t0
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48)
+    return f"step {dt * 1e3:.0f} ms (profiled)\n{table}"
+
+
+def worker(args) -> None:
+    """Answer JSON commands on stdin: {"threads", "steps", "kind": single|packed} -> seconds."""
+    import warnings
+
+    warnings.filterwarnings("ignore")  # library deprecation chatter, once per process
+    loop = Engine(args, hf_dir=args.hf_dir) if args.worker == "engine" else HFLoop(args, args.hf_dir)
+    vocab = hf_config(args).vocab_size
+    tokens = token_batches(args, vocab)
+    g = torch.Generator().manual_seed(0)
+    batches = {"single": [micro_batch(t, 1, g) for t in tokens],
+               "packed": [micro_batch(t, args.packed_docs, g) for t in tokens]}
+    warm: set = set()
+    out = sys.stdout
+    sys.stdout = sys.stderr  # library chatter must not mix with the replies
+    out.write(json.dumps({"ready": True, "initial_loss": loop.initial_loss(tokens[0])}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        torch.set_num_threads(cmd["threads"])
+        if cmd.get("profile"):
+            reply = {"table": profile_table(loop.step, batches[cmd["kind"]])}
+        else:
+            key = (cmd["threads"], cmd["kind"])
+            if key not in warm:
+                loop.step(batches[cmd["kind"]])
+                warm.add(key)
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(cmd["steps"]):
+                loss = loop.step(batches[cmd["kind"]])["loss"]
+            reply = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0, "loss": float(loss)}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+# ---------------------------------------------------------------- parent
+
+class _Proc:
+    """A worker process speaking one JSON line per command."""
+
+    def __init__(self, kind: str, argv: list[str], hf_dir: str, peft: str):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", kind, "--hf-dir", hf_dir, "--peft", peft]
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.hello = self._read()
+
+    def _read(self) -> dict:
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {self.p.args} exited with {self.p.wait()}")
+        return json.loads(line)
+
+    def ask(self, **cmd) -> dict:
+        self.p.stdin.write(json.dumps(cmd) + "\n")
+        self.p.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.p.stdin.close()
+        self.p.wait()
+
+
+def machine_line() -> str:
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import transformers
+
+    return (f"machine: {platform.node()} | {cpu} x {os.cpu_count()} | load avg {load} | Python "
+            f"{platform.python_version()} | torch {torch.__version__} | transformers {transformers.__version__}")
+
+
+def _spread(xs: list[float]) -> str:
+    return f"median {statistics.median(xs):.2f} (range {min(xs):.2f}-{max(xs):.2f}, n={len(xs)})"
+
+
+def compare_hf(args, argv: list[str]) -> None:
+    threads = [int(t) for t in args.threads.split(",")]
+    modes = args.peft_modes.split(",")
+    tokens_per_step = args.micro_batch * args.seq * args.micro_batches
+    print(machine_line())
+    print(f"preset {args.preset}, seq {args.seq}, micro batch {args.micro_batch}, {args.micro_batches} micro "
+          f"batches/step, {args.steps} steps per timing, fp32, LoRA r={args.lora_rank}; engine rows: 1 document "
+          f"(vs HF) and {args.packed_docs} documents (packed)", flush=True)
+    summary = {}
+    with tempfile.TemporaryDirectory() as hf_dir:
+        from transformers import LlamaForCausalLM
+
+        torch.manual_seed(0)
+        LlamaForCausalLM(hf_config(args)).save_pretrained(hf_dir)
+        for mode in modes:
+            procs = {k: _Proc(k, argv, hf_dir, mode) for k in ("engine", "hf")}
+            try:
+                l_e, l_h = procs["engine"].hello["initial_loss"], procs["hf"].hello["initial_loss"]
+                print(f"\n[{mode}] same model both ways: initial loss engine {l_e:.6f}, transformers {l_h:.6f} "
+                      f"(|diff| {abs(l_e - l_h):.1e})")
+                if abs(l_e - l_h) > 1e-4 * abs(l_h):
+                    raise SystemExit("the two models disagree: not the same architecture/weights")
+                for n in threads:
+                    if args.profile:
+                        for k, kind in (("engine", "single"), ("engine", "packed"), ("hf", "single")):
+                            print(f"\n--- profile: {k} ({kind}), {n} thread(s) ---")
+                            print(procs[k].ask(threads=n, kind=kind, profile=True)["table"])
+                        continue
+                    runs = []
+                    for trial in range(args.trials):
+                        order = [("engine", "single"), ("engine", "packed"), ("hf", "single")]
+                        order = order[trial % 3:] + order[:trial % 3]  # rotate who runs first
+                        sec, cpu = {}, {}
+                        for k, kind in order:
+                            r = procs[k].ask(threads=n, kind=kind, steps=args.steps)
+                            sec[(k, kind)], cpu[(k, kind)] = r["seconds"], r["cpu_seconds"]
+                        runs.append((sec, cpu))
+                    tps = {key: [tokens_per_step * args.steps / s[key] for s, _ in runs] for key in runs[0][0]}
+                    ratio = [s[("hf", "single")] / s[("engine", "single")] for s, _ in runs]
+                    cpu_ratio = [c[("hf", "single")] / c[("engine", "single")] for _, c in runs]
+                    packed = [s[("engine", "packed")] / s[("engine", "single")] - 1 for s, _ in runs]
+                    print(f"  {n} thread(s): tokens/s (wall) engine {statistics.median(tps[('engine', 'single')]):.0f}, "
+                          f"transformers {statistics.median(tps[('hf', 'single')]):.0f}, engine packed "
+                          f"{statistics.median(tps[('engine', 'packed')]):.0f}")
+                    print(f"      engine/transformers tokens/s ratio, wall {_spread(ratio)}")
+                    print(f"      engine/transformers tokens/s ratio, process CPU time {_spread(cpu_ratio)}")
+                    print(f"      packed ({args.packed_docs} docs/row) cost over 1 doc/row, wall {_spread(packed)}")
+                    summary[f"{mode}/{n}t"] = {"ratio_median": round(statistics.median(ratio), 3),
+                                               "ratio_range": [round(min(ratio), 3), round(max(ratio), 3)],
+                                               "cpu_ratio_median": round(statistics.median(cpu_ratio), 3),
+                                               "cpu_ratio_range": [round(min(cpu_ratio), 3), round(max(cpu_ratio), 3)],
+                                               "packed_cost_median": round(statistics.median(packed), 3),
+                                               "engine_tps": round(statistics.median(tps[('engine', 'single')])),
+                                               "hf_tps": round(statistics.median(tps[('hf', 'single')]))}
+            finally:
+                for p in procs.values():
+                    p.close()
+    print("\nmachine after: load avg " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    if summary:
+        print("summary: " + json.dumps(summary))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(summary, f, indent=1)
+
+
+def main() -> None:
+    args = _args()
+    if args.worker:
+        worker(args)
+    elif args.compare_hf:
+        passthrough = [a for a in sys.argv[1:] if a not in ("--compare-hf", "--profile")]
+        compare_hf(args, passthrough)
+    else:
+        run_default(args)
 
 
 if __name__ == "__main__":
