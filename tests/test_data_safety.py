@@ -141,6 +141,33 @@ def test_failed_swap_keeps_the_previous_output(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]
 
 
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 256 KiB tmpfs (64 pages; an output takes 19 files): a real ENOSPC in the middle of writing."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode:  # not root: test_data_bad_input's injected OSError covers the same path
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "--lazy", str(mnt)], check=True)  # lazy: files a failure left open
+
+
+def test_disk_full_keeps_the_previous_output(tmp_path, tiny_disk, capsys):
+    from data_fixtures import demo_subset
+
+    out = tiny_disk / "out"
+    assert _run(capsys, *cli_args(_data(tmp_path), out, SEQ))[0] == 0
+    before = _snapshot(out)
+    big = demo_subset(tmp_path / "big", train=100, val=6)
+    rc, err = _run(capsys, *cli_args(big, out, 512, "best-fit", "--overlong", "drop"), "--overwrite")
+    assert rc == 1 and f"--output-dir {out}: writing failed" in err and "No space left on device" in err, err
+    assert _snapshot(out) == before
+    assert [p.name for p in tiny_disk.iterdir()] == ["out"]  # the partial new output is gone
+
+
 # --- item 2: file system and template errors ------------------------------------------------
 def test_missing_paths_and_unreadable_files_are_messages(tmp_path, capsys, monkeypatch):
     data = _data(tmp_path)
