@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -24,6 +27,27 @@ CONVERSION_FILE = "conversion.json"
 TOKENIZER_DIR = "tokenizer"
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def staged_output(out: Path):
+    """Write a conversion into a hidden sibling ``.NAME.partial`` and rename it to ``out`` at the
+    end: a failed or killed conversion never leaves a half-written ``out`` that blocks the retry
+    (the retry replaces a stale ``.partial``, which only conversions create). ``out`` must be new
+    or empty (checked by the caller)."""
+    out = Path(out).absolute()
+    tmp = out.with_name(f".{out.name}.partial")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.is_dir():
+            out.rmdir()  # empty (checked before the conversion started)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def check_map_covers_template(template_names: list[str], family, arch: ArchSpec) -> None:
@@ -80,11 +104,12 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, preset: Opti
         if done[0] == n or done[0] % max(1, n // 10) == 0:
             log(f"  {done[0]}/{n} tensors ({time.time() - t0:.0f}s) {name}")
 
-    nbytes = write_dist_checkpoint(out, template, source.get, target, on_tensor=progress)
-    meta["bytes"] = nbytes
-    meta["tokenizer_files"] = copy_files(hf_dir, out / TOKENIZER_DIR, TOKENIZER_FILES)
-    meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    (out / CONVERSION_FILE).write_text(json.dumps(meta, indent=1, default=str) + "\n")
+    with staged_output(out) as tmp:
+        nbytes = write_dist_checkpoint(tmp, template, source.get, target, on_tensor=progress)
+        meta["bytes"] = nbytes
+        meta["tokenizer_files"] = copy_files(hf_dir, tmp / TOKENIZER_DIR, TOKENIZER_FILES)
+        meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        (tmp / CONVERSION_FILE).write_text(json.dumps(meta, indent=1, default=str) + "\n")
     log(f"wrote {out} ({nbytes / 1e9:.2f} GB, {time.time() - t0:.0f}s); train from it with "
         f"train.init_checkpoint={out} and model: {json.dumps(meta['model'])}")
     return meta

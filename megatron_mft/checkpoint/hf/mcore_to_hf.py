@@ -28,7 +28,7 @@ import torch
 
 from megatron_mft.checkpoint.hf.families import FAMILIES, ConversionError, Family, family_for
 from megatron_mft.checkpoint.hf.hf_io import SafetensorsShardWriter, copy_files, parse_size
-from megatron_mft.checkpoint.hf.hf_to_mcore import CONVERSION_FILE, DTYPES, TOKENIZER_DIR
+from megatron_mft.checkpoint.hf.hf_to_mcore import CONVERSION_FILE, DTYPES, TOKENIZER_DIR, staged_output
 from megatron_mft.checkpoint.hf.hfconfig import TOKENIZER_FILES, read_hf_config
 from megatron_mft.checkpoint.hf.mcore_io import DistCheckpoint, Template, build_template, shards_of
 from megatron_mft.checkpoint.hf.source import HFSource
@@ -170,10 +170,18 @@ def _merged(reader: Reader, path: str, base: torch.Tensor, quantized: bool) -> t
     return merged_weight(base, lora_delta(a, b, reader.template.lora_scaling[path]), train_dtype)
 
 
-def _empty_out(out: Path) -> None:
-    if out.exists() and any(out.iterdir()):
+def _check_empty_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConversionError("refusing to write into a non-empty folder:", [str(out)])
-    out.mkdir(parents=True, exist_ok=True)
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    """Export refuses NaN/inf weights (a diverged run) rather than writing a model that cannot work."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        raise ConversionError("refusing to export non-finite weights:", [
+            f"{name}: {n_nan} NaN and {n_inf} inf of {t.numel()} values (the run diverged; export an earlier "
+            f"checkpoint)"])
 
 
 def _copy_tokenizer(info: CheckpointInfo, out: Path, override: Optional[str], log) -> list[str]:
@@ -206,14 +214,15 @@ def export_to_hf(ckpt: str | Path, out_dir: str | Path, *, merge_lora: bool = Fa
         log(f"note: {info.path} is a full checkpoint; --merge-lora has nothing to fold in")
     template = build_template(info.model_cfg, info.peft_cfg)
     reader = Reader(info, template)
-    _empty_out(out)
-    if adapter_only:
-        return _export_adapters(info, reader, out, tokenizer, log)
-    return _export_model(info, reader, out, dtype, max_shard_size, tokenizer, log)
+    _check_empty_out(out)
+    with staged_output(out) as tmp:
+        if adapter_only:
+            return _export_adapters(info, reader, tmp, tokenizer, log, shown=out)
+        return _export_model(info, reader, tmp, dtype, max_shard_size, tokenizer, log, shown=out)
 
 
 def _export_model(info: CheckpointInfo, reader: Reader, out: Path, dtype: Optional[str], max_shard_size: str,
-                  tokenizer: Optional[str], log) -> dict:
+                  tokenizer: Optional[str], log, shown: Path) -> dict:
     from transformers import AutoConfig
 
     t0 = time.time()
@@ -231,6 +240,7 @@ def _export_model(info: CheckpointInfo, reader: Reader, out: Path, dtype: Option
         path = name[: -len(".weight")]
         if path in lora:
             t = _merged(reader, path, t, quantized)
+        _check_finite(name, t)
         for hf_name, part in zip(w.hf_names(layer), w.transform.split(t, arch)):
             writer.write(hf_name, part.to(target))
         del t
@@ -242,12 +252,13 @@ def _export_model(info: CheckpointInfo, reader: Reader, out: Path, dtype: Option
     AutoConfig.for_model(cfg.pop("model_type"), **cfg).save_pretrained(out)
     tok = _copy_tokenizer(info, out, tokenizer, log)
     merged = f", {len(lora)} adapters merged" if lora else ""
-    log(f"wrote {out}: {family.architecture}, {len(items)} tensors in {len(files)} file(s), {dtype_name}{merged} "
+    log(f"wrote {shown}: {family.architecture}, {len(items)} tensors in {len(files)} file(s), {dtype_name}{merged} "
         f"({time.time() - t0:.0f}s)")
     return {"files": files, "tensors": len(items), "merged": len(lora), "tokenizer_files": tok}
 
 
-def _export_adapters(info: CheckpointInfo, reader: Reader, out: Path, tokenizer: Optional[str], log) -> dict:
+def _export_adapters(info: CheckpointInfo, reader: Reader, out: Path, tokenizer: Optional[str], log,
+                     shown: Path) -> dict:
     from safetensors.torch import save_file
 
     from megatron_mft.peft import lora_scaling
@@ -260,6 +271,8 @@ def _export_adapters(info: CheckpointInfo, reader: Reader, out: Path, tokenizer:
             raise ConversionError("adapter scaling differs from peft's:", [
                 f"{path}: megatron scaling {reader.template.lora_scaling[path]}, peft would use {expected}"])
         a, b = reader.adapter(path)
+        _check_finite(f"{path}.lora_A.weight", a)
+        _check_finite(f"{path}.lora_B.weight", b)
         w, layer = family.entry_for(f"{path}.weight")
         for hf_name, b_part in zip(w.hf_names(layer), w.transform.split(b, arch)):
             mod = hf_name[: -len(".weight")]
@@ -278,7 +291,7 @@ def _export_adapters(info: CheckpointInfo, reader: Reader, out: Path, tokenizer:
     }
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     tok = _copy_tokenizer(info, out, tokenizer, log)
-    log(f"wrote {out}: peft LoRA adapter (r={peft.rank}, alpha={peft.alpha:g}, "
+    log(f"wrote {shown}: peft LoRA adapter (r={peft.rank}, alpha={peft.alpha:g}, "
         f"{'QLoRA: apply to the full-precision base' if peft.method == 'qlora' else 'LoRA'}), "
         f"{len(tensors)} tensors on {', '.join(sorted(modules))}")
     return {"tensors": len(tensors), "target_modules": sorted(modules), "tokenizer_files": tok}

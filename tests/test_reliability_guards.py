@@ -1,0 +1,235 @@
+"""Training and conversion guards (issue 13): a non-finite loss / grad norm skips the update and
+stops the run without a checkpoint, export refuses non-finite weights, a failed conversion
+leaves no partial output, one run per output_dir (lock with stale detection), SIGINT saves and
+exits (a second exits at once), `checkpoint init` refuses a non-empty folder."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_hf_fixtures import make_hf_model
+from train_helpers import CONFIG, ROOT, env, run_train
+
+
+# ------------------------------------------------------------------ non-finite guard
+def _engine(env_, data_path):
+    from megatron_mft.config import load_config
+    from megatron_mft.data import MFTData
+    from megatron_mft.model import build_model_chunks
+    from megatron_mft.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
+    from megatron_mft.training.parallel import init_parallel
+    from megatron_mft.training.step import StepContext, install_grad_finalizer
+
+    cfg = load_config(CONFIG, [f"data.path={data_path}", "data.source=offline", "data.seq_length=512",
+                               "model.num_layers=2"])
+    init_parallel(cfg.parallel, env_, seed=11)
+    chunks = wrap_ddp(build_model_chunks(cfg.model, cfg.parallel, env_), cfg)
+    install_grad_finalizer(chunks)
+    opt = build_optimizer(chunks, cfg)
+    data = MFTData(cfg.data, seed=0, micro_batch_size=2, global_batch_size=4, dp_rank=0, dp_size=1)
+    ctx = StepContext(loss_cfg=cfg.loss, task_names=data.task_names, device=torch.device("cpu"), packed=True)
+    return chunks, opt, build_scheduler(opt, cfg, 10), data, ctx
+
+
+def _params(chunks) -> dict:
+    return {n: p.detach().clone() for n, p in chunks[0].module.named_parameters()}
+
+
+def test_nonfinite_step_skips_the_update_and_a_finite_one_equals_megatrons_step(single_process_group, demo_data,
+                                                                                monkeypatch):
+    from megatron_mft.training import step as step_mod
+
+    chunks, opt, sched, data, ctx = _engine(single_process_group, demo_data)
+    with torch.no_grad():
+        chunks[0].module.decoder.final_layernorm.weight[0] = float("nan")  # a diverged weight
+    before, lr_steps = _params(chunks), sched.num_steps
+    out = step_mod.train_step(chunks, opt, sched, data.train_micro_batches(0), ctx)
+    assert out["nonfinite"] and not out["update_ok"] and out["loss"] != out["loss"]
+    after = _params(chunks)
+    for n in before:  # nothing was updated: without the guard every weight becomes NaN
+        assert torch.equal(before[n].nan_to_num(), after[n].nan_to_num()), n
+    assert sched.num_steps == lr_steps  # as Megatron-LM: a skipped step does not advance the schedule
+
+    # a finite step through the guard is megatron's own optimizer.step(), bit for bit
+    got_chunks, got_opt, got_sched, _, _ = _engine(single_process_group, demo_data)
+    got = step_mod.train_step(got_chunks, got_opt, got_sched, data.train_micro_batches(0), ctx)
+    monkeypatch.setattr(step_mod, "step_if_finite", lambda o, loss_finite: (*o.step()[:2], False))
+    ref_chunks, ref_opt, ref_sched, _, _ = _engine(single_process_group, demo_data)
+    ref = step_mod.train_step(ref_chunks, ref_opt, ref_sched, data.train_micro_batches(0), ctx)
+    assert got["update_ok"] and not got["nonfinite"] and got["grad_norm"] == ref["grad_norm"]
+    a, b = _params(got_chunks), _params(ref_chunks)
+    assert all(torch.equal(a[n], b[n]) for n in a) and any(not torch.equal(a[n], before[n]) for n in a)
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path):
+    from megatron_mft.config import load_config
+    from megatron_mft.errors import UserError
+    from megatron_mft.training.recipe import Recipe
+
+    r = Recipe(load_config(None, ["data.path=/x", "train.max_nonfinite_steps=2"]))
+    r.ckpt_root = tmp_path
+    bad, good = {"nonfinite": True, "loss": float("nan"), "grad_norm": float("nan")}, {"nonfinite": False}
+    for out in (bad, bad, good, bad, bad):  # a finite step resets the count
+        r._check_finite(out)
+    with pytest.raises(UserError, match=r"3 such step\(s\) in a row, train.max_nonfinite_steps=2"):
+        r._check_finite(bad)
+
+
+@pytest.fixture(scope="module")
+def nan_init(tp1_env, tiny_init, tmp_path_factory):
+    """The tiny CLI model's initial weights with one NaN: a run that diverged."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_mft.checkpoint.dist import load_model_weights, model_sharded_state_dict
+    from megatron_mft.config import load_config
+    from megatron_mft.model import build_model_chunks
+    from megatron_mft.training.parallel import init_parallel
+
+    cfg = load_config(CONFIG, [])
+    init_parallel(cfg.parallel, tp1_env, cfg.seed)
+    chunks = build_model_chunks(cfg.model, cfg.parallel, tp1_env)
+    load_model_weights(tiny_init, chunks)
+    with torch.no_grad():
+        chunks[0].decoder.layers[1].mlp.linear_fc2.weight[0, 0] = float("nan")
+    out = tmp_path_factory.mktemp("nan_init") / "ckpt"
+    out.mkdir()
+    dist_checkpointing.save(model_sharded_state_dict(chunks), str(out))
+    return out
+
+
+def test_train_stops_at_a_nonfinite_loss_without_saving(nan_init, tmp_path, train_overrides):
+    out = tmp_path / "run"
+    p = run_train(train_overrides + [f"train.init_checkpoint={nan_init}", "train.steps=3", "train.save_interval=1",
+                                     f"output_dir={out}"], check=False, timeout=300)
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and "step 1: non-finite loss nan" in p.stderr
+    assert "train.max_nonfinite_steps=0" in p.stderr and "No checkpoint was saved" in p.stderr
+    assert not list((out / "checkpoints").glob("step_*"))  # never a non-finite checkpoint
+
+
+# ------------------------------------------------------------------ conversions
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory) -> Path:
+    return make_hf_model(tmp_path_factory.mktemp("hf") / "tiny")
+
+
+def test_export_refuses_nonfinite_weights_and_leaves_nothing(tp1_env, tiny_hf, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from megatron_mft.checkpoint.hf.families import ConversionError
+    from megatron_mft.checkpoint.hf.hf_to_mcore import convert_hf_to_mcore
+    from megatron_mft.checkpoint.hf.mcore_to_hf import export_to_hf
+
+    model = LlamaForCausalLM.from_pretrained(tiny_hf)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 2] = float("inf")
+    model.save_pretrained(tmp_path / "hf_inf", max_shard_size="40KB")
+    convert_hf_to_mcore(tmp_path / "hf_inf", tmp_path / "ckpt", log=lambda s: None)
+    out = tmp_path / "exported"
+    with pytest.raises(ConversionError) as err:
+        export_to_hf(tmp_path / "ckpt", out, max_shard_size="30KB", log=lambda s: None)
+    assert "non-finite" in str(err.value) and "decoder.layers.1.mlp.linear_fc2.weight: 0 NaN and 1 inf" in str(err.value)
+    assert not out.exists() and not (tmp_path / ".exported.partial").exists()
+
+
+def test_failed_conversion_leaves_no_partial_output_and_the_retry_works(tp1_env, tiny_hf, tmp_path, monkeypatch):
+    from megatron_mft.checkpoint.hf import source
+    from megatron_mft.checkpoint.hf.hf_to_mcore import convert_hf_to_mcore
+
+    real_get, calls = source.HFSource.get, []
+
+    def failing_get(self, name):
+        calls.append(name)
+        if len(calls) == 5:
+            raise OSError(f"simulated read failure at {name}")
+        return real_get(self, name)
+
+    out = tmp_path / "ckpt"
+    monkeypatch.setattr(source.HFSource, "get", failing_get)
+    with pytest.raises(BaseException, match="simulated"):  # dcp wraps it in its CheckpointException
+        convert_hf_to_mcore(tiny_hf, out, log=lambda s: None)
+    assert not out.exists() and not (tmp_path / ".ckpt.partial").exists()
+    monkeypatch.setattr(source.HFSource, "get", real_get)
+    convert_hf_to_mcore(tiny_hf, out, log=lambda s: None)  # the retry is not blocked
+    assert (out / "conversion.json").is_file() and not (tmp_path / ".ckpt.partial").exists()
+
+
+def test_checkpoint_init_refuses_a_non_empty_folder(tmp_path):
+    out = tmp_path / "trained_step"
+    out.mkdir()
+    (out / "weights.distcp").write_text("precious")
+    p = subprocess.run([sys.executable, "-m", "megatron_mft.checkpoint", "init", "--config", str(CONFIG), "--out",
+                        str(out)], cwd=ROOT, env=env(1), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "non-empty folder" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert [f.name for f in out.iterdir()] == ["weights.distcp"] and (out / "weights.distcp").read_text() == "precious"
+
+
+# ------------------------------------------------------------------ one run per output_dir
+def _write_lock(out: Path, **holder) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / ".run.lock"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": None,
+                                "started": "2026-01-01T00:00:00", **holder}))
+    return lock
+
+
+def test_run_lock_refuses_live_holders_and_takes_over_dead_ones(tmp_path, monkeypatch):
+    from megatron_mft.launch.runlock import RunLock, RunLockError
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    lock = _write_lock(tmp_path / "a")  # this very process holds it
+    with pytest.raises(RunLockError, match=f"PID {os.getpid()} on host {socket.gethostname()}"):
+        RunLock(tmp_path / "a").acquire()
+    _write_lock(tmp_path / "b", host="other-node", pid=1)  # cannot be checked from here
+    with pytest.raises(RunLockError, match=r"other-node.*delete .*\.run\.lock"):
+        RunLock(tmp_path / "b").acquire()
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    _write_lock(tmp_path / "c", pid=dead.pid)
+    taken = RunLock(tmp_path / "c").acquire()
+    assert "no longer running" in taken.note and json.loads((tmp_path / "c" / ".run.lock").read_text())["pid"] == os.getpid()
+    taken.release()
+    assert not (tmp_path / "c" / ".run.lock").exists()
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")  # a requeued job on another node: its earlier run is gone
+    _write_lock(tmp_path / "d", host="other-node", pid=1, slurm_job_id="4242")
+    assert "SLURM job 4242" in RunLock(tmp_path / "d").acquire().note
+    assert lock.is_file()  # nobody removed a live holder's lock
+
+
+def test_second_run_on_an_output_dir_is_refused(tmp_path, train_overrides):
+    out = tmp_path / "busy"
+    lock = _write_lock(out)  # held by this (live) test process
+    p = run_train(train_overrides + [f"output_dir={out}", "train.steps=1"], check=False, timeout=300)
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "in use by another run" in p.stderr and f"PID {os.getpid()}" in p.stderr and "Traceback" not in p.stderr
+    assert sorted(f.name for f in out.iterdir()) == [".run.lock"] and lock.is_file()
+
+
+# ------------------------------------------------------------------ SIGINT
+SIGINT_SCRIPT = """
+import os, signal, time
+from megatron_mft.launch.signals import PreemptionGuard
+guard = PreemptionGuard()
+os.kill(os.getpid(), signal.SIGINT)
+time.sleep(0.2)
+print("reason", guard.should_stop(), flush=True)
+os.kill(os.getpid(), signal.SIGINT)
+time.sleep(5)
+print("still running", flush=True)
+"""
+
+
+def test_sigint_is_a_stop_request_and_a_second_one_exits_at_once():
+    p = subprocess.run([sys.executable, "-c", SIGINT_SCRIPT], cwd=ROOT, env=env(1), capture_output=True, text=True,
+                       timeout=60)
+    assert p.stdout.splitlines() == ["reason SIGINT"], p.stdout + p.stderr
+    assert p.returncode == 130 and "second SIGINT: exiting now" in p.stderr and "Traceback" not in p.stderr
