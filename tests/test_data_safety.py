@@ -195,6 +195,16 @@ def test_missing_paths_and_unreadable_files_are_messages(tmp_path, capsys, monke
         rc, err = _run(capsys, *cli_args(data, tmp_path / "o3", SEQ), "--workers", workers)
         assert rc == 1 and f"error: {locked}: cannot read (Permission denied)" in err, err
     monkeypatch.undo()
+    tok = tmp_path / "afile.model"  # an unreadable tokenizer (a fresh path: loaded tokenizers are cached)
+    shutil.copy(DEMO_TOKENIZER, tok)
+    real_read = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda p: (_ for _ in ()).throw(PermissionError(
+        13, "Permission denied", str(p))) if p == tok else real_read(p))
+    args[args.index("--tokenizer-model") + 1] = str(tok)
+    rc, err = _run(capsys, *args)
+    monkeypatch.undo()
+    assert rc == 2 and f"error: {tok}: cannot read (Permission denied)" in err, err
+    tok.unlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "data"]
 
 

@@ -186,8 +186,11 @@ class SentencePieceBackend:
 
         self._file = Path(path)
         self.path = str(path)
-        self._proto = self._file.read_bytes()
         self._single: dict[str, int | None] = {}
+        try:
+            self._proto = self._file.read_bytes()
+        except OSError as e:
+            raise TokenizerError(f"{path}: cannot read ({e.strerror or e})") from None
         try:
             self.sp = spm.SentencePieceProcessor(model_proto=spm_proto.without_dummy_prefix(self._proto))
         except Exception as e:  # sentencepiece raises RuntimeError/OSError on bad files
