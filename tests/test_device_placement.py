@@ -9,9 +9,14 @@ False``, bf16, DDP, optimizer) and every parameter, buffer, plain tensor attribu
 nothing in a micro batch's step reads device data back to the host (meta tensors have no data:
 ``.tolist()``/``.item()`` raise) or mixes host tensors into device kernels.
 
-Not covered here: the Transformer Engine spec (TE needs CUDA; ``tests/gpu/run_gpu_checks.sh``
-runs the same check on a GPU), vocabulary padding (it only pads at TP > 1, a multi-process
-layout; the padded embedding is built by the same megatron code path checked here).
+Pipeline stages are built in one process by answering megatron's first/last-stage questions
+(first: embedding, middle: layers only, last: final norm and output layer).
+
+Not covered on the CPU: the Transformer Engine spec (TE allocates on a real GPU: checked where TE
+and CUDA exist, and by ``tests/gpu/run_gpu_checks.sh``); vocabulary padding (it pads only at
+TP > 1, a multi-process layout; the padded embedding is built by the same megatron code path
+checked here); exact focal-task's pre-pass statistics, which are summed over DP and read on the
+host once per step.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import pytest
 import torch
 
 VARIANTS = [("none", "sdpa"), ("none", "flash"), ("lora", "sdpa"), ("qlora", "sdpa"), ("qlora", "flash")]
-STAGES = {"first": (True, False), "middle": (False, False), "last": (False, True), "whole": (True, True)}
+STAGES = {"first": (True, False), "middle": (False, False), "last": (False, True)}
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +55,10 @@ def _build(cfg, env, monkeypatch, stage="whole"):
     from megatron_mft.training.optimizer import build_optimizer, wrap_ddp
     from megatron_mft.training.step import install_grad_finalizer
 
-    first, last = STAGES[stage]
-    monkeypatch.setattr(ps, "is_pipeline_first_stage", lambda *a, **k: first)
-    monkeypatch.setattr(ps, "is_pipeline_last_stage", lambda *a, **k: last)
+    if stage != "whole":
+        first, last = STAGES[stage]
+        monkeypatch.setattr(ps, "is_pipeline_first_stage", lambda *a, **k: first)
+        monkeypatch.setattr(ps, "is_pipeline_last_stage", lambda *a, **k: last)
     layer, plan = None, None
     if cfg.peft.method != "none":
         from megatron_mft.peft import PeftPlan
@@ -89,10 +95,18 @@ def test_every_tensor_is_on_the_device(gpu_like, monkeypatch, method, backend, s
     assert any(n.endswith("lora_A.weight") for n in names) == (method != "none")
 
 
-def test_te_spec_placement(gpu_like):
-    pytest.importorskip("transformer_engine", reason="Transformer Engine needs CUDA and is not installed on this "
-                        "machine; tests/gpu/run_gpu_checks.sh checks the TE-spec model on a GPU")
-    pytest.skip("the TE spec builds only on a real CUDA device (tests/gpu/run_gpu_checks.sh)")
+@pytest.mark.parametrize("method", ["none", "lora"])
+def test_te_spec_placement(tp1_env, monkeypatch, method):
+    """The TE spec (TE layers, or PEFT's local layers with TE's final norm) cannot be built on
+    ``meta``: TE allocates on the real GPU. Where TE and a GPU exist, check it there."""
+    pytest.importorskip("transformer_engine", reason="Transformer Engine is not installed (it needs CUDA); "
+                        "tests/gpu/run_gpu_checks.sh runs the placement check on a GPU")
+    if not tp1_env.te:
+        pytest.skip("Transformer Engine is installed but not usable here (no CUDA device)")
+    from megatron_mft.model import misplaced_tensors
+
+    chunks, _ = _build(_config(method, "te"), tp1_env, monkeypatch)
+    assert misplaced_tensors(chunks, torch.device("cuda", torch.cuda.current_device())) == []
 
 
 def test_flagship_shapes_qlora(gpu_like, monkeypatch):
@@ -139,23 +153,45 @@ def _micro_batch(b: int, s: int, packed: bool) -> dict:
     return collate(rows, s, pad_id=0)
 
 
+@pytest.fixture(scope="module")
+def meta_lora(gpu_like):
+    """A LoRA model built as on CUDA with "CUDA" = meta, for the micro-batch step tests."""
+    from megatron_mft.compat.cpu import cuda_redirected_to
+
+    cfg = _config("lora", "sdpa")
+    with cuda_redirected_to("meta"):
+        chunks, _ = _build(cfg, gpu_like, None)
+    # megatron's fused bias-dropout-add / bias-SwiGLU go through torch.compile, which cannot
+    # trace meta tensors; their unfused forms run the same data movement
+    chunks[0].config.bias_dropout_fusion = chunks[0].config.bias_activation_fusion = False
+    chunks[0].config.finalize_model_grads_func = None  # collectives have no meta kernels
+    return cfg, chunks
+
+
+LOSS_MODES = ["token", "sample", "task-token", "task-sample", "focal-sample", "focal-task"]
+
+
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "dynamic"])
-def test_micro_batch_step_stays_on_the_device(gpu_like, monkeypatch, packed):
-    """Forward and backward of LoRA micro batches on ``meta``: no host read-back of device data
-    (packed-sequence plan built from the host batch), no host tensor in a device kernel."""
+@pytest.mark.parametrize("mode", LOSS_MODES)
+def test_micro_batch_step_stays_on_the_device(meta_lora, packed, mode):
+    """Forward, loss and backward of LoRA micro batches on ``meta``, every loss mode: no host
+    read-back of device data (the packed-sequence plan comes from the host batch; RoPE tables,
+    masks and loss statistics are built on the device), no host tensor in a device kernel."""
+    import dataclasses
+
     from megatron_mft.compat.cpu import cuda_redirected_to
     from megatron_mft.loss import GlobalBatchStats
     from megatron_mft.training.step import StepContext, _loss_func, run_schedule
 
-    cfg = _config("lora", "sdpa")
+    cfg, chunks = meta_lora
+    # exact focal-task adds a no-grad pre-pass whose statistics are summed over DP and read on the
+    # host once per step (not per micro batch); the one-pass form runs the same per-micro-batch code
+    loss_cfg = dataclasses.replace(cfg.loss, mode=mode, focal_task_exact=False)
     with cuda_redirected_to("meta") as device:
-        chunks, _ = _build(cfg, gpu_like, monkeypatch)
-        # megatron's fused bias-dropout-add / bias-SwiGLU go through torch.compile, which cannot
-        # trace meta tensors; their unfused forms run the same data movement
-        chunks[0].config.bias_dropout_fusion = chunks[0].config.bias_activation_fusion = False
-        chunks[0].config.finalize_model_grads_func = None  # collectives have no meta kernels
+        for c in chunks:
+            c.zero_grad_buffer()
         mbs = [_micro_batch(2, 64, packed) for _ in range(2)]
-        ctx = StepContext(loss_cfg=cfg.loss, task_names=["t"], device=device, packed=packed,
+        ctx = StepContext(loss_cfg=loss_cfg, task_names=["t"], device=device, packed=packed,
                           task_weights=torch.ones(1, dtype=torch.float64, device=device))
         stats = GlobalBatchStats.gather(mbs, 1, group=None)
         reports = run_schedule(chunks, mbs, ctx, partial(_loss_func, ctx, stats, None), forward_only=False)
