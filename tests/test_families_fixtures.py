@@ -48,14 +48,14 @@ PACKED_LENGTHS = [[17, 23], [40], [9, 31]]
 TOL = 1e-4
 
 
-def make_family_model(name: str, out: Path, seed: int = 0) -> Path:
+def make_family_model(name: str, out: Path, seed: int = 0, **overrides) -> Path:
     """A random fp32 model of family ``name`` saved with ``save_pretrained`` (several shards),
     weights scaled so logits are O(1-10)."""
     import transformers
 
     cfg_cls, model_cls, kwargs = FAMILY_CONFIGS[name]
     torch.manual_seed(seed)
-    model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**kwargs)).float()
+    model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**{**kwargs, **overrides})).float()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for pname, p in model.named_parameters():
