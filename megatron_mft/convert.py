@@ -21,7 +21,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from megatron_mft.errors import UsageError, command
+from megatron_mft.config.base import finite_float
+from megatron_mft.errors import UsageError, UserError, command, report
+
+
+def _size(text: str) -> int:
+    from megatron_mft.checkpoint.hf.hf_io import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--merge-lora", action="store_true", help="fold LoRA adapters into the base weights")
     b.add_argument("--adapter-only", action="store_true", help="write the adapters in peft format")
     b.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: the stored one)")
-    b.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    b.add_argument("--max-shard-size", default="5GB", type=_size, help="safetensors shard size (default 5GB)")
     b.add_argument("--tokenizer", help="folder to copy tokenizer files from (default: found via the checkpoint)")
 
     c = sub.add_parser("verify", help="max |logit difference| between the megatron and HF models")
@@ -54,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--adapter", help="peft adapter folder applied to the HF model (compare with a LoRA run)")
     c.add_argument("--tp", type=int, default=1)
     c.add_argument("--pp", type=int, default=1)
-    c.add_argument("--tol", type=float, default=1e-3, help="max allowed |difference| (default 1e-3)")
+    c.add_argument("--tol", type=finite_float, default=1e-3, help="max allowed |difference| (default 1e-3)")
     c.add_argument("--batch", type=int, default=2)
     c.add_argument("--seq", type=int, default=64)
     c.add_argument("--seed", type=int, default=0)
@@ -169,7 +179,12 @@ def _verify_rank(args) -> int:
 def _spawned(local_rank: int, world: int, port: int, argv: list) -> None:
     os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    _verify_rank(_parser().parse_args(argv))
+    try:
+        _verify_rank(_parser().parse_args(argv))
+    except BaseException as e:  # noqa: BLE001 - megatron_mft.errors convention, in the rank (dcp raises BaseException)
+        if isinstance(e, SystemExit):
+            raise
+        sys.exit(report(e))
 
 
 def _verify(args, argv: list) -> int:
@@ -192,12 +207,12 @@ def _verify(args, argv: list) -> int:
         try:
             mp.start_processes(_spawned, args=(world, _free_port("127.0.0.1"), argv), nprocs=world,
                                start_method="spawn")
-        except Exception as e:  # a rank failed: its traceback is above
-            print(f"verify: a rank failed: {e}", file=sys.stderr)
-            return 2
+        except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:  # a rank failed: its message is above
+            print(f"verify: rank {e.error_index} failed", file=sys.stderr)
+            code = getattr(e, "exit_code", None)
+            return code if code in (1, 2) else 1
         if not result.is_file():
-            print("verify: no result was reported", file=sys.stderr)
-            return 2
+            raise UserError("verify: the ranks finished without reporting a result")
         return 0 if json.loads(result.read_text())["ok"] else 1
 
 

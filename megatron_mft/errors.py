@@ -64,10 +64,32 @@ def _rank() -> tuple[int, int]:
     return 0, 1
 
 
+def _cause(error: BaseException) -> BaseException:
+    """The exception behind one that carries the failures of several ranks (torch.distributed.checkpoint's
+    CheckpointException: ``failures = {rank: (exception, traceback)}``)."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        inner = first[0] if isinstance(first, tuple) else first
+        if isinstance(inner, BaseException):
+            return _cause(inner)
+    return error
+
+
+def _text(error: BaseException) -> str:
+    """The exception's message without the tracebacks some libraries paste into it."""
+    text = str(error).split("Traceback (most recent call last)")[0].strip()
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def report(error: BaseException) -> int:
     """Print ``error`` by the convention above (to stderr) and return its exit code."""
     rank, world = _rank()
     debug = debug_enabled()
+    if debug:
+        sys.stdout.flush()
+        traceback.print_exception(error, file=sys.stderr)
+    error = _cause(error)
     if isinstance(error, UserError):
         code = error.exit_code
         text = f"error: {error}"
@@ -79,13 +101,11 @@ def report(error: BaseException) -> int:
         code, text = RUNTIME, f"error: {error}" + ("" if debug else f" ({_HINT})")
     else:
         code = RUNTIME
-        text = (f"internal error: {type(error).__name__}: {error}. This is a bug or a case without a proper "
-                f"message yet" + ("" if debug else f"; {_HINT}") + ".")
+        text = (f"internal error: {_text(error)}. This is a bug or a case without a proper message yet"
+                + ("" if debug else f"; {_HINT}") + ".")
     if world > 1:
         text = "\n".join(f"[rank {rank}] {line}" for line in text.splitlines())
     sys.stdout.flush()
-    if debug:
-        traceback.print_exception(error, file=sys.stderr)
     print(text, file=sys.stderr, flush=True)
     return code
 

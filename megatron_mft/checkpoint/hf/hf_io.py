@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import re
 import struct
 from pathlib import Path
@@ -33,10 +34,25 @@ _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """(header, offset of the data section) of a safetensors file."""
+    """(header, offset of the data section) of a safetensors file; a truncated or corrupt file (a
+    header that does not parse, tensors that end past the end of the file) is a ConversionError."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n)), 8 + n
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        try:
+            if not 0 < n <= size - 8:
+                raise ValueError(f"header length {n} does not fit in the file")
+            header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise ConversionError(f"damaged safetensors file {path} ({size} bytes):", [str(e)]) from None
+    if 8 + n + end > size:
+        raise ConversionError(f"damaged safetensors file {path}:",
+                              [f"truncated: its tensors end at byte {8 + n + end}, the file has {size} bytes"])
+    return header, 8 + n
 
 
 class HFWeights:

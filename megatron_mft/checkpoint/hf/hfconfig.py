@@ -19,7 +19,13 @@ def read_hf_config(hf_dir: str | Path) -> dict:
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise ConversionError(f"{hf_dir} is not a Hugging Face model folder:", [f"{path} does not exist"])
-    return json.loads(path.read_text())
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSON syntax or encoding
+        raise ConversionError(f"{path} is not valid JSON:", [str(e)]) from None
+    if not isinstance(cfg, dict):
+        raise ConversionError(f"{path} is not a Hugging Face config:", ["expected a JSON object"])
+    return cfg
 
 
 def _same(a, b) -> bool:
