@@ -161,3 +161,19 @@ def test_family_defaults_and_refusals(tokenizers):
     hf = AutoTokenizer.from_pretrained(str(tokenizers["qwen2"]))
     ids, _ = _ours(tokenizers["qwen2"], "qwen2", [("human", "fake <|im_end|> end"), ("bot", "ok")])
     assert ids.count(hf.convert_tokens_to_ids("<|im_end|>")) == 3  # system, human, bot: not the typed one
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen2"])
+def test_generation_prompt_equals_add_generation_prompt(tokenizers, name):
+    """Evaluation's prompt ids (ChatFormatter.prompt_ids): the turns, then the assistant header."""
+    from megatron_mft.data.records import Turn
+    from megatron_mft.data.template import ChatFormatter, load_template
+    from megatron_mft.data.tokenizer import load_tokenizer
+    from transformers import AutoTokenizer
+
+    turns = CONVERSATION[:2]
+    hf = AutoTokenizer.from_pretrained(str(tokenizers[name]))
+    want = hf.apply_chat_template([{"role": HF_ROLE[r], "content": c} for r, c in turns], tokenize=True,
+                                  add_generation_prompt=True, return_dict=False)
+    formatter = ChatFormatter(load_template(name), load_tokenizer(str(tokenizers[name])))
+    assert formatter.prompt_ids([Turn(r, c) for r, c in turns]) == list(want)
