@@ -33,7 +33,7 @@ def attention_kernel(module, packed: bool, env: Environment) -> str | None:
     if isinstance(module, PackedCoreAttention):
         if packed and module.use_flash and env.cuda:
             return "flash-attn varlen (packed)"
-        return "torch SDPA (packed, block-diagonal causal)" if packed else "torch SDPA (dynamic padding, causal)"
+        return "torch SDPA (packed, causal per document)" if packed else "torch SDPA (dynamic padding, causal)"
     if type(module).__name__ == "TEDotProductAttention":
         return f"TE attention ({'packed THD' if packed else 'SBHD, dynamic padding'})"
     return None
