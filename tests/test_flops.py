@@ -24,13 +24,20 @@ def forward_matmuls(arch: ArchSpec, lengths: list[int], rank: int | None, target
     d = h // arch.num_attention_heads
     q, kv = arch.num_attention_heads * d, arch.num_query_groups * d
     layer = [("base", T, q, h), ("base", T, kv, h), ("base", T, kv, h),  # q, k, v projections
-             ("base", T, h, q),  # attention output projection
-             ("base", T, f, h), ("base", T, f, h), ("base", T, h, f)]  # gate, up, down
+             ("base", T, h, q)]  # attention output projection
+    if arch.activation == "swiglu":
+        layer += [("base", T, f, h), ("base", T, f, h), ("base", T, h, f)]  # gate, up, down
+    else:
+        layer += [("base", T, f, h), ("base", T, h, f)]  # fc1, fc2
+    w = arch.sliding_window
     for s in lengths:
         for _ in range(arch.num_attention_heads):
-            layer.append(("attention", s, s / 2, d))  # q k^T, lower triangle
-            layer.append(("attention", s, d, s / 2))  # p v, lower triangle
-    slots = {"linear_qkv": (h, q + 2 * kv), "linear_proj": (q, h), "linear_fc1": (h, 2 * f), "linear_fc2": (f, h)}
+            # the lower triangle, less the triangle of keys that left a sliding window
+            cut = (s - w) ** 2 / 2 if w and s > w else 0.0
+            layer.append(("attention", s * s / 2 - cut, 1, d))  # q k^T: one dot product per pair
+            layer.append(("attention", s * s / 2 - cut, d, 1))  # p v: d outputs per pair
+    fc1 = 2 * f if arch.activation == "swiglu" else f
+    slots = {"linear_qkv": (h, q + 2 * kv), "linear_proj": (q, h), "linear_fc1": (h, fc1), "linear_fc2": (f, h)}
     if rank:
         for t in targets:
             i, o = slots[t]
@@ -62,16 +69,23 @@ def peft_cfg(method: str, rank=RANK, targets=None) -> PeftConfig | None:
                                                                           "linear_fc2"])
 
 
+# StarCoder2-like: plain GELU MLP, biases, tied embeddings, a sliding window shorter than a sample
+GELU_WINDOW = ArchSpec(num_layers=2, hidden_size=16, num_attention_heads=4, num_query_groups=1, ffn_hidden_size=64,
+                       vocab_size=50, max_position_embeddings=64, rotary_base=1e4, linear_bias=True,
+                       normalization="LayerNorm", activation="gelu_tanh", tied_embeddings=True, sliding_window=5)
+
+
+@pytest.mark.parametrize("arch", [ARCH, GELU_WINDOW], ids=["swiglu-gqa", "gelu-window"])
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
 @pytest.mark.parametrize("method", ["none", "lora", "qlora"])
-def test_flops_equal_the_hand_count(method, recompute):
-    got = flop_count(ARCH, LENGTHS, peft_cfg(method), recompute)
-    want = hand_count(ARCH, LENGTHS, method, recompute)
+def test_flops_equal_the_hand_count(method, recompute, arch):
+    got = flop_count(arch, LENGTHS, peft_cfg(method), recompute)
+    want = hand_count(arch, LENGTHS, method, recompute)
     for key, value in want.items():
         assert getattr(got, key) == pytest.approx(value, rel=1e-12), key
     model = want["forward"] + want["activation_grads"] + want["weight_grads"]
-    assert model_flops(ARCH, LENGTHS, peft_cfg(method)) == pytest.approx(model, rel=1e-12)
-    assert hardware_flops(ARCH, LENGTHS, peft_cfg(method), recompute) == pytest.approx(
+    assert model_flops(arch, LENGTHS, peft_cfg(method)) == pytest.approx(model, rel=1e-12)
+    assert hardware_flops(arch, LENGTHS, peft_cfg(method), recompute) == pytest.approx(
         model + want["recompute"], rel=1e-12)
 
 

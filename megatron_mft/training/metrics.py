@@ -55,8 +55,9 @@ def flop_count(arch: ArchSpec, sample_lengths: Sequence[int], peft: Optional[Pef
     sample attends only to itself, so attention counts per-sample lengths).
 
     2 FLOPs per multiply-add; per token and layer, forward: 2 x (every linear weight) + 2 r (in +
-    out) per adapter; per sample of length s and layer, attention scores and values: 2 x 2 s^2 d
-    per head, halved for the causal mask; LM head 2 h V per token; input embedding 0 (a lookup).
+    out) per adapter; per sample of length s and layer, attention scores and values: 2 x 2 P d
+    per head over the P query-key pairs computed: s^2/2 causal, minus (s - w)^2/2 beyond a
+    sliding window w < s; LM head 2 h V per token; input embedding 0 (a lookup).
     Backward: every matmul's input gradient (attention: 2x its forward); weight gradients only
     of trained weights (full: all linears and the LM head; LoRA/QLoRA: the adapters only).
     Recompute: ``selective`` repeats core attention, ``full`` the whole transformer layer.
@@ -68,7 +69,8 @@ def flop_count(arch: ArchSpec, sample_lengths: Sequence[int], peft: Optional[Pef
     L, h, V = arch.num_layers, arch.hidden_size, arch.vocab_size
     tokens = float(sum(sample_lengths))
     linears = 2.0 * sum(i * o for i, o in target_shapes(arch).values()) * tokens  # one layer
-    attention = 2.0 * arch.num_attention_heads * arch.head_dim * float(sum(s * s for s in sample_lengths))
+    attention = 4.0 * arch.num_attention_heads * arch.head_dim * sum(_attended_pairs(s, arch.sliding_window)
+                                                                    for s in sample_lengths)
     head = 2.0 * h * V * tokens
     lora = peft is not None and peft.method != "none"
     adapters = 2.0 * lora_params_per_layer(arch, peft.rank, peft.target_modules) * tokens if lora else 0.0
@@ -78,6 +80,13 @@ def flop_count(arch: ArchSpec, sample_lengths: Sequence[int], peft: Optional[Pef
     weight_grads = L * adapters if lora else L * linears + head
     layer_forward = {"none": 0.0, "selective": attention, "full": linears + attention + adapters}[recompute]
     return FlopCount(forward, activation_grads, weight_grads, L * layer_forward)
+
+
+def _attended_pairs(s: int, window: int) -> float:
+    """Query-key pairs of a causal sample of length s (the s^2/2 convention of flash-attn's and
+    Megatron's counts), less the triangle outside a sliding window of w < s tokens."""
+    beyond = max(s - window, 0) if window else 0
+    return (s * s - beyond * beyond) / 2.0
 
 
 def model_flops(arch: ArchSpec, sample_lengths: Sequence[int], peft: Optional[PeftConfig] = None) -> float:
