@@ -51,10 +51,10 @@ def test_nonfinite_step_skips_the_update_and_a_finite_one_equals_megatrons_step(
         chunks[0].module.decoder.final_layernorm.weight[0] = float("nan")  # a diverged weight
     before, lr_steps = _params(chunks), sched.num_steps
     out = step_mod.train_step(chunks, opt, sched, data.train_micro_batches(0), ctx)
-    assert out["nonfinite"] and not out["update_ok"] and out["loss"] != out["loss"]
     after = _params(chunks)
     for n in before:  # nothing was updated: without the guard every weight becomes NaN
         assert torch.equal(before[n].nan_to_num(), after[n].nan_to_num()), n
+    assert out["nonfinite"] and not out["update_ok"] and out["loss"] != out["loss"]
     assert sched.num_steps == lr_steps  # as Megatron-LM: a skipped step does not advance the schedule
 
     # a finite step through the guard is megatron's own optimizer.step(), bit for bit

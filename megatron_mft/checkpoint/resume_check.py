@@ -64,7 +64,9 @@ def _fmt(v: Any) -> str:
 def resume_differences(run_json: dict, cfg: RunConfig, manifest: dict, task_names: list[str],
                        source: str = "run.json") -> tuple[list[str], list[str]]:
     """(refused differences, allowed changes) between a checkpoint's ``run.json`` and this run."""
-    saved = run_json.get("config") or {}
+    saved = run_json.get("config")
+    if not saved:  # written before run.json recorded the config: nothing to compare
+        return [], []
     now = to_dict(cfg)
     refused: list[str] = []
 
