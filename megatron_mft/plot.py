@@ -23,11 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import warnings
 from typing import Optional
 
-from megatron_mft.errors import command
+from megatron_mft.errors import UsageError, command
 
 TRAIN, VAL, WEIGHT = "task_loss/", "val_loss/", "task_weight/"
 
@@ -35,11 +36,15 @@ TRAIN, VAL, WEIGHT = "task_loss/", "val_loss/", "task_weight/"
 def load_metrics(path: str, skip_invalid: bool = False) -> dict[int, dict[str, float]]:
     """``{step: {key: value}}``, merged over lines; the last value of a (step, key) wins."""
     steps: dict[int, dict[str, float]] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:  # decoded line by line, so a bad byte is named by its line
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
                 rec = json.loads(line)
                 if not isinstance(rec, dict):
                     raise ValueError("expected a JSON object")
@@ -128,6 +133,8 @@ def _legend_or_note(ax, note: str) -> None:
 def plot_metrics(metrics: str, out: str, title: Optional[str] = None, logy: bool = False,
                  skip_invalid: bool = False):
     """Read ``metrics``, write the PNG to ``out``, return the Figure."""
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out} is a directory; give an image file name, e.g. {os.path.join(out, 'loss.png')}")
     steps = load_metrics(metrics, skip_invalid=skip_invalid)
     if not steps:
         raise ValueError(f"{metrics}: no metrics lines")
@@ -147,13 +154,14 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--skip-invalid", action="store_true",
                     help="warn about invalid lines (e.g. one cut by a crash) instead of failing")
     args = ap.parse_args(argv)
+    out = args.out  # matplotlib adds its default format to a name without one: say what was written
+    if not os.path.splitext(out)[1] and not os.path.isdir(out):
+        out += ".png"
     try:
-        plot_metrics(args.metrics, args.out, title=args.title, logy=args.logy,
-                     skip_invalid=args.skip_invalid)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}")
+        plot_metrics(args.metrics, out, title=args.title, logy=args.logy, skip_invalid=args.skip_invalid)
+    except (OSError, ValueError) as e:  # an unreadable metrics file, an unwritable or unsupported --out
+        raise UsageError(str(e)) from e
+    print(f"wrote {out}")
     return 0
 
 

@@ -1,16 +1,20 @@
 """``python -m megatron_mft.evaluate humaneval --hf-dir DIR [...]``.
 
-Exit status: 0 on a completed run, 2 on bad arguments or an unreadable problem file, 1 when
+Exit status: 0 on a completed run, 2 on bad arguments, an unreadable problem file or damaged weights
+(truncated safetensors, missing shards), 1 when
 ``--check-harness`` scores below 1.0 (the harness itself is broken).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from pathlib import Path
 
-from megatron_mft.errors import command
+from megatron_mft.config.base import finite_float
+from megatron_mft.errors import UsageError, command
 from megatron_mft.evaluate.encoding import ENCODINGS
 from megatron_mft.evaluate.generate import BACKENDS, GenerationConfig
 from megatron_mft.evaluate.humaneval import HumanEvalConfig, run_humaneval
@@ -49,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     he.add_argument("--device", default="auto", help="transformers backend: auto, cpu, cuda, cuda:1...")
     he.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     he.add_argument("--batch-size", type=int, default=1, help="transformers backend: prompts per call")
-    he.add_argument("--timeout", type=float, default=SandboxLimits.timeout_s,
+    he.add_argument("--timeout", type=finite_float, default=SandboxLimits.timeout_s,
                     help="wall-clock seconds per program (default: %(default)s)")
     he.add_argument("--memory-mb", type=int, default=SandboxLimits.memory_mb,
                     help="address-space limit per program, MiB (default: %(default)s; 0 = none)")
@@ -60,6 +64,31 @@ def _parser() -> argparse.ArgumentParser:
                     help="score the canonical solutions instead of generating; must give pass@1 = 1.0")
     he.add_argument("-q", "--quiet", action="store_true", help="warnings only")
     return ap
+
+
+def _weight_problems(hf_dir: str | None) -> list[str]:
+    """Truncated or corrupt safetensors files and shards the index names but the folder lacks, found
+    before minutes of model loading and prompt building (a damaged export, a copy cut short)."""
+    if not hf_dir:
+        return []
+    from megatron_mft.checkpoint.hf.families import ConversionError
+    from megatron_mft.checkpoint.hf.hf_io import read_safetensors_header
+
+    folder, problems = Path(hf_dir), []
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            return [f"--hf-dir: {index} is not a valid safetensors index ({type(e).__name__}: {e})"]
+        problems += [f"--hf-dir: {folder / name} is listed in {index.name} but does not exist"
+                     for name in sorted(shards) if not (folder / name).is_file()]
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            read_safetensors_header(path)
+        except ConversionError as e:
+            problems.append(f"--hf-dir: {e}")
+    return problems
 
 
 @command
@@ -76,15 +105,13 @@ def main(argv: list[str]) -> int:
                                     device=args.device, dtype=args.dtype, batch_size=args.batch_size),
         sandbox=SandboxLimits(timeout_s=args.timeout, memory_mb=args.memory_mb, cpu_s=args.cpu_s),
     )
-    problems = cfg.validate()
+    problems = cfg.validate() or _weight_problems(cfg.hf_dir)
     if problems:
-        print("error: invalid arguments:\n  " + "\n  ".join(problems), file=sys.stderr)
-        return 2
+        raise UsageError("invalid arguments:\n  " + "\n  ".join(problems))
     try:
         report = run_humaneval(cfg)
     except ValueError as e:  # problem-file errors name file:line
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(str(e)) from e
     s = report["summary"]
     print(f"pass@1 = {s['pass@1']:.4f} ({s['passed']}/{s['n']}) mode={s['mode']} "
           f"template={s['template']} add_special_tokens={s['add_special_tokens']} "
