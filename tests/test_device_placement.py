@@ -198,3 +198,32 @@ def test_micro_batch_step_stays_on_the_device(meta_lora, packed, mode):
         assert len(reports) == 2 and reports[0]["objective"].device == device
         grads = [p.main_grad for c in chunks for p in c.parameters() if p.requires_grad]
         assert grads and all(g.device == device for g in grads)
+
+
+def test_recipe_setup_names_a_misplaced_tensor(single_process_group, train_overrides, tmp_path, monkeypatch):
+    """Recipe.setup ends with the placement check: a frozen norm weight left off the training
+    device stops the run there, named, instead of failing in the first kernel."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_mft.config import load_config
+    from megatron_mft.training import recipe as recipe_mod
+
+    build = recipe_mod.build_model_chunks
+
+    def build_with_a_stray_norm(*args, **kwargs):
+        chunks = build(*args, **kwargs)
+        norm = chunks[0].decoder.final_layernorm
+        # a weight on another device than the run's stands for "left on the host of a GPU run"
+        norm.weight = torch.nn.Parameter(torch.ones_like(norm.weight, device="meta"))
+        return chunks
+
+    monkeypatch.setattr(recipe_mod, "build_model_chunks", build_with_a_stray_norm)
+    cfg = load_config("examples/tiny_cpu.yaml", [*train_overrides, f"output_dir={tmp_path}",
+                                                 "peft.method=lora", "peft.rank=4"])
+    try:
+        with pytest.raises(RuntimeError, match=r"not on the training device cpu: module\.decoder\.final_layernorm\.weight "
+                                               r"on meta$"):
+            recipe_mod.Recipe(cfg).setup()
+    finally:  # the session's process group stays; only this run's parallel state goes
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
