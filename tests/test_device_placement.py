@@ -227,3 +227,38 @@ def test_recipe_setup_names_a_misplaced_tensor(single_process_group, train_overr
     finally:  # the session's process group stays; only this run's parallel state goes
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
+
+
+@pytest.mark.parametrize("method", ["none", "qlora"])
+def test_hf_init_keeps_weights_on_the_device(gpu_like, monkeypatch, tmp_path, method):
+    """``model.hf_init`` (and ``convert verify``) fill a model built as on CUDA: the loaders copy
+    into the device tensors (QLoRA: quantise each arriving shard on the device), never swap in a
+    host tensor."""
+    import dataclasses
+
+    from test_hf_fixtures import make_hf_model
+
+    from megatron_mft.checkpoint.hf import load_hf_into_chunks
+    from megatron_mft.checkpoint.hf.hfconfig import model_config_from_hf, read_hf_config
+    from megatron_mft.compat.cpu import cuda_redirected_to
+    from megatron_mft.model import build_model_chunks, misplaced_tensors
+
+    hf_dir = make_hf_model(tmp_path / "hf")
+    cfg = _config(method, "sdpa")
+    model_cfg = dataclasses.replace(model_config_from_hf(read_hf_config(hf_dir)), attention_backend="sdpa")
+    with cuda_redirected_to("meta") as device:
+        layer, plan = None, None
+        if method != "none":
+            from megatron_mft.peft import PeftPlan
+
+            plan = PeftPlan(cfg.peft, gpu_like)
+            layer = plan.layer_spec(model_cfg)
+        chunks = build_model_chunks(model_cfg, cfg.parallel, gpu_like, layer=layer)
+        load_hf_into_chunks(hf_dir, chunks, model_cfg, cfg.parallel)
+        if plan is not None:
+            plan.prepare(chunks)
+        assert misplaced_tensors(chunks, device) == []
+    from megatron_mft.model.placement import model_tensors
+
+    names = [n for n, _ in model_tensors(chunks)]
+    assert any(n.endswith("linear_fc1.weight.packed") for n in names) == (method == "qlora")
