@@ -116,9 +116,13 @@ def test_unimplemented_features_are_refused_by_name(family_models):
             model_config_from_hf(cfg)
         return str(e.value)
 
-    yarn = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 32768}
-    msg = refused("qwen2", rope_parameters=yarn, use_sliding_window=True)
-    assert "rope_parameters.rope_type='yarn' is not supported" in msg and "use_sliding_window=True is not supported" in msg
+    longrope = {"rope_type": "longrope", "rope_theta": 1e6, "factor": 4.0}
+    msg = refused("qwen2", rope_parameters=longrope, use_sliding_window=True)
+    assert "rope_parameters.rope_type='longrope' is not supported" in msg
+    assert "use_sliding_window=True is not supported" in msg
+    yarn = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 32,
+            "beta_fast": 16}
+    assert "rope_parameters.beta_fast=16 is not supported" in refused("qwen2", rope_parameters=yarn)
     llama3 = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 2.0,
               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     assert "rope_parameters.low_freq_factor=2.0 is not supported" in refused("llama3", rope_parameters=llama3)
@@ -167,3 +171,17 @@ def test_hub_config_is_recognised_as_its_preset(preset):
 
     assert model_config_from_hf(HUB_CONFIGS[preset]).preset == preset
     assert model_config_from_hf(HUB_CONFIGS[preset], preset=preset).preset == preset
+
+
+def test_yarn_qwen2_logits_equal_transformers_beyond_the_original_context(tp1_env, tmp_path):
+    """Long-context Qwen2.5 (rope_type yarn, factor 4): transformers' frequencies and attention
+    factor, on sequences longer than the original context (16 positions here)."""
+    from test_families_fixtures import make_family_model
+
+    yarn = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 16}
+    hf = make_family_model("qwen2", tmp_path / "yarn", seed=5, rope_parameters=yarn, max_position_embeddings=64)
+    chunks, cfg = _hf_init_chunks(tp1_env, hf)
+    arch = cfg.arch()
+    assert (arch.rope_type, arch.rope_factor, arch.rope_original_max_positions) == ("yarn", 4.0, 16)
+    rows, packed = parity(chunks, hf)
+    assert rows <= TOL and packed <= TOL, (rows, packed)

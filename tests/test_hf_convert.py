@@ -246,13 +246,13 @@ def test_cli_reports_errors_and_exits_nonzero(tp1_env, tiny_hf, tmp_path):
     cfg = json.loads((tiny_hf / "config.json").read_text())
     bad = tmp_path / "bad"
     shutil.copytree(tiny_hf, bad)
-    (bad / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 8.0},
+    (bad / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "longrope", "factor": 8.0},
                                                  "hidden_act": "gelu"}))
     err = io.StringIO()
     with redirect_stderr(err):
         rc = convert.main(["hf-to-mcore", "--hf-dir", str(bad), "--out", str(tmp_path / "o"), "--tp", "3"])
     assert rc == 2
-    assert "hidden_act='gelu' is not supported" in err.getvalue() and "rope_scaling.rope_type='yarn'" in err.getvalue()
+    assert "hidden_act='gelu' is not supported" in err.getvalue() and "rope_scaling.rope_type='longrope'" in err.getvalue()
     err = io.StringIO()
     with redirect_stderr(err):
         rc = convert.main(["hf-to-mcore", "--hf-dir", str(tiny_hf), "--out", str(tmp_path / "o"), "--tp", "3",

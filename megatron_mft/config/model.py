@@ -27,8 +27,9 @@ class ModelConfig:
     normalization: Optional[Literal["RMSNorm", "LayerNorm"]] = None
     activation: Optional[Literal["swiglu", "gelu_tanh"]] = None
     tied_embeddings: Optional[bool] = None
-    rope_type: Optional[Literal["default", "linear", "llama3"]] = None
+    rope_type: Optional[Literal["default", "linear", "llama3", "yarn"]] = None
     rope_factor: Optional[float] = None
+    rope_original_max_positions: Optional[int] = None
     sliding_window: Optional[int] = None
     family: Optional[str] = None
     init_method_std: float = 0.02

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 #: values of the categorical ArchSpec fields (validated by ``ArchSpec.problems``)
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 ACTIVATIONS = ("swiglu", "gelu_tanh")
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 #: megatron-core's llama3 RoPE scaling has these constants built in (rotary_pos_embedding.py)
 LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
@@ -42,9 +42,12 @@ class ArchSpec:
     activation: str = "swiglu"
     #: output layer shares the input embedding's weight
     tied_embeddings: bool = False
-    #: RoPE scaling: "default" (none), "linear" (positions / factor), "llama3" (per-frequency)
+    #: RoPE scaling: "default" (none), "linear" (positions / factor), "llama3" (per-frequency),
+    #: "yarn" (per-frequency blend + attention factor; long-context Qwen2.5)
     rope_type: str = "default"
     rope_factor: float = 1.0
+    #: context length the scaling extends (llama3: megatron's built-in 8192; yarn: config.json's)
+    rope_original_max_positions: int = 0
     #: sliding-window attention: each token sees itself and the previous window-1 tokens; 0 = off
     sliding_window: int = 0
     #: Hugging Face family this architecture exports to (checkpoint.hf.families)
@@ -92,6 +95,12 @@ class ArchSpec:
                 p.append(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.rope_type != "default" and self.rope_factor <= 1.0:
             p.append(f"rope_factor: {self.rope_factor} must be > 1 with rope_type {self.rope_type}")
+        if self.rope_type == "yarn" and self.rope_original_max_positions <= 0:
+            p.append("rope_original_max_positions: yarn needs the original context length (> 0)")
+        if self.rope_type == "llama3" and self.rope_original_max_positions not in (
+                0, LLAMA3_ROPE["original_max_position_embeddings"]):
+            p.append(f"rope_original_max_positions: megatron-core's llama3 scaling is built for "
+                     f"{LLAMA3_ROPE['original_max_position_embeddings']}, got {self.rope_original_max_positions}")
         if self.sliding_window < 0:
             p.append("sliding_window: must be >= 0 (0 = full attention)")
         return p
@@ -105,7 +114,7 @@ def _llama3(layers, hidden, heads, ffn, factor, tied, hf_name):
     """meta-llama/Llama-3.x config.json: 8 KV heads, vocab 128256, max positions 131072,
     rope_theta 500000, rms_norm_eps 1e-5, rope_scaling llama3 (factor, low 1, high 4, original 8192)."""
     return ArchSpec(layers, hidden, heads, 8, ffn, 128256, 131072, 500_000.0, 1e-5, hf_name=hf_name,
-                    rope_type="llama3", rope_factor=factor, tied_embeddings=tied)
+                    rope_type="llama3", rope_factor=factor, rope_original_max_positions=8192, tied_embeddings=tied)
 
 
 def _qwen25_coder(layers, hidden, heads, groups, ffn, vocab, tied, hf_name):

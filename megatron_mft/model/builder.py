@@ -16,6 +16,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_mft.compat import Environment
 from megatron_mft.config import ArchSpec, ModelConfig, ParallelConfig
 from megatron_mft.model.rope import install_torch_rope
+from megatron_mft.model.yarn import yarn_attention_factor, yarn_inv_freq
 from megatron_mft.model.specs import attention_backend, block_spec, layer_spec
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,9 @@ def transformer_config(arch: ArchSpec, model: ModelConfig, parallel: ParallelCon
         bias_activation_fusion=env.cuda and arch.gated,
         # (left, right) tokens around the query: HF's window counts the query itself
         window_size=(arch.sliding_window - 1, 0) if arch.sliding_window else None,
+        # YaRN's attention factor on q and k (model/yarn.py); None = 1/sqrt(head_dim)
+        softmax_scale=(yarn_attention_factor(arch.rope_factor) ** 2 / arch.head_dim ** 0.5
+                       if arch.rope_type == "yarn" else None),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
@@ -104,7 +108,7 @@ def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, env: Enviro
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
-        chunks.append(GPTModel(
+        chunk = GPTModel(
             config=cfg,
             transformer_layer_spec=block_spec(cfg, backend, stage, layer),
             vocab_size=padded_vocab_size(arch.vocab_size, parallel.tp),
@@ -119,5 +123,10 @@ def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, env: Enviro
             rope_scaling_factor=arch.rope_factor,
             seq_len_interpolation_factor=arch.rope_factor if arch.rope_type == "linear" else None,
             vp_stage=stage,
-        ))
+        )
+        if arch.rope_type == "yarn":  # frequencies as transformers computes them (model/yarn.py)
+            inv_freq = chunk.rotary_pos_emb.inv_freq
+            chunk.rotary_pos_emb.inv_freq = yarn_inv_freq(arch.head_dim, arch.rotary_base, arch.rope_factor,
+                                                          arch.rope_original_max_positions).to(inv_freq.device)
+        chunks.append(chunk)
     return chunks

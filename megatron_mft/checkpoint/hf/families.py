@@ -227,9 +227,10 @@ class Family:
 
 
 #: RoPE keys: transformers 4.x writes ``rope_theta`` + ``rope_scaling``, 5.x ``rope_parameters``.
-ROPE_NESTED = {k: ("rope_parameters", "rope_scaling") for k in ("rope_theta", "rope_type", "type", "factor",
-                                                                 "low_freq_factor", "high_freq_factor",
-                                                                 "original_max_position_embeddings")}
+ROPE_NESTED = {k: ("rope_parameters", "rope_scaling") for k in (
+    "rope_theta", "rope_type", "type", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate", "mscale", "mscale_all_dim",
+    "attention_factor")}
 #: config.json keys export rewrites from the architecture (the source's copies are dropped)
 RESERVED_KEYS = ("rope_scaling", "rope_parameters", "tie_word_embeddings")
 
@@ -294,18 +295,23 @@ def _config(family: str, *, norm_eps: str = "rms_norm_eps", tied_default: bool =
         ConfigField("tied_embeddings", ("tie_word_embeddings",), default=tied_default),
         ConfigField("rope_type", ("rope_type", "type"), default="default"),
         ConfigField("rope_factor", ("factor",), default=1.0, omit_default=True),
+        ConfigField("rope_original_max_positions", ("original_max_position_embeddings",), default=0,
+                    omit_default=True),
         ConfigField("family", (), default=family),
     ) + extra
 
 
 #: features refused by name unless the engine reproduces them
 _ROPE_UNSUPPORTED = (
-    Unsupported("rope_type", ("default", "linear", "llama3"),
-                "RoPE scaling implemented: linear and llama3 (megatron-core's); not yarn, dynamic, longrope",
-                default="default"),
-    Unsupported("type", (None, "default", "linear", "llama3"), "RoPE scaling implemented: linear and llama3"),
+    Unsupported("rope_type", ("default", "linear", "llama3", "yarn"),
+                "RoPE scaling implemented: linear, llama3 and yarn; not dynamic, longrope", default="default"),
+    Unsupported("type", (None, "default", "linear", "llama3", "yarn"),
+                "RoPE scaling implemented: linear, llama3 and yarn"),
     *(Unsupported(k, (None, v), f"megatron-core's llama3 RoPE scaling has {k}={v:g}")
-      for k, v in LLAMA3_ROPE.items()),
+      for k, v in LLAMA3_ROPE.items() if k != "original_max_position_embeddings"),
+    *(Unsupported(k, (None, v), f"YaRN is implemented with transformers' default {k}={v}")
+      for k, v in (("beta_fast", 32), ("beta_slow", 1), ("truncate", True), ("mscale", None),
+                   ("mscale_all_dim", None), ("attention_factor", None))),
 )
 _SWIGLU = (Unsupported("hidden_act", ("silu",), "the engine's gated MLP is SwiGLU with silu", default="silu"),)
 _SWIGLU_CONSTANTS = (ConfigField("normalization", (), default="RMSNorm"),
