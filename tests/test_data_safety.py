@@ -141,18 +141,36 @@ def test_failed_swap_keeps_the_previous_output(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]
 
 
+def _tmpfs(mnt: Path, options: str):
+    """Mount a tmpfs (root only; otherwise skip: test_data_bad_input's injected OSError covers the
+    same code path); yields the mount point and unmounts it (lazily: files a failure left open)."""
+    import subprocess
+
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "--lazy", str(mnt)], check=True)
+
+
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 256 KiB tmpfs (64 pages; an output takes 19 files): a real ENOSPC in the middle of writing."""
-    import subprocess
+    yield from _tmpfs(tmp_path / "disk", "size=256k")
 
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode:  # not root: test_data_bad_input's injected OSError covers the same path
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "--lazy", str(mnt)], check=True)  # lazy: files a failure left open
+
+@pytest.fixture
+def read_only_disk(tmp_path):
+    yield from _tmpfs(tmp_path / "ro", "ro,size=64k")
+
+
+def test_unwritable_output_is_refused_before_any_work(tmp_path, read_only_disk, capsys, monkeypatch):
+    from megatron_mft.data import preprocess as pp
+
+    monkeypatch.setattr(pp, "discover_tasks", None)  # would fail loudly if reached
+    rc, err = _run(capsys, *cli_args(_data(tmp_path), read_only_disk / "sub" / "out", SEQ))
+    assert rc == 2 and f"cannot write in {read_only_disk} (Read-only file system)" in err, err
 
 
 def test_disk_full_keeps_the_previous_output(tmp_path, tiny_disk, capsys):

@@ -14,6 +14,7 @@ import ctypes
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 #: ``manifest.json``'s ``format`` of an offline output (FORMAT.md section 3).
@@ -63,6 +64,11 @@ def output_dir_problems(output_dir: str, data_dir: str, tokenizer: str, overwrit
     ancestor = next((a for a in out.parents if a.exists()), None)
     if ancestor is not None and not ancestor.is_dir():
         return [f"{flag}: {ancestor} is not a folder"]
+    if ancestor is not None:  # known now, not after hours of tokenizing: a probe folder, removed at once
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=ancestor))
+        except OSError as e:
+            return [f"{flag}: cannot write in {ancestor} ({e.strerror or e})"]
     if not out.exists() or not any(out.iterdir()):
         return []
     for what, path in (("the data folder (--data-dir)", data_dir), ("the tokenizer (--tokenizer-model)", tokenizer)):
