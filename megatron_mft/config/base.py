@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import keyword
 import math
 import types
 import typing
@@ -144,6 +145,7 @@ def _build(cls: type, data: dict, path: str, problems: list[str]) -> Any:
     kwargs = {}
     for key, value in data.items():
         key = str(key).replace("-", "_")
+        key = key + "_" if keyword.iskeyword(key) else key  # a YAML key such as `lambda` -> field lambda_
         full = f"{path}.{key}" if path else key
         if key not in fields:
             close = [n for n in fields if n.startswith(key[:3])]

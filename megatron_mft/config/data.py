@@ -31,8 +31,9 @@ class DataConfig:
     group_by_length: bool = True
     #: Online mode: tokenizer processes (0 or 1 = in the training process).
     num_workers: int = 0
-    #: Online mode: sft = loss on bot turns only; pretrain = loss on every real token.
-    mode: Literal["sft", "pretrain"] = "sft"
+    #: Online mode: sft = loss on bot turns only; pretrain = loss on every real token;
+    #: preference = {chosen, rejected} pairs (train.stage dpo / orpo; docs/preference.md).
+    mode: Literal["sft", "pretrain", "preference"] = "sft"
     #: Online mode: chat template preset (megatron_mft.data.template.TEMPLATES) or a .json file.
     template: str = "mftcoder"
     #: Online mode: samples longer than seq_length are an error, dropped, or truncated.
@@ -57,6 +58,9 @@ class DataConfig:
             p.append("data.num_workers: must be >= 0")
         if self.max_line_bytes < 1:
             p.append("data.max_line_bytes: must be >= 1")
+        if self.mode == "preference" and self.batching != "packed":
+            p.append("data.batching: preference pairs need packed (a pair stays in one row; packing none = one "
+                     "pair per row)")
         if not self.template:
             p.append("data.template: required (a preset name such as mftcoder, or a .json file)")
         return p

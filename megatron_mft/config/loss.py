@@ -7,6 +7,41 @@ from typing import Literal
 
 LossMode = Literal["token", "sample", "task-token", "task-sample", "focal-sample", "focal-task"]
 BalancerName = Literal["none", "famo", "coba"]
+PreferenceLoss = Literal["sigmoid", "ipo", "hinge"]
+
+
+@dataclass
+class PreferenceConfig:
+    """The preference stages (train.stage dpo | orpo); formulas in docs/preference.md."""
+
+    #: DPO's beta: scale of the implicit reward beta * (log pi - log pi_ref).
+    beta: float = 0.1
+    #: dpo: sigmoid (DPO paper) | ipo (IPO, on per-token mean log-probs as TRL) | hinge (SLiC).
+    loss_type: PreferenceLoss = "sigmoid"
+    #: dpo sigmoid: conservative DPO's label smoothing epsilon in [0, 0.5).
+    label_smoothing: float = 0.0
+    #: dpo: weight of the NLL term on the chosen response (RPO); 0 = plain DPO.
+    rpo_alpha: float = 0.0
+    #: orpo: weight lambda of the odds-ratio term (YAML key ``lambda``; ORPO's NLL term has weight 1).
+    lambda_: float = 0.1
+    #: dpo with full fine-tuning: reference log-probs from a no-grad pre-pass over the training
+    #: data with the starting weights, stored beside the data (``precomputed``, the one source
+    #: for full fine-tuning); LoRA/QLoRA use the model with its adapters disabled.
+    reference: Literal["precomputed"] = "precomputed"
+
+    def validate(self) -> list[str]:
+        p = []
+        if not self.beta > 0:
+            p.append("loss.preference.beta: must be > 0")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            p.append("loss.preference.label_smoothing: must be in [0, 0.5)")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            p.append(f"loss.preference.label_smoothing: only used by loss_type sigmoid, not {self.loss_type!r}")
+        if self.rpo_alpha < 0:
+            p.append("loss.preference.rpo_alpha: must be >= 0")
+        if self.lambda_ < 0:
+            p.append("loss.preference.lambda: must be >= 0")
+        return p
 
 
 @dataclass
@@ -47,6 +82,11 @@ class LossConfig:
     famo_lr: float = 0.025
     #: famo: weight decay on the task-weight logits (pulls weights back to uniform).
     famo_weight_decay: float = 1e-3
+    #: train.stage dpo / orpo only: the preference loss (docs/preference.md). loss.mode then
+    #: averages over pairs: token/sample = mean over the global batch's pairs, task-token/task-sample
+    #: = each task's pair mean, tasks weighted (static weights, balancers); token vs sample picks how
+    #: the NLL term on chosen (rpo_alpha, ORPO) is normalised: chosen tokens, or per-pair means.
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
     def validate(self) -> list[str]:
         p = []  # mode and balancer names: checked against their Literal when the config loads

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 
 @dataclass
 class TrainConfig:
+    #: sft (multi-task SFT) | dpo | orpo (preference stages on {chosen, rejected} pairs, loss.preference;
+    #: docs/preference.md).
+    stage: Literal["sft", "dpo", "orpo"] = "sft"
     #: Optimizer steps to run; 0 means "derive from epochs".
     steps: int = 20
     #: Epochs over the training set (used when steps == 0).

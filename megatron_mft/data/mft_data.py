@@ -123,13 +123,21 @@ def _build_online(cfg: DataConfig, seed: int) -> _Source:
     tasks = discover_tasks(cfg.path)
     tok = load_tokenizer(cfg.tokenizer)
     template = load_template(cfg.template)
-    spec = EncodeSpec(cfg.tokenizer, template, cfg.seq_length, cfg.mode, cfg.overlong, cfg.max_line_bytes)
-    # workers fork like torch DataLoader workers do; they only run the tokenizer (no torch, no CUDA)
-    encoded = encode_tasks(tasks, spec, workers=max(cfg.num_workers, 1), skip_bad_samples=cfg.skip_bad_samples)
-    for w in task_warnings(encoded):
+    pairs = cfg.mode == "preference"  # megatron_mft.data.preference: pairs kept together in one row
+    spec = EncodeSpec(cfg.tokenizer, template, cfg.seq_length, "sft" if pairs else cfg.mode, cfg.overlong,
+                      cfg.max_line_bytes)
+    if pairs:
+        from megatron_mft.data.preference import encode_pairs, plan_pair_splits as plan
+
+        encoded = encode_pairs(tasks, spec, skip_bad_samples=cfg.skip_bad_samples)
+    else:
+        plan = plan_splits
+        # workers fork like torch DataLoader workers do; they only run the tokenizer (no torch, no CUDA)
+        encoded = encode_tasks(tasks, spec, workers=max(cfg.num_workers, 1), skip_bad_samples=cfg.skip_bad_samples)
+    for w in task_warnings(encoded):  # type: ignore[arg-type]
         log.warning("data.path %s: %s", cfg.path, w)
     packing = "none" if cfg.batching == "dynamic" else cfg.packing
-    train, val = plan_splits(encoded, seq_length=cfg.seq_length, packing=packing, val_ratio=cfg.val_ratio, seed=seed)
+    train, val = plan(encoded, seq_length=cfg.seq_length, packing=packing, val_ratio=cfg.val_ratio, seed=seed)  # type: ignore[arg-type]
     if not train.samples:
         raise DataError([f"data.path {cfg.path}: no usable training samples"])
     manifest = {
@@ -221,6 +229,11 @@ class MFTData:
 
     def train_micro_batches(self, consumed_rows: int) -> list[dict]:
         return [self._collate(self._train, ids) for ids in self.train_micro_batch_rows(consumed_rows)]
+
+    def train_rows_micro_batch(self, ids) -> dict:
+        """One micro batch of the given training rows, padded with empty rows to micro_batch_size
+        (the DPO reference pre-pass walks every row once)."""
+        return self._collate(self._train, np.asarray(ids, dtype=np.int64), fill_to=self.micro_batch_size)
 
     def val_micro_batches(self, task: str, max_batches: int = 0) -> list[dict]:
         """This rank's strided share of the task's validation rows, in order. Every rank gets the

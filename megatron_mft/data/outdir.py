@@ -24,7 +24,7 @@ _SPLITS = ("train", "val")
 _PARTS = ("tokens", "loss_mask", "task_ids", "sample_uids")
 #: every name the tool writes into an output folder
 OUTPUT_FILES = frozenset(
-    {MANIFEST, "stats.json", "rejected.jsonl"}
+    {MANIFEST, "stats.json", "rejected.jsonl", "_reference_logps"}  # the last: DPO reference log-probs
     | {f"{s}_{p}.{ext}" for s in _SPLITS for p in _PARTS for ext in ("bin", "idx")}
 )
 

@@ -55,8 +55,8 @@ class PreprocessArgs:
             p.append(f"--packing {self.packing}: expected one of {', '.join(PACKERS)}")
         if self.workers < 1:
             p.append(f"--workers {self.workers}: must be >= 1")
-        if self.mode not in ("sft", "pretrain"):
-            p.append(f"--mode {self.mode}: expected sft or pretrain")
+        if self.mode not in ("sft", "pretrain", "preference"):
+            p.append(f"--mode {self.mode}: expected sft, pretrain or preference")
         if self.overlong not in ("error", "drop", "truncate"):
             p.append(f"--overlong {self.overlong}: expected error, drop or truncate")
         if not 0.0 <= self.val_ratio < 1.0:
@@ -134,14 +134,22 @@ def preprocess(args: PreprocessArgs) -> dict:
     template = load_template(args.template)
     spec = EncodeSpec(args.tokenizer_model, template, args.seq_length, args.mode, args.overlong,  # type: ignore[arg-type]
                       args.max_line_bytes)
-    encoded = encode_tasks(tasks, spec, workers=args.workers, skip_bad_samples=args.skip_bad_samples,
-                           progress=args.progress)
+    if args.mode == "preference":  # pairs: megatron_mft.data.preference
+        from megatron_mft.data.preference import encode_pairs, plan_pair_splits
+
+        spec = EncodeSpec(args.tokenizer_model, template, args.seq_length, "sft", args.overlong,  # type: ignore[arg-type]
+                          args.max_line_bytes)
+        encoded = encode_pairs(tasks, spec, skip_bad_samples=args.skip_bad_samples)
+    else:
+        encoded = encode_tasks(tasks, spec, workers=args.workers, skip_bad_samples=args.skip_bad_samples,
+                               progress=args.progress)
     warnings = task_warnings(encoded)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     t_tokenized = time.perf_counter()
-    train, val = plan_splits(encoded, seq_length=args.seq_length, packing=args.packing,
-                             val_ratio=args.val_ratio, seed=args.seed)
+    plan = plan_pair_splits if args.mode == "preference" else plan_splits
+    train, val = plan(encoded, seq_length=args.seq_length, packing=args.packing,  # type: ignore[arg-type]
+                      val_ratio=args.val_ratio, seed=args.seed)
     t_packed = time.perf_counter()
     if not train.samples:
         raise DataError([f"{args.data_dir}: no usable training samples"])
@@ -199,6 +207,10 @@ def preprocess(args: PreprocessArgs) -> dict:
             "tokens_per_s": round(total_tokens / elapsed, 1) if elapsed > 0 else 0.0,
             "warnings": warnings,
         }
+        if args.mode == "preference":
+            from megatron_mft.data.preference import add_pair_stats
+
+            add_pair_stats(stats, encoded, train, val)  # type: ignore[arg-type]
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
         # checked again: the folder may have changed (a user's file put in it) since the start
@@ -229,8 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--seed", type=int, default=1234, help="validation split by ratio")
-    p.add_argument("--mode", choices=["sft", "pretrain"], default="sft",
-                   help="pretrain: loss on every real token (text records always are)")
+    p.add_argument("--mode", choices=["sft", "pretrain", "preference"], default="sft",
+                   help="pretrain: loss on every real token (text records always are); preference: "
+                        "{chosen, rejected} pairs kept together in one row (docs/preference.md)")
     p.add_argument("--skip-bad-samples", action="store_true",
                    help="skip bad lines, count them per reason in stats.json and log them to rejected.jsonl")
     p.add_argument("--overlong", choices=["error", "drop", "truncate"], default="error",

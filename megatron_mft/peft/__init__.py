@@ -12,7 +12,8 @@ megatron-core or bitsandbytes.
 from importlib import import_module
 
 _EXPORTS = {
-    "layers": ["LORA_LAYERS", "AdapterWeight", "LoraColumnParallelLinear", "LoraRowParallelLinear", "lora_scaling"],
+    "layers": ["LORA_LAYERS", "AdapterWeight", "LoraColumnParallelLinear", "LoraRowParallelLinear", "adapters_disabled",
+               "lora_scaling"],
     "memory": ["MemoryEstimate", "estimate_memory", "lora_params", "lora_params_per_layer", "target_shapes"],
     "nf4": ["NF4_BYTES_PER_PARAM", "NF4Weight", "nf4_linear"],
     "plan": ["PeftPlan", "adapter_spec", "count_parameters", "global_adapter_names", "iter_adapters",

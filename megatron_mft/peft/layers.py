@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -92,6 +93,8 @@ class _LoraMixin:
     _base_axis: int
     _split_adapter: str
     _split_axis: int
+    #: True inside ``adapters_disabled(chunks)``: the layer is its base (the DPO reference model)
+    disabled: bool = False
 
     # ------------------------------------------------------------------ construction
     def _setup_lora(self, *, in_local: int, out_local: int, in_full: int, rank: int, alpha: float,
@@ -327,7 +330,7 @@ class LoraColumnParallelLinear(_LoraMixin, ColumnParallelLinear):
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
         out, bias = super().forward(input_, weight, runtime_gather_output)
-        if self.merged:
+        if self.merged or self.disabled:
             return out, bias
         x = self._dropout(input_, tp_distinct=self.sequence_parallel)
         h = torch.nn.functional.linear(x, self.lora_A.weight)
@@ -357,7 +360,7 @@ class LoraRowParallelLinear(_LoraMixin, RowParallelLinear):
 
     def forward(self, input_):
         out, bias = super().forward(input_)
-        if self.merged:
+        if self.merged or self.disabled:
             return out, bias
         x = input_ if self.input_is_parallel else scatter_to_tensor_model_parallel_region(input_, group=self.tp_group)
         x = self._dropout(x, tp_distinct=True)
@@ -370,3 +373,20 @@ class LoraRowParallelLinear(_LoraMixin, RowParallelLinear):
 
 
 LORA_LAYERS = (LoraColumnParallelLinear, LoraRowParallelLinear)
+
+
+@contextmanager
+def adapters_disabled(chunks):
+    """Run the base model: every LoRA layer of ``chunks`` skips its adapter inside the block
+    (the DPO reference with LoRA/QLoRA: the same weights, no second copy). Merged adapters are
+    part of the base weight and cannot be switched off: refused."""
+    layers = [m for c in chunks for m in c.modules() if isinstance(m, LORA_LAYERS)]
+    if any(m.merged for m in layers):
+        raise RuntimeError("adapters_disabled: merged adapters are in the base weights; unmerge them first")
+    for m in layers:
+        m.disabled = True
+    try:
+        yield len(layers)
+    finally:
+        for m in layers:
+            m.disabled = False

@@ -69,6 +69,9 @@ class Recipe:
                             fixed_seq_length=run.parallel.pp > 1 and not packed)
         self.task_names = list(self.data.task_names)
         check_against_data(run, self.task_names, self.data.vocab_size)  # before the model is built
+        from megatron_mft.training.preference import check_stage
+
+        check_stage(run, self.data.manifest)  # train.stage sft | dpo | orpo against sft / preference data
         self.arch = run.model.arch()
         self.total_steps = total_steps(run, self.data.rows_per_epoch)
 
@@ -102,7 +105,12 @@ class Recipe:
         self.optimizer = build_optimizer(self.chunks, run)
         self.scheduler = build_scheduler(self.optimizer, run, self.total_steps)
         self.balancer = build_balancer(run.loss, len(self.task_names)) if run.loss.balancer != "none" else None
-        self.ctx = StepContext(loss_cfg=run.loss, task_names=self.task_names, device=self.device, packed=packed)
+        self.ctx = StepContext(loss_cfg=run.loss, task_names=self.task_names, device=self.device, packed=packed,
+                               stage=run.train.stage)
+        if run.train.stage == "dpo":  # reference log-probs from the starting weights (training.reference)
+            from megatron_mft.training.reference import build_reference
+
+            self.ctx.reference = build_reference(self, fresh=latest is None)
         self._report_params()
 
         from megatron_mft.launch.signals import PreemptionGuard
@@ -213,6 +221,7 @@ class Recipe:
         while self.step < self.total_steps:
             micro_batches = self.data.train_micro_batches(self.consumed_rows)
             self.ctx.task_weights = self.task_weights()
+            self.ctx.consumed_rows = self.consumed_rows
             out = train_step(self.chunks, self.optimizer, self.scheduler, micro_batches, self.ctx)
             self.step += 1
             self.consumed_rows += t.global_batch_size
@@ -270,7 +279,7 @@ class Recipe:
                "hw_tflops_per_gpu": hw_flops / dt / world / 1e12,
                "mfu": (tflops * 1e12 / self.peak) if self.peak else None,
                "consumed_rows": self.consumed_rows, "peak_mem_gib": peak_memory_gib(),
-               **{k: v for k, v in out.items() if k.startswith("task_")}}
+               **{k: v for k, v in out.items() if k.startswith(("task_", "rewards/", "logps/", "pref_loss", "nll_"))}}
         self.metrics.write(rec)
         _say(console_line(rec, self.total_steps))
 

@@ -30,6 +30,12 @@ class StepContext:
     device: torch.device
     packed: bool
     task_weights: Optional[torch.Tensor] = None
+    #: train.stage: sft | dpo | orpo (the preference stages: megatron_mft.training.preference)
+    stage: str = "sft"
+    #: dpo: the reference log-prob source (megatron_mft.training.reference)
+    reference: Optional[object] = None
+    #: rows consumed before this step (the precomputed reference looks its rows up by it)
+    consumed_rows: int = 0
 
     @property
     def num_tasks(self) -> int:
@@ -123,6 +129,10 @@ def reduce_report_vector(vec: torch.Tensor) -> torch.Tensor:
 
 def train_step(chunks: list, optimizer, scheduler, micro_batches: list[dict], ctx: StepContext) -> dict:
     """Forward/backward over this rank's micro batches of the global batch, then one optimizer step."""
+    if ctx.stage != "sft":
+        from megatron_mft.training.preference import preference_train_step
+
+        return preference_train_step(chunks, optimizer, scheduler, micro_batches, ctx)
     dp = ps.get_data_parallel_group()
     stats = GlobalBatchStats.gather(micro_batches, ctx.num_tasks, group=dp)
     focal_stats = None

@@ -1,0 +1,254 @@
+"""Preference pairs: raw ``{"chosen": [...], "rejected": [...]}`` lines -> packed adjacent samples.
+
+Line format (MFTCoder's xxpo data): ``chosen`` and ``rejected`` are chat-round lists in the
+``chat_rounds`` form (roles system/human/bot or system/user/assistant), identical except the last
+turn, which is the assistant's answer on each side. Each side is validated as strictly as an SFT
+line, and the pair must share its prompt, or the line is rejected with a reason.
+
+Layout contract (what megatron_mft.loss.preference relies on): a pair is two samples, chosen
+then rejected, adjacent in one pack; packs hold whole pairs only, so in any micro batch sample
+id ``2k`` is a chosen and ``2k+1`` its rejected response. The loss mask covers only the last
+assistant turn (its content and end of turn): a sequence log-prob is that turn's. Packing works
+on pair lengths (a pair never spans two rows); the stored folder is the SFT format
+(FORMAT.md section 3) with ``manifest.mode = "preference"``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+from megatron_mft.data.encode import MAX_ERRORS, EncodeSpec, Issue, TaskCounts
+from megatron_mft.data.packing import pack
+from megatron_mft.data.plan import SplitPlan
+from megatron_mft.data.records import _BLANK, DataError, Reason, Record, RecordError, _chat, _loads
+from megatron_mft.data.taskdir import TaskFiles
+from megatron_mft.data.template import ChatFormatter
+from megatron_mft.data.tokenizer import load_tokenizer
+
+Side = tuple[np.ndarray, np.ndarray]  # (ids, loss mask)
+Pair = tuple[Side, Side]
+
+
+class PairReason(str, Enum):
+    #: no "chosen"/"rejected" list
+    NOT_A_PAIR = "not_a_pair"
+    #: the two sides differ before their last turn
+    PROMPT_MISMATCH = "prompt_mismatch"
+    #: a side's last turn is not the assistant's
+    LAST_TURN_NOT_BOT = "last_turn_not_bot"
+    #: a side is a lone assistant turn
+    NO_PROMPT = "no_prompt"
+    #: chosen and rejected answers are the same text (nothing to prefer)
+    IDENTICAL = "identical_answers"
+
+
+def parse_pair(raw: bytes) -> tuple[Record, Record] | None:
+    """One raw line -> (chosen, rejected) records; None for a blank line; RecordError otherwise."""
+    obj = _loads(raw)
+    if obj is _BLANK:
+        return None
+    if not isinstance(obj, dict):
+        raise RecordError(Reason.WRONG_TYPE, f"line must be a JSON object, got {type(obj).__name__}")
+    sides = []
+    for key in ("chosen", "rejected"):
+        if key not in obj:
+            raise RecordError(PairReason.NOT_A_PAIR, f"no {key!r} key (keys: {', '.join(map(str, obj))})")
+        try:
+            rec = _chat({"chat_rounds": obj[key]})
+        except RecordError as e:
+            raise RecordError(e.reason, f"{key}: {e.detail.replace('chat_rounds', key)}") from None
+        if rec.turns[-1].role != "bot":
+            raise RecordError(PairReason.LAST_TURN_NOT_BOT, f"{key}: the last turn must be the assistant's answer")
+        if len(rec.turns) < 2:
+            raise RecordError(PairReason.NO_PROMPT, f"{key}: no prompt turn before the answer")
+        sides.append(rec)
+    c, r = sides
+    if c.turns[:-1] != r.turns[:-1]:
+        k = next((i for i, (a, b) in enumerate(zip(c.turns[:-1], r.turns[:-1])) if a != b),
+                 min(len(c.turns), len(r.turns)) - 1)
+        raise RecordError(PairReason.PROMPT_MISMATCH, f"chosen and rejected differ at turn {k} (before the answers); "
+                                                      f"both sides must share the prompt")
+    if c.turns[-1].content == r.turns[-1].content:
+        raise RecordError(PairReason.IDENTICAL, "chosen and rejected answers are identical")
+    return c, r
+
+
+@dataclass
+class EncodedPairTask:
+    files: TaskFiles
+    train: list[Pair] = field(default_factory=list)
+    val: list[Pair] = field(default_factory=list)
+    #: ``samples`` counts responses (2 per pair), as the split statistics do
+    counts: TaskCounts = field(default_factory=TaskCounts)
+
+
+@dataclass
+class EncodedPairs:
+    tasks: list[EncodedPairTask]
+    issues: list[Issue]
+    marker_ids: dict[str, list[int]]
+
+
+def _encode_side(fmt: ChatFormatter, rec: Record) -> Side:
+    ids, mask = fmt.encode([rec])[0]
+    prompt_len = len(fmt.encode([Record(turns=rec.turns[:-1])])[0][0])
+    mask = mask.copy()
+    mask[:prompt_len] = 0  # earlier assistant turns belong to the shared prompt: no loss
+    return ids, mask
+
+
+def _fit(n_c: int, n_r: int, seq: int) -> tuple[int, int]:
+    """Lengths to truncate a pair to so that both fit one row: the longer side gives way first."""
+    half = seq // 2
+    if n_c <= half:
+        return n_c, min(n_r, seq - n_c)
+    if n_r <= half:
+        return min(n_c, seq - n_r), n_r
+    return seq - half, half
+
+
+def encode_pairs(tasks: list[TaskFiles], spec: EncodeSpec, *, skip_bad_samples: bool = False) -> EncodedPairs:
+    """Tokenize every task's pairs (one process: preference sets are small next to SFT corpora);
+    raise ``DataError`` naming each bad ``file:line`` unless skipping."""
+    fmt = ChatFormatter(spec.template, load_tokenizer(spec.tokenizer), "sft")
+    seq = spec.seq_length
+    out = [EncodedPairTask(t) for t in tasks]
+    issues: list[Issue] = []
+    errors = 0
+    for task in out:
+        c = task.counts
+        for split, files in (("train", task.files.train), ("val", task.files.val)):
+            dest = task.train if split == "train" else task.val
+            for path in files:
+                try:
+                    with open(path, "rb") as f:
+                        data = f.read()
+                except OSError as e:
+                    raise DataError([f"{path}: cannot read ({e.strerror or e})"]) from None
+                if data.startswith(b"\xef\xbb\xbf"):
+                    data = data[3:]
+                lines = data.split(b"\n")
+                if lines and lines[-1] == b"":
+                    lines.pop()
+                for line_no, raw in enumerate(lines, start=1):
+                    raw = raw[:-1] if raw.endswith(b"\r") else raw
+                    bad = None
+                    if len(raw) > spec.max_line_bytes:
+                        bad = (Reason.LINE_TOO_LONG.value, f"{len(raw)} bytes > --max-line-bytes / "
+                                                           f"data.max_line_bytes {spec.max_line_bytes}; not read", False, "")
+                    else:
+                        try:
+                            pair = parse_pair(raw)
+                        except RecordError as e:
+                            pair, bad = None, (e.reason.value, e.detail, False, raw.decode("utf-8", "replace"))
+                    if bad is None and pair is not None:
+                        (ci, cm), (ri, rm) = (_encode_side(fmt, s) for s in pair)
+                        text = raw.decode("utf-8", "replace")
+                        if len(ci) + len(ri) > seq:
+                            detail = f"{len(ci)} + {len(ri)} tokens > seq_length {seq} (a pair fills one row)"
+                            if spec.overlong == "error":
+                                bad = (Reason.OVERLONG.value, detail, False, text)
+                            elif spec.overlong == "drop":
+                                bad = (Reason.OVERLONG.value, detail, True, text)
+                            else:
+                                a, b = _fit(len(ci), len(ri), seq)
+                                ci, cm, ri, rm = ci[:a], cm[:a], ri[:b], rm[:b]
+                                if not (cm.any() and rm.any()):
+                                    bad = (Reason.OVERLONG.value, "no answer token left on one side after "
+                                                                  "truncation", True, text)
+                                else:
+                                    c.truncated += 1
+                    if bad is not None:
+                        reason, detail, dropped, text = bad
+                        if dropped:
+                            c.dropped += 1
+                            issues.append(Issue(path, line_no, reason, detail, "dropped", text))
+                        elif skip_bad_samples:
+                            c.rejected += 1
+                            c.reasons[reason] = c.reasons.get(reason, 0) + 1
+                            issues.append(Issue(path, line_no, reason, detail, "rejected", text))
+                        else:
+                            errors += 1
+                            issues.append(Issue(path, line_no, reason, detail, "error", text))
+                            if errors >= MAX_ERRORS:
+                                break
+                        continue
+                    if pair is None:
+                        continue
+                    dest.append(((ci, cm), (ri, rm)))
+                    c.samples += 2
+                    c.tokens += len(ci) + len(ri)
+                    c.loss_tokens += int(cm.sum()) + int(rm.sum())
+    if errors:
+        msgs = [i.message() for i in issues if i.action == "error"]
+        more = "; stopped reading after that many errors" if errors >= MAX_ERRORS else ""
+        raise DataError(msgs + [f"{errors} bad line(s){more}; fix them, or pass --skip-bad-samples to skip and log them"])
+    return EncodedPairs(out, issues, fmt.marker_ids)
+
+
+def _expand(pairs: list[Pair], pair_packs: list[list[int]], base: int = 0) -> tuple[list[Side], list[list[int]]]:
+    samples = [s for p in pairs for s in p]
+    return samples, [[base + 2 * i + k for i in p for k in (0, 1)] for p in pair_packs]
+
+
+def plan_pair_splits(encoded: EncodedPairs, *, seq_length: int, packing: str, val_ratio: float,
+                     seed: int) -> tuple[SplitPlan, SplitPlan]:
+    """As ``plan.plan_splits``, over pairs: the validation split by files or by a seeded share of
+    pairs per task, training packs mix tasks, validation packs per task, and every pack holds
+    whole pairs (chosen, rejected adjacent). Pair ``u`` (input order, task by task) has sample
+    uids ``2u`` and ``2u + 1``."""
+    train, val = SplitPlan(), SplitPlan()
+    t_pairs: list[Pair] = []
+    t_tasks: list[int] = []
+    t_uids: list[int] = []
+    uid = 0
+    val_parts = []
+    for t_id, task in enumerate(encoded.tasks):
+        n = len(task.train)
+        uids = list(range(uid, uid + n + len(task.val)))
+        uid += n + len(task.val)
+        if task.val:
+            held, v_pairs, v_uids = set(), list(task.val), uids[n:]
+        else:
+            k = int(round(val_ratio * n))
+            if val_ratio > 0 and n >= 2:
+                k = min(max(k, 1), n - 1)
+            held = set(np.random.default_rng([seed, t_id]).permutation(n)[:k].tolist()) if k else set()
+            v_pairs = [task.train[i] for i in sorted(held)]
+            v_uids = [uids[i] for i in sorted(held)]
+        keep = [i for i in range(n) if i not in held]
+        t_pairs += [task.train[i] for i in keep]
+        t_tasks += [t_id] * len(keep)
+        t_uids += [uids[i] for i in keep]
+        val_parts.append((task.files.name, v_pairs, v_uids, t_id))
+    lengths = [len(c[0]) + len(r[0]) for c, r in t_pairs]
+    train.samples, train.packs = _expand(t_pairs, pack(lengths, seq_length, packing))
+    train.tasks = [t for t in t_tasks for _ in (0, 1)]
+    train.uids = [2 * u + k for u in t_uids for k in (0, 1)]
+    train.lengths = [len(s[0]) for s in train.samples]
+    for name, pairs, uids, t_id in val_parts:
+        start = len(val.packs)
+        lengths = [len(c[0]) + len(r[0]) for c, r in pairs]
+        samples, packs = _expand(pairs, pack(lengths, seq_length, packing), base=len(val.samples))
+        val.packs += packs
+        val.samples += samples
+        val.lengths += [len(s[0]) for s in samples]
+        val.tasks += [t_id] * len(samples)
+        val.uids += [2 * u + k for u in uids for k in (0, 1)]
+        val.task_packs[name] = [start, len(val.packs)]
+    return train, val
+
+
+def add_pair_stats(stats: dict, encoded: EncodedPairs, train: SplitPlan, val: SplitPlan) -> dict:
+    """stats.json of a preference folder: pairs per task and overall next to the sample counts."""
+    n_train, n_val = Counter(train.tasks), Counter(val.tasks)
+    for t_id, task in enumerate(encoded.tasks):
+        s = stats["tasks"][task.files.name]
+        s["pairs"] = task.counts.samples // 2
+        s["train_pairs"], s["val_pairs"] = n_train[t_id] // 2, n_val[t_id] // 2
+    stats["pairs"] = sum(t.counts.samples // 2 for t in encoded.tasks)
+    return stats
