@@ -11,6 +11,7 @@ the previous good output.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import shutil
@@ -108,7 +109,7 @@ def _renameat2_exchange():
         if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
             return True
         err = ctypes.get_errno()
-        if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this file system cannot; rename instead
+        if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # this file system cannot: rename instead
             return False
         raise OSError(err, os.strerror(err), str(b))
 
