@@ -127,10 +127,9 @@ def pair_losses(stage: str, pcfg, pi_c, pi_r, n_c, n_r, ref_c=None, ref_r=None):
         loss = -lam * F.logsigmoid(log_odds)
         return loss, (lam * a_c).detach(), (lam * a_r).detach()
     beta = pcfg.beta
-    if pcfg.loss_type == "ipo":
-        n_c1, n_r1 = n_c.clamp_min(1), n_r.clamp_min(1)
-        pi_c, pi_r, ref_c, ref_r = pi_c / n_c1, pi_r / n_r1, ref_c / n_c1, ref_r / n_r1
     h = (pi_c - ref_c) - (pi_r - ref_r)
+    if pcfg.loss_type == "ipo":  # per-token means of the log-ratios (TRL's IPO; rewards stay sums)
+        h = (pi_c - ref_c) / n_c.clamp_min(1) - (pi_r - ref_r) / n_r.clamp_min(1)
     if pcfg.loss_type == "sigmoid":
         ls = pcfg.label_smoothing
         loss = -(1 - ls) * F.logsigmoid(beta * h) - ls * F.logsigmoid(-beta * h)
