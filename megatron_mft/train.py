@@ -10,7 +10,7 @@ import sys
 
 from megatron_mft.config import load_config
 from megatron_mft.errors import command
-from megatron_mft.launch.signals import catch_early
+from megatron_mft.launch.signals import catch_early, shield_checkpoint_helper
 
 
 def _quiet_known_warnings() -> None:
@@ -34,6 +34,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     _quiet_known_warnings()
+    shield_checkpoint_helper()  # SLURM signals every process of the step, the writer's helper too
     from megatron_mft.training.recipe import Recipe
 
     return Recipe(cfg).run()

@@ -38,7 +38,7 @@ import threading
 import time
 import warnings
 
-__all__ = ["PreemptionGuard", "REASONS", "catch_early"]
+__all__ = ["PreemptionGuard", "REASONS", "catch_early", "shield_checkpoint_helper"]
 
 #: Reason codes, ordered: the all-reduce MAX picks the highest when ranks disagree.
 REASONS = ("exit_duration", "SIGINT", "SIGTERM", "SIGUSR1")
@@ -64,6 +64,32 @@ def catch_early(signals: tuple[str, ...] = ("SIGUSR1",)) -> None:
     if threading.current_thread() is threading.main_thread():
         for name in signals:
             signal.signal(getattr(signal, name), _early_handler)
+
+
+def _ignore_stop_signals() -> None:
+    for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+def shield_checkpoint_helper() -> None:
+    """Start megatron's checkpoint-writer helper now, deaf to the stop signals.
+
+    From its first save on, megatron's dist-checkpoint writer keeps one helper process per
+    rank (a ``multiprocessing`` manager that collects write results). SLURM signals every
+    process of a step (``--signal``, ``scancel``, preemption), helpers included: with the default
+    actions the helper died, and the save that the signal asked for failed (broken pipe) or hung.
+    Started here with those signals ignored, only the trainer acts on them. The trainer calls
+    this at start-up (``megatron_mft.train``); a no-op if the helper already exists.
+    """
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", False) is None:  # megatron creates it lazily
+        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(initializer=_ignore_stop_signals)
+        filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
 
 
 class PreemptionGuard:
