@@ -1,0 +1,155 @@
+"""Preference pairs: validation with file:line reasons, --mode preference packing (each pair in one
+row, chosen then rejected, loss only on the last answer), stats; and the LoRA reference (the
+model with its adapters disabled) against a separate frozen copy of the base model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_mft.data.preprocess import PreprocessArgs, preprocess
+from megatron_mft.data.records import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+TOK = str(ROOT / "examples/demo_data/tokenizer/demo_sp2048.model")
+
+
+def _pair(prompt, good, bad, system=None, history=()):
+    head = ([{"role": "system", "content": system}] if system else []) + list(history)
+    return {"chosen": head + [{"role": "user", "content": prompt}, {"role": "assistant", "content": good}],
+            "rejected": head + [{"role": "user", "content": prompt}, {"role": "assistant", "content": bad}]}
+
+
+def _write(folder: Path, lines) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.jsonl").write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines))
+    return folder / "train.jsonl"
+
+
+def _args(data, out, **kw):
+    return PreprocessArgs(data_dir=str(data), tokenizer_model=TOK, seq_length=kw.pop("seq_length", 256),
+                          packing=kw.pop("packing", "best-fit"), output_dir=str(out), mode="preference",
+                          progress=False, val_ratio=0.0, **kw)
+
+
+GOOD = [_pair(f"add {i} and {i + 1}", f"return {i} + {i + 1}", f"return {i} - {i + 1}") for i in range(9)]
+MULTI = _pair("and now times two?", "return 2 * (a + b)", "return a + b",
+              history=[{"role": "human", "content": "add a and b"}, {"role": "bot", "content": "return a + b"}])
+
+
+def test_pairs_stay_together_and_only_the_last_answer_takes_loss(tmp_path):
+    from megatron_mft.config.data import DataConfig
+    from megatron_mft.data import MFTData
+    from megatron_mft.data.tokenizer import load_tokenizer
+
+    _write(tmp_path / "raw/alpha", GOOD[:5])
+    _write(tmp_path / "raw/beta", GOOD[5:] + [MULTI])
+    stats = preprocess(_args(tmp_path / "raw", tmp_path / "out", seq_length=128))
+    assert stats["pairs"] == 10 and stats["tasks"]["beta"]["pairs"] == 5 and stats["tasks"]["alpha"]["train_pairs"] == 5
+    assert json.loads((tmp_path / "out/manifest.json").read_text())["mode"] == "preference"
+    data = MFTData(DataConfig(path=str(tmp_path / "out")), seed=1, micro_batch_size=1, global_batch_size=1,
+                   dp_rank=0, dp_size=1)
+    tok = load_tokenizer(TOK)
+    lines = GOOD + [MULTI]
+    seen = set()
+    for row in range(data.rows_per_epoch):
+        uids = data.row_sample_uids(row)
+        assert len(uids) % 2 == 0 and uids[0::2] == [u - 1 for u in uids[1::2]] and all(u % 2 == 0 for u in uids[0::2])
+        seen.update(uids)
+        mb = data.train_rows_micro_batch([row])
+        sid, lm, labels, toks = mb["sample_ids"][0], mb["loss_mask"][0], mb["labels"][0], mb["tokens"][0]
+        for k in range(len(uids) // 2):
+            line = lines[uids[2 * k] // 2]
+            prompts = []
+            for side, s in (("chosen", 2 * k), ("rejected", 2 * k + 1)):
+                targets = labels[(sid == s) & (lm > 0)].tolist()
+                # the loss takes exactly the last answer and its EOS (not the earlier bot turn of MULTI)
+                assert targets[-1] == tok.eos_id and tok.decode(targets[:-1]) == line[side][-1]["content"]
+                ids = toks[sid == s].tolist()
+                prompts.append(ids[: len(ids) - len(targets)])
+            assert prompts[0] == prompts[1]  # the same prompt tokens on both sides
+    assert seen == set(range(20))
+
+
+def test_bad_pairs_are_named_by_file_line_and_reason(tmp_path):
+    path = _write(tmp_path / "raw/t", [
+        GOOD[0],
+        {"chosen": GOOD[1]["chosen"]},  # 2: not a pair
+        _pair("p", "a", "b") | {"rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]},
+        {k: GOOD[2][k] + [{"role": "user", "content": "more?"}] for k in ("chosen", "rejected")},  # 4: ends with the user
+        _pair("p", "same", "same"),  # 5
+        {"chosen": [{"role": "robot", "content": "x"}], "rejected": []},  # 6: unknown role in chosen
+        "{not json",  # 7
+    ])
+    with pytest.raises(DataError) as e:
+        preprocess(_args(tmp_path / "raw", tmp_path / "out"))
+    msg = str(e.value)
+    for line, reason in ((2, "not_a_pair"), (3, "prompt_mismatch"), (4, "last_turn_not_bot"),
+                         (5, "identical_answers"), (6, "unknown_role: chosen"), (7, "invalid_json")):
+        assert f"{path}:{line}: {reason}" in msg, msg
+    assert f"{path}:1:" not in msg and not (tmp_path / "out").exists()
+    stats = preprocess(_args(tmp_path / "raw", tmp_path / "out", skip_bad_samples=True))
+    assert stats["pairs"] == 1 and stats["rejected"] == 6
+    assert stats["rejected_reasons"]["prompt_mismatch"] == 1
+
+
+def test_overlong_pairs_drop_or_truncate_as_a_pair(tmp_path):
+    long = _pair("write it", "x = 1\n" * 40, "y = 2\n" * 30)
+    _write(tmp_path / "raw/t", [GOOD[0], long])
+    with pytest.raises(DataError, match=r"train.jsonl:2: overlong: .* > seq_length 64"):
+        preprocess(_args(tmp_path / "raw", tmp_path / "o1", seq_length=64))
+    s = preprocess(_args(tmp_path / "raw", tmp_path / "o2", seq_length=64, overlong="drop"))
+    assert s["pairs"] == 1 and s["dropped"] == 1
+    s = preprocess(_args(tmp_path / "raw", tmp_path / "o3", seq_length=64, overlong="truncate"))
+    assert s["pairs"] == 2 and s["truncated"] == 1
+    assert s["splits"]["train"]["tokens"] <= 2 * 64
+
+
+# ---------------------------------------------------------------- LoRA reference
+@pytest.fixture(scope="module")
+def env(tp1_env):
+    return tp1_env
+
+
+def _build(env, lora: bool):
+    from megatron_mft.config import ModelConfig, ParallelConfig, PeftConfig
+    from megatron_mft.model import build_model_chunks
+    from megatron_mft.peft import PeftPlan
+
+    mcfg = ModelConfig(preset="tiny", precision="fp32")
+    torch.manual_seed(5)
+    if not lora:
+        return build_model_chunks(mcfg, ParallelConfig(), env)
+    plan = PeftPlan(PeftConfig(method="lora", rank=4, alpha=8.0), env, seed=5)
+    chunks = build_model_chunks(mcfg, ParallelConfig(), env, layer=plan.layer_spec(mcfg))
+    plan.prepare(chunks)
+    return chunks
+
+
+def test_lora_reference_is_the_base_model(env, tmp_path):
+    from megatron_mft.checkpoint.dist import load_model_weights, save_checkpoint
+    from megatron_mft.peft import adapters_disabled, iter_adapters
+
+    frozen = _build(env, lora=False)  # a separate frozen copy of the base
+    path = save_checkpoint(tmp_path, 1, frozen, common={}, run_info={})
+    chunks = _build(env, lora=True)
+    load_model_weights(path, chunks)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, m in iter_adapters(chunks):
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
+    ids = torch.randint(0, 2048, (2, 24), generator=g)
+    pos = torch.arange(24).expand(2, 24)
+    with torch.no_grad():
+        base = frozen[0](ids, pos, None)
+        adapted = chunks[0](ids, pos, None)
+        with adapters_disabled(chunks) as n:
+            disabled = chunks[0](ids, pos, None)
+        again = chunks[0](ids, pos, None)
+    assert n == 16  # 4 layers x 4 targets
+    assert torch.equal(disabled, base)
+    assert (adapted - base).abs().max() > 1e-3 and torch.equal(again, adapted)
