@@ -5,12 +5,12 @@ thread: submit, wait, signal, wait), so their waits overlap; each test then chec
 outcome. The reference is the same run under torchrun (TP=2), made alongside.
 
 1. ``sbatch`` runs 2 tasks at TP=2 to completion: per-step losses and checkpoint files as from torchrun.
-2. ``scancel -s USR1``: save, exit 0, ``scontrol requeue``; the requeued job resumes at the saved
-   step and finishes; every step logged once; losses as uninterrupted.
+2. ``scancel -s USR1`` (after a periodic save): save, exit 0, ``scontrol requeue``; the requeued
+   job resumes at the saved step and finishes; every step logged once; losses as uninterrupted.
 3. ``--time=1 --signal=USR1@1``: slurmctld's warning comes before the limit, the job saves and
    requeues itself, and the requeued run resumes at the saved step.
 5. ... that job has ``MAX_RESTARTS=1``: the next USR1 stops it without a requeue, and says why.
-4. ``scancel`` (SIGTERM): saves, the job ends CANCELLED, no requeue.
+4. ``scancel`` (SIGTERM, after a periodic save): saves, the job ends CANCELLED, no requeue.
 6. One task SIGKILLed: ``--kill-on-bad-exit`` ends the job (FAILED); the last complete checkpoint
    loads: the resubmitted job resumes from it and ends with the reference's losses.
 """
@@ -140,7 +140,8 @@ def completes(c: Campaign) -> dict:
 
 
 def usr1_requeue(c: Campaign) -> dict:
-    job = c.submit("usr1", STEPS)
+    # saves at every step: the stop signal reaches a trainer whose checkpoint writer has a helper
+    job = c.submit("usr1", STEPS, extra="train.save_interval=1")
     job.wait_steps(1)
     job.signal("--signal=USR1")
     job.wait("the requeue", lambda: int(job.fields()["Restarts"]) >= 1 or not job.queued())
@@ -163,7 +164,7 @@ def time_limit(c: Campaign) -> dict:
 
 
 def sigterm(c: Campaign) -> dict:
-    job = c.submit("sigterm", STEPS)
+    job = c.submit("sigterm", STEPS, extra="train.save_interval=1")
     job.wait_steps(1)
     job.signal()  # plain scancel: SIGTERM to every process of the job, SIGKILL after KillWait
     return {"job": job, "final": job.wait_done()}
