@@ -103,7 +103,7 @@ def report(error: BaseException) -> int:
         code = RUNTIME
         text = (f"internal error: {_text(error)}. This is a bug or a case without a proper message yet"
                 + ("" if debug else f"; {_HINT}") + ".")
-    if world > 1:
+    if world > 1 and not isinstance(error, UsageError):  # usage errors come from rank 0 alone
         text = "\n".join(f"[rank {rank}] {line}" for line in text.splitlines())
     sys.stdout.flush()
     print(text, file=sys.stderr, flush=True)

@@ -29,16 +29,19 @@ def main(argv: list[str]) -> int:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"checkpoint init --out {args.out}: exists and is not a folder")
 
+    from megatron_mft.config import load_config
+
+    # config errors are reported before megatron is imported (seconds, and none of its import warnings)
+    cfg = load_config(args.config, args.overrides + ["parallel.tp=1", "parallel.pp=1", "parallel.vpp=null",
+                                                      "parallel.sp=false"])
+
     from megatron.core import dist_checkpointing
 
     from megatron_mft.checkpoint.dist import model_sharded_state_dict
     from megatron_mft.compat import setup_runtime
-    from megatron_mft.config import load_config
     from megatron_mft.model import build_model_chunks
     from megatron_mft.training.parallel import init_parallel, teardown
 
-    cfg = load_config(args.config, args.overrides + ["parallel.tp=1", "parallel.pp=1", "parallel.vpp=null",
-                                                      "parallel.sp=false"])
     env = setup_runtime()
     init_parallel(cfg.parallel, env, cfg.seed)  # starts torch.distributed from the launch environment
     chunks = build_model_chunks(cfg.model, cfg.parallel, env)

@@ -37,6 +37,7 @@ import sys
 from dataclasses import dataclass
 from typing import Literal, Mapping
 
+from megatron_mft.errors import UsageError
 from megatron_mft.launch.hostnames import NODELIST_VARS, HostListError, expand_nodelist
 
 __all__ = ["DistEnv", "LaunchError", "default_port", "init_distributed", "parse_tasks_per_node", "read_dist_env"]
@@ -48,8 +49,8 @@ PORT_BASE, PORT_SPAN = 10000, 20000
 DEFAULT_PORT = 29500
 
 
-class LaunchError(RuntimeError):
-    """The launcher's variables do not describe a consistent set of processes."""
+class LaunchError(UsageError, RuntimeError):
+    """The launcher's variables do not describe a consistent set of processes (exit 2)."""
 
     def __init__(self, source: str, problems: list[str], variables: Mapping[str, str]):
         self.problems = problems
