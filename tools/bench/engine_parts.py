@@ -1,0 +1,172 @@
+"""Where the engine's CPU time goes against a plain transformers loop, part by part: paired,
+alternating A/B timings (process CPU time, the steadier clock on a shared machine) of each piece
+issue 14 names, on the tiny preset's shapes (seq 512, micro batch 2, 2 micro batches).
+
+    python tools/bench/engine_parts.py [--reps 20]
+
+Parts: RoPE (megatron's unfused THD path vs the per-micro-batch cos/sin tables of
+megatron_mft/model/rope.py), AdamW (torch's per-parameter loop vs its fused kernel), weight
+gradients (allocated and added into main_grad by DDP's hook vs accumulated in the GEMM),
+SwiGLU (megatron's chunk of the fused fc1 output vs two separate projections as in transformers),
+cross entropy (megatron's vocab-parallel CE vs torch's), and the fixed per-step cost of the
+frameworks (2 micro batches of 16 tokens, where compute is negligible).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def paired(a, b, reps: int) -> tuple[float, float, float, float, float]:
+    """Median CPU ms of a and b (alternating order) and the median, min, max of a/b."""
+    a(), b()
+    ta, tb = [], []
+    for r in range(reps):
+        for fn, acc in ((a, ta), (b, tb)) if r % 2 == 0 else ((b, tb), (a, ta)):
+            c0 = time.process_time()
+            fn()
+            acc.append(time.process_time() - c0)
+    ratios = [x / y for x, y in zip(ta, tb)]
+    return (statistics.median(ta) * 1e3, statistics.median(tb) * 1e3, statistics.median(ratios), min(ratios),
+            max(ratios))
+
+
+def show(name: str, a: str, b: str, res) -> None:
+    ma, mb, r, lo, hi = res
+    print(f"{name:34s} {a} {ma:7.2f} ms | {b} {mb:7.2f} ms | ratio {r:.2f} ({lo:.2f}-{hi:.2f})", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=20)
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ.setdefault("MASTER_PORT", str(s.getsockname()[1]))
+    import train_throughput as tt
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_thd
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from megatron_mft.model.rope import rope_thd
+
+    print(f"machine: {platform.node()} | {os.cpu_count()} CPUs | load avg "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} | torch {torch.__version__} | 1 thread | CPU ms, "
+          f"median of {args.reps} alternating pairs; ratio = first / second", flush=True)
+    bargs = tt._args([])
+    eng = tt.Engine(bargs)  # tiny preset, parallel state, DDP, optimizer
+    g = torch.Generator().manual_seed(0)
+
+    # RoPE: q [1024, 4, 32] and k [1024, 2, 32], two documents of 512, forward + backward
+    freqs = RotaryEmbedding(32, 1.0, rotary_base=1000000)(512)
+    cu = torch.tensor([0, 512, 1024], dtype=torch.int32)
+    q0, k0 = torch.randn(1024, 4, 32, generator=g), torch.randn(1024, 2, 32, generator=g)
+    cp = ps.get_context_parallel_group()
+
+    def rope(fn):
+        q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+        (fn(q).sum() + fn(k).sum()).backward()
+
+    show("RoPE, one layer (q and k)", "megatron unfused", "ours", paired(
+        partial(rope, lambda t: _apply_rotary_pos_emb_thd(t, cu, freqs, cp_group=cp)),
+        partial(rope, lambda t: rope_thd(t, cu, freqs)), args.reps))
+
+    # AdamW on the tiny preset's parameter shapes
+    shapes = [tuple(p.shape) for c in eng.raw for p in c.parameters()]
+
+    def adam(**kw):
+        ps_ = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+        for p in ps_:
+            p.grad = torch.randn(p.shape, generator=g)
+        return torch.optim.AdamW(ps_, lr=1e-4, **kw).step
+
+    show("AdamW step (all parameters)", "per-parameter loop", "fused", paired(adam(foreach=False), adam(fused=True),
+                                                                              args.reps))
+
+    # weight gradients into main_grad: fused (GEMM accumulates) vs DDP's hook add
+    from megatron.core.tensor_parallel import layers
+
+    from megatron_mft.loss import GlobalBatchStats
+    from megatron_mft.training.step import _loss_func, run_schedule
+
+    mods = [m for c in eng.chunks for m in c.modules() if isinstance(m, (layers.ColumnParallelLinear,
+                                                                             layers.RowParallelLinear))
+            and m.gradient_accumulation_fusion]
+    tokens = tt.token_batches(bargs, 2048)
+    batches = [tt.micro_batch(t, 1, g) for t in tokens]
+    stats = GlobalBatchStats.gather(batches, 1, group=ps.get_data_parallel_group())
+
+    def fwd_bwd(fused: bool):
+        for m in mods:
+            m.gradient_accumulation_fusion = fused
+        for c in eng.chunks:
+            c.zero_grad_buffer()
+        run_schedule(eng.chunks, batches, eng.ctx, partial(_loss_func, eng.ctx, stats, None), forward_only=False)
+
+    show("forward+backward, 2 micro batches", "wgrad into main_grad", "grad + hook add",
+         paired(partial(fwd_bwd, True), partial(fwd_bwd, False), args.reps))
+    fwd_bwd(True)
+
+    # SwiGLU as megatron computes it on the fused fc1 output vs transformers' two projections
+    x0, a0, b0 = (torch.randn(1024, 1, n, generator=g) for n in (704, 352, 352))
+    gy = torch.randn(1024, 1, 352, generator=g)
+
+    def glu_megatron():
+        x = x0.clone().requires_grad_()
+        x1, x2 = torch.chunk(x, 2, dim=-1)
+        (F.silu(x1) * (x2 + 0.0)).backward(gy)
+
+    def glu_hf():
+        a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+        (F.silu(a) * b).backward(gy)
+
+    show("SwiGLU, one layer", "megatron (chunk)", "transformers", paired(glu_megatron, glu_hf, args.reps))
+
+    # cross entropy over [512, 2, 2048] logits
+    logits0 = torch.randn(512, 2, 2048, generator=g)
+    labels = torch.randint(0, 2048, (512, 2), generator=g)
+
+    def ce_megatron():
+        lg = logits0.clone().requires_grad_()
+        tensor_parallel.vocab_parallel_cross_entropy(lg, labels).sum().backward()
+
+    def ce_torch():
+        lg = logits0.clone().requires_grad_()
+        F.cross_entropy(lg.view(-1, 2048), labels.view(-1), reduction="none").sum().backward()
+
+    show("cross entropy, one micro batch", "megatron vocab-parallel", "torch", paired(ce_megatron, ce_torch, args.reps))
+
+    # fixed per-step cost: 2 micro batches of 16 tokens, full step (engine vs transformers loop)
+    small = tt._args(["--seq", "16", "--micro-batch", "1"])
+    from transformers import LlamaForCausalLM
+
+    with tempfile.TemporaryDirectory() as d:
+        torch.manual_seed(0)
+        LlamaForCausalLM(tt.hf_config(small)).save_pretrained(d)
+        eng_s, hf_s = tt.Engine(small, hf_dir=d), tt.HFLoop(small, d)
+    sb = [tt.micro_batch(t, 1, g) for t in tt.token_batches(small, 2048)]
+    show("whole step, 2 x 16 tokens", "engine", "transformers", paired(partial(eng_s.step, sb), partial(hf_s.step, sb),
+                                                                         args.reps))
+
+
+if __name__ == "__main__":
+    main()
