@@ -48,7 +48,8 @@ def test_family_features_reach_megatron(tp1_env, family_models):
     from megatron_mft.checkpoint.hf.hfconfig import model_config_from_hf, read_hf_config
 
     arch = {n: model_config_from_hf(read_hf_config(family_models[n])).arch() for n in FAMILIES}
-    assert (arch["llama3"].rope_type, arch["llama3"].rope_factor, arch["llama3"].tied_embeddings) == ("llama3", 8.0, True)
+    l3 = arch["llama3"]
+    assert (l3.rope_type, l3.rope_factor, l3.tied_embeddings) == ("llama3", 8.0, True)
     assert (arch["deepseek"].rope_type, arch["deepseek"].rope_factor) == ("linear", 4.0)
     assert arch["qwen2"].qkv_bias and not arch["qwen2"].linear_bias and arch["qwen2"].sliding_window == 0
     assert arch["mistral"].sliding_window == 12
@@ -151,7 +152,8 @@ HUB_CONFIGS = {
                            "intermediate_size": 19200, "num_hidden_layers": 62, "num_attention_heads": 56,
                            "num_key_value_heads": 8, "vocab_size": 32256, "max_position_embeddings": 16384,
                            "rms_norm_eps": 1e-06, "rope_theta": 100000, "tie_word_embeddings": False,
-                           "hidden_act": "silu", "pretraining_tp": 1, "rope_scaling": {"factor": 4.0, "type": "linear"}},
+                           "hidden_act": "silu", "pretraining_tp": 1,
+                           "rope_scaling": {"factor": 4.0, "type": "linear"}},
     "codestral-22b": {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "hidden_size": 6144,
                       "intermediate_size": 16384, "num_hidden_layers": 56, "num_attention_heads": 48,
                       "num_key_value_heads": 8, "vocab_size": 32768, "max_position_embeddings": 32768,
@@ -185,3 +187,23 @@ def test_yarn_qwen2_logits_equal_transformers_beyond_the_original_context(tp1_en
     assert (arch.rope_type, arch.rope_factor, arch.rope_original_max_positions) == ("yarn", 4.0, 16)
     rows, packed = parity(chunks, hf)
     assert rows <= TOL and packed <= TOL, (rows, packed)
+
+
+def test_tied_checkpoint_that_also_stores_lm_head_loads(tp1_env, family_models, tmp_path):
+    """Some tied checkpoints store lm_head.weight too; transformers ties it to the embedding on
+    load (the stored copy is not used), and so does the conversion instead of refusing it."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src = family_models["llama3"]
+    state = hf_state(src)
+    assert "lm_head.weight" not in state
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    out = tmp_path / "with_head"
+    out.mkdir()
+    shutil.copy(src / "config.json", out / "config.json")
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    chunks, _ = _hf_init_chunks(tp1_env, out)
+    rows, packed = parity(chunks, out)
+    assert rows <= TOL and packed <= TOL

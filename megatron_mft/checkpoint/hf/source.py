@@ -30,8 +30,9 @@ def expected_hf_tensors(family: Family, arch: ArchSpec) -> dict[str, tuple[tuple
 
 
 def weight_problems(present: dict[str, tuple[int, ...]], family: Family, arch: ArchSpec,
-                    aliases: Optional[dict] = None) -> list[str]:
-    """Unknown, missing and mis-shaped tensors of a checkpoint (name -> shape), one line each."""
+                    aliases: Optional[dict] = None, unused: frozenset = frozenset()) -> list[str]:
+    """Unknown, missing and mis-shaped tensors of a checkpoint (name -> shape), one line each;
+    ``unused`` names are present but not read (a tied model's stored lm_head)."""
     aliases = aliases or {}
     expected = expected_hf_tensors(family, arch)
     problems = []
@@ -43,7 +44,8 @@ def weight_problems(present: dict[str, tuple[int, ...]], family: Family, arch: A
             problems.append(f"mis-shaped tensor {src}: has shape {list(present[src])}, expected "
                             f"{_shape_text(shape, symbols)}")
     for name in present:
-        if name not in expected and name not in aliases.values() and not family.is_ignored(name):
+        known = name in expected or name in aliases.values() or name in unused
+        if not known and not family.is_ignored(name):
             problems.append(f"unknown tensor {name} (shape {list(present[name])}): not in the {family.name} "
                             f"weight map")
     return problems
@@ -72,8 +74,10 @@ class HFSource:
         tied = bool(hf_config.get("tie_word_embeddings", False))
         if tied and "lm_head.weight" not in self.weights:
             self.aliases["lm_head.weight"] = "model.embed_tokens.weight"  # untied on our side: a copy
+        # tied: transformers ties lm_head to the embedding on load; a stored copy is not used
+        unused = frozenset({"lm_head.weight"} if arch.tied_embeddings and "lm_head.weight" in self.weights else ())
         raise_problems(f"{self.dir} does not match the {family.name} weight map for this config:",
-                       weight_problems(self.weights.shapes, family, arch, self.aliases), arch)
+                       weight_problems(self.weights.shapes, family, arch, self.aliases, unused), arch)
 
     def dtype(self) -> torch.dtype:
         """The dtype of the checkpoint (that of most of its bytes)."""
