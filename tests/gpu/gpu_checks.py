@@ -300,7 +300,8 @@ def summary(args) -> bool:
         if f"{method}_packed" in runs and f"{method}_dynamic" in runs:
             res[f"{method}_packed_over_dynamic_tokens_per_s"] = (runs[f"{method}_packed"]["tokens_per_s"]
                                                                  / runs[f"{method}_dynamic"]["tokens_per_s"])
-    lines = ["| run | step s | tokens/s | model TFLOP/s | hardware TFLOP/s | MFU | peak GiB |", "|---|---|---|---|---|---|---|"]
+    lines = ["| run | step s | tokens/s | model TFLOP/s | hardware TFLOP/s | MFU | peak GiB |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         mem = f"{r['peak_mem_gib']:.1f}" if r.get("peak_mem_gib") is not None else "-"
