@@ -13,10 +13,10 @@ Debian's ``slurm-wlm`` (22.05) runs on a plain 2-core Linux machine or container
 * ``SlurmdParameters=config_overrides`` with more CPUs than the machine has, so several
   2-task jobs run side by side (they share the real cores);
 * ``SchedulerParameters=sched_interval=2``: a requeued job is looked at every 2 s, not 60 s;
-* ``OverTimeLimit=2``: slurmctld checks time limits every 30 s and sends ``--signal`` up to
+* ``OverTimeLimit=5``: slurmctld checks time limits every 30 s and sends ``--signal`` up to
   30 s before it is due; on a busy 2-core machine a trainer that got the warning can need
-  more than the remaining half minute to finish its step, save and exit. The warning still
-  comes before the limit; only the final kill waits two more minutes;
+  minutes to finish its start-up and first step, save and exit (seen: over 3 minutes at a load
+  average of 50). The warning still comes before the limit; only the final kill waits;
 * ``KillWait=120``: after ``scancel`` (SIGTERM) the trainer finishes its step and saves before
   the SIGKILL; the usual 30 s were not always enough for that on a loaded 2-core machine;
 * ``SlurmctldDebug=debug``: the log then names the moment of each warning signal
@@ -122,7 +122,7 @@ SlurmdParameters=config_overrides
 ReturnToService=2
 JobRequeue=1
 KillWait=120
-OverTimeLimit=2
+OverTimeLimit=5
 InactiveLimit=0
 MinJobAge=3600
 NodeName={host} NodeAddr=127.0.0.1 CPUs={NODE_CPUS} State=UNKNOWN
@@ -254,7 +254,9 @@ class Cluster:
 
     def stop(self, timeout: float = 30) -> None:
         """Cancel the jobs still queued or running (by id) and wait for them to end, then SIGTERM
-        each daemon by its PID (slurmd, slurmctld, munged), SIGKILL if it lingers."""
+        each daemon by its PID (slurmd, slurmctld, munged), SIGKILL if it lingers. Timings go to
+        ``stop.log`` in the folder."""
+        began, notes = time.monotonic(), []
         if self.procs.get("slurmctld") is not None and self.procs["slurmctld"].poll() is None:
             ids = self.job_ids()
             if ids:
@@ -262,9 +264,11 @@ class Cluster:
                 deadline = time.monotonic() + 60
                 while self.job_ids() and time.monotonic() < deadline:
                     time.sleep(0.5)
+                notes.append(f"cancelled jobs {' '.join(ids)}: {time.monotonic() - began:.1f} s")
         for pid in self.job_processes():  # strays of the jobs, by PID
             try:
                 os.kill(pid, signal.SIGKILL)
+                notes.append(f"killed stray process {pid}")
             except OSError:
                 pass
         for name in ("slurmd", "slurmctld", "munged"):
@@ -277,7 +281,10 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+                notes.append(f"{name} ignored SIGTERM for {timeout} s: killed")
+            notes.append(f"{name} stopped: {time.monotonic() - began:.1f} s")
         shutil.rmtree(self.socket_dir, ignore_errors=True)
+        (self.root / "stop.log").write_text("\n".join(notes) + "\n")
 
 
 if __name__ == "__main__":
