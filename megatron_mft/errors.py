@@ -24,12 +24,15 @@ import sys
 import traceback
 from typing import Callable
 
-__all__ = ["RUNTIME", "USAGE", "UsageError", "UserError", "command", "debug_enabled", "report"]
+__all__ = ["HELP", "RUNTIME", "USAGE", "UsageError", "UserError", "command", "debug_enabled", "report"]
 
 #: exit codes
 USAGE, RUNTIME = 2, 1
 DEBUG_FLAG, DEBUG_ENV = "--debug", "MFT_DEBUG"
 _HINT = f"rerun with {DEBUG_FLAG} (or {DEBUG_ENV}=1) for the traceback"
+#: argparse epilog of every command
+HELP = (f"Errors print one message and exit 2 (arguments, config) or 1 (run time); {DEBUG_FLAG} or "
+        f"{DEBUG_ENV}=1 adds the traceback.")
 
 
 class UserError(Exception):

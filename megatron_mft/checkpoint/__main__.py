@@ -11,12 +11,12 @@ import argparse
 import os
 import sys
 
-from megatron_mft.errors import UsageError, command
+from megatron_mft.errors import HELP, UsageError, command
 
 
 @command
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m megatron_mft.checkpoint")
+    p = argparse.ArgumentParser(prog="python -m megatron_mft.checkpoint", epilog=HELP)
     sub = p.add_subparsers(dest="cmd", required=True)
     init = sub.add_parser("init", help="save a config's initial weights")
     init.add_argument("--config", required=True)
