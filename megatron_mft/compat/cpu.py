@@ -121,6 +121,9 @@ class _NullStream(_NullEvent):
     def wait_event(self, *a, **k):
         pass
 
+    def record_event(self, *a, **k):  # megatron's MoE token dispatcher (DtoH split sizes)
+        return _NullEvent()
+
 
 def _patch_cuda_module() -> None:
     c = torch.cuda

@@ -32,6 +32,21 @@ class ModelConfig:
     rope_original_max_positions: Optional[int] = None
     sliding_window: Optional[int] = None
     family: Optional[str] = None
+    kv_channels: Optional[int] = None
+    qk_norm: Optional[bool] = None
+    num_experts: Optional[int] = None
+    moe_top_k: Optional[int] = None
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_norm_topk: Optional[bool] = None
+    moe_shared_expert_size: Optional[int] = None
+    moe_shared_expert_gate: Optional[bool] = None
+    #: MoE router losses, added once per step outside the task weighting (docs/moe.md)
+    moe_aux_loss_coeff: float = 0.0
+    moe_z_loss_coeff: float = 0.0
+    #: expert capacity = factor x tokens x top_k / experts; null = no token dropping
+    moe_capacity_factor: Optional[float] = None
+    #: megatron's token dispatcher between expert-parallel ranks
+    moe_token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
     init_method_std: float = 0.02
     #: "auto" picks bf16 on CUDA, fp32 on CPU.
     precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -56,4 +71,8 @@ class ModelConfig:
             problems.append("model.attention_backend: flash-attn computes only in fp16/bf16, but model.precision is "
                             "fp32; use precision bf16 (or auto: bf16 on a GPU), or attention_backend sdpa or auto "
                             "(auto never picks flash-attn for fp32)")
+        if self.moe_aux_loss_coeff < 0 or self.moe_z_loss_coeff < 0:
+            problems.append("model.moe_aux_loss_coeff / moe_z_loss_coeff: must be >= 0")
+        if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
+            problems.append("model.moe_capacity_factor: must be > 0 or null (null = no token dropping)")
         return problems

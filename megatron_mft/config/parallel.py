@@ -18,6 +18,15 @@ class ParallelConfig:
     sp: bool = False
     #: Shard optimizer state over data-parallel ranks (megatron DistributedOptimizer).
     distributed_optimizer: bool = True
+    #: Expert parallelism (MoE): routed experts split over this many ranks of the data-parallel
+    #: dimension; megatron's token dispatcher moves tokens between them.
+    ep: int = 1
+    #: Tensor parallelism inside each expert; null = 1 (experts whole on each expert rank).
+    etp: Optional[int] = None
+
+    @property
+    def expert_tp(self) -> int:
+        return self.etp or 1
 
     @property
     def virtual_stages(self) -> Optional[int]:
@@ -26,7 +35,7 @@ class ParallelConfig:
 
     def validate(self) -> list[str]:
         p = []
-        for name in ("tp", "pp"):
+        for name in ("tp", "pp", "ep"):
             if getattr(self, name) < 1:
                 p.append(f"parallel.{name}: must be >= 1")
         if self.vpp is not None and self.vpp < 1:
@@ -35,11 +44,13 @@ class ParallelConfig:
             p.append("parallel.vpp: virtual stages need parallel.pp >= 2")
         if self.sp and self.tp < 2:
             p.append("parallel.sp: sequence parallelism needs parallel.tp >= 2")
+        if self.etp is not None and self.etp < 1:
+            p.append("parallel.etp: must be >= 1 or null")
         return p
 
 
 def layout_problems(arch, tp: int, pp: int, vpp: Optional[int] = None, *, tp_name: str = "parallel.tp",
-                    pp_name: str = "parallel.pp") -> list[str]:
+                    pp_name: str = "parallel.pp", ep: int = 1, etp: Optional[int] = None) -> list[str]:
     """What keeps ``arch`` (an ArchSpec) from splitting over TP x PP (x virtual stages): the one
     rule set for training configs and checkpoint conversion; ``*_name`` label the messages."""
     p = []
@@ -47,7 +58,24 @@ def layout_problems(arch, tp: int, pp: int, vpp: Optional[int] = None, *, tp_nam
         p.append(f"{tp_name}: {tp} does not divide num_attention_heads {arch.num_attention_heads}")
     if tp >= 1 and arch.num_query_groups % tp:
         p.append(f"{tp_name}: {tp} does not divide num_query_groups {arch.num_query_groups}")
+    p += expert_layout_problems(arch, tp, ep, etp)
     stages = pp * (vpp or 1)
     if stages >= 1 and arch.num_layers % stages:
         p.append(f"{pp_name}: num_layers {arch.num_layers} not divisible by pp*vpp = {stages}")
+    return p
+
+
+def expert_layout_problems(arch, tp: int, ep: int, etp: Optional[int], ep_name: str = "parallel.ep") -> list[str]:
+    """Expert-parallel rules (MoE): experts divide over EP, expert TP splits the expert MLP, and
+    megatron's MoE under tensor parallelism needs sequence parallelism's token split (checked by
+    the caller that knows ``sp``)."""
+    p = []
+    if not arch.num_experts and (ep > 1 or (etp or 1) > 1):
+        p.append(f"{ep_name}: expert parallelism ({ep_name}={ep}, etp={etp}) needs a mixture-of-experts "
+                 f"model (num_experts > 0)")
+    elif arch.num_experts:
+        if ep >= 1 and arch.num_experts % ep:
+            p.append(f"{ep_name}: {ep} does not divide num_experts {arch.num_experts}")
+        if etp and etp >= 1 and arch.expert_ffn % etp:
+            p.append(f"parallel.etp: {etp} does not divide the expert hidden size {arch.expert_ffn}")
     return p

@@ -52,23 +52,51 @@ class ArchSpec:
     sliding_window: int = 0
     #: Hugging Face family this architecture exports to (checkpoint.hf.families)
     family: str = "llama"
+    #: attention head size when it is not hidden/heads (Qwen3's explicit head_dim); 0 = derived
+    kv_channels: int = 0
+    #: RMSNorm on each query/key head before RoPE (Qwen3)
+    qk_norm: bool = False
+    #: mixture of experts (model/moe.py): routed experts per layer; 0 = dense MLP
+    num_experts: int = 0
+    #: experts each token is routed to
+    moe_top_k: int = 0
+    #: hidden size of one routed expert's MLP (0 = ffn_hidden_size)
+    moe_ffn_hidden_size: int = 0
+    #: top-k probabilities renormalised to sum 1 (Mixtral, Qwen3-MoE; Qwen2-MoE: config norm_topk_prob)
+    moe_norm_topk: bool = True
+    #: hidden size of the always-on shared expert (Qwen2-MoE); 0 = none
+    moe_shared_expert_size: int = 0
+    #: the shared expert's output is scaled by sigmoid(gate(x)) (Qwen2-MoE)
+    moe_shared_expert_gate: bool = False
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def expert_ffn(self) -> int:
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
 
     @property
     def gated(self) -> bool:
         return self.activation == "swiglu"
 
-    def num_params(self) -> int:
-        """Exact parameter count, computed without allocating weights."""
+    def num_params(self, active: bool = False) -> int:
+        """Exact parameter count, computed without allocating weights; ``active``: with only
+        ``moe_top_k`` routed experts per token (MoE), as model cards publish it."""
         h, f, v, L = self.hidden_size, self.ffn_hidden_size, self.vocab_size, self.num_layers
         q = self.num_attention_heads * self.head_dim
         kv = self.num_query_groups * self.head_dim
         fc1 = (2 if self.gated else 1) * f
         attn = h * q + 2 * h * kv + q * h  # q, k, v, o
+        attn += 2 * self.head_dim if self.qk_norm else 0
         mlp = h * fc1 + f * h
+        if self.num_experts:
+            e = self.expert_ffn
+            per_expert = h * (3 if self.gated else 2) * e
+            s = self.moe_shared_expert_size
+            mlp = (h * self.num_experts + (self.moe_top_k if active else self.num_experts) * per_expert
+                   + (h * 3 * s if s else 0) + (h if self.moe_shared_expert_gate else 0))
         bias = 0
         if self.qkv_bias or self.linear_bias:
             bias += q + 2 * kv
@@ -103,6 +131,14 @@ class ArchSpec:
                      f"{LLAMA3_ROPE['original_max_position_embeddings']}, got {self.rope_original_max_positions}")
         if self.sliding_window < 0:
             p.append("sliding_window: must be >= 0 (0 = full attention)")
+        if self.num_experts < 0 or (self.num_experts and not 1 <= self.moe_top_k <= self.num_experts):
+            p.append(f"moe_top_k: {self.moe_top_k} must be between 1 and num_experts {self.num_experts}")
+        if (self.moe_shared_expert_size or self.moe_shared_expert_gate) and not self.num_experts:
+            p.append("moe_shared_expert_size: a shared expert needs num_experts > 0")
+        if self.moe_shared_expert_gate and not self.moe_shared_expert_size:
+            p.append("moe_shared_expert_gate: needs moe_shared_expert_size > 0")
+        if self.num_experts and not self.gated:
+            p.append("activation: the MoE families are SwiGLU (gelu_tanh experts are not mapped)")
         return p
 
 
@@ -137,6 +173,30 @@ def _starcoder2(layers, hidden, heads, groups, rope, tied, hf_name):
     return ArchSpec(layers, hidden, heads, groups, 4 * hidden, 49152, 16384, rope, 1e-5, hf_name=hf_name,
                     linear_bias=True, normalization="LayerNorm", activation="gelu_tanh", tied_embeddings=tied,
                     sliding_window=4096, family="starcoder2")
+
+def _mixtral(layers, hidden, heads, ffn, max_pos, hf_name):
+    """mistralai/Mixtral-8x*B-v0.1 config.json: 8 local experts, 2 per token (renormalised), 8 KV
+    heads, vocab 32000, rope_theta 1e6, rms_norm_eps 1e-5, sliding_window null."""
+    return ArchSpec(layers, hidden, heads, 8, ffn, 32000, max_pos, 1_000_000.0, 1e-5, hf_name=hf_name,
+                    family="mixtral", num_experts=8, moe_top_k=2, moe_ffn_hidden_size=ffn)
+
+
+def _qwen2_moe(layers, hidden, heads, groups, ffn, experts, top_k, expert_ffn, shared, max_pos, hf_name):
+    """Qwen2-MoE config.json (Qwen1.5-MoE, Qwen2-57B-A14B): QKV bias, vocab 151936, rope_theta 1e6,
+    rms_norm_eps 1e-6, norm_topk_prob false, a shared expert with a sigmoid gate, every layer MoE."""
+    return ArchSpec(layers, hidden, heads, groups, ffn, 151936, max_pos, 1_000_000.0, 1e-6, hf_name=hf_name,
+                    qkv_bias=True, family="qwen2_moe", num_experts=experts, moe_top_k=top_k,
+                    moe_ffn_hidden_size=expert_ffn, moe_norm_topk=False, moe_shared_expert_size=shared,
+                    moe_shared_expert_gate=True)
+
+
+def _qwen3(layers, hidden, heads, groups, ffn, max_pos, rope, hf_name, **moe):
+    """Qwen/Qwen3-* config.json: QK-norm, no QKV bias, head_dim 128, vocab 151936,
+    rms_norm_eps 1e-6, untied; the MoE sizes (Qwen3-Coder-30B-A3B) route 8 of 128 experts with
+    norm_topk_prob true."""
+    return ArchSpec(layers, hidden, heads, groups, ffn, 151936, max_pos, rope, 1e-6, hf_name=hf_name,
+                    kv_channels=128, qk_norm=True, family="qwen3_moe" if moe else "qwen3", **moe)
+
 
 PRESETS: dict[str, ArchSpec] = {
     # CPU demo and tests: CodeLlama's architecture (GQA, rope 1e6) at toy size.
@@ -178,4 +238,13 @@ PRESETS: dict[str, ArchSpec] = {
     "starcoder2-3b": _starcoder2(30, 3072, 24, 2, 999999.4420358813, True, "bigcode/starcoder2-3b"),
     "starcoder2-7b": _starcoder2(32, 4608, 36, 4, 1_000_000.0, True, "bigcode/starcoder2-7b"),
     "starcoder2-15b": _starcoder2(40, 6144, 48, 4, 100_000.0, False, "bigcode/starcoder2-15b"),
+    # Mixture of experts (model/moe.py, docs/moe.md)
+    "mixtral-8x7b": _mixtral(32, 4096, 32, 14336, 32768, "mistralai/Mixtral-8x7B-v0.1"),
+    "mixtral-8x22b": _mixtral(56, 6144, 48, 16384, 65536, "mistralai/Mixtral-8x22B-v0.1"),
+    "qwen1.5-moe-a2.7b": _qwen2_moe(24, 2048, 16, 16, 5632, 60, 4, 1408, 5632, 8192, "Qwen/Qwen1.5-MoE-A2.7B"),
+    "qwen2-57b-a14b": _qwen2_moe(28, 3584, 28, 4, 18944, 64, 8, 2560, 20480, 131072, "Qwen/Qwen2-57B-A14B"),
+    "qwen3-8b": _qwen3(36, 4096, 32, 8, 12288, 40960, 1_000_000.0, "Qwen/Qwen3-8B"),
+    "qwen3-32b": _qwen3(64, 5120, 64, 8, 25600, 40960, 1_000_000.0, "Qwen/Qwen3-32B"),
+    "qwen3-coder-30b-a3b": _qwen3(48, 2048, 32, 4, 6144, 262144, 10_000_000.0, "Qwen/Qwen3-Coder-30B-A3B-Instruct",
+                                  num_experts=128, moe_top_k=8, moe_ffn_hidden_size=768),
 }

@@ -29,7 +29,9 @@ class RunConfig:
         p = []
         if not self.model.validate():  # a known preset and sane fields: its arch can be checked
             par = self.parallel
-            p += layout_problems(self.model.arch(), par.tp, par.pp, par.vpp)
+            p += layout_problems(self.model.arch(), par.tp, par.pp, par.vpp, ep=par.ep, etp=par.etp)
+            if self.model.arch().num_experts and par.tp > 1 and not par.sp:
+                p.append("parallel.sp: megatron's MoE layers with parallel.tp > 1 need parallel.sp: true")
             if par.sp and self.data.seq_length % max(par.tp, 1):
                 p.append(f"parallel.sp: data.seq_length {self.data.seq_length} not divisible by tp {par.tp}")
         if not self.output_dir:

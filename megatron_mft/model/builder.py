@@ -15,6 +15,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mft.compat import Environment
 from megatron_mft.config import ArchSpec, ModelConfig, ParallelConfig
+from megatron_mft.model.moe import moe_config_kwargs
 from megatron_mft.model.rope import install_torch_rope
 from megatron_mft.model.yarn import yarn_attention_factor, yarn_inv_freq
 from megatron_mft.model.specs import attention_backend, block_spec, layer_spec
@@ -93,6 +94,7 @@ def transformer_config(arch: ArchSpec, model: ModelConfig, parallel: ParallelCon
         # path orders the two directions by rank parity on separate groups.
         batch_p2p_comm=not (parallel.pp == 2 and (parallel.vpp or 1) > 1),
         **recompute[model.recompute],
+        **moe_config_kwargs(arch, model, parallel, env.cuda),
     )
 
 
@@ -103,7 +105,7 @@ def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, env: Enviro
     arch = model.arch()
     cfg = transformer_config(arch, model, parallel, env)
     backend = attention_backend(model, env)
-    layer = layer or layer_spec(backend, arch.normalization)
+    layer = layer or layer_spec(backend, arch.normalization, arch)
     vpp = cfg.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):

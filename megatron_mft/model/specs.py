@@ -84,9 +84,17 @@ def attention_backend(model: ModelConfig, env: Environment, *, local_only: bool 
     return requested
 
 
-def layer_spec(backend: str, normalization: str = "RMSNorm") -> ModuleSpec:
+def layer_spec(backend: str, normalization: str = "RMSNorm", arch=None) -> ModuleSpec:
     """Spec of one decoder layer for ``backend``; biases, MLP gating and the window come from the
-    TransformerConfig, the norm class from ``normalization`` (TE reads it from the config)."""
+    TransformerConfig, the norm class from ``normalization`` (TE reads it from the config).
+    ``arch`` with experts or QK-norm: megatron's MoE layer spec (model/moe.py)."""
+    if arch is not None and (arch.num_experts or arch.qk_norm):
+        from megatron_mft.model.moe import moe_local_layer_spec, moe_te_layer_spec
+
+        if backend == "te":
+            return moe_te_layer_spec(arch)
+        return moe_local_layer_spec(arch, NORMS, ModuleSpec(module=PackedCoreAttention,
+                                                            params={"use_flash": backend == "flash"}))
     if backend == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 

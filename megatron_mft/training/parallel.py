@@ -21,12 +21,17 @@ def init_parallel(parallel: ParallelConfig, env: Environment, seed: int) -> None
     if world % (parallel.tp * parallel.pp):
         raise ValueError(f"world size {world} is not divisible by parallel.tp x parallel.pp = "
                          f"{parallel.tp} x {parallel.pp}")
+    if world % (parallel.expert_tp * parallel.ep * parallel.pp):
+        raise ValueError(f"world size {world} is not divisible by parallel.etp x parallel.ep x parallel.pp = "
+                         f"{parallel.expert_tp} x {parallel.ep} x {parallel.pp}")
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.virtual_stages,
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=parallel.expert_tp,
     )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

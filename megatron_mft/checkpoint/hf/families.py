@@ -40,6 +40,11 @@ SHAPE_SYMBOLS: dict[str, Callable[[ArchSpec], int]] = {
     "kv": lambda a: a.num_query_groups * a.head_dim,
     "f": lambda a: a.ffn_hidden_size,
     "v": lambda a: a.vocab_size,
+    "d": lambda a: a.head_dim,
+    "e": lambda a: a.num_experts,
+    "fe": lambda a: a.expert_ffn,
+    "fs": lambda a: a.moe_shared_expert_size,
+    "1": lambda a: 1,
 }
 
 
@@ -78,6 +83,18 @@ class W:
 
     def hf_shapes(self, arch: ArchSpec) -> list[tuple[int, ...]]:
         return [resolve_shape(s, arch) for s in self.shapes]
+
+
+@dataclass(frozen=True)
+class ExpertW(W):
+    """One tensor of each routed expert: names carry ``{}`` (layer) and ``{e}`` (expert); its
+    entries come with ``layer = (layer, expert)``."""
+
+    def megatron_name(self, layer=None) -> str:
+        return self.megatron.format(layer[0], e=layer[1])
+
+    def hf_names(self, layer=None) -> list[str]:
+        return [n.format(layer[0], e=layer[1]) for n in self.hf]
 
 
 _UNSET = object()
@@ -131,7 +148,8 @@ class Family:
         layer = [w for w in weights if w.per_layer]
         tail = [w for w in weights if not w.per_layer and not w.megatron.startswith("embedding.")]
         out = [(w, None) for w in head]
-        out += [(w, i) for i in range(arch.num_layers) for w in layer]
+        out += [(w, (i, e) if isinstance(w, ExpertW) else i) for i in range(arch.num_layers) for w in layer
+                for e in (range(arch.num_experts) if isinstance(w, ExpertW) else (None,))]
         out += [(w, None) for w in tail]
         return out
 
@@ -142,6 +160,9 @@ class Family:
         """The entry and layer of a concrete megatron name (``decoder.layers.3.x`` -> (W, 3))."""
         m = re.match(r"^decoder\.layers\.(\d+)\.(.+)$", megatron_name)
         key, layer = (f"decoder.layers.{LAYER}.{m.group(2)}", int(m.group(1))) if m else (megatron_name, None)
+        e = re.search(r"\.experts\.(\d+)\.", key)
+        if e:  # a routed expert's tensor: (layer, expert)
+            key, layer = key[:e.start()] + ".experts.{e}." + key[e.end():], (layer, int(e.group(1)))
         w = self.by_megatron().get(key)
         if w is None:
             raise KeyError(megatron_name)
@@ -189,7 +210,7 @@ class Family:
                     problems.append(f"config.json: {path}={value!r} is not supported ({u.why})")
         if out.get("sliding_window", 0) < 0:
             problems.append(f"config.json: sliding_window={out['sliding_window']!r} must be positive or null")
-        if "hidden_size" in out and "num_attention_heads" in out:
+        if "hidden_size" in out and "num_attention_heads" in out and "kv_channels" not in out:
             head_dim = self.hf_value(cfg, "head_dim")
             if head_dim is not None and head_dim * out["num_attention_heads"] != out["hidden_size"]:
                 problems.append(f"config.json: head_dim={head_dim} is not hidden_size/num_attention_heads "
@@ -383,6 +404,10 @@ STARCODER2 = Family(
 
 #: Registry keyed by family name.
 FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, QWEN2, MISTRAL, STARCODER2)}
+
+from megatron_mft.checkpoint.hf.moe_families import MOE_FAMILIES  # noqa: E402 (uses the names above)
+
+FAMILIES.update((f.name, f) for f in MOE_FAMILIES)
 
 
 def family_for(hf_config: dict) -> Family:

@@ -84,7 +84,10 @@ def entry_canonical(entry) -> str:
     first = shards_of(entry)[0]
     if first.flattened_range is not None:
         raise ConversionError("unsupported sharded tensor:", [f"{first.key} is flattened (optimizer-style)"])
-    return canonical_name(first.key, layer_of(first))
+    name = canonical_name(first.key, layer_of(first))
+    if first.prepend_axis_num == 2:  # routed experts: layer and expert axes (megatron's MoE layer)
+        name = name.replace(".experts.experts.", f".experts.{int(first.global_offset[1])}.", 1)
+    return name
 
 
 def region(full: torch.Tensor, sh, name: str) -> torch.Tensor:
