@@ -82,6 +82,21 @@ def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path):
         r._check_finite(bad)
 
 
+def test_nonfinite_weights_are_never_saved(tiny_model, tmp_path):
+    from megatron_mft.config import load_config
+    from megatron_mft.errors import UserError
+    from megatron_mft.training.recipe import Recipe
+
+    model, _ = tiny_model
+    with torch.no_grad():
+        model.decoder.final_layernorm.weight[1] = float("inf")
+    r = Recipe(load_config(None, ["data.path=/x"]))
+    r.chunks, r.device, r.step, r.ckpt_root = [model], torch.device("cpu"), 7, tmp_path / "checkpoints"
+    with pytest.raises(UserError, match="step 7: the weights hold NaN/inf; not saving"):
+        r.save()
+    assert not r.ckpt_root.exists()
+
+
 @pytest.fixture(scope="module")
 def nan_init(tp1_env, tiny_init, tmp_path_factory):
     """The tiny CLI model's initial weights with one NaN: a run that diverged."""

@@ -287,8 +287,17 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_own_files(tmp: Path) -> None:
+    """Each rank makes the shards it wrote durable (on a shared file system another client's
+    fsync would not flush this one's cache): dcp names them ``__<rank>_<i>.distcp``."""
+    rank = _rank()
+    for f in list(tmp.glob(f"__{rank}_*.distcp")) + [tmp / "rng" / f"rank_{rank:05d}.pt"]:
+        if f.is_file():
+            _fsync(f)
+
+
 def _fsync_tree(top: Path) -> None:
-    """Make every file and folder under ``top`` durable before it is published."""
+    """Rank 0: make every file and folder under ``top`` durable before it is published."""
     for dirpath, _, files in os.walk(top):
         for name in files:
             _fsync(Path(dirpath) / name)
@@ -402,6 +411,7 @@ def save_checkpoint(root: str | Path, step: int, chunks: list, optimizer=None, *
         dist_checkpointing.save(sharded, str(tmp))
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save(_rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
+        _fsync_own_files(tmp)
         _fault_injection(step)
     except _INTERRUPTS:
         raise
