@@ -309,8 +309,9 @@ def summary(args) -> bool:
                      f"{r['hardware_tflops_per_s']:.1f} | {mfu} | {mem} |")
     if runs:
         first = next(iter(runs.values()))
+        kernels = sorted({f"{r['batching']}: {r['kernels'].split(' kernels: ', 1)[-1]}" for r in runs.values()})
         lines.insert(0, f"{first['device']}, torch {first['torch']}, {first['preset']} x {first['layers']} layers, "
-                        f"seq {first['seq']}, {first['precision']}; kernels: {first['kernels']}\n")
+                        f"seq {first['seq']}, {first['precision']}; kernels, {'; '.join(kernels)}\n")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     res["ok"] = all(v is True for v in checks.values()) and res.get("qlora_over_lora_within_target", True)
     write(out, "summary", res)
