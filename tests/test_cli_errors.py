@@ -190,3 +190,28 @@ def test_the_error_module_sits_below_every_layer():
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert not [m for m in imported if m.startswith("megatron_mft")]
+
+
+def test_preflight_reads_hf_init_headers_before_the_model(tmp_path):
+    """A model.hf_init folder cut short (or of another size) was found only while the built model was
+    being filled; the preflight reads config.json and the safetensors headers (no tensor data)."""
+    import dataclasses
+
+    from test_hf_fixtures import make_hf_model
+
+    from megatron_mft.checkpoint.hf.hfconfig import model_config_from_hf, read_hf_config
+    from megatron_mft.config import load_config
+    from megatron_mft.training.preflight import PreflightError, check_run
+
+    hf = make_hf_model(tmp_path / "hf")
+    model = model_config_from_hf(read_hf_config(hf))
+    fields = {k: v for k, v in dataclasses.asdict(model).items() if v is not None and k != "preset"}
+    run = load_config(CONFIG, [f"output_dir={tmp_path}/run", f"model.hf_init={hf}", f"model.preset={model.preset}"]
+                      + [f"model.{k}={v}" for k, v in fields.items()])
+    check_run(run, world_size=1)  # the matching folder passes
+    with pytest.raises(PreflightError, match=r"model\.hf_init: the model config does not match"):
+        check_run(dataclasses.replace(run, model=dataclasses.replace(run.model, hidden_size=128)), world_size=1)
+    shard = sorted(hf.glob("*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(PreflightError, match=rf"model\.hf_init: damaged safetensors file {shard}:\n.*truncated"):
+        check_run(run, world_size=1)

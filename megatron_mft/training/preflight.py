@@ -123,13 +123,19 @@ def _init_weights_problems(run: RunConfig) -> list[str]:
                             f"give a step folder (OUTPUT_DIR/checkpoints/step_N) or the output of "
                             f"`checkpoint init` / `convert hf-to-mcore`")
     if run.model.hf_init:
-        problems += _hf_init_problems(run.model.hf_init)
+        problems += _hf_init_problems(run)
     return problems
 
 
-def _hf_init_problems(hf_dir: str) -> list[str]:
-    """A Hugging Face folder of a family the converter knows (checkpoint.hf.families registry)."""
+def _hf_init_problems(run: RunConfig) -> list[str]:
+    """A Hugging Face folder of a family the converter knows (checkpoint.hf.families registry), whose
+    config.json matches the model config and whose tensors (safetensors headers: names, shapes,
+    truncation) are the ones the weight map needs; the weights themselves are read later."""
     from megatron_mft.checkpoint.hf.families import FAMILIES, ConversionError, family_for
+    from megatron_mft.checkpoint.hf.hfconfig import check_model_config
+    from megatron_mft.checkpoint.hf.source import HFSource
+
+    hf_dir = run.model.hf_init
 
     cfg_path = Path(hf_dir) / "config.json"
     if not Path(hf_dir).is_dir():
@@ -150,4 +156,9 @@ def _hf_init_problems(hf_dir: str) -> list[str]:
         return [f"model.hf_init: {cfg_path} describes model_type {hf_cfg.get('model_type')!r} "
                 f"(architectures {hf_cfg.get('architectures')}), which is not supported; supported model types: "
                 f"{', '.join(known)} ({', '.join(archs)})"]
+    try:
+        family = check_model_config(run.model, hf_cfg, hf_dir)
+        HFSource(hf_dir, family, run.model.arch(), hf_cfg)
+    except ConversionError as e:
+        return ["model.hf_init: " + str(e).replace("\n", "\n    ")]
     return []
