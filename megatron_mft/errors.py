@@ -11,7 +11,8 @@ traceback. ``--debug`` anywhere on a command line (removed before the command pa
 Under torchrun/srun every rank runs the same checks: a usage/config error is printed by rank 0
 only (the other ranks would print the same words), while runtime and internal errors, which may
 differ between ranks, are printed by every rank that hits them, prefixed ``[rank N]``. Every rank
-exits non-zero either way.
+exits non-zero either way. (torchrun itself then adds its ChildFailedError summary, with a traceback
+of the launcher process and the ranks' exit codes, and exits 1: that part is torch's.)
 
 This module imports nothing from the package, so every layer may raise these errors.
 """
