@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -103,7 +104,6 @@ class PackedCoreAttention(MegatronModule):
         use_flash: bool = True,
     ):
         super().__init__(config=config)
-        assert config.context_parallel_size == 1, "context parallelism needs Transformer Engine"
         tp = config.tensor_model_parallel_size
         self.heads = config.num_attention_heads // tp
         self.groups = (config.num_query_groups or config.num_attention_heads) // tp
@@ -119,11 +119,22 @@ class PackedCoreAttention(MegatronModule):
                 raise ValueError(f"model window_size={tuple(config.window_size)}: a causal decoder sees no keys to "
                                  f"the right; use (left, 0)")
             self.window_left = None if left < 0 else int(left)
+        #: all-gather-KV context parallelism (megatron_mft.model.cp_attention), or None at CP=1
+        self.cp = None
+        self._cp_cache: dict = {}
+        if config.context_parallel_size > 1:
+            from megatron_mft.model.cp_attention import ContextParallelAttention
+
+            group = getattr(pg_collection, "cp", None) or parallel_state.get_context_parallel_group()
+            self.cp = ContextParallelAttention(group, self.heads, self.groups, self.head_dim, self.scale,
+                                               self.window_left)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params: Optional[PackedSeqParams] = None):
         assert attention_bias is None, "attention bias is not supported"
         p = self.dropout if self.training else 0.0
+        if self.cp is not None:
+            return self._context_parallel(query, key, value, packed_seq_params, p)
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             return self._thd(query, key, value, packed_seq_params, p)
         # sbhd: [s, b, h, d] -> [b, h, s, d]
@@ -131,6 +142,16 @@ class PackedCoreAttention(MegatronModule):
         out = self._sdpa(q, k, v, p, {})
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim)
+
+    def _context_parallel(self, q, k, v, params: Optional[PackedSeqParams], p: float) -> torch.Tensor:
+        if params is not None and params.qkv_format == "thd":
+            if not isinstance(params, MFTPackedSeqParams):
+                params = build_packed_seq_params(params.cu_seqlens_q, params.max_seqlen_q or 0, q.device)
+            cu = params.host_cu_seqlens
+            return self.cp.thd(q, k, v, params.runs, [b - a for a, b in zip(cu[:-1], cu[1:])], p, params.masks)
+        if len(self._cp_cache) > 8:  # dynamic padding: a few widths recur; keep the cache bounded
+            self._cp_cache.clear()
+        return self.cp.sbhd(q, k, v, p, self._cp_cache)
 
     def _sdpa(self, q, k, v, p: float, masks: dict) -> torch.Tensor:
         """Causal (optionally windowed) SDPA over [n, heads|groups, length, d] views."""

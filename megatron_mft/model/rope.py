@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
 #: one slot: (freqs, cu_seqlens, rows, dtype) -> (cos, sin); the key holds references, so an
@@ -23,19 +24,27 @@ import torch
 _cache: list = [None, None]
 
 
-def _tables(freqs: torch.Tensor, cu_seqlens: Optional[torch.Tensor], rows: int, dtype: torch.dtype):
+def _tables(freqs: torch.Tensor, cu_seqlens: Optional[torch.Tensor], rows: int, dtype: torch.dtype,
+            cp: tuple = (1, 0)):
     key = _cache[0]
-    if key is not None and key[0] is freqs and key[1] is cu_seqlens and key[2] == rows and key[3] == dtype:
+    if (key is not None and key[0] is freqs and key[1] is cu_seqlens and key[2] == rows and key[3] == dtype
+            and key[4] == cp):
         return _cache[1]
     if cu_seqlens is None:  # [s, b, h, d] with freqs [>=s, 1, 1, d]
         f = freqs[:rows]
+    elif cp[0] > 1:  # this CP rank's chunks of each segment (global cu_seqlens; data/cp_shard.py)
+        from megatron_mft.data.cp_shard import chunk_positions
+
+        cu = cu_seqlens.tolist()
+        pos = torch.from_numpy(np.concatenate([chunk_positions(b - a, *cp) for a, b in zip(cu[:-1], cu[1:]) if b > a]))
+        f = freqs.reshape(freqs.shape[0], freqs.shape[-1])[pos.to(freqs.device)].unsqueeze(1)
     else:  # [t, h, d]: positions restart at 0 in each segment (megatron's THD mapping)
         cu = cu_seqlens.to(torch.long)
         starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=rows)
         pos = torch.arange(rows, device=freqs.device) - starts
         f = freqs.reshape(freqs.shape[0], freqs.shape[-1])[pos].unsqueeze(1)  # [t, 1, d]
     tables = torch.cos(f).to(dtype), torch.sin(f).to(dtype)
-    _cache[:] = [(freqs, cu_seqlens, rows, dtype), tables]
+    _cache[:] = [(freqs, cu_seqlens, rows, dtype, cp), tables]
     return tables
 
 
@@ -61,9 +70,7 @@ def rope_bshd(t: torch.Tensor, freqs: torch.Tensor, transpose_output_memory: boo
 def rope_thd(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor, cp_size: int = 1,
              cp_rank: int = 0, **_) -> torch.Tensor:
     """Signature of TE's ``fused_apply_rotary_pos_emb_thd`` (t: [t, h, d], packed)."""
-    if cp_size != 1:
-        raise NotImplementedError("context parallelism needs Transformer Engine")
-    cos, sin = _tables(freqs, cu_seqlens, t.shape[0], t.dtype)
+    cos, sin = _tables(freqs, cu_seqlens, t.shape[0], t.dtype, (cp_size, cp_rank))
     return _rotate(t, cos, sin)
 
 
