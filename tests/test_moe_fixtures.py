@@ -31,14 +31,14 @@ MOE_CONFIGS = {
 MOE_FAMILIES = tuple(MOE_CONFIGS)
 
 
-def make_moe_model(name: str, out: Path, seed: int = 0) -> Path:
+def make_moe_model(name: str, out: Path, seed: int = 0, **overrides) -> Path:
     """A random fp32 model saved with ``save_pretrained`` (several shards); router weights large
     enough that the top-k choice is clear-cut (no near ties for float error to flip)."""
     import transformers
 
     cfg_cls, model_cls, kwargs = MOE_CONFIGS[name]
     torch.manual_seed(seed)
-    model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**kwargs)).float()
+    model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**{**kwargs, **overrides})).float()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for pname, p in model.named_parameters():

@@ -27,16 +27,32 @@ import torch
 
 from megatron_mft.config import ArchSpec, ModelConfig, ParallelConfig
 
-def _fix_megatron_without_te() -> None:
-    """megatron-core 0.16's router GEMM reads ``te_general_gemm``, a name its moe_utils defines
-    only when Transformer Engine imports: define it as "absent" so the torch path runs."""
-    from megatron.core.transformer.moe import moe_utils
+def _fix_megatron_moe_off_cuda() -> None:
+    """Two spots where megatron-core 0.16's MoE code assumes CUDA + Transformer Engine:
+    its router GEMM reads ``te_general_gemm``, a name moe_utils defines only when TE imports
+    (defined here as "absent", so the torch path runs); and the alltoall dispatcher's split
+    sizes become host lists only when they start on the GPU (``maybe_move_tensor_to_cpu``), so
+    on CPU torch's ``all_to_all_single`` got tensors; a host tensor asked for ``as_numpy`` is
+    now converted too. CUDA tensors take megatron's own path unchanged."""
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    original = moe_utils.maybe_move_tensor_to_cpu
+    if getattr(original, "_mft_host_numpy", False):
+        return
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda and tensor.device.type == "cpu":
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    maybe_move_tensor_to_cpu._mft_host_numpy = True
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
 
-_fix_megatron_without_te()
+_fix_megatron_moe_off_cuda()
 
 ROUTER_LOSS_NAMES = {"load_balancing_loss": "router_aux_loss", "z_loss": "router_z_loss"}
 
@@ -110,25 +126,39 @@ def routers(chunks: list) -> list:
     return [m for c in chunks for m in c.modules() if isinstance(m, TopKRouter)]
 
 
-def set_router_loss_scale(chunks: list, num_micro_batches: int, dp_size: int) -> None:
-    """Make megatron's router losses count once per step (see the module doc): the routers add
-    their loss as is (not x local tokens, megatron's per-token convention) and the auxiliary-loss
-    scaler multiplies its gradient by 1 / (micro batches x DP ranks). Call before each schedule
-    run; megatron's schedule only sets the scaler when ``calculate_per_token_loss`` is off."""
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
+def set_router_loss_scale(chunks: list, model: ModelConfig, num_micro_batches: int, dp_size: int) -> None:
+    """Make megatron's router losses count once per step (see the module doc). Megatron's
+    routers add ``coeff x loss x local tokens`` to the gradient under ``calculate_per_token_loss``
+    (its 1/tokens comes later, in a grad finalisation we do not use); here they add the loss as is
+    and the coefficients the routers read (from their TransformerConfig, at each forward) are
+    ``model.moe_*_coeff / (micro batches x DP ranks)``: a mean over the step. The schedule's
+    auxiliary-loss scaler stays megatron's (the fp16 loss scale; 1 otherwise). Call before each
+    training schedule run; the logged losses (megatron's tracker) are divided by the coefficient
+    in use, so they stay the raw losses."""
+    share = 1.0 / (num_micro_batches * dp_size)
     for r in routers(chunks):
         r.calculate_per_token_loss = False
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / (num_micro_batches * dp_size)))
+        r.config.moe_aux_loss_coeff = model.moe_aux_loss_coeff * share
+        r.config.moe_z_loss_coeff = (model.moe_z_loss_coeff * share) or None
 
 
 class RouterLoad:
     """Per-expert token counts of every MoE layer over one step, and the router losses."""
 
-    def __init__(self, chunks: list, arch: ArchSpec):
-        self.arch = arch
+    def __init__(self, chunks: list, model: ModelConfig, parallel: ParallelConfig):
+        self.chunks, self.model, self.parallel = chunks, model, parallel
+        arch = model.arch()
         self.counts = torch.zeros(arch.num_layers, arch.num_experts, dtype=torch.float64)
         self.handles = [r.register_forward_hook(self._hook) for r in routers(chunks)]
+
+    def begin_step(self, num_micro_batches: int) -> None:
+        from megatron.core import parallel_state as ps
+
+        set_router_loss_scale(self.chunks, self.model, num_micro_batches, ps.get_data_parallel_world_size())
+        self.reset()
+
+    def end_step(self, num_micro_batches: int) -> dict:
+        return self.collect(num_micro_batches, self.parallel.sp)
 
     def _hook(self, router, _inputs, output):
         if torch.is_grad_enabled():  # training passes, not validation or statistics pre-passes

@@ -65,8 +65,9 @@ class Recipe:
         packed = run.data.batching == "packed"
         self.data = MFTData(run.data, seed=run.seed, micro_batch_size=mbs, global_batch_size=gbs,
                             dp_rank=dp_rank, dp_size=dp_size,
-                            pad_to_multiple_of=run.parallel.tp if run.parallel.sp else 1,
-                            fixed_seq_length=run.parallel.pp > 1 and not packed)
+                            pad_to_multiple_of=(run.parallel.tp if run.parallel.sp else 1) * (
+                                2 * run.parallel.cp if run.parallel.cp > 1 else 1),
+                            fixed_seq_length=run.parallel.pp > 1 and not packed, cp=run.parallel.cp)
         self.task_names = list(self.data.task_names)
         check_against_data(run, self.task_names, self.data.vocab_size)  # before the model is built
         from megatron_mft.training.preference import check_stage
@@ -107,6 +108,10 @@ class Recipe:
         self.balancer = build_balancer(run.loss, len(self.task_names)) if run.loss.balancer != "none" else None
         self.ctx = StepContext(loss_cfg=run.loss, task_names=self.task_names, device=self.device, packed=packed,
                                stage=run.train.stage)
+        if self.arch.num_experts:
+            from megatron_mft.model.moe import RouterLoad
+
+            self.ctx.router = RouterLoad(self.chunks, run.model, run.parallel)
         if run.train.stage == "dpo":  # reference log-probs from the starting weights (training.reference)
             from megatron_mft.training.reference import build_reference
 
@@ -279,7 +284,8 @@ class Recipe:
                "hw_tflops_per_gpu": hw_flops / dt / world / 1e12,
                "mfu": (tflops * 1e12 / self.peak) if self.peak else None,
                "consumed_rows": self.consumed_rows, "peak_mem_gib": peak_memory_gib(),
-               **{k: v for k, v in out.items() if k.startswith(("task_", "rewards/", "logps/", "pref_loss", "nll_"))}}
+               **{k: v for k, v in out.items()
+                  if k.startswith(("task_", "rewards/", "logps/", "pref_loss", "nll_", "router_", "expert_load"))}}
         self.metrics.write(rec)
         _say(console_line(rec, self.total_steps))
 

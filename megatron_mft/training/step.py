@@ -21,6 +21,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_mft.loss import FocalTaskStats, GlobalBatchStats, micro_batch_loss, task_metrics
 from megatron_mft.model import build_packed_seq_params
+from megatron_mft.training.context_parallel import cp_size, local_batch, whole_token_ce
 
 
 @dataclass
@@ -36,6 +37,8 @@ class StepContext:
     reference: Optional[object] = None
     #: rows consumed before this step (the precomputed reference looks its rows up by it)
     consumed_rows: int = 0
+    #: MoE: router-loss scaling and per-expert load (megatron_mft.model.moe.RouterLoad)
+    router: Optional[object] = None
 
     @property
     def num_tasks(self) -> int:
@@ -91,8 +94,15 @@ def _ce_only_loss_func(batch: dict, output_tensor: torch.Tensor):
 
 def _forward_step(ctx: StepContext, loss_factory: Callable, data_iterator, model):
     batch = _batch_on_device(next(data_iterator), ctx.device)
-    out = model(**model_inputs(batch, ctx))
+    out = model(**model_inputs(local_batch(batch, ctx.packed), ctx))
+    if cp_size() > 1:  # the loss sees the whole micro batch (training/context_parallel.py)
+        return out, partial(_context_parallel_loss, ctx.packed, loss_factory, batch)
     return out, partial(loss_factory, batch)
+
+
+def _context_parallel_loss(packed: bool, loss_factory: Callable, batch: dict, output_tensor: torch.Tensor):
+    loss, num_tokens, report = loss_factory(batch, whole_token_ce(output_tensor.float(), batch, packed))
+    return loss / cp_size(), num_tokens, report
 
 
 def run_schedule(chunks: list, micro_batches: list[dict], ctx: StepContext, loss_factory: Callable,
@@ -141,8 +151,11 @@ def train_step(chunks: list, optimizer, scheduler, micro_batches: list[dict], ct
     for c in chunks:
         c.zero_grad_buffer()
     optimizer.zero_grad()
+    if ctx.router is not None:  # router losses once per step, outside the task weighting
+        ctx.router.begin_step(len(micro_batches))
     reports = run_schedule(chunks, micro_batches, ctx, partial(_loss_func, ctx, stats, focal_stats),
                            forward_only=False)
+    router = ctx.router.end_step(len(micro_batches)) if ctx.router is not None else {}
     T = ctx.num_tasks
     vec = torch.zeros(2 * T + 1, dtype=torch.float64, device=ctx.device)
     for r in reports:  # only the last pipeline stage has reports
@@ -156,7 +169,7 @@ def train_step(chunks: list, optimizer, scheduler, micro_batches: list[dict], ct
     summed = {"objective": vec[0], "task_ce_sum": vec[1:T + 1], "task_tokens": vec[T + 1:]}
     return {**task_metrics(summed, ctx.task_names, ctx.task_weights),
             "grad_norm": None if grad_norm is None else float(grad_norm), "update_ok": bool(ok),
-            "nonfinite": nonfinite, "lr": optimizer.param_groups[0]["lr"]}
+            "nonfinite": nonfinite, "lr": optimizer.param_groups[0]["lr"], **router}
 
 
 def step_if_finite(optimizer, loss_finite: bool) -> tuple[bool, Optional[float], bool]:
