@@ -8,7 +8,8 @@ Parts: RoPE (megatron's unfused THD path vs the per-micro-batch cos/sin tables o
 megatron_mft/model/rope.py), AdamW (torch's per-parameter loop vs its fused kernel), weight
 gradients (allocated and added into main_grad by DDP's hook vs accumulated in the GEMM),
 SwiGLU (megatron's chunk of the fused fc1 output vs two separate projections as in transformers),
-cross entropy (megatron's vocab-parallel CE vs torch's), and the fixed per-step cost of the
+cross entropy (megatron's vocab-parallel CE vs torch's), the GEMM time of a whole step
+(profiled, wall clock per operator), and the fixed per-step cost of the
 frameworks (2 micro batches of 16 tokens, where compute is negligible).
 """
 
@@ -155,9 +156,30 @@ def main() -> None:
 
     show("cross entropy, one micro batch", "megatron vocab-parallel", "torch", paired(ce_megatron, ce_torch, args.reps))
 
+    # GEMMs of a whole step, engine vs transformers, alternating profiled steps: total self time
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import LlamaForCausalLM
+
+    with tempfile.TemporaryDirectory() as d:
+        torch.manual_seed(0)
+        LlamaForCausalLM(tt.hf_config(bargs)).save_pretrained(d)
+        hf = tt.HFLoop(bargs, d)
+    gemm = {"engine": [], "transformers": []}
+    calls = {}
+    for r in range(max(4, args.reps // 4)):
+        for name, step in ((("engine", eng.step), ("transformers", hf.step)) if r % 2 == 0 else
+                           (("transformers", hf.step), ("engine", eng.step))):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step(batches)
+            ev = [e for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm")]
+            gemm[name].append(sum(e.self_cpu_time_total for e in ev) / 1e3)
+            calls[name] = sum(e.count for e in ev)
+    print(f"{'GEMMs of one step (profiled)':34s} engine {statistics.median(gemm['engine']):7.1f} ms in {calls['engine']} calls "
+          f"| transformers {statistics.median(gemm['transformers']):7.1f} ms in {calls['transformers']} calls "
+          f"| ratio {statistics.median([a / b for a, b in zip(gemm['engine'], gemm['transformers'])]):.2f}", flush=True)
+
     # fixed per-step cost: 2 micro batches of 16 tokens, full step (engine vs transformers loop)
     small = tt._args(["--seq", "16", "--micro-batch", "1"])
-    from transformers import LlamaForCausalLM
 
     with tempfile.TemporaryDirectory() as d:
         torch.manual_seed(0)
