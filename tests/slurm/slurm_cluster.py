@@ -174,8 +174,9 @@ class Cluster:
         out = []
         for name in ("munge.log", "slurmctld.log", "slurmd.log"):
             p = self.root / name
-            if p.exists():
-                out.append(f"--- {name}\n{p.read_text(errors='replace')[-tail:]}")
+            if p.exists():  # without slurmctld's debug lines (kept in the file for the warning times)
+                lines = [l for l in p.read_text(errors="replace").splitlines() if "] debug" not in l]
+                out.append(f"--- {name}\n" + "\n".join(lines)[-tail:])
         return "\n".join(out)
 
     # ----------------------------------------------------------------------- start/stop
