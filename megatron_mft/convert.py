@@ -1,9 +1,9 @@
 """Hugging Face <-> megatron checkpoints: ``python -m megatron_mft.convert COMMAND``.
 
-    hf-to-mcore  --hf-dir DIR [--preset NAME] [--tp T --pp P] --out CKPT [--dtype D] [--dry-run]
+    hf-to-mcore  --hf-dir DIR [--preset NAME] [--tp T --pp P --ep E] --out CKPT [--dtype D] [--dry-run]
     mcore-to-hf  --ckpt CKPT --out DIR [--merge-lora | --adapter-only] [--dtype D] [--max-shard-size 5GB]
                  [--tokenizer DIR]
-    verify       --hf-dir DIR [--ckpt CKPT] [--adapter DIR] [--tp T --pp P] [--tol X]
+    verify       --hf-dir DIR [--ckpt CKPT] [--adapter DIR] [--tp T --pp P --ep E] [--tol X]
                  [--batch B --seq S --seed N]
 
 Conversions run in one process (the dist checkpoint they write or read reshards to any TP/PP
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -44,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--preset", help="check config.json against this preset (else the config is read from it)")
     a.add_argument("--tp", type=int, default=1, help="intended tensor-parallel size (validated, recorded)")
     a.add_argument("--pp", type=int, default=1, help="intended pipeline-parallel size (validated, recorded)")
+    a.add_argument("--ep", type=int, default=1, help="intended expert-parallel size, MoE (validated, recorded)")
     a.add_argument("--out", required=True, help="output checkpoint folder (new or empty)")
     a.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="stored dtype (default: the source's)")
     a.add_argument("--dry-run", action="store_true", help="check config, names and shapes; write nothing")
@@ -64,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--adapter", help="peft adapter folder applied to the HF model (compare with a LoRA run)")
     c.add_argument("--tp", type=int, default=1)
     c.add_argument("--pp", type=int, default=1)
+    c.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE)")
     c.add_argument("--tol", type=finite_float, default=1e-3, help="max allowed |difference| (default 1e-3)")
     c.add_argument("--batch", type=int, default=2)
     c.add_argument("--seq", type=int, default=64)
@@ -110,7 +113,7 @@ def _hf_to_mcore(args) -> int:
     from megatron_mft.checkpoint.hf.hf_to_mcore import convert_hf_to_mcore
 
     convert_hf_to_mcore(args.hf_dir, args.out, preset=args.preset, tp=args.tp, pp=args.pp, dtype=args.dtype,
-                        dry_run=args.dry_run)
+                        dry_run=args.dry_run, ep=args.ep)
     return 0
 
 
@@ -135,7 +138,7 @@ def _verify_rank(args) -> int:
     from megatron_mft.training.parallel import init_parallel, teardown
 
     env = setup_runtime()
-    par = ParallelConfig(tp=args.tp, pp=args.pp)
+    par = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep)
     own_group = not torch.distributed.is_initialized()  # else the caller's group stays up
     init_parallel(par, env, seed=args.seed)
     try:
@@ -190,7 +193,7 @@ def _spawned(local_rank: int, world: int, port: int, argv: list) -> None:
 def _verify(args, argv: list) -> int:
     from megatron_mft.launch.env import _free_port, read_dist_env
 
-    world = args.tp * args.pp
+    world = math.lcm(args.tp, args.ep) * args.pp  # expert-parallel ranks come out of the data-parallel ones
     launched = read_dist_env()
     if launched.world_size > 1 or world == 1:
         if launched.world_size % world:

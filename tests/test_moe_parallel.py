@@ -38,3 +38,22 @@ def test_every_moe_family_matches_transformers_with_expert_parallelism(moe_model
     assert sorted(results) == sorted(EXPERT_FAMILIES)
     for name, (rows, packed) in results.items():
         assert rows <= TOL and packed <= TOL, (name, tp, ep, rows, packed)
+
+
+@pytest.mark.slow
+def test_convert_checks_and_verifies_expert_parallel_layouts(moe_models, tmp_path):
+    """``convert hf-to-mcore --ep`` refuses a size that does not divide the experts, by name; the
+    converted checkpoint (one global layout) loads at EP=2 in ``convert verify --ep 2``."""
+    base = [sys.executable, "-m", "megatron_mft.convert"]
+    bad = subprocess.run(base + ["hf-to-mcore", "--hf-dir", str(moe_models / "mixtral"), "--ep", "3", "--out",
+                                 str(tmp_path / "bad")], cwd=ROOT, env=env(threads=1), capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "--ep: 3 does not divide num_experts 4" in bad.stderr, bad.stderr[-2000:]
+    conv = subprocess.run(base + ["hf-to-mcore", "--hf-dir", str(moe_models / "qwen2_moe"), "--ep", "2", "--out",
+                                  str(tmp_path / "ckpt")], cwd=ROOT, env=env(threads=1), capture_output=True,
+                          text=True, timeout=300)
+    assert conv.returncode == 0, conv.stderr[-3000:]
+    ver = subprocess.run(base + ["verify", "--hf-dir", str(moe_models / "qwen2_moe"), "--ckpt", str(tmp_path / "ckpt"),
+                                 "--ep", "2", "--tol", "1e-4"], cwd=ROOT, env=env(threads=1), capture_output=True,
+                         text=True, timeout=600)
+    assert ver.returncode == 0 and "-> OK" in ver.stdout, ver.stdout[-2000:] + ver.stderr[-3000:]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 
 @dataclass
@@ -23,6 +23,12 @@ class ParallelConfig:
     ep: int = 1
     #: Tensor parallelism inside each expert; null = 1 (experts whole on each expert rank).
     etp: Optional[int] = None
+    #: Context parallelism: every sequence split over this many ranks (2 x cp load-balanced
+    #: chunks per sequence); sequence and packed sample lengths are padded to multiples of 2 x cp.
+    cp: int = 1
+    #: Transformer Engine's CP attention: p2p (ring), a2a or allgather. Without TE the
+    #: all-gather-KV core attention (megatron_mft/model/cp_attention.py) is used whatever this says.
+    cp_comm_type: Literal["p2p", "a2a", "allgather"] = "p2p"
 
     @property
     def expert_tp(self) -> int:
@@ -35,7 +41,7 @@ class ParallelConfig:
 
     def validate(self) -> list[str]:
         p = []
-        for name in ("tp", "pp", "ep"):
+        for name in ("tp", "pp", "ep", "cp"):
             if getattr(self, name) < 1:
                 p.append(f"parallel.{name}: must be >= 1")
         if self.vpp is not None and self.vpp < 1:
@@ -50,7 +56,8 @@ class ParallelConfig:
 
 
 def layout_problems(arch, tp: int, pp: int, vpp: Optional[int] = None, *, tp_name: str = "parallel.tp",
-                    pp_name: str = "parallel.pp", ep: int = 1, etp: Optional[int] = None) -> list[str]:
+                    pp_name: str = "parallel.pp", ep: int = 1, etp: Optional[int] = None,
+                    ep_name: str = "parallel.ep") -> list[str]:
     """What keeps ``arch`` (an ArchSpec) from splitting over TP x PP (x virtual stages): the one
     rule set for training configs and checkpoint conversion; ``*_name`` label the messages."""
     p = []
@@ -58,7 +65,7 @@ def layout_problems(arch, tp: int, pp: int, vpp: Optional[int] = None, *, tp_nam
         p.append(f"{tp_name}: {tp} does not divide num_attention_heads {arch.num_attention_heads}")
     if tp >= 1 and arch.num_query_groups % tp:
         p.append(f"{tp_name}: {tp} does not divide num_query_groups {arch.num_query_groups}")
-    p += expert_layout_problems(arch, tp, ep, etp)
+    p += expert_layout_problems(arch, tp, ep, etp, ep_name)
     stages = pp * (vpp or 1)
     if stages >= 1 and arch.num_layers % stages:
         p.append(f"{pp_name}: num_layers {arch.num_layers} not divisible by pp*vpp = {stages}")

@@ -62,7 +62,7 @@ def check_map_covers_template(template_names: list[str], family, arch: ArchSpec)
 
 def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, preset: Optional[str] = None, tp: int = 1,
                         pp: int = 1, dtype: Optional[str] = None, dry_run: bool = False,
-                        log: Callable[[str], None] = print) -> dict:
+                        log: Callable[[str], None] = print, ep: int = 1) -> dict:
     """Needs torch.distributed + megatron parallel state at TP=1/PP=1 in this process (one process
     writes the whole checkpoint; the output loads into any layout). Returns the metadata written."""
     hf_dir, out = Path(hf_dir), Path(out_dir)
@@ -70,8 +70,8 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, preset: Opti
     family = family_for(hf_cfg)
     model_cfg = model_config_from_hf(hf_cfg, preset, source=str(hf_dir))
     arch = model_cfg.arch()
-    bad = ([f"--tp {tp} --pp {pp}: must be >= 1"] if tp < 1 or pp < 1
-           else layout_problems(arch, tp, pp, tp_name="--tp", pp_name="--pp"))
+    bad = ([f"--tp {tp} --pp {pp} --ep {ep}: must be >= 1"] if min(tp, pp, ep) < 1
+           else layout_problems(arch, tp, pp, tp_name="--tp", pp_name="--pp", ep=ep, ep_name="--ep"))
     if bad:
         raise ConversionError("the requested layout does not fit the model:", bad)
     if not dry_run and out.exists() and any(out.iterdir()):
@@ -84,7 +84,8 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, preset: Opti
         "format": "megatron-mft hf-to-mcore", "version": 1, "family": family.name,
         "model": model_section(model_cfg), "arch": to_dict(arch),
         "dtype": str(target).replace("torch.", ""),
-        "layout": {"tp": tp, "pp": pp, "saved_as": "tp=1 pp=1 (megatron reshards to any TP/PP on load)"},
+        "layout": {"tp": tp, "pp": pp, "ep": ep,
+                   "saved_as": "tp=1 pp=1 ep=1 (megatron reshards to any TP/PP/EP on load)"},
         "source": {"hf_dir": str(hf_dir.resolve()), "format": source.weights.format,
                    "files": sorted({p.name for p in source.weights.files.values()}),
                    "tensors": len(source.weights.files)},
