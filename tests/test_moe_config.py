@@ -27,6 +27,8 @@ def test_expert_parallelism_needs_experts_and_sane_routing():
         load_config(None, TINY_MOE + ["model.moe_top_k=5"])
     with pytest.raises(ConfigError, match="a shared expert needs num_experts > 0"):
         load_config(None, ["data.path=/unused", "model.moe_shared_expert_size=32"])
+    with pytest.raises(ConfigError, match="peft.method: lora on a mixture-of-experts model .* not implemented yet"):
+        load_config(None, TINY_MOE + ["peft.method=lora"])
 
 
 def test_transformer_config_of_each_routing_style():
@@ -39,7 +41,8 @@ def test_transformer_config_of_each_routing_style():
     cfg = transformer_config(run.model.arch(), run.model, run.parallel, cpu)
     assert (cfg.num_moe_experts, cfg.moe_router_topk, cfg.moe_ffn_hidden_size) == (4, 2, 64)
     assert (cfg.expert_model_parallel_size, cfg.moe_token_dispatcher_type) == (2, "allgather")
-    assert (cfg.moe_router_load_balancing_type, cfg.moe_aux_loss_coeff, cfg.moe_z_loss_coeff) == ("aux_loss", 0.01, None)
+    assert (cfg.moe_router_load_balancing_type, cfg.moe_aux_loss_coeff, cfg.moe_z_loss_coeff) == (
+        "aux_loss", 0.01, None)
     assert cfg.moe_expert_capacity_factor == 1.5 and not cfg.moe_router_pre_softmax and not cfg.moe_grouped_gemm
     off = load_config(None, TINY_MOE + ["model.moe_norm_topk=false"])
     cfg = transformer_config(off.model.arch(), off.model, off.parallel, cpu)

@@ -32,6 +32,9 @@ class RunConfig:
             p += layout_problems(self.model.arch(), par.tp, par.pp, par.vpp, ep=par.ep, etp=par.etp)
             if self.model.arch().num_experts and par.tp > 1 and not par.sp:
                 p.append("parallel.sp: megatron's MoE layers with parallel.tp > 1 need parallel.sp: true")
+            if self.model.arch().num_experts and self.peft.method != "none":
+                p.append(f"peft.method: {self.peft.method} on a mixture-of-experts model (per-expert adapters) is "
+                         f"not implemented yet (docs/moe.md); use peft.method: none")
             if par.sp and self.data.seq_length % max(par.tp, 1):
                 p.append(f"parallel.sp: data.seq_length {self.data.seq_length} not divisible by tp {par.tp}")
         if not self.output_dir:

@@ -245,7 +245,8 @@ class PeftPlan:
         from megatron_mft.model.specs import attention_backend, layer_spec
 
         backend = attention_backend(model, self.env, local_only=True)
-        return adapter_spec(layer_spec(backend, model.arch().normalization), self.cfg, self.quantized)
+        arch = model.arch()
+        return adapter_spec(layer_spec(backend, arch.normalization, arch), self.cfg, self.quantized)
 
     def prepare(self, chunks, *, init_adapters: bool = True) -> None:
         """Freeze every parameter but the adapters; draw the adapters from (seed, global name)

@@ -144,7 +144,7 @@ def build_template(model_cfg: ModelConfig, peft_cfg: Optional[PeftConfig] = None
         from megatron_mft.peft import adapter_spec
 
         # quantize=False: an NF4 base has the same names and sharding; the template never computes
-        layer = adapter_spec(layer_spec("sdpa", cfg.arch().normalization), peft_cfg, quantize=False)
+        layer = adapter_spec(layer_spec("sdpa", cfg.arch().normalization, cfg.arch()), peft_cfg, quantize=False)
     with torch.device("meta"):
         (chunk,) = build_model_chunks(cfg, ParallelConfig(), TEMPLATE_ENV, layer=layer)
     tensors, objects = {}, []
