@@ -54,7 +54,8 @@ _ROUTING_UNSUPPORTED = (
     Unsupported("mlp_only_layers", (None, []), "dense layers between MoE layers are not mapped"),
     Unsupported("router_jitter_noise", (None, 0, 0.0), "router jitter noise is not implemented"),
 )
-_SLIDING_UNSUPPORTED = Unsupported("use_sliding_window", (None, False), "the per-layer sliding window is not implemented")
+_SLIDING_UNSUPPORTED = Unsupported("use_sliding_window", (None, False),
+                                   "the per-layer sliding window is not implemented")
 
 
 def _moe_fields(*, experts_key: tuple[str, ...], ffn_key: str, norm_topk) -> tuple[ConfigField, ...]:
@@ -120,7 +121,8 @@ QWEN3_MOE = Family(
     # transformers' Qwen3MoeConfig defaults norm_topk_prob to False; the released models set true
     config=_config("qwen3_moe", extra=(
         *_SWIGLU_CONSTANTS, *_QWEN3_ATTENTION,  # transformers 5 writes num_local_experts
-        *_moe_fields(experts_key=("num_local_experts", "num_experts"), ffn_key="moe_intermediate_size", norm_topk=False))),
+        *_moe_fields(experts_key=("num_local_experts", "num_experts"), ffn_key="moe_intermediate_size",
+                     norm_topk=False))),
     unsupported=(*_SWIGLU, *_QWEN3_UNSUPPORTED, *_ROUTING_UNSUPPORTED, *_ROPE_UNSUPPORTED),
     nested=ROPE_NESTED,
 )
