@@ -63,6 +63,8 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if "device" in kwargs and _is_cuda(kwargs["device"]):
             kwargs["device"] = _target
+        if kwargs.get("pin_memory"):  # megatron pins host tensors before .cuda() (e.g. CP RoPE)
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
             if name.startswith(f"torch.{_target.type}."):  # placement test mode

@@ -37,6 +37,9 @@ class RunConfig:
                          f"not implemented yet (docs/moe.md); use peft.method: none")
             if par.sp and self.data.seq_length % max(par.tp, 1):
                 p.append(f"parallel.sp: data.seq_length {self.data.seq_length} not divisible by tp {par.tp}")
+            if par.cp > 1 and self.data.seq_length % (2 * par.cp * (par.tp if par.sp else 1)):
+                p.append(f"parallel.cp: data.seq_length {self.data.seq_length} not divisible by 2 x cp"
+                         f"{' x tp' if par.sp else ''} = {2 * par.cp * (par.tp if par.sp else 1)}")
         if not self.output_dir:
             p.append("output_dir: required")
         return p

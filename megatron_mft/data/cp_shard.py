@@ -70,7 +70,7 @@ def shard_batch(batch: dict, cp: int, rank: int, packed: bool) -> dict:
     out = dict(batch)
     for k in TOKEN_FIELDS:
         if k in batch:
-            out[k] = batch[k].reshape(-1)[idx].reshape(b, s // cp)
+            out[k] = batch[k].reshape(-1)[idx.to(batch[k].device)].reshape(b, s // cp)
     return out
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from megatron_mft.config.data import DataConfig
 from megatron_mft.data.collate import EMPTY_ROW, Row, collate, round_up, row_width
+from megatron_mft.data.cp_shard import pad_row_for_cp
 from megatron_mft.data.outdir import MANIFEST, OUTPUT_FORMAT
 from megatron_mft.data.records import DataError
 from megatron_mft.data.taskdir import DataDirError
@@ -178,6 +179,7 @@ class MFTData:
         dp_size: int,
         pad_to_multiple_of: int = 1,
         fixed_seq_length: bool = False,
+        cp: int = 1,
     ):
         problems = list(cfg.validate())
         if micro_batch_size < 1 or dp_size < 1:
@@ -201,6 +203,10 @@ class MFTData:
         self.dp_size = dp_size
         self.pad_to_multiple_of = pad_to_multiple_of
         self.fixed_seq_length = fixed_seq_length
+        #: context parallelism: packed samples padded to multiples of 2 x cp (data/cp_shard.py);
+        #: the padding tokens added so far are counted here
+        self.cp = cp
+        self.cp_padding_tokens = 0
 
         src = _open_offline(cfg) if cfg.source == "offline" else _build_online(cfg, seed)
         self.manifest: dict = src.manifest
@@ -264,4 +270,9 @@ class MFTData:
                               pad_to=self.cfg.seq_length if self.fixed_seq_length else None)
         else:
             width = round_up(self.cfg.seq_length, self.pad_to_multiple_of)
+            if self.cp > 1:  # each sample to a multiple of 2 x cp; a row may outgrow seq_length
+                padded = [pad_row_for_cp(r, self.cp, self.pad_id) for r in batch]
+                batch = [r for r, _ in padded]
+                self.cp_padding_tokens += sum(n for _, n in padded)
+                width = max(width, row_width(batch, multiple=self.pad_to_multiple_of))
         return collate(batch, width, self.pad_id)

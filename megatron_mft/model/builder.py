@@ -75,6 +75,8 @@ def transformer_config(arch: ArchSpec, model: ModelConfig, parallel: ParallelCon
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.virtual_stages,
         sequence_parallel=parallel.sp,
+        context_parallel_size=parallel.cp,
+        cp_comm_type=parallel.cp_comm_type,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         pipeline_dtype=dtype,

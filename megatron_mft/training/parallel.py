@@ -18,9 +18,9 @@ def init_parallel(parallel: ParallelConfig, env: Environment, seed: int) -> None
 
         init_distributed(read_dist_env(), backend="nccl" if env.cuda else "gloo")
     world = torch.distributed.get_world_size()
-    if world % (parallel.tp * parallel.pp):
-        raise ValueError(f"world size {world} is not divisible by parallel.tp x parallel.pp = "
-                         f"{parallel.tp} x {parallel.pp}")
+    if world % (parallel.tp * parallel.pp * parallel.cp):
+        raise ValueError(f"world size {world} is not divisible by parallel.tp x parallel.pp x parallel.cp = "
+                         f"{parallel.tp} x {parallel.pp} x {parallel.cp}")
     if world % (parallel.expert_tp * parallel.ep * parallel.pp):
         raise ValueError(f"world size {world} is not divisible by parallel.etp x parallel.ep x parallel.pp = "
                          f"{parallel.expert_tp} x {parallel.ep} x {parallel.pp}")
@@ -30,6 +30,7 @@ def init_parallel(parallel: ParallelConfig, env: Environment, seed: int) -> None
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.virtual_stages,
+        context_parallel_size=parallel.cp,
         expert_model_parallel_size=parallel.ep,
         expert_tensor_parallel_size=parallel.expert_tp,
     )
