@@ -22,6 +22,8 @@ import pytest
 
 from train_helpers import ROOT, env, free_port, train_losses
 
+#: end-to-end CLI runs (minutes on 2 shared cores): all slow, they still run in CI
+pytestmark = pytest.mark.slow
 CONFIG = ROOT / "examples" / "tiny_cpu_dpo.yaml"
 STEPS = 3
 
@@ -82,20 +84,17 @@ def test_dpo_lora_starts_at_log2(dpo_single):
                for r in dpo_single.values() for t in ("doctest", "docstring"))
 
 
-@pytest.mark.slow
 def test_dpo_lora_micro_batch_split_invariant(dpo_single, pairs_dir, tiny_init, tmp_path):
     _run(_overrides(pairs_dir, tiny_init, tmp_path, "train.micro_batch_size=2"))
     _close(train_losses(tmp_path), dpo_single, rel=1e-6)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.pp=2"]], ids=["tp2", "pp2"])
 def test_dpo_lora_layouts_equal_single_process(layout, dpo_single, pairs_dir, tiny_init, tmp_path):
     _run(_overrides(pairs_dir, tiny_init, tmp_path, *layout), nproc=2)
     _close(train_losses(tmp_path), dpo_single)
 
 
-@pytest.mark.slow
 def test_orpo_dp2_equals_single_process(pairs_dir, tiny_init, tmp_path):
     extra = ["train.stage=orpo", "loss.mode=task-token", "loss.preference.lambda=0.5"]
     _run(_overrides(pairs_dir, tiny_init, tmp_path / "one", *extra))
