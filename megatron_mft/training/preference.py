@@ -61,6 +61,8 @@ def stage_problems(run, manifest: dict) -> list[str]:
     if not pairs:
         p.append(f"train.stage {stage}: {where} is not preference data (mode {manifest.get('mode')!r}); preprocess "
                  f"{{chosen, rejected}} pairs with --mode preference (or data.mode=preference online)")
+    if getattr(run.parallel, "cp", 1) > 1:  # the pair shares are not divided over CP ranks (step._loss_func is)
+        p.append(f"parallel.cp {run.parallel.cp}: the preference stages do not support context parallelism yet")
     if run.loss.mode.startswith("focal"):
         p.append(f"loss.mode {run.loss.mode}: the preference stages take token, sample, task-token or task-sample")
     return p
