@@ -65,3 +65,19 @@ def test_ep2_equals_ep1(moe_run):
         for key in ("loss", "router_aux_loss", "router_z_loss"):
             assert abs(ep2[step][key] - single[step][key]) <= 1e-5 * abs(single[step][key]), (step, key)
         assert ep2[step]["expert_load"] == single[step]["expert_load"], step
+
+
+@pytest.mark.slow
+def test_ep2_checkpoint_resumes_at_ep1(moe_run):
+    """Stop after step 1 at EP=2, resume at EP=1: the expert weights and their optimizer state
+    reshard (one checkpoint layout with an expert axis) and the run continues as uninterrupted."""
+    overrides, single, root = moe_run
+    out = root / "ep2_then_ep1"
+    run_train(overrides + ROUTER + ["parallel.ep=2", f"output_dir={out}", "train.exit_duration_minutes=1e-6"], nproc=2)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000001"
+    run_train(overrides + ROUTER + [f"output_dir={out}"])
+    got = train_losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        for key in ("loss", "router_aux_loss"):
+            assert got[step][key] == pytest.approx(single[step][key], rel=1e-5), (step, key)
