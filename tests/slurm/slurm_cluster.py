@@ -253,7 +253,7 @@ class Cluster:
     def job_ids(self) -> list[str]:
         return self.run("squeue", "-h", "-o", "%i", check=False, timeout=10).stdout.split()
 
-    def stop(self, timeout: float = 30) -> None:
+    def stop(self, timeout: float = 10) -> None:  # slurmctld has been seen to ignore SIGTERM for 30 s
         """Cancel the jobs still queued or running (by id) and wait for them to end, then SIGTERM
         each daemon by its PID (slurmd, slurmctld, munged), SIGKILL if it lingers. Timings go to
         ``stop.log`` in the folder."""
