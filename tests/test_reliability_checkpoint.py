@@ -247,6 +247,22 @@ def test_resume_differences_refuse_and_allow(train_overrides, demo_data, tmp_pat
     assert "train.init_checkpoint (the frozen base" in text and "peft.rank: checkpoint 8, config 4" in text
 
 
+def test_resume_accepts_an_in_memory_manifest_with_tuples(train_overrides, demo_data):
+    """Online data keeps its manifest in memory, where sequences are tuples; run.json has lists."""
+    from megatron_mft.checkpoint.resume_check import resume_differences
+    from megatron_mft.config import load_config
+    from train_helpers import CONFIG
+
+    saved = _run_json(train_overrides, demo_data)
+    in_memory = json.loads(json.dumps(saved["manifest"]))
+    in_memory["template"] = {"specials": (), **{k: v for k, v in (in_memory.get("template") or {}).items()
+                                                 if k != "specials"}}
+    saved["manifest"]["template"] = {**in_memory["template"], "specials": []}
+    in_memory["tasks"][0]["train_files"] = tuple(in_memory["tasks"][0]["train_files"])
+    same = load_config(CONFIG, train_overrides + ["train.steps=4"])
+    assert resume_differences(saved, same, in_memory, saved["task_names"]) == ([], [])
+
+
 def test_train_refuses_an_incompatible_resume_in_one_message(tp1_env, tmp_path, train_overrides, demo_data):
     """A full checkpoint resumed as LoRA with another loss mode (was a 60-key KeyError): one
     message listing both, before the model is built."""

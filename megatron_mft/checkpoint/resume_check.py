@@ -14,6 +14,7 @@ saved it. On resume they are compared with the current config and data:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,12 @@ from megatron_mft.config.base import load_dataclass, to_dict
 
 #: Ignored entirely: they say how to find the checkpoint, not what it holds.
 _IGNORED = {"train.resume_from", "output_dir"}
+
+
+def _as_saved(d: Any) -> Any:
+    """``d`` as it reads back from run.json: tuples become lists (an in-memory online manifest holds
+    tuples where the saved one has lists; they are the same data)."""
+    return json.loads(json.dumps(d))
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -67,7 +74,7 @@ def resume_differences(run_json: dict, cfg: RunConfig, manifest: dict, task_name
     saved = run_json.get("config")
     if not saved:  # written before run.json recorded the config: nothing to compare
         return [], []
-    now = to_dict(cfg)
+    now = _as_saved(to_dict(cfg))
     refused: list[str] = []
 
     old_arch, new_arch = _arch(saved.get("model") or {}, source), to_dict(cfg.model.arch())
@@ -96,7 +103,7 @@ def resume_differences(run_json: dict, cfg: RunConfig, manifest: dict, task_name
     if saved_tasks is not None and list(saved_tasks) != list(task_names):
         refused.append(f"task names: checkpoint {saved_tasks}, data {list(task_names)}")
     if run_json.get("manifest") is not None:
-        old_data, new_data = _flat(data_identity(run_json["manifest"])), _flat(data_identity(manifest))
+        old_data, new_data = _flat(data_identity(run_json["manifest"])), _flat(_as_saved(data_identity(manifest)))
         for k in sorted(set(old_data) | set(new_data)):
             if k.startswith("tasks") and saved_tasks is not None and list(saved_tasks) != list(task_names):
                 continue  # already said
