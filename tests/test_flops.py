@@ -135,3 +135,58 @@ def test_peft_model_flops_are_about_two_thirds_of_full_and_recompute_only_adds_h
         assert c.hardware > c.model
     with pytest.raises(ValueError, match="recompute"):
         flop_count(arch, lengths, None, "everything")
+
+
+
+# Mixtral-like: 4 experts, top-2, expert MLP narrower than the dense one would be
+MOE = ArchSpec(num_layers=2, hidden_size=16, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=40,
+               vocab_size=50, max_position_embeddings=64, rotary_base=1e4, num_experts=4, moe_top_k=2,
+               moe_ffn_hidden_size=24)
+# Qwen2-MoE-like: shared expert with its sigmoid gate
+MOE_SHARED = ArchSpec(**{**MOE.__dict__, "moe_shared_expert_size": 12, "moe_shared_expert_gate": True,
+                         "moe_norm_topk": False})
+
+
+@pytest.mark.parametrize("arch", [MOE, MOE_SHARED], ids=["top2", "shared-expert"])
+def test_moe_counts_what_a_token_runs(arch):
+    """Per token and layer: router h x E, top-k experts (gate, up, down), the shared expert and its
+    h -> 1 gate; the attention and head as for a dense model. Hand count matmul by matmul."""
+    T, h, e = sum(LENGTHS), arch.hidden_size, arch.expert_ffn
+    d = arch.head_dim
+    q, kv = arch.num_attention_heads * d, arch.num_query_groups * d
+    per_token = [h * q, h * kv, h * kv, q * h, h * arch.num_experts]  # q, k, v, o, router
+    per_token += [h * e, h * e, e * h] * arch.moe_top_k  # each routed expert: gate, up, down
+    s = arch.moe_shared_expert_size
+    per_token += [h * s, h * s, s * h] + [h] if s else []
+    linears = 2.0 * sum(per_token) * T
+    attention = sum(2 * 2.0 * (n * n / 2) * d * arch.num_attention_heads for n in LENGTHS)
+    head = 2.0 * h * arch.vocab_size * T
+    forward = arch.num_layers * (linears + attention) + head
+    got = flop_count(arch, LENGTHS)
+    assert got.forward == pytest.approx(forward, rel=1e-12)
+    assert got.activation_grads == pytest.approx(arch.num_layers * (linears + 2 * attention) + head, rel=1e-12)
+    assert got.weight_grads == pytest.approx(arch.num_layers * linears + head, rel=1e-12)
+
+
+def test_moe_model_flops_follow_6_active_params():
+    """PaLM's 6N per token with N the *active* non-embedding matmul weights (norms, QK-norm and
+    biases are not matmuls), plus causal attention, for the MoE presets."""
+    for name in ("mixtral-8x7b", "qwen2-57b-a14b", "qwen3-coder-30b-a3b"):
+        arch = PRESETS[name]
+        h, L, s = arch.hidden_size, arch.num_layers, 4096
+        non_matmul = (2 * L + 1) * h * (2 if arch.normalization == "LayerNorm" else 1)
+        non_matmul += L * 2 * arch.head_dim if arch.qk_norm else 0
+        if arch.qkv_bias or arch.linear_bias:
+            non_matmul += L * (arch.num_attention_heads + 2 * arch.num_query_groups) * arch.head_dim
+        n_active = arch.num_params(active=True) - arch.vocab_size * h - non_matmul
+        attention = 12 * L * arch.num_attention_heads * arch.head_dim * s * s / 2
+        assert model_flops(arch, [s]) == pytest.approx(6 * n_active * s + attention, rel=1e-9), name
+
+
+def test_dpo_adapter_reference_adds_one_frozen_forward():
+    lora = peft_cfg("lora")
+    plain = flop_count(ARCH, LENGTHS, lora)
+    with_ref = flop_count(ARCH, LENGTHS, lora, reference_forward=True)
+    base_forward = flop_count(ARCH, LENGTHS, None).forward
+    assert with_ref.forward - plain.forward == pytest.approx(base_forward, rel=1e-12)
+    assert (with_ref.activation_grads, with_ref.weight_grads) == (plain.activation_grads, plain.weight_grads)

@@ -50,7 +50,7 @@ class FlopCount:
 
 
 def flop_count(arch: ArchSpec, sample_lengths: Sequence[int], peft: Optional[PeftConfig] = None,
-               recompute: str = "none") -> FlopCount:
+               recompute: str = "none", reference_forward: bool = False) -> FlopCount:
     """FLOPs of one training pass over causal samples of these lengths (packed or not: each
     sample attends only to itself, so attention counts per-sample lengths).
 
@@ -63,12 +63,16 @@ def flop_count(arch: ArchSpec, sample_lengths: Sequence[int], peft: Optional[Pef
     Recompute: ``selective`` repeats core attention, ``full`` the whole transformer layer.
     ``peft``: a PeftConfig (method lora/qlora, rank, target_modules) or None = full fine-tuning;
     QLoRA counts as LoRA (dequantisation is elementwise work, not matmul FLOPs).
+    Mixture of experts: per token the router (h x E), the ``moe_top_k`` routed experts and the
+    shared expert with its gate replace the dense MLP (tokens dropped by a capacity factor are
+    not subtracted). ``reference_forward``: the preference stage's per-step no-grad forward of the
+    base with adapters disabled (a method cost: counted in the model FLOPs).
     """
     if recompute not in ("none", "selective", "full"):
         raise ValueError(f"recompute must be none, selective or full, got {recompute!r}")
     L, h, V = arch.num_layers, arch.hidden_size, arch.vocab_size
     tokens = float(sum(sample_lengths))
-    linears = 2.0 * sum(i * o for i, o in target_shapes(arch).values()) * tokens  # one layer
+    linears = 2.0 * _linear_macs_per_token(arch) * tokens  # one layer
     attention = 4.0 * arch.num_attention_heads * arch.head_dim * sum(_attended_pairs(s, arch.sliding_window)
                                                                     for s in sample_lengths)
     head = 2.0 * h * V * tokens
@@ -76,10 +80,23 @@ def flop_count(arch: ArchSpec, sample_lengths: Sequence[int], peft: Optional[Pef
     adapters = 2.0 * lora_params_per_layer(arch, peft.rank, peft.target_modules) * tokens if lora else 0.0
 
     forward = L * (linears + attention + adapters) + head
+    if reference_forward:  # DPO/ORPO with adapters: a no-grad pass of the base (adapters disabled)
+        forward += L * (linears + attention) + head
     activation_grads = L * (linears + 2 * attention + adapters) + head
     weight_grads = L * adapters if lora else L * linears + head
     layer_forward = {"none": 0.0, "selective": attention, "full": linears + attention + adapters}[recompute]
     return FlopCount(forward, activation_grads, weight_grads, L * layer_forward)
+
+
+def _linear_macs_per_token(arch: ArchSpec) -> int:
+    """Multiply-adds of one layer's linear weights per token (MoE: only what a token runs)."""
+    shapes = target_shapes(arch)
+    attn = sum(i * o for k, (i, o) in shapes.items() if k in ("linear_qkv", "linear_proj"))
+    if not arch.num_experts:
+        return attn + sum(i * o for k, (i, o) in shapes.items() if k in ("linear_fc1", "linear_fc2"))
+    h, mats = arch.hidden_size, 3 if arch.gated else 2
+    shared = mats * h * arch.moe_shared_expert_size + (h if arch.moe_shared_expert_gate else 0)
+    return attn + h * arch.num_experts + arch.moe_top_k * mats * h * arch.expert_ffn + shared
 
 
 def _attended_pairs(s: int, window: int) -> float:

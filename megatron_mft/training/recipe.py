@@ -232,7 +232,8 @@ class Recipe:
             self.consumed_rows += t.global_batch_size
             n_tok, segs = _count_tokens(micro_batches)
             tokens_since += n_tok
-            count = flop_count(self.arch, segs, self.run_cfg.peft, self.run_cfg.model.recompute)
+            count = flop_count(self.arch, segs, self.run_cfg.peft, self.run_cfg.model.recompute,
+                               reference_forward=self.ctx.reference is not None and self.peft is not None)
             flops_since = [flops_since[0] + count.model, flops_since[1] + count.hardware]
             if self.step % t.log_interval == 0 or self.step == self.total_steps:
                 dt = timer.lap()
