@@ -21,3 +21,20 @@ def test_cp_layout_rules_name_the_keys():
     cfg = load_config(None, ["data.path=/x", "model.preset=tiny", "data.seq_length=512", "parallel.cp=4", "parallel.cp_comm_type=a2a"])
     assert (cfg.parallel.cp, cfg.parallel.cp_comm_type) == (4, "a2a")
     assert load_config(None, ["data.path=/x"]).parallel.cp == 1
+
+
+def test_world_layout_rules_count_cp_and_ep():
+    """One rule for preflight and init_parallel: DP = world / (tp pp cp); EP needs world % (etp ep pp)."""
+    from megatron_mft.config import ParallelConfig, load_config
+    from megatron_mft.training.preflight import _layout_problems
+
+    par = ParallelConfig(cp=2)
+    assert par.world_problems(2) == [] and par.data_parallel_size(2) == 1
+    assert "parallel.tp x parallel.pp x parallel.cp = 1 x 1 x 4 needs a multiple of 4" in ParallelConfig(
+        cp=4).world_problems(2)[0]
+    assert "parallel.etp x parallel.ep x parallel.pp = 1 x 4 x 1" in ParallelConfig(ep=4).world_problems(2)[0]
+    run = load_config(None, ["data.path=/unused", "parallel.cp=2", "train.global_batch_size=3",
+                             "train.micro_batch_size=1"])
+    assert _layout_problems(run, world_size=2) == []  # dp = 1: any batch size works
+    run4 = load_config(None, ["data.path=/unused", "parallel.cp=4"])
+    assert "needs a multiple of 4 processes" in _layout_problems(run4, world_size=2)[0]

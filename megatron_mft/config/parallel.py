@@ -39,6 +39,26 @@ class ParallelConfig:
         """megatron's ``virtual_pipeline_model_parallel_size``: vpp, only with pipeline parallelism."""
         return self.vpp if self.pp > 1 else None
 
+    def world_problems(self, world_size: int) -> list[str]:
+        """What keeps this layout from starting on ``world_size`` processes: the one rule for the
+        preflight check and ``init_parallel`` (megatron's: world % (tp pp cp) and % (etp ep pp))."""
+        p = []
+        for names, size in ((("tp", "pp", "cp"), self.tp * self.pp * self.cp),
+                            (("etp", "ep", "pp"), self.expert_tp * self.ep * self.pp)):
+            if size > 1 and world_size % size:
+                keys = " x ".join(f"parallel.{n}" for n in names)
+                values = " x ".join(str(v) for v in ((self.tp, self.pp, self.cp) if names[0] == "tp"
+                                                     else (self.expert_tp, self.ep, self.pp)))
+                how = (f"started as one process: launch {size} (or a multiple) processes, e.g. torchrun "
+                       f"--nproc_per_node {size} -m megatron_mft.train ..." if world_size == 1
+                       else f"got {world_size} processes")
+                p.append(f"{keys} = {values} needs a multiple of {size} processes; {how}")
+        return p
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Data-parallel replicas: what is left of the world after TP, PP and CP."""
+        return world_size // (self.tp * self.pp * self.cp)
+
     def validate(self) -> list[str]:
         p = []
         for name in ("tp", "pp", "ep", "cp"):

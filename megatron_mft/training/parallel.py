@@ -9,6 +9,7 @@ from megatron.core import tensor_parallel
 
 from megatron_mft.compat import Environment
 from megatron_mft.config import ParallelConfig
+from megatron_mft.errors import UsageError
 
 
 def init_parallel(parallel: ParallelConfig, env: Environment, seed: int) -> None:
@@ -17,13 +18,9 @@ def init_parallel(parallel: ParallelConfig, env: Environment, seed: int) -> None
         from megatron_mft.launch.env import init_distributed, read_dist_env
 
         init_distributed(read_dist_env(), backend="nccl" if env.cuda else "gloo")
-    world = torch.distributed.get_world_size()
-    if world % (parallel.tp * parallel.pp * parallel.cp):
-        raise ValueError(f"world size {world} is not divisible by parallel.tp x parallel.pp x parallel.cp = "
-                         f"{parallel.tp} x {parallel.pp} x {parallel.cp}")
-    if world % (parallel.expert_tp * parallel.ep * parallel.pp):
-        raise ValueError(f"world size {world} is not divisible by parallel.etp x parallel.ep x parallel.pp = "
-                         f"{parallel.expert_tp} x {parallel.ep} x {parallel.pp}")
+    problems = parallel.world_problems(torch.distributed.get_world_size())
+    if problems:  # the preflight check reports these before any process group exists
+        raise UsageError("; ".join(problems))
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(

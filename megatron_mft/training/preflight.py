@@ -57,13 +57,10 @@ def check_against_data(run: RunConfig, task_names: list[str], vocab_size: int) -
 
 def _layout_problems(run: RunConfig, world_size: int) -> list[str]:
     par, t = run.parallel, run.train
-    model_parallel = par.tp * par.pp
-    if world_size % model_parallel:
-        how = ("started as one process: launch tp x pp processes, e.g. torchrun --nproc_per_node "
-               f"{model_parallel} -m megatron_mft.train ..." if world_size == 1 else f"got {world_size} processes")
-        return [f"parallel.tp x parallel.pp = {par.tp} x {par.pp} needs a multiple of {model_parallel} processes; "
-                f"{how}"]
-    dp = world_size // model_parallel
+    problems = par.world_problems(world_size)
+    if problems:
+        return problems
+    dp = par.data_parallel_size(world_size)
     if t.global_batch_size % (t.micro_batch_size * dp):
         return [f"train.global_batch_size: {t.global_batch_size} is not a multiple of train.micro_batch_size x "
                 f"data-parallel size = {t.micro_batch_size} x {dp}"]
