@@ -9,7 +9,8 @@ traceback. ``--debug`` anywhere on a command line (removed before the command pa
 ``MFT_DEBUG=1`` in the environment shows the traceback too.
 
 Under torchrun/srun every rank runs the same checks: a usage/config error is printed by rank 0
-only (the other ranks would print the same words), while runtime and internal errors, which may
+and by the first rank of every other node (file checks can differ between nodes: a missing
+mount), not by the rest (they would print the same words), while runtime and internal errors, which may
 differ between ranks, are printed by every rank that hits them, prefixed ``[rank N]``. Every rank
 exits non-zero either way. (torchrun itself then adds its ChildFailedError summary, with a traceback
 of the launcher process and the ranks' exit codes, and exits 1: that part is torch's.)
@@ -49,7 +50,7 @@ class UserError(Exception):
 
 
 class UsageError(UserError):
-    """Bad command-line arguments or config values; exit 2. Found identically on every rank."""
+    """Bad command-line arguments or config values; exit 2. Found alike on every rank of a node."""
 
     exit_code = USAGE
 
@@ -97,8 +98,8 @@ def report(error: BaseException) -> int:
     if isinstance(error, UserError):
         code = error.exit_code
         text = f"error: {error}"
-        if isinstance(error, UsageError) and rank != 0 and not debug:
-            return code  # rank 0 prints the same message
+        if isinstance(error, UsageError) and rank != 0 and os.environ.get("LOCAL_RANK", "0") != "0" and not debug:
+            return code  # the first rank of each node prints it (file checks can differ between nodes)
     elif isinstance(error, KeyboardInterrupt):
         code, text = 130, "interrupted"
     elif isinstance(error, OSError):  # a file system or network failure, e.g. no space left on device
@@ -107,7 +108,7 @@ def report(error: BaseException) -> int:
         code = RUNTIME
         text = (f"internal error: {_text(error)}. This is a bug or a case without a proper message yet"
                 + ("" if debug else f"; {_HINT}") + ".")
-    if world > 1 and not isinstance(error, UsageError):  # usage errors come from rank 0 alone
+    if world > 1 and (rank != 0 or not isinstance(error, UsageError)):  # usage errors: rank 0 unprefixed
         text = "\n".join(f"[rank {rank}] {line}" for line in text.splitlines())
     sys.stdout.flush()
     print(text, file=sys.stderr, flush=True)

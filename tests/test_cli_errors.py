@@ -150,6 +150,7 @@ def test_internal_errors_are_one_paragraph_with_a_hint(capsys, monkeypatch):
 
     # under torchrun: a usage error is printed by rank 0 only, a runtime error by each rank, prefixed
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
 
     @command
@@ -157,6 +158,14 @@ def test_internal_errors_are_one_paragraph_with_a_hint(capsys, monkeypatch):
         raise UsageError("data.path: /x does not exist")
 
     assert usage([]) == 2 and capsys.readouterr().err == ""
+    # the first rank of another node prints it too: a missing mount is a per-node fact
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert usage([]) == 2 and capsys.readouterr().err == "[rank 2] error: data.path: /x does not exist\n"
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     assert refused([]) == 1 and capsys.readouterr().err == "[rank 1] error: disk /x: no space left on device\n"
 
     @command
