@@ -15,12 +15,14 @@ def baselines(tmp_path_factory, train_overrides):
     root = tmp_path_factory.mktemp("cp")
     cache = {}
 
-    def get(batching: str):
-        if batching not in cache:
-            common = train_overrides + [f"train.steps={STEPS}", f"data.batching={batching}", "loss.mode=task-sample"]
-            run_train(common + [f"output_dir={root / ('single_' + batching)}"])
-            cache[batching] = (common, train_losses(root / ("single_" + batching)))
-        return root, cache[batching]
+    def get(batching: str, peft: tuple = ()):
+        key = batching + "".join(peft).replace("=", "").replace(".", "")
+        if key not in cache:
+            common = train_overrides + [f"train.steps={STEPS}", f"data.batching={batching}", "loss.mode=task-sample",
+                                        *peft]
+            run_train(common + [f"output_dir={root / ('single_' + key)}"])
+            cache[key] = (common, train_losses(root / ("single_" + key)))
+        return root, cache[key]
 
     return get
 
@@ -46,4 +48,12 @@ def test_context_parallel_matches_single_process(baselines, batching, layout, np
     root, (common, ref) = baselines(batching)
     out = root / (batching + "_" + "_".join(layout).replace("=", "").replace(".", "") + f"_n{nproc}")
     run_train(common + layout + [f"output_dir={out}"], nproc=nproc)
+    _assert_same(ref, train_losses(out))
+
+
+@pytest.mark.slow
+def test_context_parallel_with_lora_matches_single_process(baselines):
+    root, (common, ref) = baselines("packed", ("peft.method=lora", "peft.rank=4", "train.warmup_steps=1"))
+    out = root / "packed_lora_cp2"
+    run_train(common + ["parallel.cp=2", f"output_dir={out}"], nproc=2)
     _assert_same(ref, train_losses(out))
