@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_families_fixtures import FAMILIES, REGISTRY_FAMILY, TOL, make_all, parity
+from test_families_fixtures import FAMILIES, FAMILY_CONFIGS, REGISTRY_FAMILY, TOL, make_all, parity
 from test_hf_fixtures import hf_state
 
 
@@ -207,3 +207,24 @@ def test_tied_checkpoint_that_also_stores_lm_head_loads(tp1_env, family_models, 
     chunks, _ = _hf_init_chunks(tp1_env, out)
     rows, packed = parity(chunks, out)
     assert rows <= TOL and packed <= TOL
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_fields_left_out_of_config_json_read_as_transformers_defaults(name):
+    """A hub config.json may omit fields with defaults; we must read what the family's own
+    transformers config class assumes for them (StarCoder2's norm epsilon is 1e-5, not 1e-6)."""
+    import transformers
+
+    from megatron_mft.checkpoint.hf.families import family_for
+
+    cls_name, model_cls, kwargs = FAMILY_CONFIGS[name]
+    required = {k: v for k, v in kwargs.items() if k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                          "num_hidden_layers", "num_attention_heads",
+                                                          "max_position_embeddings")}
+    model_type = getattr(transformers, cls_name).model_type
+    sparse = {**required, "model_type": model_type, "architectures": [model_cls]}
+    full = getattr(transformers, cls_name)(**required).to_dict()
+    fam = family_for(sparse)
+    (got, p1), (want, p2) = fam.arch_fields(sparse), fam.arch_fields({**full, "architectures": [model_cls]})
+    assert p1 == [] and p2 == []
+    assert got == want

@@ -300,19 +300,21 @@ def _decoder_weights(*, qkv_bias: bool = False, all_bias: bool = False, norm_bia
     return tuple(out)
 
 
-def _config(family: str, *, norm_eps: str = "rms_norm_eps", tied_default: bool = False,
-            extra: tuple[ConfigField, ...] = ()) -> tuple[ConfigField, ...]:
-    """The config map every family shares (sizes, RoPE, tying) plus its own fields."""
+def _config(family: str, *, norm_eps: str = "rms_norm_eps", norm_eps_default: float = 1e-6,
+            kv_heads_default: Optional[int] = None, tied_default: bool = False, extra: tuple[ConfigField, ...] = ()) -> tuple[ConfigField, ...]:
+    """The config map every family shares (sizes, RoPE, tying) plus its own fields; defaults are
+    those of the family's transformers config class (a config.json may leave a field out)."""
     return (
         ConfigField("num_layers", ("num_hidden_layers",)),
         ConfigField("hidden_size", ("hidden_size",)),
         ConfigField("num_attention_heads", ("num_attention_heads",)),
-        ConfigField("num_query_groups", ("num_key_value_heads",), default_from="num_attention_heads"),
+        ConfigField("num_query_groups", ("num_key_value_heads",), default=kv_heads_default,
+                    default_from=None if kv_heads_default else "num_attention_heads"),
         ConfigField("ffn_hidden_size", ("intermediate_size",)),
         ConfigField("vocab_size", ("vocab_size",)),
         ConfigField("max_position_embeddings", ("max_position_embeddings",)),
         ConfigField("rotary_base", ("rope_theta",), default=10000.0),
-        ConfigField("norm_epsilon", (norm_eps,), default=1e-6),
+        ConfigField("norm_epsilon", (norm_eps,), default=norm_eps_default),
         ConfigField("tied_embeddings", ("tie_word_embeddings",), default=tied_default),
         ConfigField("rope_type", ("rope_type", "type"), default="default"),
         ConfigField("rope_factor", ("factor",), default=1.0, omit_default=True),
@@ -360,7 +362,7 @@ QWEN2 = Family(
     model_types=("qwen2",),
     architecture="Qwen2ForCausalLM",
     weights=_decoder_weights(qkv_bias=True),
-    config=_config("qwen2", extra=(*_SWIGLU_CONSTANTS, ConfigField("qkv_bias", (), default=True))),
+    config=_config("qwen2", kv_heads_default=32, extra=(*_SWIGLU_CONSTANTS, ConfigField("qkv_bias", (), default=True))),
     unsupported=(
         *_SWIGLU,
         Unsupported("use_sliding_window", (None, False),
@@ -376,7 +378,7 @@ MISTRAL = Family(
     architecture="MistralForCausalLM",
     weights=_decoder_weights(),
     # transformers' MistralConfig defaults sliding_window to 4096 when config.json omits it
-    config=_config("mistral", extra=(
+    config=_config("mistral", kv_heads_default=8, extra=(
         *_SWIGLU_CONSTANTS, ConfigField("sliding_window", ("sliding_window",), default=4096, null=0))),
     unsupported=(*_SWIGLU, *_ROPE_UNSUPPORTED),
     nested=ROPE_NESTED,
@@ -387,7 +389,8 @@ STARCODER2 = Family(
     model_types=("starcoder2",),
     architecture="Starcoder2ForCausalLM",
     weights=_decoder_weights(all_bias=True, norm_bias=True, mlp=("c_fc", "c_proj")),
-    config=_config("starcoder2", norm_eps="norm_epsilon", tied_default=True, extra=(
+    config=_config("starcoder2", norm_eps="norm_epsilon", norm_eps_default=1e-5, kv_heads_default=2,
+                   tied_default=True, extra=(
         ConfigField("normalization", (), default="LayerNorm"),
         ConfigField("activation", (), default="gelu_tanh"),
         ConfigField("linear_bias", (), default=True),
