@@ -224,3 +224,25 @@ def test_preflight_reads_hf_init_headers_before_the_model(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(PreflightError, match=rf"model\.hf_init: damaged safetensors file {shard}:\n.*truncated"):
         check_run(run, world_size=1)
+
+
+def test_preflight_refuses_full_ft_dpo_over_an_unwritable_data_folder(tmp_path, monkeypatch):
+    """The reference log-probs are stored beside the data; found before the model and the pre-pass."""
+    import tempfile
+
+    from megatron_mft.config import load_config
+    from megatron_mft.training.preflight import _reference_store_problems
+
+    data = tmp_path / "pairs"
+    data.mkdir()
+    run = load_config(None, [f"data.path={data}", "train.stage=dpo", "data.mode=preference"])
+    assert _reference_store_problems(run) == []
+
+    def refuse(*args, dir=None, **kwargs):
+        raise PermissionError(13, "Permission denied", str(dir))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    problems = _reference_store_problems(run)
+    assert len(problems) == 1 and str(data) in problems[0] and "not writable" in problems[0]
+    lora = load_config(None, [f"data.path={data}", "train.stage=dpo", "data.mode=preference", "peft.method=lora"])
+    assert _reference_store_problems(lora) == []  # adapters disabled are the reference: nothing stored

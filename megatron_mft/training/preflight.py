@@ -33,7 +33,7 @@ def check_run(run: RunConfig, world_size: int) -> None:
     """Raise :class:`PreflightError` listing every problem of ``run`` in a job of ``world_size``
     processes."""
     problems = (_layout_problems(run, world_size) + _data_problems(run) + _output_dir_problems(run)
-                + _init_weights_problems(run))
+                + _reference_store_problems(run) + _init_weights_problems(run))
     if problems:
         raise PreflightError(problems)
 
@@ -105,6 +105,20 @@ def _output_dir_problems(run: RunConfig) -> list[str]:
     except OSError as e:
         where = "" if probe_in == out else f" (in {probe_in})"
         return [f"output_dir: {out} is not writable{where}: {e.strerror or e}"]
+    return []
+
+
+def _reference_store_problems(run: RunConfig) -> list[str]:
+    """Full-FT DPO stores its reference log-probs beside the data (training/reference.py): find
+    out before the model is built and the pre-pass has run, not after."""
+    path = Path(run.data.path)
+    if run.train.stage != "dpo" or run.peft.method != "none" or not path.is_dir():
+        return []
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".mft_write_probe.", dir=path))
+    except OSError as e:
+        return [f"data.path: {path} is not writable ({e.strerror or e}); train.stage=dpo with full fine-tuning "
+                f"stores the reference log-probs of the starting weights there"]
     return []
 
 

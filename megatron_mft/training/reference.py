@@ -128,6 +128,7 @@ class PrecomputedReference:
                              f"({path} missing); a resumed run cannot recompute them (its weights have moved). "
                              f"Restore that file, or start a new run")
         logps = cls.compute(chunks, data, ctx, n_uids)
+        failure = ""
         if torch.distributed.get_rank() == 0:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -135,7 +136,14 @@ class PrecomputedReference:
                 np.savez(tmp, logps=logps, source=np.asarray(str(source)))
                 os.replace(tmp, path)
             except OSError as e:
-                raise UserError(f"{path}: cannot store the reference log-probs ({e.strerror or e})") from None
+                failure = str(e.strerror or e)
+        # every rank learns the outcome: a failure on rank 0 alone would leave the others in the
+        # first collective of training
+        failed = torch.tensor([1.0 if failure else 0.0], device=ctx.device)
+        torch.distributed.all_reduce(failed)
+        if failed.item():
+            raise UserError(f"{path}: cannot store the reference log-probs ({failure or 'failed on rank 0'}); "
+                            f"data.path must be writable for train.stage=dpo with full fine-tuning")
         say(f"dpo reference: computed with the starting weights {source} over {data.rows_per_epoch} rows -> {path}")
         return cls(logps, data)
 
