@@ -7,8 +7,8 @@
                  [--batch B --seq S --seed N]
 
 Conversions run in one process (the dist checkpoint they write or read reshards to any TP/PP
-layout). ``verify`` with ``--tp``/``--pp`` > 1 needs tp x pp ranks: under ``torchrun
---nproc-per-node tp*pp`` it uses torchrun's ranks; started plainly it spawns them itself
+layout). ``verify`` with ``--tp``/``--pp``/``--ep`` > 1 needs lcm(tp, ep) x pp ranks: under
+``torchrun`` with that many processes it uses torchrun's ranks; started plainly it spawns them itself
 (gloo on 127.0.0.1 on the CPU, one GPU per rank with CUDA). See docs/conversion.md.
 """
 
@@ -162,7 +162,7 @@ def _verify_rank(args) -> int:
         if report:
             ok = report["max_abs_diff"] <= args.tol
             print(f"verify: {args.ckpt or 'hf_init from ' + args.hf_dir} vs {args.hf_dir}"
-                  f"{' + adapter ' + args.adapter if args.adapter else ''} at tp={args.tp} pp={args.pp}, "
+                  f"{' + adapter ' + args.adapter if args.adapter else ''} at tp={args.tp} pp={args.pp} ep={args.ep}, "
                   f"{args.batch}x{args.seq} random tokens, {args.dtype}")
             print(f"max abs logit difference: {report['max_abs_diff']:.3e} (tol {args.tol:g}) -> "
                   f"{'OK' if ok else 'FAIL'}; mean {report['mean_abs_diff']:.3e}, |logit| max "
@@ -197,7 +197,7 @@ def _verify(args, argv: list) -> int:
     launched = read_dist_env()
     if launched.world_size > 1 or world == 1:
         if launched.world_size % world:
-            raise UsageError(f"verify --tp {args.tp} --pp {args.pp} needs a multiple of {world} ranks, "
+            raise UsageError(f"verify --tp {args.tp} --pp {args.pp} --ep {args.ep} needs a multiple of {world} ranks, "
                              f"got {launched.world_size}")
         return _verify_rank(args)
     # self-spawned ranks; rank 0 reports through a result file
@@ -206,7 +206,7 @@ def _verify(args, argv: list) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         argv = [a for a in argv] + ["--result", str(result)]
-        print(f"verify: spawning {world} ranks (tp={args.tp} pp={args.pp})", flush=True)
+        print(f"verify: spawning {world} ranks (tp={args.tp} pp={args.pp} ep={args.ep})", flush=True)
         try:
             mp.start_processes(_spawned, args=(world, _free_port("127.0.0.1"), argv), nprocs=world,
                                start_method="spawn")
