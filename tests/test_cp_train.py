@@ -43,7 +43,8 @@ def _assert_same(ref: dict, got: dict):
     ("packed", ["parallel.cp=2"], 2),
     ("dynamic", ["parallel.cp=2"], 2),
     ("packed", ["parallel.cp=2", "parallel.tp=2", "parallel.sp=true"], 4),
-], ids=["packed-cp2", "dynamic-cp2", "packed-cp2xtp2-sp"])
+    ("dynamic", ["parallel.cp=2", "parallel.pp=2"], 4),
+], ids=["packed-cp2", "dynamic-cp2", "packed-cp2xtp2-sp", "dynamic-cp2xpp2"])
 def test_context_parallel_matches_single_process(baselines, batching, layout, nproc):
     root, (common, ref) = baselines(batching)
     out = root / (batching + "_" + "_".join(layout).replace("=", "").replace(".", "") + f"_n{nproc}")
