@@ -11,15 +11,21 @@ import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
+def _norm_param(config: TransformerConfig, hidden_size: int, value: float) -> torch.nn.Parameter:
+    """A norm weight or bias on the device megatron puts every other weight on: nothing moves
+    modules afterwards (megatron's DDP moves only trainable parameters, and only with the
+    distributed optimizer); marked for SP's gradient all-reduce."""
+    device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+    p = torch.nn.Parameter(torch.full((hidden_size,), value, dtype=config.params_dtype, device=device))
+    setattr(p, "sequence_parallel", config.sequence_parallel)
+    return p
+
+
 class RMSNorm(torch.nn.Module):
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused):
         super().__init__()
         self.eps = eps
-        # On the device megatron puts every other weight on: nothing moves modules afterwards
-        # (megatron's DDP moves only trainable parameters, and only with the distributed optimizer).
-        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
-        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+        self.weight = _norm_param(config, hidden_size, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
@@ -31,13 +37,8 @@ class LayerNorm(torch.nn.Module):
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused):
         super().__init__()
         self.eps = eps
-        # On the device megatron puts every other weight on: nothing moves modules afterwards
-        # (megatron's DDP moves only trainable parameters, and only with the distributed optimizer).
-        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
-        self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype, device=device))
-        for p in (self.weight, self.bias):
-            setattr(p, "sequence_parallel", config.sequence_parallel)
+        self.weight = _norm_param(config, hidden_size, 1.0)
+        self.bias = _norm_param(config, hidden_size, 0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
