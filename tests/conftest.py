@@ -68,3 +68,11 @@ def train_overrides(demo_data, tiny_init):
     """Overrides that make the tiny CLI run fast and start from identical weights."""
     return ["data.source=offline", f"data.path={demo_data}", "data.seq_length=512",
             f"train.init_checkpoint={tiny_init}", "train.eval_interval=0", "train.save_interval=0"]
+
+
+@pytest.fixture(autouse=True)
+def _no_debug_switch_leaks(monkeypatch):
+    """A command run in-process with ``--debug`` sets MFT_DEBUG=1 in os.environ (so the processes
+    it starts inherit it); undo that after each test, or every later CLI test would see tracebacks."""
+    monkeypatch.setenv("MFT_DEBUG", "")  # records the prior state (delenv of an absent key does not)
+    monkeypatch.delenv("MFT_DEBUG")
