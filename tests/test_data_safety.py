@@ -133,7 +133,7 @@ def test_failed_swap_keeps_the_previous_output(tmp_path, monkeypatch, capsys):
 
     fail_on_second.calls = 0
     monkeypatch.setattr(os, "rename", fail_on_second)
-    monkeypatch.setattr(outdir, "_exchange", None, raising=False)  # force the portable two-step path
+    monkeypatch.setattr(outdir, "exchange_paths", lambda a, b: False)  # force the portable two-step path
     with pytest.raises(KeyboardInterrupt):
         pp.preprocess(pp.PreprocessArgs(str(data), DEMO_TOKENIZER, SEQ, "none", str(out), overwrite=True,
                                         progress=False))

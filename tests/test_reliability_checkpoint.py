@@ -95,7 +95,7 @@ def test_resave_replaces_atomically_with_and_without_rename_exchange(tp1_env, sa
     old = shards()
     _save(root, 2, _tiny_chunks(tp1_env, seed=5))  # renameat2(RENAME_EXCHANGE) here
     assert shards() != old and sorted(p.name for p in root.iterdir()) == ["latest", "step_0000001", "step_0000002"]
-    monkeypatch.setattr(dist, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(dist, "exchange_paths", lambda a, b: False)
     _save(root, 2, saved[1])  # the step-2 weights again, through the two-rename fallback
     assert shards() == old
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000001", "step_0000002"]

@@ -25,7 +25,6 @@ shard is named instead of surfacing as a bare ``EOFError``.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import os
@@ -41,6 +40,7 @@ from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
+from megatron_mft.compat.fsops import exchange_paths, fsync_path, fsync_tree
 from megatron_mft.errors import UserError
 
 LATEST = "latest"
@@ -276,52 +276,13 @@ def _fault_injection(step: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "(MFT_FAULT_ENOSPC_IN_SAVE)")
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as e:  # some file systems cannot fsync a directory; the data files were
-        if e.errno not in (errno.EINVAL, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
 def _fsync_own_files(tmp: Path) -> None:
     """Each rank makes the shards it wrote durable (on a shared file system another client's
     fsync would not flush this one's cache): dcp names them ``__<rank>_<i>.distcp``."""
     rank = _rank()
     for f in list(tmp.glob(f"__{rank}_*.distcp")) + [tmp / "rng" / f"rank_{rank:05d}.pt"]:
         if f.is_file():
-            _fsync(f)
-
-
-def _fsync_tree(top: Path) -> None:
-    """Rank 0: make every file and folder under ``top`` durable before it is published."""
-    for dirpath, _, files in os.walk(top):
-        for name in files:
-            _fsync(Path(dirpath) / name)
-        _fsync(Path(dirpath))
-
-
-_RENAME_EXCHANGE = 2
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd = -100
-    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
-    if rc == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
-        return False
-    raise OSError(err, os.strerror(err), str(a))
+            fsync_path(f)
 
 
 def _publish(tmp: Path, final: Path) -> Optional[Path]:
@@ -330,7 +291,7 @@ def _publish(tmp: Path, final: Path) -> Optional[Path]:
     if not final.exists():
         os.replace(tmp, final)
         return None
-    if _exchange(tmp, final):  # tmp now holds the old copy
+    if exchange_paths(tmp, final):  # tmp now holds the old copy
         return tmp
     backup = final.with_name(final.name + ".old")
     shutil.rmtree(backup, ignore_errors=True)
@@ -346,7 +307,7 @@ def _write_latest(root: Path, final: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(pointer_tmp, root / LATEST)
-    _fsync(root)
+    fsync_path(root)
 
 
 def _prepare_root(root: Path) -> None:
@@ -426,7 +387,7 @@ def save_checkpoint(root: str | Path, step: int, chunks: list, optimizer=None, *
     if _rank() == 0:
         try:
             (tmp / "run.json").write_text(json.dumps({**run_info, "step": step}, indent=1, default=str))
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             old = _publish(tmp, final)
             _write_latest(root, final)
             if old is not None:

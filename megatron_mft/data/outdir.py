@@ -10,13 +10,12 @@ the previous good output.
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from megatron_mft.compat.fsops import cannot_write_in, exchange_paths, fsync_tree
 
 #: ``manifest.json``'s ``format`` of an offline output (FORMAT.md section 3).
 OUTPUT_FORMAT = "megatron-mft/packed-v1"
@@ -66,10 +65,9 @@ def output_dir_problems(output_dir: str, data_dir: str, tokenizer: str, overwrit
     if ancestor is not None and not ancestor.is_dir():
         return [f"{flag}: {ancestor} is not a folder"]
     if ancestor is not None:  # known now, not after hours of tokenizing: a probe folder, removed at once
-        try:
-            os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=ancestor))
-        except OSError as e:
-            return [f"{flag}: cannot write in {ancestor} ({e.strerror or e})"]
+        why = cannot_write_in(ancestor)
+        if why:
+            return [f"{flag}: cannot write in {ancestor} ({why})"]
     if not out.exists() or not any(out.iterdir()):
         return []
     for what, path in (("the data folder (--data-dir)", data_dir), ("the tokenizer (--tokenizer-model)", tokenizer)):
@@ -96,37 +94,15 @@ def temp_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.tmp-{os.getpid()}"
 
 
-def _renameat2_exchange():
-    """Linux's atomic exchange of two paths (``renameat2(RENAME_EXCHANGE)``), or None."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-
-    def exchange(a: Path, b: Path) -> bool:
-        if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-            return True
-        err = ctypes.get_errno()
-        if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # this file system cannot: rename instead
-            return False
-        raise OSError(err, os.strerror(err), str(b))
-
-    return exchange
-
-
-_exchange = _renameat2_exchange()
-
-
 def swap_into_place(tmp: Path, out: Path) -> None:
     """Make the complete folder ``tmp`` the folder ``out``; the previous ``out`` is deleted only
     after the new one is in place. With an atomic exchange there is no moment without a complete
     ``out``; otherwise (two renames) an exception between them moves the previous one back."""
+    fsync_tree(tmp)  # durable before the previous output can go
     if not out.exists():
         os.rename(tmp, out)
         return
-    if _exchange is not None and _exchange(tmp, out):
+    if exchange_paths(tmp, out):
         shutil.rmtree(tmp, ignore_errors=True)  # now the previous output
         return
     old = out.parent / f".{out.name}.old-{os.getpid()}"

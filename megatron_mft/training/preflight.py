@@ -11,10 +11,9 @@ vocabulary (known once the data is open, still before the model is built).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from megatron_mft.compat.fsops import cannot_write_in
 from megatron_mft.config import RunConfig
 from megatron_mft.errors import UsageError
 
@@ -100,11 +99,10 @@ def _output_dir_problems(run: RunConfig) -> list[str]:
         probe_in = probe_in.parent
     if not probe_in.is_dir():
         return [f"output_dir: {out} cannot be created: {probe_in} is not a directory"]
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".mft_write_probe.", dir=probe_in))
-    except OSError as e:
+    why = cannot_write_in(probe_in)
+    if why:
         where = "" if probe_in == out else f" (in {probe_in})"
-        return [f"output_dir: {out} is not writable{where}: {e.strerror or e}"]
+        return [f"output_dir: {out} is not writable{where}: {why}"]
     return []
 
 
@@ -114,10 +112,9 @@ def _reference_store_problems(run: RunConfig) -> list[str]:
     path = Path(run.data.path)
     if run.train.stage != "dpo" or run.peft.method != "none" or not path.is_dir():
         return []
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".mft_write_probe.", dir=path))
-    except OSError as e:
-        return [f"data.path: {path} is not writable ({e.strerror or e}); train.stage=dpo with full fine-tuning "
+    why = cannot_write_in(path)
+    if why:
+        return [f"data.path: {path} is not writable ({why}); train.stage=dpo with full fine-tuning "
                 f"stores the reference log-probs of the starting weights there"]
     return []
 

@@ -1,0 +1,57 @@
+"""File-system steps that make replacing a folder safe: the atomic exchange, fsync, a write probe.
+Used by the checkpoint publish (checkpoint/dist.py), the preprocessing output swap
+(data/outdir.py) and the preflight checks (training/preflight.py)."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where the C library
+    or the file system cannot (the caller then renames in two steps)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some file systems cannot fsync a directory
+        if e.errno not in (errno.EINVAL, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(top: Path) -> None:
+    """Make every file and folder under ``top`` durable (before publishing it by a rename)."""
+    for dirpath, _, files in os.walk(top):
+        for name in files:
+            fsync_path(Path(dirpath) / name)
+        fsync_path(Path(dirpath))
+
+
+def cannot_write_in(folder: Path) -> Optional[str]:
+    """Why nothing can be created in ``folder`` (strerror), or None: a probe folder, removed at once."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".mft_write_probe.", dir=folder))
+    except OSError as e:
+        return str(e.strerror or e)
+    return None
