@@ -148,7 +148,10 @@ class RouterLoad:
     def __init__(self, chunks: list, model: ModelConfig, parallel: ParallelConfig):
         self.chunks, self.model, self.parallel = chunks, model, parallel
         arch = model.arch()
-        self.counts = torch.zeros(arch.num_layers, arch.num_experts, dtype=torch.float64)
+        # on the training device: the reductions below run over NCCL on a GPU (no host tensors),
+        # and the hook then adds without a host sync per layer
+        device = next(p for c in chunks for p in c.parameters()).device
+        self.counts = torch.zeros(arch.num_layers, arch.num_experts, dtype=torch.float64, device=device)
         self.handles = [r.register_forward_hook(self._hook) for r in routers(chunks)]
 
     def begin_step(self, num_micro_batches: int) -> None:
@@ -163,7 +166,7 @@ class RouterLoad:
     def _hook(self, router, _inputs, output):
         if torch.is_grad_enabled():  # training passes, not validation or statistics pre-passes
             routing_map = output[1]
-            self.counts[router.layer_number - 1] += routing_map.detach().sum(0).to("cpu", torch.float64)
+            self.counts[router.layer_number - 1] += routing_map.detach().sum(0).to(torch.float64)
 
     def reset(self) -> None:
         self.counts.zero_()
@@ -190,7 +193,7 @@ class RouterLoad:
         for name, key in ROUTER_LOSS_NAMES.items():
             if name not in tracker:
                 continue
-            values = tracker[name]["values"].detach().to("cpu", torch.float64).clone()
+            values = tracker[name]["values"].detach().to(self.counts.device, torch.float64).clone()
             torch.distributed.all_reduce(values, group=ps.get_data_parallel_group(with_context_parallel=True))
             torch.distributed.all_reduce(values, group=ps.get_pipeline_model_parallel_group())
             out[key] = float(values.sum()) / (num_micro_batches * dp)
