@@ -199,9 +199,20 @@ def test_run_lock_refuses_live_holders_and_takes_over_dead_ones(tmp_path, monkey
     from megatron_mft.launch.runlock import RunLock, RunLockError
 
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    lock = _write_lock(tmp_path / "a")  # this very process holds it
-    with pytest.raises(RunLockError, match=f"PID {os.getpid()} on host {socket.gethostname()}"):
-        RunLock(tmp_path / "a").acquire()
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        lock = _write_lock(tmp_path / "a", pid=live.pid)  # a live process on this host holds it
+        with pytest.raises(RunLockError, match=f"PID {live.pid} on host {socket.gethostname()}"):
+            RunLock(tmp_path / "a").acquire()
+    finally:
+        live.kill()
+        live.wait()
+    # a container's next run may get the PID of the crashed one: a lock with our own PID that this
+    # process never took is left over
+    _write_lock(tmp_path / "e")
+    own = RunLock(tmp_path / "e").acquire()
+    assert "earlier process with this PID" in own.note
+    own.release()
     _write_lock(tmp_path / "b", host="other-node", pid=1)  # cannot be checked from here
     with pytest.raises(RunLockError, match=r"other-node.*delete .*\.run\.lock"):
         RunLock(tmp_path / "b").acquire()
@@ -217,7 +228,7 @@ def test_run_lock_refuses_live_holders_and_takes_over_dead_ones(tmp_path, monkey
     monkeypatch.setenv("SLURM_JOB_ID", "4242")  # a requeued job on another node: its earlier run is gone
     _write_lock(tmp_path / "d", host="other-node", pid=1, slurm_job_id="4242")
     assert "SLURM job 4242" in RunLock(tmp_path / "d").acquire().note
-    assert lock.is_file()  # nobody removed a live holder's lock
+    assert lock.is_file()  # nobody removed a live holder's lock (nor a dead one's it did not take over)
 
 
 def test_second_run_on_an_output_dir_is_refused(tmp_path, train_overrides):

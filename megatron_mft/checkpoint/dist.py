@@ -390,8 +390,10 @@ def save_checkpoint(root: str | Path, step: int, chunks: list, optimizer=None, *
             fsync_tree(tmp)
             old = _publish(tmp, final)
             _write_latest(root, final)
-            if old is not None:
-                shutil.rmtree(old)
+            if old is not None:  # the save is durable and published: a leftover old copy is not a failure
+                shutil.rmtree(old, ignore_errors=True)
+                if old.exists():
+                    print(f"warning: could not remove the replaced copy {old}; delete it by hand", flush=True)
         except OSError as e:
             error = e
             full = _no_space(e) or _nearly_full(tmp)

@@ -47,6 +47,8 @@ def _stale(holder: dict, me: dict) -> Optional[str]:
     """Why the holder is provably gone, or None."""
     pid, same_host = holder.get("pid"), holder.get("host") == me["host"]
     if same_host and isinstance(pid, int):
+        if pid == me.get("pid"):  # a container reuses PIDs: a lock we never took is an earlier process's
+            return f"it was left by an earlier process with this PID ({pid})"
         return None if _pid_alive(pid) else f"process {pid} on this host is no longer running"
     job = holder.get("slurm_job_id")
     if job and job == me["slurm_job_id"]:

@@ -328,8 +328,8 @@ class Recipe:
     # ---------------------------------------------------------------- save / cleanup
     def _weights_finite(self) -> bool:
         """Every rank's parameters are finite (a MIN all-reduce over the world)."""
-        ok = all(bool(torch.isfinite(p).all()) for c in self.chunks for p in c.parameters())
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
+        finite = [torch.isfinite(p).all() for c in self.chunks for p in c.parameters()]
+        flag = torch.stack(finite).all().to(torch.int32).reshape(1).to(self.device)  # one sync, not one per tensor
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         return bool(flag.item())
 
