@@ -259,3 +259,20 @@ def test_sigint_is_a_stop_request_and_a_second_one_exits_at_once():
                        timeout=60)
     assert p.stdout.splitlines() == ["reason SIGINT"], p.stdout + p.stderr
     assert p.returncode == 130 and "second SIGINT: exiting now" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_failed_final_rename_keeps_the_finished_conversion(tmp_path, monkeypatch):
+    """Only the conversion's own failure removes its .partial; a failed move of a finished one names it."""
+    import megatron_mft.checkpoint.hf.hf_to_mcore as h2m
+    from megatron_mft.errors import UserError
+
+    out = tmp_path / "ckpt"
+
+    def refuse(a, b):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(h2m.os, "replace", refuse)
+    with pytest.raises(UserError, match=r"complete in .*\.ckpt\.partial"):
+        with h2m.staged_output(out) as tmp:
+            (tmp / "weights").write_text("hours of work")
+    assert (tmp_path / ".ckpt.partial" / "weights").read_text() == "hours of work" and not out.exists()

@@ -132,13 +132,12 @@ def preprocess(args: PreprocessArgs) -> dict:
     tasks = discover_tasks(args.data_dir)
     tok = load_tokenizer(args.tokenizer_model)
     template = load_template(args.template)
-    spec = EncodeSpec(args.tokenizer_model, template, args.seq_length, args.mode, args.overlong,  # type: ignore[arg-type]
+    mode = "sft" if args.mode == "preference" else args.mode  # each side of a pair is an SFT sample
+    spec = EncodeSpec(args.tokenizer_model, template, args.seq_length, mode, args.overlong,  # type: ignore[arg-type]
                       args.max_line_bytes)
     if args.mode == "preference":  # pairs: megatron_mft.data.preference
         from megatron_mft.data.preference import encode_pairs, plan_pair_splits
 
-        spec = EncodeSpec(args.tokenizer_model, template, args.seq_length, "sft", args.overlong,  # type: ignore[arg-type]
-                          args.max_line_bytes)
         encoded = encode_pairs(tasks, spec, skip_bad_samples=args.skip_bad_samples)
     else:
         encoded = encode_tasks(tasks, spec, workers=args.workers, skip_bad_samples=args.skip_bad_samples,

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from megatron_mft.checkpoint.hf.families import ConversionError, family_for
+from megatron_mft.errors import UserError
 from megatron_mft.checkpoint.hf.hf_io import copy_files
 from megatron_mft.checkpoint.hf.hfconfig import TOKENIZER_FILES, model_config_from_hf, model_section, read_hf_config
 from megatron_mft.checkpoint.hf.mcore_io import build_template, write_dist_checkpoint
@@ -42,12 +43,16 @@ def staged_output(out: Path):
     tmp.mkdir()
     try:
         yield tmp
-        if out.is_dir():
-            out.rmdir()  # empty (checked before the conversion started)
-        os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    try:  # the conversion is complete: never delete it if only the final rename fails
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # empty (checked before the conversion started)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise UserError(f"--out {out}: the finished conversion could not be moved there "
+                              f"({e.strerror or e}); it is complete in {tmp}: move it by hand") from None
 
 
 def check_map_covers_template(template_names: list[str], family, arch: ArchSpec) -> None:
