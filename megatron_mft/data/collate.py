@@ -64,7 +64,7 @@ def _pin() -> bool:
     return torch.cuda.is_available()
 
 
-def _host_tensor(a: np.ndarray) -> torch.Tensor:
+def host_tensor(a: np.ndarray) -> torch.Tensor:
     """In page-locked memory when there is a GPU: only then is ``.to(device, non_blocking=True)``
     an asynchronous copy (from pageable memory it is synchronous)."""
     t = torch.from_numpy(a)
@@ -117,12 +117,12 @@ def collate(rows: Sequence[Row], width: int, pad_id: int) -> dict:
     cu = np.zeros(len(segs) + 1, dtype=np.int32)
     np.cumsum(segs, out=cu[1:])
     return {
-        "tokens": _host_tensor(tokens),
-        "labels": _host_tensor(labels),
-        "loss_mask": _host_tensor(loss_mask),
-        "task_ids": _host_tensor(task_ids),
-        "sample_ids": _host_tensor(sample_ids),
-        "position_ids": _host_tensor(position_ids),
-        "cu_seqlens": _host_tensor(cu),  # read on the host too (packed-sequence plan)
+        "tokens": host_tensor(tokens),
+        "labels": host_tensor(labels),
+        "loss_mask": host_tensor(loss_mask),
+        "task_ids": host_tensor(task_ids),
+        "sample_ids": host_tensor(sample_ids),
+        "position_ids": host_tensor(position_ids),
+        "cu_seqlens": host_tensor(cu),  # read on the host too (packed-sequence plan)
         "max_seqlen": int(segs.max()) if len(segs) else 0,
     }

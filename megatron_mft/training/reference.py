@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from megatron.core import parallel_state as ps
 
+from megatron_mft.data.collate import host_tensor
 from megatron_mft.errors import UsageError, UserError
 from megatron_mft.loss.preference import sequence_logps
 from megatron_mft.training.step import StepContext, _ce_only_loss_func, reduce_report_vector, run_schedule
@@ -93,9 +94,9 @@ class PrecomputedReference:
             raise RuntimeError("precomputed reference: micro batches and their row ids disagree")
         for mb, ids in zip(micro_batches, rows):
             uids = [u for r in ids.tolist() for u in self.data.row_sample_uids(int(r))]
-            ref = torch.zeros(mb["tokens"].numel() + 1, dtype=torch.float64)
-            ref[:len(uids)] = torch.from_numpy(self.logps[np.asarray(uids, dtype=np.int64)])
-            mb["ref_logps"] = ref
+            ref = np.zeros(mb["tokens"].numel() + 1, dtype=np.float64)
+            ref[:len(uids)] = self.logps[np.asarray(uids, dtype=np.int64)]
+            mb["ref_logps"] = host_tensor(ref)  # pinned like the loader's tensors: an asynchronous copy
 
     @staticmethod
     def file_for(run, manifest: dict) -> tuple[Path, str]:
