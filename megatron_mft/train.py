@@ -11,7 +11,6 @@ import sys
 from megatron_mft.config import load_config
 from megatron_mft.errors import HELP, command
 from megatron_mft.launch.env import read_dist_env
-from megatron_mft.training.preflight import check_run
 from megatron_mft.launch.signals import catch_early, shield_checkpoint_helper
 
 
@@ -35,6 +34,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. parallel.tp=2 train.steps=10")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    from megatron_mft.training.preflight import check_run  # loads torch: only after catch_early
+
     # the preflight again (Recipe.setup runs it for library use), here before megatron is imported:
     # a wrong path or process count is reported in a second, not after the imports
     check_run(cfg, read_dist_env().world_size)

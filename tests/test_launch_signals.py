@@ -161,3 +161,14 @@ def test_stop_signal_to_every_process_after_a_save_still_saves(tmp_path, train_o
     assert proc.returncode == 0, f"exit {proc.returncode}:\n{stdout[-3000:]}"
     stopped = int(re.search(r"stopping at step (\d+): SIGUSR1", stdout).group(1))
     assert stopped < 40 and latest.read_text().strip() == f"step_{stopped:07d}"
+
+
+def test_the_entry_point_catches_sigusr1_before_it_loads_torch():
+    """Importing torch takes seconds, and a SIGUSR1 in that window killed the task (CI saw exit
+    -10): the trainer's module imports nothing that loads torch before ``catch_early`` runs."""
+    code = ("import sys, megatron_mft.train as t; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('megatron.')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
