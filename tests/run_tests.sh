@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
 . tools/setup_env.sh
-python -m pytest -q tests "$@"
+python -m pytest -q --durations=25 tests "$@"
