@@ -31,8 +31,8 @@ class PreflightError(UsageError):
 def check_run(run: RunConfig, world_size: int) -> None:
     """Raise :class:`PreflightError` listing every problem of ``run`` in a job of ``world_size``
     processes."""
-    problems = (_layout_problems(run, world_size) + _data_problems(run) + _output_dir_problems(run)
-                + _reference_store_problems(run) + _init_weights_problems(run))
+    problems = (_layout_problems(run, world_size) + _family_problems(run) + _data_problems(run)
+                + _output_dir_problems(run) + _reference_store_problems(run) + _init_weights_problems(run))
     if problems:
         raise PreflightError(problems)
 
@@ -64,6 +64,13 @@ def _layout_problems(run: RunConfig, world_size: int) -> list[str]:
         return [f"train.global_batch_size: {t.global_batch_size} is not a multiple of train.micro_batch_size x "
                 f"data-parallel size = {t.micro_batch_size} x {dp}"]
     return []
+
+
+def _family_problems(run: RunConfig) -> list[str]:
+    """model.family: a family of the registry (checkpoint.hf.families) that the architecture fits."""
+    from megatron_mft.checkpoint.hf.families import family_problems
+
+    return family_problems(run.model.arch()) if not run.model.validate() else []
 
 
 def _data_problems(run: RunConfig) -> list[str]:
@@ -110,7 +117,8 @@ def _reference_store_problems(run: RunConfig) -> list[str]:
     """Full-FT DPO stores its reference log-probs beside the data (training/reference.py): find
     out before the model is built and the pre-pass has run, not after."""
     path = Path(run.data.path)
-    if run.train.stage != "dpo" or run.peft.method != "none" or not path.is_dir():
+    if (run.train.stage != "dpo" or run.peft.method != "none" or run.loss.preference.reference == "frozen"
+            or not path.is_dir()):
         return []
     why = cannot_write_in(path)
     if why:

@@ -23,7 +23,8 @@ Adding a family = adding a :class:`Family` value to :data:`FAMILIES`; no code br
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from dataclasses import fields as dataclass_fields
 from typing import Any, Callable, Optional
 
 from megatron_mft.checkpoint.hf.transforms import COPY, GATED, QKV, VOCAB, Transform
@@ -411,6 +412,38 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, QWEN2, MISTRAL, STARCO
 from megatron_mft.checkpoint.hf.moe_families import MOE_FAMILIES  # noqa: E402 (uses the names above)
 
 FAMILIES.update((f.name, f) for f in MOE_FAMILIES)
+
+
+def _contradictions(fam: Family, arch: ArchSpec) -> list[str]:
+    """ArchSpec fields whose value ``fam`` cannot represent: a constant of the family it differs from
+    (Qwen2's QKV bias, StarCoder2's LayerNorm ...), or a field the family has no config.json key for
+    that is not at its default (a sliding window on a Llama)."""
+    mapped = {f.arch: f for f in fam.config}
+    wrong = []
+    for f in dataclass_fields(ArchSpec):
+        spec = mapped.get(f.name)
+        if f.name in ("hf_name", "family") or (spec is not None and spec.hf):
+            continue  # documentation, or a value config.json carries
+        want = spec.default if spec is not None else f.default
+        if getattr(arch, f.name) != want:
+            wrong.append(f"{f.name}={want!r} (the model has {getattr(arch, f.name)!r})")
+    if "num_experts" in mapped and not arch.num_experts:  # a mixture-of-experts family
+        wrong.append("num_experts > 0 (the model has 0)")
+    return wrong
+
+
+def family_problems(arch: ArchSpec, key: str = "model.family") -> list[str]:
+    """Why ``arch`` cannot be its family's Hugging Face model ([] when it can), with the families
+    that would fit. Read off the registry, so a new family needs nothing here."""
+    fam = FAMILIES.get(arch.family)
+    if fam is None:
+        return [f"{key}: {arch.family!r} is not a known model family; known: {', '.join(FAMILIES)}"]
+    wrong = _contradictions(fam, arch)
+    if not wrong:
+        return []
+    fits = [f.name for f in FAMILIES.values() if f is not fam and not _contradictions(f, arch)]
+    return [f"{key}: {fam.name} ({fam.architecture}) needs {', '.join(wrong)}; families that fit this "
+            f"architecture: {', '.join(fits) or 'none'} (known: {', '.join(FAMILIES)})"]
 
 
 def family_for(hf_config: dict) -> Family:

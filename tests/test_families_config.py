@@ -1,0 +1,53 @@
+"""``model.family`` is checked before anything is built (training/preflight.py, read off the family
+registry): an unknown family, or one whose Hugging Face class contradicts the architecture (the
+preset with its overrides), is refused in one message naming the families that fit and the known
+ones; every preset is consistent with its own family. (A family that contradicts a ``model.hf_init``
+folder's config.json was already refused by preflight's config comparison.) The message reaches the
+user as every preflight problem does (exit 2, no traceback: tests/test_cli_errors.py)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from train_helpers import ROOT
+
+
+def _check(*overrides: str):
+    from megatron_mft.config import load_config
+    from megatron_mft.training.preflight import PreflightError, check_run
+
+    cfg = load_config(str(ROOT / "examples" / "tiny_cpu.yaml"), list(overrides))
+    with pytest.raises(PreflightError) as e:
+        check_run(cfg, world_size=1)
+    return str(e.value)
+
+
+def test_every_preset_fits_its_family():
+    from megatron_mft.checkpoint.hf.families import FAMILIES, family_problems
+    from megatron_mft.config.presets import PRESETS
+
+    assert {a.family for a in PRESETS.values()} <= set(FAMILIES)
+    assert {name: family_problems(a) for name, a in PRESETS.items() if family_problems(a)} == {}
+    # and each family's own constants are what makes the others refuse it
+    sc2 = PRESETS["starcoder2-3b"]
+    assert "normalization='LayerNorm'" in family_problems(replace(PRESETS["codellama-7b"], family="starcoder2"))[0]
+    assert "qkv_bias=True" in family_problems(replace(PRESETS["llama3.1-8b"], family="qwen2"))[0]
+    assert "linear_bias=False" in family_problems(replace(sc2, family="mistral"))[0]
+    assert "num_experts > 0" in family_problems(replace(PRESETS["mistral-7b"], family="mixtral"))[0]
+    assert "sliding_window=0" in family_problems(replace(PRESETS["mistral-7b"], family="llama"))[0]
+
+
+def test_unknown_or_contradicting_family_is_refused_before_the_model_is_built(tmp_path):
+    msg = _check("model.family=gpt5", f"output_dir={tmp_path / 'a'}")
+    assert "model.family: 'gpt5' is not a known model family; known: llama, qwen2, mistral, starcoder2" in msg
+    msg = _check("model.family=qwen2", f"output_dir={tmp_path / 'b'}")
+    assert ("model.family: qwen2 (Qwen2ForCausalLM) needs qkv_bias=True (the model has False); families that "
+            "fit this architecture: llama, mistral") in msg
+    # consistent overrides are accepted: the tiny preset made a Qwen2 by its QKV bias
+    from megatron_mft.checkpoint.hf.families import family_problems
+    from megatron_mft.config import load_config
+
+    cfg = load_config(str(ROOT / "examples" / "tiny_cpu.yaml"), ["model.family=qwen2", "model.qkv_bias=true"])
+    assert family_problems(cfg.model.arch()) == []
