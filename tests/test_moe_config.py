@@ -27,8 +27,12 @@ def test_expert_parallelism_needs_experts_and_sane_routing():
         load_config(None, TINY_MOE + ["model.moe_top_k=5"])
     with pytest.raises(ConfigError, match="a shared expert needs num_experts > 0"):
         load_config(None, ["data.path=/unused", "model.moe_shared_expert_size=32"])
-    with pytest.raises(ConfigError, match="peft.method: lora on a mixture-of-experts model .* not implemented yet"):
-        load_config(None, TINY_MOE + ["peft.method=lora"])
+    # LoRA on experts (docs/moe.md) needs expert TP 1; attention-only adapters do not care
+    with pytest.raises(ConfigError, match="parallel.etp: 2 with peft.method lora on expert linears"):
+        load_config(None, TINY_MOE + ["peft.method=lora", "parallel.etp=2", "parallel.ep=2"])
+    load_config(None, TINY_MOE + ["peft.method=lora", "parallel.etp=2", "parallel.ep=2",
+                                  "peft.target_modules=[linear_qkv]"])
+    load_config(None, TINY_MOE + ["peft.method=qlora"])
 
 
 def test_transformer_config_of_each_routing_style():

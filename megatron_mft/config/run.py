@@ -32,9 +32,11 @@ class RunConfig:
             p += layout_problems(self.model.arch(), par.tp, par.pp, par.vpp, ep=par.ep, etp=par.etp)
             if self.model.arch().num_experts and par.tp > 1 and not par.sp:
                 p.append("parallel.sp: megatron's MoE layers with parallel.tp > 1 need parallel.sp: true")
-            if self.model.arch().num_experts and self.peft.method != "none":
-                p.append(f"peft.method: {self.peft.method} on a mixture-of-experts model (per-expert adapters) is "
-                         f"not implemented yet (docs/moe.md); use peft.method: none")
+            if (self.model.arch().num_experts and self.peft.method != "none" and (par.etp or 1) > 1
+                    and {"linear_fc1", "linear_fc2"} & set(self.peft.target_modules)):
+                p.append(f"parallel.etp: {par.etp} with peft.method {self.peft.method} on expert linears: adapters on "
+                         f"experts need parallel.etp: 1 (expert tensor parallelism is megatron's token dispatcher's "
+                         f"communication, which the adapter branch does not join; docs/moe.md)")
             if par.sp and self.data.seq_length % max(par.tp, 1):
                 p.append(f"parallel.sp: data.seq_length {self.data.seq_length} not divisible by tp {par.tp}")
             if par.cp > 1 and self.data.seq_length % (2 * par.cp * (par.tp if par.sp else 1)):

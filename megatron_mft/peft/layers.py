@@ -99,8 +99,11 @@ class _LoraMixin:
     # ------------------------------------------------------------------ construction
     def _setup_lora(self, *, in_local: int, out_local: int, in_full: int, rank: int, alpha: float,
                     dropout: float, rslora: bool, quantize: bool) -> None:
-        if self.is_expert:
-            raise NotImplementedError("LoRA on MoE expert layers is not supported")
+        if self.is_expert and get_pg_size(self.tp_group) > 1:
+            # megatron's token dispatcher does an expert linear's tensor-parallel communication
+            # (explicit_expert_comm), which an adapter branch would have to join: not done
+            raise NotImplementedError("LoRA on MoE experts with expert tensor parallelism (parallel.etp > 1) is not "
+                                      "supported; use parallel.etp: 1")
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         cfg = self.config
@@ -121,8 +124,11 @@ class _LoraMixin:
         split = getattr(self, self._split_adapter).weight
         repl = getattr(self, "lora_B" if self._split_adapter == "lora_A" else "lora_A").weight
         set_tensor_model_parallel_attributes(split, True, self._split_axis, 1)
+        # reduced over data parallelism like the base weight: a routed expert's adapters under
+        # expert parallelism (each EP rank holds its own experts') over the expert-DP group only
+        dp_reduce = not (self.is_expert and self.expert_parallel)
         for p in (split, repl):
-            p.allreduce = True  # reduced over data parallelism like every dense weight
+            p.allreduce = dp_reduce
         # Replicated adapter under SP: its gradient is a partial sum over sequence shards.
         repl.sequence_parallel = bool(self.sequence_parallel)
         seed = (torch.initial_seed() * 1_000_003 + next(_init_counter)) % (2**63)
@@ -192,7 +198,7 @@ class _LoraMixin:
         self.__dict__.pop("weight", None)
         p = torch.nn.Parameter(dense, requires_grad=False)
         set_tensor_model_parallel_attributes(p, True, self._base_axis, 1)
-        p.allreduce = True
+        p.allreduce = not (self.is_expert and self.expert_parallel)
         self.weight = p
 
     def _base_shape(self) -> torch.Size:

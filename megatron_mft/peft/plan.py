@@ -20,6 +20,7 @@ from typing import Iterator, Optional
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
@@ -37,32 +38,49 @@ log = logging.getLogger(__name__)
 
 
 def _slots(spec: ModuleSpec) -> dict:
-    """target name -> the submodules object holding that slot in a decoder-layer spec."""
+    """target name -> the submodules objects holding that slot in a decoder-layer spec. A dense
+    MLP has one fc1/fc2 pair; megatron's MoE layer has one per routed expert (the experts' shared
+    MLPSubmodules: each local expert of SequentialMLP builds from it) and one in the shared expert.
+    The router is no slot: it stays frozen."""
     attn = spec.submodules.self_attention.submodules
-    mlp = spec.submodules.mlp.submodules
-    return {"linear_qkv": attn, "linear_proj": attn, "linear_fc1": mlp, "linear_fc2": mlp}
+    mlp = spec.submodules.mlp
+    if getattr(mlp.submodules, "experts", None) is not None:  # megatron's MoESubmodules
+        experts = mlp.submodules.experts
+        if not (isinstance(experts, ModuleSpec) and experts.module is SequentialMLP):
+            name = getattr(experts, "module", experts)
+            raise TypeError(f"peft: the MoE experts of this layer spec are {getattr(name, '__name__', name)}; "
+                            f"adapters wrap SequentialMLP's per-expert linears (the local layer spec), not "
+                            f"TEGroupedMLP's grouped GEMM (peft.method with model.num_experts builds the local spec)")
+        mlps = [experts.submodules]
+        if isinstance(mlp.submodules.shared_experts, ModuleSpec):
+            mlps.append(mlp.submodules.shared_experts.submodules)
+    else:
+        mlps = [mlp.submodules]
+    return {"linear_qkv": [attn], "linear_proj": [attn], "linear_fc1": mlps, "linear_fc2": mlps}
 
 
 def adapter_spec(base: ModuleSpec, cfg: PeftConfig, quantize: bool) -> ModuleSpec:
-    """Swap ``cfg.target_modules`` slots of a (local) layer spec for adapter linears; a copy."""
+    """Swap ``cfg.target_modules`` slots of a (local) layer spec for adapter linears; a copy.
+    On an MoE layer ``linear_fc1``/``linear_fc2`` mean every routed expert's (one adapter per
+    expert) and the shared expert's."""
     import copy
 
     spec = copy.deepcopy(base)
     slots = _slots(spec)
     params = dict(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora, quantize=quantize)
     for target in cfg.target_modules:
-        owner = slots[target]
-        cur = getattr(owner, target)
-        cls = cur.module if isinstance(cur, ModuleSpec) else cur
-        if cls is ColumnParallelLinear:
-            new = LoraColumnParallelLinear
-        elif cls is RowParallelLinear:
-            new = LoraRowParallelLinear
-        else:
-            raise TypeError(f"peft: slot {target} holds {cls}, expected megatron's Column/RowParallelLinear "
-                            f"(the local layer spec)")
-        extra = {"fused_gate_up": True} if target == "linear_fc1" else {}
-        setattr(owner, target, ModuleSpec(module=new, params={**params, **extra}))
+        for owner in slots[target]:
+            cur = getattr(owner, target)
+            cls = cur.module if isinstance(cur, ModuleSpec) else cur
+            if cls is ColumnParallelLinear:
+                new = LoraColumnParallelLinear
+            elif cls is RowParallelLinear:
+                new = LoraRowParallelLinear
+            else:
+                raise TypeError(f"peft: slot {target} holds {cls}, expected megatron's Column/RowParallelLinear "
+                                f"(the local layer spec)")
+            extra = {"fused_gate_up": True} if target == "linear_fc1" else {}
+            setattr(owner, target, ModuleSpec(module=new, params={**params, **extra}))
     return spec
 
 
@@ -76,11 +94,21 @@ def iter_adapters(chunks) -> Iterator[tuple[str, torch.nn.Module]]:
 
 def global_adapter_names(chunk) -> Iterator[tuple[str, torch.nn.Module]]:
     """(layout-independent name, module): the layer index is the global one (PP/VPP offsets
-    applied), e.g. ``decoder.layers.17.mlp.linear_fc1`` on any stage that holds layer 17."""
+    applied), e.g. ``decoder.layers.17.mlp.linear_fc1`` on any stage that holds layer 17; a
+    routed expert's is ``decoder.layers.17.mlp.experts.5.linear_fc1`` with the global expert
+    index (EP offset applied: the canonical checkpoint name) on whichever EP rank holds expert 5."""
     for _, layer in chunk.named_modules():
         if isinstance(layer, TransformerLayer):
+            offsets = {}
+            for sub, m in layer.named_modules():
+                if isinstance(m, SequentialMLP):
+                    offsets[f"{sub}.local_experts."] = (f"{sub}.", m.ep_group.rank() * m.num_local_experts)
             for sub, m in layer.named_modules():
                 if isinstance(m, LORA_LAYERS):
+                    for local, (head, first) in offsets.items():
+                        if sub.startswith(local):
+                            index, rest = sub[len(local):].split(".", 1)
+                            sub = f"{head}{first + int(index)}.{rest}"
                     yield f"decoder.layers.{layer.layer_number - 1}.{sub}", m
 
 
@@ -353,25 +381,34 @@ def _embedding_output_requires_grad(chunk) -> None:
 def count_parameters(chunks) -> dict:
     """Model parameters counted once each across the model-parallel group: TP-split tensors
     (``tensor_model_parallel``) and NF4 shards on every TP rank, replicated ones on TP rank 0;
-    summed over TP and PP ranks. Collective when torch.distributed is initialised."""
+    summed over TP and PP ranks. Routed experts' tensors (distinct on every rank of megatron's
+    expert-TP x EP x PP group) are summed over that group. Collective when torch.distributed is
+    initialised."""
     tp_rank = ps.get_tensor_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
-    trainable = total = nf4 = 0
+    dense = [0, 0, 0]  # trainable, total, nf4
+    expert = [0, 0, 0]
     for c in chunks:
+        expert_ids = {id(t) for m in c.modules() if getattr(m, "is_expert", False) for t in m.parameters()}
         for _, p in c.named_parameters():
-            if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
-                total += p.numel()
+            is_expert = id(p) in expert_ids
+            if is_expert or getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+                into = expert if is_expert else dense
+                into[1] += p.numel()
                 if p.requires_grad:
-                    trainable += p.numel()
+                    into[0] += p.numel()
         for _, m in iter_adapters([c]):
             if isinstance(m.weight, NF4Weight):
-                total += m.weight.numel()
-                nf4 += m.weight.numel()
-    vec = torch.tensor([trainable, total, nf4], dtype=torch.float64)
+                into = expert if m.is_expert else dense
+                into[1] += m.weight.numel()
+                into[2] += m.weight.numel()
+    vec = torch.tensor(dense, dtype=torch.float64)
+    ex = torch.tensor(expert, dtype=torch.float64)
     if torch.distributed.is_initialized() and ps.model_parallel_is_initialized():
         if torch.cuda.is_available():
-            vec = vec.cuda()
+            vec, ex = vec.cuda(), ex.cuda()
         torch.distributed.all_reduce(vec, group=ps.get_model_parallel_group())
-    trainable, total, nf4 = (int(x) for x in vec.tolist())
+        torch.distributed.all_reduce(ex, group=ps.get_expert_tensor_model_pipeline_parallel_group())
+    trainable, total, nf4 = (int(x) for x in (vec + ex).tolist())
     return {"trainable": trainable, "total": total, "nf4": nf4}
 
 

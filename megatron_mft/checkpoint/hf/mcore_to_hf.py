@@ -13,7 +13,8 @@ Outputs: a folder of the family's class (``LlamaForCausalLM``, ``Qwen2ForCausalL
 files), with the adapters folded in (``merge_lora``), or a peft adapter folder
 (``adapter_only``): ``adapter_config.json`` + ``adapter_model.safetensors`` in transformers'
 module names, the fused ``linear_qkv`` adapter becoming q/k/v adapters that share ``A`` and
-split ``B`` by rows (``linear_fc1`` -> gate/up likewise).
+split ``B`` by rows (``linear_fc1`` -> gate/up likewise); routed experts' adapters become
+peft ``target_parameters`` on transformers' fused expert tensors (``moe_adapters``).
 """
 
 from __future__ import annotations
@@ -261,11 +262,13 @@ def _export_adapters(info: CheckpointInfo, reader: Reader, out: Path, tokenizer:
                      shown: Path) -> dict:
     from safetensors.torch import save_file
 
+    from megatron_mft.checkpoint.hf.moe_adapters import FusedExpertAdapters, is_expert_adapter
     from megatron_mft.peft import lora_scaling
 
     family, arch, peft = info.family, info.model_cfg.arch(), info.peft_cfg
     expected = lora_scaling(peft.rank, peft.alpha, peft.rslora)
     tensors, modules = {}, set()
+    experts = FusedExpertAdapters(arch.num_experts)  # routed experts: peft target_parameters
     for path in reader.targets():
         if abs(reader.template.lora_scaling[path] - expected) > 1e-12 * max(1.0, abs(expected)):
             raise ConversionError("adapter scaling differs from peft's:", [
@@ -273,12 +276,17 @@ def _export_adapters(info: CheckpointInfo, reader: Reader, out: Path, tokenizer:
         a, b = reader.adapter(path)
         _check_finite(f"{path}.lora_A.weight", a)
         _check_finite(f"{path}.lora_B.weight", b)
+        if is_expert_adapter(path):
+            experts.add(path, a, b)
+            continue
         w, layer = family.entry_for(f"{path}.weight")
         for hf_name, b_part in zip(w.hf_names(layer), w.transform.split(b, arch)):
             mod = hf_name[: -len(".weight")]
             modules.add(mod.rsplit(".", 1)[1])
             tensors[f"{ADAPTER_PREFIX}{mod}.lora_A.weight"] = a.clone()  # shared A: one copy per module
             tensors[f"{ADAPTER_PREFIX}{mod}.lora_B.weight"] = b_part.clone()
+    if experts:
+        tensors.update(experts.tensors(ADAPTER_PREFIX))
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     base_name = (str(info.base[1]) if info.base and info.base[0] == "hf" else
                  (info.hf_config or {}).get("_name_or_path") or arch.hf_name or "")
@@ -289,9 +297,13 @@ def _export_adapters(info: CheckpointInfo, reader: Reader, out: Path, tokenizer:
         "modules_to_save": None, "init_lora_weights": True, "use_dora": False,
         "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
     }
+    if experts:  # peft's ParamWrapper on the fused expert parameters takes no dropout (inference: none)
+        config["target_parameters"] = experts.target_parameters()
+        config["lora_dropout"] = 0.0
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     tok = _copy_tokenizer(info, out, tokenizer, log)
     log(f"wrote {shown}: peft LoRA adapter (r={peft.rank}, alpha={peft.alpha:g}, "
         f"{'QLoRA: apply to the full-precision base' if peft.method == 'qlora' else 'LoRA'}), "
-        f"{len(tensors)} tensors on {', '.join(sorted(modules))}")
-    return {"tensors": len(tensors), "target_modules": sorted(modules), "tokenizer_files": tok}
+        f"{len(tensors)} tensors on {', '.join(sorted(modules) + config.get('target_parameters', []))}")
+    return {"tensors": len(tensors), "target_modules": sorted(modules),
+            "target_parameters": config.get("target_parameters", []), "tokenizer_files": tok}
