@@ -13,6 +13,7 @@ from train_helpers import run_train, train_losses
 
 STEPS = 3
 ROUTER = ["model.moe_aux_loss_coeff=0.01", "model.moe_z_loss_coeff=0.001"]
+SAVE = ["train.save_interval=1"]  # checkpoints of the uninterrupted runs: the resume test starts from step 1
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +27,18 @@ def moe_run(tmp_path_factory, demo_data):
         f"model.hf_init={hf}", "data.source=offline", f"data.path={demo_data}", "data.seq_length=512",
         f"train.steps={STEPS}", "train.eval_interval=0", "train.save_interval=0", "train.global_batch_size=4"]
     out = root / "ep1"
-    run_train(overrides + ROUTER + [f"output_dir={out}"])
+    run_train(overrides + ROUTER + SAVE + [f"output_dir={out}"])
     return overrides, train_losses(out), root
+
+
+@pytest.fixture(scope="module")
+def moe_ep2_run(moe_run):
+    """The same run with the experts over two expert-parallel ranks (its checkpoints: the
+    resume test's EP=2 side)."""
+    overrides, _, root = moe_run
+    out = root / "ep2"
+    run_train(overrides + ROUTER + SAVE + ["parallel.ep=2", f"output_dir={out}"], nproc=2)
+    return train_losses(out), out
 
 
 def test_moe_trains_and_logs_router_losses_and_expert_load(moe_run):
@@ -56,11 +67,9 @@ def test_router_coefficients_stay_outside_the_task_losses(moe_run):
 
 
 @pytest.mark.slow
-def test_ep2_equals_ep1(moe_run):
-    overrides, single, root = moe_run
-    out = root / "ep2"
-    run_train(overrides + ROUTER + ["parallel.ep=2", f"output_dir={out}"], nproc=2)
-    ep2 = train_losses(out)
+def test_ep2_equals_ep1(moe_run, moe_ep2_run):
+    _, single, _ = moe_run
+    ep2, _ = moe_ep2_run
     for step in range(1, STEPS + 1):
         for key in ("loss", "router_aux_loss", "router_z_loss"):
             assert abs(ep2[step][key] - single[step][key]) <= 1e-5 * abs(single[step][key]), (step, key)
@@ -68,18 +77,21 @@ def test_ep2_equals_ep1(moe_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known bug, not fixed yet: the EP=2 distributed-optimizer state does not "
-                   "load at EP=1 (megatron apply_factory_merges: dict keys [0, 1] vs ['param_state'])")
-def test_ep2_checkpoint_resumes_at_ep1(moe_run):
-    """Stop after step 1 at EP=2, resume at EP=1: the expert weights and their optimizer state
-    reshard (one checkpoint layout with an expert axis) and the run continues as uninterrupted."""
+def test_checkpoints_resume_across_expert_parallel_sizes(moe_run, moe_ep2_run):
+    """Step 1's checkpoint of the EP=2 run resumes at EP=1 (one process), and the EP=1 run's at
+    EP=2: the expert weights and their Adam moments reshard (one layout with an expert axis,
+    whatever optimizer megatron groups them in) and steps 2-3 equal the uninterrupted run. Step 3
+    depends on the restored moments: a fresh Adam state gives another update at step 2."""
     overrides, single, root = moe_run
-    out = root / "ep2_then_ep1"
-    run_train(overrides + ROUTER + ["parallel.ep=2", f"output_dir={out}", "train.exit_duration_minutes=1e-6"], nproc=2)
-    assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000001"
-    run_train(overrides + ROUTER + [f"output_dir={out}"])
-    got = train_losses(out)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    for step in range(1, STEPS + 1):
-        for key in ("loss", "router_aux_loss"):
-            assert got[step][key] == pytest.approx(single[step][key], rel=1e-5), (step, key)
+    _, ep2_out = moe_ep2_run
+    for name, source, extra, nproc in (("ep2_then_ep1", ep2_out, [], 1),
+                                       ("ep1_then_ep2", root / "ep1", ["parallel.ep=2"], 2)):
+        out = root / name
+        start = source / "checkpoints" / "step_0000001"
+        run_train(overrides + ROUTER + extra + [f"output_dir={out}", f"train.resume_from={start}"], nproc=nproc)
+        got = train_losses(out)
+        assert sorted(got) == [2, 3], (name, sorted(got))
+        for step in (2, 3):
+            for key in ("loss", "router_aux_loss", "router_z_loss", "grad_norm"):
+                assert got[step][key] == pytest.approx(single[step][key], rel=1e-5), (name, step, key)
+            assert got[step]["expert_load"] == single[step]["expert_load"], (name, step)

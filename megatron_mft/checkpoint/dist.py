@@ -40,14 +40,13 @@ from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
+from megatron_mft.checkpoint.optimizer_state import load_optimizer_state, optimizer_sharded_state
 from megatron_mft.compat.fsops import exchange_paths, fsync_path, fsync_tree
 from megatron_mft.errors import UserError
+from megatron_mft.launch.agree import every_rank
 
 LATEST = "latest"
 STEP_DIR = re.compile(r"step_(\d+)")
-#: Distributed-optimizer state in a canonical per-parameter layout, so a checkpoint saved with
-#: one TP/PP/DP layout resumes in another (megatron's 'fully_reshardable').
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -326,15 +325,25 @@ def _prepare_root(root: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def _all_ok(ok: bool) -> bool:
-    """True when every rank succeeded (a MIN all-reduce), so all ranks raise together."""
-    if not torch.distributed.is_initialized():
-        return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
-    if torch.distributed.get_backend() == "nccl":
-        flag = flag.cuda()
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item())
+def _prepare_on_rank0(root: Path, tmp: Path, final: Path) -> None:
+    """Rank 0 prepares ``root`` and creates ``tmp``; every rank learns whether that worked (the
+    others used to wait for rank 0 in a barrier for ever when its mkdir failed) and raises rank
+    0's message."""
+    problem = ""
+    if _rank() == 0:
+        try:
+            _prepare_root(root)
+            tmp.mkdir()
+        except OSError as e:
+            problem = f"{type(e).__name__}: {e}"
+    if every_rank(not problem):
+        return
+    if torch.distributed.is_initialized():  # only the failure path pays for the message
+        box = [problem]
+        torch.distributed.broadcast_object_list(box, src=0)
+        problem = box[0]
+    raise CheckpointError(f"cannot save checkpoint {final}: preparing {tmp} on rank 0 failed ({problem}); "
+                          f"nothing was written. Make {root} writable (or point output_dir elsewhere) and rerun")
 
 
 _INTERRUPTS = (KeyboardInterrupt, SystemExit)
@@ -358,16 +367,12 @@ def save_checkpoint(root: str | Path, step: int, chunks: list, optimizer=None, *
     root = Path(root)
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
-    if _rank() == 0:
-        _prepare_root(root)
-        tmp.mkdir()
-    _barrier()
+    _prepare_on_rank0(root, tmp, final)
     error = None
     try:
         sharded = model_sharded_state_dict(chunks, trainable_only)
         if optimizer is not None:
-            sharded["optimizer"] = optimizer.sharded_state_dict(model_sharded_state_dict(chunks),
-                                                                metadata=OPTIMIZER_METADATA)
+            sharded["optimizer"] = optimizer_sharded_state(optimizer, model_sharded_state_dict(chunks))
         sharded["common"] = common
         dist_checkpointing.save(sharded, str(tmp))
         (tmp / "rng").mkdir(exist_ok=True)
@@ -378,7 +383,7 @@ def save_checkpoint(root: str | Path, step: int, chunks: list, optimizer=None, *
         raise
     except BaseException as e:  # noqa: BLE001 - every rank must learn that the save failed (dcp's
         error = e  # CheckpointException derives from BaseException)
-    if not _all_ok(error is None):
+    if not every_rank(error is None):
         full = error is not None and (_no_space(error) or _nearly_full(tmp))  # before freeing the partial
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -399,7 +404,7 @@ def save_checkpoint(root: str | Path, step: int, chunks: list, optimizer=None, *
             full = _no_space(e) or _nearly_full(tmp)
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-    if not _all_ok(error is None):
+    if not every_rank(error is None):
         _raise_save_error(root, final, tmp, error, error is not None and full)
     return final
 
@@ -469,8 +474,7 @@ def load_checkpoint(path: str | Path, chunks: list, optimizer=None, *, trainable
     template = model_sharded_state_dict(chunks, trainable_only)
     if optimizer is not None:
         _materialize_optimizer_state(optimizer)
-        template["optimizer"] = optimizer.sharded_state_dict(model_sharded_state_dict(chunks), is_loading=True,
-                                                             metadata=OPTIMIZER_METADATA)
+        template["optimizer"] = optimizer_sharded_state(optimizer, model_sharded_state_dict(chunks), is_loading=True)
     try:
         state = _load_sharded(template, path)
         rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
@@ -486,7 +490,7 @@ def load_checkpoint(path: str | Path, chunks: list, optimizer=None, *, trainable
         key = "model" if len(chunks) == 1 else f"model{i}"
         _load_into(chunk, state[key], partial=trainable_only)
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
     if rng is not None:
         _restore_rng(rng)
     return state.get("common", {})
