@@ -200,3 +200,51 @@ def test_a_lone_response_is_refused():
     rows = [Row.of([pairs[0][0], pairs[0][1], pairs[1][0]])]  # the last pair lost its rejected side
     with pytest.raises(ValueError, match="chosen response without its rejected"):
         PreferenceStats.gather([collate(rows, 40, 0)], NT)
+    (toks, mask, task), rejected = pairs[0]
+    rows = [Row.of([(toks, mask, (task + 1) % NT), rejected])]  # the sides of one pair in two tasks
+    with pytest.raises(ValueError, match="two sides of a pair carry different task ids"):
+        PreferenceStats.gather([collate(rows, 40, 0)], NT)
+
+
+def _orpo_pair(ce_chosen, ce_rejected, lam=0.2):
+    """ORPO (token mode) on one pair whose answer tokens have the given fp32 CEs: (share, grad of the CEs)."""
+    sides = [(np.arange(5, 7 + len(ce)), np.r_[np.zeros(2, np.uint8), np.ones(len(ce), np.uint8)], 0)
+             for ce in (ce_chosen, ce_rejected)]
+    mb = collate([Row.of(sides)], 20, 0)
+    cfg, stage = _cfg("token", "orpo", lambda_=lam)
+    vals = torch.tensor(list(ce_chosen) + list(ce_rejected), dtype=torch.float32, requires_grad=True)
+    m = (mb["loss_mask"] > 0).reshape(-1)
+    ce = torch.zeros(m.numel(), dtype=torch.float32).masked_scatter(m, vals).reshape(mb["tokens"].shape)
+    share, _ = preference_loss(ce, mb, PreferenceStats.gather([mb], NT), cfg, stage=stage, num_tasks=NT)
+    (grad,) = torch.autograd.grad(share, vals)
+    return share.detach(), grad
+
+
+def _orpo_reference(a_c, a_r, nll, lam=0.2):
+    """float64: -lam log sigmoid(log odds_c - log odds_r) + NLL, log odds = a - log(1 - e^a)."""
+    a_c, a_r = torch.tensor(a_c, dtype=torch.float64), torch.tensor(a_r, dtype=torch.float64)
+    lo = (a_c - a_r) - (torch.log(-torch.expm1(a_c)) - torch.log(-torch.expm1(a_r)))
+    return float(-lam * torch.nn.functional.logsigmoid(lo) + nll)
+
+
+def test_orpo_log_odds_keep_fp32_precision_near_certain_answers():
+    """Mean log-probs of -1e-5 and -2e-6: log(1 - e^a) through fp32 exp loses ~3 digits; the
+    stable form (TRL's log1mexp) keeps the float64 value."""
+    ce_c, ce_r = [1e-5] * 3, [2e-6] * 2
+    share, grad = _orpo_pair(ce_c, ce_r)
+    want = _orpo_reference(-1e-5, -2e-6, nll=1e-5)
+    assert float(share) == pytest.approx(want, rel=1e-5)
+    assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("certain", ["chosen", "rejected", "both"])
+def test_orpo_is_finite_when_a_mean_log_prob_rounds_to_zero(certain):
+    """An answer whose every token has CE 0 in fp32 (p = 1 to working precision): log(1 - e^0) is
+    -inf, so the loss or its gradient was inf/NaN. The mean log-prob is clamped to -eps(fp32)."""
+    ce_c = [0.0] * 3 if certain in ("chosen", "both") else [0.7, 1.1, 0.4]
+    ce_r = [0.0] * 2 if certain in ("rejected", "both") else [0.9, 1.3]
+    share, grad = _orpo_pair(ce_c, ce_r)
+    assert torch.isfinite(share) and torch.isfinite(grad).all(), (share, grad)
+    eps = torch.finfo(torch.float32).eps
+    a_c, a_r = min(-sum(ce_c) / 3, -eps), min(-sum(ce_r) / 2, -eps)
+    assert float(share) == pytest.approx(_orpo_reference(a_c, a_r, nll=sum(ce_c) / 3), rel=1e-5)

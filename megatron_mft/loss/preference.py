@@ -15,6 +15,7 @@ formula over the whole global batch, in value and gradient. Formulas: docs/prefe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -42,7 +43,9 @@ def _pad(v: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class PairView:
-    """Per-pair quantities of one micro batch; pairs are indexed k = sample_id // 2."""
+    """The pair layout of one micro batch: pair k = samples (2k, 2k+1). Built once per micro batch
+    and pass by ``pair_view`` (the stats' check and counts, the reference's and the loss's sequence
+    log-probs all read it)."""
 
     lay: Layout
     chosen_slots: torch.Tensor  # int64 [np]
@@ -50,6 +53,25 @@ class PairView:
     live: torch.Tensor  # bool [np]: both sides have loss tokens
     task: torch.Tensor  # int64 [np]: task (dummy task num_tasks when not live)
     chosen_tok: torch.Tensor  # bool [b*s]: loss position of a chosen response
+
+    def slot_logps(self, token_ce: torch.Tensor) -> torch.Tensor:
+        """Per sample slot, the sum of log p over its loss tokens ([b*s + 1]; the dummy slot last)."""
+        lay = self.lay
+        ce = token_ce.reshape(-1).to(lay.slot_tokens.dtype)
+        ce = torch.where(lay.mask, ce, torch.zeros_like(ce))
+        return torch.zeros(lay.n_slots, dtype=ce.dtype, device=ce.device).index_add(0, lay.slot, -ce)
+
+    def check(self, where: str) -> None:
+        """Every sample with loss tokens has its partner (2k <-> 2k+1) with loss tokens, same task
+        (host tensors: it reads values)."""
+        lay = self.lay
+        n = lay.slot.numel()
+        lone_last = n % 2 == 1 and bool(lay.slot_live[n - 1])  # sample n-1 has no partner slot
+        if lone_last or not torch.equal(lay.slot_live[self.chosen_slots], lay.slot_live[self.rejected_slots]):
+            raise ValueError(f"{where}: a chosen response without its rejected one (or the reverse): preference "
+                             f"data must hold pairs as adjacent samples (preprocess with --mode preference)")
+        if not torch.equal(lay.slot_task[self.chosen_slots], lay.slot_task[self.rejected_slots]):
+            raise ValueError(f"{where}: the two sides of a pair carry different task ids")
 
 
 def pair_view(batch: dict, num_tasks: int, device, dtype) -> PairView:
@@ -62,25 +84,6 @@ def pair_view(batch: dict, num_tasks: int, device, dtype) -> PairView:
     task = torch.where(live, lay.slot_task[c], num_tasks)
     chosen_tok = lay.mask & (lay.slot % 2 == 0)
     return PairView(lay, c, r, live, task, chosen_tok)
-
-
-def check_pairs(batch: dict, num_tasks: int, where: str) -> None:
-    """Every sample with loss tokens has its partner (2k <-> 2k+1) with loss tokens, same task."""
-    lay = build_layout(batch, num_tasks, torch.device("cpu"), torch.float64)
-    n = lay.slot.numel()
-    live = lay.slot_live[:n]
-    if n % 2:
-        live = torch.cat([live, live.new_zeros(1)])
-    pairs = live.reshape(-1, 2)
-    if not torch.equal(pairs[:, 0], pairs[:, 1]):
-        raise ValueError(f"{where}: a chosen response without its rejected one (or the reverse): preference "
-                         f"data must hold pairs as adjacent samples (preprocess with --mode preference)")
-    tasks = lay.slot_task[:n]
-    if n % 2:
-        tasks = torch.cat([tasks, tasks.new_full((1,), num_tasks)])
-    tasks = tasks.reshape(-1, 2)
-    if not torch.equal(tasks[:, 0], tasks[:, 1]):
-        raise ValueError(f"{where}: the two sides of a pair carry different task ids")
 
 
 @dataclass
@@ -96,8 +99,9 @@ class PreferenceStats:
         for k, mb in enumerate(micro_batches):
             if check:
                 check_micro_batch(mb, num_tasks, where=f"micro batch {k}")
-                check_pairs(mb, num_tasks, where=f"micro batch {k}")
             v = pair_view(mb, num_tasks, torch.device("cpu"), torch.float64)
+            if check:
+                v.check(where=f"micro batch {k}")
             counts[0] += per_task_sum(v.live.double(), v.task, num_tasks)[:num_tasks]
             counts[1] += per_task_sum(v.chosen_tok.double(), v.lay.tok_task, num_tasks)[:num_tasks]
         counts = _all_reduce_sum(counts, group)
@@ -108,10 +112,19 @@ def sequence_logps(token_ce: torch.Tensor, batch: dict, num_tasks: int) -> torch
     """Per sample slot: sum of log p over the sample's loss tokens ([b*s + 1], float64 no-grad use
     for reference passes; the dummy slot last)."""
     dtype = torch.promote_types(token_ce.dtype, torch.float32)
-    lay = build_layout(batch, num_tasks, token_ce.device, dtype)
-    ce = token_ce.reshape(-1).to(dtype)
-    ce = torch.where(lay.mask, ce, torch.zeros_like(ce))
-    return torch.zeros(lay.slot.numel() + 1, dtype=dtype, device=ce.device).index_add(0, lay.slot, -ce)
+    return pair_view(batch, num_tasks, token_ce.device, dtype).slot_logps(token_ce)
+
+
+def log1m_exp(a: torch.Tensor) -> torch.Tensor:
+    """log(1 - e^a) for a mean log-prob a < 0, as TRL's ORPO (log(-expm1 a) above -ln 2, log1p(-e^a)
+    below: fp32 exp near 0 loses digits), with a clamped to -eps of its dtype: an answer whose
+    log-prob rounds to 0 (p = 1 to working precision) would give -inf and NaN gradients. Each
+    branch gets an input where it is finite, so the branch torch.where drops has no inf * 0."""
+    a = a.clamp(max=-torch.finfo(a.dtype).eps)
+    near = a > -math.log(2)
+    far_a = torch.where(near, torch.full_like(a, -math.log(2)), a)
+    near_a = torch.where(near, a, torch.full_like(a, -math.log(2)))
+    return torch.where(near, torch.log(-torch.expm1(near_a)), torch.log1p(-torch.exp(far_a)))
 
 
 def pair_losses(stage: str, pcfg, pi_c, pi_r, n_c, n_r, ref_c=None, ref_r=None):
@@ -122,8 +135,7 @@ def pair_losses(stage: str, pcfg, pi_c, pi_r, n_c, n_r, ref_c=None, ref_r=None):
     if stage == "orpo":
         lam = pcfg.lambda_
         a_c, a_r = pi_c / n_c.clamp_min(1), pi_r / n_r.clamp_min(1)
-        # log(p/(1-p)) with log(1-p) = log1p(-exp(log p)); log p < 0 strictly for a real sequence
-        log_odds = (a_c - a_r) - (torch.log1p(-torch.exp(a_c)) - torch.log1p(-torch.exp(a_r)))
+        log_odds = (a_c - a_r) - (log1m_exp(a_c) - log1m_exp(a_r))  # log(p/(1-p)), per-token mean p
         loss = -lam * F.logsigmoid(log_odds)
         return loss, (lam * a_c).detach(), (lam * a_r).detach()
     beta = pcfg.beta
@@ -179,7 +191,7 @@ def preference_loss(
     lay = v.lay
     ce = token_ce.reshape(-1).to(dtype)
     ce = torch.where(lay.mask, ce, torch.zeros_like(ce))
-    slot_lp = torch.zeros(lay.n_slots, dtype=dtype, device=dev).index_add(0, lay.slot, -ce)
+    slot_lp = v.slot_logps(ce)
     pi_c, pi_r = slot_lp[v.chosen_slots], slot_lp[v.rejected_slots]
     n_c, n_r = lay.slot_tokens[v.chosen_slots], lay.slot_tokens[v.rejected_slots]
     ref_c = ref_r = None
