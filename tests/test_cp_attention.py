@@ -60,7 +60,8 @@ def _reference(q, k, v, lengths, left):
     return torch.cat(outs)
 
 
-def _attention(cp, left):
+def _attention(cp, left, portable=False):
+    """``portable``: the lower-right CausalBias path that runs off CPU, forced on CPU."""
     from types import SimpleNamespace
 
     from megatron.core.transformer.enums import AttnMaskType
@@ -71,8 +72,11 @@ def _attention(cp, left):
     cfg = TransformerConfig(num_layers=1, hidden_size=HEADS * DIM, num_attention_heads=HEADS,
                             num_query_groups=GROUPS, kv_channels=DIM, attention_dropout=0.0,
                             window_size=None if left is None else (left, 0), context_parallel_size=cp)
-    return PackedCoreAttention(cfg, 1, AttnMaskType.causal, "self", use_flash=False,
+    attn = PackedCoreAttention(cfg, 1, AttnMaskType.causal, "self", use_flash=False,
                                pg_collection=SimpleNamespace(cp=torch.distributed.group.WORLD))
+    if portable:
+        attn.cp.prefix_kernel_on_cpu = False
+    return attn
 
 
 def _check(got, want, what):
@@ -80,7 +84,7 @@ def _check(got, want, what):
     assert err < 1e-5, f"{what}: max error {err}"
 
 
-def _thd_case(rank, cp, left):
+def _thd_case(rank, cp, left, portable=False):
     from megatron_mft.model import build_packed_seq_params
 
     g = torch.Generator().manual_seed(11)
@@ -91,7 +95,8 @@ def _thd_case(rank, cp, left):
     leaves = [x[idx].clone().requires_grad_() for x in (q, k, v)]
     ref_leaves = [x.double().requires_grad_() for x in (q, k, v)]
     cu = torch.tensor([0] + LENGTHS).cumsum(0).to(torch.int32)
-    out = _attention(cp, left)(*leaves, None, packed_seq_params=build_packed_seq_params(cu, max(LENGTHS), "cpu"))
+    out = _attention(cp, left, portable)(*leaves, None,
+                                         packed_seq_params=build_packed_seq_params(cu, max(LENGTHS), "cpu"))
     ref = _reference(*ref_leaves, LENGTHS, left)
     _check(out, ref[idx], f"thd forward, left={left}")
     (out.double() * weights[idx]).sum().backward()
@@ -100,7 +105,7 @@ def _thd_case(rank, cp, left):
         _check(got.grad, want.grad[idx], f"thd d{name}, left={left}")
 
 
-def _sbhd_case(rank, cp, left):
+def _sbhd_case(rank, cp, left, portable=False):
     g = torch.Generator().manual_seed(12)
     s, b = 24, 2
     q, k, v = (torch.randn(s, b, h, DIM, generator=g) for h in (HEADS, GROUPS, GROUPS))
@@ -108,7 +113,7 @@ def _sbhd_case(rank, cp, left):
     idx = torch.from_numpy(shard_index([s], cp, rank))
     leaves = [x[idx].clone().requires_grad_() for x in (q, k, v)]
     ref_leaves = [x.double().requires_grad_() for x in (q, k, v)]
-    out = _attention(cp, left)(*leaves, None)
+    out = _attention(cp, left, portable)(*leaves, None)
     ref = torch.stack([_reference(*(x[:, row] for x in ref_leaves), [s], left) for row in range(b)], dim=1)
     _check(out, ref[idx], f"sbhd forward, left={left}")
     (out.double() * weights[idx]).sum().backward()
@@ -145,6 +150,8 @@ def _worker(rank, world, port):
         for left in (None, 5, 0):
             _thd_case(rank, world, left)
             _sbhd_case(rank, world, left)
+        _thd_case(rank, world, None, portable=True)
+        _sbhd_case(rank, world, None, portable=True)
         _rope_case(rank, world)
     finally:
         torch.distributed.destroy_process_group()

@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""Activation memory per rank of one attention block at CP=1 vs CP=2, on CPU/gloo.
+"""Activation memory per rank of one transformer layer at CP=1 vs CP=2, on CPU/gloo.
 
 Activation memory = bytes of the tensors autograd saves for backward (counted with
-``torch.autograd.graph.saved_tensors_hooks``, each storage once), for one layer's work on one
-packed sequence: QKV projection of the rank's tokens, the core attention (at CP=2 the
-all-gather-KV attention, which keeps the whole sequence's K/V) and the output projection.
-A count, not a timing: it does not depend on machine load.
+``torch.autograd.graph.saved_tensors_hooks``, each storage once; parameters, which linear layers
+also save, are not activations and are left out), for one layer's work on one packed sequence:
+RMSNorm, QKV projection of the rank's tokens, the core attention (at CP=2 the all-gather-KV
+attention, which keeps the whole sequence's K/V), the output projection, then RMSNorm and a
+SwiGLU MLP. Printed for the attention block alone and for the whole layer. A count, not a
+timing: it does not depend on machine load.
 
-    python tools/bench/cp_memory.py [--seq 4096] [--hidden 1024] [--heads 16] [--groups 4]
+    python tools/bench/cp_memory.py [--seq 4096] [--hidden 1024] [--heads 16] [--groups 4] [--ffn 2816]
 """
 
 from __future__ import annotations
@@ -40,31 +42,42 @@ def _attention(cp: int, a):
                                pg_collection=SimpleNamespace(cp=torch.distributed.group.WORLD))
 
 
-def measure(cp: int, a) -> int:
-    """Bytes saved for backward on this rank."""
+def measure(cp: int, a) -> dict:
+    """Bytes saved for backward on this rank: the attention block and the whole layer."""
     from megatron_mft.model import build_packed_seq_params
 
     d = a.hidden // a.heads
     t = a.seq // cp
     torch.manual_seed(0)
+    norm1, norm2 = torch.nn.RMSNorm(a.hidden), torch.nn.RMSNorm(a.hidden)
     qkv = torch.nn.Linear(a.hidden, (a.heads + 2 * a.groups) * d, bias=False)
     proj = torch.nn.Linear(a.hidden, a.hidden, bias=False)
+    fc1 = torch.nn.Linear(a.hidden, 2 * a.ffn, bias=False)
+    fc2 = torch.nn.Linear(a.ffn, a.hidden, bias=False)
+    params = {p.untyped_storage().data_ptr() for m in (norm1, norm2, qkv, proj, fc1, fc2) for p in m.parameters()}
     attn = _attention(cp, a)
     x = torch.randn(t, a.hidden, requires_grad=True)
     cu = torch.tensor([0, a.seq], dtype=torch.int32)
     seen: dict = {}
 
-    def pack(tensor):
-        s = tensor.untyped_storage()
-        seen[s.data_ptr()] = s.nbytes()
-        return tensor
+    def counter(phase: str):
+        def pack(tensor):
+            s = tensor.untyped_storage()
+            if s.data_ptr() not in params:
+                seen[s.data_ptr()] = (phase, s.nbytes())
+            return tensor
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t_: t_)
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t_: t_):
-        q, k, v = qkv(x).split([a.heads * d, a.groups * d, a.groups * d], dim=-1)
+    with counter("attention"):
+        q, k, v = qkv(norm1(x)).split([a.heads * d, a.groups * d, a.groups * d], dim=-1)
         q, k, v = q.view(t, a.heads, d), k.view(t, a.groups, d), v.view(t, a.groups, d)
-        out = proj(attn(q, k, v, None, packed_seq_params=build_packed_seq_params(cu, a.seq, "cpu")))
+        h = x + proj(attn(q, k, v, None, packed_seq_params=build_packed_seq_params(cu, a.seq, "cpu")))
+    with counter("mlp"):
+        gate, up = fc1(norm2(h)).chunk(2, dim=-1)
+        out = h + fc2(torch.nn.functional.silu(gate) * up)
     out.sum().backward()
-    return sum(seen.values())
+    return {"attention": sum(n for phase, n in seen.values() if phase == "attention"),
+            "layer": sum(n for _, n in seen.values())}
 
 
 def _worker(rank, world, port, a, result):
@@ -82,6 +95,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--groups", type=int, default=4)
+    p.add_argument("--ffn", type=int, default=2816, help="SwiGLU MLP width (Llama's 8/3 x hidden, rounded)")
     a = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from megatron_mft.compat import setup_runtime
@@ -94,11 +108,13 @@ def main() -> None:
             port = s.getsockname()[1]
         result = mp.Manager().dict()
         mp.spawn(_worker, args=(cp, port, a, result), nprocs=cp, join=True)
-        figures[f"cp{cp}_max_rank_bytes"] = max(result.values())
+        for part in ("attention", "layer"):
+            figures[f"{part}_cp{cp}_max_rank_bytes"] = max(r[part] for r in result.values())
+    ratios = {f"{part}_ratio_cp2_over_cp1": figures[f"{part}_cp2_max_rank_bytes"] / figures[f"{part}_cp1_max_rank_bytes"]
+              for part in ("attention", "layer")}
     print(json.dumps({"machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
-                      "seq": a.seq, "hidden": a.hidden, "heads": a.heads, "groups": a.groups, **figures,
-                      "ratio_cp2_over_cp1": figures["cp2_max_rank_bytes"] / figures["cp1_max_rank_bytes"]},
-                     indent=1))
+                      "seq": a.seq, "hidden": a.hidden, "heads": a.heads, "groups": a.groups, "ffn": a.ffn,
+                      **figures, **ratios}, indent=1))
 
 
 if __name__ == "__main__":
