@@ -37,10 +37,42 @@ def target_shapes(arch: ArchSpec) -> dict[str, tuple[int, int]]:
     return {"linear_qkv": (h, q + 2 * kv), "linear_proj": (q, h), "linear_fc1": (h, fc1), "linear_fc2": (f, h)}
 
 
-def lora_params_per_layer(arch: ArchSpec, rank: int, targets: Sequence[str]) -> int:
-    """r * (in + out) summed over the targets: A is [r, in], B is [out, r]."""
+@dataclass(frozen=True)
+class Linear:
+    """One linear slot kind of a decoder layer: ``copies`` of [out, in] weights. ``group``:
+    attn, mlp (dense MLP), expert (routed: split over EP ranks, not over TP) or shared (MoE
+    shared expert: TP-split like a dense MLP)."""
+
+    target: str
+    in_features: int
+    out_features: int
+    copies: int
+    group: str
+
+    @property
+    def weights(self) -> int:
+        return self.copies * self.in_features * self.out_features
+
+
+def layer_linears(arch: ArchSpec) -> list[Linear]:
+    """Every linear of one decoder layer. On an MoE layer fc1/fc2 are each routed expert's
+    ([gate; up] of the expert width) and the shared expert's; the router is no linear slot."""
     shapes = target_shapes(arch)
-    return sum(rank * (shapes[t][0] + shapes[t][1]) for t in targets)
+    out = [Linear(t, *shapes[t], 1, "attn") for t in ("linear_qkv", "linear_proj")]
+    if not arch.num_experts:
+        return out + [Linear(t, *shapes[t], 1, "mlp") for t in ("linear_fc1", "linear_fc2")]
+    fe, fs, h = arch.expert_ffn, arch.moe_shared_expert_size, arch.hidden_size
+    out += [Linear("linear_fc1", h, 2 * fe, arch.num_experts, "expert"),
+            Linear("linear_fc2", fe, h, arch.num_experts, "expert")]
+    if fs:
+        out += [Linear("linear_fc1", h, 2 * fs, 1, "shared"), Linear("linear_fc2", fs, h, 1, "shared")]
+    return out
+
+
+def lora_params_per_layer(arch: ArchSpec, rank: int, targets: Sequence[str]) -> int:
+    """r * (in + out) summed over the targets (every expert's on an MoE layer): A is [r, in],
+    B is [out, r]."""
+    return sum(x.copies * rank * (x.in_features + x.out_features) for x in layer_linears(arch) if x.target in targets)
 
 
 def lora_params(arch: ArchSpec, rank: int, targets: Sequence[str]) -> int:
@@ -78,7 +110,7 @@ class MemoryEstimate:
 def estimate_memory(arch: ArchSpec, *, method: str, rank: int, targets: Sequence[str] = PEFT_TARGETS,
                     tp: int = 1, pp: int = 1, dp: int = 1, vpp: Optional[int] = None, sp: bool = False,
                     seq_length: int = 4096, micro_batch: int = 1, recompute: str = "full",
-                    distributed_optimizer: bool = True, param_bytes: int = 2) -> MemoryEstimate:
+                    distributed_optimizer: bool = True, param_bytes: int = 2, ep: int = 1) -> MemoryEstimate:
     """Per-GPU bytes for ``method`` in {"lora", "qlora"} (see the module docstring).
 
     weights   LoRA: param_bytes x (all parameters on the stage); QLoRA: 0.5159 B x targeted
@@ -102,6 +134,13 @@ def estimate_memory(arch: ArchSpec, *, method: str, rank: int, targets: Sequence
               vocab-parallel cross entropy turns into the softmax it saves).
     workspace QLoRA: param_bytes x the largest targeted weight shard, dequantised for one
               matmul at a time.
+
+    Mixture of experts (``ep`` expert-parallel ranks, expert TP 1): weights count every expert
+    (routed experts' / ep on a rank, not split over TP; the shared expert / t; NF4 for targeted
+    expert linears under QLoRA); adapters one pair per expert (/ ep), their optimizer state / the
+    expert data-parallel size (dp x t / ep); activations per *active* expert: each token's top-k
+    routed copies save the SwiGLU input 2f_e and the adapter inputs (h for fc1, f_e for fc2) and
+    r per targeted slot, / t with SP; the shared expert once; router logits E.
     """
     if method not in ("lora", "qlora"):
         raise ValueError(f"method must be lora or qlora, got {method!r}")
@@ -114,33 +153,57 @@ def estimate_memory(arch: ArchSpec, *, method: str, rank: int, targets: Sequence
     T = seq_length * micro_batch
 
     # ---- parameters on the most loaded stage (first/last hold embedding / output layer)
-    linear_all = sum(i * o for i, o in shapes.values())  # every linear of a layer
-    linear_tgt = sum(shapes[x][0] * shapes[x][1] for x in targets)
+    lins = layer_linears(arch)
+    linear_all = sum(x.weights for x in lins)  # every linear of a layer (every expert's)
+    quantised = [x for x in lins if method == "qlora" and x.target in targets]
+
+    def held(x: Linear) -> float:  # weights of this slot kind on one rank
+        return x.weights / (ep if x.group == "expert" else t)  # experts split over EP, whole (expert TP 1)
     # biases and norms stay dense (num_params' per-layer total minus the linear weights)
     final_norm = (2 if arch.normalization == "LayerNorm" else 1) * h
     small = (arch.num_params() - V * h * (1 if arch.tied_embeddings else 2) - final_norm) // L - linear_all
-    per_layer_dense = (linear_all - (linear_tgt if method == "qlora" else 0)) / t + small
-    per_layer_q = linear_tgt / t if method == "qlora" else 0
+    per_layer_dense = sum(held(x) for x in lins if x not in quantised) + small
+    per_layer_q = sum(held(x) for x in quantised)
     emb = V * h / t
     # p == 1: embedding, output layer (none when tied) and final norm on one GPU; else the last
     # stage's share (a tied output layer is a copy of the embedding there)
     ends = (1 if arch.tied_embeddings else 2) * emb + h if p == 1 else emb + h
     base = layers * (per_layer_dense * param_bytes + per_layer_q * NF4_BYTES_PER_PARAM) + ends * param_bytes
 
-    adapter_local = 0.0
-    for x in targets:
-        i, o = shapes[x]
-        adapter_local += rank * i + rank * o / t if TARGET_KIND[x] == "column" else rank * i / t + rank * o
+    adapter_local = adapter_expert = 0.0
+    for x in lins:
+        if x.target not in targets:
+            continue
+        i, o = x.in_features, x.out_features
+        if x.group == "expert":  # each EP rank holds its E/ep experts' adapters, not TP-split
+            adapter_expert += x.copies / ep * rank * (i + o)
+        else:
+            adapter_local += rank * i + rank * o / t if TARGET_KIND[x.target] == "column" else rank * i / t + rank * o
     adapter_local *= layers
-    adapters = adapter_local * param_bytes
-    grads = adapter_local * 4
+    adapter_expert *= layers
+    adapters = (adapter_local + adapter_expert) * param_bytes
+    grads = (adapter_local + adapter_expert) * 4
     opt_per = 12 if param_bytes < 4 else 8
-    optimizer = adapter_local * opt_per / (dp if distributed_optimizer else 1)
+    expert_dp = max(1, dp * t // ep)  # megatron's expert data-parallel size (expert TP 1)
+    optimizer = (adapter_local / (dp if distributed_optimizer else 1)
+                 + adapter_expert / (expert_dp if distributed_optimizer else 1)) * opt_per
 
     # ---- activations (elements per token per layer)
     hs = h / t if sp else h
-    none_layer = 2 * hs + (2 * h + 2 * kv) / t + shapes["linear_fc1"][1] / t + rank * len(targets)
-    none_layer += sum({"linear_qkv": hs, "linear_fc1": hs, "linear_fc2": f / t, "linear_proj": 0}[x] for x in targets)
+    if not arch.num_experts:
+        none_layer = 2 * hs + (2 * h + 2 * kv) / t + shapes["linear_fc1"][1] / t + rank * len(targets)
+        none_layer += sum({"linear_qkv": hs, "linear_fc1": hs, "linear_fc2": f / t, "linear_proj": 0}[x]
+                          for x in targets)
+    else:  # MoE: attention as above; the MLP per *active* expert (top-k routed copies of a token)
+        none_layer = 2 * hs + (2 * h + 2 * kv) / t + arch.num_experts  # + router logits
+        none_layer += sum({"linear_qkv": hs + rank, "linear_proj": rank}.get(x, 0) for x in targets)
+        tok = 1 / t if sp else 1  # tokens on this rank (SP shards them; EP balances them)
+        for x in lins:
+            if x.group == "attn" or x.target != "linear_fc2":
+                continue
+            width, copies = x.in_features, (arch.moe_top_k if x.group == "expert" else 1)
+            adapt = (h + rank if "linear_fc1" in targets else 0) + (width + rank if "linear_fc2" in targets else 0)
+            none_layer += copies * tok * (2 * width + adapt)  # SwiGLU input + adapter inputs and outputs
     in_flight = p * (1 + (p - 1) / (p * vpp) if vpp and vpp > 1 else 1)
     if recompute == "full":
         saved = hs * layers * in_flight + none_layer
@@ -150,7 +213,7 @@ def estimate_memory(arch: ArchSpec, *, method: str, rank: int, targets: Sequence
     logits = 6 * T * V / t
     workspace = 0.0
     if method == "qlora" and targets:
-        workspace = max(shapes[x][0] * shapes[x][1] for x in targets) / t * param_bytes
+        workspace = max(held(x) / x.copies for x in lins if x.target in targets) * param_bytes
 
     trainable = lora_params(arch, rank, targets)
     notes = []

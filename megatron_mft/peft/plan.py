@@ -30,8 +30,8 @@ from megatron_mft.config import ModelConfig, PeftConfig
 from megatron_mft.config.presets import ArchSpec
 from megatron_mft.peft.layers import LORA_LAYERS, LoraColumnParallelLinear, LoraRowParallelLinear
 from megatron_mft.model.builder import resolve_dtype
-from megatron_mft.peft.memory import (estimate_memory, fmt_bytes, format_estimate, lora_params, lora_params_per_layer,
-                                      target_shapes)
+from megatron_mft.peft.memory import (estimate_memory, fmt_bytes, format_estimate, layer_linears, lora_params,
+                                      lora_params_per_layer)
 from megatron_mft.peft.nf4 import NF4Weight
 
 log = logging.getLogger(__name__)
@@ -324,14 +324,15 @@ class PeftPlan:
                               tp=par.tp, pp=par.pp, dp=dp, vpp=par.vpp, sp=par.sp,
                               seq_length=run_cfg.data.seq_length, micro_batch=run_cfg.train.micro_batch_size,
                               recompute=run_cfg.model.recompute, distributed_optimizer=par.distributed_optimizer,
-                              param_bytes=param_bytes)
+                              param_bytes=param_bytes, ep=par.ep)
         lines = []
         if self.counts is not None:
             lines.append(self.trainable_line())
             hand = lora_params(arch, self.cfg.rank, self.cfg.target_modules)
             per_layer = lora_params_per_layer(arch, self.cfg.rank, self.cfg.target_modules)
-            shapes = target_shapes(arch)
-            terms = " + ".join(f"{t}({shapes[t][0]}+{shapes[t][1]})" for t in self.cfg.target_modules)
+            terms = " + ".join(f"{x.target}({x.in_features}+{x.out_features})"
+                               + {"expert": f" x {x.copies} experts", "shared": " shared expert"}.get(x.group, "")
+                               for x in layer_linears(arch) if x.target in self.cfg.target_modules)
             lines.append(f"peft: hand count {arch.num_layers} layers x r={self.cfg.rank} x [{terms}] = "
                          f"{arch.num_layers} x {per_layer:,} = {hand:,}")
         lines.append(f"peft: expected memory per GPU (tp={par.tp} pp={par.pp} dp={dp} sp={par.sp} "
