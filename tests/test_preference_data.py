@@ -109,6 +109,41 @@ def test_overlong_pairs_drop_or_truncate_as_a_pair(tmp_path):
     assert s["splits"]["train"]["tokens"] <= 2 * 64
 
 
+def test_a_line_over_max_line_bytes_is_rejected_unread(tmp_path, monkeypatch):
+    """The SFT reader's promise holds for pairs: memory stays at one read block however long a
+    line is (the block made small here so that a 24 MiB line shows it)."""
+    import functools
+    import tracemalloc
+
+    from megatron_mft.data import encode
+
+    monkeypatch.setattr(encode, "_line_ends", functools.partial(encode._line_ends, block=1 << 20))
+    path = _write(tmp_path / "raw/t", [GOOD[0], json.dumps(GOOD[1]) + " " * (24 << 20), GOOD[2]])
+    tracemalloc.start()
+    try:
+        stats = preprocess(_args(tmp_path / "raw", tmp_path / "out", max_line_bytes=1 << 20, skip_bad_samples=True))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert stats["pairs"] == 2 and stats["rejected_reasons"] == {"line_too_long": 1}
+    rejected = [json.loads(l) for l in (tmp_path / "out/rejected.jsonl").read_text().splitlines()]
+    assert [(r["file"], r["line"], r["reason"]) for r in rejected] == [(str(path), 2, "line_too_long")]
+    assert peak < 8 << 20, f"peak {peak / 2**20:.1f} MiB: the long line was read"
+
+
+def test_errors_stop_reading_across_files(tmp_path):
+    """MAX_ERRORS bad lines stop the whole read, not just the current file, and name at most that many."""
+    from megatron_mft.data.encode import MAX_ERRORS
+
+    first = _write(tmp_path / "raw/a", ["{not json"] * (MAX_ERRORS + 10))
+    second = _write(tmp_path / "raw/b", ["{not json", GOOD[0]])
+    with pytest.raises(DataError) as e:
+        preprocess(_args(tmp_path / "raw", tmp_path / "out", workers=2))
+    msg = str(e.value)
+    assert msg.count(": invalid_json") == MAX_ERRORS and f"{first}:{MAX_ERRORS}: invalid_json" in msg
+    assert str(second) not in msg and "stopped reading after that many errors" in msg
+
+
 # ---------------------------------------------------------------- LoRA reference
 @pytest.fixture(scope="module")
 def env(tp1_env):

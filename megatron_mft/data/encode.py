@@ -11,7 +11,7 @@ import gc
 import multiprocessing as mp
 import os
 from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 
@@ -245,11 +245,13 @@ def encode_tasks(
     workers: int = 1,
     skip_bad_samples: bool = False,
     progress: bool = False,
+    encode_chunk: Callable = _encode_chunk,
 ) -> Encoded:
     """Tokenize every task; raise ``DataError`` naming each bad ``file:line`` unless skipping.
 
     Workers start with ``fork`` where it exists, as torch's DataLoader workers do (they run only
-    the tokenizer and numpy), else ``spawn``.
+    the tokenizer and numpy), else ``spawn``. ``encode_chunk``: a module-level function with
+    ``_encode_chunk``'s contract (preference pairs: ``data.preference.encode_pair_chunk``).
     """
     out = [EncodedTask(t) for t in tasks]
     issues: list[Issue] = []
@@ -270,10 +272,10 @@ def encode_tasks(
             pool = mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(spec,))
         finally:
             gc.unfreeze()
-        results = pool.imap(_encode_chunk, _chunks(tasks, spec.max_line_bytes), chunksize=1)
+        results = pool.imap(encode_chunk, _chunks(tasks, spec.max_line_bytes), chunksize=1)
     else:
         _init_worker(spec)
-        results = map(_encode_chunk, _chunks(tasks, spec.max_line_bytes))
+        results = map(encode_chunk, _chunks(tasks, spec.max_line_bytes))
     try:
         for t_idx, split, path, nbytes, packed, (starts, ends, loss), bad in results:
             flat_ids, flat_mask = _unpack_arrays(packed)
@@ -307,7 +309,7 @@ def encode_tasks(
         if bar is not None:
             bar.close()
     if errors:
-        msgs = [i.message() for i in issues if i.action == "error"]
+        msgs = [i.message() for i in issues if i.action == "error"][:MAX_ERRORS]
         more = "; stopped reading after that many errors" if errors >= MAX_ERRORS else ""
         raise DataError(
             msgs + ([f"{errors} bad line(s){more}; fix them, or pass --skip-bad-samples to skip and log them"])

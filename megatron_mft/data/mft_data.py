@@ -130,7 +130,7 @@ def _build_online(cfg: DataConfig, seed: int) -> _Source:
     if pairs:
         from megatron_mft.data.preference import encode_pairs, plan_pair_splits as plan
 
-        encoded = encode_pairs(tasks, spec, skip_bad_samples=cfg.skip_bad_samples)
+        encoded = encode_pairs(tasks, spec, workers=max(cfg.num_workers, 1), skip_bad_samples=cfg.skip_bad_samples)
     else:
         plan = plan_splits
         # workers fork like torch DataLoader workers do; they only run the tokenizer (no torch, no CUDA)

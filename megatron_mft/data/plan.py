@@ -40,6 +40,16 @@ class SplitPlan:
         return padding_ratio(self.tokens, len(self.packs), seq_length)
 
 
+def held_out(n: int, val_ratio: float, seed: int, task_id: int) -> set[int]:
+    """Indices of a task's ``n`` training items held out for validation (tasks without validation
+    files): ``round(val_ratio * n)``, at least one when ``val_ratio > 0`` and ``n >= 2``, never all;
+    a permutation seeded with ``(seed, task id)``. Items are samples, or pairs in preference data."""
+    k = int(round(val_ratio * n))
+    if val_ratio > 0 and n >= 2:
+        k = min(max(k, 1), n - 1)
+    return set(np.random.default_rng([seed, task_id]).permutation(n)[:k].tolist()) if k else set()
+
+
 def plan_splits(
     encoded: Encoded, *, seq_length: int, packing: str, val_ratio: float, seed: int
 ) -> tuple[SplitPlan, SplitPlan]:
@@ -54,10 +64,7 @@ def plan_splits(
             held = set()
             v_samples, v_uids = list(task.val), uids[n:]
         else:
-            k = int(round(val_ratio * n))
-            if val_ratio > 0 and n >= 2:
-                k = min(max(k, 1), n - 1)
-            held = set(np.random.default_rng([seed, t_id]).permutation(n)[:k].tolist()) if k else set()
+            held = held_out(n, val_ratio, seed, t_id)
             v_samples = [task.train[i] for i in sorted(held)]
             v_uids = [uids[i] for i in sorted(held)]
         keep = [i for i in range(n) if i not in held] if held else range(n)

@@ -21,13 +21,13 @@ from enum import Enum
 
 import numpy as np
 
-from megatron_mft.data.encode import MAX_ERRORS, EncodeSpec, Issue, TaskCounts
+from megatron_mft.data import encode
+from megatron_mft.data.encode import EncodeSpec, Issue, TaskCounts
 from megatron_mft.data.packing import pack
-from megatron_mft.data.plan import SplitPlan
-from megatron_mft.data.records import _BLANK, DataError, Reason, Record, RecordError, _chat, _loads
+from megatron_mft.data.plan import SplitPlan, held_out
+from megatron_mft.data.records import _BLANK, Reason, Record, RecordError, _chat, _loads
 from megatron_mft.data.taskdir import TaskFiles
 from megatron_mft.data.template import ChatFormatter
-from megatron_mft.data.tokenizer import load_tokenizer
 
 Side = tuple[np.ndarray, np.ndarray]  # (ids, loss mask)
 Pair = tuple[Side, Side]
@@ -111,83 +111,66 @@ def _fit(n_c: int, n_r: int, seq: int) -> tuple[int, int]:
     return seq - half, half
 
 
-def encode_pairs(tasks: list[TaskFiles], spec: EncodeSpec, *, skip_bad_samples: bool = False) -> EncodedPairs:
-    """Tokenize every task's pairs (one process: preference sets are small next to SFT corpora);
-    raise ``DataError`` naming each bad ``file:line`` unless skipping."""
-    fmt = ChatFormatter(spec.template, load_tokenizer(spec.tokenizer), "sft")
+def encode_pair_chunk(chunk: tuple[int, str, str, int, int, int, int]):
+    """``encode._encode_chunk`` for pair lines (same chunk and result contract, run in the same
+    worker processes): each accepted pair comes back as two adjacent samples, chosen then
+    rejected; a truncated pair has the loss count of its chosen side negated (one truncation per
+    pair). A line over the byte limit is rejected unread, as for SFT."""
+    task, split, path, first_line, start, end, too_long = chunk
+    if too_long:
+        return encode._encode_chunk(chunk)
+    fmt, spec = encode._FORMATTER, encode._SPEC
+    assert fmt is not None and spec is not None
     seq = spec.seq_length
-    out = [EncodedPairTask(t) for t in tasks]
-    issues: list[Issue] = []
-    errors = 0
-    for task in out:
-        c = task.counts
-        for split, files in (("train", task.files.train), ("val", task.files.val)):
-            dest = task.train if split == "train" else task.val
-            for path in files:
-                try:
-                    with open(path, "rb") as f:
-                        data = f.read()
-                except OSError as e:
-                    raise DataError([f"{path}: cannot read ({e.strerror or e})"]) from None
-                if data.startswith(b"\xef\xbb\xbf"):
-                    data = data[3:]
-                lines = data.split(b"\n")
-                if lines and lines[-1] == b"":
-                    lines.pop()
-                for line_no, raw in enumerate(lines, start=1):
-                    raw = raw[:-1] if raw.endswith(b"\r") else raw
-                    bad = None
-                    if len(raw) > spec.max_line_bytes:
-                        bad = (Reason.LINE_TOO_LONG.value, f"{len(raw)} bytes > --max-line-bytes / "
-                                                           f"data.max_line_bytes {spec.max_line_bytes}; not read", False, "")
-                    else:
-                        try:
-                            pair = parse_pair(raw)
-                        except RecordError as e:
-                            pair, bad = None, (e.reason.value, e.detail, False, raw.decode("utf-8", "replace"))
-                    if bad is None and pair is not None:
-                        (ci, cm), (ri, rm) = (_encode_side(fmt, s) for s in pair)
-                        text = raw.decode("utf-8", "replace")
-                        if len(ci) + len(ri) > seq:
-                            detail = f"{len(ci)} + {len(ri)} tokens > seq_length {seq} (a pair fills one row)"
-                            if spec.overlong == "error":
-                                bad = (Reason.OVERLONG.value, detail, False, text)
-                            elif spec.overlong == "drop":
-                                bad = (Reason.OVERLONG.value, detail, True, text)
-                            else:
-                                a, b = _fit(len(ci), len(ri), seq)
-                                ci, cm, ri, rm = ci[:a], cm[:a], ri[:b], rm[:b]
-                                if not (cm.any() and rm.any()):
-                                    bad = (Reason.OVERLONG.value, "no answer token left on one side after "
-                                                                  "truncation", True, text)
-                                else:
-                                    c.truncated += 1
-                    if bad is not None:
-                        reason, detail, dropped, text = bad
-                        if dropped:
-                            c.dropped += 1
-                            issues.append(Issue(path, line_no, reason, detail, "dropped", text))
-                        elif skip_bad_samples:
-                            c.rejected += 1
-                            c.reasons[reason] = c.reasons.get(reason, 0) + 1
-                            issues.append(Issue(path, line_no, reason, detail, "rejected", text))
-                        else:
-                            errors += 1
-                            issues.append(Issue(path, line_no, reason, detail, "error", text))
-                            if errors >= MAX_ERRORS:
-                                break
-                        continue
-                    if pair is None:
-                        continue
-                    dest.append(((ci, cm), (ri, rm)))
-                    c.samples += 2
-                    c.tokens += len(ci) + len(ri)
-                    c.loss_tokens += int(cm.sum()) + int(rm.sum())
-    if errors:
-        msgs = [i.message() for i in issues if i.action == "error"]
-        more = "; stopped reading after that many errors" if errors >= MAX_ERRORS else ""
-        raise DataError(msgs + [f"{errors} bad line(s){more}; fix them, or pass --skip-bad-samples to skip and log them"])
-    return EncodedPairs(out, issues, fmt.marker_ids)
+    sides: list[Side] = []
+    loss: list[int] = []
+    bad = []
+    for line_no, raw in encode._chunk_lines(path, first_line, start, end):
+        try:
+            pair = parse_pair(raw)
+        except RecordError as e:
+            bad.append((line_no, e.reason.value, e.detail, False, encode._text(raw)))
+            continue
+        if pair is None:
+            continue
+        (ci, cm), (ri, rm) = (_encode_side(fmt, s) for s in pair)
+        truncated = False
+        if len(ci) + len(ri) > seq:
+            detail = f"{len(ci)} + {len(ri)} tokens > seq_length {seq} (a pair fills one row)"
+            if spec.overlong != "truncate":
+                bad.append((line_no, Reason.OVERLONG.value, detail, spec.overlong == "drop", encode._text(raw)))
+                continue
+            a, b = _fit(len(ci), len(ri), seq)
+            ci, cm, ri, rm = ci[:a], cm[:a], ri[:b], rm[:b]
+            if not (cm.any() and rm.any()):
+                bad.append((line_no, Reason.OVERLONG.value, "no answer token left on one side after truncation",
+                            True, encode._text(raw)))
+                continue
+            truncated = True
+        sides += [(ci, cm), (ri, rm)]
+        n_c, n_r = int(cm.sum()), int(rm.sum())
+        loss += [-n_c if truncated else n_c, n_r]
+    lengths = np.asarray([len(i) for i, _ in sides], dtype=np.int64)
+    ends = np.cumsum(lengths)
+    ids = np.concatenate([i for i, _ in sides]) if sides else np.zeros(0, np.int32)
+    mask = np.concatenate([m for _, m in sides]).astype(np.uint8) if sides else np.zeros(0, np.uint8)
+    packed = encode._pack_arrays(ids, mask, fmt.tok.vocab_size)
+    return task, split, path, end - start, packed, (ends - lengths, ends, np.asarray(loss, dtype=np.int64)), bad
+
+
+def encode_pairs(tasks: list[TaskFiles], spec: EncodeSpec, *, workers: int = 1, skip_bad_samples: bool = False,
+                 progress: bool = False) -> EncodedPairs:
+    """Tokenize every task's pairs through the SFT encoder's chunked reader and worker pool
+    (``encode.encode_tasks``: lines over ``spec.max_line_bytes`` rejected unread, at most
+    ``MAX_ERRORS`` errors over all files); raise ``DataError`` naming each bad ``file:line``
+    unless skipping."""
+    sides = encode.encode_tasks(tasks, spec, workers=workers, skip_bad_samples=skip_bad_samples, progress=progress,
+                                encode_chunk=encode_pair_chunk)
+    out = []
+    for t in sides.tasks:
+        out.append(EncodedPairTask(t.files, list(zip(t.train[0::2], t.train[1::2])),
+                                   list(zip(t.val[0::2], t.val[1::2])), t.counts))
+    return EncodedPairs(out, sides.issues, sides.marker_ids)
 
 
 def _expand(pairs: list[Pair], pair_packs: list[list[int]], base: int = 0) -> tuple[list[Side], list[list[int]]]:
@@ -214,10 +197,7 @@ def plan_pair_splits(encoded: EncodedPairs, *, seq_length: int, packing: str, va
         if task.val:
             held, v_pairs, v_uids = set(), list(task.val), uids[n:]
         else:
-            k = int(round(val_ratio * n))
-            if val_ratio > 0 and n >= 2:
-                k = min(max(k, 1), n - 1)
-            held = set(np.random.default_rng([seed, t_id]).permutation(n)[:k].tolist()) if k else set()
+            held = held_out(n, val_ratio, seed, t_id)
             v_pairs = [task.train[i] for i in sorted(held)]
             v_uids = [uids[i] for i in sorted(held)]
         keep = [i for i in range(n) if i not in held]

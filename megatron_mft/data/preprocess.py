@@ -138,7 +138,8 @@ def preprocess(args: PreprocessArgs) -> dict:
     if args.mode == "preference":  # pairs: megatron_mft.data.preference
         from megatron_mft.data.preference import encode_pairs, plan_pair_splits
 
-        encoded = encode_pairs(tasks, spec, skip_bad_samples=args.skip_bad_samples)
+        encoded = encode_pairs(tasks, spec, workers=args.workers, skip_bad_samples=args.skip_bad_samples,
+                               progress=args.progress)
     else:
         encoded = encode_tasks(tasks, spec, workers=args.workers, skip_bad_samples=args.skip_bad_samples,
                                progress=args.progress)
