@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from megatron_mft.config.base import finite_float
-from megatron_mft.errors import HELP, UsageError, UserError, command, report
+from megatron_mft.errors import HELP, ArgumentParser, UsageError, UserError, command, report
 
 
 def _size(text: str) -> int:
@@ -36,7 +36,7 @@ def _size(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m megatron_mft.convert",
+    p = ArgumentParser(prog="python -m megatron_mft.convert",
                                 description="Hugging Face <-> megatron-core checkpoint conversion", epilog=HELP)
     sub = p.add_subparsers(dest="cmd", required=True)
 

@@ -20,13 +20,14 @@ This module imports nothing from the package, so every layer may raise these err
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
 import traceback
 from typing import Callable
 
-__all__ = ["HELP", "RUNTIME", "USAGE", "UsageError", "UserError", "command", "debug_enabled", "report"]
+__all__ = ["ArgumentParser", "HELP", "RUNTIME", "USAGE", "UsageError", "UserError", "command", "debug_enabled", "report"]
 
 #: exit codes
 USAGE, RUNTIME = 2, 1
@@ -115,6 +116,18 @@ def report(error: BaseException) -> int:
     return code
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors (unknown option, missing argument) are printed by the
+    job's first rank only: under torchrun/srun every rank parses the same command line, and N
+    copies of one message would follow. Every rank still exits 2. Every command builds its
+    parser from this class."""
+
+    def error(self, message: str):
+        if _rank()[0] == 0 or debug_enabled():
+            super().error(message)  # prints the usage and the message, exits 2
+        self.exit(USAGE)
+
+
 def command(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], int]:
     """Wrap a command's ``main(argv) -> exit code``: ``--debug`` is taken off ``argv`` (and sets
     ``MFT_DEBUG=1``, so processes the command starts inherit it); errors become messages."""
@@ -127,7 +140,7 @@ def command(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], in
             os.environ[DEBUG_ENV] = "1"
         try:
             return main(argv)
-        except SystemExit:  # argparse's usage errors and --help print themselves
+        except SystemExit:  # argparse's usage errors (ArgumentParser above) and --help print themselves
             raise
         except BaseException as error:  # noqa: BLE001 - the one place every error is turned into a message
             return report(error)

@@ -28,7 +28,7 @@ import sys
 import warnings
 from typing import Optional
 
-from megatron_mft.errors import HELP, UsageError, command
+from megatron_mft.errors import HELP, ArgumentParser, UsageError, command
 
 TRAIN, VAL, WEIGHT = "task_loss/", "val_loss/", "task_weight/"
 
@@ -145,7 +145,7 @@ def plot_metrics(metrics: str, out: str, title: Optional[str] = None, logy: bool
 
 @command
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m megatron_mft.plot", description=__doc__, epilog=HELP,
+    ap = ArgumentParser(prog="python -m megatron_mft.plot", description=__doc__, epilog=HELP,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--metrics", required=True, help="OUTPUT_DIR/metrics.jsonl")
     ap.add_argument("--out", default="loss.png", help="image path (default: %(default)s)")

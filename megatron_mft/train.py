@@ -5,11 +5,10 @@ the traceback (megatron_mft.errors)."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from megatron_mft.config import load_config
-from megatron_mft.errors import HELP, command
+from megatron_mft.errors import HELP, ArgumentParser, command
 from megatron_mft.launch.env import read_dist_env
 from megatron_mft.launch.signals import catch_early, shield_checkpoint_helper
 
@@ -29,7 +28,7 @@ def _quiet_known_warnings() -> None:
 @command
 def main(argv: list[str]) -> int:
     catch_early()  # a SIGUSR1 (SLURM's time-limit warning) during start-up stops the run after step 1
-    parser = argparse.ArgumentParser(prog="python -m megatron_mft.train", description=__doc__, epilog=HELP)
+    parser = ArgumentParser(prog="python -m megatron_mft.train", description=__doc__, epilog=HELP)
     parser.add_argument("--config", required=True, help="run YAML (e.g. examples/tiny_cpu.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. parallel.tp=2 train.steps=10")
     args = parser.parse_args(argv)

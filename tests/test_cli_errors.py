@@ -127,6 +127,27 @@ def test_torchrun_reports_a_config_error_once_and_every_rank_fails(tmp_path):
     assert "exitcode  : 2" in p.stderr  # torchrun's summary: the ranks exited with the usage code
 
 
+@pytest.mark.parametrize("launcher", [
+    {"RANK": "{r}", "LOCAL_RANK": "{r}", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"},  # torchrun
+    {"SLURM_PROCID": "{r}", "SLURM_LOCALID": "{r}", "SLURM_NTASKS": "2"},  # srun
+], ids=["torchrun", "srun"])
+def test_an_argument_error_is_printed_by_the_first_rank_only(launcher):
+    """Every rank parses the same command line: argparse's message once (rank 0), exit 2 on every
+    rank. The ranks are started with the launcher's variables (the parse comes before torch loads,
+    so a real torchrun would add only its own start-up)."""
+    for command in ([PY, "-m", "megatron_mft.train", "--no-such-option"],  # no --config either
+                    [PY, "-m", "megatron_mft.convert", "no-such-command"],
+                    [PY, "-m", "megatron_mft.checkpoint", "init", "--out", "x"]):
+        procs = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**env(1), **{k: v.format(r=r) for k, v in launcher.items()}})
+                 for r in range(2)]
+        results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+        assert [code for code, _ in results] == [2, 2], (command, results)
+        rank0, rank1 = results[0][1], results[1][1]
+        assert rank0.count("error:") == 1 and rank0.startswith("usage: "), (command, rank0)
+        assert rank1 == "", (command, rank1)
+
+
 # ------------------------------------------------------------------ the wrapper itself (in process)
 def test_internal_errors_are_one_paragraph_with_a_hint(capsys, monkeypatch):
     from megatron_mft.errors import UsageError, UserError, command

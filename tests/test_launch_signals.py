@@ -64,11 +64,13 @@ def test_install_and_uninstall_restore_handlers():
 
 
 AGREE = r"""
-import json, os, signal, sys, time
+import datetime, json, os, signal, sys, time
 import torch.distributed as dist
+from megatron_mft.launch.agree import agree, any_rank, every_rank
 from megatron_mft.launch.signals import PreemptionGuard
 rank = int(sys.argv[1])
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[2]}", rank=rank, world_size=2)
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[2]}", rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=60))  # a hang fails within a minute
 guard = PreemptionGuard()
 answers = []
 for step in range(4):
@@ -76,22 +78,40 @@ for step in range(4):
         os.kill(os.getpid(), signal.SIGUSR1)
         time.sleep(0.05)
     answers.append(guard.should_stop())
-print(json.dumps(answers))
+agreed = [any_rank(rank == 1), every_rank(rank == 1), agree(3 + rank, "min"), agree(3 + rank, "max")]
+# a save whose preparation fails on rank 0 alone (its checkpoints folder is a file)
+from megatron_mft.checkpoint.dist import save_checkpoint
+try:
+    save_checkpoint(sys.argv[3], 1, [], common={}, run_info={})
+    saved = "saved"
+except Exception as e:
+    saved = f"{type(e).__name__}: {e}"
+print(json.dumps({"stop": answers, "agreed": agreed, "save": saved}))
 dist.destroy_process_group()
 """
 
 
-def test_ranks_agree_on_the_stop_step():
+def test_ranks_agree_on_the_stop_step_and_on_a_failed_save(tmp_path):
+    """One 2-process gloo job: the guard's answer, the agreement helper, and a checkpoint save
+    whose folder rank 0 cannot prepare (the other rank used to wait in a barrier for ever): every
+    rank raises rank 0's message."""
+    not_a_folder = tmp_path / "checkpoints"
+    not_a_folder.write_text("a file where the checkpoints folder belongs\n")
     port = str(free_port())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, "-c", AGREE, str(r), port], cwd=ROOT, env=env,
+    procs = [subprocess.Popen([sys.executable, "-c", AGREE, str(r), port, str(not_a_folder)], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     outs = []
     for p in procs:
-        out, err = p.communicate(timeout=120)
+        out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
         outs.append(json.loads(out.strip().splitlines()[-1]))
-    assert outs[0] == outs[1] == [None, None, "SIGUSR1", "SIGUSR1"]
+    assert outs[0]["stop"] == outs[1]["stop"] == [None, None, "SIGUSR1", "SIGUSR1"]
+    assert outs[0]["agreed"] == outs[1]["agreed"] == [True, False, 3, 4]
+    for out in outs:
+        assert out["save"].startswith("CheckpointError: cannot save checkpoint "), out["save"]
+        assert f"preparing {not_a_folder / 'step_0000001.tmp'} on rank 0 failed (FileExistsError" in out["save"]
+    assert not_a_folder.read_text() == "a file where the checkpoints folder belongs\n"  # untouched
 
 
 def _wait_until_torch_is_loading(pid: int, proc: subprocess.Popen, timeout: float = 300) -> None:

@@ -7,16 +7,15 @@ dist checkpoint loads into any TP/PP layout, every layout can then start from id
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-from megatron_mft.errors import HELP, UsageError, command
+from megatron_mft.errors import HELP, ArgumentParser, UsageError, command
 
 
 @command
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m megatron_mft.checkpoint", epilog=HELP)
+    p = ArgumentParser(prog="python -m megatron_mft.checkpoint", epilog=HELP)
     sub = p.add_subparsers(dest="cmd", required=True)
     init = sub.add_parser("init", help="save a config's initial weights")
     init.add_argument("--config", required=True)

@@ -343,7 +343,7 @@ def _prepare_on_rank0(root: Path, tmp: Path, final: Path) -> None:
         torch.distributed.broadcast_object_list(box, src=0)
         problem = box[0]
     raise CheckpointError(f"cannot save checkpoint {final}: preparing {tmp} on rank 0 failed ({problem}); "
-                          f"nothing was written. Make {root} writable (or point output_dir elsewhere) and rerun")
+                          f"nothing was written. Make {root} a writable folder (or point output_dir elsewhere) and rerun")
 
 
 _INTERRUPTS = (KeyboardInterrupt, SystemExit)

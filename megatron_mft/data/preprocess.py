@@ -26,7 +26,7 @@ from megatron_mft.data.store import MemorySplit
 from megatron_mft.data.taskdir import discover_tasks
 from megatron_mft.data.template import TEMPLATES, load_template
 from megatron_mft.data.tokenizer import load_tokenizer
-from megatron_mft.errors import UsageError, UserError, command
+from megatron_mft.errors import ArgumentParser, UsageError, UserError, command
 
 
 @dataclass
@@ -229,7 +229,7 @@ def preprocess(args: PreprocessArgs) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="preprocess_mft.py",
         description="Raw multi-task chat jsonl -> packed megatron indexed datasets (.bin/.idx), "
                     "manifest.json, stats.json, rejected.jsonl. Layout: megatron_mft/data/FORMAT.md.",

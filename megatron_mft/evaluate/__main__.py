@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from megatron_mft.config.base import finite_float
-from megatron_mft.errors import HELP, UsageError, command
+from megatron_mft.errors import HELP, ArgumentParser, UsageError, command
 from megatron_mft.evaluate.encoding import ENCODINGS
 from megatron_mft.evaluate.generate import BACKENDS, GenerationConfig
 from megatron_mft.evaluate.humaneval import HumanEvalConfig, run_humaneval
@@ -23,7 +23,7 @@ from megatron_mft.evaluate.sandbox import SandboxLimits
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m megatron_mft.evaluate", description=__doc__, epilog=HELP,
+    ap = ArgumentParser(prog="python -m megatron_mft.evaluate", description=__doc__, epilog=HELP,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="benchmark", required=True)
     he = sub.add_parser("humaneval", help="HumanEval pass@1 (greedy, zero-shot)")

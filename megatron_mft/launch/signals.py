@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 import time
 import warnings
+
+from megatron_mft.launch.agree import agree, initialised_dist
 
 __all__ = ["PreemptionGuard", "REASONS", "catch_early", "shield_checkpoint_helper"]
 
@@ -177,7 +178,7 @@ class PreemptionGuard:
         if self._reason is not None:
             return self._reason
         code = _CODE.get(self.local_reason(), 0)
-        code = _all_reduce_max(code, group)
+        code = agree(code, "max", group)
         if code:
             self._reason = REASONS[code - 1]
             self._write_stop_file()
@@ -193,25 +194,6 @@ class PreemptionGuard:
             warnings.warn(f"PreemptionGuard: cannot write MFT_STOP_FILE {self.stop_file}: {e}")
 
 
-def _initialised_dist():
-    """torch.distributed if a process group exists, else None (never imports torch itself)."""
-    dist = sys.modules.get("torch.distributed")
-    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
-
-
 def _rank() -> int:
-    dist = _initialised_dist()
+    dist = initialised_dist()
     return dist.get_rank() if dist is not None else 0
-
-
-def _all_reduce_max(code: int, group=None) -> int:
-    dist = _initialised_dist()
-    if dist is None:
-        return code
-    import torch
-
-    backend = dist.get_backend(group)
-    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(backend) else torch.device("cpu")
-    flag = torch.tensor([code], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    return int(flag.item())

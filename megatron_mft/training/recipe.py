@@ -17,6 +17,7 @@ from megatron_mft.config import RunConfig
 from megatron_mft.config.base import to_dict
 from megatron_mft.data import MFTData
 from megatron_mft.errors import UsageError, UserError
+from megatron_mft.launch.agree import any_rank, every_rank
 from megatron_mft.launch.env import read_dist_env
 from megatron_mft.loss import build_balancer, task_weights_in_force
 from megatron_mft.model import build_model_chunks, check_placement, kernels_line
@@ -146,11 +147,10 @@ class Recipe:
                 self.lock = RunLock(self.out).acquire()
             except RunLockError as e:
                 error = e
-        flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=self.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        refused = any_rank(error is not None)
         if error is not None:
             raise error
-        if flag.item():
+        if refused:
             raise UserError(f"output_dir {self.out} is in use by another run (rank 0 says which)")
         if self.lock is not None and self.lock.note:
             _say(f"note: {self.lock.note}")
@@ -329,9 +329,7 @@ class Recipe:
     def _weights_finite(self) -> bool:
         """Every rank's parameters are finite (a MIN all-reduce over the world)."""
         finite = [torch.isfinite(p).all() for c in self.chunks for p in c.parameters()]
-        flag = torch.stack(finite).all().to(torch.int32).reshape(1).to(self.device)  # one sync, not one per tensor
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        return bool(flag.item())
+        return every_rank(bool(torch.stack(finite).all()))  # one host sync, not one per tensor
 
     def save(self) -> None:
         if not self._weights_finite():
