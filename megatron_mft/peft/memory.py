@@ -110,7 +110,8 @@ class MemoryEstimate:
 def estimate_memory(arch: ArchSpec, *, method: str, rank: int, targets: Sequence[str] = PEFT_TARGETS,
                     tp: int = 1, pp: int = 1, dp: int = 1, vpp: Optional[int] = None, sp: bool = False,
                     seq_length: int = 4096, micro_batch: int = 1, recompute: str = "full",
-                    distributed_optimizer: bool = True, param_bytes: int = 2, ep: int = 1) -> MemoryEstimate:
+                    distributed_optimizer: bool = True, param_bytes: int = 2, ep: int = 1, cp: int = 1,
+                    cp_gathered_kv: bool = False) -> MemoryEstimate:
     """Per-GPU bytes for ``method`` in {"lora", "qlora"} (see the module docstring).
 
     weights   LoRA: param_bytes x (all parameters on the stage); QLoRA: 0.5159 B x targeted
@@ -135,6 +136,12 @@ def estimate_memory(arch: ArchSpec, *, method: str, rank: int, targets: Sequence
     workspace QLoRA: param_bytes x the largest targeted weight shard, dequantised for one
               matmul at a time.
 
+    Context parallelism (``cp`` ranks split every sequence): T above is s*b/cp, the tokens a
+    rank holds (activations and logits / cp); the distributed optimizer shards over d x cp.
+    ``cp_gathered_kv`` (the all-gather-KV attention without TE, megatron_mft/model/cp_attention.py)
+    adds the whole sequence's K and V, 2kv/t x s*b, for each layer whose activations are held
+    (one layer under full recompute); TE's p2p ring keeps only the rank's own K/V.
+
     Mixture of experts (``ep`` expert-parallel ranks, expert TP 1): weights count every expert
     (routed experts' / ep on a rank, not split over TP; the shared expert / t; NF4 for targeted
     expert linears under QLoRA); adapters one pair per expert (/ ep), their optimizer state / the
@@ -150,7 +157,7 @@ def estimate_memory(arch: ArchSpec, *, method: str, rank: int, targets: Sequence
     shapes = target_shapes(arch)
     targets = list(targets)
     layers = L // p
-    T = seq_length * micro_batch
+    T = seq_length * micro_batch / cp  # tokens on this rank
 
     # ---- parameters on the most loaded stage (first/last hold embedding / output layer)
     lins = layer_linears(arch)
@@ -184,8 +191,8 @@ def estimate_memory(arch: ArchSpec, *, method: str, rank: int, targets: Sequence
     adapters = (adapter_local + adapter_expert) * param_bytes
     grads = (adapter_local + adapter_expert) * 4
     opt_per = 12 if param_bytes < 4 else 8
-    expert_dp = max(1, dp * t // ep)  # megatron's expert data-parallel size (expert TP 1)
-    optimizer = (adapter_local / (dp if distributed_optimizer else 1)
+    expert_dp = max(1, dp * cp * t // ep)  # megatron's expert data-parallel size (expert TP 1)
+    optimizer = (adapter_local / (dp * cp if distributed_optimizer else 1)
                  + adapter_expert / (expert_dp if distributed_optimizer else 1)) * opt_per
 
     # ---- activations (elements per token per layer)
@@ -210,6 +217,8 @@ def estimate_memory(arch: ArchSpec, *, method: str, rank: int, targets: Sequence
     else:
         saved = none_layer * layers * in_flight
     activations = saved * T * param_bytes
+    if cp > 1 and cp_gathered_kv:
+        activations += 2 * kv / t * seq_length * micro_batch * (1 if recompute == "full" else layers * in_flight) * param_bytes
     logits = 6 * T * V / t
     workspace = 0.0
     if method == "qlora" and targets:
