@@ -23,7 +23,8 @@ from step_flops import step_flops  # noqa: E402
 RECIPES = sorted((ROOT / "examples").glob("*.yaml"))
 FULL = ["codellama34b_full.yaml", "codellama34b_pretrain.yaml", "starcoder2_15b_full.yaml"]
 PEFT = ["codellama34b_lora.yaml", "codellama34b_qlora.yaml", "llama2_70b_qlora.yaml", "qwen25_coder_32b_lora.yaml",
-        "deepseek_coder_33b_qlora.yaml", "llama31_70b_qlora.yaml"]
+        "deepseek_coder_33b_qlora.yaml", "llama31_70b_qlora.yaml", "mixtral_8x7b_qlora.yaml",
+        "qwen3_coder_30b_a3b_lora.yaml"]
 CLUSTER = FULL + PEFT
 OVERHEAD_GB = 4  # "~4 GB" of CUDA context, NCCL buffers and allocator slack, as the headers say
 
@@ -81,6 +82,7 @@ def test_peft_memory_figures_are_the_estimators(name):
     (tp, pp, dp) = (int(x) for x in args.layout[0].split(","))
     assert args.models == [cfg.model.preset] and args.methods == [cfg.peft.method]
     assert (tp, pp) == (cfg.parallel.tp, cfg.parallel.pp) and (tp > 1 and args.sp) == cfg.parallel.sp
+    assert args.ep == cfg.parallel.ep  # MoE: expert-parallel ranks
     assert (args.seq, args.micro_batch, args.rank, args.recompute) == (
         cfg.data.seq_length, cfg.train.micro_batch_size, cfg.peft.rank, cfg.model.recompute)
     assert args.targets == list(cfg.peft.target_modules)

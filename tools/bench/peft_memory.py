@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sp", action=argparse.BooleanOptionalAction, default=None,
                     help="sequence parallelism (default: on when tp > 1)")
     ap.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank")
+    ap.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (MoE presets; carved from TP x DP)")
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--rank", type=int, default=64)
@@ -70,7 +71,7 @@ def estimates(args: argparse.Namespace) -> list[tuple[str, str, tuple[int, int, 
                 est = estimate_memory(PRESETS[name], method=method, rank=args.rank, targets=args.targets, tp=tp,
                                       pp=pp, dp=dp, vpp=args.vpp, sp=sp, seq_length=args.seq,
                                       micro_batch=args.micro_batch, recompute=args.recompute,
-                                      distributed_optimizer=not args.no_distributed_optimizer)
+                                      distributed_optimizer=not args.no_distributed_optimizer, ep=args.ep)
                 rows.append((name, method, (tp, pp, dp), sp, est))
     return rows
 
