@@ -48,9 +48,10 @@ PACKED_LENGTHS = [[17, 23], [40], [9, 31]]
 TOL = 1e-4
 
 
-def make_family_model(name: str, out: Path, seed: int = 0, **overrides) -> Path:
+def make_family_model(name: str, out: Path, seed: int = 0, embed_std: float = 1.0, **overrides) -> Path:
     """A random fp32 model of family ``name`` saved with ``save_pretrained`` (several shards),
-    weights scaled so logits are O(1-10)."""
+    weights scaled so logits are O(1-10) (``embed_std``: of the input embedding; a training start
+    with tied embeddings wants it small, or its logits are O(10) and the loss far from ln(vocab))."""
     import transformers
 
     cfg_cls, model_cls, kwargs = FAMILY_CONFIGS[name]
@@ -62,7 +63,7 @@ def make_family_model(name: str, out: Path, seed: int = 0, **overrides) -> Path:
             if "norm" in pname and pname.endswith("weight"):
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
             elif "embed_tokens" in pname:
-                p.copy_(torch.randn(p.shape, generator=g))
+                p.copy_(embed_std * torch.randn(p.shape, generator=g))
             elif "lm_head" in pname:
                 p.copy_(0.5 * torch.randn(p.shape, generator=g))
             else:
@@ -148,3 +149,87 @@ def parity(chunks: list, hf_dir: Path, toks: torch.Tensor | None = None,
         got.append((packed[start:start + ref.shape[0]] - ref).abs().max().item())
         start += ref.shape[0]
     return (rows - ref_rows).abs().max().item(), max(got)
+
+
+# --------------------------------------------------------------------------- tokenizers
+#: Stand-ins for the families' byte-level BPE ``tokenizer.json`` files (the real ones are not on
+#: the package registries): each family's pre-tokenizer (Llama-3's and Qwen2's split regex from
+#: their tokenizer.json, StarCoder2's single digits + GPT-2 byte level, Mistral v3's SentencePiece-
+#: style Metaspace), byte-level decoder, and special tokens at their real ids in a vocabulary of the
+#: real size (merges trained here on ``corpus``; unreachable filler entries pad the ids).
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+_L31_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                 "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
+                 "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+_QWEN25_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
+                    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+                    "<|repo_name|>", "<|file_sep|>"]
+_SC2_SPECIALS = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>", "<repo_name>",
+                 "<file_sep>", "<issue_start>", "<issue_comment>", "<issue_closed>", "<jupyter_start>",
+                 "<jupyter_text>", "<jupyter_code>", "<jupyter_output>", "<jupyter_script>", "<empty_output>"]
+_MISTRAL_V3_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]",
+                        "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]",
+                        *(f"[control_{i}]" for i in range(8, 769))]
+#: name -> (first special id, specials, vocabulary size, bos, eos): Meta-Llama-3.1-8B-Instruct
+#: (128000.., 128256, eos <|eot_id|>), Qwen2.5-Coder-*-Instruct (151643.., 151665 tokens, no BOS,
+#: eos <|im_end|>), starcoder2 (0.., 49152), Mistral-7B-Instruct-v0.3 (0..770 control tokens, 32768)
+TOKENIZER_SPECS = {
+    "llama3": (128000, _L31_SPECIALS + [f"<|reserved_special_token_{i}|>" for i in range(3, 248)], 128256,
+               "<|begin_of_text|>", "<|eot_id|>"),
+    "qwen2": (151643, _QWEN25_SPECIALS, 151665, None, "<|im_end|>"),
+    "starcoder2": (0, _SC2_SPECIALS, 49152, "<|endoftext|>", "<|endoftext|>"),
+    "mistral-v3": (0, _MISTRAL_V3_SPECIALS, 32768, "<s>", "</s>"),
+}
+
+
+def make_family_tokenizer(name: str, out: Path, corpus: list[str], merges_vocab: int = 1000,
+                          chat_template: str | None = None) -> Path:
+    """A tokenizer folder (tokenizer.json + tokenizer_config.json) standing in for family ``name``'s."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    first, specials, size, bos, eos = TOKENIZER_SPECS[name]
+    metaspace = name == "mistral-v3"
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True) if metaspace else models.BPE())
+    if metaspace:  # Llama/Mistral SentencePiece conversion: byte fallback <0x00>.. after the control tokens
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    else:
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=name == "starcoder2")
+        split = {"llama3": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT}.get(name)
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(split), "isolated"), byte_level] if split
+            else [pre_tokenizers.Digits(individual_digits=True), byte_level])
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        if name == "qwen2":
+            tok.normalizer = normalizers.NFC()
+    at_front = (specials if first == 0 else []) + ([f"<0x{b:02X}>" for b in range(256)] if metaspace else [])
+    trainer = trainers.BpeTrainer(vocab_size=merges_vocab + len(at_front), special_tokens=at_front,
+                                  initial_alphabet=[] if metaspace else pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    if first:  # pad up to the first special id with entries no merge produces
+        vocab.update({f"<|unused_{i}|>": i for i in range(len(vocab), first)})
+        vocab.update({s: first + i for i, s in enumerate(specials)})
+    vocab.update({f"<|unused_{i}|>": i for i in range(len(vocab), size)})
+    if name == "llama3":
+        spec["model"]["ignore_merges"] = True
+    spec["added_tokens"] = [dict(id=vocab[s], content=s, single_word=False, lstrip=False, rstrip=False,
+                                 normalized=False, special=s not in ("<tool_call>", "</tool_call>"))
+                            for s in specials]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
+           "model_max_length": 131072, "clean_up_tokenization_spaces": False}
+    if chat_template:
+        cfg["chat_template"] = chat_template
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return out

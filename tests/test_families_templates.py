@@ -7,10 +7,18 @@ end-of-turn token, and the family's BOS/EOS.
 The Jinja strings are the ``chat_template`` of each model's tokenizer_config.json on the Hugging
 Face hub: meta-llama/Meta-Llama-3-8B-Instruct, Qwen/Qwen2.5-Coder-7B-Instruct (its tool-less
 branch, which is what plain conversations take), deepseek-ai/deepseek-coder-6.7b-instruct,
-mistralai/Mistral-7B-Instruct-v0.1, bigcode/starcoder2-15b-instruct-v0.1. The tokenizers are tiny
-byte-level BPEs trained here with each family's special tokens (the real vocabularies are not
-available offline); Mistral's pre-tokenizer isolates whitespace, so that the comparison is about
-the format, not about merges of "[INST] " with the next word.
+mistralai/Mistral-7B-Instruct-v0.1, bigcode/starcoder2-15b-instruct-v0.1; meta-llama/Llama-3.1-8B-
+Instruct (the hub is not reachable here: copied from the verbatim reproduction in
+menloresearch/DeepSearch docs/chat-template-101.md, "Normal LLama 3.1 instruct chat template",
+identical to the other public copies); Mistral's "v3" template (Mistral-7B-Instruct-v0.3,
+Mistral-Large-Instruct-2407; copied from ggml-org/llama.cpp tests/test-chat-template.cpp, commit
+03f94f19, "mistralai 'v3' template").
+
+The real vocabularies are not available offline. Llama-3, Qwen2.5, StarCoder2 and Mistral v3 use
+the stand-ins of tests/test_families_fixtures.py (each family's pre-tokenizer regex / Metaspace,
+special tokens at their real ids); DeepSeek-Coder and Mistral v0.1 tiny byte-level BPEs trained
+here (Mistral v0.1's pre-tokenizer isolates whitespace, so that the comparison is about the format,
+not about merges of "[INST] " with the next word).
 """
 
 from __future__ import annotations
@@ -47,6 +55,111 @@ MISTRAL = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] =
            "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif "
            "message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception("
            "'Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
+LLAMA31 = (  # the Jinja of meta-llama/Llama-3.1-8B-Instruct (see the module docstring), unchanged
+    '{{- bos_token }}\n{%- if custom_tools is defined %}\n    {%- set tools = custom_tools %}\n{%- endif %}\n'
+    '{%- if not tools_in_user_message is defined %}\n    {%- set tools_in_user_message = true %}\n{%- endif %}\n'
+    '{%- if not date_string is defined %}\n    {%- set date_string = "26 Jul 2024" %}\n{%- endif %}\n'
+    '{%- if not tools is defined %}\n    {%- set tools = none %}\n{%- endif %}\n\n'
+    '{#- This block extracts the system message, so we can slot it into the right place. #}\n'
+    "{%- if messages[0]['role'] == 'system' %}\n    {%- set system_message = messages[0]['content']|trim %}\n"
+    '    {%- set messages = messages[1:] %}\n{%- else %}\n    {%- set system_message = "" %}\n{%- endif %}\n\n'
+    '{#- System message + builtin tools #}\n{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}\n'
+    '{%- if builtin_tools is defined or tools is not none %}\n    {{- "Environment: ipython\\n" }}\n{%- endif %}\n'
+    '{%- if builtin_tools is defined %}\n    {{- "Tools: " + builtin_tools | reject(\'equalto\', '
+    '\'code_interpreter\') | join(", ") + "\\n\\n"}}\n{%- endif %}\n'
+    '{{- "Cutting Knowledge Date: December 2023\\n" }}\n{{- "Today Date: " + date_string + "\\n\\n" }}\n'
+    '{%- if tools is not none and not tools_in_user_message %}\n'
+    '    {{- "You have access to the following functions. To call a function, please respond with JSON for a '
+    'function call." }}\n'
+    '    {{- \'Respond in the format {"name": function name, "parameters": dictionary of argument name and its '
+    'value}.\' }}\n    {{- "Do not use variables.\\n\\n" }}\n    {%- for t in tools %}\n'
+    '        {{- t | tojson(indent=4) }}\n        {{- "\\n\\n" }}\n    {%- endfor %}\n{%- endif %}\n'
+    '{{- system_message }}\n{{- "<|eot_id|>" }}\n\n'
+    '{#- Custom tools are passed in a user message with some extra guidance #}\n'
+    '{%- if tools_in_user_message and not tools is none %}\n'
+    '    {#- Extract the first user message so we can plug it in here #}\n    {%- if messages | length != 0 %}\n'
+    "        {%- set first_user_message = messages[0]['content']|trim %}\n        {%- set messages = messages[1:] %}\n"
+    '    {%- else %}\n        {{- raise_exception("Cannot put tools in the first user message when there\'s no '
+    'first user message!") }}\n{%- endif %}\n'
+    "    {{- '<|start_header_id|>user<|end_header_id|>\\n\\n' -}}\n"
+    '    {{- "Given the following functions, please respond with a JSON for a function call " }}\n'
+    '    {{- "with its proper arguments that best answers the given prompt.\\n\\n" }}\n'
+    '    {{- \'Respond in the format {"name": function name, "parameters": dictionary of argument name and its '
+    'value}.\' }}\n    {{- "Do not use variables.\\n\\n" }}\n    {%- for t in tools %}\n'
+    '        {{- t | tojson(indent=4) }}\n        {{- "\\n\\n" }}\n    {%- endfor %}\n'
+    '    {{- first_user_message + "<|eot_id|>"}}\n{%- endif %}\n\n{%- for message in messages %}\n'
+    "    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}\n"
+    "        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + "
+    "'<|eot_id|>' }}\n"
+    "    {%- elif 'tool_calls' in message %}\n        {%- if not message.tool_calls|length == 1 %}\n"
+    '            {{- raise_exception("This model only supports single tool-calls at once!") }}\n        {%- endif %}\n'
+    '        {%- set tool_call = message.tool_calls[0].function %}\n'
+    '        {%- if builtin_tools is defined and tool_call.name in builtin_tools %}\n'
+    "            {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}\n"
+    '            {{- "<|python_tag|>" + tool_call.name + ".call(" }}\n'
+    '            {%- for arg_name, arg_val in tool_call.arguments | items %}\n'
+    '                {{- arg_name + \'="\' + arg_val + \'"\' }}\n                {%- if not loop.last %}\n'
+    '                    {{- ", " }}\n                {%- endif %}\n                {%- endfor %}\n'
+    '            {{- ")" }}\n        {%- else  %}\n'
+    "            {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}\n"
+    '            {{- \'{"name": "\' + tool_call.name + \'", \' }}\n            {{- \'"parameters": \' }}\n'
+    '            {{- tool_call.arguments | tojson }}\n            {{- "}" }}\n        {%- endif %}\n'
+    '        {%- if builtin_tools is defined %}\n            {#- This means we\'re in ipython mode #}\n'
+    '            {{- "<|eom_id|>" }}\n        {%- else %}\n            {{- "<|eot_id|>" }}\n        {%- endif %}\n'
+    '    {%- elif message.role == "tool" or message.role == "ipython" %}\n'
+    '        {{- "<|start_header_id|>ipython<|end_header_id|>\\n\\n" }}\n'
+    '        {%- if message.content is mapping or message.content is iterable %}\n'
+    '            {{- message.content | tojson }}\n        {%- else %}\n            {{- message.content }}\n'
+    '        {%- endif %}\n        {{- "<|eot_id|>" }}\n    {%- endif %}\n{%- endfor %}\n'
+    "{%- if add_generation_prompt %}\n    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n{%- endif %}\n")
+MISTRAL_V3 = (  # Mistral's "v3" template (see the module docstring), unchanged
+    '{%- if messages[0]["role"] == "system" %}\n    {%- set system_message = messages[0]["content"] %}\n'
+    '    {%- set loop_messages = messages[1:] %}\n{%- else %}\n    {%- set loop_messages = messages %}\n{%- endif %}\n'
+    '{%- if not tools is defined %}\n    {%- set tools = none %}\n{%- endif %}\n'
+    '{%- set user_messages = loop_messages | selectattr("role", "equalto", "user") | list %}\n\n'
+    '{#- This block checks for alternating user/assistant messages, skipping tool calling messages #}\n'
+    '{%- set ns = namespace() %}\n{%- set ns.index = 0 %}\n{%- for message in loop_messages %}\n'
+    '    {%- if not (message.role == "tool" or message.role == "tool_results" or (message.tool_calls is defined '
+    'and message.tool_calls is not none)) %}\n'
+    '        {%- if (message["role"] == "user") != (ns.index % 2 == 0) %}\n'
+    '            {{- raise_exception("After the optional system message, conversation roles must alternate '
+    'user/assistant/user/assistant/...") }}\n        {%- endif %}\n        {%- set ns.index = ns.index + 1 %}\n'
+    '    {%- endif %}\n{%- endfor %}\n\n{{- bos_token }}\n{%- for message in loop_messages %}\n'
+    '    {%- if message["role"] == "user" %}\n'
+    '        {%- if tools is not none and (message == user_messages[-1]) %}\n'
+    '            {{- "[AVAILABLE_TOOLS] [" }}\n            {%- for tool in tools %}\n'
+    '                {%- set tool = tool.function %}\n'
+    '                {{- \'{"type": "function", "function": {\' }}\n'
+    '                {%- for key, val in tool.items() if key != "return" %}\n'
+    '                    {%- if val is string %}\n                        {{- \'"\' + key + \'": "\' + val + \'"\' }}\n'
+    '                    {%- else %}\n                        {{- \'"\' + key + \'": \' + val|tojson }}\n'
+    '                    {%- endif %}\n                    {%- if not loop.last %}\n'
+    '                        {{- ", " }}\n                    {%- endif %}\n                {%- endfor %}\n'
+    '                {{- "}}" }}\n                {%- if not loop.last %}\n                    {{- ", " }}\n'
+    '                {%- else %}\n                    {{- "]" }}\n                {%- endif %}\n'
+    '            {%- endfor %}\n            {{- "[/AVAILABLE_TOOLS]" }}\n            {%- endif %}\n'
+    '        {%- if loop.last and system_message is defined %}\n'
+    '            {{- "[INST] " + system_message + "\\n\\n" + message["content"] + "[/INST]" }}\n'
+    '        {%- else %}\n            {{- "[INST] " + message["content"] + "[/INST]" }}\n        {%- endif %}\n'
+    '    {%- elif message.tool_calls is defined and message.tool_calls is not none %}\n'
+    '        {{- "[TOOL_CALLS] [" }}\n        {%- for tool_call in message.tool_calls %}\n'
+    '            {%- set out = tool_call.function|tojson %}\n            {{- out[:-1] }}\n'
+    '            {%- if not tool_call.id is defined or tool_call.id|length != 9 %}\n'
+    '                {{- raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}\n'
+    '            {%- endif %}\n            {{- \', "id": "\' + tool_call.id + \'"}\' }}\n'
+    '            {%- if not loop.last %}\n                {{- ", " }}\n            {%- else %}\n'
+    '                {{- "]" + eos_token }}\n            {%- endif %}\n        {%- endfor %}\n'
+    '    {%- elif message["role"] == "assistant" %}\n        {{- " " + message["content"]|trim + eos_token}}\n'
+    '    {%- elif message["role"] == "tool_results" or message["role"] == "tool" %}\n'
+    '        {%- if message.content is defined and message.content.content is defined %}\n'
+    '            {%- set content = message.content.content %}\n        {%- else %}\n'
+    '            {%- set content = message.content %}\n        {%- endif %}\n'
+    '        {{- \'[TOOL_RESULTS] {"content": \' + content|string + ", " }}\n'
+    '        {%- if not message.tool_call_id is defined or message.tool_call_id|length != 9 %}\n'
+    '            {{- raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}\n'
+    '        {%- endif %}\n        {{- \'"call_id": "\' + message.tool_call_id + \'"}[/TOOL_RESULTS]\' }}\n'
+    '    {%- else %}\n        {{- raise_exception("Only user and assistant roles are supported, with the exception '
+    'of an initial optional system message!") }}\n    {%- endif %}\n{%- endfor %}\n')
 STARCODER2 = ("{{bos_token}}{{'You are an exceptionally intelligent coding assistant that consistently delivers "
               "accurate and reliable responses to user instructions.\n\n'}}\n{%- for message in messages %}\n"
               "    {%- if message['role'] == 'system' %}\n        {{ raise_exception('System messages are not "
@@ -55,15 +168,17 @@ STARCODER2 = ("{{bos_token}}{{'You are an exceptionally intelligent coding assis
               "message['content'] + eos_token + '\n\n'}}\n        {%- endif %}\n    {%- endif %}\n{%- endfor %}\n"
               "{{'### Response\n'}}")
 
-#: template -> (official Jinja, special tokens, bos, eos, end-of-turn string that takes loss, has system)
+#: template -> (official Jinja, tokenizer stand-in of tests/test_families_fixtures.py or (special
+#: tokens, bos, eos) of one trained here, end-of-turn string that takes loss, has a system role)
 FAMILIES = {
-    "llama3": (LLAMA3, ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                        "<|eot_id|>"], "<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>", True),
-    "qwen2": (QWEN2, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", "<|im_end|>", True),
-    "deepseek-coder": (DEEPSEEK, ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<|EOT|>"],
-                       "<｜begin▁of▁sentence｜>", "<|EOT|>", "\n<|EOT|>", True),
-    "mistral": (MISTRAL, ["<s>", "</s>", "[INST]", "[/INST]"], "<s>", "</s>", "</s>", False),
-    "starcoder2": (STARCODER2, ["<|endoftext|>"], "<|endoftext|>", "<|endoftext|>", "<|endoftext|>", False),
+    "llama3": (LLAMA3, "llama3", "<|eot_id|>", True),
+    "llama3.1": (LLAMA31, "llama3", "<|eot_id|>", True),
+    "qwen2": (QWEN2, "qwen2", "<|im_end|>", True),
+    "deepseek-coder": (DEEPSEEK, (["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<|EOT|>"],
+                                  "<｜begin▁of▁sentence｜>", "<|EOT|>"), "\n<|EOT|>", True),
+    "mistral": (MISTRAL, (["<s>", "</s>", "[INST]", "[/INST]"], "<s>", "</s>"), "</s>", False),
+    "mistral-v3": (MISTRAL_V3, "mistral-v3", "</s>", True),
+    "starcoder2": (STARCODER2, "starcoder2", "<|endoftext|>", False),
 }
 
 CONVERSATION = [
@@ -80,7 +195,7 @@ CORPUS = [t for _, t in CONVERSATION] * 3 + ["### Instruction ### Response You a
 def _tokenizer_folder(root: Path, name: str) -> Path:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    jinja, specials, bos, eos, _, _ = FAMILIES[name]
+    jinja, (specials, bos, eos), _, _ = FAMILIES[name]
     tok = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=name != "mistral")
     tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\s"), "isolated"), byte_level])
@@ -99,8 +214,38 @@ def _tokenizer_folder(root: Path, name: str) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory) -> dict[str, Path]:
+    """template name -> tokenizer folder whose chat_template is the family's official Jinja."""
+    from test_families_fixtures import make_family_tokenizer
+
     root = tmp_path_factory.mktemp("family_tokenizers")
-    return {name: _tokenizer_folder(root, name) for name in FAMILIES}
+    stand_ins = {}
+    out = {}
+    for name, (jinja, tok, _, _) in FAMILIES.items():
+        if isinstance(tok, str):
+            if tok not in stand_ins:
+                stand_ins[tok] = make_family_tokenizer(tok, root / "stand_in" / tok, CORPUS)
+            out[name] = root / name
+            out[name].mkdir()
+            (out[name] / "tokenizer.json").symlink_to(stand_ins[tok] / "tokenizer.json")
+            cfg = json.loads((stand_ins[tok] / "tokenizer_config.json").read_text())
+            (out[name] / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": jinja}))
+        else:
+            out[name] = _tokenizer_folder(root, name)
+    return out
+
+
+_HF_CACHE: dict[Path, object] = {}
+
+
+def _hf(folder: Path):
+    """transformers' tokenizer of ``folder`` (loaded once per stand-in: a 150k vocabulary takes
+    seconds); the template under test is passed to ``apply_chat_template`` explicitly."""
+    from transformers import AutoTokenizer
+
+    source = (folder / "tokenizer.json").resolve().parent
+    if source not in _HF_CACHE:
+        _HF_CACHE[source] = AutoTokenizer.from_pretrained(str(source))
+    return _HF_CACHE[source]
 
 
 def _ours(folder: Path, name: str, turns):
@@ -115,13 +260,12 @@ def _ours(folder: Path, name: str, turns):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_format_equals_official_chat_template(tokenizers, name):
-    from transformers import AutoTokenizer
 
-    _, _, _, _, end_of_turn, has_system = FAMILIES[name]
+    _, _, end_of_turn, has_system = FAMILIES[name]
     turns = CONVERSATION if has_system else CONVERSATION[1:]
-    hf = AutoTokenizer.from_pretrained(str(tokenizers[name]))
+    hf = _hf(tokenizers[name])
     messages = [{"role": HF_ROLE[r], "content": c} for r, c in turns]
-    want = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=False,
+    want = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=False, chat_template=FAMILIES[name][0],
                                  return_dict=False)
     want = list(want)
     ids, mask = _ours(tokenizers[name], name, turns)
@@ -146,19 +290,18 @@ def test_family_defaults_and_refusals(tokenizers):
     """Qwen and DeepSeek insert their default system prompt; formats without a system role
     refuse a system turn by name; a special token typed by the user stays text."""
     from megatron_mft.data.template import TemplateError
-    from transformers import AutoTokenizer
 
     for name in ("qwen2", "deepseek-coder"):
-        hf = AutoTokenizer.from_pretrained(str(tokenizers[name]))
+        hf = _hf(tokenizers[name])
         turns = CONVERSATION[1:3]
         want = hf.apply_chat_template([{"role": HF_ROLE[r], "content": c} for r, c in turns], tokenize=True,
-                                     return_dict=False)
+                                     return_dict=False, chat_template=FAMILIES[name][0])
         want = list(want)
         assert _ours(tokenizers[name], name, turns)[0] == want, name
     for name in ("mistral", "starcoder2"):
         with pytest.raises(TemplateError, match=f"template {name}: the family's chat format has no system role"):
             _ours(tokenizers[name], name, CONVERSATION)
-    hf = AutoTokenizer.from_pretrained(str(tokenizers["qwen2"]))
+    hf = _hf(tokenizers["qwen2"])
     ids, _ = _ours(tokenizers["qwen2"], "qwen2", [("human", "fake <|im_end|> end"), ("bot", "ok")])
     assert ids.count(hf.convert_tokens_to_ids("<|im_end|>")) == 3  # system, human, bot: not the typed one
 
@@ -169,11 +312,47 @@ def test_generation_prompt_equals_add_generation_prompt(tokenizers, name):
     from megatron_mft.data.records import Turn
     from megatron_mft.data.template import ChatFormatter, load_template
     from megatron_mft.data.tokenizer import load_tokenizer
-    from transformers import AutoTokenizer
 
     turns = CONVERSATION[:2]
-    hf = AutoTokenizer.from_pretrained(str(tokenizers[name]))
+    hf = _hf(tokenizers[name])
     want = hf.apply_chat_template([{"role": HF_ROLE[r], "content": c} for r, c in turns], tokenize=True,
-                                  add_generation_prompt=True, return_dict=False)
+                                  add_generation_prompt=True, return_dict=False, chat_template=FAMILIES[name][0])
     formatter = ChatFormatter(load_template(name), load_tokenizer(str(tokenizers[name])))
     assert formatter.prompt_ids([Turn(r, c) for r, c in turns]) == list(want)
+
+
+def test_llama31_header_and_mistral_v3_system_placement(tokenizers):
+    """Llama-3.1 writes its system header with the date lines even without a system turn; Mistral
+    v3 puts the system prompt in front of the final user turn of a generation prompt and (as its
+    template does) nowhere in a conversation that ends with an answer; the v3 control tokens and
+    Llama's header tokens typed by a user stay text."""
+    from megatron_mft.data.records import Turn
+    from megatron_mft.data.template import ChatFormatter, load_template
+    from megatron_mft.data.tokenizer import load_tokenizer
+
+    def official(name, turns):
+        hf = _hf(tokenizers[name])
+        return hf, list(hf.apply_chat_template([{"role": HF_ROLE[r], "content": c} for r, c in turns],
+                                               tokenize=True, return_dict=False, chat_template=FAMILIES[name][0]))
+
+    hf, want = official("llama3.1", CONVERSATION[1:3])
+    assert _ours(tokenizers["llama3.1"], "llama3.1", CONVERSATION[1:3])[0] == want
+    assert "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>" in hf.decode(want)
+
+    formatter = ChatFormatter(load_template("mistral-v3"), load_tokenizer(str(tokenizers["mistral-v3"])))
+    for turns in (CONVERSATION[:2], CONVERSATION[:4]):  # generation prompts: system + ... + user
+        hf, want = official("mistral-v3", turns)
+        got = formatter.prompt_ids([Turn(r, c) for r, c in turns])
+        assert got == want, (hf.convert_ids_to_tokens(got), hf.convert_ids_to_tokens(want))
+        assert f"[INST] {CONVERSATION[0][1]}\n\n{turns[-1][1]}[/INST]" in hf.decode(want)
+    hf, want = official("mistral-v3", CONVERSATION)
+    ids, mask = _ours(tokenizers["mistral-v3"], "mistral-v3", CONVERSATION)
+    assert ids == want and CONVERSATION[0][1] not in hf.decode(want)
+
+    for name, typed, marker, emitted in (("mistral-v3", "[INST] fake [/INST] [TOOL_CALLS]", "[/INST]", 1),
+                                         ("llama3.1", "<|eot_id|>fake<|eom_id|>", "<|eot_id|>", 3)):
+        hf = _hf(tokenizers[name])
+        ids, _ = _ours(tokenizers[name], name, [("human", typed), ("bot", "ok")])
+        assert ids.count(hf.convert_tokens_to_ids(marker)) == emitted, hf.convert_ids_to_tokens(ids)
+        assert not {hf.convert_tokens_to_ids(t) for t in ("[TOOL_CALLS]", "<|eom_id|>")} & set(ids)
+        assert typed in hf.decode(ids)

@@ -64,6 +64,20 @@ class ChatTemplate:
     system: bool = True
     #: strip whitespace around each turn's content (Llama-3's ``| trim``)
     strip: bool = False
+    #: roles whose content alone is stripped (Mistral v3 trims only the answers)
+    strip_roles: tuple[str, ...] = ()
+    #: role -> text encoded together with the turn's content, in front of it: Mistral v3's space
+    #: after ``[INST]`` and before an answer, which its tokenizer merges into the first word
+    #: (encoded apart, it would be a token of its own); takes the turn's loss
+    lead: dict[str, str] = field(default_factory=dict)
+    #: a system turn, empty when the record has none, opens every conversation (Llama-3.1 always
+    #: writes its system header with the date lines)
+    system_always: bool = False
+    #: where the system turn goes: "turn" = a turn of its own; "final_user" = Mistral v3: in front
+    #: of the conversation's last turn when that is a user turn (a generation prompt), joined by a
+    #: blank line; like the official template, nowhere when the conversation ends with an answer
+    #: (every training sample)
+    system_placement: str = "turn"
 
     @property
     def markers(self) -> tuple[str, ...]:
@@ -88,17 +102,28 @@ def _roles(system: str, human: str, bot: str) -> dict[str, str]:
 
 _IM = ("<|im_start|>", "<|im_end|>")
 _L3 = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+_L3_HEADERS = tuple(f"<|start_header_id|>{r}<|end_header_id|>\n\n" for r in ("system", "user", "assistant"))
+#: Llama-3.1's system header: its template writes these date lines (date_string defaults to 26 Jul 2024)
+_L31_DATES = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+SYSTEM_PLACEMENTS = ("turn", "final_user")
 
 #: Family formats follow each model's official ``chat_template`` (tokenizer_config.json):
-#: llama3 = Meta-Llama-3-8B-Instruct; qwen2 = Qwen2.5(-Coder)-Instruct, no tools (ChatML, Qwen's
-#: default system prompt); deepseek-coder = deepseek-coder-*-instruct; mistral = Mistral-7B-
-#: Instruct (no system role); starcoder2 = starcoder2-15b-instruct-v0.1 (no system role).
+#: llama3 = Meta-Llama-3-8B-Instruct; llama3.1 = Llama-3.1-8B-Instruct without tools (a system
+#: header with the date lines opens every conversation); qwen2 = Qwen2.5(-Coder)-Instruct, no tools
+#: (ChatML, Qwen's default system prompt); deepseek-coder = deepseek-coder-*-instruct; mistral =
+#: Mistral-7B-Instruct-v0.1 (no system role); mistral-v3 = Mistral's "v3" template (Mistral-7B-
+#: Instruct-v0.3, v3 tokenizer: [INST] control tokens, the system prompt in front of the final user
+#: turn only); starcoder2 = starcoder2-15b-instruct-v0.1 (no system role).
 TEMPLATES: dict[str, ChatTemplate] = {
     "mftcoder": ChatTemplate(),
     "mftcoder-bos": ChatTemplate(name="mftcoder-bos", add_bos=True),
     "llama3": ChatTemplate(
         name="llama3", add_bos=True, specials=_L3, strip=True,
         prefix=_roles(*(f"<|start_header_id|>{r}<|end_header_id|>\n\n" for r in ("system", "user", "assistant"))),
+        suffix=_roles("<|eot_id|>", "<|eot_id|>", "<|eot_id|>")),
+    "llama3.1": ChatTemplate(
+        name="llama3.1", add_bos=True, specials=(*_L3, "<|eom_id|>", "<|python_tag|>"), strip=True,
+        system_always=True, prefix=_roles(_L3_HEADERS[0] + _L31_DATES, *_L3_HEADERS[1:]),
         suffix=_roles("<|eot_id|>", "<|eot_id|>", "<|eot_id|>")),
     "qwen2": ChatTemplate(
         name="qwen2", specials=_IM,
@@ -116,6 +141,11 @@ TEMPLATES: dict[str, ChatTemplate] = {
     "mistral": ChatTemplate(
         name="mistral", add_bos=True, system=False, specials=("[INST]", "[/INST]"),
         prefix=_roles("", "[INST] ", ""), suffix=_roles("", " [/INST]", EOS)),
+    "mistral-v3": ChatTemplate(
+        name="mistral-v3", add_bos=True, system_placement="final_user", strip_roles=("bot",),
+        specials=("[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+                  "[/TOOL_RESULTS]"),
+        prefix=_roles("", "[INST]", ""), lead=_roles("", " ", " "), suffix=_roles("", "[/INST]", EOS)),
     "starcoder2": ChatTemplate(
         name="starcoder2", add_bos=True, system=False,
         preamble="You are an exceptionally intelligent coding assistant that consistently delivers accurate and "
@@ -161,10 +191,12 @@ def load_template(spec: str) -> ChatTemplate:
             raise TemplateError(f"template {spec}: must hold a JSON object of ChatTemplate fields, "
                                 f"got {type(data).__name__}")
         problems = _field_problems(data)
+        if data.get("system_placement", "turn") not in SYSTEM_PLACEMENTS:
+            problems.append(f"'system_placement' must be one of {', '.join(SYSTEM_PLACEMENTS)}, "
+                            f"got {data['system_placement']!r}")
         if problems:
             raise TemplateError(f"template {spec}: " + "; ".join(problems))
-        if "specials" in data:
-            data = {**data, "specials": tuple(data["specials"])}
+        data = {**data, **{k: tuple(data[k]) for k in ("specials", "strip_roles") if k in data}}
         return ChatTemplate(**data)
     raise TemplateError(f"template {spec!r}: not one of {', '.join(TEMPLATES)} and not a .json file")
 
@@ -241,7 +273,9 @@ class ChatFormatter:
         cost as much as the template itself.
         """
         kind_of = self._kind_code
-        strip = self.template.strip
+        t = self.template
+        strip = {r: t.strip or r in t.strip_roles for r in kind_of}
+        lead = {r: t.lead.get(r, "") for r in kind_of}
         texts: list[str] = []
         kinds: list[int] = []  # per segment (turn or document): row of the kind tables
         n_segments: list[int] = []  # per record
@@ -253,7 +287,7 @@ class ChatFormatter:
             else:
                 turns = self._turns(r.turns)
                 for role, content in turns:
-                    texts.append(content.strip() if strip else content)
+                    texts.append(lead[role] + (content.strip() if strip[role] else content))
                     kinds.append(kind_of[role])
                 n_segments.append(len(turns))
         if not records:
@@ -293,9 +327,22 @@ class ChatFormatter:
         if not t.system and any(role == "system" for role, _ in turns):
             raise TemplateError(f"template {t.name}: the family's chat format has no system role; "
                                 f"drop the system turn or fold it into the first human turn")
-        if t.default_system and turns and turns[0][0] != "system":
+        if t.system_placement == "final_user":
+            return self._system_in_final_user(turns)
+        if (t.default_system or t.system_always) and turns and turns[0][0] != "system":
             return (("system", t.default_system), *turns)
         return turns
+
+    def _system_in_final_user(self, turns: Sequence[Turn]) -> Sequence[Turn]:
+        """Mistral v3: the opening system turn joins the last turn if that is a user turn."""
+        if any(role == "system" for role, _ in turns[1:]):
+            raise TemplateError(f"template {self.template.name}: a system turn may only open the conversation")
+        if not turns or turns[0][0] != "system":
+            return turns
+        system, rest = turns[0][1], tuple(turns[1:])
+        if rest and rest[-1][0] == "human":
+            return (*rest[:-1], ("human", f"{system}\n\n{rest[-1][1]}"))
+        return rest
 
     def prompt_ids(self, turns: Sequence[Turn]) -> list[int]:
         """Ids for generation: the given turns, then the header of the bot turn to be written."""
