@@ -14,6 +14,12 @@ to CPU and answers ``Tensor.type()`` in CUDA names; ``torch.cuda`` helpers that 
 synchronise or query become CPU no-ops; the RNG tracker uses the CPU generator. It is a no-op
 when ``torch.cuda.is_available()``, so GPU runs execute megatron-core untouched.
 
+It also skips collectives on single-rank process groups (:func:`_skip_single_rank_collectives`):
+megatron issues them unconditionally (~11 per step at TP=DP=1: vocab-parallel CE, grad norm,
+the distributed optimizer's grad reduce-scatter and param all-gather) and gloo runs each through
+its worker thread, ~20 us idle but milliseconds when the cores are loaded; over one rank every
+such collective is the identity, so skipping it changes no number.
+
 Device-placement test mode (:func:`cuda_redirected_to`): the same redirects, but to a device that
 is *not* the CPU (``meta``). A model built under it with ``use_cpu_initialization=False`` holds
 on the CPU exactly the tensors that a GPU run would leave on the host, which is the class of
@@ -144,6 +150,96 @@ def _patch_cuda_module() -> None:
     c.reset_peak_memory_stats = lambda *a, **k: None
 
 
+_IDENTITY_OPS = {"SUM", "AVG", "MAX", "MIN", "PRODUCT", "BAND", "BOR", "BXOR"}
+
+
+def _alone(group) -> bool:
+    """True when ``group`` (None = the default group) holds this rank only, and no coalescing
+    manager is collecting ops for it (that one expects every op it sees to run)."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    if group is None:
+        if not dist.is_initialized():
+            return False
+        group = c10d._get_default_group()
+    return (isinstance(group, dist.ProcessGroup) and group.size() == 1
+            and group not in c10d._world.pg_coalesce_state)
+
+
+def _identity_op(op) -> bool:
+    return str(op).rsplit(".", 1)[-1] in _IDENTITY_OPS  # not PREMUL_SUM: it scales
+
+
+def _skip_single_rank_collectives() -> None:
+    """Synchronous collectives over a one-rank group return without entering gloo (exact: a
+    reduction over one rank is its input, an all-gather/reduce-scatter over one rank a copy);
+    megatron's DDP bucket groups skip their grad reduce-scatter/all-reduce and param all-gather
+    over one rank (the shard is the whole buffer). Asynchronous calls, coalesced calls and
+    groups of two or more ranks go to torch.distributed unchanged."""
+    import torch.distributed as dist
+    from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBucketGroup as BucketGroup
+
+    all_reduce, broadcast = dist.all_reduce, dist.broadcast
+    all_gather, reduce_scatter = dist.all_gather_into_tensor, dist.reduce_scatter_tensor
+
+    def all_reduce_(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        if not async_op and _identity_op(op) and _alone(group):
+            return None
+        return all_reduce(tensor, op=op, group=group, async_op=async_op)
+
+    def broadcast_(tensor, src=None, group=None, async_op=False, **kw):
+        if not async_op and _alone(group):
+            return None
+        return broadcast(tensor, src, group=group, async_op=async_op, **kw)
+
+    def all_gather_(output_tensor, input_tensor, group=None, async_op=False):
+        if not async_op and _alone(group):
+            if output_tensor.data_ptr() != input_tensor.data_ptr():
+                output_tensor.copy_(input_tensor.reshape(output_tensor.shape))
+            return None
+        return all_gather(output_tensor, input_tensor, group=group, async_op=async_op)
+
+    def reduce_scatter_(output, input, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        if not async_op and _identity_op(op) and _alone(group):
+            if output.data_ptr() != input.data_ptr():
+                output.copy_(input.reshape(output.shape))
+            return None
+        return reduce_scatter(output, input, op=op, group=group, async_op=async_op)
+
+    dist.all_reduce, dist.broadcast = all_reduce_, broadcast_
+    dist.all_gather_into_tensor, dist.reduce_scatter_tensor = all_gather_, reduce_scatter_
+
+    def bucket_group_alone(self) -> bool:
+        group = (self.intra_distributed_optimizer_instance_group if self.ddp_config.use_distributed_optimizer
+                 else self.data_parallel_group)
+        return self.ddp_config.num_distributed_optimizer_instances == 1 and _alone(group)
+
+    start_param_sync, start_grad_sync = BucketGroup.start_param_sync, BucketGroup.start_grad_sync
+
+    def start_param_sync_(self, force_sync: bool = False):
+        if not bucket_group_alone(self):
+            return start_param_sync(self, force_sync)
+        self.param_gather_handle = None  # the one rank's shard is the whole param buffer
+        self.param_gather_dispatched = True
+
+    def start_grad_sync_(self, force_all_reduce: bool = False):
+        if not bucket_group_alone(self):
+            return start_grad_sync(self, force_all_reduce)
+        if self.is_first_batch and self.grad_reduce_handle is not None:
+            return
+        cfg = self.ddp_config
+        if cfg.check_for_nan_in_grad or cfg.check_for_large_grads:
+            self.check_grads(check_for_nan_or_inf=cfg.check_for_nan_in_grad,
+                             check_for_large=cfg.check_for_large_grads)
+        for bucket in self.buckets:  # what megatron does before the (identity) reduction
+            if bucket.gradient_scaling_factor != 1.0:
+                bucket.grad_data *= bucket.gradient_scaling_factor
+        self.grad_reduce_handle = None
+
+    BucketGroup.start_param_sync, BucketGroup.start_grad_sync = start_param_sync_, start_grad_sync_
+
+
 def activate() -> bool:
     """Apply the CPU redirects once per process; return True when they are (now) active."""
     global _active, _mode
@@ -154,6 +250,7 @@ def activate() -> bool:
             return True
         _patch_cuda_module()
         _patch_rng()
+        _skip_single_rank_collectives()
         _mode = _CudaToCpuMode()
         _mode.__enter__()
         _active = True
