@@ -7,7 +7,6 @@ on chosen, ORPO's odds ratio on per-token means); the engine's shares are summed
 batches. Values and gradients with respect to every token's CE must agree.
 """
 
-import math
 import types
 
 import numpy as np
