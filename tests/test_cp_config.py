@@ -38,3 +38,22 @@ def test_world_layout_rules_count_cp_and_ep():
     assert _layout_problems(run, world_size=2) == []  # dp = 1: any batch size works
     run4 = load_config(None, ["data.path=/unused", "parallel.cp=4"])
     assert "needs a multiple of 4 processes" in _layout_problems(run4, world_size=2)[0]
+
+
+def test_memory_estimate_counts_context_parallelism():
+    """Per rank: activations and logits of s/cp tokens, Adam sharded over DP x CP, weights and
+    adapter grads unchanged; the all-gather-KV path adds the whole sequence's K and V (bf16) for
+    one layer under full recompute, for every layer without recompute."""
+    from megatron_mft.config import PRESETS
+    from megatron_mft.peft.memory import estimate_memory
+
+    arch, s, tp = PRESETS["codellama-34b"], 32768, 4
+    kv_bytes = 2 * arch.num_query_groups * arch.head_dim / tp * s * 2  # K and V of the whole sequence, bf16
+    for recompute, layers in (("full", 1), ("none", arch.num_layers)):
+        kw = dict(method="lora", rank=64, tp=tp, sp=True, seq_length=s, recompute=recompute)
+        one, two = estimate_memory(arch, **kw), estimate_memory(arch, **kw, cp=2)
+        gathered = estimate_memory(arch, **kw, cp=2, cp_gathered_kv=True)
+        assert two.activations == pytest.approx(one.activations / 2) and two.logits == pytest.approx(one.logits / 2)
+        assert two.optimizer == pytest.approx(one.optimizer / 2)
+        assert (two.base_weights, two.adapters, two.grads) == (one.base_weights, one.adapters, one.grads)
+        assert gathered.activations - two.activations == pytest.approx(kv_bytes * layers)

@@ -78,8 +78,8 @@ def test_dry_run_prints_a_launch_that_fits(script):
     assert any(o.startswith("output_dir=") for o in overrides) and any(o.startswith("data.path=") for o in overrides)
     cfg = load_config(recipe, overrides)  # the resolved run validates
     world = nodes * per_node
-    model_parallel = cfg.parallel.tp * cfg.parallel.pp
-    assert world % model_parallel == 0, f"{world} GPUs do not divide into tp x pp = {model_parallel}"
+    model_parallel = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp
+    assert world % model_parallel == 0, f"{world} GPUs do not divide into tp x pp x cp = {model_parallel}"
     dp = world // model_parallel
     assert cfg.train.global_batch_size % (cfg.train.micro_batch_size * dp) == 0
     assert cfg.parallel.tp <= per_node  # tensor parallelism stays inside a node

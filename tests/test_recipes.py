@@ -25,6 +25,8 @@ FULL = ["codellama34b_full.yaml", "codellama34b_pretrain.yaml", "starcoder2_15b_
 PEFT = ["codellama34b_lora.yaml", "codellama34b_qlora.yaml", "llama2_70b_qlora.yaml", "qwen25_coder_32b_lora.yaml",
         "deepseek_coder_33b_qlora.yaml", "llama31_70b_qlora.yaml", "mixtral_8x7b_qlora.yaml",
         "qwen3_coder_30b_a3b_lora.yaml"]
+LONG_CONTEXT = ["codellama34b_lora_32k.yaml", "llama31_70b_qlora_64k.yaml"]  # context parallelism (issue 18)
+PEFT += LONG_CONTEXT
 CLUSTER = FULL + PEFT
 OVERHEAD_GB = 4  # "~4 GB" of CUDA context, NCCL buffers and allocator slack, as the headers say
 
@@ -70,7 +72,8 @@ def test_cluster_recipe_states_resources(name):
     text = header(name)
     assert "GPUs:" in text and "GB per GPU" in text and "estimate" in text and "not measured" in text
     cfg = load_config(ROOT / "examples" / name)
-    assert cfg.data.seq_length == 4096 and cfg.data.batching == "packed"
+    long_context = name in LONG_CONTEXT and cfg.data.seq_length >= 32768 and cfg.parallel.cp > 1
+    assert (long_context or cfg.data.seq_length == 4096) and cfg.data.batching == "packed"
 
 
 @pytest.mark.parametrize("name", PEFT)
@@ -83,6 +86,7 @@ def test_peft_memory_figures_are_the_estimators(name):
     assert args.models == [cfg.model.preset] and args.methods == [cfg.peft.method]
     assert (tp, pp) == (cfg.parallel.tp, cfg.parallel.pp) and (tp > 1 and args.sp) == cfg.parallel.sp
     assert args.ep == cfg.parallel.ep  # MoE: expert-parallel ranks
+    assert args.cp == cfg.parallel.cp and not args.cp_gathered_kv  # recipes run TE's CP attention
     assert (args.seq, args.micro_batch, args.rank, args.recompute) == (
         cfg.data.seq_length, cfg.train.micro_batch_size, cfg.peft.rank, cfg.model.recompute)
     assert args.targets == list(cfg.peft.target_modules)

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sequence parallelism (default: on when tp > 1)")
     ap.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank")
     ap.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (MoE presets; carved from TP x DP)")
+    ap.add_argument("--cp", type=int, default=1, help="context-parallel ranks (each holds s/cp tokens of a sequence)")
+    ap.add_argument("--cp-gathered-kv", action="store_true",
+                    help="CP without TE: the all-gather-KV attention keeps the whole sequence's K/V")
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--rank", type=int, default=64)
@@ -71,7 +74,8 @@ def estimates(args: argparse.Namespace) -> list[tuple[str, str, tuple[int, int, 
                 est = estimate_memory(PRESETS[name], method=method, rank=args.rank, targets=args.targets, tp=tp,
                                       pp=pp, dp=dp, vpp=args.vpp, sp=sp, seq_length=args.seq,
                                       micro_batch=args.micro_batch, recompute=args.recompute,
-                                      distributed_optimizer=not args.no_distributed_optimizer, ep=args.ep)
+                                      distributed_optimizer=not args.no_distributed_optimizer, ep=args.ep,
+                                      cp=args.cp, cp_gathered_kv=args.cp_gathered_kv)
                 rows.append((name, method, (tp, pp, dp), sp, est))
     return rows
 
