@@ -48,9 +48,11 @@ def _slots(spec: ModuleSpec) -> dict:
         experts = mlp.submodules.experts
         if not (isinstance(experts, ModuleSpec) and experts.module is SequentialMLP):
             name = getattr(experts, "module", experts)
-            raise TypeError(f"peft: the MoE experts of this layer spec are {getattr(name, '__name__', name)}; "
-                            f"adapters wrap SequentialMLP's per-expert linears (the local layer spec), not "
-                            f"TEGroupedMLP's grouped GEMM (peft.method with model.num_experts builds the local spec)")
+            refused = TypeError(f"peft: the MoE experts of this layer spec are {getattr(name, '__name__', name)}; "
+                                f"adapters on linear_fc1/linear_fc2 wrap SequentialMLP's per-expert linears (the "
+                                f"local layer spec), not TEGroupedMLP's grouped GEMM (PeftPlan.layer_spec builds "
+                                f"the local spec)")
+            return {"linear_qkv": [attn], "linear_proj": [attn], "linear_fc1": refused, "linear_fc2": refused}
         mlps = [experts.submodules]
         if isinstance(mlp.submodules.shared_experts, ModuleSpec):
             mlps.append(mlp.submodules.shared_experts.submodules)
@@ -69,6 +71,8 @@ def adapter_spec(base: ModuleSpec, cfg: PeftConfig, quantize: bool) -> ModuleSpe
     slots = _slots(spec)
     params = dict(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora, quantize=quantize)
     for target in cfg.target_modules:
+        if isinstance(slots[target], Exception):
+            raise slots[target]
         for owner in slots[target]:
             cur = getattr(owner, target)
             cls = cur.module if isinstance(cur, ModuleSpec) else cur
