@@ -189,7 +189,10 @@ CONVERSATION = [
     ("bot", "def add3(a, b, c):\n    return a + b + c"),
 ]
 HF_ROLE = {"system": "system", "human": "user", "bot": "assistant"}
-CORPUS = [t for _, t in CONVERSATION] * 3 + ["### Instruction ### Response You are an AI programming assistant"]
+#: as in real code vocabularies, runs of newlines are tokens ("ĊĊ"): boundaries between template text
+#: and content must split them as the whole rendered string does
+CORPUS = [t for _, t in CONVERSATION] * 3 + ["### Instruction ### Response You are an AI programming assistant",
+                                              *["x = 1\n\ny = 2\n\n\nz\n\n### Response\n"] * 3]
 
 
 def _tokenizer_folder(root: Path, name: str) -> Path:
@@ -270,7 +273,7 @@ def test_family_format_equals_official_chat_template(tokenizers, name):
     want = list(want)
     ids, mask = _ours(tokenizers[name], name, turns)
     if name == "starcoder2":  # its template always ends with the next turn's header (a generation prompt)
-        tail = hf.encode("### Response\n", add_special_tokens=False)
+        tail = hf.encode("\n\n### Response\n", add_special_tokens=False)
         assert want[len(ids):] == tail
         want = want[:len(ids)]
     assert ids == want, (hf.convert_ids_to_tokens(ids), hf.convert_ids_to_tokens(want))

@@ -70,6 +70,10 @@ class ChatTemplate:
     #: after ``[INST]`` and before an answer, which its tokenizer merges into the first word
     #: (encoded apart, it would be a token of its own); takes the turn's loss
     lead: dict[str, str] = field(default_factory=dict)
+    #: role -> text encoded together with the turn's content, after it, for turns without loss:
+    #: a byte-level BPE splits a whitespace run by what follows it (GPT-2's ``\s+(?!\S)``), so
+    #: StarCoder2's "\n\n### Response\n" after a user turn must be encoded with that turn
+    trail: dict[str, str] = field(default_factory=dict)
     #: a system turn, empty when the record has none, opens every conversation (Llama-3.1 always
     #: writes its system header with the date lines)
     system_always: bool = False
@@ -146,12 +150,18 @@ TEMPLATES: dict[str, ChatTemplate] = {
         specials=("[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
                   "[/TOOL_RESULTS]"),
         prefix=_roles("", "[INST]", ""), lead=_roles("", " ", " "), suffix=_roles("", "[/INST]", EOS)),
+    # StarCoder2's blank lines are written with the text after them ("\n\n### Instruction\n") or,
+    # after a user turn, with the turn ("...\n\n### Response\n"): encoded alone, "\n\n" would be one
+    # token where the rendered conversation has two. A sample ends with the answer's EOS (the
+    # template's "\n\n### Response\n" after it opens the next answer). Not equal: an answer that
+    # starts with whitespace (indented code), where the official rendering merges the header's
+    # newline into the answer's first token; ours keeps the header's tokens as generation sees them.
     "starcoder2": ChatTemplate(
         name="starcoder2", add_bos=True, system=False,
         preamble="You are an exceptionally intelligent coding assistant that consistently delivers accurate and "
-                 "reliable responses to user instructions.\n\n",
-        prefix=_roles("", "### Instruction\n", "### Response\n"), suffix=_roles("", "", EOS),
-        separator=_roles("", "\n\n", "\n\n")),
+                 "reliable responses to user instructions.",
+        prefix=_roles("", "\n\n### Instruction\n", ""), trail=_roles("", "\n\n### Response\n", ""),
+        suffix=_roles("", "", EOS)),
 }
 
 
@@ -208,6 +218,9 @@ class ChatFormatter:
         self.template = template
         self.tok = tokenizer
         self._protect = template.markers
+        if template.trail.get("bot") and mode == "sft":
+            raise TemplateError(f"template {template.name}: 'trail' cannot be set for bot turns (the answer's "
+                                f"end must stay a token boundary for the loss mask)")
         roles = ("system", "human", "bot")
         turns = {r: [self._ids(t) for t in template.turn_strings(r)] for r in roles}
         self._headers = {r: turns[r][0] for r in roles}
@@ -276,6 +289,7 @@ class ChatFormatter:
         t = self.template
         strip = {r: t.strip or r in t.strip_roles for r in kind_of}
         lead = {r: t.lead.get(r, "") for r in kind_of}
+        trail = {r: t.trail.get(r, "") for r in kind_of}
         texts: list[str] = []
         kinds: list[int] = []  # per segment (turn or document): row of the kind tables
         n_segments: list[int] = []  # per record
@@ -287,7 +301,7 @@ class ChatFormatter:
             else:
                 turns = self._turns(r.turns)
                 for role, content in turns:
-                    texts.append(lead[role] + (content.strip() if strip[role] else content))
+                    texts.append(lead[role] + (content.strip() if strip[role] else content) + trail[role])
                     kinds.append(kind_of[role])
                 n_segments.append(len(turns))
         if not records:
