@@ -233,7 +233,7 @@ class Recipe:
             n_tok, segs = _count_tokens(micro_batches)
             tokens_since += n_tok
             count = flop_count(self.arch, segs, self.run_cfg.peft, self.run_cfg.model.recompute,
-                               reference_forward=self.ctx.reference is not None and self.peft is not None)
+                               reference_forward=getattr(self.ctx.reference, "per_step_forward", False))
             flops_since = [flops_since[0] + count.model, flops_since[1] + count.hardware]
             if self.step % t.log_interval == 0 or self.step == self.total_steps:
                 dt = timer.lap()
