@@ -1,19 +1,22 @@
 """The preference stages through the real training CLI on the demo pairs.
 
-- DPO with LoRA (reference = adapters disabled): the first step's loss is exactly log 2 (policy
-  = reference), the same run split into 1 or 2 rows per micro batch gives the same losses, and
-  TP=2 / PP=2 give the single-process losses and rewards (torchrun, gloo).
-- ORPO: DP=2 equals the single-process run.
-- DPO full fine-tuning: the reference pre-pass is stored under data.path/_reference_logps keyed by
-  the starting checkpoint; at step 1 the policy equals it (loss log 2, rewards 0), and a resumed
-  run reads it back.
+Two launches (``tests/train_many.py``: each run is the CLI's own ``main``, one after the other in
+one process, so start-up is paid once per launch):
+
+- one process: DPO with LoRA (reference = adapters disabled; step-1 loss exactly log 2), the same
+  run with 2 rows per micro batch, one pair per row packed against dynamic batching, ORPO, full-FT DPO with the stored pre-pass reference (computed,
+  then read back on a resume, refused for another starting checkpoint) and with a frozen
+  reference copy (equal to the stored one);
+- torchrun, 2 processes: TP=2 and PP=2 (DPO-LoRA), DP=2 (ORPO), PP=2 with the frozen reference,
+  each equal to its single-process run.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +28,12 @@ from train_helpers import ROOT, env, free_port, train_losses
 #: end-to-end CLI runs (minutes on 2 shared cores): all slow, they still run in CI
 pytestmark = pytest.mark.slow
 CONFIG = ROOT / "examples" / "tiny_cpu_dpo.yaml"
+TOKENIZER = ROOT / "examples/demo_data/tokenizer/demo_sp2048.model"
 STEPS = 3
+#: the raw pairs tokenised at start-up (the example config reads examples/demo_dpo.sh's preprocessed folder)
+ONLINE = ["data.source=online", f"data.tokenizer={TOKENIZER}", "data.mode=preference", "data.overlong=drop"]
+ORPO = ["train.stage=orpo", "loss.mode=task-token", "loss.preference.lambda=0.5"]
+FULL_FT = ["data.source=offline", "peft.method=none", "train.lr=1e-4", "train.min_lr=1e-4"]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +41,7 @@ def pairs_dir(tmp_path_factory):
     """The first 6 demo pairs of each task (online tokenisation at start-up is then instant)."""
     root = tmp_path_factory.mktemp("pairs")
     src = ROOT / "examples/demo_data/preference"
-    for task in sorted(p.name for p in src.iterdir()):
+    for task in sorted(p.name for p in src.iterdir() if p.is_dir()):
         (root / task).mkdir()
         for split, n in (("train", 6), ("val", 1)):
             lines = (src / task / f"{split}.jsonl").read_text().splitlines()[:n]
@@ -41,21 +49,83 @@ def pairs_dir(tmp_path_factory):
     return root
 
 
-def _run(overrides, nproc=1, check=True):
-    head = [sys.executable, "-m", "megatron_mft.train"] if nproc == 1 else [
+@pytest.fixture(scope="module")
+def pairs_offline(pairs_dir, tmp_path_factory):
+    """The same pairs through ``preprocess_mft.py --mode preference`` (the command's main, in process)."""
+    from megatron_mft.data.preprocess import main
+
+    out = tmp_path_factory.mktemp("pairs_offline") / "data"
+    rc = main(["--data-dir", str(pairs_dir), "--tokenizer-model", str(TOKENIZER), "--seq-length", "512",
+               "--packing", "best-fit", "--overlong", "drop", "--mode", "preference", "--output-dir", str(out),
+               "--no-progress"])
+    assert rc == 0
+    return out
+
+
+def _overrides(data, init, out, *extra):
+    online = ONLINE if "data.source=offline" not in extra else []
+    return ["--config", str(CONFIG), f"data.path={data}", *online, "data.seq_length=512",
+            f"train.init_checkpoint={init}", f"train.steps={STEPS}", "train.global_batch_size=4",
+            "train.micro_batch_size=1", "train.warmup_steps=0", "train.save_interval=0", f"output_dir={out}", *extra]
+
+
+def _launch(runs: dict, tmp: Path, nproc: int) -> dict:
+    """Run ``runs`` (name -> argv, or {"argv", "rc"}) in one process (or one torchrun of ``nproc``);
+    return name -> (stdout, stderr) of that run."""
+    spec = tmp / "runs.json"
+    spec.write_text(json.dumps(list(runs.values())))
+    head = [sys.executable] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), "-m", "megatron_mft.train"]
-    proc = subprocess.run(head + ["--config", str(CONFIG)] + overrides, cwd=ROOT, env=env(1 if nproc > 1 else 2),
-                          capture_output=True, text=True, timeout=900)
-    if check and proc.returncode:
+        "--master_port", str(free_port())]
+    proc = subprocess.run(head + [str(ROOT / "tests/train_many.py"), str(spec)], cwd=ROOT,
+                          env=env(1 if nproc > 1 else 2), capture_output=True, text=True, timeout=1200)
+    if proc.returncode:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+    split = [re.split(r"^=== run \d+: .*$", s, flags=re.M)[1:] for s in (proc.stdout, proc.stderr)]
+    return {name: (out, err) for name, out, err in zip(runs, *split)}
 
 
-def _overrides(pairs_dir, tiny_init, out, *extra):
-    return [f"data.path={pairs_dir}", "data.seq_length=512", f"train.init_checkpoint={tiny_init}",
-            f"train.steps={STEPS}", "train.global_batch_size=4", "train.micro_batch_size=1", "train.warmup_steps=0",
-            "train.save_interval=0", f"output_dir={out}", *extra]
+@pytest.fixture(scope="module")
+def single(pairs_dir, pairs_offline, tiny_init, tmp_path_factory):
+    """Every single-process run, in one process; name -> (output_dir, stdout, stderr)."""
+    tmp = tmp_path_factory.mktemp("single")
+    other = tmp / "other_init"  # another starting checkpoint: one byte more in a weight file
+    shutil.copytree(tiny_init, other)
+    with next(p for p in sorted(other.rglob("*")) if p.is_file() and p.stat().st_size > 1000).open("ab") as f:
+        f.write(b"\0")
+    full = _overrides(pairs_offline, tiny_init, tmp / "full", *FULL_FT)
+    runs = {
+        "dpo": _overrides(pairs_dir, tiny_init, tmp / "dpo"),
+        "dpo_mbs2": _overrides(pairs_dir, tiny_init, tmp / "dpo_mbs2", "train.micro_batch_size=2"),
+        "orpo": _overrides(pairs_dir, tiny_init, tmp / "orpo", *ORPO),
+        # one pair per row: packed (THD) against dynamic batching (a pair = two SBHD rows, padded)
+        "dpo_none": _overrides(pairs_dir, tiny_init, tmp / "dpo_none", "data.packing=none"),
+        "dpo_dynamic": _overrides(pairs_dir, tiny_init, tmp / "dpo_dynamic", "data.batching=dynamic",
+                                  "train.micro_batch_size=2"),
+        "full": full + ["train.steps=2", "train.save_interval=2"],
+        "full_resume": full,  # step 2 -> 3 with the stored reference
+        # a different starting checkpoint has no stored reference, and a resume cannot make one
+        "full_other": {"argv": [f"train.init_checkpoint={other}" if a.startswith("train.init_checkpoint=") else a
+                                for a in full] + ["train.steps=4"], "rc": 2},
+        "frozen": _overrides(pairs_offline, tiny_init, tmp / "frozen", *FULL_FT, "loss.preference.reference=frozen"),
+    }
+    logs = _launch(runs, tmp, nproc=1)
+    return {name: (tmp / name.replace("_resume", "").replace("_other", ""), *logs[name]) for name in runs}
+
+
+@pytest.fixture(scope="module")
+def layouts(pairs_dir, pairs_offline, tiny_init, tmp_path_factory):
+    """Every 2-process layout, in one torchrun; name -> output_dir."""
+    tmp = tmp_path_factory.mktemp("layouts")
+    runs = {
+        "dpo_tp2": _overrides(pairs_dir, tiny_init, tmp / "dpo_tp2", "parallel.tp=2"),
+        "dpo_pp2": _overrides(pairs_dir, tiny_init, tmp / "dpo_pp2", "parallel.pp=2"),
+        "orpo_dp2": _overrides(pairs_dir, tiny_init, tmp / "orpo_dp2", *ORPO),
+        "frozen_pp2": _overrides(pairs_offline, tiny_init, tmp / "frozen_pp2", *FULL_FT, "parallel.pp=2",
+                                 "loss.preference.reference=frozen"),
+    }
+    _launch(runs, tmp, nproc=2)
+    return {name: tmp / name for name in runs}
 
 
 KEYS = ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "grad_norm")
@@ -69,63 +139,56 @@ def _close(a, b, rel=1e-5):
             assert a[step][k] == pytest.approx(b[step][k], rel=rel, abs=tol), (step, k, a[step][k], b[step][k])
 
 
-@pytest.fixture(scope="module")
-def dpo_single(pairs_dir, tiny_init, tmp_path_factory):
-    out = tmp_path_factory.mktemp("dpo1")
-    _run(_overrides(pairs_dir, tiny_init, out))
-    return train_losses(out)
-
-
-def test_dpo_lora_starts_at_log2(dpo_single):
-    first = dpo_single[1]
+def test_dpo_lora_starts_at_log2(single):
+    dpo = train_losses(single["dpo"][0])
+    first = dpo[1]
     assert first["loss"] == pytest.approx(math.log(2), rel=1e-7) and first["rewards/chosen"] == 0.0
-    assert dpo_single[STEPS]["rewards/margin"] != 0.0  # the adapters moved the policy off its reference
+    assert dpo[STEPS]["rewards/margin"] != 0.0  # the adapters moved the policy off its reference
     assert all(f"task_rewards_accuracy/{t}" in r or f"task_pairs/{t}" not in r
-               for r in dpo_single.values() for t in ("doctest", "docstring"))
+               for r in dpo.values() for t in ("doctest", "docstring"))
 
 
-def test_dpo_lora_micro_batch_split_invariant(dpo_single, pairs_dir, tiny_init, tmp_path):
-    _run(_overrides(pairs_dir, tiny_init, tmp_path, "train.micro_batch_size=2"))
-    _close(train_losses(tmp_path), dpo_single, rel=1e-6)
+def test_dpo_lora_micro_batch_split_invariant(single):
+    _close(train_losses(single["dpo_mbs2"][0]), train_losses(single["dpo"][0]), rel=1e-6)
 
 
-@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.pp=2"]], ids=["tp2", "pp2"])
-def test_dpo_lora_layouts_equal_single_process(layout, dpo_single, pairs_dir, tiny_init, tmp_path):
-    _run(_overrides(pairs_dir, tiny_init, tmp_path, *layout), nproc=2)
-    _close(train_losses(tmp_path), dpo_single)
+def test_dpo_dynamic_batching_equals_packed_pairs(single):
+    """data.batching=dynamic (2 pairs = 4 rows per micro batch, padded to the longest response) gives
+    the losses of packed rows of one pair each: pairs stay together and the loss is exact."""
+    _close(train_losses(single["dpo_dynamic"][0]), train_losses(single["dpo_none"][0]))
 
 
-def test_orpo_dp2_equals_single_process(pairs_dir, tiny_init, tmp_path):
-    extra = ["train.stage=orpo", "loss.mode=task-token", "loss.preference.lambda=0.5"]
-    _run(_overrides(pairs_dir, tiny_init, tmp_path / "one", *extra))
-    _run(_overrides(pairs_dir, tiny_init, tmp_path / "dp2", *extra), nproc=2)
-    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "dp2")
-    _close(two, one)
+@pytest.mark.parametrize("name, reference", [("dpo_tp2", "dpo"), ("dpo_pp2", "dpo"), ("orpo_dp2", "orpo"),
+                                             ("frozen_pp2", "full")])
+def test_layouts_equal_single_process(name, reference, single, layouts):
+    """TP=2 / PP=2 DPO-LoRA, DP=2 ORPO, and PP=2 with the frozen reference (sharded as the policy)
+    against the single-process runs (the full-FT one: the stored reference, steps 1-2 then resumed)."""
+    _close(train_losses(layouts[name]), train_losses(single[reference][0]))
+
+
+def test_orpo_objective_is_nll_plus_odds_ratio_term(single):
+    one = train_losses(single["orpo"][0])
     assert one[1]["nll_chosen"] > 0 and one[1]["loss"] > one[1]["nll_chosen"]  # NLL + lambda * odds-ratio term
 
 
-def test_dpo_full_ft_precomputed_reference(pairs_dir, tiny_init, tmp_path):
-    data = tmp_path / "pairs"  # offline: tools/preprocess --mode preference
-    proc = subprocess.run([sys.executable, "tools/preprocess/preprocess_mft.py", "--data-dir", str(pairs_dir),
-                           "--tokenizer-model", "examples/demo_data/tokenizer/demo_sp2048.model", "--seq-length", "512",
-                           "--packing", "best-fit", "--overlong", "drop", "--mode", "preference", "--output-dir",
-                           str(data), "--no-progress"], cwd=ROOT, env=env(2), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    out = tmp_path / "run"
-    ov = _overrides(data, tiny_init, out, "data.source=offline", "peft.method=none", "train.lr=1e-4",
-                    "train.min_lr=1e-4")
-    proc = _run(ov + ["train.steps=2", "train.save_interval=2"])
-    files = list((data / "_reference_logps").glob("*.npz"))
-    assert len(files) == 1 and "dpo reference: computed" in proc.stdout
-    rec = train_losses(out)
+def test_dpo_full_ft_precomputed_reference(single, pairs_offline):
+    files = list((pairs_offline / "_reference_logps").glob("*.npz"))
+    assert len(files) == 1 and "dpo reference: computed" in single["full"][1]
+    rec = train_losses(single["full"][0])
     assert rec[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the pre-pass is the step-1 policy
     assert abs(rec[1]["rewards/chosen"]) < 1e-6 and abs(rec[2]["rewards/margin"]) > 1e-7
-    proc = _run(ov + ["train.steps=3"])  # resumes step 2 -> 3 with the stored reference
-    assert "dpo reference: " + str(files[0]) in proc.stdout.replace("\n", " ")
-    # a different starting checkpoint has no stored reference, and a resume cannot make one
-    other = tmp_path / "other_init"
-    subprocess.run(["cp", "-r", str(tiny_init), str(other)], check=True)
-    (next(p for p in sorted(other.rglob("*")) if p.is_file() and p.stat().st_size > 1000)).open("ab").write(b"\0")
-    proc = _run([o if not o.startswith("train.init_checkpoint=") else f"train.init_checkpoint={other}" for o in ov]
-                + ["train.steps=4"], check=False)
-    assert proc.returncode == 2 and "a resumed run cannot recompute them" in proc.stderr, proc.stderr[-2000:]
+    assert "dpo reference: " + str(files[0]) in single["full_resume"][1].replace("\n", " ")
+    assert "resumed from" in single["full_resume"][1] and STEPS in rec
+    err = single["full_other"][2]
+    assert "a resumed run cannot recompute them" in err and "Traceback" not in err, err[-2000:]
+
+
+def test_dpo_full_ft_frozen_reference_equals_precomputed(single):
+    """loss.preference.reference=frozen: a no-grad copy of the starting weights gives the stored
+    pre-pass's reference log-probs, so the same steps (the precomputed run: 2 steps, resumed to 3)."""
+    frozen, stored = train_losses(single["frozen"][0]), train_losses(single["full"][0])
+    assert "dpo reference: a frozen copy of the starting weights" in single["frozen"][1]
+    for step in range(1, STEPS + 1):
+        for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "logps/chosen", "grad_norm"):
+            assert frozen[step][k] == pytest.approx(stored[step][k], rel=1e-6, abs=1e-6), (step, k)
+    assert frozen[1]["loss"] == pytest.approx(math.log(2), abs=1e-6) and frozen[STEPS]["rewards/margin"] != 0.0

@@ -14,7 +14,8 @@ class DataConfig:
     #: offline = preprocessed .bin/.idx; online = tokenize raw jsonl at start-up.
     source: Literal["offline", "online"] = "offline"
     #: packed = fixed seq_length windows holding several samples; dynamic = one sample per row,
-    #: each micro batch padded to its longest row.
+    #: each micro batch padded to its longest row (preference pairs: batch sizes count pairs, each
+    #: pair two adjacent rows, chosen then rejected).
     batching: Literal["packed", "dynamic"] = "packed"
     #: Row width in packed mode, and the longest allowed sample. Offline data must have been
     #: preprocessed with a --seq-length no larger than this.
@@ -58,9 +59,6 @@ class DataConfig:
             p.append("data.num_workers: must be >= 0")
         if self.max_line_bytes < 1:
             p.append("data.max_line_bytes: must be >= 1")
-        if self.mode == "preference" and self.batching != "packed":
-            p.append("data.batching: preference pairs need packed (a pair stays in one row; packing none = one "
-                     "pair per row)")
         if not self.template:
             p.append("data.template: required (a preset name such as mftcoder, or a .json file)")
         return p

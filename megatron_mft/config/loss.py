@@ -25,9 +25,10 @@ class PreferenceConfig:
     #: orpo: weight lambda of the odds-ratio term (YAML key ``lambda``; ORPO's NLL term has weight 1).
     lambda_: float = 0.1
     #: dpo with full fine-tuning: reference log-probs from a no-grad pre-pass over the training
-    #: data with the starting weights, stored beside the data (``precomputed``, the one source
-    #: for full fine-tuning); LoRA/QLoRA use the model with its adapters disabled.
-    reference: Literal["precomputed"] = "precomputed"
+    #: data with the starting weights, stored beside the data (``precomputed``), or from a frozen
+    #: no-grad copy of the starting weights, same layout, forward per micro batch (``frozen``: one
+    #: model's memory more, nothing stored). LoRA/QLoRA use the model with its adapters disabled.
+    reference: Literal["precomputed", "frozen"] = "precomputed"
 
     def validate(self) -> list[str]:
         p = []

@@ -35,12 +35,14 @@ class _Rows:
     stops: np.ndarray
 
     @classmethod
-    def of(cls, store: SampleStore, per_sample: bool, packs: tuple[int, int] | None = None) -> "_Rows":
+    def of(cls, store: SampleStore, per_sample: bool, packs: tuple[int, int] | None = None,
+           group: int = 1) -> "_Rows":
+        """Rows of the packs, or (``per_sample``) of ``group`` consecutive samples (2: a pair)."""
         bounds = store.pack_bounds
         p0, p1 = packs if packs is not None else (0, len(bounds) - 1)
         if per_sample:
-            starts = np.arange(bounds[p0], bounds[p1], dtype=np.int64)
-            return cls(store, starts, starts + 1)
+            starts = np.arange(bounds[p0], bounds[p1], group, dtype=np.int64)
+            return cls(store, starts, starts + group)
         return cls(store, bounds[p0:p1].copy(), bounds[p0 + 1:p1 + 1].copy())
 
     def __len__(self) -> int:
@@ -216,10 +218,15 @@ class MFTData:
         self.eos_id: int = int(tok["eos_id"])
         self.pad_id: int = int(tok["pad_id"])
         self._dynamic = cfg.batching == "dynamic"
-        self._train = _Rows.of(src.train, self._dynamic)
+        #: dynamic batching of preference pairs: a row is a pair (batch sizes count pairs), collated
+        #: as two rows, chosen then rejected (data.preference.pair_rows)
+        self._pairs = self._dynamic and self.manifest.get("mode") == "preference"
+        group = 2 if self._pairs else 1
+        self._train = _Rows.of(src.train, self._dynamic, group=group)
         self._train_lengths = self._train.lengths if (self._dynamic and cfg.group_by_length) else None
         task_packs = self.manifest["splits"]["val"]["task_packs"]
-        self._val = {name: _Rows.of(src.val, self._dynamic, tuple(task_packs[name])) for name in self.task_names}
+        self._val = {name: _Rows.of(src.val, self._dynamic, tuple(task_packs[name]), group)
+                     for name in self.task_names}
         self._sampler = EpochSampler(len(self._train), seed)
 
     # --- API ------------------------------------------------------------------------------
@@ -265,6 +272,10 @@ class MFTData:
     def _collate(self, rows: _Rows, ids: np.ndarray, fill_to: int = 0) -> dict:
         batch = [rows.read(int(i)) for i in ids]
         batch += [EMPTY_ROW] * max(0, fill_to - len(batch))
+        if self._pairs:
+            from megatron_mft.data.preference import pair_rows
+
+            batch = pair_rows(batch)
         if self._dynamic:
             width = row_width(batch, multiple=self.pad_to_multiple_of,
                               pad_to=self.cfg.seq_length if self.fixed_seq_length else None)

@@ -22,6 +22,7 @@ from enum import Enum
 import numpy as np
 
 from megatron_mft.data import encode
+from megatron_mft.data.collate import EMPTY_ROW, Row
 from megatron_mft.data.encode import EncodeSpec, Issue, TaskCounts
 from megatron_mft.data.packing import pack
 from megatron_mft.data.plan import SplitPlan, held_out
@@ -221,6 +222,22 @@ def plan_pair_splits(encoded: EncodedPairs, *, seq_length: int, packing: str, va
         val.uids += [2 * u + k for u in uids for k in (0, 1)]
         val.task_packs[name] = [start, len(val.packs)]
     return train, val
+
+
+def pair_rows(rows: list[Row]) -> list[Row]:
+    """Dynamic batching of pairs (``data.batching: dynamic``): each pair row becomes two rows,
+    chosen then rejected, one sample per row, so unpacked (SBHD) attention never lets one side see
+    the other, and sample ids ``2k``/``2k + 1`` stay the pair's sides; an empty (filler) row
+    becomes two, so every micro batch has ``2 x micro_batch_size`` rows."""
+    out = []
+    for r in rows:
+        if not len(r.lengths):
+            out += [EMPTY_ROW, EMPTY_ROW]
+            continue
+        n = int(r.lengths[0])
+        out += [Row(r.tokens[:n], r.mask[:n], r.lengths[:1], r.tasks[:1]),
+                Row(r.tokens[n:], r.mask[n:], r.lengths[1:], r.tasks[1:])]
+    return out
 
 
 def add_pair_stats(stats: dict, encoded: EncodedPairs, train: SplitPlan, val: SplitPlan) -> dict:

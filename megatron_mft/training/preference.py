@@ -63,6 +63,9 @@ def stage_problems(run, manifest: dict) -> list[str]:
                  f"{{chosen, rejected}} pairs with --mode preference (or data.mode=preference online)")
     if getattr(run.parallel, "cp", 1) > 1:  # the pair shares are not divided over CP ranks (step._loss_func is)
         p.append(f"parallel.cp {run.parallel.cp}: the preference stages do not support context parallelism yet")
+    if stage == "dpo" and run.loss.preference.reference == "frozen" and run.peft.method != "none":
+        p.append(f"loss.preference.reference frozen: for full fine-tuning only; with peft.method {run.peft.method} "
+                 f"the reference is the same model with its adapters disabled (no copy needed)")
     if run.loss.mode.startswith("focal"):
         p.append(f"loss.mode {run.loss.mode}: the preference stages take token, sample, task-token or task-sample")
     return p

@@ -3,14 +3,17 @@
 - LoRA / QLoRA (``AdapterReference``): the model being trained with its adapters switched off
   (``peft.layers.adapters_disabled``) is exactly the starting model, so a no-grad forward of the
   step's micro batches in the same step gives the reference: no second copy of the weights.
-- Full fine-tuning (``PrecomputedReference``): the weights move, so a no-grad pre-pass over the
-  whole training split with the starting weights runs once, before the first step, and stores
+- Full fine-tuning, ``loss.preference.reference: frozen`` (``FrozenReference``): a second,
+  no-grad copy of the starting weights in the policy's layout, run forward per micro batch.
+- Full fine-tuning, ``precomputed`` (the default, ``PrecomputedReference``): the weights move,
+  so a no-grad pre-pass over the whole training split with the starting weights runs once,
+  before the first step, and stores
   one log-prob per response (by sample uid) in ``<data.path>/_reference_logps/<key>.npz``. The
   key ties it to the starting checkpoint (a fingerprint of its files) and to the data (the
   manifest); a resumed run reads it back, and a run whose checkpoint or data do not match the
   stored file computes a new one on a fresh start and refuses on a resume.
 
-Both set ``micro_batch["ref_logps"]``: float64 [b*s + 1], the sequence log-prob per sample slot
+All set ``micro_batch["ref_logps"]``: float64 [b*s + 1], the sequence log-prob per sample slot
 (sample id), which ``loss.preference.preference_loss`` reads.
 """
 
@@ -45,6 +48,9 @@ def _reference_forward(chunks: list, micro_batches: list[dict], ctx: StepContext
 class AdapterReference:
     """LoRA/QLoRA: the base model (adapters disabled) in the same step."""
 
+    #: a no-grad forward per step (counted in the model FLOPs)
+    per_step_forward = True
+
     def attach(self, chunks: list, micro_batches: list[dict], ctx: StepContext) -> None:
         from megatron_mft.peft.layers import adapters_disabled
 
@@ -54,6 +60,64 @@ class AdapterReference:
             logps = _reference_forward(chunks, micro_batches, ctx)
         for mb, lp in zip(micro_batches, logps):
             mb["ref_logps"] = lp
+
+
+def _starting_weights(run) -> str:
+    source = run.model.hf_init or run.train.init_checkpoint
+    if not source:
+        raise UsageError("train.stage dpo with full fine-tuning takes its reference from the starting weights: "
+                         "set train.init_checkpoint (e.g. the SFT run's checkpoint) or model.hf_init")
+    return str(source)
+
+
+class FrozenReference:
+    """Full fine-tuning with ``loss.preference.reference: frozen``: a second copy of the starting
+    weights, sharded as the policy (same TP/PP/VPP layout), without gradients, run forward on the
+    step's micro batches. One model's memory more and a forward per step, against the stored
+    pre-pass's one-off cost and file; nothing to store, so data.path may be read-only."""
+
+    per_step_forward = True
+
+    def __init__(self, chunks: list):
+        self.chunks = chunks
+
+    def attach(self, chunks: list, micro_batches: list[dict], ctx: StepContext) -> None:
+        for mb, lp in zip(micro_batches, _reference_forward(self.chunks, micro_batches, ctx)):
+            mb["ref_logps"] = lp
+
+    @classmethod
+    def build(cls, run, env, device, say=print) -> "FrozenReference":
+        """Build and load the copy without moving any random state the run uses afterwards (its
+        initialisation draws from the same generators as the policy's), so a frozen-reference run
+        takes the same steps as a precomputed-reference one."""
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        from megatron_mft.checkpoint.dist import load_model_weights
+        from megatron_mft.model import build_model_chunks, check_placement
+
+        source = _starting_weights(run)
+        tracker = get_cuda_rng_tracker()
+        cpu_state, tracker_states = torch.get_rng_state(), tracker.get_states()
+        cuda_state = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+        try:
+            chunks = build_model_chunks(run.model, run.parallel, env)
+        finally:
+            torch.set_rng_state(cpu_state)
+            tracker.set_states(tracker_states)
+            if cuda_state is not None:
+                torch.cuda.set_rng_state(cuda_state)
+        if run.model.hf_init:
+            from megatron_mft.checkpoint.hf import load_hf_into_chunks
+
+            load_hf_into_chunks(run.model.hf_init, chunks, run.model, run.parallel)
+        else:
+            load_model_weights(run.train.init_checkpoint, chunks)
+        for c in chunks:
+            c.requires_grad_(False)
+            c.eval()
+        check_placement(chunks, device)
+        say(f"dpo reference: a frozen copy of the starting weights {source} (same layout, no gradients)")
+        return cls(chunks)
 
 
 def checkpoint_fingerprint(path: str | Path) -> str:
@@ -84,6 +148,8 @@ def data_digest(manifest: dict) -> str:
 class PrecomputedReference:
     """Full fine-tuning: reference log-probs by sample uid, from the stored pre-pass."""
 
+    per_step_forward = False
+
     def __init__(self, logps: np.ndarray, data):
         self.logps = logps
         self.data = data
@@ -100,12 +166,9 @@ class PrecomputedReference:
 
     @staticmethod
     def file_for(run, manifest: dict) -> tuple[Path, str]:
-        source = run.model.hf_init or run.train.init_checkpoint
-        if not source:
-            raise UsageError("train.stage dpo with full fine-tuning takes its reference from the starting weights: "
-                             "set train.init_checkpoint (e.g. the SFT run's checkpoint) or model.hf_init")
+        source = _starting_weights(run)
         key = f"{checkpoint_fingerprint(source)}-{data_digest(manifest)}"
-        return Path(run.data.path) / REFERENCE_DIR / f"{key}.npz", str(source)
+        return Path(run.data.path) / REFERENCE_DIR / f"{key}.npz", source
 
     @classmethod
     def setup(cls, chunks: list, data, ctx: StepContext, run, fresh: bool, say=print) -> "PrecomputedReference":
@@ -171,7 +234,9 @@ def build_reference(recipe, fresh: bool):
     run = recipe.run_cfg
     if run.train.stage != "dpo":
         return None
+    say = (lambda m: print(m, flush=True)) if torch.distributed.get_rank() == 0 else (lambda m: None)
     if run.peft.method != "none":
         return AdapterReference()
-    return PrecomputedReference.setup(recipe.chunks, recipe.data, recipe.ctx, run, fresh,
-                                      say=lambda m: print(m, flush=True) if torch.distributed.get_rank() == 0 else None)
+    if run.loss.preference.reference == "frozen":
+        return FrozenReference.build(run, recipe.env, recipe.device, say=say)
+    return PrecomputedReference.setup(recipe.chunks, recipe.data, recipe.ctx, run, fresh, say=say)
