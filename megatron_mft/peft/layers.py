@@ -30,6 +30,12 @@ the replicated adapter are identical on every TP rank without SP; with SP they a
 over sequence shards, so that weight is marked ``sequence_parallel`` and megatron's
 ``finalize_model_grads`` all-reduces it over the TP group (as for the norms).
 
+MoE: the same classes sit in every routed expert's fc1/fc2 (megatron's SequentialMLP builds them
+with ``is_expert``; megatron's token dispatcher moves the tokens, so with expert TP 1 the branch
+needs no communication) and in the shared expert; under expert parallelism an expert's adapters
+are reduced over the expert-data-parallel group (``allreduce=False``, as megatron marks the
+expert weights). Expert TP > 1 is refused.
+
 QLoRA: with ``quantize=True`` the frozen base weight shard is kept as :class:`NF4Weight` in the
 ``weight`` slot and megatron's forward runs unchanged except for the matmul
 (``_forward_impl``), which dequantises on the fly.
