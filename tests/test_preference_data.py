@@ -73,6 +73,18 @@ def test_pairs_stay_together_and_only_the_last_answer_takes_loss(tmp_path):
                 prompts.append(ids[: len(ids) - len(targets)])
             assert prompts[0] == prompts[1]  # the same prompt tokens on both sides
     assert seen == set(range(20))
+    # dynamic batching: a row is a pair, collated as two one-sample rows (chosen, rejected)
+    dyn = MFTData(DataConfig(path=str(tmp_path / "out"), batching="dynamic"), seed=1, micro_batch_size=2,
+                  global_batch_size=4, dp_rank=0, dp_size=1)
+    assert dyn.rows_per_epoch == 10
+    for mb in dyn.train_micro_batches(0) + [dyn.train_rows_micro_batch([9])]:
+        sid, lm = mb["sample_ids"], mb["loss_mask"]
+        assert sid.shape[0] == 4 and sid.shape[1] == int((sid >= 0).sum(1).max())  # padded to the longest response
+        for r in range(4):
+            real = sid[r][sid[r] >= 0]
+            assert real.numel() == 0 or (set(real.tolist()) == {r} and lm[r].sum() > 0)
+    rows = [u for r in dyn.train_micro_batch_rows(0)[0].tolist() for u in dyn.row_sample_uids(r)]
+    assert len(rows) == 4 and rows[0::2] == [u - 1 for u in rows[1::2]] and all(u % 2 == 0 for u in rows[0::2])
 
 
 def test_bad_pairs_are_named_by_file_line_and_reason(tmp_path):
