@@ -7,11 +7,11 @@
   no-grad copy of the starting weights in the policy's layout, run forward per micro batch.
 - Full fine-tuning, ``precomputed`` (the default, ``PrecomputedReference``): the weights move,
   so a no-grad pre-pass over the whole training split with the starting weights runs once,
-  before the first step, and stores
-  one log-prob per response (by sample uid) in ``<data.path>/_reference_logps/<key>.npz``. The
-  key ties it to the starting checkpoint (a fingerprint of its files) and to the data (the
-  manifest); a resumed run reads it back, and a run whose checkpoint or data do not match the
-  stored file computes a new one on a fresh start and refuses on a resume.
+  before the first step, and stores one log-prob per response (by sample uid) in
+  ``<data.path>/_reference_logps/<key>.npz``. The key ties it to the starting checkpoint (a
+  fingerprint of its files) and to the data (the manifest); a resumed run reads it back, and a
+  run whose checkpoint or data do not match the stored file computes a new one on a fresh start
+  and refuses on a resume.
 
 All set ``micro_batch["ref_logps"]``: float64 [b*s + 1], the sequence log-prob per sample slot
 (sample id), which ``loss.preference.preference_loss`` reads.
