@@ -1,9 +1,9 @@
 """MoE families across processes (torchrun, gloo): megatron's logits equal transformers' for the
 tiny Mixtral, Qwen2-MoE and Qwen3-MoE models with the experts split over two expert-parallel
-ranks, through megatron's alltoall token dispatcher, and with TP=2 + sequence parallelism
-combined with EP=2 through the allgather dispatcher; and at PP=2 (with dense Qwen3). Weights
-through ``model.hf_init``, unpacked rows and packed samples; one torchrun per layout runs all
-families."""
+ranks, through megatron's alltoall token dispatcher; with TP=2 + sequence parallelism combined
+with EP=2 through the allgather dispatcher, and with expert tensor parallelism (TP=2 + SP, each
+expert's MLP split over the two ranks: ETP=2); and at PP=2 (with dense Qwen3). Weights through
+``model.hf_init``, unpacked rows and packed samples; every torchrun runs all families."""
 
 from __future__ import annotations
 
@@ -27,19 +27,26 @@ def moe_models(tmp_path_factory):
     return root
 
 
+#: one torchrun per group (TP:PP:SP:EP:DISPATCHER:ETP); TP=2 with the experts whole (ETP=1) and EP=2,
+#: and with each expert's MLP split over the TP ranks too (ETP=2), share a process start
+LAYOUT_GROUPS = [["1:1:nosp:2:alltoall:1"], ["2:1:sp:2:allgather:1", "2:1:sp:1:alltoall:2"], ["1:2:nosp:1:alltoall:1"]]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("tp, pp, sp, ep, dispatcher", [(1, 1, "nosp", 2, "alltoall"), (2, 1, "sp", 2, "allgather"),
-                                                       (1, 2, "nosp", 1, "alltoall")])
-def test_every_moe_family_matches_transformers_in_layout(moe_models, tp, pp, sp, ep, dispatcher):
+@pytest.mark.parametrize("layouts", LAYOUT_GROUPS, ids=["ep2", "tp2_ep2_and_tp2_etp2", "pp2"])
+def test_every_moe_family_matches_transformers_in_layout(moe_models, layouts):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "tests" / "scripts" / "moe_parity.py"), str(moe_models), str(tp), str(pp), sp, str(ep), dispatcher]
+           str(ROOT / "tests" / "scripts" / "moe_parity.py"), str(moe_models), *layouts]
     run = subprocess.run(cmd, cwd=ROOT, env=env(threads=1), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
     line = next(ln for ln in run.stdout.splitlines() if ln.startswith("RESULT "))
     results = json.loads(line[len("RESULT "):])
-    assert sorted(results) == sorted(EXPERT_FAMILIES + ([] if ep > 1 else ["qwen3"]))
-    for name, (rows, packed) in results.items():
-        assert rows <= TOL and packed <= TOL, (name, tp, ep, rows, packed)
+    assert sorted(results) == sorted(layouts)
+    for layout, by_family in results.items():
+        ep, etp = int(layout.split(":")[3]), int(layout.split(":")[5])
+        assert sorted(by_family) == sorted(EXPERT_FAMILIES + ([] if ep > 1 or etp > 1 else ["qwen3"])), layout
+        for name, (rows, packed) in by_family.items():
+            assert rows <= TOL and packed <= TOL, (name, layout, rows, packed)
 
 
 @pytest.mark.slow

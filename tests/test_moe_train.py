@@ -77,6 +77,23 @@ def test_ep2_equals_ep1(moe_run, moe_ep2_run):
 
 
 @pytest.mark.slow
+def test_tp2_sp_with_expert_tensor_parallelism_equals_ep1(moe_run):
+    """TP=2 + SP with the experts' MLPs split over TP too (``parallel.etp=2``): losses, grad norms
+    and expert load equal the single process, and so do the router losses, whose per-rank parts
+    under sequence parallelism (each TP rank routes its sequence shard) are combined as megatron
+    defines them: the load-balancing loss summed over the TP ranks, the z-loss averaged."""
+    overrides, single, root = moe_run
+    out = root / "tp2_etp2"
+    run_train(overrides + ROUTER + ["parallel.tp=2", "parallel.sp=true", "parallel.etp=2", f"output_dir={out}"],
+              nproc=2)
+    got = train_losses(out)
+    for step in range(1, STEPS + 1):
+        for key in ("loss", "router_aux_loss", "router_z_loss", "grad_norm"):
+            assert got[step][key] == pytest.approx(single[step][key], rel=1e-5), (step, key)
+        assert got[step]["expert_load"] == single[step]["expert_load"], step
+
+
+@pytest.mark.slow
 def test_checkpoints_resume_across_expert_parallel_sizes(moe_run, moe_ep2_run):
     """Step 1's checkpoint of the EP=2 run resumes at EP=1 (one process), and the EP=1 run's at
     EP=2: the expert weights and their Adam moments reshard (one layout with an expert axis,

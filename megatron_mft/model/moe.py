@@ -176,9 +176,9 @@ class RouterLoad:
 
     def collect(self, num_micro_batches: int, sequence_parallel: bool) -> dict:
         """metrics.jsonl fields of this step (the same on every rank): ``router_aux_loss`` /
-        ``router_z_loss`` (sum over MoE layers, mean over micro batches and DP ranks; present when
-        their coefficient is set) and ``expert_load`` (tokens routed to each expert, per layer,
-        summed over the global batch)."""
+        ``router_z_loss`` (sum over MoE layers, mean over micro batches and DP ranks, each micro
+        batch's parts on TP x CP ranks combined; present when their coefficient is set) and
+        ``expert_load`` (tokens routed to each expert, per layer, summed over the global batch)."""
         from megatron.core import parallel_state as ps
         from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
@@ -189,12 +189,18 @@ class RouterLoad:
         torch.distributed.all_reduce(counts, group=ps.get_pipeline_model_parallel_group())
         out = {"expert_load": [[int(x) for x in row] for row in counts.tolist()]}
         tracker = get_moe_layer_wise_logging_tracker()
-        dp = ps.get_data_parallel_world_size(with_context_parallel=True)
+        dp = ps.get_data_parallel_world_size()
         for name, key in ROUTER_LOSS_NAMES.items():
             if name not in tracker:
                 continue
             values = tracker[name]["values"].detach().to(self.counts.device, torch.float64).clone()
-            torch.distributed.all_reduce(values, group=ps.get_data_parallel_group(with_context_parallel=True))
+            # one micro batch's loss is split over the TP (sequence parallel) x CP ranks that each
+            # route a shard of its tokens: megatron's load-balancing loss is the sum of the ranks'
+            # parts (its tracker's reduce group); the z-loss, a mean over tokens, their average
+            torch.distributed.all_reduce(values, group=ps.get_tensor_and_context_parallel_group())
+            if name == "z_loss":
+                values /= ps.get_tensor_and_context_parallel_world_size()
+            torch.distributed.all_reduce(values, group=ps.get_data_parallel_group())
             torch.distributed.all_reduce(values, group=ps.get_pipeline_model_parallel_group())
             out[key] = float(values.sum()) / (num_micro_batches * dp)
         return out
