@@ -233,3 +233,26 @@ def make_family_tokenizer(name: str, out: Path, corpus: list[str], merges_vocab:
         cfg["chat_template"] = chat_template
     (out / "tokenizer_config.json").write_text(json.dumps(cfg))
     return out
+
+
+def demo_texts(per_task: int = 60) -> list[str]:
+    """Turn contents and documents of the demo data's validation files (code, with blank lines)."""
+    from megatron_mft.data.records import parse_line
+
+    out = []
+    for f in sorted((Path(__file__).resolve().parents[1] / "examples" / "demo_data" / "raw").glob("*/val.jsonl")):
+        for line in f.read_bytes().split(b"\n")[:per_task]:
+            rec = parse_line(line)
+            if rec is not None:
+                out += [t.content for t in rec.turns] if rec.text is None else [rec.text]
+    return out
+
+
+def family_tokenizer(name: str, tmp_path_factory) -> Path:
+    """The stand-in of ``name`` with 1500 merges trained on :func:`demo_texts`, built once per test
+    session (the template and tokenizer tests share it)."""
+    out = tmp_path_factory.getbasetemp() / "family_tokenizers" / name
+    if not (out / "tokenizer_config.json").is_file():
+        # files end with blank lines: the real vocabularies hold newline runs ("ĊĊ") as tokens
+        make_family_tokenizer(name, out, demo_texts() + ["x = 1\n\n", "y\n\n\n"] * 20, merges_vocab=1500)
+    return out

@@ -189,8 +189,7 @@ CONVERSATION = [
     ("bot", "def add3(a, b, c):\n    return a + b + c"),
 ]
 HF_ROLE = {"system": "system", "human": "user", "bot": "assistant"}
-#: as in real code vocabularies, runs of newlines are tokens ("ĊĊ"): boundaries between template text
-#: and content must split them as the whole rendered string does
+#: training text of the tokenizers trained here (DeepSeek-Coder, Mistral v0.1)
 CORPUS = [t for _, t in CONVERSATION] * 3 + ["### Instruction ### Response You are an AI programming assistant",
                                               *["x = 1\n\ny = 2\n\n\nz\n\n### Response\n"] * 3]
 
@@ -218,19 +217,17 @@ def _tokenizer_folder(root: Path, name: str) -> Path:
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory) -> dict[str, Path]:
     """template name -> tokenizer folder whose chat_template is the family's official Jinja."""
-    from test_families_fixtures import make_family_tokenizer
+    from test_families_fixtures import family_tokenizer
 
-    root = tmp_path_factory.mktemp("family_tokenizers")
-    stand_ins = {}
+    root = tmp_path_factory.mktemp("family_templates")
     out = {}
     for name, (jinja, tok, _, _) in FAMILIES.items():
         if isinstance(tok, str):
-            if tok not in stand_ins:
-                stand_ins[tok] = make_family_tokenizer(tok, root / "stand_in" / tok, CORPUS)
+            stand_in = family_tokenizer(tok, tmp_path_factory)
             out[name] = root / name
             out[name].mkdir()
-            (out[name] / "tokenizer.json").symlink_to(stand_ins[tok] / "tokenizer.json")
-            cfg = json.loads((stand_ins[tok] / "tokenizer_config.json").read_text())
+            (out[name] / "tokenizer.json").symlink_to(stand_in / "tokenizer.json")
+            cfg = json.loads((stand_in / "tokenizer_config.json").read_text())
             (out[name] / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": jinja}))
         else:
             out[name] = _tokenizer_folder(root, name)
@@ -272,6 +269,10 @@ def test_family_format_equals_official_chat_template(tokenizers, name):
                                  return_dict=False)
     want = list(want)
     ids, mask = _ours(tokenizers[name], name, turns)
+    if FAMILIES[name][1] in ("llama3", "qwen2", "starcoder2"):
+        # as in the real vocabularies, a run of newlines is one token: boundaries between template
+        # text and content must split it as the whole rendered conversation does
+        assert "ĊĊ" in hf.get_vocab()
     if name == "starcoder2":  # its template always ends with the next turn's header (a generation prompt)
         tail = hf.encode("\n\n### Response\n", add_special_tokens=False)
         assert want[len(ids):] == tail
