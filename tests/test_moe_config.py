@@ -20,6 +20,21 @@ def test_layout_rules_name_every_problem_at_once():
     assert "model.moe_capacity_factor" in str(e.value) and "model.moe_aux_loss_coeff" in str(e.value)
 
 
+def test_expert_tensor_parallelism_rules():
+    """ETP needs experts and, as megatron's MoE layer asserts at build time, no linear biases."""
+    with pytest.raises(ConfigError, match=r"parallel.ep: expert parallelism \(parallel.ep=1, etp=2\) needs a "
+                       "mixture-of-experts model"):
+        load_config(None, ["data.path=/unused", "parallel.etp=2"])
+    with pytest.raises(ConfigError) as e:
+        load_config(None, TINY_MOE + ["model.linear_bias=true", "parallel.etp=2", "parallel.tp=2", "parallel.sp=true"])
+    assert "parallel.etp: 2 with linear biases (model.linear_bias): megatron's MoE layer supports biases only at " \
+        "parallel.etp: 1" in str(e.value)
+    run = load_config(None, TINY_MOE + ["parallel.etp=2", "parallel.tp=2", "parallel.sp=true"])
+    assert run.parallel.expert_tp == 2 and not run.parallel.world_problems(2)
+    assert "parallel.etp x parallel.ep x parallel.pp = 2 x 1 x 1 needs a multiple of 2 processes" in (
+        " ".join(run.parallel.world_problems(1)))
+
+
 def test_expert_parallelism_needs_experts_and_sane_routing():
     with pytest.raises(ConfigError, match="parallel.ep: expert parallelism .* needs a mixture-of-experts model"):
         load_config(None, ["data.path=/unused", "parallel.ep=2"])

@@ -105,4 +105,7 @@ def expert_layout_problems(arch, tp: int, ep: int, etp: Optional[int], ep_name: 
             p.append(f"{ep_name}: {ep} does not divide num_experts {arch.num_experts}")
         if etp and etp >= 1 and arch.expert_ffn % etp:
             p.append(f"parallel.etp: {etp} does not divide the expert hidden size {arch.expert_ffn}")
+        if (etp or 1) > 1 and arch.linear_bias:
+            p.append(f"parallel.etp: {etp} with linear biases (model.linear_bias): megatron's MoE layer supports "
+                     f"biases only at parallel.etp: 1")
     return p
