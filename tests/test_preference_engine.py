@@ -4,9 +4,10 @@ Two launches (``tests/train_many.py``: each run is the CLI's own ``main``, one a
 one process, so start-up is paid once per launch):
 
 - one process: DPO with LoRA (reference = adapters disabled; step-1 loss exactly log 2), the same
-  run with 2 rows per micro batch, one pair per row packed against dynamic batching, ORPO, full-FT DPO with the stored pre-pass reference (computed,
-  then read back on a resume, refused for another starting checkpoint) and with a frozen
-  reference copy (equal to the stored one);
+  run with 2 rows per micro batch, one pair per row packed against dynamic batching, ORPO,
+  full-FT DPO with the stored pre-pass reference (computed, then read back on a resume, refused
+  for another starting checkpoint) and with a frozen reference copy (equal to the stored one;
+  refused with LoRA);
 - torchrun, 2 processes: TP=2 and PP=2 (DPO-LoRA), DP=2 (ORPO), PP=2 with the frozen reference,
   each equal to its single-process run.
 """
@@ -108,6 +109,9 @@ def single(pairs_dir, pairs_offline, tiny_init, tmp_path_factory):
         "full_other": {"argv": [f"train.init_checkpoint={other}" if a.startswith("train.init_checkpoint=") else a
                                 for a in full] + ["train.steps=4"], "rc": 2},
         "frozen": _overrides(pairs_offline, tiny_init, tmp / "frozen", *FULL_FT, "loss.preference.reference=frozen"),
+        # LoRA's reference is its own adapters-off model: a frozen copy is refused before the model is built
+        "frozen_lora": {"rc": 2, "argv": _overrides(pairs_dir, tiny_init, tmp / "frozen_lora",
+                                                    "loss.preference.reference=frozen")},
     }
     logs = _launch(runs, tmp, nproc=1)
     return {name: (tmp / name.replace("_resume", "").replace("_other", ""), *logs[name]) for name in runs}
@@ -192,3 +196,5 @@ def test_dpo_full_ft_frozen_reference_equals_precomputed(single):
         for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "logps/chosen", "grad_norm"):
             assert frozen[step][k] == pytest.approx(stored[step][k], rel=1e-6, abs=1e-6), (step, k)
     assert frozen[1]["loss"] == pytest.approx(math.log(2), abs=1e-6) and frozen[STEPS]["rewards/margin"] != 0.0
+    err = single["frozen_lora"][2]
+    assert "loss.preference.reference frozen: for full fine-tuning only" in err and "Traceback" not in err, err[-2000:]
