@@ -70,6 +70,32 @@ def train_overrides(demo_data, tiny_init):
             f"train.init_checkpoint={tiny_init}", "train.eval_interval=0", "train.save_interval=0"]
 
 
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, train_overrides):
+    """One uninterrupted single-process run (packed rows, 4 steps, warmup 1): the reference that
+    every layout of test_engine_layouts and every resume of test_engine_resume must reproduce.
+    Returns (overrides of that run, {step: metrics record})."""
+    from train_helpers import REFERENCE_STEPS, run_train, train_losses
+
+    out = tmp_path_factory.mktemp("reference") / "uninterrupted"
+    common = train_overrides + [f"train.steps={REFERENCE_STEPS}", "train.warmup_steps=1", "data.batching=packed"]
+    run_train(common + [f"output_dir={out}"])
+    return common, train_losses(out)
+
+
+@pytest.fixture(scope="session")
+def tp2_sp_run(tmp_path_factory, reference_run):
+    """The reference run at TP=2 + SP under torchrun, saving every step: one of the layouts of
+    test_engine_layouts, and the TP=2 checkpoints that test_engine_resume resumes and reloads at
+    TP=1 (one launch instead of two). Returns its output_dir."""
+    from train_helpers import run_train
+
+    common, _ = reference_run
+    out = tmp_path_factory.mktemp("tp2_sp") / "run"
+    run_train(common + ["parallel.tp=2", "parallel.sp=true", "train.save_interval=1", f"output_dir={out}"], nproc=2)
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _no_debug_switch_leaks(monkeypatch):
     """A command run in-process with ``--debug`` sets MFT_DEBUG=1 in os.environ (so the processes

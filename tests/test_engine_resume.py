@@ -1,7 +1,14 @@
-"""Checkpoints: resume == uninterrupted (also across layouts), preemption by SIGUSR1, SIGKILL
-during a save, and a checkpoint saved at TP=2 loading at TP=1 with the same per-token losses."""
+"""Checkpoints: resume == uninterrupted (also across layouts), preemption by SIGUSR1 to every
+process, SIGKILL during a save, and a checkpoint saved at TP=2 loading at TP=1 with the same
+per-token losses.
+
+The uninterrupted reference and the TP=2+SP run whose checkpoints are resumed and reloaded at
+TP=1 are the session's (conftest ``reference_run`` and ``tp2_sp_run``, shared with
+test_engine_layouts): this module starts only the runs that are interrupted or resumed.
+"""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -10,23 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from train_helpers import REFERENCE_STEPS as STEPS
 from train_helpers import ROOT, env, free_port, read_metrics, run_train, train_command, train_losses
 
-STEPS = 5
 
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory, train_overrides):
-    root = tmp_path_factory.mktemp("resume")
-    common = train_overrides + [f"train.steps={STEPS}", "train.warmup_steps=1"]
-    run_train(common + [f"output_dir={root / 'uninterrupted'}"])
-    return root, common, train_losses(root / "uninterrupted")
-
-
-def _assert_continues(ref: dict, out: Path):
+def _assert_continues(ref: dict, out: Path, first: int = 1):
     got = train_losses(out)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    for step in ref:
+    assert sorted(got) == list(range(first, STEPS + 1))
+    for step in got:
         assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5), step
         assert got[step]["lr"] == pytest.approx(ref[step]["lr"], rel=1e-9), step
 
@@ -36,57 +34,69 @@ def _latest(out: Path) -> str:
 
 
 @pytest.mark.slow
-def test_resume_equals_uninterrupted_across_layouts(base):
-    """Stop after step 1 at TP=2 (exit-duration guard), resume at TP=1: model, optimizer, LR
-    schedule and data position all continue; metrics.jsonl is appended."""
-    root, common, ref = base
-    out = root / "tp2_then_tp1"
-    run_train(common + [f"output_dir={out}", "parallel.tp=2", "train.exit_duration_minutes=1e-6"], nproc=2)
-    assert _latest(out) == "step_0000001"
-    assert [r["step"] for r in read_metrics(out)] == [1]
+def test_resume_equals_uninterrupted_across_layouts(reference_run, tp2_sp_run, tmp_path):
+    """The checkpoint the TP=2+SP run saved after step 1 resumes at TP=1 without SP: model,
+    optimizer, LR schedule and data position all continue as in the uninterrupted run."""
+    common, ref = reference_run
+    ckpt = tp2_sp_run / "checkpoints" / "step_0000001"
+    assert [r["step"] for r in read_metrics(tp2_sp_run)][0] == 1 and (ckpt / "run.json").is_file()
+    out = tmp_path / "tp1"
+    proc = run_train(common + [f"output_dir={out}", f"train.resume_from={ckpt}"])
+    assert f"resumed from {ckpt} at step 1" in proc.stdout, proc.stdout[-3000:]
+    _assert_continues(ref, out, first=2)
+
+
+@pytest.mark.slow
+def test_sigusr1_to_every_process_saves_exits_and_resumes(reference_run, tmp_path):
+    """SLURM signals every process of a step (``--signal``, ``scancel``), the checkpoint writer's
+    helper processes included (with default actions the helper died, and the save the signal asked
+    for hung): SIGUSR1 to the whole process group after a save stops the run within one step with
+    a checkpoint, exit 0; the resumed run appends to metrics.jsonl and ends as the uninterrupted one."""
+    common, ref = reference_run
+    out = tmp_path / "sigusr1"
+    proc = subprocess.Popen(train_command(common + [f"output_dir={out}", "train.save_interval=1"]), cwd=ROOT,
+                            env=env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group, as a SLURM step's processes
+    latest = out / "checkpoints" / "latest"
+    try:
+        deadline = time.time() + 600  # a loaded machine
+        while not latest.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None and latest.exists(), "no first save"
+        os.killpg(proc.pid, signal.SIGUSR1)  # the trainer and every helper it started
+        signalled_at = len(read_metrics(out))
+        stdout, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stdout[-3000:]
+    stopped = read_metrics(out)[-1]["step"]
+    assert stopped < STEPS and stopped <= signalled_at + 1, "must stop within one step of the signal"
+    assert f"stopping at step {stopped}: SIGUSR1" in stdout
+    assert _latest(out) == f"step_{stopped:07d}"
     run_train(common + [f"output_dir={out}"])
     _assert_continues(ref, out)
     assert len(read_metrics(out)) == STEPS  # appended, never overwritten or duplicated
 
 
 @pytest.mark.slow
-def test_sigusr1_saves_and_exits_then_resumes(base):
-    root, common, ref = base
-    out = root / "sigusr1"
-    proc = subprocess.Popen(train_command(common + [f"output_dir={out}"]), cwd=ROOT, env=env(2),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 300
-    while not (metrics.exists() and metrics.read_text().strip()) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "run finished before the signal could be sent"
-    proc.send_signal(signal.SIGUSR1)
-    signalled_at = len(read_metrics(out))
-    stdout, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stdout[-3000:]
-    stopped = read_metrics(out)[-1]["step"]
-    assert stopped < STEPS and stopped <= signalled_at + 1, "must stop within one step of the signal"
-    assert _latest(out) == f"step_{stopped:07d}"
-    assert "SIGUSR1" in stdout
-    run_train(common + [f"output_dir={out}"])
-    _assert_continues(ref, out)
-
-
-@pytest.mark.slow
-def test_sigkill_during_save_resumes_from_previous_checkpoint(base):
-    root, common, ref = base
-    out = root / "sigkill"
+def test_sigkill_during_save_resumes_from_previous_checkpoint(reference_run, tmp_path):
+    common, ref = reference_run
+    out = tmp_path / "sigkill"
     cmd = train_command(common + [f"output_dir={out}", "train.save_interval=2"])
     e = env(2)
     e["MFT_FAULT_SLEEP_IN_SAVE"] = "4:120"
     proc = subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     tmp = out / "checkpoints" / "step_0000004.tmp"
-    deadline = time.time() + 300
-    while not (tmp / "rng").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None and tmp.exists(), "the step-4 save never started"
-    proc.kill()
-    proc.wait()
+    try:
+        deadline = time.time() + 600  # a loaded machine
+        while not (tmp / "rng").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None and tmp.exists(), "the step-4 save never started"
+    finally:
+        proc.kill()  # SIGKILL in the save (and no run left behind if the assertion failed)
+        proc.wait()
     assert _latest(out) == "step_0000002"  # the pointer still names the last complete save
     run_train(common + [f"output_dir={out}", "train.save_interval=2"])
     _assert_continues(ref, out)
@@ -94,12 +104,8 @@ def test_sigkill_during_save_resumes_from_previous_checkpoint(base):
 
 
 @pytest.mark.slow
-def test_tp2_checkpoint_loads_at_tp1_with_same_logits(base):
-    root, common, _ = base
-    ckpt = root / "tp2_then_tp1" / "checkpoints" / "step_0000001"  # saved at TP=2 by the test above
-    if not ckpt.is_dir():
-        run_train(common + [f"output_dir={root / 'tp2_then_tp1'}", "parallel.tp=2",
-                            "train.exit_duration_minutes=1e-6"], nproc=2)
+def test_tp2_checkpoint_loads_at_tp1_with_same_logits(tp2_sp_run):
+    ckpt = tp2_sp_run / "checkpoints" / "step_0000001"  # saved at TP=2 (+SP)
     script = str(ROOT / "tests" / "scripts" / "checkpoint_loss.py")
 
     def losses(layout, nproc):

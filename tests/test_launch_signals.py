@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -155,32 +154,8 @@ def test_sigusr1_during_start_up_stops_after_the_first_step(tmp_path, train_over
     assert stop_file.read_text().strip() == "SIGUSR1"  # what run_scripts/common.sh requeues on
 
 
-@pytest.mark.slow
-def test_stop_signal_to_every_process_after_a_save_still_saves(tmp_path, train_overrides):
-    """SLURM signals every process of a step (``--signal``, ``scancel``), helpers included. From
-    its first save on, megatron's checkpoint writer keeps a helper process (a multiprocessing
-    manager); with default actions it died on SIGUSR1, and the save the signal asked for waited
-    on it for ever (seen with a real slurmctld: the job hung in the save until its time limit)."""
-    out = tmp_path / "run"
-    proc = subprocess.Popen(train_command(train_overrides + [f"output_dir={out}", "train.steps=40",
-                                                             "train.save_interval=1"]),
-                            cwd=ROOT, env=env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group, as a SLURM step's processes
-    latest = out / "checkpoints" / "latest"
-    try:
-        deadline = time.time() + 300
-        while not latest.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        assert proc.poll() is None and latest.exists(), "no first save"
-        os.killpg(proc.pid, signal.SIGUSR1)  # the trainer and every helper it started
-        stdout, _ = proc.communicate(timeout=150)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, f"exit {proc.returncode}:\n{stdout[-3000:]}"
-    stopped = int(re.search(r"stopping at step (\d+): SIGUSR1", stdout).group(1))
-    assert stopped < 40 and latest.read_text().strip() == f"step_{stopped:07d}"
+# SIGUSR1 to every process of the trainer after a save (the checkpoint writer's helper included):
+# test_engine_resume.py::test_sigusr1_to_every_process_saves_exits_and_resumes, which resumes the run too
 
 
 def test_the_entry_point_catches_sigusr1_before_it_loads_torch():

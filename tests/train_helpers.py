@@ -11,6 +11,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "tiny_cpu.yaml"
+#: steps of the session's reference run (conftest ``reference_run``); 4, so that the resume tests
+#: can stop or break a save in the middle of it
+REFERENCE_STEPS = 4
 
 
 def free_port() -> int:
