@@ -18,6 +18,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_model_config
 
 from megatron_mft.loss import FocalTaskStats, GlobalBatchStats, micro_batch_loss, task_metrics
 from megatron_mft.model import build_packed_seq_params
@@ -111,6 +112,10 @@ def run_schedule(chunks: list, micro_batches: list[dict], ctx: StepContext, loss
     reports (non-empty only on the last pipeline stage)."""
     shape = micro_batches[0]["tokens"].shape
     seq = shape[0] * shape[1] if ctx.packed else max(mb["tokens"].shape[1] for mb in micro_batches)
+    if ctx.packed and cp_size() > 1 and ps.get_pipeline_model_parallel_world_size() > 1:
+        # CP pads each packed sample to a multiple of 2 x cp, so a row may outgrow seq_length and
+        # micro batches differ in width: megatron's p2p then sends each activation's shape first
+        get_model_config(chunks[0]).variable_seq_lengths = True
     mbs = 1 if ctx.packed else shape[0]
     iters = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
     return get_forward_backward_func()(
