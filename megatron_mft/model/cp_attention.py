@@ -133,8 +133,8 @@ class _PrefixCausalAttention(torch.autograd.Function):
 
 
 class ContextParallelAttention:
-    """The CP part of ``PackedCoreAttention``: plans per micro batch, attends per run of
-    equal-length sequences (one batched SDPA call each)."""
+    """The CP part of ``PackedCoreAttention``: gathers K/V once per layer, then attends per run
+    of equal-length sequences (batched over the run), each query chunk to its causal prefix."""
 
     def __init__(self, group, heads: int, groups: int, head_dim: int, scale: Optional[float],
                  window_left: Optional[int]):
