@@ -17,6 +17,7 @@ from megatron_mft.compat import Environment
 from megatron_mft.config import ArchSpec, ModelConfig, ParallelConfig
 from megatron_mft.model.moe import moe_config_kwargs
 from megatron_mft.model.rope import install_torch_rope
+from megatron_mft.model.swiglu import install_torch_swiglu
 from megatron_mft.model.yarn import yarn_attention_factor, yarn_inv_freq
 from megatron_mft.model.specs import attention_backend, block_spec, layer_spec
 
@@ -61,8 +62,9 @@ def transformer_config(arch: ArchSpec, model: ModelConfig, parallel: ParallelCon
         add_qkv_bias=arch.qkv_bias,
         gated_linear_unit=arch.gated,
         activation_func=ACTIVATIONS[arch.activation],
-        # megatron fuses bias+swiglu, and bias+GELU only for exact F.gelu (not the tanh form)
-        bias_activation_fusion=env.cuda and arch.gated,
+        # megatron fuses bias+swiglu, and bias+GELU only for exact F.gelu (not the tanh form);
+        # without CUDA a torch SwiGLU fills the slot (megatron_mft.model.swiglu; dense models)
+        bias_activation_fusion=arch.gated and (env.cuda or (not arch.num_experts and install_torch_swiglu())),
         # (left, right) tokens around the query: HF's window counts the query itself
         window_size=(arch.sliding_window - 1, 0) if arch.sliding_window else None,
         # YaRN's attention factor on q and k (model/yarn.py); None = 1/sqrt(head_dim)
