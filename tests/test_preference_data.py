@@ -200,3 +200,18 @@ def test_lora_reference_is_the_base_model(env, tmp_path):
     assert n == 16  # 4 layers x 4 targets
     assert torch.equal(disabled, base)
     assert (adapted - base).abs().max() > 1e-3 and torch.equal(again, adapted)
+
+
+def test_demo_chain_paths_agree():
+    """examples/tiny_cpu_dpo.yaml continues from the checkpoint examples/demo.sh writes and reads the
+    folder examples/demo_dpo.sh preprocesses (it once pointed at a run the README's demo never made)."""
+    from megatron_mft.config import load_config
+
+    sft = load_config(str(ROOT / "examples/tiny_cpu.yaml"), [])
+    dpo = load_config(str(ROOT / "examples/tiny_cpu_dpo.yaml"), [])
+    demo, chain = ((ROOT / "examples" / f).read_text() for f in ("demo.sh", "demo_dpo.sh"))
+    assert 'OUT="${OUT:-outputs/demo}"' in demo and 'output_dir="$OUT/run"' in demo and "train.steps" not in demo
+    step = f"step_{sft.train.steps:07d}"
+    assert f'SFT="$OUT/run/checkpoints/{step}"' in chain and '--output-dir "$OUT/pairs"' in chain
+    assert dpo.train.init_checkpoint == f"outputs/demo/run/checkpoints/{step}" and dpo.data.path == "outputs/demo/pairs"
+    assert dpo.train.stage == "dpo" and dpo.data.source == "offline"
