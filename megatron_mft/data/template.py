@@ -122,8 +122,7 @@ TEMPLATES: dict[str, ChatTemplate] = {
     "mftcoder": ChatTemplate(),
     "mftcoder-bos": ChatTemplate(name="mftcoder-bos", add_bos=True),
     "llama3": ChatTemplate(
-        name="llama3", add_bos=True, specials=_L3, strip=True,
-        prefix=_roles(*(f"<|start_header_id|>{r}<|end_header_id|>\n\n" for r in ("system", "user", "assistant"))),
+        name="llama3", add_bos=True, specials=_L3, strip=True, prefix=_roles(*_L3_HEADERS),
         suffix=_roles("<|eot_id|>", "<|eot_id|>", "<|eot_id|>")),
     "llama3.1": ChatTemplate(
         name="llama3.1", add_bos=True, specials=(*_L3, "<|eom_id|>", "<|python_tag|>"), strip=True,
