@@ -2,9 +2,12 @@
 
 All jobs are submitted at once at the start of the module and driven side by side (each in a
 thread: submit, wait, signal, wait), so their waits overlap; each test then checks one job's
-outcome. The reference is the same run under torchrun (TP=2), made alongside.
+outcome. The references are the session's (conftest): the single-process run of the same
+config (``reference_run``: every layout of test_engine_layouts reproduces its losses) and the
+same run under torchrun at TP=2 (+SP, ``tp2_sp_run``: its checkpoint files).
 
-1. ``sbatch`` runs 2 tasks at TP=2 to completion: per-step losses and checkpoint files as from torchrun.
+1. ``sbatch`` runs 2 tasks at TP=2 to completion: per-step losses as the single-process run,
+   checkpoint files as from torchrun.
 2. ``scancel -s USR1`` (after a periodic save): save, exit 0, ``scontrol requeue``; the requeued
    job resumes at the saved step and finishes; every step logged once; losses as uninterrupted.
 3. ``--time=1 --signal=USR1@1``: slurmctld's warning comes before the limit, the job saves and
@@ -29,12 +32,12 @@ from pathlib import Path
 
 import pytest
 
-from train_helpers import ROOT, read_metrics, run_train, train_losses
+from train_helpers import REFERENCE_STEPS, ROOT, read_metrics, train_losses
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 SCRIPT = ROOT / "run_scripts" / "tiny_cpu.sh"
-STEPS = 6
+STEPS = REFERENCE_STEPS  # the session's reference runs: 4 steps, warmup 1
 WAIT = 600  # seconds any one wait may take on a busy machine before the test gives up
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
          "DEADLINE"}
@@ -125,15 +128,6 @@ class Campaign:
 # ------------------------------------------------------------------------------ scenarios
 # Each runs in a thread, returns what its test checks, or raises with the job's log.
 
-def reference(c: Campaign) -> dict:
-    """The same run under torchrun, TP=2 (no SLURM)."""
-    out = c.root / "torchrun"
-    run_train([f"data.path={c.demo_data}", f"train.init_checkpoint={c.tiny_init}", "data.source=offline",
-               "data.seq_length=512", f"train.steps={STEPS}", "train.warmup_steps=1", "train.eval_interval=0",
-               "train.log_interval=1", "parallel.tp=2", f"output_dir={out}"], nproc=2, timeout=WAIT)
-    return {"losses": train_losses(out), "out": out}
-
-
 def completes(c: Campaign) -> dict:
     job = c.submit("complete", STEPS)
     return {"job": job, "final": job.wait_done()}
@@ -223,10 +217,13 @@ def sigkill_one_task(c: Campaign) -> dict:
 
 
 @pytest.fixture(scope="module")
-def campaign(slurm_cluster, demo_data, tiny_init, tmp_path_factory):
+def campaign(slurm_cluster, demo_data, tiny_init, reference_run, tp2_sp_run, tmp_path_factory):
+    """The jobs' args are the reference runs' overrides (data.source=offline, seq 512, 4 steps,
+    warmup 1, no evaluation); ``reference``: their losses and torchrun's TP=2 output_dir."""
     c = Campaign(slurm_cluster, tmp_path_factory.mktemp("slurm_jobs"), demo_data, tiny_init)
-    runs = {fn.__name__: c.start(fn) for fn in (time_limit, completes, usr1_requeue, sigterm, sigkill_one_task,
-                                                reference)}
+    runs = {fn.__name__: c.start(fn) for fn in (time_limit, completes, usr1_requeue, sigterm, sigkill_one_task)}
+    runs["reference"] = Future()
+    runs["reference"].set_result({"losses": reference_run[1], "out": tp2_sp_run})
     yield runs
     c.pool.shutdown(wait=True, cancel_futures=True)
 
@@ -259,8 +256,10 @@ def test_sbatch_runs_tp2_to_completion_as_torchrun(campaign):
     _logged_once(job, STEPS)
     _assert_losses_equal(train_losses(job.out), ref["losses"], range(1, STEPS + 1))
     assert train_losses(job.out)[STEPS]["loss"] < train_losses(job.out)[1]["loss"]
-    assert _files(job.out / "checkpoints") == _files(ref["out"] / "checkpoints")
-    assert (job.out / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:07d}"
+    final = f"step_{STEPS:07d}"  # torchrun's run saved every step, the job only at the end
+    assert sorted(p.name for p in (job.out / "checkpoints").iterdir()) == ["latest", final]
+    assert _files(job.out / "checkpoints" / final) == _files(ref["out"] / "checkpoints" / final)
+    assert (job.out / "checkpoints" / "latest").read_text().strip() == final
 
 
 def test_scancel_usr1_saves_requeues_and_the_requeued_job_finishes(campaign):
