@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "tools" / "bench"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from data_bench import DEMO, SEQ, _cpu, machine, replicate, segment_texts  # noqa: E402
+from data_bench import SEQ, _cpu, machine, replicate, segment_texts  # noqa: E402
 
 #: stand-in -> chat format (the demo data has system turns, which StarCoder2's format refuses)
 FAMILIES = {"llama3": "llama3.1", "qwen2": "qwen2", "starcoder2": "mftcoder"}
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from test_families_fixtures import demo_texts, make_family_tokenizer
 
-    import megatron_mft.data.indexed  # noqa: F401  one-time import, outside every timing
+    import megatron_mft.data.indexed  # noqa: F401,I001  one-time import, outside every timing
 
     print(f"machine: {machine()}")
     tmp = Path(tempfile.mkdtemp(prefix="family_tok_bench_"))
@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             pw = statistics.median(p[2] for p in pairs)
             wall = statistics.median(p[0] / p[2] for p in pairs)
             cpu = statistics.median(p[1] / p[3] for p in pairs)
-            print(f"\n[{name}] chat format {FAMILIES[name]}, vocabulary {json.loads((folder / 'tokenizer_config.json').read_text()).get('eos_token')} eos, "
-                  f"{args.merges} merges")
+            eos = json.loads((folder / "tokenizer_config.json").read_text()).get("eos_token")
+            print(f"\n[{name}] chat format {FAMILIES[name]}, eos {eos}, {args.merges} merges")
             print(f"    raw tokenizers.encode_batch: median wall {tw:.3f} s = {tok[2] / tw:,.0f} tokens/s")
             print(f"    preprocess (read+validate+template+tokenize+pack+write): median wall {pw:.3f} s = "
                   f"{st['tokens'] / pw:,.0f} tokens/s incl. template tokens")
