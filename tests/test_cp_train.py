@@ -51,7 +51,39 @@ def test_context_parallel_matches_single_process(baselines, batching, layout, np
     root, (common, ref) = baselines(batching)
     out = root / (batching + "_" + "_".join(layout).replace("=", "").replace(".", "") + f"_n{nproc}")
     run_train(common + layout + [f"output_dir={out}"], nproc=nproc)
-    _assert_same(ref, train_losses(out))
+    got = train_losses(out)
+    _assert_same(ref, got)
+    # the CP padding of packed samples is reported per step (metrics.jsonl cp_padding_tokens)
+    expected = _cp_padding_per_step(common, cp=2) if batching == "packed" else [0] * STEPS
+    assert [got[s]["cp_padding_tokens"] for s in range(1, STEPS + 1)] == expected
+    assert all(ref[s]["cp_padding_tokens"] == 0 for s in ref)  # CP=1 pads nothing
+    if batching == "packed":
+        assert sum(expected) > 0
+
+
+def _cp_padding_per_step(common: list[str], cp: int) -> list[int]:
+    """Tokens needed per step to round every packed sample up to a multiple of 2 x cp, counted
+    from the unpadded (CP=1) micro batches of each global batch (DP=1: all rows)."""
+    import numpy as np
+
+    from megatron_mft.config.run import load_config
+    from megatron_mft.data import MFTData
+    from train_helpers import CONFIG
+
+    cfg = load_config(CONFIG, common)
+    t = cfg.train
+    data = MFTData(cfg.data, seed=cfg.seed, micro_batch_size=t.micro_batch_size,
+                   global_batch_size=t.global_batch_size, dp_rank=0, dp_size=1)
+    per_step = []
+    for step in range(STEPS):
+        pad = 0
+        for mb in data.train_micro_batches(step * t.global_batch_size):
+            for row in np.asarray(mb["sample_ids"]):
+                lengths = np.bincount(row[row >= 0])
+                lengths = lengths[lengths > 0]
+                pad += int(((-lengths) % (2 * cp)).sum())
+        per_step.append(pad)
+    return per_step
 
 
 @pytest.mark.slow
@@ -87,3 +119,16 @@ def test_context_parallel_with_lora_matches_single_process(baselines):
     out = root / "packed_lora_cp2"
     run_train(common + ["parallel.cp=2", f"output_dir={out}"], nproc=2)
     _assert_same(ref, train_losses(out))
+
+
+def test_cp_with_ep_layout_rules():
+    """CP x EP as megatron lays it out: world % (tp x pp x cp) and world % (etp x ep x pp); on two
+    processes CP=2 x EP=2 is valid (the expert-parallel group spans the CP ranks)."""
+    from megatron_mft.config.parallel import ParallelConfig
+
+    assert ParallelConfig(cp=2, ep=2).world_problems(2) == []
+    assert ParallelConfig(cp=2, ep=2).data_parallel_size(2) == 1
+    assert ParallelConfig(cp=2, ep=4).world_problems(2) == [
+        "parallel.etp x parallel.ep x parallel.pp = 1 x 4 x 1 needs a multiple of 4 processes; got 2 processes"]
+    assert ParallelConfig(cp=2, ep=2, tp=2).world_problems(2) == [
+        "parallel.tp x parallel.pp x parallel.cp = 2 x 1 x 2 needs a multiple of 4 processes; got 2 processes"]

@@ -134,7 +134,7 @@ class Recipe:
         self.peak = peak_flops(self.env.device_name, run.train.peak_flops)
         _say(f"tasks: {', '.join(self.task_names)} | rows/epoch {self.data.rows_per_epoch} | "
              f"steps {self.total_steps} | layout tp={run.parallel.tp} pp={run.parallel.pp} "
-             f"vpp={run.parallel.vpp} dp={dp_size} sp={run.parallel.sp}")
+             f"vpp={run.parallel.vpp} cp={run.parallel.cp} dp={dp_size} sp={run.parallel.sp}")
 
     def _lock_output_dir(self) -> None:
         """One run per output_dir (launch.runlock): rank 0 holds the lock; every rank stops if it
@@ -223,8 +223,11 @@ class Recipe:
         t = self.run_cfg.train
         timer = Timer()
         tokens_since, flops_since = 0, [0.0, 0.0]  # model, hardware
+        cp_pad_since = 0  # tokens the data path added so packed samples divide 2 x cp
         while self.step < self.total_steps:
+            cp_pad_before = self.data.cp_padding_tokens
             micro_batches = self.data.train_micro_batches(self.consumed_rows)
+            cp_pad_since += self.data.cp_padding_tokens - cp_pad_before
             self.ctx.task_weights = self.task_weights()
             self.ctx.consumed_rows = self.consumed_rows
             out = train_step(self.chunks, self.optimizer, self.scheduler, micro_batches, self.ctx)
@@ -237,8 +240,8 @@ class Recipe:
             flops_since = [flops_since[0] + count.model, flops_since[1] + count.hardware]
             if self.step % t.log_interval == 0 or self.step == self.total_steps:
                 dt = timer.lap()
-                self._log_step(out, tokens_since, flops_since, dt)
-                tokens_since, flops_since = 0, [0.0, 0.0]
+                self._log_step(out, tokens_since, flops_since, dt, cp_pad_since)
+                tokens_since, flops_since, cp_pad_since = 0, [0.0, 0.0], 0
             self._check_finite(out)
             if self.step == 3 and self.peft is not None:
                 _say(self.peft.peak_memory_line())
@@ -272,19 +275,21 @@ class Recipe:
         _say(f"warning: step {self.step}: non-finite {what}; update skipped "
              f"({self.nonfinite_in_a_row} of {allowed} allowed in a row)")
 
-    def _log_step(self, out: dict, tokens: int, flops: list[float], dt: float) -> None:
+    def _log_step(self, out: dict, tokens: int, flops: list[float], dt: float, cp_padding: int) -> None:
         """Throughput is global (summed over DP); FLOPs per GPU divide by the world size.
-        ``flops`` = [model, hardware]: MFU from model FLOPs, hw_tflops_per_gpu adds recompute."""
+        ``flops`` = [model, hardware]: MFU from model FLOPs, hw_tflops_per_gpu adds recompute.
+        ``cp_padding``: this rank's CP padding tokens of the interval (the CP group shares rows)."""
         world = torch.distributed.get_world_size()
-        vec = torch.tensor([tokens, *flops], dtype=torch.float64, device=self.device)
+        vec = torch.tensor([tokens, *flops, cp_padding], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(vec, group=ps.get_data_parallel_group())
-        tokens, flops, hw_flops = vec.tolist()
+        tokens, flops, hw_flops, cp_padding = vec.tolist()
         tflops = flops / dt / world / 1e12
         rec = {"step": self.step, "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
                "tokens_per_s": tokens / dt, "tflops_per_gpu": tflops,
                "hw_tflops_per_gpu": hw_flops / dt / world / 1e12,
                "mfu": (tflops * 1e12 / self.peak) if self.peak else None,
                "consumed_rows": self.consumed_rows, "peak_mem_gib": peak_memory_gib(),
+               "cp_padding_tokens": int(cp_padding),
                **{k: v for k, v in out.items()
                   if k.startswith(("task_", "rewards/", "logps/", "pref_loss", "nll_", "router_", "expert_load"))}}
         self.metrics.write(rec)
