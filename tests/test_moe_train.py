@@ -94,6 +94,26 @@ def test_tp2_sp_with_expert_tensor_parallelism_equals_ep1(moe_run):
 
 
 @pytest.mark.slow
+def test_cp2_with_ep2_equals_ep1(moe_run):
+    """Context parallelism with expert parallelism on 2 processes: CP=2 x EP=2 (the expert-parallel
+    group spans the two CP ranks, each routing its sequence chunks). Step 1 runs on identical
+    weights: the objective and every task CE equal the single process. The router losses are not
+    compared: megatron routes every token, padding included, and CP pads each packed sample to a
+    multiple of 2 x cp, so the routed token sets differ by that padding (docs/long-context.md)."""
+    overrides, single, root = moe_run
+    out = root / "cp2_ep2"
+    run_train(overrides + ROUTER + ["parallel.cp=2", "parallel.ep=2", "train.steps=1", f"output_dir={out}"],
+              nproc=2)
+    got = train_losses(out)[1]
+    assert got["loss"] == pytest.approx(single[1]["loss"], rel=1e-5)
+    tasks = [k for k, v in single[1].items() if k.startswith("task_loss/") and v is not None]
+    assert tasks
+    for key in tasks:
+        assert got[key] == pytest.approx(single[1][key], rel=1e-5), key
+    assert got["cp_padding_tokens"] > 0 and single[1]["cp_padding_tokens"] == 0
+
+
+@pytest.mark.slow
 def test_checkpoints_resume_across_expert_parallel_sizes(moe_run, moe_ep2_run):
     """Step 1's checkpoint of the EP=2 run resumes at EP=1 (one process), and the EP=1 run's at
     EP=2: the expert weights and their Adam moments reshard (one layout with an expert axis,
