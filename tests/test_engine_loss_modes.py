@@ -1,6 +1,9 @@
 """Every loss mode through the real engine step: the same global batch split into 1, 2 or 4
 micro batches gives the same objective and the same gradient (megatron schedule, DDP, grad
-clipping norm), on the demo data with several samples per packed row."""
+clipping norm), on the demo data with several samples per packed row; for the dense model and
+for a mixture-of-experts model (megatron's MoE layer, 4 experts top-2, no token dropping: the
+task-aware CE stays exact over the split; router losses off, they are per micro batch by
+megatron's definition and stay outside the task weighting)."""
 
 import copy
 
@@ -15,8 +18,13 @@ MODES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def engine(single_process_group, demo_data):
+#: a tiny MoE on the same graph: each token's routing depends on that token alone (no capacity)
+MOE = ["model.num_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden_size=96",
+       "model.moe_aux_loss_coeff=0", "model.moe_z_loss_coeff=0"]
+
+
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def engine(request, single_process_group, demo_data):
     from megatron_mft.config import load_config
     from megatron_mft.model import build_model_chunks
     from megatron_mft.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
@@ -25,7 +33,9 @@ def engine(single_process_group, demo_data):
 
     env = single_process_group
     cfg = load_config("examples/tiny_cpu.yaml", [f"data.path={demo_data}", "data.source=offline",
-                                                 "data.seq_length=512", "model.num_layers=2"])
+                                                 "data.seq_length=512", "model.num_layers=2"]
+                      + (MOE if request.param == "moe" else []))
+    assert bool(cfg.model.arch().num_experts) == (request.param == "moe")
     init_parallel(cfg.parallel, env, seed=3)
     chunks = wrap_ddp(build_model_chunks(cfg.model, cfg.parallel, env), cfg)
     install_grad_finalizer(chunks)
@@ -38,7 +48,7 @@ def engine(single_process_group, demo_data):
     assert out_keys, list(weights)
     for k in out_keys:
         weights[k] = weights[k] * 20.0
-    return cfg, chunks, opt, sched, weights, _spread_batch(cfg)
+    return cfg, chunks, opt, sched, weights, _spread_batch(cfg), request.param
 
 
 def _spread_batch(cfg) -> int:
@@ -60,7 +70,7 @@ def _step(engine, mode, extra, micro_batch_size):
     from megatron_mft.loss import task_weights_in_force
     from megatron_mft.training.step import StepContext, train_step
 
-    cfg, chunks, opt, sched, weights, consumed = engine
+    cfg, chunks, opt, sched, weights, consumed, _ = engine
     over = [f"loss.mode={mode}"] + [f"{k}={v}" for k, v in extra.items()]
     loss_cfg = load_config(None, ["data.path=/x"] + over).loss
     chunks[0].module.load_state_dict(weights)
@@ -74,10 +84,14 @@ def _step(engine, mode, extra, micro_batch_size):
 @pytest.mark.parametrize("mode, extra", MODES, ids=[m + ("-" + "-".join(map(str, e.values())) if e else "")
                                                     for m, e in MODES])
 def test_split_invariance(engine, mode, extra):
+    approximate = mode == "focal-task" and extra.get("loss.focal_task_exact") is False
+    if approximate and engine[-1] == "moe":
+        pytest.skip("one-pass focal-task is an approximation, not claimed exact; its split dependence is shown "
+                    "on the dense model (on this MoE batch it happens to land within 1e-6)")
     ref = _step(engine, mode, extra, 4)
     for mbs in (2, 1):
         got = _step(engine, mode, extra, mbs)
-        if mode == "focal-task" and extra.get("loss.focal_task_exact") is False:
+        if approximate:
             # one-pass focal-task is an approximation that depends on the split (docs/losses.md)
             # ... so it fails the tolerances the exact modes meet below
             exact_looking = got[0] == pytest.approx(ref[0], rel=1e-6) and got[1] == pytest.approx(ref[1], rel=1e-5)

@@ -77,14 +77,15 @@ def test_ep2_equals_ep1(moe_run, moe_ep2_run):
 
 
 @pytest.mark.slow
-def test_tp2_sp_with_expert_tensor_parallelism_equals_ep1(moe_run):
+@pytest.mark.parametrize("etp", [2, 1])
+def test_tp2_sp_with_expert_tensor_parallelism_equals_ep1(moe_run, etp):
     """TP=2 + SP with the experts' MLPs split over TP too (``parallel.etp=2``): losses, grad norms
     and expert load equal the single process, and so do the router losses, whose per-rank parts
     under sequence parallelism (each TP rank routes its sequence shard) are combined as megatron
     defines them: the load-balancing loss summed over the TP ranks, the z-loss averaged."""
     overrides, single, root = moe_run
-    out = root / "tp2_etp2"
-    run_train(overrides + ROUTER + ["parallel.tp=2", "parallel.sp=true", "parallel.etp=2", f"output_dir={out}"],
+    out = root / f"tp2_etp{etp}"  # etp=1: whole experts on every TP rank, each routing its sequence shard
+    run_train(overrides + ROUTER + ["parallel.tp=2", "parallel.sp=true", f"parallel.etp={etp}", f"output_dir={out}"],
               nproc=2)
     got = train_losses(out)
     for step in range(1, STEPS + 1):

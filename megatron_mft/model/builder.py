@@ -15,7 +15,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mft.compat import Environment
 from megatron_mft.config import ArchSpec, ModelConfig, ParallelConfig
-from megatron_mft.model.moe import moe_config_kwargs
+from megatron_mft.model.moe import moe_config_kwargs, sum_expert_grads_over_tp
 from megatron_mft.model.rope import install_torch_rope
 from megatron_mft.model.swiglu import install_torch_swiglu
 from megatron_mft.model.yarn import yarn_attention_factor, yarn_inv_freq
@@ -135,4 +135,5 @@ def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, env: Enviro
             chunk.rotary_pos_emb.inv_freq = yarn_inv_freq(arch.head_dim, arch.rotary_base, arch.rope_factor,
                                                           arch.rope_original_max_positions).to(inv_freq.device)
         chunks.append(chunk)
+    sum_expert_grads_over_tp(chunks, parallel)
     return chunks

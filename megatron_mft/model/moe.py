@@ -120,6 +120,24 @@ def moe_te_layer_spec(arch: ArchSpec):
                                                       qk_layernorm=arch.qk_norm)
 
 
+def sum_expert_grads_over_tp(chunks: list, parallel: ParallelConfig) -> None:
+    """At EP=1 megatron marks expert weights as ordinary data-parallel weights (``allreduce``), but
+    with sequence parallelism and expert TP 1 < TP every TP rank holds whole experts and routes
+    only its own sequence shard: their gradients (and their adapters') are partial sums over the TP
+    ranks, as a norm's are under SP, and were left unsummed (TP ranks drifted apart silently).
+    Tagged as megatron tags norms (``sequence_parallel``), finalize_model_grads sums them over TP;
+    as TP duplicates (``tensor_model_parallel`` False) the gradient norm counts them once, not once
+    per TP rank. At EP > 1 megatron reduces expert weights over the expert-DP group, which holds the
+    TP peers."""
+    if not (parallel.sp and parallel.ep == 1 and parallel.expert_tp < parallel.tp):
+        return
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            if ".experts." in f".{name}":  # routed experts (not shared_experts: TP-split like a dense MLP)
+                param.sequence_parallel = True
+                param.tensor_model_parallel = False
+
+
 def routers(chunks: list) -> list:
     from megatron.core.transformer.moe.router import TopKRouter
 
