@@ -67,10 +67,18 @@ def _layout_problems(run: RunConfig, world_size: int) -> list[str]:
 
 
 def _family_problems(run: RunConfig) -> list[str]:
-    """model.family: a family of the registry (checkpoint.hf.families) that the architecture fits."""
-    from megatron_mft.checkpoint.hf.families import family_problems
+    """model.family: a family of the registry (checkpoint.hf.families) that the architecture fits,
+    when the run names one (``model.family``) or starts from a Hugging Face model. A preset's
+    family with architecture overrides it cannot represent (a custom model that never goes to
+    Hugging Face) trains; ``convert mcore-to-hf`` refuses it by name."""
+    from megatron_mft.checkpoint.hf.families import FAMILIES, family_problems
 
-    return family_problems(run.model.arch()) if not run.model.validate() else []
+    if run.model.validate():
+        return []
+    arch = run.model.arch()
+    if run.model.family is None and not run.model.hf_init:
+        return [] if arch.family in FAMILIES else family_problems(arch)
+    return family_problems(arch)
 
 
 def _data_problems(run: RunConfig) -> list[str]:
