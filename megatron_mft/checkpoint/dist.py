@@ -334,7 +334,7 @@ def _prepare_on_rank0(root: Path, tmp: Path, final: Path) -> None:
         try:
             _prepare_root(root)
             tmp.mkdir()
-        except OSError as e:
+        except Exception as e:  # any failure: the other ranks must hear of it, not wait for ever
             problem = f"{type(e).__name__}: {e}"
     if every_rank(not problem):
         return

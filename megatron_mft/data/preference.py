@@ -234,6 +234,8 @@ def pair_rows(rows: list[Row]) -> list[Row]:
         if not len(r.lengths):
             out += [EMPTY_ROW, EMPTY_ROW]
             continue
+        if len(r.lengths) != 2:  # a pair row holds exactly its two sides; anything else would mis-pair
+            raise ValueError(f"a preference row holds {len(r.lengths)} samples, not a pair (chosen, rejected)")
         n = int(r.lengths[0])
         out += [Row(r.tokens[:n], r.mask[:n], r.lengths[:1], r.tasks[:1]),
                 Row(r.tokens[n:], r.mask[n:], r.lengths[1:], r.tasks[1:])]
