@@ -133,3 +133,15 @@ def test_checkpoints_resume_across_expert_parallel_sizes(moe_run, moe_ep2_run):
             for key in ("loss", "router_aux_loss", "router_z_loss", "grad_norm"):
                 assert got[step][key] == pytest.approx(single[step][key], rel=1e-5), (name, step, key)
             assert got[step]["expert_load"] == single[step]["expert_load"], (name, step)
+
+
+def test_an_old_chained_optimizer_checkpoint_is_recognised():
+    """Checkpoints saved at EP > 1 before the layout-free optimizer format hold megatron's chained
+    optimizer state (sub-optimizers 0, 1): the load stops with a message naming train.init_checkpoint
+    (checked by hand on a checkpoint written by the previous code) instead of a list of missing keys."""
+    from megatron_mft.checkpoint.optimizer_state import FORMAT, is_chained_legacy
+
+    assert is_chained_legacy({0: {"optimizer": {}}, 1: {"optimizer": {}}})
+    assert not is_chained_legacy({"format": FORMAT, "step": 3})  # this version's
+    assert not is_chained_legacy({"optimizer": {"param_groups": []}, "param_state_sharding_type": "x"})  # old dense
+    assert not is_chained_legacy(None)

@@ -40,7 +40,7 @@ from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-from megatron_mft.checkpoint.optimizer_state import load_optimizer_state, optimizer_sharded_state
+from megatron_mft.checkpoint.optimizer_state import is_chained_legacy, load_optimizer_state, optimizer_sharded_state
 from megatron_mft.compat.fsops import exchange_paths, fsync_path, fsync_tree
 from megatron_mft.errors import UserError
 from megatron_mft.launch.agree import every_rank
@@ -473,6 +473,11 @@ def load_checkpoint(path: str | Path, chunks: list, optimizer=None, *, trainable
     path = Path(path)
     template = model_sharded_state_dict(chunks, trainable_only)
     if optimizer is not None:
+        if path.is_dir() and is_chained_legacy(_saved_optimizer_common(path)):
+            raise CheckpointError(f"checkpoint {path} holds its optimizer state in megatron's chained-optimizer "
+                                  f"format (a MoE run at EP > 1 saved before the layout-free format), which this "
+                                  f"version does not read: start from its weights with train.init_checkpoint="
+                                  f"{path} (the optimizer state and the step start afresh)")
         _materialize_optimizer_state(optimizer)
         template["optimizer"] = optimizer_sharded_state(optimizer, model_sharded_state_dict(chunks), is_loading=True)
     try:
@@ -494,6 +499,14 @@ def load_checkpoint(path: str | Path, chunks: list, optimizer=None, *, trainable
     if rng is not None:
         _restore_rng(rng)
     return state.get("common", {})
+
+
+def _saved_optimizer_common(path: Path) -> object:
+    """The optimizer's non-tensor part of a saved checkpoint (its format marker), None if unreadable."""
+    try:
+        return dist_checkpointing.load_common_state_dict(str(path)).get("optimizer")
+    except Exception:  # noqa: BLE001 - a damaged checkpoint is reported by the load itself
+        return None
 
 
 def _load_into(chunk, state: dict, partial: bool) -> None:

@@ -106,6 +106,15 @@ def _legacy_step(state: dict) -> Any:
     steps = {g.get("step") for g in groups or []} - {None}
     if len(steps) != 1:
         raise RuntimeError("the checkpoint's optimizer state is in megatron's chained-optimizer format (written "
-                           "before the layout-independent one); resume it with the parallel layout it was saved "
-                           "with, or start from its weights only (train.init_checkpoint)")
+                           "before the layout-independent one), which this version does not read: start from its "
+                           "weights only (train.init_checkpoint)")
     return steps.pop()
+
+
+def is_chained_legacy(optimizer_common: object) -> bool:
+    """A checkpoint written before the layout-free format by megatron's chained optimizer (MoE at
+    EP > 1: dense and expert optimizers, keys 0, 1 ...): its tensor keys carry ``chained_N.``
+    prefixes, which the layout-free load does not read."""
+    return isinstance(optimizer_common, dict) and "format" not in optimizer_common \
+        and "optimizer" not in optimizer_common and bool(optimizer_common)
+
