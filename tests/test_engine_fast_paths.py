@@ -74,16 +74,21 @@ def test_single_rank_collectives_are_the_identity(single_process_group):
         pytest.skip("the shortcut is part of the CPU shim (a CUDA machine runs collectives as they are)")
     one = dist.new_group([0])
     t = torch.tensor([1.0, -2.0, 3.0])
-    for op in (dist.ReduceOp.SUM, dist.ReduceOp.MAX, dist.ReduceOp.AVG):
-        x = t.clone()
-        assert dist.all_reduce(x, op=op, group=one) is None
-        assert torch.equal(x, t)
-    out = torch.zeros(3)
-    dist.all_gather_into_tensor(out, t, group=one)
-    assert torch.equal(out, t)
-    out = torch.zeros(3)
-    dist.reduce_scatter_tensor(out, t, group=one)
-    assert torch.equal(out, t)
+    # the profiler sees every call that enters c10d (gloo): the shortcut's calls must not
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for op in (dist.ReduceOp.SUM, dist.ReduceOp.MAX, dist.ReduceOp.AVG):
+            x = t.clone()
+            assert dist.all_reduce(x, op=op, group=one) is None
+            assert torch.equal(x, t)
+        out = torch.zeros(3)
+        dist.all_gather_into_tensor(out, t, group=one)
+        assert torch.equal(out, t)
+        out = torch.zeros(3)
+        dist.reduce_scatter_tensor(out, t, group=one)
+        assert torch.equal(out, t)
+    assert not [e.name for e in prof.events() if e.name.startswith(("c10d::", "gloo:"))]
     x = t.clone()  # asynchronous calls still go through gloo and hand back a work handle
-    dist.all_reduce(x, group=one, async_op=True).wait()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        dist.all_reduce(x, group=one, async_op=True).wait()
     assert torch.equal(x, t)
+    assert [e.name for e in prof.events() if e.name.startswith("c10d::allreduce")]  # the probe sees gloo calls
