@@ -48,7 +48,7 @@ def test_memory_estimate_counts_context_parallelism():
     from megatron_mft.peft.memory import estimate_memory
 
     arch, s, tp = PRESETS["codellama-34b"], 32768, 4
-    kv_bytes = 2 * arch.num_query_groups * arch.head_dim / tp * s * 2  # K and V of the whole sequence, bf16
+    kv_bytes = 2 * arch.num_attention_heads * arch.head_dim / tp * s * 2  # whole-sequence K and V per query head, bf16
     for recompute, layers in (("full", 1), ("none", arch.num_layers)):
         kw = dict(method="lora", rank=64, tp=tp, sp=True, seq_length=s, recompute=recompute)
         one, two = estimate_memory(arch, **kw), estimate_memory(arch, **kw, cp=2)

@@ -139,8 +139,10 @@ def estimate_memory(arch: ArchSpec, *, method: str, rank: int, targets: Sequence
     Context parallelism (``cp`` ranks split every sequence): T above is s*b/cp, the tokens a
     rank holds (activations and logits / cp); the distributed optimizer shards over d x cp.
     ``cp_gathered_kv`` (the all-gather-KV attention without TE, megatron_mft/model/cp_attention.py)
-    adds the whole sequence's K and V, 2kv/t x s*b, for each layer whose activations are held
-    (one layer under full recompute); TE's p2p ring keeps only the rank's own K/V.
+    adds the whole sequence's K and V for each layer whose activations are held (one layer under
+    full recompute): on a GPU that path expands grouped K/V to every query head (CUDA's SDPA takes
+    no grouped K/V with a causal bias), so 2 x heads x head_dim / t x s*b; TE's p2p ring keeps only
+    the rank's own K/V.
 
     Mixture of experts (``ep`` expert-parallel ranks, expert TP 1): weights count every expert
     (routed experts' / ep on a rank, not split over TP; the shared expert / t; NF4 for targeted
@@ -218,7 +220,9 @@ def estimate_memory(arch: ArchSpec, *, method: str, rank: int, targets: Sequence
         saved = none_layer * layers * in_flight
     activations = saved * T * param_bytes
     if cp > 1 and cp_gathered_kv:
-        activations += 2 * kv / t * seq_length * micro_batch * (1 if recompute == "full" else layers * in_flight) * param_bytes
+        expanded = arch.num_attention_heads * arch.head_dim  # K/V repeated per query head (see above)
+        activations += (2 * expanded / t * seq_length * micro_batch * (1 if recompute == "full" else layers * in_flight)
+                        * param_bytes)
     logits = 6 * T * V / t
     workspace = 0.0
     if method == "qlora" and targets:
