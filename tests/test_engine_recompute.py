@@ -57,9 +57,11 @@ def test_kernels_line_is_read_off_the_built_model(single_process_group):
     init_parallel(cfg.parallel, single_process_group, seed=1)
     chunks = build_model_chunks(cfg.model, cfg.parallel, single_process_group)
     line = kernels_line(chunks, single_process_group, packed=True)
-    assert line.endswith("kernels: torch SDPA (packed, causal per document) attention, torch RoPE tables"), line
+    assert line.endswith("kernels: torch SDPA (packed, causal per document) attention, torch RoPE tables, "
+                         "torch SwiGLU in megatron's fused slot"), line
     line = kernels_line(chunks, single_process_group, packed=False)
-    assert line.endswith("kernels: torch SDPA (dynamic padding, causal) attention, torch RoPE tables"), line
+    assert line.endswith("kernels: torch SDPA (dynamic padding, causal) attention, torch RoPE tables, "
+                         "torch SwiGLU in megatron's fused slot"), line
     attn = chunks[0].decoder.layers[0].self_attention.core_attention
     attn.use_flash = True  # as built where flash-attn is importable
     gpu = dataclasses.replace(single_process_group, cuda=True)

@@ -48,6 +48,15 @@ def rope_kernel(packed: bool) -> str:
     return "TE fused RoPE" if "transformer_engine" in getattr(fn, "__module__", "") else "torch RoPE tables"
 
 
+def _torch_swiglu_installed() -> bool:
+    """Without CUDA megatron's fused bias+SwiGLU slot holds a plain torch SwiGLU (model/swiglu.py)."""
+    from megatron.core.transformer import mlp
+
+    from megatron_mft.model.swiglu import bias_swiglu
+
+    return getattr(mlp, "bias_swiglu_impl", None) is bias_swiglu
+
+
 def kernels_line(chunks: list, env: Environment, *, packed: bool) -> str:
     """One log line naming the kernels the built model actually runs for this batching mode
     (``packed``: THD packs; else one sample per row), read off its modules and its
@@ -60,7 +69,9 @@ def kernels_line(chunks: list, env: Environment, *, packed: bool) -> str:
                                          for m in mods),
         **{f"{a} attention": True for a in attention},
         rope_kernel(packed): cfg.apply_rope_fusion,
-        "fused bias+activation/dropout": cfg.bias_activation_fusion or cfg.bias_dropout_fusion,
+        "torch SwiGLU in megatron's fused slot": cfg.bias_activation_fusion and _torch_swiglu_installed(),
+        "fused bias+activation/dropout": (cfg.bias_activation_fusion and not _torch_swiglu_installed())
+                                         or cfg.bias_dropout_fusion,
         "gradient-accumulation fusion": cfg.gradient_accumulation_fusion,
         "fused Adam (TE or apex)": env.te or env.apex,
     }
