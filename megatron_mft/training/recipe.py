@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Optional
 
 import torch
 import yaml
@@ -38,6 +39,21 @@ def _say(msg: str) -> None:
     if _rank0():
         print(msg, flush=True)
 
+
+
+def load_starting_weights(run, chunks: list) -> Optional[str]:
+    """Load the run's starting weights into ``chunks`` (``model.hf_init`` before
+    ``train.init_checkpoint``); returns what was loaded, None when the run starts from random
+    weights. The one place for it: the policy and the DPO frozen reference load the same."""
+    if run.model.hf_init:
+        from megatron_mft.checkpoint.hf import load_hf_into_chunks
+
+        load_hf_into_chunks(run.model.hf_init, chunks, run.model, run.parallel)
+        return f"Hugging Face folder {run.model.hf_init}"
+    if run.train.init_checkpoint:
+        load_model_weights(run.train.init_checkpoint, chunks)
+        return str(run.train.init_checkpoint)
+    return None
 
 class Recipe:
     """A whole fine-tuning run. ``Recipe(cfg).run()`` is what ``python -m megatron_mft.train`` does."""
@@ -177,15 +193,9 @@ class Recipe:
 
     def _load_base_weights(self, chunks: list) -> None:
         """Pretrained weights, before DDP and the optimizer copy them: HF folder or dist checkpoint."""
-        run = self.run_cfg
-        if run.model.hf_init:
-            from megatron_mft.checkpoint.hf import load_hf_into_chunks
-
-            load_hf_into_chunks(run.model.hf_init, chunks, run.model, run.parallel)
-            _say(f"initialised weights from Hugging Face folder {run.model.hf_init}")
-        elif run.train.init_checkpoint:
-            load_model_weights(run.train.init_checkpoint, chunks)
-            _say(f"initialised weights from {run.train.init_checkpoint}")
+        source = load_starting_weights(self.run_cfg, chunks)
+        if source:
+            _say(f"initialised weights from {source}")
 
     def _report_params(self) -> None:
         if self.peft is not None:  # prepare() logged the trainable share (NF4 base included)

@@ -92,8 +92,8 @@ class FrozenReference:
         takes the same steps as a precomputed-reference one."""
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-        from megatron_mft.checkpoint.dist import load_model_weights
         from megatron_mft.model import build_model_chunks, check_placement
+        from megatron_mft.training.recipe import load_starting_weights
 
         source = _starting_weights(run)
         tracker = get_cuda_rng_tracker()
@@ -106,12 +106,7 @@ class FrozenReference:
             tracker.set_states(tracker_states)
             if cuda_state is not None:
                 torch.cuda.set_rng_state(cuda_state)
-        if run.model.hf_init:
-            from megatron_mft.checkpoint.hf import load_hf_into_chunks
-
-            load_hf_into_chunks(run.model.hf_init, chunks, run.model, run.parallel)
-        else:
-            load_model_weights(run.train.init_checkpoint, chunks)
+        load_starting_weights(run, chunks)
         for c in chunks:
             c.requires_grad_(False)
             c.eval()
