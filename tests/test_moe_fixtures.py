@@ -59,3 +59,15 @@ def make_moe_model(name: str, out: Path, seed: int = 0, **overrides) -> Path:
 
 def make_all_moe(root: Path) -> dict[str, Path]:
     return {name: make_moe_model(name, root / name) for name in MOE_FAMILIES}
+
+
+def moe_cli_overrides(name: str, root: Path, demo_data, seed: int, steps: int) -> list[str]:
+    """CLI overrides that train a tiny random ``name`` MoE (saved under ``root/hf``, vocabulary
+    2048) on the demo data: the model section read off its config.json plus the data and step keys."""
+    from megatron_mft.checkpoint.hf.hfconfig import model_config_from_hf, model_section, read_hf_config
+
+    hf = make_moe_model(name, root / "hf", seed=seed, vocab_size=2048)
+    model = model_section(model_config_from_hf(read_hf_config(hf)))
+    return [f"model.{k}={v}" for k, v in model.items()] + [
+        f"model.hf_init={hf}", "data.source=offline", f"data.path={demo_data}", "data.seq_length=512",
+        f"train.steps={steps}", "train.eval_interval=0", "train.save_interval=0", "train.global_batch_size=4"]

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from test_families_fixtures import TOL, VOCAB, tokens
-from test_moe_fixtures import make_moe_model
+from test_moe_fixtures import make_moe_model, moe_cli_overrides
 from train_helpers import ROOT, env, free_port, run_train, train_losses
 
 PEFT_FAMILIES = ("mixtral", "qwen2_moe")
@@ -214,14 +214,8 @@ def _attn_shapes(arch):
 
 @pytest.fixture(scope="module")
 def lora_cli_run(tmp_path_factory, demo_data):
-    from megatron_mft.checkpoint.hf.hfconfig import model_config_from_hf, model_section, read_hf_config
-
     root = tmp_path_factory.mktemp("moe_lora_train")
-    hf = make_moe_model("qwen2_moe", root / "hf", seed=6, vocab_size=2048)
-    model = model_section(model_config_from_hf(read_hf_config(hf)))
-    overrides = [f"model.{k}={v}" for k, v in model.items()] + [
-        f"model.hf_init={hf}", "data.source=offline", f"data.path={demo_data}", "data.seq_length=512",
-        "train.steps=2", "train.eval_interval=0", "train.save_interval=0", "train.global_batch_size=4",
+    overrides = moe_cli_overrides("qwen2_moe", root, demo_data, seed=6, steps=2) + [
         "peft.method=lora", "peft.rank=4", "peft.alpha=8", "train.lr=0.02", "model.moe_aux_loss_coeff=0.01"]
     return overrides, root
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from test_moe_fixtures import make_moe_model
+from test_moe_fixtures import moe_cli_overrides
 from train_helpers import run_train, train_losses
 
 STEPS = 3
@@ -18,14 +18,8 @@ SAVE = ["train.save_interval=1"]  # checkpoints of the uninterrupted runs: the r
 
 @pytest.fixture(scope="module")
 def moe_run(tmp_path_factory, demo_data):
-    from megatron_mft.checkpoint.hf.hfconfig import model_config_from_hf, model_section, read_hf_config
-
     root = tmp_path_factory.mktemp("moe_train")
-    hf = make_moe_model("qwen3_moe", root / "hf", seed=5, vocab_size=2048)
-    model = model_section(model_config_from_hf(read_hf_config(hf)))
-    overrides = [f"model.{k}={v}" for k, v in model.items()] + [
-        f"model.hf_init={hf}", "data.source=offline", f"data.path={demo_data}", "data.seq_length=512",
-        f"train.steps={STEPS}", "train.eval_interval=0", "train.save_interval=0", "train.global_batch_size=4"]
+    overrides = moe_cli_overrides("qwen3_moe", root, demo_data, seed=5, steps=STEPS)
     out = root / "ep1"
     run_train(overrides + ROUTER + SAVE + [f"output_dir={out}"])
     return overrides, train_losses(out), root
