@@ -62,6 +62,22 @@ def test_install_and_uninstall_restore_handlers():
     assert signal.getsignal(signal.SIGUSR1) == before
 
 
+def test_a_stop_signal_during_the_teardown_does_not_kill_the_trainer():
+    """CI: an ``scancel -s USR1`` stopped the run, and SLURM's own time-limit warning came 8 s later,
+    while the trainer tore down after its save: the guard had restored SIGUSR1's default action
+    and the task died by signal 10 (job FAILED instead of COMPLETED)."""
+    code = ("import os, signal, time\n"
+            "from megatron_mft.launch.signals import PreemptionGuard, catch_early\n"
+            "catch_early()\n"
+            "guard = PreemptionGuard()\n"
+            "guard.uninstall()  # Recipe.cleanup, before the process group's teardown\n"
+            "os.kill(os.getpid(), signal.SIGUSR1)\n"
+            "time.sleep(0.05)\n"
+            "print('alive')\n")
+    run = _run(code)
+    assert (run.returncode, run.stdout.strip()) == (0, "alive"), run.stderr
+
+
 AGREE = r"""
 import datetime, json, os, signal, sys, time
 import torch.distributed as dist

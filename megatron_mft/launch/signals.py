@@ -132,9 +132,9 @@ class PreemptionGuard:
         for name in self.signal_names:
             sig = getattr(signal, name, None)
             if sig is not None and sig not in self._previous:
-                previous = signal.signal(sig, self._handler)
-                # catch_early's bridge is not restored: after the guard, the default applies
-                self._previous[sig] = signal.SIG_DFL if previous is _early_handler else previous
+                # catch_early's handler comes back on uninstall: a second SIGUSR1 during the
+                # teardown after a stop (SLURM's warning after an scancel) must not kill the task
+                self._previous[sig] = signal.signal(sig, self._handler)
         self._received.extend(_EARLY)  # signals that came before the guard (catch_early)
         _EARLY.clear()
         return self
