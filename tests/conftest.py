@@ -1,7 +1,6 @@
 """Shared fixtures: one process-wide gloo group (world size 1) with megatron's parallel state."""
 
 import os
-from train_helpers import free_port
 
 import pytest
 import torch
@@ -15,8 +14,9 @@ def single_process_group():
 
     env = setup_runtime()
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
-                                             rank=0, world_size=1)
+        # a store on port 0 binds a free port itself: no port picked, released and raced for
+        store = torch.distributed.TCPStore("127.0.0.1", 0, 1, is_master=True)
+        torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
     return env
 
 

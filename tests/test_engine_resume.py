@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from train_helpers import REFERENCE_STEPS as STEPS
-from train_helpers import ROOT, env, free_port, read_metrics, run_train, train_command, train_losses
+from train_helpers import ROOT, env, read_metrics, run_train, torchrun, train_command, train_losses
 
 
 def _assert_continues(ref: dict, out: Path, first: int = 1):
@@ -109,8 +109,7 @@ def test_tp2_checkpoint_loads_at_tp1_with_same_logits(tp2_sp_run):
     script = str(ROOT / "tests" / "scripts" / "checkpoint_loss.py")
 
     def losses(layout, nproc):
-        head = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                                                    str(nproc), "--master_port", str(free_port())]
+        head = [sys.executable] if nproc == 1 else torchrun(nproc)
         p = subprocess.run(head + [script, str(ckpt)] + layout + ["data.seq_length=512"], cwd=ROOT, env=env(1), capture_output=True, text=True,
                            timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
 from test_families_fixtures import FAMILIES, TOL, make_all
-from train_helpers import ROOT, env, free_port
+from train_helpers import ROOT, env, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +24,7 @@ def family_models(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("tp, pp, sp", [(2, 1, "sp"), (1, 2, "nosp")])
 def test_every_family_matches_transformers_in_layout(family_models, tp, pp, sp):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "tests" / "scripts" / "families_parity.py"), str(family_models), str(tp), str(pp), sp]
+    cmd = torchrun(2) + [str(ROOT / "tests" / "scripts" / "families_parity.py"), str(family_models), str(tp), str(pp), sp]
     run = subprocess.run(cmd, cwd=ROOT, env=env(threads=1), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
     line = next(ln for ln in run.stdout.splitlines() if ln.startswith("RESULT "))

@@ -15,7 +15,7 @@ import pytest
 
 from test_families_fixtures import TOL
 from test_moe_fixtures import make_all_moe
-from train_helpers import ROOT, env, free_port
+from train_helpers import ROOT, env, torchrun
 
 EXPERT_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe"]
 
@@ -35,8 +35,7 @@ LAYOUT_GROUPS = [["1:1:nosp:2:alltoall:1"], ["2:1:sp:2:allgather:1", "2:1:sp:1:a
 @pytest.mark.slow
 @pytest.mark.parametrize("layouts", LAYOUT_GROUPS, ids=["ep2", "tp2_ep2_and_tp2_etp2", "pp2"])
 def test_every_moe_family_matches_transformers_in_layout(moe_models, layouts):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "tests" / "scripts" / "moe_parity.py"), str(moe_models), *layouts]
+    cmd = torchrun(2) + [str(ROOT / "tests" / "scripts" / "moe_parity.py"), str(moe_models), *layouts]
     run = subprocess.run(cmd, cwd=ROOT, env=env(threads=1), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
     line = next(ln for ln in run.stdout.splitlines() if ln.startswith("RESULT "))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ import torch
 
 from test_families_fixtures import TOL, VOCAB, tokens
 from test_moe_fixtures import make_moe_model, moe_cli_overrides
-from train_helpers import ROOT, env, free_port, run_train, train_losses
+from train_helpers import ROOT, env, run_train, torchrun, train_losses
 
 PEFT_FAMILIES = ("mixtral", "qwen2_moe")
 
@@ -236,8 +235,7 @@ def test_lora_moe_ep2_equals_ep1_and_transformers(tp1_env, lora_cli_run, tmp_pat
     families = ("qwen2_moe",)  # as tests/scripts/moe_peft_parity.py
     for name in families:
         make_moe_model(name, tmp_path / name, seed=3)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "tests" / "scripts" / "moe_peft_parity.py"), str(tmp_path)]
+    cmd = torchrun(2) + [str(ROOT / "tests" / "scripts" / "moe_peft_parity.py"), str(tmp_path)]
     run = subprocess.run(cmd, cwd=ROOT, env=env(threads=1), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
     result = json.loads(next(ln for ln in run.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])

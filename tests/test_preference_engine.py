@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from train_helpers import ROOT, env, free_port, train_losses
+from train_helpers import ROOT, env, torchrun, train_losses
 
 #: end-to-end CLI runs (minutes on 2 shared cores): all slow, they still run in CI
 pytestmark = pytest.mark.slow
@@ -75,9 +75,7 @@ def _launch(runs: dict, tmp: Path, nproc: int) -> dict:
     return name -> (stdout, stderr) of that run."""
     spec = tmp / "runs.json"
     spec.write_text(json.dumps(list(runs.values())))
-    head = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port())]
+    head = [sys.executable] if nproc == 1 else torchrun(nproc)
     proc = subprocess.run(head + [str(ROOT / "tests/train_many.py"), str(spec)], cwd=ROOT,
                           env=env(1 if nproc > 1 else 2), capture_output=True, text=True, timeout=1200)
     if proc.returncode:

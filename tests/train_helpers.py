@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -16,10 +17,41 @@ CONFIG = ROOT / "examples" / "tiny_cpu.yaml"
 REFERENCE_STEPS = 4
 
 
+def torchrun(nproc: int) -> list[str]:
+    """``python -m torch.distributed.run`` for ``nproc`` local processes. ``--standalone``: the
+    agent binds its store on port 0 and hands that port to the workers as MASTER_PORT, so two
+    launches can never pick the same port (a port chosen here and released before torchrun
+    bound it could be taken in between by another launch: EADDRINUSE, a flaky test)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr", "127.0.0.1",
+            "--nproc_per_node", str(nproc)]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for a rendezvous this process cannot bind itself (``mp.spawn`` workers, a launcher's
+    MASTER_PORT); a torchrun launch uses :func:`torchrun` instead. Taken from below the kernel's
+    ephemeral range (where a released port is handed out again to any connect or bind to port 0),
+    starting at a place keyed by the PID so concurrent test processes do not probe the same ports."""
+    span = max(1000, _ephemeral_low() - 10000)
+    start = (os.getpid() * 7919 + next(_port_draws) * 104729) % span
+    for i in range(span):
+        port = 10000 + (start + i) % span
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError("no free TCP port below the ephemeral range")
+
+
+_port_draws = itertools.count()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def env(threads: int = 1) -> dict:
@@ -36,8 +68,7 @@ def train_command(overrides: list[str], nproc: int = 1) -> list[str]:
     if nproc == 1:
         head = [sys.executable, "-m", "megatron_mft.train"]
     else:
-        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "megatron_mft.train"]
+        head = torchrun(nproc) + ["-m", "megatron_mft.train"]
     return head + ["--config", str(CONFIG)] + overrides
 
 
