@@ -92,3 +92,83 @@ def test_single_rank_collectives_are_the_identity(single_process_group):
         dist.all_reduce(x, group=one, async_op=True).wait()
     assert torch.equal(x, t)
     assert [e.name for e in prof.events() if e.name.startswith("c10d::allreduce")]  # the probe sees gloo calls
+
+
+def _tiny_engine(env, seed: int, extra=()):
+    """The recipe's pieces at TP=PP=1 on a 2-layer tiny model: chunks, DDP, optimizer, context."""
+    from megatron_mft.config import load_config
+    from megatron_mft.model import build_model_chunks
+    from megatron_mft.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
+    from megatron_mft.training.parallel import init_parallel
+    from megatron_mft.training.step import StepContext, install_grad_finalizer
+
+    cfg = load_config(None, ["data.path=/unused", "model.num_layers=2", "data.seq_length=32",
+                             "train.micro_batch_size=1", "train.warmup_steps=0", *extra])
+    init_parallel(cfg.parallel, env, seed)
+    chunks = wrap_ddp(build_model_chunks(cfg.model, cfg.parallel, env), cfg)
+    install_grad_finalizer(chunks)
+    opt = build_optimizer(chunks, cfg)
+    ctx = StepContext(loss_cfg=cfg.loss, task_names=["a", "b", "c"], device=torch.device("cpu"), packed=True)
+    return chunks, opt, build_scheduler(opt, cfg, 10), ctx, cfg.model.arch().vocab_size
+
+
+def _packed_micro_batches(vocab: int, seed: int, n: int = 2, seq: int = 32) -> list[dict]:
+    """n packed rows of seq tokens, 3 documents each, documents of 3 tasks, last token of each without loss."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        lengths = [9, 7, seq - 16]
+        tokens = torch.randint(0, vocab, (1, seq), generator=g)
+        sample = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths)).reshape(1, seq)
+        last = torch.cat([torch.arange(k) == k - 1 for k in lengths]).reshape(1, seq)
+        out.append(dict(tokens=tokens, labels=torch.where(last, 0, tokens.roll(-1, 1)), loss_mask=(~last).float(),
+                        task_ids=(sample + len(out)) % 3, sample_ids=sample,
+                        position_ids=torch.cat([torch.arange(k) for k in lengths]).reshape(1, seq),
+                        cu_seqlens=torch.tensor([0, 9, 16, seq], dtype=torch.int32), max_seqlen=max(lengths)))
+    return out
+
+
+def _three_steps(env, mode: str = "task-sample"):
+    """Losses, grad norms and the weights after three steps (bit patterns compared by the callers)."""
+    import dataclasses
+
+    from megatron_mft.training.step import train_step
+
+    chunks, opt, sched, ctx, vocab = _tiny_engine(env, seed=5)
+    ctx.loss_cfg = dataclasses.replace(ctx.loss_cfg, mode=mode)
+    batches = _packed_micro_batches(vocab, seed=6)
+    metrics = [train_step(chunks, opt, sched, batches, ctx) for _ in range(3)]
+    return metrics, [p.detach().clone() for c in chunks for p in c.parameters()]
+
+
+def test_cpu_shim_mode_is_paused_in_micro_batch_steps_and_changes_no_number(single_process_group):
+    """The shim's function mode costs ~3 us per Python-level torch call; megatron's per-micro-batch
+    forward_step / backward_step of a dense model hold no CUDA literal, so they run without it.
+    Same losses, grad norms and weights, bit for bit, with the pause on and off."""
+    from megatron_mft.compat import cpu
+
+    if not cpu._active:
+        pytest.skip("the function mode is part of the CPU shim (a CUDA machine has none)")
+    seen = []
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    def probe(module, args):
+        n = torch._C._len_torch_function_stack()
+        seen.append(n > 0 and torch._C._get_function_stack_at(n - 1) is cpu._mode)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda m, a: probe(m, a) if isinstance(m, TransformerLayer) else None)
+    try:
+        paused, w_paused = _three_steps(single_process_group)
+    finally:
+        handle.remove()
+    assert seen and not any(seen), "the CPU shim's mode was on the stack inside the model's forward"
+    assert torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1) is cpu._mode  # back after
+    cpu.pause_in_micro_batch_steps = False
+    try:
+        moded, w_moded = _three_steps(single_process_group)
+    finally:
+        cpu.pause_in_micro_batch_steps = True
+    assert [repr(m) for m in paused] == [repr(m) for m in moded]
+    assert all(torch.equal(a, b) for a, b in zip(w_paused, w_moded))
+    assert paused[0]["grad_norm"] > 0 and paused[2]["loss"] < paused[0]["loss"]  # it trained

@@ -240,6 +240,57 @@ def _skip_single_rank_collectives() -> None:
     BucketGroup.start_param_sync, BucketGroup.start_grad_sync = start_param_sync_, start_grad_sync_
 
 
+#: pause the function mode inside megatron's per-micro-batch forward_step / backward_step
+#: (switch for paired measurements: tools/bench/engine_parts.py)
+pause_in_micro_batch_steps = True
+
+
+def _mode_on_top() -> bool:
+    n = torch._C._len_torch_function_stack()
+    return n > 0 and torch._C._get_function_stack_at(n - 1) is _mode
+
+
+@contextlib.contextmanager
+def _mode_paused():
+    """Run the block without the function mode (every torch call then skips ~3 us of Python)."""
+    torch._C._pop_torch_function_stack()
+    try:
+        yield
+    finally:
+        torch._C._push_on_torch_function_stack(_mode)
+
+
+def _pause_mode_in_micro_batch_steps() -> None:
+    """The mode intercepts every Python-level torch call (~2,100 per step at TP=PP=1, ~3 us each),
+    but in megatron-core 0.16.1 a dense model's per-micro-batch forward (incl. the loss function)
+    and backward, and this package's model code, hold no CUDA literal: their allocations use
+    ``torch.cuda.current_device()`` (patched to the CPU), so they run with the mode popped.
+    What still needs it stays outside: the schedules' ``torch.zeros(device="cuda")``, the
+    optimizer's ``param.type()`` checks and grad-norm buffers, p2p set-up. Kept on for MoE models
+    (the aux-loss tracker allocates on ``device="cuda"`` inside the router's forward) and in the
+    device-placement test mode (its redirects are the point there)."""
+    import inspect
+
+    from megatron.core.pipeline_parallel import schedules
+
+    def paused(step):
+        at = list(inspect.signature(step).parameters).index("config")
+
+        def run(*args, **kwargs):
+            config = kwargs["config"] if "config" in kwargs else args[at]
+            if (not pause_in_micro_batch_steps or _target != _CPU or getattr(config, "num_moe_experts", None)
+                    or not _mode_on_top()):
+                return step(*args, **kwargs)
+            with _mode_paused():
+                return step(*args, **kwargs)
+
+        run.__wrapped__ = step
+        return run
+
+    schedules.forward_step = paused(schedules.forward_step)
+    schedules.backward_step = paused(schedules.backward_step)
+
+
 def activate() -> bool:
     """Apply the CPU redirects once per process; return True when they are (now) active."""
     global _active, _mode
@@ -253,6 +304,7 @@ def activate() -> bool:
         _skip_single_rank_collectives()
         _mode = _CudaToCpuMode()
         _mode.__enter__()
+        _pause_mode_in_micro_batch_steps()
         _active = True
     return True
 
