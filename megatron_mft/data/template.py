@@ -5,9 +5,21 @@ Default (MFTCoder, paper section 2): every turn is
 Loss is taken on bot content and that EOS only (``mode="sft"``) or on every token
 (``mode="pretrain"``, and always for ``{"text"}`` records).
 
-Why segment by segment: markers come from the template as their single vocabulary ids (when
-the tokenizer knows them); user text is encoded with the markers protected, so a marker string
-typed inside content stays plain text and can never fake a turn boundary.
+Two encoders, chosen by the tokenizer, one result: the ids of the rendered conversation.
+- Tokenizers that report character offsets (Hugging Face ``tokenizer.json``): each sample is
+  rendered as one string and encoded whole, cut only at the template's own single-id markers
+  and BOS/EOS (as the tokenizer itself cuts at special tokens), so byte-level BPE merges across
+  template text and content come out as in the official ``chat_template`` rendering (an
+  indented answer after StarCoder2's "### Response\n"). Loss rule: a token takes loss iff its
+  last character lies in a trained span: an answer's ``lead`` + content + ``suffix`` (its
+  end-of-turn / EOS); a token that merges the header's last newline with an answer's first
+  whitespace therefore takes loss.
+- SentencePiece ``.model`` files (no offsets): segment by segment, template text and content
+  apart, with ``lead`` / ``trail`` keeping the merges that cross a segment boundary.
+Either way markers come from the template as their single vocabulary ids (when the tokenizer
+knows them) and user text is encoded with them protected (a typed marker string is cut after
+its first character), so a marker string typed inside content stays plain text and can never
+fake a turn boundary.
 
 The stored mask is per token: ``mask[i] = 1`` when token ``i`` is a target that takes loss. The
 first token of a sample is never a target (nothing in the sample precedes it), so it is 0.
@@ -66,13 +78,14 @@ class ChatTemplate:
     strip: bool = False
     #: roles whose content alone is stripped (Mistral v3 trims only the answers)
     strip_roles: tuple[str, ...] = ()
-    #: role -> text encoded together with the turn's content, in front of it: Mistral v3's space
-    #: after ``[INST]`` and before an answer, which its tokenizer merges into the first word
-    #: (encoded apart, it would be a token of its own); takes the turn's loss
+    #: role -> text written right in front of the turn's content, part of the turn (takes its
+    #: loss): Mistral v3's space after ``[INST]`` and before an answer, which its tokenizer merges
+    #: into the first word (the segment encoder encodes it with the content, not as a token of
+    #: its own)
     lead: dict[str, str] = field(default_factory=dict)
-    #: role -> text encoded together with the turn's content, after it, for turns without loss:
-    #: a byte-level BPE splits a whitespace run by what follows it (GPT-2's ``\s+(?!\S)``), so
-    #: StarCoder2's "\n\n### Response\n" after a user turn must be encoded with that turn
+    #: role -> text written right after the turn's content, for turns without loss: StarCoder2's
+    #: "\n\n### Response\n" after a user turn (a byte-level BPE splits a whitespace run by what
+    #: follows it, GPT-2's ``\s+(?!\S)``: the segment encoder encodes it with that turn)
     trail: dict[str, str] = field(default_factory=dict)
     #: a system turn, empty when the record has none, opens every conversation (Llama-3.1 always
     #: writes its system header with the date lines)
@@ -150,11 +163,12 @@ TEMPLATES: dict[str, ChatTemplate] = {
                   "[/TOOL_RESULTS]"),
         prefix=_roles("", "[INST]", ""), lead=_roles("", " ", " "), suffix=_roles("", "[/INST]", EOS)),
     # StarCoder2's blank lines are written with the text after them ("\n\n### Instruction\n") or,
-    # after a user turn, with the turn ("...\n\n### Response\n"): encoded alone, "\n\n" would be one
-    # token where the rendered conversation has two. A sample ends with the answer's EOS (the
-    # template's "\n\n### Response\n" after it opens the next answer). Not equal: an answer that
-    # starts with whitespace (indented code), where the official rendering merges the header's
-    # newline into the answer's first token; ours keeps the header's tokens as generation sees them.
+    # after a user turn, with the turn ("...\n\n### Response\n"; the segment encoder needs that:
+    # encoded alone, "\n\n" would be one token where the rendered conversation has two). A sample
+    # ends with the answer's EOS (the template's "\n\n### Response\n" after it opens the next
+    # answer). An answer that starts with whitespace (indented code): its tokenizer.json has
+    # offsets, so the sample is encoded whole and the header's newline merges into the answer's
+    # first token as in the official rendering (that token takes loss).
     "starcoder2": ChatTemplate(
         name="starcoder2", add_bos=True, system=False,
         preamble="You are an exceptionally intelligent coding assistant that consistently delivers accurate and "
@@ -244,6 +258,32 @@ class ChatFormatter:
         self._body_value = np.array([int(r == "bot" or all_loss) for r in roles] + [1], dtype=np.uint8)
         # ids that user text must never produce: single-id markers and the tokenizer's specials
         self._protected_ids = np.asarray(sorted(tokenizer.protected_ids(self._protect)), dtype=np.int64)
+        self._mode = mode
+        # Offset-capable tokenizers encode each conversation as one string (see encode_flat).
+        self._joint = tokenizer.has_offsets
+        if self._joint:
+            self._joint_parts = {r: tuple(self._parts(s) for s in template.turn_strings(r)) for r in roles}
+            self._joint_opening = ([tokenizer.bos_id] if self._bos else []) + self._parts(template.preamble)
+
+    def _parts(self, text: str) -> list:
+        """Template text -> its pieces for the joint path: the template's own markers that are
+        single ids and {bos}/{eos} as ids (int), the rest as text (str), encoded with the content."""
+        named = {BOS: self.tok.bos_id, EOS: self.tok.eos_id}
+        singles = [m for m in self._protect if self.tok.single_id(m) is not None]
+        cut = re.compile("|".join(re.escape(m) for m in sorted((*singles, BOS, EOS), key=len, reverse=True)))
+        out: list = []
+        pos = 0
+        for m in cut.finditer(text):
+            if m.start() > pos:
+                out.append(text[pos:m.start()])
+            if m.group(0) in named:
+                if named[m.group(0)] is None:
+                    raise TemplateError(f"template {self.template.name}: the tokenizer has no {m.group(0)} token")
+                out.append(named[m.group(0)])
+            else:
+                out.append(self.tok.single_id(m.group(0)))
+            pos = m.end()
+        return out + ([text[pos:]] if pos < len(text) else [])
 
     def _marker_ids(self, marker: str) -> list[int]:
         if not marker:
@@ -284,6 +324,8 @@ class ChatFormatter:
         Built with one concatenation and one ``np.repeat`` per batch: per-sample conversion would
         cost as much as the template itself.
         """
+        if self._joint:
+            return self._encode_joint(records)
         kind_of = self._kind_code
         t = self.template
         strip = {r: t.strip or r in t.strip_roles for r in kind_of}
@@ -332,6 +374,108 @@ class ChatFormatter:
         sample_len = np.add.reduceat(pre_len + body_len + suf_len + sep_len, seg_start)
         bounds = np.concatenate([[0], np.cumsum(sample_len)])
         flat_mask[bounds[:-1]] = 0  # a sample's first token is nobody's target
+        return flat_ids, flat_mask, bounds.tolist()
+
+    def _encode_joint(self, records: Sequence[Record]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """``encode_flat`` for tokenizers with offsets: each sample is rendered as one string
+        (the template's single-id markers and BOS/EOS cut out as their ids) and encoded whole, so
+        the ids equal those of the rendered conversation, BPE merges across the template/content
+        boundaries included (StarCoder2's header newline merged into an indented answer's first
+        token). Loss rule: a token takes loss iff its last character lies in a trained span: an
+        answer's lead + content + suffix (end-of-turn, EOS); every token in pretrain mode and for
+        documents. Each marker or BOS/EOS id counts as one character of the rendering."""
+        t = self.template
+        strip = {r: t.strip or r in t.strip_roles for r in self._kind_code}
+        lead = {r: t.lead.get(r, "") for r in self._kind_code}
+        trail = {r: t.trail.get(r, "") for r in self._kind_code}
+        parts, opening, eos = self._joint_parts, self._joint_opening, self.tok.eos_id
+        bot_trained = self._mode == "sft"
+        items: list = []  # str (text), int (an id), None (end of a sample)
+        spans: list[int] = []  # trained [start, end) character spans, flat, increasing
+        pos = 0  # characters so far (an id counts one)
+
+        def add(pieces) -> None:
+            nonlocal pos
+            for piece in pieces:
+                items.append(piece)
+                pos += len(piece) if piece.__class__ is str else 1
+
+        for r in records:
+            if not r.turns and r.text is None:
+                raise ValueError("a record without turns has nothing to encode")
+            if r.text is not None:
+                spans += (pos, pos + len(r.text) + 1)
+                add((r.text, eos))
+            else:
+                add(opening)
+                for role, content in self._turns(r.turns):
+                    head, tail, sep = parts[role]
+                    add(head)
+                    start = pos
+                    add((lead[role] + (content.strip() if strip[role] else content) + trail[role],))
+                    add(tail)
+                    if role == "bot" and bot_trained:
+                        spans += (start, pos)
+                    add(sep)
+            items.append(None)
+        if not records:
+            return np.zeros(0, np.int32), np.zeros(0, np.uint8), [0]
+        # Units in order: a run of text (one string to encode) or one id.
+        texts: list[str] = []
+        text_pos: list[int] = []
+        unit_text: list[int] = []  # per unit: index into texts, or -1 for an id
+        fixed: list[int] = []
+        fixed_pos: list[int] = []
+        sample_end: list[int] = []  # per sample: units so far
+        buf: list[str] = []
+        at = start = 0
+        for item in items:
+            if item.__class__ is str:
+                if not buf:
+                    start = at
+                buf.append(item)
+                at += len(item)
+                continue
+            if buf:
+                text = "".join(buf)
+                if text:
+                    unit_text.append(len(texts))
+                    texts.append(text)
+                    text_pos.append(start)
+                buf = []
+            if item is None:
+                sample_end.append(len(unit_text))
+            else:
+                unit_text.append(-1)
+                fixed.append(item)
+                fixed_pos.append(at)
+                at += 1
+        ids, ends, counts = self.tok.encode_with_ends(texts, self._protect)
+        if len(self._protected_ids) and np.isin(ids, self._protected_ids).any():
+            raise TokenizerError("user text produced a protected special id (marker or special token)")
+        kinds = np.asarray(unit_text, dtype=np.int64)
+        is_text = kinds >= 0
+        unit_len = np.ones(len(kinds), dtype=np.int64)
+        unit_len[is_text] = counts
+        unit_start = np.concatenate([[0], np.cumsum(unit_len)[:-1]]).astype(np.int64)
+        total = int(unit_len.sum())
+        text_first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        dest = np.repeat(unit_start[is_text] - text_first, counts) + np.arange(len(ids), dtype=np.int64)
+        flat_ids = np.empty(total, dtype=np.int32)
+        last_char = np.empty(total, dtype=np.int64)
+        flat_ids[dest] = ids
+        last_char[dest] = ends - 1 + np.repeat(np.asarray(text_pos, dtype=np.int64), counts)
+        flat_ids[unit_start[~is_text]] = fixed
+        last_char[unit_start[~is_text]] = fixed_pos
+        if self._mode == "pretrain":
+            flat_mask = np.ones(total, dtype=np.uint8)
+        else:
+            inside = np.searchsorted(np.asarray(spans, dtype=np.int64), last_char, side="right") & 1
+            flat_mask = inside.astype(np.uint8)
+        unit_end = np.concatenate([[0], np.cumsum(unit_len)])
+        bounds = unit_end[np.concatenate([[0], sample_end])]
+        sample_len = np.diff(bounds)
+        flat_mask[bounds[:-1][sample_len > 0]] = 0  # a sample's first token is nobody's target
         return flat_ids, flat_mask, bounds.tolist()
 
     def _turns(self, turns: Sequence[Turn]) -> Sequence[Turn]:

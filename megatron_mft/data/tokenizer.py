@@ -1,10 +1,12 @@
 """Tokenizers behind one small interface: SentencePiece ``.model`` files and Hugging Face folders.
 
-Why a wrapper: the chat template encodes a sample segment by segment, so that special markers
-are emitted only by the template and never recognised inside user text. That needs two things
-the raw libraries do not give directly: a *continuation* encoding (no dummy-prefix space in
-front of every segment) and an encoding that refuses to match protected strings. Both live
-here, once, for both backends. Loading is offline: only local files are read.
+Why a wrapper: the chat template encodes a sample in pieces (segment by segment, or, with a
+backend that reports character offsets, whole between its own markers), so that special markers
+are emitted only by the template and never recognised inside user text. That needs what the raw
+libraries do not give directly: a *continuation* encoding (no dummy-prefix space in front of
+every piece), an encoding that refuses to match protected strings, and each token's character
+end (for the loss mask of a whole-sample encoding). They live here, once, for both backends.
+Loading is offline: only local files are read.
 """
 
 from __future__ import annotations
@@ -62,12 +64,18 @@ class Backend(Protocol):
 
     def identity_file(self) -> Path: ...
 
+    #: optional, offset-capable backends only (``None`` elsewhere): ``encode_raw_arrays`` plus,
+    #: per token, the end of its character span in the text (see ``Tokenizer.encode_with_ends``)
+    encode_raw_with_ends: Callable[[list[str]], tuple[np.ndarray, np.ndarray, np.ndarray]] | None
+
 
 @dataclass(frozen=True)
 class _Protection:
     strings: tuple[str, ...]
     pattern: re.Pattern | None
     ids: frozenset[int]
+    #: the strings that are single vocabulary ids (the only ones a tokenizer can turn into a special id)
+    id_pattern: re.Pattern | None
 
 
 class Tokenizer:
@@ -105,8 +113,10 @@ class Tokenizer:
             found = {s for s in protect + self.backend.special_strings() if len(s) > 1}
             strings = tuple(sorted(found, key=len, reverse=True))
             pattern = re.compile("|".join(re.escape(s) for s in strings)) if strings else None
-            ids = frozenset(i for i in (self.backend.single_id(s) for s in strings) if i is not None)
-            hit = self._protect_cache[protect] = _Protection(strings, pattern, ids)
+            singles = tuple(s for s in strings if self.backend.single_id(s) is not None)
+            ids = frozenset(self.backend.single_id(s) for s in singles)
+            id_pattern = re.compile("|".join(re.escape(s) for s in singles)) if singles else None
+            hit = self._protect_cache[protect] = _Protection(strings, pattern, ids, id_pattern)  # type: ignore[arg-type]
         return hit
 
     def protected_ids(self, protect: tuple[str, ...] = ()) -> frozenset[int]:
@@ -142,6 +152,42 @@ class Tokenizer:
     def encode(self, text: str, protect: tuple[str, ...] = ()) -> list[int]:
         return self.encode_batch([text], protect)[0]
 
+    @property
+    def has_offsets(self) -> bool:
+        """Whether the backend reports each token's character span (HF fast tokenizers do)."""
+        return getattr(self.backend, "encode_raw_with_ends", None) is not None
+
+    def encode_with_ends(self, texts: Sequence[str], protect: tuple[str, ...] = ()
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Whole texts encoded at once, for backends with offsets: (ids int32 of all texts
+        concatenated, each token's character end in its text int64, tokens per text int64).
+
+        A protected string that is a single vocabulary id is cut after its first character (the
+        parts encoded apart, so the tokenizer cannot match it); everything else is encoded as one
+        string, so BPE merges across what were segment boundaries come out as in the whole text.
+        Unchecked, like ``encode_arrays``: the caller verifies the ids.
+        """
+        texts = list(texts)
+        pattern = self._protection(tuple(protect)).id_pattern
+        encode = self.backend.encode_raw_with_ends  # type: ignore[attr-defined]
+        if pattern is None or not pattern.search("\x00".join(texts)):
+            return encode(texts)
+        pieces, owner, shift = [], [], []
+        for i, text in enumerate(texts):
+            start = 0
+            for cut in _cuts(text, pattern):
+                pieces.append(text[start:cut])
+                owner.append(i)
+                shift.append(start)
+                start = cut
+            pieces.append(text[start:])
+            owner.append(i)
+            shift.append(start)
+        ids, ends, counts = encode(pieces)
+        ends = ends + np.repeat(np.asarray(shift, dtype=np.int64), counts)
+        per_text = np.bincount(np.asarray(owner, dtype=np.int64), weights=counts, minlength=len(texts))
+        return ids, ends, per_text.astype(np.int64)
+
 
 def _split_protected(texts: list[str], prot: _Protection) -> tuple[list[str], list[int]] | None:
     """None when no text holds a protected string (one fast scan); else (pieces, owner index)."""
@@ -157,6 +203,17 @@ def _split_protected(texts: list[str], prot: _Protection) -> tuple[list[str], li
             pieces.append(p)
             owners.append(i)
     return pieces, owners
+
+
+def _cuts(text: str, pattern: re.Pattern) -> list[int]:
+    """Positions to split ``text`` at so that no part holds a whole match of ``pattern``: one
+    character into each match, scanning on from there (the leftmost match comes first, so no
+    part before a cut can hold one)."""
+    cuts, pos = [], 0
+    while (m := pattern.search(text, pos)) is not None:
+        pos = m.start() + 1
+        cuts.append(pos)
+    return cuts
 
 
 def _defuse(text: str, pattern: re.Pattern) -> list[str]:
@@ -180,6 +237,8 @@ class SentencePieceBackend:
     """CodeLlama's format. Segments are encoded with the dummy prefix switched off."""
 
     kind = "sentencepiece"
+    #: no character offsets: the chat template encodes segment by segment
+    encode_raw_with_ends = None
 
     def __init__(self, path: str | Path):
         import sentencepiece as spm
@@ -265,6 +324,15 @@ class HFBackend:
         encoded = self.tok.encode_batch(texts, add_special_tokens=False) if texts else []
         return [np.asarray(e.ids, dtype=np.int32) for e in encoded]
 
+    def encode_raw_with_ends(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        encoded = self.tok.encode_batch(texts, add_special_tokens=False) if texts else []
+        counts = np.fromiter(map(len, (e.ids for e in encoded)), dtype=np.int64, count=len(encoded))
+        total = int(counts.sum())
+        ids = np.fromiter(chain.from_iterable(e.ids for e in encoded), dtype=np.int32, count=total)
+        spans = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encoded)), dtype=np.int64,
+                            count=2 * total)
+        return ids, spans[1::2], counts
+
     def special_strings(self) -> tuple[str, ...]:
         return self._special
 
@@ -311,6 +379,9 @@ def _no_prefix_space(spec: dict) -> dict:
         return node
 
     spec = dict(spec)
+    # the post-processor only adds special tokens (never asked for) and trims offsets (ours must
+    # cover whitespace too: the loss mask is read from them)
+    spec["post_processor"] = None
     spec["normalizer"] = fix(spec.get("normalizer"))
     spec["pre_tokenizer"] = fix(spec.get("pre_tokenizer"))
     return spec
