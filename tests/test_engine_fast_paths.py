@@ -164,11 +164,11 @@ def test_cpu_shim_mode_is_paused_in_micro_batch_steps_and_changes_no_number(sing
         handle.remove()
     assert seen and not any(seen), "the CPU shim's mode was on the stack inside the model's forward"
     assert torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1) is cpu._mode  # back after
-    cpu.pause_in_micro_batch_steps = False
+    cpu.pause_mode = False
     try:
         moded, w_moded = _three_steps(single_process_group)
     finally:
-        cpu.pause_in_micro_batch_steps = True
+        cpu.pause_mode = True
     assert [repr(m) for m in paused] == [repr(m) for m in moded]
     assert all(torch.equal(a, b) for a, b in zip(w_paused, w_moded))
     assert paused[0]["grad_norm"] > 0 and paused[2]["loss"] < paused[0]["loss"]  # it trained

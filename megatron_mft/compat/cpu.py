@@ -240,9 +240,9 @@ def _skip_single_rank_collectives() -> None:
     BucketGroup.start_param_sync, BucketGroup.start_grad_sync = start_param_sync_, start_grad_sync_
 
 
-#: pause the function mode inside megatron's per-micro-batch forward_step / backward_step
-#: (switch for paired measurements: tools/bench/engine_parts.py)
-pause_in_micro_batch_steps = True
+#: pause the function mode where a step holds no CUDA literal (_pause_mode_where_no_cuda_literal;
+#: a switch for paired measurements: tools/bench/engine_parts.py)
+pause_mode = True
 
 
 def _mode_on_top() -> bool:
@@ -260,35 +260,51 @@ def _mode_paused():
         torch._C._push_on_torch_function_stack(_mode)
 
 
-def _pause_mode_in_micro_batch_steps() -> None:
-    """The mode intercepts every Python-level torch call (~2,100 per step at TP=PP=1, ~3 us each),
-    but in megatron-core 0.16.1 a dense model's per-micro-batch forward (incl. the loss function)
-    and backward, and this package's model code, hold no CUDA literal: their allocations use
-    ``torch.cuda.current_device()`` (patched to the CPU), so they run with the mode popped.
-    What still needs it stays outside: the schedules' ``torch.zeros(device="cuda")``, the
-    optimizer's ``param.type()`` checks and grad-norm buffers, p2p set-up. Kept on for MoE models
-    (the aux-loss tracker allocates on ``device="cuda"`` inside the router's forward) and in the
-    device-placement test mode (its redirects are the point there)."""
+def _paused_when(step, dense_only: bool):
+    """``step`` run without the function mode (when on, on the CPU, and on top of the stack);
+    ``dense_only``: not for MoE models (read from the step's ``config`` argument)."""
     import inspect
 
+    at = list(inspect.signature(step).parameters).index("config") if dense_only else -1
+
+    def run(*args, **kwargs):
+        if not pause_mode or _target != _CPU or not _mode_on_top():
+            return step(*args, **kwargs)
+        if dense_only and getattr(kwargs["config"] if "config" in kwargs else args[at], "num_moe_experts", None):
+            return step(*args, **kwargs)
+        with _mode_paused():
+            return step(*args, **kwargs)
+
+    run.__wrapped__ = step
+    return run
+
+
+def _pause_mode_where_no_cuda_literal() -> None:
+    """The mode intercepts every Python-level torch call (~2,100 per step on the tiny preset at
+    TP=PP=1, ~3 us each), but most of a step holds no CUDA literal. Popped there:
+
+    * megatron's per-micro-batch ``forward_step`` / ``backward_step`` of a dense model (the model,
+      this package's model and loss code, autograd, DDP's grad hooks): in megatron-core 0.16.1
+      their allocations use ``torch.cuda.current_device()``, patched to the CPU. Not for MoE
+      models: the aux-loss tracker allocates on ``device="cuda"`` inside the router's forward.
+    * the megatron optimizers' ``zero_grad`` / ``prepare_grads`` / ``step_with_ready_grads``
+      (grad and param copies, torch's AdamW, the param all-gather; their CUDA literals are in
+      ``__init__`` and checkpoint loading).
+
+    What still needs the mode stays under it: the schedules' ``torch.zeros(device="cuda")``, the
+    grad norm and clipping (``param.grad.type()`` checks, ``device="cuda"`` buffers), model
+    building, checkpointing. Never in the device-placement test mode (its redirects are the point)."""
+    from megatron.core.optimizer import distrib_optimizer, optimizer
     from megatron.core.pipeline_parallel import schedules
 
-    def paused(step):
-        at = list(inspect.signature(step).parameters).index("config")
-
-        def run(*args, **kwargs):
-            config = kwargs["config"] if "config" in kwargs else args[at]
-            if (not pause_in_micro_batch_steps or _target != _CPU or getattr(config, "num_moe_experts", None)
-                    or not _mode_on_top()):
-                return step(*args, **kwargs)
-            with _mode_paused():
-                return step(*args, **kwargs)
-
-        run.__wrapped__ = step
-        return run
-
-    schedules.forward_step = paused(schedules.forward_step)
-    schedules.backward_step = paused(schedules.backward_step)
+    schedules.forward_step = _paused_when(schedules.forward_step, dense_only=True)
+    schedules.backward_step = _paused_when(schedules.backward_step, dense_only=True)
+    for cls in (optimizer.MegatronOptimizer, optimizer.MixedPrecisionOptimizer,
+                optimizer.Float16OptimizerWithFloat16Params, optimizer.FP32Optimizer, optimizer.ChainedOptimizer,
+                distrib_optimizer.DistributedOptimizer):
+        for name in ("zero_grad", "prepare_grads", "step_with_ready_grads"):
+            if name in cls.__dict__:
+                setattr(cls, name, _paused_when(cls.__dict__[name], dense_only=False))
 
 
 def activate() -> bool:
@@ -304,7 +320,7 @@ def activate() -> bool:
         _skip_single_rank_collectives()
         _mode = _CudaToCpuMode()
         _mode.__enter__()
-        _pause_mode_in_micro_batch_steps()
+        _pause_mode_where_no_cuda_literal()
         _active = True
     return True
 
