@@ -172,3 +172,38 @@ def test_cpu_shim_mode_is_paused_in_micro_batch_steps_and_changes_no_number(sing
     assert [repr(m) for m in paused] == [repr(m) for m in moded]
     assert all(torch.equal(a, b) for a, b in zip(w_paused, w_moded))
     assert paused[0]["grad_norm"] > 0 and paused[2]["loss"] < paused[0]["loss"]  # it trained
+
+
+def test_global_batch_stats_in_one_pass_count_what_a_loop_over_tokens_counts():
+    """GlobalBatchStats.gather flattens the step's micro batches into one pass; counts against a
+    plain Python loop over every token (a sample is a (micro batch, sample id) with a loss token),
+    and a broken micro batch is still named by its index."""
+    from megatron_mft.loss import GlobalBatchStats
+
+    g = torch.Generator().manual_seed(11)
+    nt, mbs = 4, []
+    for k in range(5):
+        b, s = 1 + k % 2, 7 + 3 * k
+        sid = torch.randint(-1, b * s // 3, (b, s), generator=g)
+        task_of = torch.randint(0, nt, (b * s,), generator=g)
+        tid = torch.where(sid >= 0, task_of[sid.clamp_min(0)], -1)
+        lm = (torch.rand(b, s, generator=g) > 0.3).float() * (sid >= 0)
+        mbs.append(dict(loss_mask=lm, sample_ids=sid, task_ids=tid))
+    tokens, samples = [0.0] * nt, [set() for _ in range(nt)]
+    for k, mb in enumerate(mbs):
+        for m, s_, t in zip(mb["loss_mask"].reshape(-1).tolist(), mb["sample_ids"].reshape(-1).tolist(),
+                            mb["task_ids"].reshape(-1).tolist()):
+            if m > 0:
+                tokens[t] += 1
+                samples[t].add((k, s_))
+    stats = GlobalBatchStats.gather(mbs, nt)
+    assert stats.task_tokens.tolist() == tokens and stats.task_samples.tolist() == [float(len(x)) for x in samples]
+    assert stats.task_tokens.dtype == torch.float64 and sum(tokens) > 0 and min(len(x) for x in samples) > 0
+    assert GlobalBatchStats.gather([], nt).task_tokens.tolist() == [0.0] * nt
+    bad = dict(mbs[3], task_ids=mbs[3]["task_ids"].clone())
+    bad["task_ids"][bad["sample_ids"] == int(bad["sample_ids"].max())] = torch.tensor([0, 1]).repeat(8)[
+        : int((bad["sample_ids"] == int(bad["sample_ids"].max())).sum())]
+    with pytest.raises(ValueError, match="micro batch 3: a sample spans more than one task id"):
+        GlobalBatchStats.gather(mbs[:3] + [bad], nt)
+    with pytest.raises(ValueError, match=r"micro batch 1: sample_ids must be in \[-1, b\*s\)"):
+        GlobalBatchStats.gather([mbs[0], dict(mbs[1], sample_ids=mbs[1]["sample_ids"] + 100)], nt)
