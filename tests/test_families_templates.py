@@ -423,3 +423,37 @@ def test_joint_encoding_keeps_markers_protected(tokenizers):
         assert ids.count(hf.convert_tokens_to_ids(marker)) == emitted, hf.convert_ids_to_tokens(ids)
         assert typed in hf.decode(ids)
         assert hf.decode([i for i, m in zip(ids, mask) if m]).endswith("ok" + marker)
+
+
+def test_mistral_v3_dropped_system_turns_are_warned_per_file(tokenizers, tmp_path, capsys):
+    """Mistral v3 drops the system turn of every sample that ends with an answer (as its official
+    template does): preprocessing says so once per input file that had such samples, with the
+    count, and stats.json counts them; a file without system turns says nothing."""
+    from data_fixtures import write_jsonl
+    from megatron_mft.data.preprocess import PreprocessArgs, preprocess
+
+    def chat(system: bool, i: int) -> dict:
+        rounds = [{"role": "system", "content": "Be terse."}] if system else []
+        return {"chat_rounds": rounds + [{"role": "human", "content": f"Question {i}?"},
+                                         {"role": "bot", "content": f"Answer {i}."}]}
+
+    with_system = write_jsonl(tmp_path / "raw" / "a" / "train.jsonl", [chat(i % 3 != 0, i) for i in range(9)])
+    write_jsonl(tmp_path / "raw" / "b" / "train.jsonl", [chat(False, i) for i in range(4)])
+    stats = preprocess(PreprocessArgs(str(tmp_path / "raw"), str(tokenizers["mistral-v3"]), 128, "best-fit",
+                                      str(tmp_path / "out"), template="mistral-v3", progress=False))
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "system turn" in ln]
+    assert stats["system_turns_dropped"] == {str(with_system): 6}
+    assert len(lines) == 1 and lines[0].startswith(f"warning: {with_system}: template mistral-v3 dropped the "
+                                                   f"system turn of 6 sample(s)"), lines
+    assert "use a template that keeps system turns" in lines[0]
+    assert [w for w in stats["warnings"] if "system turn" in w] == [lines[0].removeprefix("warning: ")]
+    # the count comes from the formatter, which counts nothing for a template that keeps system turns
+    from megatron_mft.data.records import Record
+    from megatron_mft.data.template import ChatFormatter, load_template
+    from megatron_mft.data.tokenizer import load_tokenizer
+
+    sample = Record(turns=(("system", "s"), ("human", "q"), ("bot", "a")))
+    for name, dropped in (("mistral-v3", 2), ("qwen2", 0)):
+        formatter = ChatFormatter(load_template(name), load_tokenizer(str(tokenizers[name])))
+        formatter.encode([sample, Record(turns=sample.turns[1:]), sample])
+        assert formatter.take_system_dropped() == dropped and formatter.take_system_dropped() == 0

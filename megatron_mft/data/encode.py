@@ -11,6 +11,7 @@ import gc
 import multiprocessing as mp
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Iterator, Literal
 
 import numpy as np
@@ -87,6 +88,9 @@ class Encoded:
     tasks: list[EncodedTask]
     issues: list[Issue]
     marker_ids: dict[str, list[int]]
+    #: the chat template's name, and per input file the samples whose system turn it dropped
+    template: str = ""
+    system_dropped: dict[str, int] = field(default_factory=dict)
 
 
 # --- worker side -------------------------------------------------------------------------
@@ -165,6 +169,14 @@ def _encode_chunk(chunk: tuple[int, str, str, int, int, int, int]):
         bad.sort(key=lambda x: x[0])
     packed = _pack_arrays(ids, mask, _FORMATTER.tok.vocab_size)
     return task, split, path, end - start, packed, (starts[keep], ends[keep], loss[keep]), bad
+
+
+def _with_template_notes(encode_chunk: Callable, chunk):
+    """``encode_chunk``'s result, then how many of the chunk's samples lost their system turn to
+    the template (counted by the worker's formatter; any chunk encoder that uses it)."""
+    assert _FORMATTER is not None
+    _FORMATTER.take_system_dropped()
+    return (*encode_chunk(chunk), _FORMATTER.take_system_dropped())
 
 
 def _text(raw: bytes) -> str:
@@ -255,6 +267,8 @@ def encode_tasks(
     """
     out = [EncodedTask(t) for t in tasks]
     issues: list[Issue] = []
+    system_dropped: dict[str, int] = {}
+    run_chunk = partial(_with_template_notes, encode_chunk)
     errors = 0
     total_bytes = sum(_size(f) for t in tasks for f in t.train + t.val)
     bar = None
@@ -272,12 +286,14 @@ def encode_tasks(
             pool = mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(spec,))
         finally:
             gc.unfreeze()
-        results = pool.imap(encode_chunk, _chunks(tasks, spec.max_line_bytes), chunksize=1)
+        results = pool.imap(run_chunk, _chunks(tasks, spec.max_line_bytes), chunksize=1)
     else:
         _init_worker(spec)
-        results = map(encode_chunk, _chunks(tasks, spec.max_line_bytes))
+        results = map(run_chunk, _chunks(tasks, spec.max_line_bytes))
     try:
-        for t_idx, split, path, nbytes, packed, (starts, ends, loss), bad in results:
+        for t_idx, split, path, nbytes, packed, (starts, ends, loss), bad, lost_system in results:
+            if lost_system:
+                system_dropped[path] = system_dropped.get(path, 0) + lost_system
             flat_ids, flat_mask = _unpack_arrays(packed)
             task = out[t_idx]
             c = task.counts
@@ -315,13 +331,14 @@ def encode_tasks(
             msgs + ([f"{errors} bad line(s){more}; fix them, or pass --skip-bad-samples to skip and log them"])
         )
     formatter = ChatFormatter(spec.template, load_tokenizer(spec.tokenizer), spec.mode)
-    return Encoded(out, issues, formatter.marker_ids)
+    return Encoded(out, issues, formatter.marker_ids, spec.template.name, system_dropped)
 
 
 def task_warnings(encoded: Encoded) -> list[str]:
     """Tasks that will not train as the data folder suggests: no samples at all (an empty file,
     every line skipped or dropped), or names equal but for case (they collide on case-insensitive
-    file systems and are easily confused in metrics). Warnings, not errors: the other tasks train."""
+    file systems and are easily confused in metrics); and, once per input file, samples whose
+    system turn the template dropped. Warnings, not errors: the other tasks train."""
     out = []
     by_folded: dict[str, list[str]] = {}
     for t in encoded.tasks:
@@ -335,4 +352,9 @@ def task_warnings(encoded: Encoded) -> list[str]:
         if len(names) > 1:
             out.append(f"tasks {', '.join(map(repr, names))} differ only in case: they collide on case-insensitive "
                        f"file systems and in metric names read by people; rename one")
+    for path, n in encoded.system_dropped.items():
+        out.append(f"{path}: template {encoded.template} dropped the system turn of {n} sample(s), as its "
+                   f"official chat template does for every conversation that ends with an answer; to train on "
+                   f"the system prompts, use a template that keeps system turns (e.g. llama3.1, qwen2, "
+                   f"mftcoder) or fold each system prompt into its first user turn")
     return out

@@ -92,6 +92,9 @@ class EncodedPairs:
     tasks: list[EncodedPairTask]
     issues: list[Issue]
     marker_ids: dict[str, list[int]]
+    #: as ``encode.Encoded`` (each side of a pair counts as a sample)
+    template: str = ""
+    system_dropped: dict[str, int] = field(default_factory=dict)
 
 
 def _encode_side(fmt: ChatFormatter, rec: Record) -> Side:
@@ -171,7 +174,7 @@ def encode_pairs(tasks: list[TaskFiles], spec: EncodeSpec, *, workers: int = 1, 
     for t in sides.tasks:
         out.append(EncodedPairTask(t.files, list(zip(t.train[0::2], t.train[1::2])),
                                    list(zip(t.val[0::2], t.val[1::2])), t.counts))
-    return EncodedPairs(out, sides.issues, sides.marker_ids)
+    return EncodedPairs(out, sides.issues, sides.marker_ids, sides.template, sides.system_dropped)
 
 
 def _expand(pairs: list[Pair], pair_packs: list[list[int]], base: int = 0) -> tuple[list[Side], list[list[int]]]:

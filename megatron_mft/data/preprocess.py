@@ -194,6 +194,8 @@ def preprocess(args: PreprocessArgs) -> dict:
             "truncated": sum(t["truncated"] for t in per_task.values()),
             "rejected": sum(t["rejected"] for t in per_task.values()),
             "rejected_reasons": dict(sorted(reasons.items())),
+            # samples whose system turn the template dropped (mistral-v3), per input file; warned
+            "system_turns_dropped": dict(sorted(encoded.system_dropped.items())),
             "sequences": all_seqs,
             "padding_ratio": round(padding_ratio(total_tokens, all_seqs, args.seq_length), 6),
             "splits": {"train": _split_stats(train, args.seq_length), "val": _split_stats(val, args.seq_length)},

@@ -259,6 +259,9 @@ class ChatFormatter:
         # ids that user text must never produce: single-id markers and the tokenizer's specials
         self._protected_ids = np.asarray(sorted(tokenizer.protected_ids(self._protect)), dtype=np.int64)
         self._mode = mode
+        #: samples whose system turn the template dropped (Mistral v3 on a sample that ends with an
+        #: answer), for the caller to report: see ``take_system_dropped``
+        self.system_dropped = 0
         # Offset-capable tokenizers encode each conversation as one string (see encode_flat).
         self._joint = tokenizer.has_offsets
         if self._joint:
@@ -499,7 +502,13 @@ class ChatFormatter:
         system, rest = turns[0][1], tuple(turns[1:])
         if rest and rest[-1][0] == "human":
             return (*rest[:-1], ("human", f"{system}\n\n{rest[-1][1]}"))
+        self.system_dropped += 1
         return rest
+
+    def take_system_dropped(self) -> int:
+        """Samples whose system turn was dropped since the last call (the count restarts)."""
+        n, self.system_dropped = self.system_dropped, 0
+        return n
 
     def prompt_ids(self, turns: Sequence[Turn]) -> list[int]:
         """Ids for generation: the given turns, then the header of the bot turn to be written."""
