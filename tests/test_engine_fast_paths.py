@@ -207,3 +207,33 @@ def test_global_batch_stats_in_one_pass_count_what_a_loop_over_tokens_counts():
         GlobalBatchStats.gather(mbs[:3] + [bad], nt)
     with pytest.raises(ValueError, match=r"micro batch 1: sample_ids must be in \[-1, b\*s\)"):
         GlobalBatchStats.gather([mbs[0], dict(mbs[1], sample_ids=mbs[1]["sample_ids"] + 100)], nt)
+
+
+def test_foreach_stand_ins_for_clipping_equal_megatrons_loops_bit_for_bit():
+    """Without Apex/TE, megatron clips and measures the grad norm through Python loops
+    (megatron.core.utils.local_multi_tensor_*); megatron_fixes puts torch's foreach ops there."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+
+    from megatron_mft.compat import megatron_fixes, probe
+
+    env = probe()
+    if env.apex or env.te:
+        pytest.skip("with Apex or TE megatron uses their multi-tensor kernels")
+    megatron_fixes.apply()
+    assert clip_grads.l2_norm_impl.func is megatron_fixes._multi_tensor_l2_norm
+    g = torch.Generator().manual_seed(2)
+    grads = [torch.randn(s, generator=g) * 10 ** (i % 5 - 2) for i, s in enumerate([(3, 5), (7,), (64, 33), (1,), (130, 17)])]
+    flag = torch.zeros(1, dtype=torch.int)
+    ours, _ = clip_grads.l2_norm_impl(2048, flag, [grads], False)
+    ref = torch.norm(torch.tensor([[torch.norm(t) for t in grads]]))  # megatron's loop, as written there
+    assert ours.dtype == torch.float32 and torch.equal(ours, ref.reshape(1))
+    scaled = [t.clone() for t in grads]
+    clip_grads.multi_tensor_scale_impl(2048, flag, [scaled, scaled], 0.3712)
+    looped = [t.clone() for t in grads]
+    utils.local_multi_tensor_scale(2048, flag, [looped, looped], 0.3712)
+    assert all(torch.equal(a, b) for a, b in zip(scaled, looped))
+    assert not torch.equal(scaled[0], grads[0])
+    other = [torch.zeros_like(t) for t in grads]  # distinct source and destination: megatron's loop
+    clip_grads.multi_tensor_scale_impl(2048, flag, [grads, other], 0.5)
+    assert all(torch.equal(o, t * 0.5) for o, t in zip(other, grads))

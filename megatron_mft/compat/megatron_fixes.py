@@ -9,11 +9,50 @@ installed (any device). Applied by ``setup_runtime`` only in that case.
 * The same load assigns one shared ``step`` tensor to every parameter's state; torch's
   foreach Adam then increments it once per parameter per step, corrupting the bias correction
   after a resume. We give each parameter its own copy.
+* Gradient clipping and the grad norm fall back to megatron's Python stand-ins for Apex's
+  multi-tensor kernels: a norm per tensor gathered through ``torch.tensor(list of tensors)``
+  and a ``dst.copy_(src * scale)`` per tensor. When the source and destination lists are the
+  same tensors (clipping), the scale becomes one in-place ``torch._foreach_mul_``; the norm of
+  CPU tensors takes ``torch._foreach_norm`` and ``torch.stack``. Same kernels per tensor on the
+  CPU (torch's CPU foreach ops loop over the single-tensor ops), so the same bits; about half
+  the Python per call. CUDA tensors keep megatron's norm (the fused foreach norm sums in
+  another order); their scale gets the fused foreach kernel (element-wise: the same values).
 """
 
 from __future__ import annotations
 
+import torch
+
 _applied = False
+
+
+def _multi_tensor_scale(chunk_size, noop_flag, tensor_lists, scale, _loop=None):
+    src, dst = tensor_lists
+    if len(src) == len(dst) and all(a is b for a, b in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+    else:
+        _loop(chunk_size, noop_flag, tensor_lists, scale)
+
+
+def _multi_tensor_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args, _loop=None):
+    tensors = [t for tl in tensor_lists for t in tl]
+    if not tensors or any(t.device.type != "cpu" for t in tensors):
+        return _loop(chunk_size, noop_flag, tensor_lists, per_tensor, *args)
+    # megatron: torch.norm(torch.tensor([[torch.norm(t) for t in tl] for tl in tensor_lists]))
+    norm = torch.norm(torch.stack(torch._foreach_norm(tensors)))
+    return torch.tensor([float(norm)], dtype=torch.float), None
+
+
+def _foreach_multi_tensor_stand_ins() -> None:
+    from functools import partial
+
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+
+    if clip_grads.multi_tensor_scale_impl is utils.local_multi_tensor_scale:
+        clip_grads.multi_tensor_scale_impl = partial(_multi_tensor_scale, _loop=utils.local_multi_tensor_scale)
+    if clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = partial(_multi_tensor_l2_norm, _loop=utils.local_multi_tensor_l2_norm)
 
 
 def apply() -> None:
@@ -45,4 +84,5 @@ def apply() -> None:
         return out
 
     dopt.DistributedOptimizer.load_state_dict = _load_with_private_steps
+    _foreach_multi_tensor_stand_ins()
     _applied = True
