@@ -9,30 +9,44 @@ from __future__ import annotations
 import pytest
 
 from test_moe_fixtures import moe_cli_overrides
-from train_helpers import run_train, train_losses
+from train_helpers import run_many, run_train, train_losses
 
 STEPS = 3
 ROUTER = ["model.moe_aux_loss_coeff=0.01", "model.moe_z_loss_coeff=0.001"]
 SAVE = ["train.save_interval=1"]  # checkpoints of the uninterrupted runs: the resume test starts from step 1
+STEP1 = "checkpoints/step_0000001"
 
 
 @pytest.fixture(scope="module")
 def moe_run(tmp_path_factory, demo_data):
+    """The single-process runs, in one process (tests/train_many.py): the EP=1 reference with
+    both router losses (its checkpoints: the resume test's EP=1 side) and step 1 without them."""
     root = tmp_path_factory.mktemp("moe_train")
     overrides = moe_cli_overrides("qwen3_moe", root, demo_data, seed=5, steps=STEPS)
-    out = root / "ep1"
-    run_train(overrides + ROUTER + SAVE + [f"output_dir={out}"])
-    return overrides, train_losses(out), root
+    run_many({"ep1": overrides + ROUTER + SAVE + [f"output_dir={root / 'ep1'}"],
+              "no_router": overrides + [f"output_dir={root / 'no_router'}", "train.steps=1"]}, root)
+    return overrides, train_losses(root / "ep1"), root
 
 
 @pytest.fixture(scope="module")
-def moe_ep2_run(moe_run):
-    """The same run with the experts over two expert-parallel ranks (its checkpoints: the
-    resume test's EP=2 side)."""
+def moe_layouts(moe_run):
+    """Every 2-process run, in one torchrun: EP=2 (its checkpoints: the resume test's EP=2 side),
+    TP=2 + SP with the experts split over TP (etp=2) or whole on every TP rank (etp=1, each rank
+    routing its sequence shard), CP=2 x EP=2 (1 step), and the EP=1 run's step-1 checkpoint
+    resumed at EP=2. name -> output_dir."""
     overrides, _, root = moe_run
-    out = root / "ep2"
-    run_train(overrides + ROUTER + SAVE + ["parallel.ep=2", f"output_dir={out}"], nproc=2)
-    return train_losses(out), out
+    base = overrides + ROUTER
+    runs = {
+        "ep2": base + SAVE + ["parallel.ep=2"],
+        "tp2_etp2": base + ["parallel.tp=2", "parallel.sp=true", "parallel.etp=2"],
+        "tp2_etp1": base + ["parallel.tp=2", "parallel.sp=true", "parallel.etp=1"],
+        "cp2_ep2": base + ["parallel.cp=2", "parallel.ep=2", "train.steps=1"],
+        "ep1_then_ep2": base + ["parallel.ep=2", f"train.resume_from={root / 'ep1' / STEP1}"],
+    }
+    spec = root / "layouts"
+    spec.mkdir()
+    run_many({name: argv + [f"output_dir={root / name}"] for name, argv in runs.items()}, spec, nproc=2)
+    return {name: root / name for name in runs}
 
 
 def test_moe_trains_and_logs_router_losses_and_expert_load(moe_run):
@@ -51,19 +65,17 @@ def test_moe_trains_and_logs_router_losses_and_expert_load(moe_run):
 def test_router_coefficients_stay_outside_the_task_losses(moe_run):
     """Step 1 runs on identical weights: the reported objective and task CE do not include the
     router losses (the router gradient moves the weights only from step 2 on)."""
-    overrides, with_router, root = moe_run
-    out = root / "no_router"
-    run_train(overrides + [f"output_dir={out}", "train.steps=1"])
-    plain = train_losses(out)[1]
+    _, with_router, root = moe_run
+    plain = train_losses(root / "no_router")[1]
     assert "router_aux_loss" not in plain and "expert_load" in plain
     assert plain["loss"] == pytest.approx(with_router[1]["loss"], rel=1e-6)
     assert plain["expert_load"] == with_router[1]["expert_load"]
 
 
 @pytest.mark.slow
-def test_ep2_equals_ep1(moe_run, moe_ep2_run):
+def test_ep2_equals_ep1(moe_run, moe_layouts):
     _, single, _ = moe_run
-    ep2, _ = moe_ep2_run
+    ep2 = train_losses(moe_layouts["ep2"])
     for step in range(1, STEPS + 1):
         for key in ("loss", "router_aux_loss", "router_z_loss"):
             assert abs(ep2[step][key] - single[step][key]) <= 1e-5 * abs(single[step][key]), (step, key)
@@ -72,16 +84,13 @@ def test_ep2_equals_ep1(moe_run, moe_ep2_run):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("etp", [2, 1])
-def test_tp2_sp_with_expert_tensor_parallelism_equals_ep1(moe_run, etp):
+def test_tp2_sp_with_expert_tensor_parallelism_equals_ep1(moe_run, moe_layouts, etp):
     """TP=2 + SP with the experts' MLPs split over TP too (``parallel.etp=2``): losses, grad norms
     and expert load equal the single process, and so do the router losses, whose per-rank parts
     under sequence parallelism (each TP rank routes its sequence shard) are combined as megatron
     defines them: the load-balancing loss summed over the TP ranks, the z-loss averaged."""
-    overrides, single, root = moe_run
-    out = root / f"tp2_etp{etp}"  # etp=1: whole experts on every TP rank, each routing its sequence shard
-    run_train(overrides + ROUTER + ["parallel.tp=2", "parallel.sp=true", f"parallel.etp={etp}", f"output_dir={out}"],
-              nproc=2)
-    got = train_losses(out)
+    _, single, _ = moe_run
+    got = train_losses(moe_layouts[f"tp2_etp{etp}"])  # etp=1: whole experts on every TP rank
     for step in range(1, STEPS + 1):
         for key in ("loss", "router_aux_loss", "router_z_loss", "grad_norm"):
             assert got[step][key] == pytest.approx(single[step][key], rel=1e-5), (step, key)
@@ -89,17 +98,14 @@ def test_tp2_sp_with_expert_tensor_parallelism_equals_ep1(moe_run, etp):
 
 
 @pytest.mark.slow
-def test_cp2_with_ep2_equals_ep1(moe_run):
+def test_cp2_with_ep2_equals_ep1(moe_run, moe_layouts):
     """Context parallelism with expert parallelism on 2 processes: CP=2 x EP=2 (the expert-parallel
     group spans the two CP ranks, each routing its sequence chunks). Step 1 runs on identical
     weights: the objective and every task CE equal the single process. The router losses are not
     compared: megatron routes every token, padding included, and CP pads each packed sample to a
     multiple of 2 x cp, so the routed token sets differ by that padding (docs/long-context.md)."""
-    overrides, single, root = moe_run
-    out = root / "cp2_ep2"
-    run_train(overrides + ROUTER + ["parallel.cp=2", "parallel.ep=2", "train.steps=1", f"output_dir={out}"],
-              nproc=2)
-    got = train_losses(out)[1]
+    _, single, _ = moe_run
+    got = train_losses(moe_layouts["cp2_ep2"])[1]
     assert got["loss"] == pytest.approx(single[1]["loss"], rel=1e-5)
     tasks = [k for k, v in single[1].items() if k.startswith("task_loss/") and v is not None]
     assert tasks
@@ -109,18 +115,15 @@ def test_cp2_with_ep2_equals_ep1(moe_run):
 
 
 @pytest.mark.slow
-def test_checkpoints_resume_across_expert_parallel_sizes(moe_run, moe_ep2_run):
+def test_checkpoints_resume_across_expert_parallel_sizes(moe_run, moe_layouts):
     """Step 1's checkpoint of the EP=2 run resumes at EP=1 (one process), and the EP=1 run's at
     EP=2: the expert weights and their Adam moments reshard (one layout with an expert axis,
     whatever optimizer megatron groups them in) and steps 2-3 equal the uninterrupted run. Step 3
     depends on the restored moments: a fresh Adam state gives another update at step 2."""
     overrides, single, root = moe_run
-    _, ep2_out = moe_ep2_run
-    for name, source, extra, nproc in (("ep2_then_ep1", ep2_out, [], 1),
-                                       ("ep1_then_ep2", root / "ep1", ["parallel.ep=2"], 2)):
-        out = root / name
-        start = source / "checkpoints" / "step_0000001"
-        run_train(overrides + ROUTER + extra + [f"output_dir={out}", f"train.resume_from={start}"], nproc=nproc)
+    ep2_then_ep1 = root / "ep2_then_ep1"  # ep1_then_ep2: a run of moe_layouts' torchrun
+    run_train(overrides + ROUTER + [f"output_dir={ep2_then_ep1}", f"train.resume_from={moe_layouts['ep2'] / STEP1}"])
+    for name, out in (("ep2_then_ep1", ep2_then_ep1), ("ep1_then_ep2", moe_layouts["ep1_then_ep2"])):
         got = train_losses(out)
         assert sorted(got) == [2, 3], (name, sorted(got))
         for step in (2, 3):

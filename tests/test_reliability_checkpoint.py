@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from train_helpers import ROOT, env, run_train
+from train_helpers import ROOT, env, run_many
 
 SAVER = str(ROOT / "tests" / "scripts" / "save_tiny_checkpoint.py")
 
@@ -190,16 +189,11 @@ def test_resume_from_picks_a_step_or_a_folder(tmp_path):
         load_config(None, ["data.path=/x", "train.resume_from=none"])
 
 
-def test_train_refuses_a_dangling_latest_and_changes_nothing(tmp_path, train_overrides):
-    out = tmp_path / "run"
-    _fake_steps(out / "checkpoints")
-    (out / "checkpoints" / "latest").write_text("step_0000009\n")
-    before = _digest(out)
-    p = run_train(train_overrides + [f"output_dir={out}", "train.steps=1"], check=False, timeout=300)
-    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
-    assert "Traceback" not in p.stderr
-    assert str(out / "checkpoints") in p.stderr and "step_0000001, step_0000002" in p.stderr
-    assert "train.resume_from=2" in p.stderr
+def test_train_refuses_a_dangling_latest_and_changes_nothing(refused_runs):
+    out, before, (stdout, stderr) = refused_runs["dangling"]  # exit 1: checked by run_many
+    assert "Traceback" not in stderr
+    assert str(out / "checkpoints") in stderr and "step_0000001, step_0000002" in stderr
+    assert "train.resume_from=2" in stderr
     assert _digest(out) == before and not (out / "metrics.jsonl").exists()
 
 
@@ -263,24 +257,41 @@ def test_resume_accepts_an_in_memory_manifest_with_tuples(train_overrides, demo_
     assert resume_differences(saved, same, in_memory, saved["task_names"]) == ([], [])
 
 
-def test_train_refuses_an_incompatible_resume_in_one_message(tp1_env, tmp_path, train_overrides, demo_data):
+def test_train_refuses_an_incompatible_resume_in_one_message(refused_runs):
     """A full checkpoint resumed as LoRA with another loss mode (was a 60-key KeyError): one
     message listing both, before the model is built."""
+    out, _, (stdout, stderr) = refused_runs["incompatible"]  # exit 2: checked by run_many
+    assert "Traceback" not in stderr and stderr.count("error:") == 1, stdout[-2000:] + stderr[-2000:]
+    assert "peft.method: a full-model checkpoint" in stderr and "loss.mode: checkpoint 'task-token'" in stderr
+    assert not (out / "metrics.jsonl").exists()
+
+
+@pytest.fixture(scope="module")
+def refused_runs(tp1_env, tmp_path_factory, train_overrides, demo_data):
+    """The training CLI refusing to start, both refusals in one process (tests/train_many.py, which
+    checks each exit code): a ``latest`` naming a missing step (exit 1), and a full checkpoint
+    resumed as LoRA with another loss mode (exit 2). name -> (output_dir, digest before, (stdout, stderr))."""
     from megatron_mft.checkpoint.dist import save_checkpoint
     from megatron_mft.config import load_config
     from megatron_mft.model import build_model_chunks
     from megatron_mft.training.parallel import init_parallel
     from train_helpers import CONFIG
 
+    tmp = tmp_path_factory.mktemp("refused")
+    dangling = tmp / "dangling"
+    _fake_steps(dangling / "checkpoints")
+    (dangling / "checkpoints" / "latest").write_text("step_0000009\n")
+    before = _digest(dangling)
+
     cfg = load_config(CONFIG, train_overrides)
     init_parallel(cfg.parallel, tp1_env, cfg.seed)
-    out = tmp_path / "run"
+    incompatible = tmp / "incompatible"
     info = _run_json(train_overrides, demo_data)
-    save_checkpoint(out / "checkpoints", 2, build_model_chunks(cfg.model, cfg.parallel, tp1_env),
+    save_checkpoint(incompatible / "checkpoints", 2, build_model_chunks(cfg.model, cfg.parallel, tp1_env),
                     common={"step": 2, "consumed_rows": 8}, run_info={k: v for k, v in info.items() if k != "step"})
-    p = run_train(train_overrides + [f"output_dir={out}", "train.steps=4", "peft.method=lora", "loss.mode=sample"],
-                  check=False, timeout=300)
-    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
-    assert "Traceback" not in p.stderr and p.stderr.count("error:") == 1
-    assert "peft.method: a full-model checkpoint" in p.stderr and "loss.mode: checkpoint 'task-token'" in p.stderr
-    assert not (out / "metrics.jsonl").exists()
+    logs = run_many({
+        "dangling": {"argv": train_overrides + [f"output_dir={dangling}", "train.steps=1"], "rc": 1},
+        "incompatible": {"argv": train_overrides + [f"output_dir={incompatible}", "train.steps=4", "peft.method=lora",
+                                                    "loss.mode=sample"], "rc": 2},
+    }, tmp, timeout=300)
+    return {"dangling": (dangling, before, logs["dangling"]), "incompatible": (incompatible, None, logs["incompatible"])}

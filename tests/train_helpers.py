@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -81,6 +82,27 @@ def run_train(overrides: list[str], nproc: int = 1, timeout: int = 600, check: b
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def run_many(runs: dict, spec_dir: Path, nproc: int = 1, timeout: int = 1200) -> dict[str, tuple[str, str]]:
+    """Training runs ``runs`` (name -> CLI argv, or ``{"argv": [...], "rc": N}``) one after the
+    other in one process (or one torchrun of ``nproc``) through tests/train_many.py: start-up is
+    paid once. Returns name -> (stdout, stderr) of that run; raises with the log if one fails."""
+    spec = Path(spec_dir) / "runs.json"
+    spec.write_text(json.dumps([{**r, "argv": _with_config(r["argv"])} if isinstance(r, dict) else _with_config(r)
+                                for r in runs.values()]))
+    head = [sys.executable] if nproc == 1 else torchrun(nproc)
+    proc = subprocess.run(head + [str(ROOT / "tests" / "train_many.py"), str(spec)], cwd=ROOT,
+                          env=env(1 if nproc > 1 else 2), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode:
+        raise AssertionError(f"train_many exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    split = [re.split(r"^=== run \d+: .*$", s, flags=re.M)[1:] for s in (proc.stdout, proc.stderr)]
+    return {name: (out, err) for name, out, err in zip(runs, *split)}
+
+
+def _with_config(argv: list[str]) -> list[str]:
+    """The CLI's argv: ``--config`` examples/tiny_cpu.yaml (as :func:`train_command`) unless given."""
+    return argv if "--config" in argv else ["--config", str(CONFIG), *argv]
 
 
 def read_metrics(output_dir: str | Path) -> list[dict]:
