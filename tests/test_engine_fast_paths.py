@@ -237,3 +237,50 @@ def test_foreach_stand_ins_for_clipping_equal_megatrons_loops_bit_for_bit():
     other = [torch.zeros_like(t) for t in grads]  # distinct source and destination: megatron's loop
     clip_grads.multi_tensor_scale_impl(2048, flag, [grads, other], 0.5)
     assert all(torch.equal(o, t * 0.5) for o, t in zip(other, grads))
+
+
+def test_one_rank_tensor_parallel_regions_are_skipped_bit_for_bit(tp1_env):
+    """At TP = 1 megatron's copy-to / reduce-from regions around every parallel linear are
+    identity autograd nodes; init_parallel skips them (megatron_fixes.skip_one_rank_tp_regions).
+    Same outputs and gradients, bit for bit, also for an input whose size-1 dim has an odd
+    stride (a [1, N, H] row transposed, as packed rows are): the GEMM path depends on it."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from megatron_mft.compat import megatron_fixes
+    from megatron_mft.config import load_config
+    from megatron_mft.model.builder import transformer_config
+
+    cfg = load_config(None, ["data.path=/unused", "model.num_layers=1"])
+    tc = transformer_config(cfg.model.arch(), cfg.model, cfg.parallel, tp1_env)
+    init = torch.nn.init.normal_
+    torch.manual_seed(4)
+    col = ColumnParallelLinear(128, 384, config=tc, init_method=init, bias=False, gather_output=False)
+    row = RowParallelLinear(384, 128, config=tc, init_method=init, bias=False, input_is_parallel=True,
+                            skip_bias_add=True)
+    x0 = torch.randn(1, 160, 128).transpose(0, 1)  # [160, 1, 128], strides (128, 20480, 1)
+    runs = []
+    for shortcut in (True, False):
+        megatron_fixes.one_rank_tp_shortcut = shortcut
+        try:
+            x = x0.detach().transpose(0, 1).clone().transpose(0, 1).requires_grad_()
+            col.zero_grad(), row.zero_grad()
+            col.weight.requires_grad_(False)  # frozen, as under LoRA: megatron's frozen-weight GEMM
+            frozen = col(x.detach())[0]
+            col.weight.requires_grad_(True)
+            y, _ = row(torch.nn.functional.silu(col(x)[0]) + frozen)
+            y.backward(torch.ones_like(y))
+            nodes, stack = set(), [y.grad_fn]
+            while stack:
+                fn = stack.pop()
+                if fn is not None and fn not in nodes:
+                    nodes.add(fn)
+                    stack.extend(f for f, _ in fn.next_functions)
+            runs.append((y.detach(), x.grad, col.weight.grad, row.weight.grad,
+                         sorted(type(n).__name__ for n in nodes)))
+        finally:
+            megatron_fixes.one_rank_tp_shortcut = True
+    (a, *ga, names_a), (b, *gb, names_b) = runs
+    assert x0.stride() == (128, 160 * 128, 1)
+    assert torch.equal(a, b) and all(torch.equal(p, q) for p, q in zip(ga, gb))
+    assert "_CopyToModelParallelRegionBackward" in names_b and "_ReduceFromModelParallelRegionBackward" in names_b
+    assert not any("ModelParallelRegion" in n for n in names_a)  # init_parallel installed the shortcut

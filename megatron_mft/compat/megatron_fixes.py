@@ -1,5 +1,6 @@
 """Fixes for megatron-core 0.16 code paths taken when neither Apex nor Transformer Engine is
-installed (any device). Applied by ``setup_runtime`` only in that case.
+installed (any device). Applied by ``setup_runtime`` only in that case. Plus one shortcut for any
+installation, installed by ``init_parallel``: ``skip_one_rank_tp_regions``.
 
 * DistributedOptimizer, 'fully_reshardable' load: torch's Adam keeps a per-parameter ``step``
   tensor that the checkpoint does not carry per parameter (megatron restores it from the param
@@ -41,6 +42,41 @@ def _multi_tensor_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args
     # megatron: torch.norm(torch.tensor([[torch.norm(t) for t in tl] for tl in tensor_lists]))
     norm = torch.norm(torch.stack(torch._foreach_norm(tensors)))
     return torch.tensor([float(norm)], dtype=torch.float), None
+
+
+#: megatron's tensor-parallel region functions as the linear layers import them; the
+#: one-rank shortcut below is switched off by False (paired measurements: tools/bench/engine_parts.py)
+one_rank_tp_shortcut = True
+
+
+def _one_rank_identity(region):
+    """``region`` (megatron's copy-to / reduce-from / scatter-to / gather-from tensor-parallel
+    region, each an autograd Function that is the identity in both directions over one rank)
+    skipped over a one-rank group: one autograd node and ~20 us of Python less per linear layer
+    and direction; the same tensor values."""
+    from megatron.core.utils import get_tensor_model_parallel_group_if_none
+
+    def run(input_, group=None):
+        if one_rank_tp_shortcut and get_tensor_model_parallel_group_if_none(group).size() == 1:
+            # what autograd hands back for a Function's unmodified input: a view with recomputed
+            # strides (a size-1 dim's stride can change, and with it the GEMM path downstream)
+            return input_.view_as(input_)
+        return region(input_, group=group)
+
+    run.__wrapped__ = region
+    return run
+
+
+def skip_one_rank_tp_regions() -> None:
+    """Install _one_rank_identity for the region functions that megatron's parallel linear and
+    embedding layers call (any device; once per process)."""
+    from megatron.core.tensor_parallel import layers
+
+    for name in ("copy_to_tensor_model_parallel_region", "reduce_from_tensor_model_parallel_region",
+                 "scatter_to_tensor_model_parallel_region", "gather_from_tensor_model_parallel_region"):
+        fn = getattr(layers, name)
+        if not hasattr(fn, "__wrapped__"):
+            setattr(layers, name, _one_rank_identity(fn))
 
 
 def _foreach_multi_tensor_stand_ins() -> None:

@@ -7,7 +7,7 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
-from megatron_mft.compat import Environment
+from megatron_mft.compat import Environment, megatron_fixes
 from megatron_mft.config import ParallelConfig
 from megatron_mft.errors import UsageError
 
@@ -33,6 +33,7 @@ def init_parallel(parallel: ParallelConfig, env: Environment, seed: int) -> None
     )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    megatron_fixes.skip_one_rank_tp_regions()  # identity autograd nodes of TP = 1 (any device)
 
 
 def teardown() -> None:
