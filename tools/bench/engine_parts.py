@@ -10,12 +10,17 @@ gradients (allocated and added into main_grad by DDP's hook vs accumulated in th
 SwiGLU (megatron's chunk of the fused fc1 output vs two separate projections as in transformers),
 cross entropy (megatron's vocab-parallel CE vs torch's), the GEMM time of a whole step
 (profiled, wall clock per operator), and the fixed per-step cost of the
-frameworks (2 micro batches of 16 tokens, where compute is negligible).
+frameworks (2 micro batches of 16 tokens, where compute is negligible; transformers' loop runs
+without the CPU shim's function mode, as in its own --compare-hf worker). Then the third
+round's fixed-cost changes, each switched off and on in one engine: the shim's function mode
+popped where no CUDA literal is, megatron's TP = 1 region nodes skipped, foreach grad norm and
+clipping, global-batch statistics in one pass.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -186,8 +191,65 @@ def main() -> None:
         LlamaForCausalLM(tt.hf_config(small)).save_pretrained(d)
         eng_s, hf_s = tt.Engine(small, hf_dir=d), tt.HFLoop(small, d)
     sb = [tt.micro_batch(t, 1, g) for t in tt.token_batches(small, 2048)]
-    show("whole step, 2 x 16 tokens", "engine", "transformers", paired(partial(eng_s.step, sb), partial(hf_s.step, sb),
+    from megatron_mft.compat import cpu, megatron_fixes
+
+    def hf_step(batches):  # as in its --compare-hf worker: no CPU shim in that process
+        with cpu._mode_paused() if cpu._active and cpu._mode_on_top() else contextlib.nullcontext():
+            hf_s.step(batches)
+
+    show("whole step, 2 x 16 tokens", "engine", "transformers", paired(partial(eng_s.step, sb), partial(hf_step, sb),
                                                                          args.reps))
+
+    # the third round's changes, each switched off and on in the same engine (2 x 16 tokens, 3 steps)
+    def steps_with(module, flag: str, value: bool):
+        def run():
+            setattr(module, flag, value)
+            try:
+                for _ in range(3):
+                    eng_s.step(sb)
+            finally:
+                setattr(module, flag, True)
+        return run
+
+    if cpu._active:
+        show("shim mode popped (3 steps)", "mode on", "popped", paired(
+            steps_with(cpu, "pause_mode", False), steps_with(cpu, "pause_mode", True), args.reps))
+    show("TP=1 region nodes (3 steps)", "megatron", "skipped", paired(
+        steps_with(megatron_fixes, "one_rank_tp_shortcut", False),
+        steps_with(megatron_fixes, "one_rank_tp_shortcut", True), args.reps))
+
+    # clipping and grad norm over the tiny preset's gradients: megatron's Python loops vs foreach
+    from megatron.core import utils as mutils
+    from megatron.core.optimizer import clip_grads
+
+    grads = [torch.randn(s, generator=g) for s in shapes]
+    flag = torch.zeros(1, dtype=torch.int)
+
+    def clip(norm_impl, scale_impl):
+        norm_impl(2048, flag, [grads], False)
+        scale_impl(2048, flag, [grads, grads], 0.999999)
+
+    show("grad norm + clip scale", "megatron loops", "foreach", paired(
+        partial(clip, mutils.local_multi_tensor_l2_norm, mutils.local_multi_tensor_scale),
+        partial(clip, clip_grads.l2_norm_impl, clip_grads.multi_tensor_scale_impl), args.reps))
+
+    # global-batch statistics of 8 micro batches: one per micro batch (as before) vs one flat pass
+    from megatron_mft.loss.layout import build_layout, per_task_sum
+    from megatron_mft.loss.stats import check_micro_batch
+
+    mbs8 = [tt.micro_batch(t, 4, g) for t in tt.token_batches(tt._args(["--micro-batches", "8"]), 2048)]
+
+    def stats_per_micro_batch():
+        counts = torch.zeros(2, 1, dtype=torch.float64)
+        for k, mb in enumerate(mbs8):
+            check_micro_batch(mb, 1, where=f"micro batch {k}")
+            lay = build_layout(mb, 1, torch.device("cpu"), torch.float64)
+            counts[0] += per_task_sum(lay.mask.double(), lay.tok_task, 1)[:1]
+            counts[1] += per_task_sum(lay.slot_live.double(), lay.slot_task, 1)[:1]
+        return counts
+
+    show("global-batch stats, 8 micro batches", "per micro batch", "one pass", paired(
+        stats_per_micro_batch, partial(GlobalBatchStats.gather, mbs8, 1), args.reps))
 
 
 if __name__ == "__main__":
