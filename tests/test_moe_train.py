@@ -18,22 +18,33 @@ STEP1 = "checkpoints/step_0000001"
 
 
 @pytest.fixture(scope="module")
-def moe_run(tmp_path_factory, demo_data):
+def lora_overrides(tmp_path_factory, demo_data):
+    """LoRA (per-expert adapters, the shared expert's, attention's) on a tiny Qwen2-MoE, 2 steps:
+    the CLI side of test_moe_peft, run in this module's launches."""
+    root = tmp_path_factory.mktemp("moe_lora_train")
+    return moe_cli_overrides("qwen2_moe", root, demo_data, seed=6, steps=2) + [
+        "peft.method=lora", "peft.rank=4", "peft.alpha=8", "train.lr=0.02", "model.moe_aux_loss_coeff=0.01"]
+
+
+@pytest.fixture(scope="module")
+def moe_run(tmp_path_factory, demo_data, lora_overrides):
     """The single-process runs, in one process (tests/train_many.py): the EP=1 reference with
-    both router losses (its checkpoints: the resume test's EP=1 side) and step 1 without them."""
+    both router losses (its checkpoints: the resume test's EP=1 side), step 1 without them, and
+    the LoRA run at EP=1."""
     root = tmp_path_factory.mktemp("moe_train")
     overrides = moe_cli_overrides("qwen3_moe", root, demo_data, seed=5, steps=STEPS)
     run_many({"ep1": overrides + ROUTER + SAVE + [f"output_dir={root / 'ep1'}"],
-              "no_router": overrides + [f"output_dir={root / 'no_router'}", "train.steps=1"]}, root)
+              "no_router": overrides + [f"output_dir={root / 'no_router'}", "train.steps=1"],
+              "lora_ep1": lora_overrides + [f"output_dir={root / 'lora_ep1'}"]}, root)
     return overrides, train_losses(root / "ep1"), root
 
 
 @pytest.fixture(scope="module")
-def moe_layouts(moe_run):
+def moe_layouts(moe_run, lora_overrides):
     """Every 2-process run, in one torchrun: EP=2 (its checkpoints: the resume test's EP=2 side),
     TP=2 + SP with the experts split over TP (etp=2) or whole on every TP rank (etp=1, each rank
-    routing its sequence shard), CP=2 x EP=2 (1 step), and the EP=1 run's step-1 checkpoint
-    resumed at EP=2. name -> output_dir."""
+    routing its sequence shard), CP=2 x EP=2 (1 step), the EP=1 run's step-1 checkpoint resumed
+    at EP=2, and the LoRA run at EP=2. name -> output_dir."""
     overrides, _, root = moe_run
     base = overrides + ROUTER
     runs = {
@@ -42,6 +53,7 @@ def moe_layouts(moe_run):
         "tp2_etp1": base + ["parallel.tp=2", "parallel.sp=true", "parallel.etp=1"],
         "cp2_ep2": base + ["parallel.cp=2", "parallel.ep=2", "train.steps=1"],
         "ep1_then_ep2": base + ["parallel.ep=2", f"train.resume_from={root / 'ep1' / STEP1}"],
+        "lora_ep2": lora_overrides + ["parallel.ep=2"],
     }
     spec = root / "layouts"
     spec.mkdir()
@@ -130,6 +142,20 @@ def test_checkpoints_resume_across_expert_parallel_sizes(moe_run, moe_layouts):
             for key in ("loss", "router_aux_loss", "router_z_loss", "grad_norm"):
                 assert got[step][key] == pytest.approx(single[step][key], rel=1e-5), (name, step, key)
             assert got[step]["expert_load"] == single[step]["expert_load"], (name, step)
+
+
+@pytest.mark.slow
+def test_lora_ep2_equals_ep1(moe_run, moe_layouts):
+    """LoRA training through the CLI at EP=2 equals EP=1 step for step (loss and router loss,
+    1e-5; expert load exact); step 2 runs on trained, non-zero adapters."""
+    _, _, root = moe_run
+    a, b = train_losses(root / "lora_ep1"), train_losses(moe_layouts["lora_ep2"])
+    assert sorted(a) == sorted(b) == [1, 2]
+    assert a[2]["loss"] != a[1]["loss"]  # step 2 runs on trained (non-zero) adapters
+    for step in a:
+        for key in ("loss", "router_aux_loss"):
+            assert abs(b[step][key] - a[step][key]) <= 1e-5 * abs(a[step][key]), (step, key, a[step], b[step])
+        assert b[step]["expert_load"] == a[step]["expert_load"], step
 
 
 def test_an_old_chained_optimizer_checkpoint_is_recognised():
