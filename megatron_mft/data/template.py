@@ -425,13 +425,15 @@ class ChatFormatter:
             return np.zeros(0, np.int32), np.zeros(0, np.uint8), [0]
         # Units in order: a run of text (one string to encode) or one id.
         texts: list[str] = []
-        text_pos: list[int] = []
+        marks: list[list[int]] = []  # per text: the trained spans' edges inside it, local
         unit_text: list[int] = []  # per unit: index into texts, or -1 for an id
         fixed: list[int] = []
         fixed_pos: list[int] = []
         sample_end: list[int] = []  # per sample: units so far
         buf: list[str] = []
         at = start = 0
+        span = 0  # first trained span that may still reach the next text
+        n_spans = len(spans) // 2
         for item in items:
             if item.__class__ is str:
                 if not buf:
@@ -442,9 +444,17 @@ class ChatFormatter:
             if buf:
                 text = "".join(buf)
                 if text:
+                    edges: list[int] = []
+                    k = span
+                    while k < n_spans and spans[2 * k] < at:
+                        if spans[2 * k + 1] > start:
+                            edges += (max(spans[2 * k], start) - start, min(spans[2 * k + 1], at) - start)
+                        k += 1
+                    while span < n_spans and spans[2 * span + 1] <= at:
+                        span += 1
                     unit_text.append(len(texts))
                     texts.append(text)
-                    text_pos.append(start)
+                    marks.append(edges)
                 buf = []
             if item is None:
                 sample_end.append(len(unit_text))
@@ -453,30 +463,36 @@ class ChatFormatter:
                 fixed.append(item)
                 fixed_pos.append(at)
                 at += 1
-        ids, ends, counts = self.tok.encode_with_ends(texts, self._protect)
+        ids, counts, marked = self.tok.encode_marked(texts, marks, self._protect)
         if len(self._protected_ids) and np.isin(ids, self._protected_ids).any():
             raise TokenizerError("user text produced a protected special id (marker or special token)")
         kinds = np.asarray(unit_text, dtype=np.int64)
         is_text = kinds >= 0
         unit_len = np.ones(len(kinds), dtype=np.int64)
         unit_len[is_text] = counts
-        unit_start = np.concatenate([[0], np.cumsum(unit_len)[:-1]]).astype(np.int64)
-        total = int(unit_len.sum())
+        unit_end = np.concatenate([[0], np.cumsum(unit_len)])
+        unit_start = unit_end[:-1]
+        total = int(unit_end[-1])
         text_first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         dest = np.repeat(unit_start[is_text] - text_first, counts) + np.arange(len(ids), dtype=np.int64)
         flat_ids = np.empty(total, dtype=np.int32)
-        last_char = np.empty(total, dtype=np.int64)
         flat_ids[dest] = ids
-        last_char[dest] = ends - 1 + np.repeat(np.asarray(text_pos, dtype=np.int64), counts)
         flat_ids[unit_start[~is_text]] = fixed
-        last_char[unit_start[~is_text]] = fixed_pos
         if self._mode == "pretrain":
             flat_mask = np.ones(total, dtype=np.uint8)
         else:
-            inside = np.searchsorted(np.asarray(spans, dtype=np.int64), last_char, side="right") & 1
-            flat_mask = inside.astype(np.uint8)
-        unit_end = np.concatenate([[0], np.cumsum(unit_len)])
-        bounds = unit_end[np.concatenate([[0], sample_end])]
+            # +1 where a trained run of tokens starts, -1 where it ends; the mask is the running sum
+            text_start = unit_start[is_text].tolist()
+            edge_at = [text_start[i] + k for i, m in enumerate(marked) for k in m]
+            edge_sign = [1 - 2 * (j & 1) for m in marked for j in range(len(m))]
+            fixed_trained = (np.searchsorted(np.asarray(spans, dtype=np.int64), fixed_pos, side="right") & 1) > 0
+            fixed_at = unit_start[~is_text][fixed_trained]
+            delta = np.zeros(total + 1, dtype=np.int64)
+            np.add.at(delta, np.asarray(edge_at, dtype=np.int64), np.asarray(edge_sign, dtype=np.int64))
+            np.add.at(delta, fixed_at, 1)
+            np.add.at(delta, fixed_at + 1, -1)
+            flat_mask = (np.cumsum(delta[:-1]) > 0).astype(np.uint8)
+        bounds = unit_end[np.concatenate([[0], sample_end]).astype(np.int64)]
         sample_len = np.diff(bounds)
         flat_mask[bounds[:-1][sample_len > 0]] = 0  # a sample's first token is nobody's target
         return flat_ids, flat_mask, bounds.tolist()

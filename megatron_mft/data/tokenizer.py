@@ -11,6 +11,7 @@ Loading is offline: only local files are read.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import re
@@ -64,9 +65,9 @@ class Backend(Protocol):
 
     def identity_file(self) -> Path: ...
 
-    #: optional, offset-capable backends only (``None`` elsewhere): ``encode_raw_arrays`` plus,
-    #: per token, the end of its character span in the text (see ``Tokenizer.encode_with_ends``)
-    encode_raw_with_ends: Callable[[list[str]], tuple[np.ndarray, np.ndarray, np.ndarray]] | None
+    #: offset-capable backends only (``None`` elsewhere): ``encode_raw_arrays`` that also tells,
+    #: for given character positions, which tokens end after them (see ``Tokenizer.encode_marked``)
+    encode_raw_marked: Callable[[list[str], list[list[int]]], tuple[np.ndarray, np.ndarray, list[list[int]]]] | None
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class _Protection:
     pattern: re.Pattern | None
     ids: frozenset[int]
     #: the strings that are single vocabulary ids (the only ones a tokenizer can turn into a special id)
+    singles: tuple[str, ...]
     id_pattern: re.Pattern | None
 
 
@@ -116,7 +118,7 @@ class Tokenizer:
             singles = tuple(s for s in strings if self.backend.single_id(s) is not None)
             ids = frozenset(self.backend.single_id(s) for s in singles)
             id_pattern = re.compile("|".join(re.escape(s) for s in singles)) if singles else None
-            hit = self._protect_cache[protect] = _Protection(strings, pattern, ids, id_pattern)  # type: ignore[arg-type]
+            hit = self._protect_cache[protect] = _Protection(strings, pattern, ids, singles, id_pattern)  # type: ignore[arg-type]
         return hit
 
     def protected_ids(self, protect: tuple[str, ...] = ()) -> frozenset[int]:
@@ -154,13 +156,15 @@ class Tokenizer:
 
     @property
     def has_offsets(self) -> bool:
-        """Whether the backend reports each token's character span (HF fast tokenizers do)."""
-        return getattr(self.backend, "encode_raw_with_ends", None) is not None
+        """Whether the backend reports where tokens lie in the text (HF fast tokenizers do)."""
+        return getattr(self.backend, "encode_raw_marked", None) is not None
 
-    def encode_with_ends(self, texts: Sequence[str], protect: tuple[str, ...] = ()
-                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def encode_marked(self, texts: Sequence[str], marks: Sequence[Sequence[int]], protect: tuple[str, ...] = ()
+                      ) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
         """Whole texts encoded at once, for backends with offsets: (ids int32 of all texts
-        concatenated, each token's character end in its text int64, tokens per text int64).
+        concatenated, tokens per text int64, per text and per mark ``p`` in ``marks`` (increasing
+        character positions) the index of its first token that ends after ``p``, i.e. whose last
+        character is at or after ``p``; the token count when none).
 
         A protected string that is a single vocabulary id is cut after its first character (the
         parts encoded apart, so the tokenizer cannot match it); everything else is encoded as one
@@ -168,26 +172,28 @@ class Tokenizer:
         Unchecked, like ``encode_arrays``: the caller verifies the ids.
         """
         texts = list(texts)
-        pattern = self._protection(tuple(protect)).id_pattern
-        encode = self.backend.encode_raw_with_ends  # type: ignore[attr-defined]
-        if pattern is None or not pattern.search("\x00".join(texts)):
-            return encode(texts)
-        pieces, owner, shift = [], [], []
-        for i, text in enumerate(texts):
-            start = 0
-            for cut in _cuts(text, pattern):
-                pieces.append(text[start:cut])
+        prot = self._protection(tuple(protect))
+        encode = self.backend.encode_raw_marked  # type: ignore[attr-defined]
+        joined = "\x00".join(texts)
+        if prot.id_pattern is None or not any(s in joined for s in prot.singles):
+            return encode(texts, [list(m) for m in marks])
+        pieces: list[str] = []
+        piece_marks: list[list[int]] = []
+        owner: list[int] = []
+        for i, (text, text_marks) in enumerate(zip(texts, marks)):
+            bounds = [0, *_cuts(text, prot.id_pattern), len(text)]
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                pieces.append(text[a:b])
+                # a mark belongs to the piece holding its character (the last piece: marks at the end)
+                piece_marks.append([p - a for p in text_marks if a <= p < b or (p >= b == len(text))])
                 owner.append(i)
-                shift.append(start)
-                start = cut
-            pieces.append(text[start:])
-            owner.append(i)
-            shift.append(start)
-        ids, ends, counts = encode(pieces)
-        ends = ends + np.repeat(np.asarray(shift, dtype=np.int64), counts)
-        per_text = np.bincount(np.asarray(owner, dtype=np.int64), weights=counts, minlength=len(texts))
-        return ids, ends, per_text.astype(np.int64)
-
+        ids, counts, marked = encode(pieces, piece_marks)
+        per_text = np.zeros(len(texts), dtype=np.int64)
+        out: list[list[int]] = [[] for _ in texts]
+        for i, n, m in zip(owner, counts.tolist(), marked):
+            out[i] += [per_text[i] + k for k in m]
+            per_text[i] += n
+        return ids, per_text, [[int(k) for k in m] for m in out]
 
 def _split_protected(texts: list[str], prot: _Protection) -> tuple[list[str], list[int]] | None:
     """None when no text holds a protected string (one fast scan); else (pieces, owner index)."""
@@ -238,7 +244,7 @@ class SentencePieceBackend:
 
     kind = "sentencepiece"
     #: no character offsets: the chat template encodes segment by segment
-    encode_raw_with_ends = None
+    encode_raw_marked = None
 
     def __init__(self, path: str | Path):
         import sentencepiece as spm
@@ -324,14 +330,13 @@ class HFBackend:
         encoded = self.tok.encode_batch(texts, add_special_tokens=False) if texts else []
         return [np.asarray(e.ids, dtype=np.int32) for e in encoded]
 
-    def encode_raw_with_ends(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def encode_raw_marked(self, texts: list[str], marks: list[list[int]]
+                          ) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
         encoded = self.tok.encode_batch(texts, add_special_tokens=False) if texts else []
-        counts = np.fromiter(map(len, (e.ids for e in encoded)), dtype=np.int64, count=len(encoded))
-        total = int(counts.sum())
-        ids = np.fromiter(chain.from_iterable(e.ids for e in encoded), dtype=np.int32, count=total)
-        spans = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encoded)), dtype=np.int64,
-                            count=2 * total)
-        return ids, spans[1::2], counts
+        counts = np.fromiter((len(e.ids) for e in encoded), dtype=np.int64, count=len(encoded))
+        ids = np.fromiter(chain.from_iterable(e.ids for e in encoded), dtype=np.int32, count=int(counts.sum()))
+        return ids, counts, [[_first_token_ending_after(e, p, len(text)) for p in m] if m else []
+                             for e, m, text in zip(encoded, marks, texts)]
 
     def special_strings(self) -> tuple[str, ...]:
         return self._special
@@ -344,6 +349,17 @@ class HFBackend:
 
     def identity_file(self) -> Path:
         return self._folder / "tokenizer.json"
+
+
+def _first_token_ending_after(encoding, pos: int, length: int) -> int:
+    """Index of the first token of ``encoding`` whose character span ends after ``pos`` (the
+    token holding that character; offsets only where no token holds it)."""
+    if pos >= length:
+        return len(encoding.ids)
+    k = encoding.char_to_token(pos)
+    if k is None:
+        k = bisect.bisect_right([end for _, end in encoding.offsets], pos)
+    return k
 
 
 def _read_json(path: Path) -> dict:
