@@ -1,7 +1,7 @@
 """The preference stages through the real training CLI on the demo pairs.
 
-Two launches (``tests/train_many.py``: each run is the CLI's own ``main``, one after the other in
-one process, so start-up is paid once per launch):
+Two launches, side by side (``tests/train_many.py``: each run is the CLI's own ``main``, one
+after the other in one process, so start-up is paid once per launch):
 
 - one process: DPO with LoRA (reference = adapters disabled; step-1 loss exactly log 2), the same
   run with 2 rows per micro batch, one pair per row packed against dynamic batching, ORPO,
@@ -14,17 +14,12 @@ one process, so start-up is paid once per launch):
 
 from __future__ import annotations
 
-import json
 import math
-import re
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from train_helpers import ROOT, env, torchrun, train_losses
+from train_helpers import ROOT, start_many, train_losses, wait_many
 
 #: end-to-end CLI runs (minutes on 2 shared cores): all slow, they still run in CI
 pytestmark = pytest.mark.slow
@@ -70,64 +65,66 @@ def _overrides(data, init, out, *extra):
             "train.micro_batch_size=1", "train.warmup_steps=0", "train.save_interval=0", f"output_dir={out}", *extra]
 
 
-def _launch(runs: dict, tmp: Path, nproc: int) -> dict:
-    """Run ``runs`` (name -> argv, or {"argv", "rc"}) in one process (or one torchrun of ``nproc``);
-    return name -> (stdout, stderr) of that run."""
-    spec = tmp / "runs.json"
-    spec.write_text(json.dumps(list(runs.values())))
-    head = [sys.executable] if nproc == 1 else torchrun(nproc)
-    proc = subprocess.run(head + [str(ROOT / "tests/train_many.py"), str(spec)], cwd=ROOT,
-                          env=env(1 if nproc > 1 else 2), capture_output=True, text=True, timeout=1200)
-    if proc.returncode:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    split = [re.split(r"^=== run \d+: .*$", s, flags=re.M)[1:] for s in (proc.stdout, proc.stderr)]
-    return {name: (out, err) for name, out, err in zip(runs, *split)}
-
-
 @pytest.fixture(scope="module")
-def single(pairs_dir, pairs_offline, tiny_init, tmp_path_factory):
-    """Every single-process run, in one process; name -> (output_dir, stdout, stderr)."""
-    tmp = tmp_path_factory.mktemp("single")
-    other = tmp / "other_init"  # another starting checkpoint: one byte more in a weight file
+def launches(pairs_dir, pairs_offline, tiny_init, tmp_path_factory):
+    """Both launches, side by side (neither reads the other's output; on 2 cores the
+    single-process launch leaves room for the torchrun's waits): name -> (output_dir, stdout,
+    stderr) of every run. One process: every single-process run; one torchrun: every 2-process
+    layout."""
+    single, layouts = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("layouts")
+    other = single / "other_init"  # another starting checkpoint: one byte more in a weight file
     shutil.copytree(tiny_init, other)
     with next(p for p in sorted(other.rglob("*")) if p.is_file() and p.stat().st_size > 1000).open("ab") as f:
         f.write(b"\0")
-    full = _overrides(pairs_offline, tiny_init, tmp / "full", *FULL_FT)
-    runs = {
-        "dpo": _overrides(pairs_dir, tiny_init, tmp / "dpo"),
-        "dpo_mbs2": _overrides(pairs_dir, tiny_init, tmp / "dpo_mbs2", "train.micro_batch_size=2"),
-        "orpo": _overrides(pairs_dir, tiny_init, tmp / "orpo", *ORPO),
+    full = _overrides(pairs_offline, tiny_init, single / "full", *FULL_FT)
+    single_runs = {
+        "dpo": _overrides(pairs_dir, tiny_init, single / "dpo"),
+        "dpo_mbs2": _overrides(pairs_dir, tiny_init, single / "dpo_mbs2", "train.micro_batch_size=2"),
+        "orpo": _overrides(pairs_dir, tiny_init, single / "orpo", *ORPO),
         # one pair per row: packed (THD) against dynamic batching (a pair = two SBHD rows, padded)
-        "dpo_none": _overrides(pairs_dir, tiny_init, tmp / "dpo_none", "data.packing=none"),
-        "dpo_dynamic": _overrides(pairs_dir, tiny_init, tmp / "dpo_dynamic", "data.batching=dynamic",
+        "dpo_none": _overrides(pairs_dir, tiny_init, single / "dpo_none", "data.packing=none"),
+        "dpo_dynamic": _overrides(pairs_dir, tiny_init, single / "dpo_dynamic", "data.batching=dynamic",
                                   "train.micro_batch_size=2"),
         "full": full + ["train.steps=2", "train.save_interval=2"],
         "full_resume": full,  # step 2 -> 3 with the stored reference
         # a different starting checkpoint has no stored reference, and a resume cannot make one
         "full_other": {"argv": [f"train.init_checkpoint={other}" if a.startswith("train.init_checkpoint=") else a
                                 for a in full] + ["train.steps=4"], "rc": 2},
-        "frozen": _overrides(pairs_offline, tiny_init, tmp / "frozen", *FULL_FT, "loss.preference.reference=frozen"),
+        "frozen": _overrides(pairs_offline, tiny_init, single / "frozen", *FULL_FT, "loss.preference.reference=frozen"),
         # LoRA's reference is its own adapters-off model: a frozen copy is refused before the model is built
-        "frozen_lora": {"rc": 2, "argv": _overrides(pairs_dir, tiny_init, tmp / "frozen_lora",
+        "frozen_lora": {"rc": 2, "argv": _overrides(pairs_dir, tiny_init, single / "frozen_lora",
                                                     "loss.preference.reference=frozen")},
     }
-    logs = _launch(runs, tmp, nproc=1)
-    return {name: (tmp / name.replace("_resume", "").replace("_other", ""), *logs[name]) for name in runs}
+    layout_runs = {
+        "dpo_tp2": _overrides(pairs_dir, tiny_init, layouts / "dpo_tp2", "parallel.tp=2"),
+        "dpo_pp2": _overrides(pairs_dir, tiny_init, layouts / "dpo_pp2", "parallel.pp=2"),
+        "orpo_dp2": _overrides(pairs_dir, tiny_init, layouts / "orpo_dp2", *ORPO),
+        "frozen_pp2": _overrides(pairs_offline, tiny_init, layouts / "frozen_pp2", *FULL_FT, "parallel.pp=2",
+                                 "loss.preference.reference=frozen"),
+    }
+    started = [start_many(single_runs, single, nproc=1), start_many(layout_runs, layouts, nproc=2)]
+    try:
+        logs = wait_many(started[0]) | wait_many(started[1])
+    finally:
+        for proc, _ in started:  # the other launch, if one failed
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    folders = {name: single / name.replace("_resume", "").replace("_other", "") for name in single_runs}
+    folders |= {name: layouts / name for name in layout_runs}
+    return {name: (folders[name], *logs[name]) for name in folders}
 
 
 @pytest.fixture(scope="module")
-def layouts(pairs_dir, pairs_offline, tiny_init, tmp_path_factory):
-    """Every 2-process layout, in one torchrun; name -> output_dir."""
-    tmp = tmp_path_factory.mktemp("layouts")
-    runs = {
-        "dpo_tp2": _overrides(pairs_dir, tiny_init, tmp / "dpo_tp2", "parallel.tp=2"),
-        "dpo_pp2": _overrides(pairs_dir, tiny_init, tmp / "dpo_pp2", "parallel.pp=2"),
-        "orpo_dp2": _overrides(pairs_dir, tiny_init, tmp / "orpo_dp2", *ORPO),
-        "frozen_pp2": _overrides(pairs_offline, tiny_init, tmp / "frozen_pp2", *FULL_FT, "parallel.pp=2",
-                                 "loss.preference.reference=frozen"),
-    }
-    _launch(runs, tmp, nproc=2)
-    return {name: tmp / name for name in runs}
+def single(launches):
+    """Every single-process run: name -> (output_dir, stdout, stderr)."""
+    return launches
+
+
+@pytest.fixture(scope="module")
+def layouts(launches):
+    """Every 2-process layout: name -> output_dir."""
+    return {name: launches[name][0] for name in ("dpo_tp2", "dpo_pp2", "orpo_dp2", "frozen_pp2")}
 
 
 KEYS = ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "grad_norm")

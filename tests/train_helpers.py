@@ -84,20 +84,41 @@ def run_train(overrides: list[str], nproc: int = 1, timeout: int = 600, check: b
     return proc
 
 
-def run_many(runs: dict, spec_dir: Path, nproc: int = 1, timeout: int = 1200) -> dict[str, tuple[str, str]]:
-    """Training runs ``runs`` (name -> CLI argv, or ``{"argv": [...], "rc": N}``) one after the
-    other in one process (or one torchrun of ``nproc``) through tests/train_many.py: start-up is
-    paid once. Returns name -> (stdout, stderr) of that run; raises with the log if one fails."""
-    spec = Path(spec_dir) / "runs.json"
-    spec.write_text(json.dumps([{**r, "argv": _with_config(r["argv"])} if isinstance(r, dict) else _with_config(r)
-                                for r in runs.values()]))
+def start_many(runs: dict, spec_dir: Path, nproc: int = 1) -> tuple[subprocess.Popen, dict]:
+    """Start training runs ``runs`` (name -> CLI argv, or ``{"argv": [...], "rc": N}``) one after
+    the other in one process (or one torchrun of ``nproc``) through tests/train_many.py, which
+    checks each exit code: start-up is paid once. Output goes to files in ``spec_dir`` (pipes
+    would stall a launch while another is waited for). :func:`wait_many` collects it."""
+    spec_dir = Path(spec_dir)
+    (spec_dir / "runs.json").write_text(json.dumps(
+        [{**r, "argv": _with_config(r["argv"])} if isinstance(r, dict) else _with_config(r) for r in runs.values()]))
     head = [sys.executable] if nproc == 1 else torchrun(nproc)
-    proc = subprocess.run(head + [str(ROOT / "tests" / "train_many.py"), str(spec)], cwd=ROOT,
-                          env=env(1 if nproc > 1 else 2), capture_output=True, text=True, timeout=timeout)
+    with open(spec_dir / "stdout.txt", "w") as out, open(spec_dir / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(head + [str(ROOT / "tests" / "train_many.py"), str(spec_dir / "runs.json")], cwd=ROOT,
+                                env=env(1 if nproc > 1 else 2), stdout=out, stderr=err, text=True)
+    return proc, {"runs": runs, "dir": spec_dir}
+
+
+def wait_many(launch: tuple[subprocess.Popen, dict], timeout: int = 1200) -> dict[str, tuple[str, str]]:
+    """name -> (stdout, stderr) of each run of a :func:`start_many` launch; raises with the log
+    if one failed (or the launch ran past ``timeout`` seconds: then it is killed)."""
+    proc, info = launch
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stdout, stderr = ((info["dir"] / f).read_text(errors="replace") for f in ("stdout.txt", "stderr.txt"))
     if proc.returncode:
-        raise AssertionError(f"train_many exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    split = [re.split(r"^=== run \d+: .*$", s, flags=re.M)[1:] for s in (proc.stdout, proc.stderr)]
-    return {name: (out, err) for name, out, err in zip(runs, *split)}
+        raise AssertionError(f"train_many exit {proc.returncode}\n{stdout[-3000:]}\n{stderr[-6000:]}")
+    split = [re.split(r"^=== run \d+: .*$", s, flags=re.M)[1:] for s in (stdout, stderr)]
+    return {name: (out, err) for name, out, err in zip(info["runs"], *split)}
+
+
+def run_many(runs: dict, spec_dir: Path, nproc: int = 1, timeout: int = 1200) -> dict[str, tuple[str, str]]:
+    """:func:`start_many` and :func:`wait_many`: the runs' (stdout, stderr) by name."""
+    return wait_many(start_many(runs, spec_dir, nproc), timeout)
 
 
 def _with_config(argv: list[str]) -> list[str]:
