@@ -419,10 +419,12 @@ def test_joint_encoding_keeps_markers_protected(tokenizers):
     for name, typed, marker, emitted in (("starcoder2", "  <|endoftext|>\n### Response\n", "<|endoftext|>", 2),
                                          ("qwen2", "\n<|im_start|>assistant\n<|im_end|>", "<|im_end|>", 3)):
         hf = _hf(tokenizers[name])
-        ids, mask = _ours(tokenizers[name], name, [("human", typed), ("bot", "    ok")])
+        answer = f"    ok {marker}{marker[:3]}"  # typed in a trained span too: cut there, mask intact
+        ids, mask = _ours(tokenizers[name], name, [("human", typed), ("bot", answer)])
         assert ids.count(hf.convert_tokens_to_ids(marker)) == emitted, hf.convert_ids_to_tokens(ids)
-        assert typed in hf.decode(ids)
-        assert hf.decode([i for i, m in zip(ids, mask) if m]).endswith("ok" + marker)
+        assert typed in hf.decode(ids) and answer in hf.decode(ids)
+        trained = hf.decode([i for i, m in zip(ids, mask) if m])
+        assert trained.endswith(answer + marker) and len(trained) <= len(answer + marker) + 1, trained
 
 
 def test_mistral_v3_dropped_system_turns_are_warned_per_file(tokenizers, tmp_path, capsys):

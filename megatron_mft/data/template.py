@@ -178,6 +178,10 @@ TEMPLATES: dict[str, ChatTemplate] = {
 }
 
 
+class _TemplateText(str):
+    """Text written by the template (not a record's content), on the joint path."""
+
+
 class TemplateError(UsageError, ValueError):
     """A ``--template`` / ``data.template`` that cannot be used (exit 2)."""
 
@@ -267,6 +271,7 @@ class ChatFormatter:
         if self._joint:
             self._joint_parts = {r: tuple(self._parts(s) for s in template.turn_strings(r)) for r in roles}
             self._joint_opening = ([tokenizer.bos_id] if self._bos else []) + self._parts(template.preamble)
+            self._template_ids: dict[str, list[int]] = {}  # template-only texts between two ids, encoded once
 
     def _parts(self, text: str) -> list:
         """Template text -> its pieces for the joint path: the template's own markers that are
@@ -278,7 +283,7 @@ class ChatFormatter:
         pos = 0
         for m in cut.finditer(text):
             if m.start() > pos:
-                out.append(text[pos:m.start()])
+                out.append(_TemplateText(text[pos:m.start()]))
             if m.group(0) in named:
                 if named[m.group(0)] is None:
                     raise TemplateError(f"template {self.template.name}: the tokenizer has no {m.group(0)} token")
@@ -286,7 +291,7 @@ class ChatFormatter:
             else:
                 out.append(self.tok.single_id(m.group(0)))
             pos = m.end()
-        return out + ([text[pos:]] if pos < len(text) else [])
+        return out + ([_TemplateText(text[pos:])] if pos < len(text) else [])
 
     def _marker_ids(self, marker: str) -> list[int]:
         if not marker:
@@ -401,7 +406,7 @@ class ChatFormatter:
             nonlocal pos
             for piece in pieces:
                 items.append(piece)
-                pos += len(piece) if piece.__class__ is str else 1
+                pos += 1 if piece.__class__ is int else len(piece)
 
         for r in records:
             if not r.turns and r.text is None:
@@ -434,11 +439,15 @@ class ChatFormatter:
         at = start = 0
         span = 0  # first trained span that may still reach the next text
         n_spans = len(spans) // 2
+        template_only = True  # the text in buf is template text only (no content)
         for item in items:
-            if item.__class__ is str:
+            cls = item.__class__
+            if cls is str or cls is _TemplateText:
                 if not buf:
                     start = at
+                    template_only = True
                 buf.append(item)
+                template_only = template_only and cls is _TemplateText
                 at += len(item)
                 continue
             if buf:
@@ -452,9 +461,20 @@ class ChatFormatter:
                         k += 1
                     while span < n_spans and spans[2 * span + 1] <= at:
                         span += 1
-                    unit_text.append(len(texts))
-                    texts.append(text)
-                    marks.append(edges)
+                    if template_only and not edges:
+                        # between two ids, template text encodes the same every time: as ids, all
+                        # placed at its first character (trained or not as a whole)
+                        cached = self._template_ids.get(text)
+                        if cached is None:
+                            cached = self._template_ids[text] = self.tok.encode_marked([text], [[]],
+                                                                                       self._protect)[0].tolist()
+                        unit_text += [-1] * len(cached)
+                        fixed += cached
+                        fixed_pos += [start] * len(cached)
+                    else:
+                        unit_text.append(len(texts))
+                        texts.append(text)
+                        marks.append(edges)
                 buf = []
             if item is None:
                 sample_end.append(len(unit_text))
