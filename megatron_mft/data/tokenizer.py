@@ -116,9 +116,9 @@ class Tokenizer:
             strings = tuple(sorted(found, key=len, reverse=True))
             pattern = re.compile("|".join(re.escape(s) for s in strings)) if strings else None
             singles = tuple(s for s in strings if self.backend.single_id(s) is not None)
-            ids = frozenset(self.backend.single_id(s) for s in singles)
+            ids = frozenset(i for i in (self.backend.single_id(s) for s in singles) if i is not None)
             id_pattern = re.compile("|".join(re.escape(s) for s in singles)) if singles else None
-            hit = self._protect_cache[protect] = _Protection(strings, pattern, ids, singles, id_pattern)  # type: ignore[arg-type]
+            hit = self._protect_cache[protect] = _Protection(strings, pattern, ids, singles, id_pattern)
         return hit
 
     def protected_ids(self, protect: tuple[str, ...] = ()) -> frozenset[int]:

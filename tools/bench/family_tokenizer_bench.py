@@ -7,7 +7,8 @@ The real Llama-3 / Qwen2.5 / StarCoder2 files are not on the package registries;
 tests/test_families_fixtures.py are used (each family's pre-tokenizer, byte-level decoder, special
 tokens at their real ids, vocabulary of the real size), with ``--merges`` merges trained on the
 demo data. Llama-3 runs the llama3.1 chat format, Qwen2.5 qwen2, StarCoder2 mftcoder (its own format has no
-system role, and the demo data has system turns). Trials are pairs
+system role, and the demo data has system turns); with these ``tokenizer.json`` files the chat template
+takes its joint path (each sample encoded as one string, the loss mask from token offsets). Trials are pairs
 (tokenizer, preprocessing), the order alternating; the median of the paired ratios is the figure
 to trust on a shared machine, and the CPU-time ratio does not depend on what else runs.
 
