@@ -4,7 +4,8 @@ per-token losses.
 
 The uninterrupted reference and the TP=2+SP run whose checkpoints are resumed and reloaded at
 TP=1 are the session's (conftest ``reference_run`` and ``tp2_sp_run``, shared with
-test_engine_layouts): this module starts only the runs that are interrupted or resumed.
+test_engine_layouts): this module starts only the runs that are interrupted, and one process
+that resumes them all (tests/train_many.py).
 """
 
 import json
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from train_helpers import REFERENCE_STEPS as STEPS
-from train_helpers import ROOT, env, read_metrics, run_train, torchrun, train_command, train_losses
+from train_helpers import ROOT, env, read_metrics, run_many, torchrun, train_command, train_losses
 
 
 def _assert_continues(ref: dict, out: Path, first: int = 1):
@@ -33,31 +34,11 @@ def _latest(out: Path) -> str:
     return (out / "checkpoints" / "latest").read_text().strip()
 
 
-@pytest.mark.slow
-def test_resume_equals_uninterrupted_across_layouts(reference_run, tp2_sp_run, tmp_path):
-    """The checkpoint the TP=2+SP run saved after step 1 resumes at TP=1 without SP: model,
-    optimizer, LR schedule and data position all continue as in the uninterrupted run."""
-    common, ref = reference_run
-    ckpt = tp2_sp_run / "checkpoints" / "step_0000001"
-    assert [r["step"] for r in read_metrics(tp2_sp_run)][0] == 1 and (ckpt / "run.json").is_file()
-    out = tmp_path / "tp1"
-    proc = run_train(common + [f"output_dir={out}", f"train.resume_from={ckpt}"])
-    assert f"resumed from {ckpt} at step 1" in proc.stdout, proc.stdout[-3000:]
-    _assert_continues(ref, out, first=2)
-
-
-@pytest.mark.slow
-def test_sigusr1_to_every_process_saves_exits_and_resumes(reference_run, tmp_path):
-    """SLURM signals every process of a step (``--signal``, ``scancel``), the checkpoint writer's
-    helper processes included (with default actions the helper died, and the save the signal asked
-    for hung): SIGUSR1 to the whole process group after a save stops the run within one step with
-    a checkpoint, exit 0; the resumed run appends to metrics.jsonl and ends as the uninterrupted one.
-
-    The signal goes out once step 1's save is published; the save of step 3 holds the run for a
-    minute (the fault hook), so however late a busy machine delivers the signal, the run stops
-    before step 4 (in the usual case at step 2, and the pause never starts)."""
-    common, ref = reference_run
-    out = tmp_path / "sigusr1"
+def _sigusr1_run(common: list, out: Path) -> dict:
+    """SIGUSR1 to the trainer's whole process group once step 1's save is published. The save of
+    step 3 holds the run for a minute (the fault hook), so however late a busy machine delivers
+    the signal, the run stops before step 4 (in the usual case at step 2, and the pause never
+    starts). What was seen, before any resume."""
     e = env(2)
     e["MFT_FAULT_SLEEP_IN_SAVE"] = "3:60"
     proc = subprocess.Popen(train_command(common + [f"output_dir={out}", "train.save_interval=1"]), cwd=ROOT,
@@ -76,25 +57,16 @@ def test_sigusr1_to_every_process_saves_exits_and_resumes(reference_run, tmp_pat
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 0, stdout[-3000:]
-    stopped = read_metrics(out)[-1]["step"]
-    assert stopped < STEPS and stopped <= signalled_at + 1, f"must stop within one step of the signal (sent after " \
-                                                           f"step {signalled_at}), stopped at {stopped}"
-    assert f"stopping at step {stopped}: SIGUSR1" in stdout
-    assert _latest(out) == f"step_{stopped:07d}"
-    run_train(common + [f"output_dir={out}"])
-    _assert_continues(ref, out)
-    assert len(read_metrics(out)) == STEPS  # appended, never overwritten or duplicated
+    return {"returncode": proc.returncode, "stdout": stdout, "signalled_at": signalled_at,
+            "stopped": read_metrics(out)[-1]["step"], "latest": _latest(out)}
 
 
-@pytest.mark.slow
-def test_sigkill_during_save_resumes_from_previous_checkpoint(reference_run, tmp_path):
-    common, ref = reference_run
-    out = tmp_path / "sigkill"
-    cmd = train_command(common + [f"output_dir={out}", "train.save_interval=2"])
+def _sigkill_run(common: list, out: Path) -> dict:
+    """SIGKILL while the step-4 save is held by the fault hook; what was seen, before any resume."""
     e = env(2)
     e["MFT_FAULT_SLEEP_IN_SAVE"] = "4:120"
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(train_command(common + [f"output_dir={out}", "train.save_interval=2"]), cwd=ROOT, env=e,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     tmp = out / "checkpoints" / "step_0000004.tmp"
     try:
         deadline = time.time() + 600  # a loaded machine
@@ -104,10 +76,63 @@ def test_sigkill_during_save_resumes_from_previous_checkpoint(reference_run, tmp
     finally:
         proc.kill()  # SIGKILL in the save (and no run left behind if the assertion failed)
         proc.wait()
-    assert _latest(out) == "step_0000002"  # the pointer still names the last complete save
-    run_train(common + [f"output_dir={out}", "train.save_interval=2"])
+    return {"latest": _latest(out), "tmp": tmp}
+
+
+@pytest.fixture(scope="module")
+def resumed(reference_run, tp2_sp_run, tmp_path_factory):
+    """The interrupted runs (SIGUSR1 after a save, SIGKILL in a save), then every resume of this
+    module in one process (tests/train_many.py): the TP=2+SP run's step-1 checkpoint at TP=1 and
+    the two interrupted runs. name -> (output_dir, what was seen before the resume, its stdout)."""
+    common, _ = reference_run
+    root = tmp_path_factory.mktemp("resume")
+    seen = {"sigusr1": _sigusr1_run(common, root / "sigusr1"), "sigkill": _sigkill_run(common, root / "sigkill"),
+            "layouts": {"ckpt": tp2_sp_run / "checkpoints" / "step_0000001"}}
+    logs = run_many({
+        "layouts": common + [f"output_dir={root / 'layouts'}", f"train.resume_from={seen['layouts']['ckpt']}"],
+        "sigusr1": common + [f"output_dir={root / 'sigusr1'}"],
+        "sigkill": common + [f"output_dir={root / 'sigkill'}", "train.save_interval=2"],
+    }, root)
+    return {name: (root / name, seen[name], logs[name][0]) for name in seen}
+
+
+@pytest.mark.slow
+def test_resume_equals_uninterrupted_across_layouts(reference_run, tp2_sp_run, resumed):
+    """The checkpoint the TP=2+SP run saved after step 1 resumes at TP=1 without SP: model,
+    optimizer, LR schedule and data position all continue as in the uninterrupted run."""
+    _, ref = reference_run
+    out, seen, stdout = resumed["layouts"]
+    ckpt = seen["ckpt"]
+    assert [r["step"] for r in read_metrics(tp2_sp_run)][0] == 1 and (ckpt / "run.json").is_file()
+    assert f"resumed from {ckpt} at step 1" in stdout, stdout[-3000:]
+    _assert_continues(ref, out, first=2)
+
+
+@pytest.mark.slow
+def test_sigusr1_to_every_process_saves_exits_and_resumes(reference_run, resumed):
+    """SLURM signals every process of a step (``--signal``, ``scancel``), the checkpoint writer's
+    helper processes included (with default actions the helper died, and the save the signal asked
+    for hung): SIGUSR1 to the whole process group after a save stops the run within one step with
+    a checkpoint, exit 0; the resumed run appends to metrics.jsonl and ends as the uninterrupted one."""
+    _, ref = reference_run
+    out, seen, _ = resumed["sigusr1"]
+    stdout, stopped, signalled_at = seen["stdout"], seen["stopped"], seen["signalled_at"]
+    assert seen["returncode"] == 0, stdout[-3000:]
+    assert stopped < STEPS and stopped <= signalled_at + 1, f"must stop within one step of the signal (sent after " \
+                                                           f"step {signalled_at}), stopped at {stopped}"
+    assert f"stopping at step {stopped}: SIGUSR1" in stdout
+    assert seen["latest"] == f"step_{stopped:07d}"
     _assert_continues(ref, out)
-    assert not tmp.exists()  # the broken save was cleaned up
+    assert len(read_metrics(out)) == STEPS  # appended, never overwritten or duplicated
+
+
+@pytest.mark.slow
+def test_sigkill_during_save_resumes_from_previous_checkpoint(reference_run, resumed):
+    _, ref = reference_run
+    out, seen, _ = resumed["sigkill"]
+    assert seen["latest"] == "step_0000002"  # the pointer still names the last complete save
+    _assert_continues(ref, out)
+    assert not seen["tmp"].exists()  # the broken save was cleaned up
 
 
 @pytest.mark.slow
