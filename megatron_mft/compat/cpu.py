@@ -22,7 +22,7 @@ such collective is the identity, so skipping it changes no number.
 
 The mode costs ~3 us per Python-level torch call, so it is popped where a step holds no CUDA
 literal (:func:`_pause_mode_where_no_cuda_literal`): megatron's per-micro-batch forward/backward
-of dense models and the optimizers' update; ~570 of ~2,100 calls a step still go through it.
+of dense models and the optimizers' update; ~440 of ~2,100 calls a step still go through it.
 
 Device-placement test mode (:func:`cuda_redirected_to`): the same redirects, but to a device that
 is *not* the CPU (``meta``). A model built under it with ``use_cpu_initialization=False`` holds
