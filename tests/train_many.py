@@ -18,17 +18,15 @@ def _keep_process_group() -> None:
     """Between runs, tear down megatron's groups but keep the process group: a second
     ``init_process_group`` on torchrun's store would read the first one's addresses (gloo then
     fails to connect). ``init_parallel`` takes an existing group as the CLI's first run makes it.
-    Megatron's MoE loss tracker is process-wide too: emptied, or a run without router losses
-    would report the previous run's (metrics show a router loss when the tracker has it)."""
+    (Megatron's process-wide MoE loss tracker is the product's to empty: RouterLoad does, so a run
+    without router losses never reports the previous run's; these shared launches test that.)"""
     from megatron.core import parallel_state as ps
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
     from megatron_mft.training import recipe
 
     def teardown() -> None:
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
-        get_moe_layer_wise_logging_tracker().clear()
 
     recipe.teardown = teardown
 

@@ -171,6 +171,11 @@ class RouterLoad:
         device = next(p for c in chunks for p in c.parameters()).device
         self.counts = torch.zeros(arch.num_layers, arch.num_experts, dtype=torch.float64, device=device)
         self.handles = [r.register_forward_hook(self._hook) for r in routers(chunks)]
+        # megatron's loss tracker is process-wide: a previous run in this process (a notebook, a
+        # sweep) must not leave its entries behind for this one to report
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        get_moe_layer_wise_logging_tracker().clear()
 
     def begin_step(self, num_micro_batches: int) -> None:
         from megatron.core import parallel_state as ps
@@ -208,8 +213,9 @@ class RouterLoad:
         out = {"expert_load": [[int(x) for x in row] for row in counts.tolist()]}
         tracker = get_moe_layer_wise_logging_tracker()
         dp = ps.get_data_parallel_world_size()
+        coefficients = {"load_balancing_loss": self.model.moe_aux_loss_coeff, "z_loss": self.model.moe_z_loss_coeff}
         for name, key in ROUTER_LOSS_NAMES.items():
-            if name not in tracker:
+            if not coefficients[name] or name not in tracker:  # reported only where this run adds it
                 continue
             values = tracker[name]["values"].detach().to(self.counts.device, torch.float64).clone()
             # one micro batch's loss is split over the TP (sequence parallel) x CP ranks that each
