@@ -127,7 +127,7 @@ def test_segments_encode_without_dummy_prefix(tok):
     assert not tok.backend.sp.id_to_piece(tok.encode("def")[0]).startswith("▁")
     assert tok.decode(tok.encode("    return x")) == "    return x"
     assert tok.vocab_size == 2048 and tok.eos_id == EOS and tok.single_id("<|role_start|>") == RS
-    # only user-defined symbols count as single marker ids: not normal pieces, not control pieces
+    # only user-defined symbols and control pieces other than BOS/EOS/pad count as single marker ids
     assert tok.single_id("def") is None and tok.single_id("</s>") is None
 
 

@@ -154,9 +154,6 @@ def test_real_vocabulary_equals_reference_and_presets(real, family):
                                for p in presets)
 
 
-@pytest.mark.xfail(strict=True, reason="HF backend falls back to the ordinary text token '<s>' as BOS "
-                   "when bos_token is null (megatron_mft/data/tokenizer.py HFBackend._id_of): the fallbacks "
-                   "must be added/special tokens only")
 def test_qwen_text_token_s_is_not_bos(real):
     """Qwen2.5's tokenizer_config has bos_token null; its vocabulary holds '<s>', '</s>', '<unk>'
     as ordinary BPE tokens (HTML and code text), which must not become BOS/EOS/pad."""
@@ -315,22 +312,38 @@ def test_mistral_real_tokenizer_chat_format_equals_official_template(mistral, te
 
 
 @pytest.mark.parametrize("template", [
-    pytest.param("mistral", marks=pytest.mark.xfail(strict=True, reason=(
-        "SentencePiece path: '[INST] ' and the user text are encoded apart, so '▁' + 'Write' where the "
-        "rendering has '▁Write'"))),
-    pytest.param("mistral-v3", marks=pytest.mark.xfail(strict=True, reason=(
-        "SentencePiece path: [INST]/[/INST] are CONTROL pieces, which SentencePieceBackend.single_id "
-        "refuses (USER_DEFINED only), so the markers are written as the text '[', 'INST', ']'"))),
+    "mistral", "mistral-v3",
 ])
 def test_mistral_real_sentencepiece_model_equals_official_template(mistral, template):
-    """The real tokenizer.model itself (data.tokenizer pointing at the file) must give the same
-    ids as the official rendering."""
+    """The real tokenizer.model itself (data.tokenizer pointing at the file) gives the ids of the
+    official rendering as SentencePiece encodes it: the Jinja's string cut at the control tokens
+    (<s>, </s>, and v3's [INST]/[/INST]), each piece encoded without the dummy prefix (as
+    transformers does after a special token). Not transformers' tokenizer.json conversion: that
+    splits runs of spaces differently from SentencePiece ("▁▁▁▁", "return" for "▁▁▁", "▁return")."""
+    import re
+
+    import sentencepiece as spm
+
     from megatron_mft.data.tokenizer import load_tokenizer
 
     model, _, hf = mistral[template]
-    turns = CONVERSATION if template == "mistral-v3" else CONVERSATION[1:]
-    want = list(hf.apply_chat_template(_messages(turns), tokenize=True, return_dict=False,
-                                       chat_template=MISTRAL_SPM[template][3]))
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    controls = [p for p in ("<s>", "</s>", "[INST]", "[/INST]")
+                if sp.piece_to_id(p) != sp.unk_id() and sp.is_control(sp.piece_to_id(p))]
+    assert ("[INST]" in controls) == (template == "mistral-v3")  # v0.1 writes [INST] as text
+    sp_plain = spm.SentencePieceProcessor()
+    proto = __import__("sentencepiece.sentencepiece_model_pb2", fromlist=["ModelProto"]).ModelProto()
+    proto.ParseFromString(model.read_bytes())
+    proto.normalizer_spec.add_dummy_prefix = False
+    sp_plain.LoadFromSerializedProto(proto.SerializeToString())
+    cases = {"chat": CONVERSATION, "code": CODE_CONVERSATION, "lead": LEADING_WHITESPACE}
     ours = load_tokenizer(str(model))
     assert ours.kind == "sentencepiece"
-    assert _ours(ours, template, turns)[0] == want
+    for name, turns in cases.items():
+        turns = turns if template == "mistral-v3" else turns[1:]
+        text = hf.apply_chat_template(_messages(turns), tokenize=False, chat_template=MISTRAL_SPM[template][3])
+        want = []
+        for piece in re.split("(" + "|".join(map(re.escape, controls)) + ")", text):
+            want += [sp.piece_to_id(piece)] if piece in controls else sp_plain.encode(piece) if piece else []
+        got = _ours(ours, template, turns)[0]
+        assert got == want, (name, [sp.id_to_piece(i) for i in got], [sp.id_to_piece(i) for i in want])

@@ -17,7 +17,8 @@ Only the top level and single messages are walked, never the whole vocabulary.
 
 from __future__ import annotations
 
-USER_DEFINED = 4  # SentencePiece.Type
+CONTROL = 3  # SentencePiece.Type
+USER_DEFINED = 4
 _PIECES = 1  # ModelProto.pieces
 _TYPE = 3  # SentencePiece.type
 _NORMALIZER = 3  # ModelProto.normalizer_spec

@@ -156,7 +156,9 @@ TEMPLATES: dict[str, ChatTemplate] = {
                        "science questions, you will refuse to answer\n"),
     "mistral": ChatTemplate(
         name="mistral", add_bos=True, system=False, specials=("[INST]", "[/INST]"),
-        prefix=_roles("", "[INST] ", ""), suffix=_roles("", " [/INST]", EOS)),
+        # the space after [INST] goes with the question (lead): SentencePiece merges it into the
+        # first word ("▁Write"), which the segment path would leave as a token of its own
+        prefix=_roles("", "[INST]", ""), lead=_roles("", " ", ""), suffix=_roles("", " [/INST]", EOS)),
     "mistral-v3": ChatTemplate(
         name="mistral-v3", add_bos=True, system_placement="final_user", strip_roles=("bot",),
         specials=("[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
@@ -300,22 +302,13 @@ class ChatFormatter:
         return [single] if single is not None else self.tok.encode(marker)
 
     def _ids(self, text: str) -> list[int]:
-        """Template text -> ids: markers and {bos}/{eos} as their single ids, the rest encoded."""
-        if not text:
-            return []
-        named = {BOS: self.tok.bos_id, EOS: self.tok.eos_id}
-        cut = re.compile("|".join(re.escape(m) for m in sorted((*self._protect, BOS, EOS), key=len, reverse=True)))
-        out, pos = [], 0
-        for m in cut.finditer(text):
-            out += self.tok.encode(text[pos:m.start()], self._protect) if m.start() > pos else []
-            if m.group(0) in named:
-                if named[m.group(0)] is None:
-                    raise TemplateError(f"template {self.template.name}: the tokenizer has no {m.group(0)} token")
-                out.append(named[m.group(0)])
-            else:
-                out += self._marker_ids(m.group(0))
-            pos = m.end()
-        return out + (self.tok.encode(text[pos:], self._protect) if pos < len(text) else [])
+        """Template text -> ids for the segment path: single-id markers and {bos}/{eos} as their
+        ids, the text between them encoded whole (a marker that is plain text in the vocabulary,
+        Mistral v0.1's "[/INST]", stays with the text around it: " [/INST]" is "▁[", not "▁", "[")."""
+        out: list[int] = []
+        for piece in self._parts(text) if text else ():
+            out += [piece] if piece.__class__ is int else self.tok.encode(piece)
+        return out
 
     @property
     def marker_ids(self) -> dict[str, list[int]]:

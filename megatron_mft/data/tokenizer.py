@@ -275,10 +275,14 @@ class SentencePieceBackend:
         return ()  # control symbols (<s>, </s>) are never matched from text by SentencePiece
 
     def single_id(self, text: str) -> int | None:
-        # only user-defined symbols are matched verbatim in raw text (the template markers)
+        # user-defined symbols (matched verbatim in raw text) and control symbols other than
+        # BOS/EOS/pad (never produced from text: Mistral v3's [INST]/[/INST]), which the template
+        # places as their ids
         if text not in self._single:
             i = self.sp.piece_to_id(text) if text else self.sp.unk_id()
-            ok = i != self.sp.unk_id() and spm_proto.piece_type(self._proto, i) == spm_proto.USER_DEFINED
+            kind = spm_proto.piece_type(self._proto, i)
+            ok = i != self.sp.unk_id() and (kind == spm_proto.USER_DEFINED or (
+                kind == spm_proto.CONTROL and i not in (self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id())))
             self._single[text] = i if ok else None
         return self._single[text]
 
@@ -318,13 +322,13 @@ class HFBackend:
         self.pad_id = pad if pad is not None else eos
 
     def _id_of(self, value, fallbacks: tuple[str, ...]) -> int | None:
+        """The configured token's id; else the first conventional name that is an added token
+        (Qwen's config has no BOS, and its vocabulary holds ``<s>`` as ordinary text, an HTML tag)."""
         if isinstance(value, dict):
             value = value.get("content")
-        for name in ((value,) if value else ()) + fallbacks:
-            i = self.tok.token_to_id(name)
-            if i is not None:
-                return i
-        return None
+        if value and (i := self.tok.token_to_id(value)) is not None:
+            return i
+        return next((self._added[name] for name in fallbacks if name in self._added), None)
 
     def encode_raw_arrays(self, texts: list[str]) -> list[np.ndarray]:
         encoded = self.tok.encode_batch(texts, add_special_tokens=False) if texts else []
