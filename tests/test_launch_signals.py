@@ -78,6 +78,32 @@ def test_a_stop_signal_during_the_teardown_does_not_kill_the_trainer():
     assert (run.returncode, run.stdout.strip()) == (0, "alive"), run.stderr
 
 
+SHIELD = r"""
+import os, signal, sys, threading, time
+from megatron_mft.launch.signals import catch_early, shield_checkpoint_helper
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+catch_early()
+os.environ["MFT_TEST_SLOW_START"] = "2"  # the helper's interpreter sleeps 2 s in sitecustomize
+threading.Timer(1.0, os.killpg, (os.getpgid(0), signal.SIGUSR1)).start()  # SLURM signals the step
+shield_checkpoint_helper()
+filesystem_async._results_queue.put("alive")
+print(filesystem_async._results_queue.get())
+"""
+
+
+def test_a_stop_signal_while_the_checkpoint_helper_starts_does_not_kill_it(tmp_path):
+    """CI: SLURM's time-limit warning reached a requeued job while megatron's checkpoint-writer
+    helper was starting, before it could ignore SIGUSR1: the helper died and both ranks failed
+    with EOFError. Here the helper's interpreter is held in start-up while the signal comes."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, time\nif os.environ.get('MFT_TEST_SLOW_START'):\n    time.sleep(float(os.environ['MFT_TEST_SLOW_START']))\n")
+    run = subprocess.run([sys.executable, "-c", SHIELD], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         start_new_session=True,  # its own process group, which the signal goes to
+                         env={**os.environ, "OMP_NUM_THREADS": "1",
+                              "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])})
+    assert (run.returncode, run.stdout.strip()) == (0, "alive"), run.stderr[-3000:]
+
+
 AGREE = r"""
 import datetime, json, os, signal, sys, time
 import torch.distributed as dist

@@ -67,9 +67,13 @@ def catch_early(signals: tuple[str, ...] = ("SIGUSR1",)) -> None:
             signal.signal(getattr(signal, name), _early_handler)
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
 def _ignore_stop_signals() -> None:
-    for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # pending ones are discarded (ignored)
 
 
 def shield_checkpoint_helper() -> None:
@@ -89,7 +93,14 @@ def shield_checkpoint_helper() -> None:
 
     if getattr(filesystem_async, "_results_queue", False) is None:  # megatron creates it lazily
         manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-        manager.start(initializer=_ignore_stop_signals)
+        # the helper is born with the stop signals blocked (the mask survives fork and exec): one
+        # that came before its initializer ignored them killed it, and start() failed (EOFError;
+        # CI: SLURM's time-limit warning during a requeued job's start-up). Ours wait until after.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            manager.start(initializer=_ignore_stop_signals)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
 
 
@@ -132,9 +143,11 @@ class PreemptionGuard:
         for name in self.signal_names:
             sig = getattr(signal, name, None)
             if sig is not None and sig not in self._previous:
-                # catch_early's handler comes back on uninstall: a second SIGUSR1 during the
-                # teardown after a stop (SLURM's warning after an scancel) must not kill the task
-                self._previous[sig] = signal.signal(sig, self._handler)
+                # after catch_early, uninstall leaves the signal ignored, not fatal: a second SIGUSR1
+                # during the teardown after a stop (SLURM's warning after an scancel) must not kill
+                # the task, nor be kept for a next run in this process (catch_early re-arms)
+                previous = signal.signal(sig, self._handler)
+                self._previous[sig] = signal.SIG_IGN if previous is _early_handler else previous
         self._received.extend(_EARLY)  # signals that came before the guard (catch_early)
         _EARLY.clear()
         return self
