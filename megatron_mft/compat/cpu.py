@@ -266,7 +266,9 @@ def _mode_paused():
 
 def _paused_when(step, dense_only: bool):
     """``step`` run without the function mode (when on, on the CPU, and on top of the stack);
-    ``dense_only``: not for MoE models (read from the step's ``config`` argument)."""
+    ``dense_only``: not for MoE models nor context parallelism (read from the step's ``config``
+    argument): megatron's router allocates on ``device="cuda"`` and, at CP > 1, RoPE builds its CP
+    slice with ``torch.tensor(..., pin_memory=True).cuda()`` (``rope_utils.get_pos_emb_on_this_cp_rank``)."""
     import inspect
 
     at = list(inspect.signature(step).parameters).index("config") if dense_only else -1
@@ -274,8 +276,10 @@ def _paused_when(step, dense_only: bool):
     def run(*args, **kwargs):
         if not pause_mode or _target != _CPU or not _mode_on_top():
             return step(*args, **kwargs)
-        if dense_only and getattr(kwargs["config"] if "config" in kwargs else args[at], "num_moe_experts", None):
-            return step(*args, **kwargs)
+        if dense_only:
+            config = kwargs["config"] if "config" in kwargs else args[at]
+            if getattr(config, "num_moe_experts", None) or (getattr(config, "context_parallel_size", 1) or 1) > 1:
+                return step(*args, **kwargs)
         with _mode_paused():
             return step(*args, **kwargs)
 
@@ -290,7 +294,8 @@ def _pause_mode_where_no_cuda_literal() -> None:
     * megatron's per-micro-batch ``forward_step`` / ``backward_step`` of a dense model (the model,
       this package's model and loss code, autograd, DDP's grad hooks): in megatron-core 0.16.1
       their allocations use ``torch.cuda.current_device()``, patched to the CPU. Not for MoE
-      models: the aux-loss tracker allocates on ``device="cuda"`` inside the router's forward.
+      models: the aux-loss tracker allocates on ``device="cuda"`` inside the router's forward; not
+      at CP > 1: RoPE's CP slice is built with ``.cuda()`` (unpacked rows, forward).
     * the megatron optimizers' ``zero_grad`` / ``prepare_grads`` / ``step_with_ready_grads``
       (grad and param copies, torch's AdamW, the param all-gather; their CUDA literals are in
       ``__init__`` and checkpoint loading).
