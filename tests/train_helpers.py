@@ -112,8 +112,14 @@ def wait_many(launch: tuple[subprocess.Popen, dict], timeout: int = 1200) -> dic
     stdout, stderr = ((info["dir"] / f).read_text(errors="replace") for f in ("stdout.txt", "stderr.txt"))
     if proc.returncode:
         raise AssertionError(f"train_many exit {proc.returncode}\n{stdout[-3000:]}\n{stderr[-6000:]}")
-    split = [re.split(r"^=== run \d+: .*$", s, flags=re.M)[1:] for s in (stdout, stderr)]
-    return {name: (out, err) for name, out, err in zip(info["runs"], *split)}
+    return {name: (_run_log(stdout, i), _run_log(stderr, i)) for i, name in enumerate(info["runs"])}
+
+
+def _run_log(text: str, index: int) -> str:
+    """Run ``index``'s part of a train_many log: every chunk under its ``=== run`` header (under
+    torchrun each rank prints the headers, and the ranks' chunks interleave)."""
+    parts = re.split(r"^=== run (\d+): .*$", text, flags=re.M)
+    return "".join(chunk for i, chunk in zip(parts[1::2], parts[2::2]) if int(i) == index)
 
 
 def run_many(runs: dict, spec_dir: Path, nproc: int = 1, timeout: int = 1200) -> dict[str, tuple[str, str]]:
