@@ -34,7 +34,8 @@ from pathlib import Path
 import pytest
 
 from test_families_fixtures import LLAMA3_SPLIT, QWEN2_SPLIT, TOKENIZER_SPECS, demo_texts
-from test_families_templates import CONVERSATION, HF_ROLE, LLAMA3, LLAMA31, MISTRAL, MISTRAL_V3, QWEN2
+from test_families_templates import (CONVERSATION, HF_ROLE, LLAMA3, LLAMA31, MISTRAL, MISTRAL_V3, QWEN2,
+                                     trained_runs)
 
 #: family -> (PyPI distribution, file in it, sha256 of the file, split regex)
 REAL = {
@@ -208,13 +209,7 @@ def test_real_tokenizer_chat_format_equals_official_template(real, template, tur
     ids, mask = _ours(ours, template, turns)
     assert ids == want, (hf.convert_ids_to_tokens(ids), hf.convert_ids_to_tokens(want))
     end_of_turn = "<|eot_id|>" if family == "llama3" else "<|im_end|>"
-    runs, start = [], None
-    for i, m in enumerate(list(mask) + [0]):
-        if m and start is None:
-            start = i
-        elif not m and start is not None:
-            runs.append(hf.decode(ids[start:i]))
-            start = None
+    runs = trained_runs(hf, ids, mask)
     answers = [(c.strip() if family == "llama3" else c) + end_of_turn for r, c in turns if r == "bot"]
     assert len(runs) == len(answers)
     # loss on each answer and its end-of-turn; a token that merges the header's last newline

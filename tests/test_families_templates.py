@@ -189,6 +189,18 @@ CONVERSATION = [
     ("bot", "def add3(a, b, c):\n    return a + b + c"),
 ]
 HF_ROLE = {"system": "system", "human": "user", "bot": "assistant"}
+
+
+def trained_runs(hf, ids, mask) -> list[str]:
+    """The decoded text of each run of consecutive loss-masked tokens, in order."""
+    runs, start = [], None
+    for i, m in enumerate(list(mask) + [0]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            runs.append(hf.decode(ids[start:i]))
+            start = None
+    return runs
 #: training text of the tokenizers trained here (DeepSeek-Coder, Mistral v0.1)
 CORPUS = [t for _, t in CONVERSATION] * 3 + ["### Instruction ### Response You are an AI programming assistant",
                                               *["x = 1\n\ny = 2\n\n\nz\n\n### Response\n"] * 3]
@@ -279,13 +291,7 @@ def test_family_format_equals_official_chat_template(tokenizers, name):
         want = want[:len(ids)]
     assert ids == want, (hf.convert_ids_to_tokens(ids), hf.convert_ids_to_tokens(want))
     # loss exactly on each assistant turn's content + its end-of-turn token(s)
-    runs, start = [], None
-    for i, m in enumerate(list(mask) + [0]):
-        if m and start is None:
-            start = i
-        elif not m and start is not None:
-            runs.append(hf.decode(ids[start:i]))
-            start = None
+    runs = trained_runs(hf, ids, mask)
     assert runs == [c + end_of_turn for r, c in turns if r == "bot"]
     assert mask.dtype == np.uint8 and mask[0] == 0
 
