@@ -351,8 +351,8 @@ class ChatFormatter:
         if min(n_segments) == 0:
             raise ValueError("a record without turns has nothing to encode")
         encoded = self.tok.encode_arrays(texts, self._protect)  # protected ids: checked below, at once
-        if len(self._protected_ids) and encoded and np.isin(np.concatenate(encoded), self._protected_ids).any():
-            raise TokenizerError("user text produced a protected special id (marker or special token)")
+        if encoded:
+            self._refuse_protected(np.concatenate(encoded))
         # Every segment is [prefix][body][suffix][separator]: prefix = (BOS + preamble if it opens
         # a sample) + role header, suffix = end of turn (EOS after bot turns and documents),
         # separator = text between turns. Ids: one concatenation; the mask: runs (value, length)
@@ -376,6 +376,12 @@ class ChatFormatter:
         bounds = np.concatenate([[0], np.cumsum(sample_len)])
         flat_mask[bounds[:-1]] = 0  # a sample's first token is nobody's target
         return flat_ids, flat_mask, bounds.tolist()
+
+    def _refuse_protected(self, ids: np.ndarray) -> None:
+        """Protected strings in user text are cut before encoding; a normalizer (e.g. NFKC) could
+        still produce a marker's id from other characters: refused, never trained on."""
+        if len(self._protected_ids) and np.isin(ids, self._protected_ids).any():
+            raise TokenizerError("user text produced a protected special id (marker or special token)")
 
     def _encode_joint(self, records: Sequence[Record]) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """``encode_flat`` for tokenizers with offsets: each sample is rendered as one string
@@ -477,8 +483,7 @@ class ChatFormatter:
                 fixed_pos.append(at)
                 at += 1
         ids, counts, marked = self.tok.encode_marked(texts, marks, self._protect)
-        if len(self._protected_ids) and np.isin(ids, self._protected_ids).any():
-            raise TokenizerError("user text produced a protected special id (marker or special token)")
+        self._refuse_protected(ids)
         kinds = np.asarray(unit_text, dtype=np.int64)
         is_text = kinds >= 0
         unit_len = np.ones(len(kinds), dtype=np.int64)
