@@ -264,6 +264,9 @@ class ChatFormatter:
         self._body_value = np.array([int(r == "bot" or all_loss) for r in roles] + [1], dtype=np.uint8)
         # ids that user text must never produce: single-id markers and the tokenizer's specials
         self._protected_ids = np.asarray(sorted(tokenizer.protected_ids(self._protect)), dtype=np.int64)
+        # id -> protected, as a table: one gather per chunk (np.isin sorts: ~10x slower)
+        self._protected_table = np.zeros(max(tokenizer.vocab_size, int(self._protected_ids.max(initial=-1)) + 1), bool)
+        self._protected_table[self._protected_ids] = True
         self._mode = mode
         #: samples whose system turn the template dropped (Mistral v3 on a sample that ends with an
         #: answer), for the caller to report: see ``take_system_dropped``
@@ -405,10 +408,18 @@ class ChatFormatter:
         flat_mask[bounds[:-1]] = 0  # a sample's first token is nobody's target
         return flat_ids, flat_mask, bounds.tolist()
 
+    def _count_protected(self, ids: np.ndarray) -> int:
+        """How many of ``ids`` are protected ids."""
+        if not len(self._protected_ids) or not len(ids):
+            return 0
+        if int(ids.max()) >= len(self._protected_table) or int(ids.min()) < 0:  # not the tokenizer's ids
+            return int(np.isin(ids, self._protected_ids).sum())
+        return int(np.count_nonzero(self._protected_table[ids]))
+
     def _refuse_protected(self, ids: np.ndarray) -> None:
         """Protected strings in user text are cut before encoding; a normalizer (e.g. NFKC) could
         still produce a marker's id from other characters: refused, never trained on."""
-        if len(self._protected_ids) and np.isin(ids, self._protected_ids).any():
+        if self._count_protected(ids):
             raise TokenizerError("user text produced a protected special id (marker or special token)")
 
     def _encode_joint(self, records: Sequence[Record]) -> tuple[np.ndarray, np.ndarray, list[int]]:
@@ -466,7 +477,7 @@ class ChatFormatter:
             marks.append(edges)
             expected += n_opening
         ids, counts, marked = self.tok.encode_raw_marked(texts, marks)
-        if len(self._protected_ids) and int(np.isin(ids, self._protected_ids).sum()) != expected:
+        if self._count_protected(ids) != expected:
             return None
         bounds = np.concatenate([[0], np.cumsum(counts)])
         total = int(bounds[-1])

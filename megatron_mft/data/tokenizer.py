@@ -358,8 +358,15 @@ class HFBackend:
         per_text = [e.ids for e in encoded]  # each access builds a new list: once
         counts = np.fromiter(map(len, per_text), dtype=np.int64, count=len(per_text))
         ids = np.fromiter(chain.from_iterable(per_text), dtype=np.int32, count=int(counts.sum()))
-        return ids, counts, [[_first_token_ending_after(e, p, len(text)) for p in m] if m else []
-                             for e, m, text in zip(encoded, marks, texts)]
+        marked: list[list[int]] = []
+        for e, m, text in zip(encoded, marks, texts):
+            if not m:
+                marked.append([])
+                continue
+            n, at = len(text), e.char_to_token  # the token holding the mark's character, mostly
+            marked.append([k if p < n and (k := at(p)) is not None else _first_token_ending_after(e, p, n)
+                           for p in m])
+        return ids, counts, marked
 
     def special_strings(self) -> tuple[str, ...]:
         return self._special
