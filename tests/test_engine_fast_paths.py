@@ -284,3 +284,74 @@ def test_one_rank_tensor_parallel_regions_are_skipped_bit_for_bit(tp1_env):
     assert torch.equal(a, b) and all(torch.equal(p, q) for p, q in zip(ga, gb))
     assert "_CopyToModelParallelRegionBackward" in names_b and "_ReduceFromModelParallelRegionBackward" in names_b
     assert not any("ModelParallelRegion" in n for n in names_a)  # init_parallel installed the shortcut
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_forward_as_f_linear_and_transposed_wgrad_are_bit_identical_to_megatrons(tp1_env, bias):
+    """Without CUDA the model builder swaps megatron's linear autograd Functions for subclasses
+    whose forward GEMM is ``F.linear`` (model/linear.py), and the weight gradient accumulates
+    into main_grad as the transposed product (training/optimizer.py). Against megatron's own
+    Functions and Apex's ``main_grad += grad_output^T @ input``: the same outputs, input and
+    weight gradients and bias gradients, bit for bit, trainable (main_grad accumulation over two
+    backward passes) and frozen (LoRA's base), also for an input whose size-1 dim has an odd
+    stride (packed rows)."""
+    from types import SimpleNamespace
+
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, layers
+
+    from megatron_mft.config import load_config
+    from megatron_mft.model import linear
+    from megatron_mft.model.builder import transformer_config
+    from megatron_mft.training.optimizer import _wgrad_gemm_accum
+
+    megatron_fns = (linear._TrainableLinear.__mro__[1], linear._FrozenLinear.__mro__[1])
+    assert megatron_fns[0].__module__ == layers.__name__ and megatron_fns[1].__module__ == layers.__name__
+    cfg = load_config(None, ["data.path=/unused", "model.num_layers=1"])
+    tc = transformer_config(cfg.model.arch(), cfg.model, cfg.parallel, tp1_env)
+    assert layers.LinearWithGradAccumulationAndAsyncCommunication is linear._TrainableLinear  # the builder did it
+    torch.manual_seed(7)
+    col = ColumnParallelLinear(128, 384, config=tc, init_method=torch.nn.init.normal_, bias=bias, gather_output=False)
+    row = RowParallelLinear(384, 128, config=tc, init_method=torch.nn.init.normal_, bias=bias, input_is_parallel=True,
+                            skip_bias_add=False)
+    x0 = torch.randn(1, 160, 128).transpose(0, 1)  # [160, 1, 128], strides (128, 20480, 1)
+    main0 = {m: torch.randn(m.weight.shape) for m in (col, row)}
+
+    def apex_wgrad(total_input, grad_output, main_grad):  # what Apex's kernel computes
+        main_grad.addmm_(grad_output.t(), total_input)
+
+    def run(fns, wgrad):
+        layers.LinearWithGradAccumulationAndAsyncCommunication, layers.LinearWithFrozenWeight = fns
+        saved = (getattr(layers, "fused_weight_gradient_mlp_cuda", None), layers._grad_accum_fusion_available)
+        layers.fused_weight_gradient_mlp_cuda = SimpleNamespace(wgrad_gemm_accum_fp32=wgrad)
+        layers._grad_accum_fusion_available = True
+        try:
+            out = []
+            for m in (col, row):
+                m.zero_grad(set_to_none=True)
+                m.weight.main_grad = main0[m].clone()
+                m.gradient_accumulation_fusion = True
+            for _ in range(2):  # accumulation into main_grad over two micro batches
+                x = x0.detach().transpose(0, 1).clone().transpose(0, 1).requires_grad_()
+                col.weight.requires_grad_(False)  # frozen, as under LoRA
+                frozen = col(x.detach())[0]
+                col.weight.requires_grad_(True)
+                y = row(torch.nn.functional.silu(col(x)[0]) + frozen)[0]
+                y.backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape))
+                out += [y.detach(), x.grad]
+            out += [col.weight.main_grad, row.weight.main_grad]
+            out += [col.bias.grad, row.bias.grad] if bias else []
+            return out
+        finally:
+            layers.LinearWithGradAccumulationAndAsyncCommunication, layers.LinearWithFrozenWeight = (
+                linear._TrainableLinear, linear._FrozenLinear)
+            layers.fused_weight_gradient_mlp_cuda, layers._grad_accum_fusion_available = saved
+            for m in (col, row):
+                m.gradient_accumulation_fusion = False
+                del m.weight.main_grad
+
+    ours = run((linear._TrainableLinear, linear._FrozenLinear), _wgrad_gemm_accum)
+    theirs = run(megatron_fns, apex_wgrad)
+    assert len(ours) == len(theirs) == 6 + 2 * bias
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert torch.equal(a, b), i
+    assert not torch.equal(ours[-1 - 2 * bias], main0[row])  # the weight gradient was accumulated

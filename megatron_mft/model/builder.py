@@ -16,6 +16,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_mft.compat import Environment
 from megatron_mft.config import ArchSpec, ModelConfig, ParallelConfig
 from megatron_mft.model.moe import moe_config_kwargs, sum_expert_grads_over_tp
+from megatron_mft.model.linear import install_torch_linear
 from megatron_mft.model.rope import install_torch_rope
 from megatron_mft.model.swiglu import install_torch_swiglu
 from megatron_mft.model.yarn import yarn_attention_factor, yarn_inv_freq
@@ -47,6 +48,8 @@ def resolve_dtype(precision: str, env: Environment) -> torch.dtype:
 def transformer_config(arch: ArchSpec, model: ModelConfig, parallel: ParallelConfig,
                        env: Environment) -> TransformerConfig:
     dtype = resolve_dtype(model.precision, env)
+    if not env.cuda:  # F.linear for megatron's forward GEMM: the same bits, faster on the CPU
+        install_torch_linear()
     recompute = {"none": {}, "selective": {"recompute_granularity": "selective"},
                  "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}}
     return TransformerConfig(
