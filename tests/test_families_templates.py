@@ -465,3 +465,83 @@ def test_mistral_v3_dropped_system_turns_are_warned_per_file(tokenizers, tmp_pat
         formatter = ChatFormatter(load_template(name), load_tokenizer(str(tokenizers[name])))
         formatter.encode([sample, Record(turns=sample.turns[1:]), sample])
         assert formatter.take_system_dropped() == dropped and formatter.take_system_dropped() == 0
+
+
+def _same_encoding(a, b) -> bool:
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("mode", ["sft", "pretrain"])
+def test_whole_sample_encoding_equals_runs_and_steps_aside_for_typed_markers(tokenizers, mode):
+    """With ids that the tokenizer extracts verbatim, each sample is one text with the template's
+    ids written as their token strings (``_encode_whole``): the ids, mask and bounds equal those of
+    the runs cut at the ids (``_encode_runs``), for conversations, indented answers, documents and
+    an empty answer. A protected string typed in content (the boundary: written as text it would
+    come back as the marker's id) makes the chunk go the runs' way, where it is defused."""
+    from megatron_mft.data.records import Record
+    from megatron_mft.data.template import ChatFormatter, load_template
+    from megatron_mft.data.tokenizer import load_tokenizer
+
+    batch = [Record(turns=tuple(CONVERSATION)), Record(text="def f():\n    return 1\n"),
+             Record(turns=tuple(INDENTED)), Record(turns=(("human", "Say nothing."), ("bot", "")))]
+    for name, template, marker in (("llama3.1", "llama3.1", "<|eot_id|>"), ("qwen2", "qwen2", "<|im_end|>"),
+                                   ("starcoder2", "mftcoder", "<|endoftext|>")):
+        formatter = ChatFormatter(load_template(template), load_tokenizer(str(tokenizers[name])), mode)
+        assert formatter._rendered is not None, name  # the fast path is on for the stand-ins
+        whole = formatter._encode_whole(batch)
+        assert whole is not None and _same_encoding(whole, formatter._encode_runs(batch)), name
+        typed = [*batch, Record(turns=(("human", f"What is {marker}?"), ("bot", f"A marker: {marker}")))]
+        assert formatter._encode_whole(typed) is None, name
+        ids, mask, bounds = formatter.encode_flat(typed)
+        assert _same_encoding((ids, mask, bounds), formatter._encode_runs(typed))
+        marker_id = load_tokenizer(str(tokenizers[name])).single_id(marker)
+        clean = formatter.encode([Record(turns=(("human", "What is x?"), ("bot", "A marker: x")))])[0][0]
+        # the typed markers stay text: only the template's own ones are the marker's id
+        assert ids[bounds[-2]:].tolist().count(marker_id) == clean.tolist().count(marker_id) > 0, name
+
+
+def test_verbatim_refuses_added_tokens_that_strip_or_overlap(tmp_path):
+    """``verbatim`` (the whole-sample path's condition) holds only for added tokens the library
+    extracts as written: not one that strips the whitespace before it (written as text, it would
+    swallow an answer's trailing space, which the runs keep), nor one another added token
+    overlaps (a longer match wins), nor an unknown id. The formatter then takes the runs' path."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from megatron_mft.data.records import Record
+    from megatron_mft.data.template import ChatFormatter, ChatTemplate
+    from megatron_mft.data.tokenizer import load_tokenizer
+
+    def folder(name: str, added: list) -> Path:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.train_from_iterator(["a plain answer ", "x y z"] * 5, trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tok.add_special_tokens(added)
+        out = tmp_path / name
+        out.mkdir()
+        tok.save(str(out / "tokenizer.json"))
+        (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
+        return out
+
+    template = ChatTemplate(name="t", specials=("<end>",), prefix={"system": "", "human": "Q:", "bot": "A:"},
+                            suffix={"system": "", "human": "", "bot": "<end>"})
+    sample = [Record(turns=(("human", "x "), ("bot", "a plain answer ")))]
+    plain = load_tokenizer(str(folder("plain", [AddedToken("<end>", special=True)])))
+    end = plain.single_id("<end>")
+    assert plain.verbatim([end, plain.eos_id]) == {end: "<end>", plain.eos_id: "<eos>"}
+    assert plain.verbatim([plain.vocab_size + 5]) is None
+    assert ChatFormatter(template, plain)._rendered is not None
+    for name, added in (("lstrip", [AddedToken("<end>", special=True, lstrip=True)]),
+                        ("overlap", [AddedToken("<end>", special=True), AddedToken("r <e", special=True)])):
+        tok = load_tokenizer(str(folder(name, added)))
+        formatter = ChatFormatter(template, tok)
+        ids, mask, bounds = formatter.encode_flat(sample)
+        assert _same_encoding((ids, mask, bounds), formatter._encode_runs(sample)), name  # "<end>" is its id
+        assert tok.decode(ids.tolist()) == "Q:x A:a plain answer <end>", name  # the answer's space kept
+        assert tok.decode([i for i, m in zip(ids.tolist(), mask.tolist()) if m]) == "a plain answer <end>"
+        assert tok.verbatim([tok.single_id("<end>")]) is None, name
+        assert formatter._rendered is None, name
+    lstrip = load_tokenizer(str(tmp_path / "lstrip"))
+    written = lstrip.encode_raw_marked(["Q:x A:a plain answer <end>"], [[]])[0].tolist()
+    assert lstrip.decode(written) != "Q:x A:a plain answer <end>"  # why: written as text, the space goes
