@@ -414,7 +414,9 @@ class ChatFormatter:
             return 0
         if int(ids.max()) >= len(self._protected_table) or int(ids.min()) < 0:  # not the tokenizer's ids
             return int(np.isin(ids, self._protected_ids).sum())
-        return int(np.count_nonzero(self._protected_table[ids]))
+        # the specials sit together at one end of the vocabulary: look up only the ids in their range
+        near = ids[(ids >= self._protected_ids[0]) & (ids <= self._protected_ids[-1])]
+        return int(np.count_nonzero(self._protected_table[near]))
 
     def _refuse_protected(self, ids: np.ndarray) -> None:
         """Protected strings in user text are cut before encoding; a normalizer (e.g. NFKC) could

@@ -359,12 +359,12 @@ class HFBackend:
         counts = np.fromiter(map(len, per_text), dtype=np.int64, count=len(per_text))
         ids = np.fromiter(chain.from_iterable(per_text), dtype=np.int32, count=int(counts.sum()))
         marked: list[list[int]] = []
-        for e, m, text in zip(encoded, marks, texts):
+        for e, m, text, n_ids in zip(encoded, marks, texts, map(len, per_text)):
             if not m:
                 marked.append([])
                 continue
             n, at = len(text), e.char_to_token  # the token holding the mark's character, mostly
-            marked.append([k if p < n and (k := at(p)) is not None else _first_token_ending_after(e, p, n)
+            marked.append([n_ids if p >= n else k if (k := at(p)) is not None else _first_token_ending_after(e, p, n)
                            for p in m])
         return ids, counts, marked
 
