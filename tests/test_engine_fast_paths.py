@@ -287,11 +287,10 @@ def test_one_rank_tensor_parallel_regions_are_skipped_bit_for_bit(tp1_env):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_forward_as_f_linear_and_transposed_wgrad_are_bit_identical_to_megatrons(tp1_env, bias):
+def test_linear_forward_as_f_linear_is_bit_identical_to_megatrons(tp1_env, bias):
     """Without CUDA the model builder swaps megatron's linear autograd Functions for subclasses
-    whose forward GEMM is ``F.linear`` (model/linear.py), and the weight gradient accumulates
-    into main_grad as the transposed product (training/optimizer.py). Against megatron's own
-    Functions and Apex's ``main_grad += grad_output^T @ input``: the same outputs, input and
+    whose forward GEMM is ``F.linear`` (model/linear.py). Against megatron's own Functions (the
+    weight gradient into main_grad by our stand-in for Apex's kernel in both): the same outputs, input and
     weight gradients and bias gradients, bit for bit, trainable (main_grad accumulation over two
     backward passes) and frozen (LoRA's base), also for an input whose size-1 dim has an odd
     stride (packed rows)."""
@@ -315,9 +314,6 @@ def test_linear_forward_as_f_linear_and_transposed_wgrad_are_bit_identical_to_me
                             skip_bias_add=False)
     x0 = torch.randn(1, 160, 128).transpose(0, 1)  # [160, 1, 128], strides (128, 20480, 1)
     main0 = {m: torch.randn(m.weight.shape) for m in (col, row)}
-
-    def apex_wgrad(total_input, grad_output, main_grad):  # what Apex's kernel computes
-        main_grad.addmm_(grad_output.t(), total_input)
 
     def run(fns, wgrad):
         layers.LinearWithGradAccumulationAndAsyncCommunication, layers.LinearWithFrozenWeight = fns
@@ -350,7 +346,7 @@ def test_linear_forward_as_f_linear_and_transposed_wgrad_are_bit_identical_to_me
                 del m.weight.main_grad
 
     ours = run((linear._TrainableLinear, linear._FrozenLinear), _wgrad_gemm_accum)
-    theirs = run(megatron_fns, apex_wgrad)
+    theirs = run(megatron_fns, _wgrad_gemm_accum)
     assert len(ours) == len(theirs) == 6 + 2 * bias
     for i, (a, b) in enumerate(zip(ours, theirs)):
         assert torch.equal(a, b), i

@@ -1,13 +1,13 @@
 """megatron's linear autograd Functions with their forward GEMM as ``F.linear`` on the CPU.
 
 megatron-core computes every parallel linear's forward as ``torch.matmul(input, weight.t())``
-on the [s, b, h] input. On the CPU that 3-D ``matmul`` takes 10-20% longer than ``F.linear``
-on the same operands for the tiny preset's shapes (oneDNN/MKL get another call), and it gives
-the same bits (checked by ``tests/test_engine_fast_paths.py``; GEMM figures in
-docs/performance.md). The subclasses below keep megatron's backward (weight-gradient
-accumulation into ``main_grad``, the dgrad all-reduce) and replace only the forward product;
-sequence parallelism keeps megatron's forward (its all-gather buffer). Installed by the model
-builder only without CUDA: GPUs keep megatron's code as it is.
+on the [s, b, h] input. On the CPU ``F.linear`` on the same operands gives the same bits
+(``tests/test_engine_fast_paths.py``) in less time: 3% over the tiny preset's linears in turn
+(median of 20 pairs, ``tools/bench/engine_parts.py``), 12-14% when one shape repeats (MKL takes
+another path for the folded 3-D product). The subclasses below keep megatron's backward
+(weight-gradient accumulation into ``main_grad``, the dgrad all-reduce) and replace only the
+forward product; sequence parallelism keeps megatron's forward (its all-gather buffer).
+Installed by the model builder only without CUDA: GPUs keep megatron's code as it is.
 """
 
 from __future__ import annotations

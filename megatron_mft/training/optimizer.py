@@ -15,16 +15,11 @@ from megatron_mft.config import RunConfig
 
 
 def _wgrad_gemm_accum(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
-    """Apex's ``wgrad_gemm_accum_fp32/fp16`` in torch: main_grad += grad_output^T @ total_input.
-    On the CPU as the transposed product into the transposed view (main_grad^T += total_input^T
-    @ grad_output): the same bits, 3-5% less GEMM time for the tiny preset's shapes (MKL takes
-    another layout; docs/performance.md)."""
-    if total_input.dtype != main_grad.dtype:  # bf16 activations, fp32 main_grad: addmm needs one dtype
-        main_grad.add_(grad_output.t().mm(total_input))
-    elif main_grad.device.type == "cpu":
-        main_grad.t().addmm_(total_input.t(), grad_output)
-    else:
+    """Apex's ``wgrad_gemm_accum_fp32/fp16`` in torch: main_grad += grad_output^T @ total_input."""
+    if total_input.dtype == main_grad.dtype:
         main_grad.addmm_(grad_output.t(), total_input)
+    else:  # bf16 activations, fp32 main_grad: torch's addmm needs one dtype
+        main_grad.add_(grad_output.t().mm(total_input))
 
 
 def accumulate_wgrad_into_main_grad(ddp_chunks: list) -> None:

@@ -14,7 +14,9 @@ frameworks (2 micro batches of 16 tokens, where compute is negligible; transform
 without the CPU shim's function mode, as in its own --compare-hf worker). Then the third
 round's fixed-cost changes, each switched off and on in one engine: the shim's function mode
 popped where no CUDA literal is, megatron's TP = 1 region nodes skipped, foreach grad norm and
-clipping, global-batch statistics in one pass.
+clipping, global-batch statistics in one pass. And the GEMM calls of the linears (fourth round):
+megatron's 3-D forward ``matmul`` against ``F.linear`` (adopted), Apex's weight-gradient
+formula against the transposed product (not adopted).
 """
 
 from __future__ import annotations
@@ -160,6 +162,33 @@ def main() -> None:
         F.cross_entropy(lg.view(-1, 2048), labels.view(-1), reduction="none").sum().backward()
 
     show("cross entropy, one micro batch", "megatron vocab-parallel", "torch", paired(ce_megatron, ce_torch, args.reps))
+
+    # the GEMM calls of the tiny preset's linears (x4 layers + the output layer), one micro batch:
+    # megatron's 3-D forward matmul vs F.linear (model/linear.py), Apex's wgrad formula vs the
+    # transposed product into the transposed view (tried; no gain in turn, not adopted); same bits each
+    linears = [(128, 256, 4), (128, 128, 4), (128, 704, 4), (352, 128, 4), (128, 2048, 1)]
+    xs = [(torch.randn(512, 2, i, generator=g), torch.randn(o, i, generator=g), torch.randn(1024, o, generator=g),
+           torch.zeros(o, i), n) for i, o, n in linears]
+
+    def forward_gemms(fn):
+        def run():
+            for x, w, _, _, n in xs:
+                for _ in range(n):
+                    fn(x, w)
+        return run
+
+    def wgrad_gemms(fn):
+        def run():
+            for x, _, gy, mg, n in xs:
+                for _ in range(n):
+                    fn(x.view(1024, -1), gy, mg)
+        return run
+
+    show("forward GEMMs, one micro batch", "matmul(x, w.t())", "F.linear", paired(
+        forward_gemms(lambda x, w: torch.matmul(x, w.t())), forward_gemms(F.linear), args.reps))
+    show("wgrad GEMMs into main_grad", "addmm_(g.t(), x)", "transposed", paired(
+        wgrad_gemms(lambda x, gy, mg: mg.addmm_(gy.t(), x)),
+        wgrad_gemms(lambda x, gy, mg: mg.t().addmm_(x.t(), gy)), args.reps))
 
     # GEMMs of a whole step, engine vs transformers, alternating profiled steps: total self time
     from torch.profiler import ProfilerActivity, profile
