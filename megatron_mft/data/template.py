@@ -180,10 +180,6 @@ TEMPLATES: dict[str, ChatTemplate] = {
 }
 
 
-class _TemplateText(str):
-    """Text written by the template (not a record's content), on the joint path."""
-
-
 class TemplateError(UsageError, ValueError):
     """A ``--template`` / ``data.template`` that cannot be used (exit 2)."""
 
@@ -313,7 +309,7 @@ class ChatFormatter:
         pos = 0
         for m in cut.finditer(text):
             if m.start() > pos:
-                out.append(_TemplateText(text[pos:m.start()]))
+                out.append(text[pos:m.start()])
             if m.group(0) in named:
                 if named[m.group(0)] is None:
                     raise TemplateError(f"template {self.template.name}: the tokenizer has no {m.group(0)} token")
@@ -321,7 +317,7 @@ class ChatFormatter:
             else:
                 out.append(self.tok.single_id(m.group(0)))
             pos = m.end()
-        return out + ([_TemplateText(text[pos:])] if pos < len(text) else [])
+        return out + ([text[pos:]] if pos < len(text) else [])
 
     def _marker_ids(self, marker: str) -> list[int]:
         if not marker:
