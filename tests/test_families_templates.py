@@ -477,7 +477,8 @@ def test_whole_sample_encoding_equals_runs_and_steps_aside_for_typed_markers(tok
     ids written as their token strings (``_encode_whole``): the ids, mask and bounds equal those of
     the runs cut at the ids (``_encode_runs``), for conversations, indented answers, documents and
     an empty answer. A protected string typed in content (the boundary: written as text it would
-    come back as the marker's id) makes the chunk go the runs' way, where it is defused."""
+    come back as the marker's id) sends its sample the runs' way, where it is defused; the other
+    samples of the chunk stay whole (one encoding each), and the chunk's order is kept."""
     from megatron_mft.data.records import Record
     from megatron_mft.data.template import ChatFormatter, load_template
     from megatron_mft.data.tokenizer import load_tokenizer
@@ -490,14 +491,18 @@ def test_whole_sample_encoding_equals_runs_and_steps_aside_for_typed_markers(tok
         assert formatter._rendered is not None, name  # the fast path is on for the stand-ins
         whole = formatter._encode_whole(batch)
         assert whole is not None and _same_encoding(whole, formatter._encode_runs(batch)), name
-        typed = [*batch, Record(turns=(("human", f"What is {marker}?"), ("bot", f"A marker: {marker}")))]
+        typed = [batch[0], Record(turns=(("human", f"What is {marker}?"), ("bot", f"A marker: {marker}"))), *batch[1:]]
         assert formatter._encode_whole(typed) is None, name
+        runs_batches = []
+        runs = formatter._encode_runs
+        formatter._encode_runs = lambda records: runs_batches.append(len(records)) or runs(records)
         ids, mask, bounds = formatter.encode_flat(typed)
-        assert _same_encoding((ids, mask, bounds), formatter._encode_runs(typed))
+        assert runs_batches == [1], name  # only the sample with the typed marker takes the runs
+        assert _same_encoding((ids, mask, bounds), runs(typed))
         marker_id = load_tokenizer(str(tokenizers[name])).single_id(marker)
         clean = formatter.encode([Record(turns=(("human", "What is x?"), ("bot", "A marker: x")))])[0][0]
         # the typed markers stay text: only the template's own ones are the marker's id
-        assert ids[bounds[-2]:].tolist().count(marker_id) == clean.tolist().count(marker_id) > 0, name
+        assert ids[bounds[1]:bounds[2]].tolist().count(marker_id) == clean.tolist().count(marker_id) > 0, name
 
 
 def test_verbatim_refuses_added_tokens_that_strip_or_overlap(tmp_path):

@@ -415,11 +415,37 @@ class ChatFormatter:
         """``encode_flat`` for tokenizers with offsets: whole samples (``_encode_whole``) when the
         template's ids can be written as their strings, else runs of text cut at the ids
         (``_encode_runs``); the same ids and mask either way."""
-        if self._rendered is not None and records:
+        if self._rendered is None or not records:
+            return self._encode_runs(records)
+        typed = self._with_typed_markers(records)
+        if not typed:
             whole = self._encode_whole(records)
-            if whole is not None:
-                return whole
-        return self._encode_runs(records)
+            return whole if whole is not None else self._encode_runs(records)
+        # the samples holding a typed marker take the runs path, the rest stay whole (one
+        # typed marker must not send its whole chunk through two encodings)
+        typed_set = set(typed)
+        clean = [i for i in range(len(records)) if i not in typed_set]
+        runs = self._encode_runs([records[i] for i in typed])
+        if not clean:
+            return runs
+        rest = [records[i] for i in clean]
+        whole = self._encode_whole(rest)
+        return _in_order(len(records), (clean, whole if whole is not None else self._encode_runs(rest)),
+                         (typed, runs))
+
+    def _with_typed_markers(self, records: Sequence[Record]) -> list[int]:
+        """Indices of the records whose text holds a protected string that is a single id (one
+        scan of the chunk first; the records only when it finds one)."""
+        pattern = self.tok.id_string_pattern(self._protect)
+        if pattern is None:
+            return []
+
+        def text_of(r: Record) -> str:
+            return r.text if r.text is not None else "\x00".join(content for _, content in r.turns)
+
+        if pattern.search("\x00".join(map(text_of, records))) is None:
+            return []
+        return [i for i, r in enumerate(records) if pattern.search(text_of(r)) is not None]
 
     def _encode_whole(self, records: Sequence[Record]) -> tuple[np.ndarray, np.ndarray, list[int]] | None:
         """Each sample rendered as one string, the template's ids written as their token strings
@@ -646,3 +672,16 @@ class ChatFormatter:
         """Ids for generation: the given turns, then the header of the bot turn to be written."""
         ids, _ = self.encode([Record(turns=tuple(turns))])[0] if turns else (np.zeros(0, np.int32), None)
         return list(self._bos if not turns else []) + ids.tolist() + self._headers["bot"]
+
+
+def _in_order(n: int, *parts: tuple[list[int], tuple[np.ndarray, np.ndarray, list[int]]]
+              ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Flat (ids, mask, bounds) of n samples from parts that each encoded the samples at the
+    given indices (in order within each part)."""
+    ids: list = [None] * n
+    mask: list = [None] * n
+    for indices, (flat_ids, flat_mask, bounds) in parts:
+        for i, a, b in zip(indices, bounds[:-1], bounds[1:]):
+            ids[i], mask[i] = flat_ids[a:b], flat_mask[a:b]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=n)
+    return (np.concatenate(ids), np.concatenate(mask), np.concatenate([[0], np.cumsum(lengths)]).tolist())

@@ -130,6 +130,11 @@ class Tokenizer:
         """Ids that ``encode_batch(..., protect)`` guarantees never to emit."""
         return self._protection(tuple(protect)).ids
 
+    def id_string_pattern(self, protect: tuple[str, ...] = ()) -> re.Pattern | None:
+        """A regex matching the protected strings that are single vocabulary ids (the ones raw
+        encoding could turn into a protected id); None when there are none."""
+        return self._protection(tuple(protect)).id_pattern
+
     def verbatim(self, ids: Iterable[int]) -> dict[int, str] | None:
         """Each id's string, when the backend turns every occurrence of that string in raw text
         into exactly that id and nothing around it changes (see ``HFBackend.verbatim``); None if
