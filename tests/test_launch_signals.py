@@ -104,6 +104,46 @@ def test_a_stop_signal_while_the_checkpoint_helper_starts_does_not_kill_it(tmp_p
     assert (run.returncode, run.stdout.strip()) == (0, "alive"), run.stderr[-3000:]
 
 
+ORPHAN = r"""
+import multiprocessing, time
+from megatron_mft.launch.signals import shield_checkpoint_helper
+shield_checkpoint_helper()
+print(*[p.pid for p in multiprocessing.active_children()], flush=True)
+time.sleep(300)
+"""
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie may wait for a reaper that never comes)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_the_checkpoint_helper_goes_when_the_trainer_is_killed():
+    """A trainer killed outright (SIGKILL, the OOM killer) runs no exit handler, and megatron's
+    checkpoint-writer helper, which ignores SIGTERM, lived on for ever (four such orphans after
+    one suite run). It now dies with the trainer."""
+    proc = subprocess.Popen([sys.executable, "-c", ORPHAN], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    try:
+        helpers = [int(p) for p in proc.stdout.readline().split()]
+        assert helpers and all(_running(p) for p in helpers), proc.stderr.read()[-3000:] if proc.poll() else helpers
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.time() + 20
+    while any(_running(p) for p in helpers) and time.time() < deadline:
+        time.sleep(0.1)
+    left = [p for p in helpers if _running(p)]
+    for p in left:  # do not leave it behind when the test fails
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"the helper outlived the killed trainer: {left}"
+
+
 AGREE = r"""
 import datetime, json, os, signal, sys, time
 import torch.distributed as dist

@@ -109,9 +109,11 @@ def _worker(rank: int, port: int, tmp: Path) -> None:
     import torch.distributed as dist
 
     from megatron_mft.compat import setup_runtime
+    from megatron_mft.launch.signals import shield_checkpoint_helper
 
     env = setup_runtime()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    shield_checkpoint_helper()  # as the trainer does: the writer's helper goes with this worker (os._exit below)
 
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps

@@ -44,6 +44,7 @@ from megatron_mft.checkpoint.optimizer_state import is_chained_legacy, load_opti
 from megatron_mft.compat.fsops import exchange_paths, fsync_path, fsync_tree
 from megatron_mft.errors import UserError
 from megatron_mft.launch.agree import every_rank
+from megatron_mft.launch.signals import shield_checkpoint_helper
 
 LATEST = "latest"
 STEP_DIR = re.compile(r"step_(\d+)")
@@ -374,6 +375,7 @@ def save_checkpoint(root: str | Path, step: int, chunks: list, optimizer=None, *
         if optimizer is not None:
             sharded["optimizer"] = optimizer_sharded_state(optimizer, model_sharded_state_dict(chunks))
         sharded["common"] = common
+        shield_checkpoint_helper()  # megatron's writer helper, ours: gone with this process (a no-op once it exists)
         dist_checkpointing.save(sharded, str(tmp))
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save(_rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
