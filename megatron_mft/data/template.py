@@ -243,6 +243,9 @@ class ChatFormatter:
         opening = self._bos + self._ids(template.preamble)
         # Segment kinds (the roles, then plain documents) as tables indexed by kind code.
         self._kind_code = {role: i for i, role in enumerate(roles)}
+        # a turn's text between its header and end of turn: lead + content (stripped) + trail
+        self._body_fix = {r: (template.strip or r in template.strip_roles, template.lead.get(r, ""),
+                              template.trail.get(r, "")) for r in roles}
         self._text_kind = len(roles)
         eos = [tokenizer.eos_id]
         heads = [turns[r][0] for r in roles] + [[]]
@@ -352,10 +355,6 @@ class ChatFormatter:
         if self._joint:
             return self._encode_joint(records)
         kind_of = self._kind_code
-        t = self.template
-        strip = {r: t.strip or r in t.strip_roles for r in kind_of}
-        lead = {r: t.lead.get(r, "") for r in kind_of}
-        trail = {r: t.trail.get(r, "") for r in kind_of}
         texts: list[str] = []
         kinds: list[int] = []  # per segment (turn or document): row of the kind tables
         n_segments: list[int] = []  # per record
@@ -367,7 +366,7 @@ class ChatFormatter:
             else:
                 turns = self._turns(r.turns)
                 for role, content in turns:
-                    texts.append(lead[role] + (content.strip() if strip[role] else content) + trail[role])
+                    texts.append(self._body(role, content))
                     kinds.append(kind_of[role])
                 n_segments.append(len(turns))
         if not records:
@@ -400,6 +399,10 @@ class ChatFormatter:
         bounds = np.concatenate([[0], np.cumsum(sample_len)])
         flat_mask[bounds[:-1]] = 0  # a sample's first token is nobody's target
         return flat_ids, flat_mask, bounds.tolist()
+
+    def _body(self, role: str, content: str) -> str:
+        strip, lead, trail = self._body_fix[role]
+        return lead + (content.strip() if strip else content) + trail
 
     def _count_protected(self, ids: np.ndarray) -> int:
         """How many of ``ids`` are protected ids."""
@@ -455,12 +458,8 @@ class ChatFormatter:
         placed -> None (the caller uses ``_encode_runs``). Loss rule as in ``_encode_runs``: a
         token takes loss iff its last character lies in a trained span (an answer's lead +
         content + suffix; a document and its EOS)."""
-        t = self.template
         rendered = self._rendered
         assert rendered is not None
-        strip = {r: t.strip or r in t.strip_roles for r in self._kind_code}
-        lead = {r: t.lead.get(r, "") for r in self._kind_code}
-        trail = {r: t.trail.get(r, "") for r in self._kind_code}
         opening, n_opening = rendered["opening"]
         eos, n_eos = rendered["eos"]
         sft = self._mode == "sft"
@@ -480,7 +479,7 @@ class ChatFormatter:
             edges: list[int] = []
             for role, content in self._turns(r.turns):
                 head, tail, sep, n = rendered[role]
-                body = lead[role] + (content.strip() if strip[role] else content) + trail[role]
+                body = self._body(role, content)
                 start = pos + len(head)
                 end = start + len(body) + len(tail)
                 if sft and role == "bot" and end > start:
@@ -499,13 +498,7 @@ class ChatFormatter:
         if self._mode == "pretrain":
             flat_mask = np.ones(total, dtype=np.uint8)
         else:
-            # +1 where a trained run of tokens starts, -1 where it ends; the mask is the running sum
-            first = bounds[:-1].tolist()
-            edge_at = [first[i] + k for i, m in enumerate(marked) for k in m]
-            edge_sign = [1 - 2 * (j & 1) for m in marked for j in range(len(m))]
-            delta = np.zeros(total + 1, dtype=np.int64)
-            np.add.at(delta, np.asarray(edge_at, dtype=np.int64), np.asarray(edge_sign, dtype=np.int64))
-            flat_mask = (np.cumsum(delta[:-1]) > 0).astype(np.uint8)
+            flat_mask = _trained_mask(total, bounds[:-1].tolist(), marked)
         flat_mask[bounds[:-1][counts > 0]] = 0  # a sample's first token is nobody's target
         return ids, flat_mask, bounds.tolist()
 
@@ -517,10 +510,6 @@ class ChatFormatter:
         token). Loss rule: a token takes loss iff its last character lies in a trained span: an
         answer's lead + content + suffix (end-of-turn, EOS); every token in pretrain mode and for
         documents. Each marker or BOS/EOS id counts as one character of the rendering."""
-        t = self.template
-        strip = {r: t.strip or r in t.strip_roles for r in self._kind_code}
-        lead = {r: t.lead.get(r, "") for r in self._kind_code}
-        trail = {r: t.trail.get(r, "") for r in self._kind_code}
         parts, opening, eos = self._joint_parts, self._joint_opening, self.tok.eos_id
         bot_trained = self._mode == "sft"
         template_ids, protect = self._template_ids, self._protect
@@ -592,7 +581,7 @@ class ChatFormatter:
                     add(head)
                     if role == "bot" and bot_trained:
                         open_at = run_len
-                    body = lead[role] + (content.strip() if strip[role] else content) + trail[role]
+                    body = self._body(role, content)
                     run.append(body)
                     run_len += len(body)
                     run_template = False
@@ -624,16 +613,8 @@ class ChatFormatter:
         if self._mode == "pretrain":
             flat_mask = np.ones(total, dtype=np.uint8)
         else:
-            # +1 where a trained run of tokens starts, -1 where it ends; the mask is the running sum
-            text_start = unit_start[is_text].tolist()
-            edge_at = [text_start[i] + k for i, m in enumerate(marked) for k in m]
-            edge_sign = [1 - 2 * (j & 1) for m in marked for j in range(len(m))]
-            fixed_at = unit_start[~is_text][np.asarray(fixed_trained, dtype=bool)]
-            delta = np.zeros(total + 1, dtype=np.int64)
-            np.add.at(delta, np.asarray(edge_at, dtype=np.int64), np.asarray(edge_sign, dtype=np.int64))
-            np.add.at(delta, fixed_at, 1)
-            np.add.at(delta, fixed_at + 1, -1)
-            flat_mask = (np.cumsum(delta[:-1]) > 0).astype(np.uint8)
+            flat_mask = _trained_mask(total, unit_start[is_text].tolist(), marked,
+                                      unit_start[~is_text][np.asarray(fixed_trained, dtype=bool)])
         bounds = unit_end[np.concatenate([[0], sample_end]).astype(np.int64)]
         sample_len = np.diff(bounds)
         flat_mask[bounds[:-1][sample_len > 0]] = 0  # a sample's first token is nobody's target
@@ -685,3 +666,19 @@ def _in_order(n: int, *parts: tuple[list[int], tuple[np.ndarray, np.ndarray, lis
             ids[i], mask[i] = flat_ids[a:b], flat_mask[a:b]
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=n)
     return (np.concatenate(ids), np.concatenate(mask), np.concatenate([[0], np.cumsum(lengths)]).tolist())
+
+
+def _trained_mask(total: int, text_start: list[int], marked: list[list[int]],
+                  single: np.ndarray | None = None) -> np.ndarray:
+    """The loss mask of ``total`` tokens: +1 where a trained run starts, -1 where it ends, the
+    mask is the running sum. ``marked``: per encoded text starting at ``text_start[i]``, its
+    trained runs' token edges (start, end, start, end, ...); ``single``: positions of single
+    trained tokens (template ids inside an answer)."""
+    edge_at = [text_start[i] + k for i, m in enumerate(marked) for k in m]
+    edge_sign = [1 - 2 * (j & 1) for m in marked for j in range(len(m))]
+    delta = np.zeros(total + 1, dtype=np.int64)
+    np.add.at(delta, np.asarray(edge_at, dtype=np.int64), np.asarray(edge_sign, dtype=np.int64))
+    if single is not None:
+        np.add.at(delta, single, 1)
+        np.add.at(delta, single + 1, -1)
+    return (np.cumsum(delta[:-1]) > 0).astype(np.uint8)

@@ -70,16 +70,19 @@ def catch_early(signals: tuple[str, ...] = ("SIGUSR1",)) -> None:
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
-def _helper_init(trainer_pid: int) -> None:
+def _helper_init(trainer_pid: int | None) -> None:
     """The checkpoint-writer helper's initializer: deaf to the stop signals, and gone with the
     trainer. megatron's helper is a ``multiprocessing`` manager server, shut down by the
     trainer's exit handlers; a trainer killed outright (SIGKILL, the OOM killer) runs none, and
     the helper, which ignores SIGTERM, lived on for ever holding its memory (seen: four such
     orphans after one test-suite run). On Linux the kernel now sends it SIGKILL when the
-    trainer's thread that started it ends."""
+    trainer's thread that started it ends: asked only when that thread is the main thread
+    (``trainer_pid`` given), as a worker thread's end would take the helper from a live trainer."""
     for sig in _STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # pending ones are discarded (ignored)
+    if trainer_pid is None:
+        return
     try:
         import ctypes
 
@@ -98,8 +101,9 @@ def shield_checkpoint_helper() -> None:
     rank (a ``multiprocessing`` manager that collects write results). SLURM signals every
     process of a step (``--signal``, ``scancel``, preemption), helpers included: with the default
     actions the helper died, and the save that the signal asked for failed (broken pipe) or hung.
-    Started here with those signals ignored, only the trainer acts on them. The trainer calls
-    this at start-up (``megatron_mft.train``); a no-op if the helper already exists.
+    Started here with those signals ignored, only the trainer acts on them, and gone with the
+    trainer (``_helper_init``). The trainer calls this at start-up (``megatron_mft.train``) and
+    ``save_checkpoint`` before every save (convert, direct saves); a no-op once the helper exists.
     """
     import multiprocessing
     from multiprocessing.managers import SyncManager
@@ -113,7 +117,8 @@ def shield_checkpoint_helper() -> None:
         # CI: SLURM's time-limit warning during a requeued job's start-up). Ours wait until after.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
-            manager.start(initializer=_helper_init, initargs=(os.getpid(),))
+            main = threading.current_thread() is threading.main_thread()
+            manager.start(initializer=_helper_init, initargs=(os.getpid() if main else None,))
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
