@@ -180,8 +180,12 @@ def _verify_rank(args) -> int:
 
 
 def _spawned(local_rank: int, world: int, port: int, argv: list) -> None:
+    from megatron_mft.launch.env import AGENT_STORE_ENV
+
+    # every rank joins the store the parent serves (launcher_store), rank 0 included
     os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      **{AGENT_STORE_ENV: "True"})
     try:
         _verify_rank(_parser().parse_args(argv))
     except BaseException as e:  # noqa: BLE001 - megatron_mft.errors convention, in the rank (dcp raises BaseException)
@@ -191,7 +195,7 @@ def _spawned(local_rank: int, world: int, port: int, argv: list) -> None:
 
 
 def _verify(args, argv: list) -> int:
-    from megatron_mft.launch.env import _free_port, read_dist_env
+    from megatron_mft.launch.env import launcher_store, read_dist_env
 
     world = math.lcm(args.tp, args.ep) * args.pp  # expert-parallel ranks come out of the data-parallel ones
     launched = read_dist_env()
@@ -207,9 +211,9 @@ def _verify(args, argv: list) -> int:
         result = Path(tmp) / "result.json"
         argv = [a for a in argv] + ["--result", str(result)]
         print(f"verify: spawning {world} ranks (tp={args.tp} pp={args.pp} ep={args.ep})", flush=True)
+        store = launcher_store(world)  # held until the ranks are done
         try:
-            mp.start_processes(_spawned, args=(world, _free_port("127.0.0.1"), argv), nprocs=world,
-                               start_method="spawn")
+            mp.start_processes(_spawned, args=(world, store.port, argv), nprocs=world, start_method="spawn")
         except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:  # a rank failed: its message is above
             print(f"verify: rank {e.error_index} failed", file=sys.stderr)
             code = getattr(e, "exit_code", None)

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 from megatron_mft.data.collate import Row, collate
 from megatron_mft.data.cp_shard import chunk_positions, gather_order, pad_row_for_cp, shard_batch, shard_index
-from train_helpers import free_port
+from train_helpers import join_store, rendezvous_store
 
 HEADS, GROUPS, DIM = 4, 2, 8
 #: packed segments, each divisible by 2 x cp = 4; at cp=2 the chunks are 1..10 tokens, so samples
@@ -144,8 +144,7 @@ def _worker(rank, world, port):
     from megatron_mft.compat import setup_runtime
 
     setup_runtime()
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=world)
+    join_store(rank, world, port)
     try:
         for left in (None, 5, 0):
             _thd_case(rank, world, left)
@@ -159,4 +158,5 @@ def _worker(rank, world, port):
 
 @pytest.mark.slow
 def test_all_gather_kv_attention_equals_full_attention_on_2_ranks():
-    mp.spawn(_worker, args=(2, free_port()), nprocs=2, join=True)
+    store = rendezvous_store(2)  # noqa: F841 - served until the ranks are done
+    mp.spawn(_worker, args=(2, store.port), nprocs=2, join=True)

@@ -204,3 +204,34 @@ def test_simulated_slurm_job_2_nodes_x_2_tasks():
         assert (r["dist_rank"], r["dist_world"]) == (r["rank"], 4)
         assert r["sum"] == 1 + 2 + 3 + 4
         assert [tuple(g) for g in r["gathered"]] == expected
+
+
+# ----------------------------------------------------- a single process picks no port itself
+
+SINGLE = r"""
+import json, os, socket
+import torch, torch.distributed as dist
+import megatron_mft.launch.env as launch_env
+# another process binds the port a pick-then-bind would have chosen, between the pick and the bind
+taken = socket.socket(); taken.bind(("127.0.0.1", 0)); taken.listen()
+launch_env._free_port = lambda addr: taken.getsockname()[1]
+env = launch_env.init_distributed(launch_env.DistEnv(0, 1, 0, 1, 0, "127.0.0.1", 0, "single", 1), backend="gloo",
+                                  timeout_minutes=1)
+t = torch.ones(1)
+dist.all_reduce(t)
+print(json.dumps({"port": env.master_port, "exported": os.environ["MASTER_PORT"], "taken": taken.getsockname()[1],
+                  "sum": t.item()}))
+dist.destroy_process_group()
+"""
+
+
+def test_single_process_rendezvous_cannot_lose_its_port():
+    """A single-process run (no MASTER_PORT) holds a store on a port the kernel gives it while
+    binding; a port chosen, released and bound again could be taken in between by any process
+    (what ``_free_port`` followed by ``init_process_group`` allowed: EADDRINUSE at start-up)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in LAUNCH_VARS}
+    run = subprocess.run([sys.executable, "-c", SINGLE], env={**env, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    r = json.loads(run.stdout.strip().splitlines()[-1])
+    assert r["sum"] == 1.0 and r["port"] != r["taken"] and r["exported"] == str(r["port"]) and r["port"] > 0

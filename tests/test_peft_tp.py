@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from train_helpers import free_port
+from train_helpers import join_store, rendezvous_store
 import subprocess
 import sys
 import time
@@ -37,7 +37,8 @@ B, S = 2, 32
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("peft_tp")
-    port = free_port()
+    store = rendezvous_store(2)  # served until the workers are done
+    port = store.port
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
@@ -112,7 +113,7 @@ def _worker(rank: int, port: int, tmp: Path) -> None:
     from megatron_mft.launch.signals import shield_checkpoint_helper
 
     env = setup_runtime()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    join_store(rank, 2, port)
     shield_checkpoint_helper()  # as the trainer does: the writer's helper goes with this worker (os._exit below)
 
     from megatron.core import dist_checkpointing

@@ -27,9 +27,26 @@ def torchrun(nproc: int) -> list[str]:
             "--nproc_per_node", str(nproc)]
 
 
+def rendezvous_store(world: int):
+    """The store that ranks this test starts itself (``mp.spawn``, ``Popen``) join with
+    :func:`join_store`: served here on a port the kernel assigns while binding (no port is picked
+    and released first, for another process to take). Keep it alive until the ranks finish."""
+    from megatron_mft.launch.env import launcher_store
+
+    return launcher_store(world)
+
+
+def join_store(rank: int, world: int, port: int) -> None:
+    """gloo process group of one rank over the parent's :func:`rendezvous_store` (rank 0 included)."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+
+
 def free_port() -> int:
-    """A port for a rendezvous this process cannot bind itself (``mp.spawn`` workers, a launcher's
-    MASTER_PORT); a torchrun launch uses :func:`torchrun` instead. Taken from below the kernel's
+    """A port for a launcher's MASTER_PORT, which the launched ranks bind themselves (ranks this
+    test starts join :func:`rendezvous_store` instead; a torchrun launch uses :func:`torchrun`). Taken from below the kernel's
     ephemeral range (where a released port is handed out again to any connect or bind to port 0),
     starting at a place keyed by the PID so concurrent test processes do not probe the same ports."""
     span = max(1000, _ephemeral_low() - 10000)

@@ -32,7 +32,6 @@ import datetime
 import json
 import os
 import re
-import socket
 import sys
 from dataclasses import dataclass
 from typing import Literal, Mapping
@@ -294,10 +293,20 @@ def _single(env: Mapping[str, str]) -> DistEnv:
 
 # ------------------------------------------------------------------------------------ init
 
-def _free_port(addr: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+#: torch's switch (torchrun sets it for its workers) that makes every rank a client of a store
+#: its launcher holds, rank 0 included
+AGENT_STORE_ENV = "TORCHELASTIC_USE_AGENT_STORE"
+
+
+def launcher_store(world_size: int, addr: str = "127.0.0.1"):
+    """A rendezvous store served by a launcher that starts its ranks itself (``convert verify``,
+    tests), on a port the kernel assigns while binding (port 0), as torchrun's agent does. The
+    ranks join with ``MASTER_PORT=store.port`` and ``TORCHELASTIC_USE_AGENT_STORE=True``. Keep the
+    returned store alive until they finish. A port chosen, released and bound again later could be
+    taken in between by any other process."""
+    from torch.distributed import TCPStore
+
+    return TCPStore(addr, 0, world_size, is_master=True, wait_for_workers=False)
 
 
 def init_distributed(env: DistEnv | None = None, backend: str | None = None,
@@ -309,14 +318,14 @@ def init_distributed(env: DistEnv | None = None, backend: str | None = None,
     uses device 0). Rendezvous is ``tcp://MASTER_ADDR:MASTER_PORT``; the standard variables
     (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
     ``LOCAL_WORLD_SIZE``) are exported so libraries that read them agree with us.
-    Returns the environment actually used (the chosen port filled in). Idempotent.
+    A single process without ``MASTER_PORT`` serves its own store on a port the kernel assigns
+    (``tcp://`` needs a port chosen beforehand, which another process could take first).
+    Returns the environment actually used (that port filled in). Idempotent.
     """
     import torch
     import torch.distributed as dist
 
     env = env or DistEnv.from_env()
-    if env.master_port == 0:
-        env = dataclasses.replace(env, master_port=_free_port(env.master_addr))
     if dist.is_initialized():
         if (dist.get_rank(), dist.get_world_size()) != (env.rank, env.world_size):
             raise LaunchError(env.source, [
@@ -337,20 +346,28 @@ def init_distributed(env: DistEnv | None = None, backend: str | None = None,
                 f"local rank {env.local_rank} has no GPU: this task sees {count} GPUs "
                 f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"], {})
 
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if env.master_port == 0 and env.world_size == 1:
+        # one process, no MASTER_PORT: serve the store on a port the kernel assigns while binding
+        store = dist.TCPStore(env.master_addr, 0, 1, is_master=True, timeout=timeout)
+        env = dataclasses.replace(env, master_port=store.port)
+        _export(env)
+        dist.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
+        return env
+    _export(env)
+    host = f"[{env.master_addr}]" if ":" in env.master_addr else env.master_addr
+    dist.init_process_group(backend=backend, init_method=f"tcp://{host}:{env.master_port}", rank=env.rank,
+                            world_size=env.world_size, timeout=timeout)
+    return env
+
+
+def _export(env: DistEnv) -> None:
+    """The standard variables, so that libraries reading them agree with us."""
     os.environ.update({
         "MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port),
         "RANK": str(env.rank), "WORLD_SIZE": str(env.world_size),
         "LOCAL_RANK": str(env.local_rank), "LOCAL_WORLD_SIZE": str(env.local_world_size),
     })
-    host = f"[{env.master_addr}]" if ":" in env.master_addr else env.master_addr
-    dist.init_process_group(
-        backend=backend,
-        init_method=f"tcp://{host}:{env.master_port}",
-        rank=env.rank,
-        world_size=env.world_size,
-        timeout=datetime.timedelta(minutes=timeout_minutes),
-    )
-    return env
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import argparse
 import gc
 import json
 import math
-import socket
 import sys
 import time
 from pathlib import Path
@@ -44,12 +43,6 @@ QLORA_OVER_LORA_TARGET = 1.3
 
 # ---------------------------------------------------------------- set-up shared by the checks
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def runtime():
     """Environment, one-process group (NCCL on CUDA) and the device tensors must live on."""
     from megatron_mft.compat import setup_runtime
@@ -57,9 +50,10 @@ def runtime():
     env = setup_runtime()
     if env.cuda:
         torch.cuda.set_device(0)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if env.cuda else "gloo",
-                                             init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    if not torch.distributed.is_initialized():  # a store on a port the kernel assigns (launch/env.py)
+        from megatron_mft.launch.env import DistEnv, init_distributed
+
+        init_distributed(DistEnv(0, 1, 0, 1, 0, "127.0.0.1", 0, "single", 1), backend="nccl" if env.cuda else "gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if env.cuda else torch.device("cpu")
     return env, device
 
