@@ -287,13 +287,16 @@ def test_one_rank_tensor_parallel_regions_are_skipped_bit_for_bit(tp1_env):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_forward_as_f_linear_is_bit_identical_to_megatrons(tp1_env, bias):
-    """Without CUDA the model builder swaps megatron's linear autograd Functions for subclasses
-    whose forward GEMM is ``F.linear`` (model/linear.py). Against megatron's own Functions (the
-    weight gradient into main_grad by our stand-in for Apex's kernel in both): the same outputs, input and
-    weight gradients and bias gradients, bit for bit, trainable (main_grad accumulation over two
-    backward passes) and frozen (LoRA's base), also for an input whose size-1 dim has an odd
-    stride (packed rows)."""
+def test_cpu_linears_are_bit_identical_to_megatrons(tp1_env, bias):
+    """Without CUDA the model builder (model/linear.py) sends a linear call that needs no
+    communication through ``F.linear`` under torch's autograd (the weight gradient to ``.grad``,
+    which DDP's hook adds into main_grad), and the calls that do communicate through subclasses of
+    megatron's Functions whose forward GEMM is ``F.linear``. Against megatron's own entry points
+    and Functions (the weight gradient into main_grad by our stand-in for Apex's kernel, megatron's
+    DDP hook rule emulated after each backward): the same outputs, input gradients, main_grad after
+    two micro batches and bias gradients, bit for bit, trainable and frozen (LoRA's base), also for
+    an input whose size-1 dim has an odd stride (packed rows); and no Python autograd node on the
+    local path. The subclasses are also checked directly (their backward is megatron's)."""
     from types import SimpleNamespace
 
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, layers
@@ -307,47 +310,81 @@ def test_linear_forward_as_f_linear_is_bit_identical_to_megatrons(tp1_env, bias)
     assert megatron_fns[0].__module__ == layers.__name__ and megatron_fns[1].__module__ == layers.__name__
     cfg = load_config(None, ["data.path=/unused", "model.num_layers=1"])
     tc = transformer_config(cfg.model.arch(), cfg.model, cfg.parallel, tp1_env)
-    assert layers.LinearWithGradAccumulationAndAsyncCommunication is linear._TrainableLinear  # the builder did it
+    ours_state = (layers.LinearWithGradAccumulationAndAsyncCommunication, layers.LinearWithFrozenWeight,
+                  layers.linear_with_grad_accumulation_and_async_allreduce, layers.linear_with_frozen_weight)
+    assert ours_state == (linear._TrainableLinear, linear._FrozenLinear, linear.linear_trainable,
+                          linear.linear_frozen)  # the builder installed them
+    megatron_state = (*megatron_fns, linear._megatron_trainable, linear._megatron_frozen)
     torch.manual_seed(7)
     col = ColumnParallelLinear(128, 384, config=tc, init_method=torch.nn.init.normal_, bias=bias, gather_output=False)
     row = RowParallelLinear(384, 128, config=tc, init_method=torch.nn.init.normal_, bias=bias, input_is_parallel=True,
                             skip_bias_add=False)
     x0 = torch.randn(1, 160, 128).transpose(0, 1)  # [160, 1, 128], strides (128, 20480, 1)
-    main0 = {m: torch.randn(m.weight.shape) for m in (col, row)}
+    params = [p for m in (col, row) for p in m.parameters()]
+    main0 = {p: torch.randn(p.shape) for p in params}
 
-    def run(fns, wgrad):
-        layers.LinearWithGradAccumulationAndAsyncCommunication, layers.LinearWithFrozenWeight = fns
+    def run(state, direct: bool):
+        (layers.LinearWithGradAccumulationAndAsyncCommunication, layers.LinearWithFrozenWeight,
+         layers.linear_with_grad_accumulation_and_async_allreduce, layers.linear_with_frozen_weight) = state
         saved = (getattr(layers, "fused_weight_gradient_mlp_cuda", None), layers._grad_accum_fusion_available)
-        layers.fused_weight_gradient_mlp_cuda = SimpleNamespace(wgrad_gemm_accum_fp32=wgrad)
+        layers.fused_weight_gradient_mlp_cuda = SimpleNamespace(wgrad_gemm_accum_fp32=_wgrad_gemm_accum)
         layers._grad_accum_fusion_available = True
         try:
-            out = []
+            out, nodes = [], set()
+            for p in params:
+                p.grad = None
+                p.main_grad = main0[p].clone()
+                p.grad_added_to_main_grad = False  # as DDP's zero_grad_buffer
             for m in (col, row):
-                m.zero_grad(set_to_none=True)
-                m.weight.main_grad = main0[m].clone()
                 m.gradient_accumulation_fusion = True
+
+            def lin(m, x):  # direct: the autograd Functions themselves (megatron's or the subclasses)
+                if not direct:
+                    return m(x)[0]
+                fn = layers.LinearWithGradAccumulationAndAsyncCommunication if m.weight.requires_grad \
+                    else layers.LinearWithFrozenWeight
+                args = ((x, m.weight, m.bias, True, False, False, None, None, m.tp_group) if m.weight.requires_grad
+                        else (x, m.weight, m.bias, False, m.tp_group))
+                return fn.apply(*args)
+
             for _ in range(2):  # accumulation into main_grad over two micro batches
                 x = x0.detach().transpose(0, 1).clone().transpose(0, 1).requires_grad_()
                 col.weight.requires_grad_(False)  # frozen, as under LoRA
-                frozen = col(x.detach())[0]
+                frozen = lin(col, x)
                 col.weight.requires_grad_(True)
-                y = row(torch.nn.functional.silu(col(x)[0]) + frozen)[0]
+                y = lin(row, torch.nn.functional.silu(lin(col, x)) + frozen)
+                stack, seen = [y.grad_fn], set()
+                while stack:  # every node of the graph
+                    fn = stack.pop()
+                    if fn is not None and fn not in seen:
+                        seen.add(fn)
+                        nodes.add(type(fn).__name__)
+                        stack.extend(f for f, _ in fn.next_functions)
                 y.backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape))
+                for p in params:  # megatron DDP's post-accumulation hook
+                    if p.grad is not None and not p.grad_added_to_main_grad:
+                        p.main_grad.add_(p.grad)
+                    p.grad = None
                 out += [y.detach(), x.grad]
-            out += [col.weight.main_grad, row.weight.main_grad]
-            out += [col.bias.grad, row.bias.grad] if bias else []
-            return out
+            return out + [p.main_grad for p in params], nodes
         finally:
-            layers.LinearWithGradAccumulationAndAsyncCommunication, layers.LinearWithFrozenWeight = (
-                linear._TrainableLinear, linear._FrozenLinear)
+            (layers.LinearWithGradAccumulationAndAsyncCommunication, layers.LinearWithFrozenWeight,
+             layers.linear_with_grad_accumulation_and_async_allreduce, layers.linear_with_frozen_weight) = ours_state
             layers.fused_weight_gradient_mlp_cuda, layers._grad_accum_fusion_available = saved
             for m in (col, row):
                 m.gradient_accumulation_fusion = False
-                del m.weight.main_grad
+            for p in params:
+                del p.main_grad, p.grad_added_to_main_grad
 
-    ours = run((linear._TrainableLinear, linear._FrozenLinear), _wgrad_gemm_accum)
-    theirs = run(megatron_fns, _wgrad_gemm_accum)
-    assert len(ours) == len(theirs) == 6 + 2 * bias
-    for i, (a, b) in enumerate(zip(ours, theirs)):
-        assert torch.equal(a, b), i
-    assert not torch.equal(ours[-1 - 2 * bias], main0[row])  # the weight gradient was accumulated
+    ours, our_nodes = run(ours_state, direct=False)
+    theirs, their_nodes = run(megatron_state, direct=False)
+    sub, _ = run(ours_state, direct=True)
+    meg, _ = run(megatron_state, direct=True)
+    assert len(ours) == len(theirs) == len(sub) == len(meg) == 6 + 2 * bias
+    for i, (a, b, c, d) in enumerate(zip(ours, theirs, sub, meg)):
+        assert torch.equal(a, b) and torch.equal(c, d), i
+    assert not torch.equal(ours[5], main0[row.weight])  # the weight gradient was accumulated
+    assert {"LinearWithFrozenWeightBackward", "LinearWithGradAccumulationAndAsyncCommunicationBackward"} <= their_nodes
+    # no Python node on the local path; a trainable bias keeps the Functions (megatron's bits)
+    assert ("_FrozenLinearBackward" in our_nodes) == ("_TrainableLinearBackward" in our_nodes) == bias, our_nodes
+    assert not any(n.startswith("LinearWith") for n in our_nodes), our_nodes

@@ -1,13 +1,22 @@
-"""megatron's linear autograd Functions with their forward GEMM as ``F.linear`` on the CPU.
+"""megatron's parallel linears on the CPU: torch's own autograd where no communication is
+involved, megatron's Functions with an ``F.linear`` forward GEMM where it is.
 
-megatron-core computes every parallel linear's forward as ``torch.matmul(input, weight.t())``
-on the [s, b, h] input. On the CPU ``F.linear`` on the same operands gives the same bits
-(``tests/test_engine_fast_paths.py``) in less time: 3% over the tiny preset's linears in turn
-(median of 20 pairs, ``tools/bench/engine_parts.py``), 12-14% when one shape repeats (MKL takes
-another path for the folded 3-D product). The subclasses below keep megatron's backward
-(weight-gradient accumulation into ``main_grad``, the dgrad all-reduce) and replace only the
-forward product; sequence parallelism keeps megatron's forward (its all-gather buffer).
-Installed by the model builder only without CUDA: GPUs keep megatron's code as it is.
+* No communication (one TP rank or a replicated input: no dgrad all-reduce, no sequence
+  parallelism, no deferred weight gradients) and no bias gradient to form (megatron sums it
+  over the flattened tokens, autograd over the broadcast dims: other bits): the call is
+  ``F.linear`` (plus a frozen bias after the GEMM, as megatron adds it) under torch's C++ autograd. The weight gradient lands in ``.grad`` and
+  megatron's DDP hook adds it into ``main_grad``, where megatron's Python Function would have
+  accumulated it in the GEMM: the same bits (``tests/test_engine_fast_paths.py``), without a
+  Python autograd node per linear and micro batch: 3.8% of a training step at two threads
+  (median of 60 paired steps, 95% CI 2.3-5.6%; docs/performance.md, fifth round).
+* Otherwise megatron's Functions (its backward: the dgrad all-reduce, SP's all-gather and
+  reduce-scatter, the weight gradient into ``main_grad``) through subclasses whose forward product
+  is ``F.linear`` instead of the 3-D ``matmul(x, w.t())``: the same bits, 3% over the tiny
+  preset's linears in turn, 12-14% when one shape repeats (``tools/bench/engine_parts.py``);
+  sequence parallelism keeps megatron's forward (its all-gather buffer).
+
+Installed by the model builder only without CUDA: GPUs keep megatron's code as it is (Apex's
+fused weight-gradient accumulation, communication overlap).
 """
 
 from __future__ import annotations
@@ -53,8 +62,46 @@ class _FrozenLinear(layers.LinearWithFrozenWeight):
         return output if bias is None else output + bias
 
 
+#: megatron's entry points, as imported (install_torch_linear replaces the module attributes)
+_megatron_trainable = layers.linear_with_grad_accumulation_and_async_allreduce
+_megatron_frozen = layers.linear_with_frozen_weight
+
+
+def _local(input, weight, bias):
+    output = F.linear(input, weight)
+    return output if bias is None else output + bias  # megatron adds the bias after the GEMM
+
+
+def linear_trainable(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
+                     grad_output_buffer=None, wgrad_deferral_limit=0, async_grad_allreduce=None, tp_group=None):
+    """megatron's ``linear_with_grad_accumulation_and_async_allreduce`` (same signature)."""
+    if (allreduce_dgrad or sequence_parallel or grad_output_buffer is not None or async_grad_allreduce is not None
+            or bias is not None):
+        return _megatron_trainable(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad,
+                                   sequence_parallel, grad_output_buffer, wgrad_deferral_limit,
+                                   async_grad_allreduce, tp_group)
+    return _local(input, weight, bias)
+
+
+#: megatron's function reads and sets this on the module attribute (its once-only warnings)
+linear_trainable.warned = False
+
+
+def linear_frozen(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel, tp_group,
+                  grad_output_buffer=None, wgrad_deferral_limit=None, async_grad_allreduce=None):
+    """megatron's ``linear_with_frozen_weight`` (same signature)."""
+    if (allreduce_dgrad or sequence_parallel or async_grad_allreduce is not None
+            or (bias is not None and bias.requires_grad)):  # megatron gives such a bias no gradient
+        return _megatron_frozen(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
+                                tp_group, grad_output_buffer, wgrad_deferral_limit, async_grad_allreduce)
+    return _local(input, weight, bias)
+
+
 def install_torch_linear() -> None:
-    """Point megatron's linear entry points at the subclasses (once per process; CPU only)."""
+    """Point megatron's linear entry points at the functions and subclasses above (idempotent;
+    CPU only)."""
     layers.LinearWithGradAccumulationAndAsyncCommunication = _TrainableLinear
     layers.LinearWithFrozenWeight = _FrozenLinear
+    layers.linear_with_grad_accumulation_and_async_allreduce = linear_trainable
+    layers.linear_with_frozen_weight = linear_frozen
 
