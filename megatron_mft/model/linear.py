@@ -7,8 +7,9 @@ involved, megatron's Functions with an ``F.linear`` forward GEMM where it is.
   ``F.linear`` (plus a frozen bias after the GEMM, as megatron adds it) under torch's C++ autograd. The weight gradient lands in ``.grad`` and
   megatron's DDP hook adds it into ``main_grad``, where megatron's Python Function would have
   accumulated it in the GEMM: the same bits (``tests/test_engine_fast_paths.py``), without a
-  Python autograd node per linear and micro batch: 3.8% of a training step at two threads
-  (median of 60 paired steps, 95% CI 2.3-5.6%; docs/performance.md, fifth round).
+  Python autograd node per linear and micro batch: 2.2% of a full fine-tuning step at one
+  thread, 2.3% at two (medians of 60 paired steps, 95% CIs 1.2-3.2% and 1.1-4.3%; LoRA 2.9% and
+  1.7%; docs/performance.md, fifth round).
 * Otherwise megatron's Functions (its backward: the dgrad all-reduce, SP's all-gather and
   reduce-scatter, the weight gradient into ``main_grad``) through subclasses whose forward product
   is ``F.linear`` instead of the 3-D ``matmul(x, w.t())``: the same bits, 3% over the tiny
