@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -364,8 +365,17 @@ def machine_line() -> str:
             f"{platform.python_version()} | torch {torch.__version__} | transformers {transformers.__version__}")
 
 
+def median_ci(xs: list[float], draws: int = 2000) -> tuple[float, float]:
+    """Bootstrap 95% interval of the median (seeded: the same trials give the same interval)."""
+    rng = random.Random(0)
+    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(draws))
+    return meds[int(0.025 * draws)], meds[int(0.975 * draws) - 1]
+
+
 def _spread(xs: list[float]) -> str:
-    return f"median {statistics.median(xs):.2f} (range {min(xs):.2f}-{max(xs):.2f}, n={len(xs)})"
+    lo, hi = median_ci(xs)
+    return (f"median {statistics.median(xs):.2f} (95% CI of the median {lo:.2f}-{hi:.2f}; range "
+            f"{min(xs):.2f}-{max(xs):.2f}, n={len(xs)})")
 
 
 def compare_hf(args, argv: list[str]) -> None:
@@ -416,7 +426,9 @@ def compare_hf(args, argv: list[str]) -> None:
                     print(f"      engine/transformers tokens/s ratio, process CPU time {_spread(cpu_ratio)}")
                     print(f"      packed ({args.packed_docs} docs/row) cost over 1 doc/row, wall {_spread(packed)}")
                     summary[f"{mode}/{n}t"] = {"ratio_median": round(statistics.median(ratio), 3),
+                                               "ratio_ci95": [round(x, 3) for x in median_ci(ratio)],
                                                "ratio_range": [round(min(ratio), 3), round(max(ratio), 3)],
+                                               "ratios": [round(x, 4) for x in ratio],
                                                "cpu_ratio_median": round(statistics.median(cpu_ratio), 3),
                                                "cpu_ratio_range": [round(min(cpu_ratio), 3), round(max(cpu_ratio), 3)],
                                                "packed_cost_median": round(statistics.median(packed), 3),
