@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from train_helpers import free_port
+from train_helpers import rendezvous_store
 import subprocess
 import sys
 from pathlib import Path
@@ -179,11 +179,14 @@ def test_simulated_slurm_job_2_nodes_x_2_tasks():
     """The environment of `srun -N2 --ntasks-per-node=2` on node[01-02]; node01 is this machine.
 
     MASTER_ADDR=127.0.0.1 plays the documented override (an address for the first host);
-    MASTER_PORT pins a free port instead of the job-id port, which other jobs may hold.
+    MASTER_PORT names a store this test serves (every rank joins it as a client, the switch
+    torchrun sets for its workers) instead of the job-id port, which other jobs may hold.
     """
     base = {k: v for k, v in os.environ.items()
             if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in LAUNCH_VARS}
-    base.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    store = rendezvous_store(4)  # served here: no port picked for the ranks to race for
+    base.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port),
+                TORCHELASTIC_USE_AGENT_STORE="True")
     procs = []
     for rank in range(4):
         env = {**base, **slurm_task(rank)}
@@ -219,8 +222,9 @@ env = launch_env.init_distributed(launch_env.DistEnv(0, 1, 0, 1, 0, "127.0.0.1",
                                   timeout_minutes=1)
 t = torch.ones(1)
 dist.all_reduce(t)
+served = dist.distributed_c10d._get_default_store().underlying_store  # the group's TCPStore, this process serves it
 print(json.dumps({"port": env.master_port, "exported": os.environ["MASTER_PORT"], "taken": taken.getsockname()[1],
-                  "sum": t.item()}))
+                  "served": served.port, "sum": t.item()}))
 dist.destroy_process_group()
 """
 
@@ -234,4 +238,4 @@ def test_single_process_rendezvous_cannot_lose_its_port():
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     r = json.loads(run.stdout.strip().splitlines()[-1])
-    assert r["sum"] == 1.0 and r["port"] != r["taken"] and r["exported"] == str(r["port"]) and r["port"] > 0
+    assert r["sum"] == 1.0 and r["port"] != r["taken"] and r["exported"] == str(r["port"]) == str(r["served"])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from train_helpers import env, free_port, read_metrics, train_command
+from train_helpers import env, read_metrics, rendezvous_store, train_command
 
 from megatron_mft.launch.signals import PreemptionGuard
 
@@ -150,7 +150,8 @@ import torch.distributed as dist
 from megatron_mft.launch.agree import agree, any_rank, every_rank
 from megatron_mft.launch.signals import PreemptionGuard
 rank = int(sys.argv[1])
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[2]}", rank=rank, world_size=2,
+store = dist.TCPStore("127.0.0.1", int(sys.argv[2]), 2, is_master=False)  # the test serves it
+dist.init_process_group("gloo", store=store, rank=rank, world_size=2,
                         timeout=datetime.timedelta(seconds=60))  # a hang fails within a minute
 guard = PreemptionGuard()
 answers = []
@@ -178,7 +179,8 @@ def test_ranks_agree_on_the_stop_step_and_on_a_failed_save(tmp_path):
     rank raises rank 0's message."""
     not_a_folder = tmp_path / "checkpoints"
     not_a_folder.write_text("a file where the checkpoints folder belongs\n")
-    port = str(free_port())
+    store = rendezvous_store(2)  # served until the ranks are done
+    port = str(store.port)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, "-c", AGREE, str(r), port, str(not_a_folder)], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]

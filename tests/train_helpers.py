@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -42,34 +40,6 @@ def join_store(rank: int, world: int, port: int) -> None:
 
     store = dist.TCPStore("127.0.0.1", port, world, is_master=False)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
-
-
-def free_port() -> int:
-    """A port for a launcher's MASTER_PORT, which the launched ranks bind themselves (ranks this
-    test starts join :func:`rendezvous_store` instead; a torchrun launch uses :func:`torchrun`). Taken from below the kernel's
-    ephemeral range (where a released port is handed out again to any connect or bind to port 0),
-    starting at a place keyed by the PID so concurrent test processes do not probe the same ports."""
-    span = max(1000, _ephemeral_low() - 10000)
-    start = (os.getpid() * 7919 + next(_port_draws) * 104729) % span
-    for i in range(span):
-        port = 10000 + (start + i) % span
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise OSError("no free TCP port below the ephemeral range")
-
-
-_port_draws = itertools.count()
-
-
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768  # Linux's default
 
 
 def env(threads: int = 1) -> dict:

@@ -331,6 +331,8 @@ def init_distributed(env: DistEnv | None = None, backend: str | None = None,
             raise LaunchError(env.source, [
                 f"torch.distributed is already initialised as rank {dist.get_rank()} of "
                 f"{dist.get_world_size()}, but the environment says rank {env.rank} of {env.world_size}"], {})
+        if env.master_port == 0 and os.environ.get("MASTER_PORT", "").isdigit():  # the port in use
+            env = dataclasses.replace(env, master_port=int(os.environ["MASTER_PORT"]))
         return env
 
     cuda = torch.cuda.is_available()

@@ -4,12 +4,16 @@ involved, megatron's Functions with an ``F.linear`` forward GEMM where it is.
 * No communication (one TP rank or a replicated input: no dgrad all-reduce, no sequence
   parallelism, no deferred weight gradients) and no bias gradient to form (megatron sums it
   over the flattened tokens, autograd over the broadcast dims: other bits): the call is
-  ``F.linear`` (plus a frozen bias after the GEMM, as megatron adds it) under torch's C++ autograd. The weight gradient lands in ``.grad`` and
-  megatron's DDP hook adds it into ``main_grad``, where megatron's Python Function would have
-  accumulated it in the GEMM: the same bits (``tests/test_engine_fast_paths.py``), without a
-  Python autograd node per linear and micro batch: 2.2% of a full fine-tuning step at one
+  ``F.linear`` (plus a frozen bias after the GEMM, as megatron adds it) under torch's C++
+  autograd. The weight gradient lands in ``.grad`` and megatron's DDP hook adds it into
+  ``main_grad``, where megatron's Python Function would have accumulated it inside the GEMM
+  (``addmm_``). Outputs, input gradients and the first micro batch's weight gradient are the
+  same bits; accumulating later micro batches into a non-zero ``main_grad`` differs in the last
+  bit from about 512 tokens a micro batch on (MKL blocks the token dimension of the fused
+  product differently; 1e-7 of the largest element), as any change of summation order would.
+  No Python autograd node per linear and micro batch: 2.2% of a full fine-tuning step at one
   thread, 2.3% at two (medians of 60 paired steps, 95% CIs 1.2-3.2% and 1.1-4.3%; LoRA 2.9% and
-  1.7%; docs/performance.md, fifth round).
+  1.7%; docs/performance.md, fifth round). ``tests/test_engine_fast_paths.py`` checks all of it.
 * Otherwise megatron's Functions (its backward: the dgrad all-reduce, SP's all-gather and
   reduce-scatter, the weight gradient into ``main_grad``) through subclasses whose forward product
   is ``F.linear`` instead of the 3-D ``matmul(x, w.t())``: the same bits, 3% over the tiny
@@ -22,7 +26,6 @@ fused weight-gradient accumulation, communication overlap).
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import layers
 
@@ -91,7 +94,7 @@ linear_trainable.warned = False
 def linear_frozen(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel, tp_group,
                   grad_output_buffer=None, wgrad_deferral_limit=None, async_grad_allreduce=None):
     """megatron's ``linear_with_frozen_weight`` (same signature)."""
-    if (allreduce_dgrad or sequence_parallel or async_grad_allreduce is not None
+    if (allreduce_dgrad or sequence_parallel or grad_output_buffer is not None or async_grad_allreduce is not None
             or (bias is not None and bias.requires_grad)):  # megatron gives such a bias no gradient
         return _megatron_frozen(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
                                 tp_group, grad_output_buffer, wgrad_deferral_limit, async_grad_allreduce)

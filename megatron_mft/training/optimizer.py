@@ -30,7 +30,9 @@ def accumulate_wgrad_into_main_grad(ddp_chunks: list) -> None:
     batch. megatron's ``gradient_accumulation_fusion`` accumulates in the GEMM instead; without
     Apex's CUDA extension we give it a torch GEMM with beta=1 (``addmm_``). Turned on per module
     here, after DDP has given every trainable weight its ``main_grad`` (a raw model, e.g. in
-    conversion or tests, keeps plain ``.grad``).
+    conversion or tests, keeps plain ``.grad``). On the CPU only the linear calls that
+    communicate (or have a trainable bias) go through megatron's Function and this path; the
+    others are plain autograd with DDP's hook doing the add (model/linear.py).
     """
     from megatron.core.tensor_parallel import layers
 

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -81,8 +80,8 @@ def measure(cp: int, a) -> dict:
 
 
 def _worker(rank, world, port, a, result):
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=world)
+    store = torch.distributed.TCPStore("127.0.0.1", port, world, is_master=False)  # the parent serves it
+    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
         result[rank] = measure(world, a)
     finally:
@@ -103,11 +102,11 @@ def main() -> None:
     setup_runtime()
     figures = {}
     for cp in (1, 2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        from megatron_mft.launch.env import launcher_store
+
+        store = launcher_store(cp)  # served here until the ranks are done
         result = mp.Manager().dict()
-        mp.spawn(_worker, args=(cp, port, a, result), nprocs=cp, join=True)
+        mp.spawn(_worker, args=(cp, store.port, a, result), nprocs=cp, join=True)
         for part in ("attention", "layer"):
             figures[f"{part}_cp{cp}_max_rank_bytes"] = max(r[part] for r in result.values())
     ratios = {f"{part}_ratio_cp2_over_cp1": figures[f"{part}_cp2_max_rank_bytes"] / figures[f"{part}_cp1_max_rank_bytes"]

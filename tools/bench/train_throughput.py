@@ -318,22 +318,13 @@ def worker(args) -> None:
 class _Proc:
     """A worker process speaking one JSON line per command."""
 
-    def __init__(self, kind: str, argv: list[str], hf_dir: str, peft: str, attempts: int = 3):
-        import socket
-
+    def __init__(self, kind: str, argv: list[str], hf_dir: str, peft: str):
         cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", kind, "--hf-dir", hf_dir, "--peft", peft]
-        for attempt in range(attempts):  # a free port can be taken before the worker binds it
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-            self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-            try:
-                self.hello = self._read()
-                return
-            except RuntimeError:
-                if attempt == attempts - 1:
-                    raise
+        # no MASTER_PORT: a single process serves its own rendezvous store (megatron_mft.launch.env)
+        env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.update(MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.hello = self._read()
 
     def _read(self) -> dict:
         line = self.p.stdout.readline()
