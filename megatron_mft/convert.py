@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -180,13 +179,10 @@ def _verify_rank(args) -> int:
 
 
 def _spawned(local_rank: int, world: int, port: int, argv: list) -> None:
-    from megatron_mft.launch.env import AGENT_STORE_ENV
+    from megatron_mft.launch.env import join_launcher_store
 
-    # every rank joins the store the parent serves (launcher_store), rank 0 included
-    os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      **{AGENT_STORE_ENV: "True"})
     try:
+        join_launcher_store(local_rank, world, port)  # the store the parent serves (launcher_store)
         _verify_rank(_parser().parse_args(argv))
     except BaseException as e:  # noqa: BLE001 - megatron_mft.errors convention, in the rank (dcp raises BaseException)
         if isinstance(e, SystemExit):

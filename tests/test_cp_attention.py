@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 from megatron_mft.data.collate import Row, collate
 from megatron_mft.data.cp_shard import chunk_positions, gather_order, pad_row_for_cp, shard_batch, shard_index
-from train_helpers import join_store, rendezvous_store
+from megatron_mft.launch.env import join_launcher_store, launcher_store
 
 HEADS, GROUPS, DIM = 4, 2, 8
 #: packed segments, each divisible by 2 x cp = 4; at cp=2 the chunks are 1..10 tokens, so samples
@@ -144,7 +144,7 @@ def _worker(rank, world, port):
     from megatron_mft.compat import setup_runtime
 
     setup_runtime()
-    join_store(rank, world, port)
+    join_launcher_store(rank, world, port, backend="gloo")
     try:
         for left in (None, 5, 0):
             _thd_case(rank, world, left)
@@ -158,5 +158,5 @@ def _worker(rank, world, port):
 
 @pytest.mark.slow
 def test_all_gather_kv_attention_equals_full_attention_on_2_ranks():
-    store = rendezvous_store(2)  # noqa: F841 - served until the ranks are done
+    store = launcher_store(2)  # noqa: F841 - served until the ranks are done
     mp.spawn(_worker, args=(2, store.port), nprocs=2, join=True)

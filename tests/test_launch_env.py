@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from train_helpers import rendezvous_store
+from megatron_mft.launch.env import AGENT_STORE_ENV, launcher_store
 import subprocess
 import sys
 from pathlib import Path
@@ -184,9 +184,9 @@ def test_simulated_slurm_job_2_nodes_x_2_tasks():
     """
     base = {k: v for k, v in os.environ.items()
             if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in LAUNCH_VARS}
-    store = rendezvous_store(4)  # served here: no port picked for the ranks to race for
+    store = launcher_store(4)  # served here: no port picked for the ranks to race for
     base.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port),
-                TORCHELASTIC_USE_AGENT_STORE="True")
+                **{AGENT_STORE_ENV: "True"})
     procs = []
     for rank in range(4):
         env = {**base, **slurm_task(rank)}

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from train_helpers import env, read_metrics, rendezvous_store, train_command
+from megatron_mft.launch.env import launcher_store
+from train_helpers import env, read_metrics, train_command
 
 from megatron_mft.launch.signals import PreemptionGuard
 
@@ -145,14 +146,13 @@ def test_the_checkpoint_helper_goes_when_the_trainer_is_killed():
 
 
 AGREE = r"""
-import datetime, json, os, signal, sys, time
+import json, os, signal, sys, time
 import torch.distributed as dist
+from megatron_mft.launch.env import join_launcher_store
 from megatron_mft.launch.agree import agree, any_rank, every_rank
 from megatron_mft.launch.signals import PreemptionGuard
 rank = int(sys.argv[1])
-store = dist.TCPStore("127.0.0.1", int(sys.argv[2]), 2, is_master=False)  # the test serves it
-dist.init_process_group("gloo", store=store, rank=rank, world_size=2,
-                        timeout=datetime.timedelta(seconds=60))  # a hang fails within a minute
+join_launcher_store(rank, 2, int(sys.argv[2]), backend="gloo", timeout_minutes=1)  # a hang fails within a minute
 guard = PreemptionGuard()
 answers = []
 for step in range(4):
@@ -179,7 +179,7 @@ def test_ranks_agree_on_the_stop_step_and_on_a_failed_save(tmp_path):
     rank raises rank 0's message."""
     not_a_folder = tmp_path / "checkpoints"
     not_a_folder.write_text("a file where the checkpoints folder belongs\n")
-    store = rendezvous_store(2)  # served until the ranks are done
+    store = launcher_store(2)  # served until the ranks are done
     port = str(store.port)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, "-c", AGREE, str(r), port, str(not_a_folder)], cwd=ROOT, env=env,

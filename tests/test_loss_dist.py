@@ -8,7 +8,7 @@ import os
 import sys
 from typing import get_args
 
-from train_helpers import join_store, rendezvous_store
+from megatron_mft.launch.env import join_launcher_store, launcher_store
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(__file__))
@@ -118,7 +118,7 @@ def _worker(rank: int, world: int, port: int) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    join_store(rank, world, port)
+    join_launcher_store(rank, world, port, backend="gloo")
     try:
         _dp_phase(rank, world)
         _tp_phase(rank, world)
@@ -127,5 +127,5 @@ def _worker(rank: int, world: int, port: int) -> None:
 
 
 def test_gloo_dp2_then_tp2_match_single_process():
-    store = rendezvous_store(2)  # served until the ranks are done
+    store = launcher_store(2)  # served until the ranks are done
     mp.spawn(_worker, args=(2, store.port), nprocs=2, join=True)

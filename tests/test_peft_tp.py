@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from train_helpers import join_store, rendezvous_store
+from megatron_mft.launch.env import join_launcher_store, launcher_store
 import subprocess
 import sys
 import time
@@ -37,7 +37,7 @@ B, S = 2, 32
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("peft_tp")
-    store = rendezvous_store(2)  # served until the workers are done
+    store = launcher_store(2)  # served until the workers are done
     port = store.port
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
@@ -113,7 +113,7 @@ def _worker(rank: int, port: int, tmp: Path) -> None:
     from megatron_mft.launch.signals import shield_checkpoint_helper
 
     env = setup_runtime()
-    join_store(rank, 2, port)
+    join_launcher_store(rank, 2, port, backend="gloo")
     shield_checkpoint_helper()  # as the trainer does: the writer's helper goes with this worker (os._exit below)
 
     from megatron.core import dist_checkpointing

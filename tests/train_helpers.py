@@ -25,23 +25,6 @@ def torchrun(nproc: int) -> list[str]:
             "--nproc_per_node", str(nproc)]
 
 
-def rendezvous_store(world: int):
-    """The store that ranks this test starts itself (``mp.spawn``, ``Popen``) join with
-    :func:`join_store`: served here on a port the kernel assigns while binding (no port is picked
-    and released first, for another process to take). Keep it alive until the ranks finish."""
-    from megatron_mft.launch.env import launcher_store
-
-    return launcher_store(world)
-
-
-def join_store(rank: int, world: int, port: int) -> None:
-    """gloo process group of one rank over the parent's :func:`rendezvous_store` (rank 0 included)."""
-    import torch.distributed as dist
-
-    store = dist.TCPStore("127.0.0.1", port, world, is_master=False)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
-
-
 def env(threads: int = 1) -> dict:
     e = dict(os.environ)
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")

@@ -300,13 +300,22 @@ AGENT_STORE_ENV = "TORCHELASTIC_USE_AGENT_STORE"
 
 def launcher_store(world_size: int, addr: str = "127.0.0.1"):
     """A rendezvous store served by a launcher that starts its ranks itself (``convert verify``,
-    tests), on a port the kernel assigns while binding (port 0), as torchrun's agent does. The
-    ranks join with ``MASTER_PORT=store.port`` and ``TORCHELASTIC_USE_AGENT_STORE=True``. Keep the
-    returned store alive until they finish. A port chosen, released and bound again later could be
-    taken in between by any other process."""
+    tests, benches), on a port the kernel assigns while binding (port 0), as torchrun's agent
+    does; each rank joins with :func:`join_launcher_store`. Keep the returned store alive until
+    they finish. A port chosen, released and bound again later could be taken in between by any
+    other process."""
     from torch.distributed import TCPStore
 
     return TCPStore(addr, 0, world_size, is_master=True, wait_for_workers=False)
+
+
+def join_launcher_store(rank: int, world_size: int, port: int, backend: str | None = None,
+                        addr: str = "127.0.0.1", timeout_minutes: float = 30.0) -> "DistEnv":
+    """One of ``world_size`` local ranks joins its launcher's :func:`launcher_store` (every rank a
+    client, as torchrun's workers) through :func:`init_distributed`."""
+    os.environ[AGENT_STORE_ENV] = "True"
+    return init_distributed(DistEnv(rank, world_size, rank, world_size, 0, addr, port, "torchrun", 1), backend,
+                            timeout_minutes)
 
 
 def init_distributed(env: DistEnv | None = None, backend: str | None = None,

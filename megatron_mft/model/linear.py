@@ -51,8 +51,7 @@ class _TrainableLinear(layers.LinearWithGradAccumulationAndAsyncCommunication):
         ctx.wgrad_deferral_limit = wgrad_deferral_limit
         ctx.grad_output_buffer = grad_output_buffer
         ctx.tp_group = tp_group
-        output = F.linear(input, weight)
-        return output if bias is None else output + bias  # megatron adds the bias after the GEMM
+        return _local(input, weight, bias)
 
 
 class _FrozenLinear(layers.LinearWithFrozenWeight):
@@ -62,8 +61,7 @@ class _FrozenLinear(layers.LinearWithFrozenWeight):
         ctx.save_for_backward(weight)
         ctx.allreduce_dgrad = allreduce_dgrad
         ctx.tp_group = tp_group
-        output = F.linear(input, weight)
-        return output if bias is None else output + bias
+        return _local(input, weight, bias)
 
 
 #: megatron's entry points, as imported (install_torch_linear replaces the module attributes)

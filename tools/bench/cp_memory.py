@@ -80,8 +80,9 @@ def measure(cp: int, a) -> dict:
 
 
 def _worker(rank, world, port, a, result):
-    store = torch.distributed.TCPStore("127.0.0.1", port, world, is_master=False)  # the parent serves it
-    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    from megatron_mft.launch.env import join_launcher_store
+
+    join_launcher_store(rank, world, port, backend="gloo")  # the parent serves the store
     try:
         result[rank] = measure(world, a)
     finally:

@@ -320,9 +320,9 @@ class _Proc:
 
     def __init__(self, kind: str, argv: list[str], hf_dir: str, peft: str):
         cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", kind, "--hf-dir", hf_dir, "--peft", peft]
-        # no MASTER_PORT: a single process serves its own rendezvous store (megatron_mft.launch.env)
-        env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        env.update(MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
+        # one process whatever launched the bench; no MASTER_PORT: it serves its own store (launch/env.py)
+        env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
+        env.update(MFT_LAUNCHER="single", MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.hello = self._read()
 
