@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from megatron_mft.launch.env import launcher_store
 from train_helpers import env, read_metrics, train_command
 
+from megatron_mft.launch.env import launcher_store
 from megatron_mft.launch.signals import PreemptionGuard
 
 ROOT = Path(__file__).resolve().parents[1]

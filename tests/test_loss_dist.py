@@ -8,8 +8,6 @@ import os
 import sys
 from typing import get_args
 
-from megatron_mft.launch.env import join_launcher_store, launcher_store
-
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -17,6 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 from megatron_mft.config.loss import LossMode
+from megatron_mft.launch.env import join_launcher_store, launcher_store
 
 NT, SEQ, ROWS, V = 5, 24, 8, 16
 MODES = list(get_args(LossMode))  # every mode the config accepts

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-from megatron_mft.launch.env import join_launcher_store, launcher_store
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ import zlib
 from pathlib import Path
 
 import pytest
+
+from megatron_mft.launch.env import join_launcher_store, launcher_store
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 1234
