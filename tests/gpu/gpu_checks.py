@@ -7,7 +7,12 @@
     python tests/gpu/gpu_checks.py bench --peft lora --batching packed --out DIR
                                                            # CodeLlama-34B-shaped layers: tokens/s,
                                                            # model/hardware TFLOP/s, MFU, peak memory
+    python tests/gpu/gpu_checks.py hf-bench --out DIR      # the same layers and documents through a plain
+                                                           # transformers loop (the user's baseline)
     python tests/gpu/gpu_checks.py summary --out DIR       # ratios + a markdown table for docs/performance.md
+
+``bench --profile`` also writes ``profile_<peft>_<batching>.txt``: one step under torch.profiler,
+kernels by device time, and how much of the step's wall time the device was busy.
 
 ``--dry-run``: the same code on the CPU with tiny shapes (checks this script without a GPU;
 its figures mean nothing). Each subcommand writes ``DIR/<name>.json`` and exits 1 when its
@@ -27,6 +32,7 @@ import json
 import math
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -157,6 +163,7 @@ def check_placement(args) -> bool:
                 release()
             except Exception as e:  # noqa: BLE001 - every variant is reported
                 rec["error"] = f"{type(e).__name__}: {e}"
+                rec["traceback"] = traceback.format_exc(limit=-8)
                 good = False
                 release()
             rec["ok"] = good
@@ -274,6 +281,124 @@ def bench(args) -> bool:
     }
     result["ok"] = math.isfinite(out["loss"])
     write(Path(args.out), f"bench_{args.peft}_{args.batching}", result)
+    if args.profile:
+        profile_step(lambda: train_step(chunks, opt, sched, mbs, ctx), env.cuda,
+                     Path(args.out) / f"profile_{args.peft}_{args.batching}.txt")
+    return result["ok"]
+
+
+def profile_step(step, cuda: bool, path: Path, rows: int = 30) -> None:
+    """One step under torch.profiler: the kernels by device time and the device's busy share of
+    the step's wall time (what is left is host overhead the GPU waits for)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    busy_us = _device_busy_us(prof.events()) if cuda else None
+    head = f"step {wall * 1e3:.1f} ms under the profiler"
+    if busy_us is not None:
+        head += f"; device busy {busy_us / 1e3:.1f} ms ({100 * busy_us / 1e6 / wall:.0f}% of wall)"
+    try:
+        table = events.table(sort_by=key, row_limit=rows, max_name_column_width=60)
+    except Exception as e:  # noqa: BLE001 - a profiler API difference must not lose the figures above
+        table = f"(table unavailable: {type(e).__name__}: {e})"
+    path.write_text(head + "\n" + table + "\n")
+    print(head, flush=True)
+
+
+def _device_busy_us(events) -> float:
+    """Microseconds in which at least one kernel or device copy ran (the union of their intervals:
+    overlapping streams count once)."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, end = 0.0, -math.inf
+    for a, b in spans:
+        if b <= end:
+            continue
+        busy += b - max(a, end)
+        end = b
+    return busy
+
+
+# ---------------------------------------------------------------- the user's baseline: a plain transformers loop
+
+def hf_bench(args) -> bool:
+    """The bench's layers and documents through what a user writes with transformers: the same
+    architecture as ``LlamaForCausalLM`` (bf16, SDPA), one document per row padded to the longest
+    (transformers' usual batching), forward with labels, backward, clipping, fused AdamW."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_mft.training.metrics import flop_count, peak_flops
+
+    b = DRY_BENCH if args.dry_run else BENCH
+    env, device = runtime()
+    cfg = load_cfg([f"model.preset={b['preset']}", f"model.num_layers={b['layers']}", f"data.seq_length={b['seq']}"])
+    a, t = cfg.model.arch(), cfg.train
+    dtype = torch.bfloat16 if env.cuda else torch.float32
+    hf_cfg = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.hidden_size, intermediate_size=a.ffn_hidden_size,
+                         num_hidden_layers=a.num_layers, num_attention_heads=a.num_attention_heads,
+                         num_key_value_heads=a.num_query_groups, head_dim=a.head_dim,
+                         max_position_embeddings=a.max_position_embeddings, rope_theta=float(a.rotary_base),
+                         rms_norm_eps=a.norm_epsilon, tie_word_embeddings=False)
+    hf_cfg._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = LlamaForCausalLM(hf_cfg).to(dtype).train()
+    params = [p for p in model.parameters()]
+    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=env.cuda)
+    docs = b["docs"]
+    g = torch.Generator().manual_seed(0)
+    width = max(docs)
+    batches = []
+    for _ in range(b["micro_batches"]):
+        ids = torch.zeros(len(docs), width, dtype=torch.long)
+        mask = torch.zeros(len(docs), width, dtype=torch.long)
+        for i, d in enumerate(docs):
+            ids[i, :d] = torch.randint(3, a.vocab_size, (d,), generator=g)
+            mask[i, :d] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        batches.append({k: v.to(device) for k, v in dict(input_ids=ids, attention_mask=mask, labels=labels).items()})
+
+    def step() -> float:
+        total = 0.0
+        for mb in batches:
+            loss = model(**mb).loss / len(batches)
+            loss.backward()
+            total += loss.detach()
+        torch.nn.utils.clip_grad_norm_(params, t.clip_grad)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(total)
+
+    if env.cuda:
+        torch.cuda.reset_peak_memory_stats()
+    loss = step()
+    if env.cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(b["steps"]):
+        loss = step()
+    if env.cuda:
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / b["steps"]
+    lengths = docs * b["micro_batches"]
+    flops = flop_count(a, lengths, None, "none")
+    peak = peak_flops(env.device_name)
+    result = {"device": env.device_name, "torch": torch.__version__, "loop": "transformers LlamaForCausalLM, sdpa, "
+              "padded rows, fused AdamW", "preset": b["preset"], "layers": a.num_layers, "seq": b["seq"],
+              "docs_per_micro_batch": docs, "micro_batches": b["micro_batches"], "precision": str(dtype),
+              "real_tokens_per_step": sum(lengths), "padded_tokens_per_step": len(docs) * width * b["micro_batches"],
+              "step_s": dt, "tokens_per_s": sum(lengths) / dt, "model_tflops_per_s": flops.model / dt / 1e12,
+              "mfu": flops.model / dt / peak if peak else None,
+              "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if env.cuda else None, "loss": loss}
+    result["ok"] = math.isfinite(loss)
+    write(Path(args.out), "hf_loop", result)
     return result["ok"]
 
 
@@ -290,6 +415,12 @@ def summary(args) -> bool:
         r = runs["qlora_packed"]["step_s"] / runs["lora_packed"]["step_s"]
         res.update(qlora_over_lora_step_time=r, qlora_over_lora_target=QLORA_OVER_LORA_TARGET,
                    qlora_over_lora_within_target=r <= QLORA_OVER_LORA_TARGET)
+    hf_loop = out / "hf_loop.json"
+    if hf_loop.is_file():
+        hf = json.loads(hf_loop.read_text())
+        for name in ("none_packed", "none_dynamic"):
+            if name in runs:
+                res[f"engine_{name}_over_hf_loop_tokens_per_s"] = runs[name]["tokens_per_s"] / hf["tokens_per_s"]
     for method in ("none", "lora", "qlora"):
         if f"{method}_packed" in runs and f"{method}_dynamic" in runs:
             res[f"{method}_packed_over_dynamic_tokens_per_s"] = (runs[f"{method}_packed"]["tokens_per_s"]
@@ -301,6 +432,11 @@ def summary(args) -> bool:
         mem = f"{r['peak_mem_gib']:.1f}" if r.get("peak_mem_gib") is not None else "-"
         lines.append(f"| {name} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['model_tflops_per_s']:.1f} | "
                      f"{r['hardware_tflops_per_s']:.1f} | {mfu} | {mem} |")
+    if hf_loop.is_file():
+        mfu = f"{100 * hf['mfu']:.1f}%" if hf.get("mfu") is not None else "-"
+        mem = f"{hf['peak_mem_gib']:.1f}" if hf.get("peak_mem_gib") is not None else "-"
+        lines.append(f"| transformers loop (padded rows) | {hf['step_s']:.3f} | {hf['tokens_per_s']:.0f} | "
+                     f"{hf['model_tflops_per_s']:.1f} | - | {mfu} | {mem} |")
     if runs:
         first = next(iter(runs.values()))
         kernels = sorted({f"{r['batching']}: {r['kernels'].split(' kernels: ', 1)[-1]}" for r in runs.values()})
@@ -315,17 +451,19 @@ def summary(args) -> bool:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("check", choices=["placement", "hf-parity", "bench", "summary"])
+    ap.add_argument("check", choices=["placement", "hf-parity", "bench", "hf-bench", "summary"])
     ap.add_argument("--out", required=True, help="folder for <check>.json")
     ap.add_argument("--peft", default="none", choices=["none", "lora", "qlora"])
     ap.add_argument("--batching", default="packed", choices=["packed", "dynamic"])
+    ap.add_argument("--profile", action="store_true", help="bench: also profile one step")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (no GPU needed)")
     args = ap.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         print("no CUDA device: these are GPU checks (use --dry-run to exercise the script on the CPU)",
               file=sys.stderr)
         return 2
-    fn = {"placement": check_placement, "hf-parity": check_hf_parity, "bench": bench, "summary": summary}[args.check]
+    fn = {"placement": check_placement, "hf-parity": check_hf_parity, "bench": bench, "hf-bench": hf_bench,
+          "summary": summary}[args.check]
     return 0 if fn(args) else 1
 
 

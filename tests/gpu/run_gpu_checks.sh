@@ -19,15 +19,20 @@
 #     megatron-core==0.16.1 bitsandbytes==0.50.2
 # (megatron-core: the cp312 wheel, it has a compiled helper; bitsandbytes: py3-none manylinux with
 # its CUDA libraries, ~43 MB; both together stay under the device tool's 64 MiB carry limit.)
-# Then: device run, carry [".whl"], command "bash tests/gpu/run_gpu_checks.sh", timeout_s 560.
-# Results: $OUT/*.json, $OUT/summary.md, $OUT/log.txt. Put the figures, with the card, in
-# docs/performance.md.
+# Then: device run, carry [".whl"], command "bash tests/gpu/run_gpu_checks.sh", timeout_s 590.
+# Results: $OUT/log.txt, $OUT/summary.md and $OUT/results.tgz (every check's JSON, the profiles,
+# versions). Put the figures, with the card, in docs/performance.md.
 #
 # DRY_RUN=1 bash tests/gpu/run_gpu_checks.sh   runs the same Python on the CPU with tiny shapes
 # (this repository's .venv, nothing installed): it checks the script, its figures mean nothing.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-/tmp/gpu_out}"; mkdir -p "$OUT"
+# the device tool brings back at most 8 files from $OUT: the checks write into RES, and $OUT gets
+# log.txt (as it is written), summary.md and results.tgz (everything, made on exit)
+RES="${RES:-/tmp/gpu_results}"; rm -rf "$RES"; mkdir -p "$RES"
+BUDGET_S="${BUDGET_S:-450}"  # no step starts after this many seconds (the call's own limit must not cut the tar)
+trap 'cp -f "$RES/summary.md" "$OUT/" 2>/dev/null; tar czf "$OUT/results.tgz" -C "$RES" .' EXIT
 exec > >(tee -a "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 DRY=()
@@ -43,28 +48,31 @@ else
   # install next to the preinstalled torch; --no-deps: torch, numpy, packaging are there already
   "$PY" -m pip install -q --no-index --no-deps --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH="/tmp/site:$PYTHONPATH"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RES/gpu.txt"
 fi
 "$PY" -c "import torch, megatron.core, bitsandbytes, transformers, peft; print('torch', torch.__version__, \
 'cuda', torch.version.cuda, 'megatron-core', megatron.core.__version__, 'bitsandbytes', bitsandbytes.__version__, \
-'transformers', transformers.__version__, 'peft', peft.__version__)" | tee "$OUT/versions.txt" || exit 1
+'transformers', transformers.__version__, 'peft', peft.__version__)" | tee "$RES/versions.txt" || exit 1
 
 FAILED=()
 step() {  # step NAME TIMEOUT_S ARGS...: one check, its own process and time limit
   local name=$1 limit=$(($2 * SCALE)); shift 2
+  if [ $SECONDS -ge $((BUDGET_S * SCALE)) ]; then echo "== $name: skipped (budget spent)"; FAILED+=("$name(skipped)"); return; fi
   echo "== $name (limit ${limit}s)"
   local t0=$SECONDS
-  timeout "$limit" "$PY" tests/gpu/gpu_checks.py "$@" --out "$OUT" "${DRY[@]}"
+  timeout "$limit" "$PY" tests/gpu/gpu_checks.py "$@" --out "$RES" "${DRY[@]}"
   local rc=$?
   echo "== $name: exit $rc after $((SECONDS - t0))s"
   [ $rc = 0 ] || FAILED+=("$name(exit $rc)")
 }
 step placement 90 placement
 step hf-parity 90 hf-parity
-step bench-full-packed 75 bench --peft none --batching packed
+step bench-full-packed 90 bench --peft none --batching packed --profile
 step bench-lora-packed 60 bench --peft lora --batching packed
-step bench-qlora-packed 75 bench --peft qlora --batching packed
+step bench-qlora-packed 90 bench --peft qlora --batching packed --profile
 step bench-lora-dynamic 60 bench --peft lora --batching dynamic
+step bench-full-dynamic 60 bench --peft none --batching dynamic
+step hf-loop 75 hf-bench
 step summary 30 summary
 echo "failed: ${FAILED[*]:-none}"
 [ ${#FAILED[@]} = 0 ]
