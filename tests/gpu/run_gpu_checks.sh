@@ -23,6 +23,7 @@
 # Results: $OUT/log.txt, $OUT/summary.md and $OUT/results.tgz (every check's JSON, the profiles,
 # versions). Put the figures, with the card, in docs/performance.md.
 #
+# ONLY="hf-parity wgrad" bash tests/gpu/run_gpu_checks.sh   runs those steps (and the summary) alone.
 # DRY_RUN=1 bash tests/gpu/run_gpu_checks.sh   runs the same Python on the CPU with tiny shapes
 # (this repository's .venv, nothing installed): it checks the script, its figures mean nothing.
 set -uo pipefail
@@ -57,6 +58,7 @@ fi
 FAILED=()
 step() {  # step NAME TIMEOUT_S ARGS...: one check, its own process and time limit
   local name=$1 limit=$(($2 * SCALE)); shift 2
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY summary " != *" $name "* ]]; then return; fi
   if [ $SECONDS -ge $((BUDGET_S * SCALE)) ]; then echo "== $name: skipped (budget spent)"; FAILED+=("$name(skipped)"); return; fi
   echo "== $name (limit ${limit}s)"
   local t0=$SECONDS
@@ -67,7 +69,9 @@ step() {  # step NAME TIMEOUT_S ARGS...: one check, its own process and time lim
 }
 step placement 90 placement
 step hf-parity 90 hf-parity
+step wgrad 45 wgrad
 step bench-full-packed 90 bench --peft none --batching packed --profile
+step bench-full-packed-unfused-wgrad 75 bench --peft none --batching packed --wgrad unfused --profile
 step bench-lora-packed 60 bench --peft lora --batching packed
 step bench-qlora-packed 90 bench --peft qlora --batching packed --profile
 step bench-lora-dynamic 60 bench --peft lora --batching dynamic
