@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 12 as one prepared script for the device tool: one H100/H200, Python
 # 3.12, PyTorch (CUDA) 2.11, transformers + peft preinstalled; no megatron-core, TE, flash-attn or
-# internet there. Budget: under 9 minutes in all (each step has its own timeout below).
+# internet there. Budget: under 8 minutes in all (each step has its own timeout below; on one H200
+# the whole script ran in 4.4 minutes, docs/performance.md "GPU").
 #
 #   1. placement   every variant the recipes build (full/LoRA/QLoRA x each attention backend
 #                  importable there), built as the recipe does on CUDA: every parameter, buffer
 #                  and NF4 code on the GPU, then one packed and one dynamic step each
-#   2. hf-parity   megatron logits vs transformers' on CUDA, fp32 (<= 1e-3) and bf16 (no further
-#                  from transformers' fp32 logits than 1.5 x transformers' own bf16 run + 0.02)
-#   3. bench       CodeLlama-34B-shaped layers (4 of 48, hidden 8192), seq 4096, bf16: full, LoRA
-#                  and QLoRA packed, LoRA dynamic: tokens/s, model and hardware TFLOP/s, MFU,
-#                  peak memory (FLOPs from megatron_mft.training.metrics.flop_count)
-#   4. summary     QLoRA/LoRA step-time ratio (target <= 1.3), packed vs dynamic, a markdown table
+#   2. hf-parity   megatron logits vs transformers' on CUDA, both against transformers in float64:
+#                  fp32 within 2 x transformers' own fp32 error, bf16 within 1.5 x its bf16 + 0.02
+#   3. wgrad       the weight gradient accumulated into fp32 main_grad in one GEMM, vs float64
+#   4. bench       CodeLlama-34B-shaped layers (4 of 48, hidden 8192), seq 4096, bf16: full (also
+#                  with the bf16 weight gradient then an add, the A/B), LoRA and QLoRA packed, full
+#                  and LoRA dynamic: tokens/s, model and hardware TFLOP/s, MFU, peak memory (FLOPs
+#                  from megatron_mft.training.metrics.flop_count); full and QLoRA profiled
+#   5. hf-loop     the same layers and documents through a plain transformers loop
+#   6. summary     QLoRA/LoRA step-time ratio (target <= 1.3), packed vs dynamic, engine vs the
+#                  transformers loop, fused vs unfused weight gradient, a markdown table
 #
 # Prepare here (not on the device; .whl/ is git-ignored), from the repository root:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
