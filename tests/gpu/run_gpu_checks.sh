@@ -2,7 +2,7 @@
 # The GPU checks of issue 12 as one prepared script for the device tool: one H100/H200, Python
 # 3.12, PyTorch (CUDA) 2.11, transformers + peft preinstalled; no megatron-core, TE, flash-attn or
 # internet there. Budget: under 8 minutes in all (each step has its own timeout below; on one H200
-# the whole script ran in 4.4 minutes, docs/performance.md "GPU").
+# the whole script ran in 5.0 minutes, docs/performance.md "GPU").
 #
 #   1. placement   every variant the recipes build (full/LoRA/QLoRA x each attention backend
 #                  importable there), built as the recipe does on CUDA: every parameter, buffer
