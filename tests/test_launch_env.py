@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-from megatron_mft.launch.env import AGENT_STORE_ENV, launcher_store
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from megatron_mft.launch.env import DistEnv, LaunchError, default_port, parse_tasks_per_node
+from megatron_mft.launch.env import (AGENT_STORE_ENV, DistEnv, LaunchError, default_port, launcher_store,
+                                     parse_tasks_per_node)
 from megatron_mft.launch.hostnames import HostListError, expand_nodelist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,8 +173,6 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RA
                "MASTER_ADDR", "MASTER_PORT", "MFT_LAUNCHER")
 
 
-
-
 def test_simulated_slurm_job_2_nodes_x_2_tasks():
     """The environment of `srun -N2 --ntasks-per-node=2` on node[01-02]; node01 is this machine.
 
@@ -239,3 +237,52 @@ def test_single_process_rendezvous_cannot_lose_its_port():
     assert run.returncode == 0, run.stderr[-3000:]
     r = json.loads(run.stdout.strip().splitlines()[-1])
     assert r["sum"] == 1.0 and r["port"] != r["taken"] and r["exported"] == str(r["port"]) == str(r["served"])
+
+
+ADDRESS = r"""
+import json, socket, sys, time
+import torch, torch.distributed as dist
+from megatron_mft.launch.env import DistEnv, LaunchError, init_distributed
+addr, port, world = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+t0 = time.monotonic()
+try:  # a short rendezvous timeout: the old behaviour waits it out, then raises DistNetworkError
+    env = init_distributed(DistEnv(0, world, 0, world, 0, addr, port, "single", 1), backend="gloo",
+                           timeout_minutes=0.1)
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    print(json.dumps({"addr": env.master_addr, "port": env.master_port, "sum": t.item()}))
+except LaunchError as e:
+    print(json.dumps({"launch_error": str(e), "seconds": time.monotonic() - t0}))
+"""
+
+
+def _address_case(addr: str, port: int, world: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in LAUNCH_VARS}
+    run = subprocess.run([sys.executable, "-c", ADDRESS, addr, str(port), str(world)], cwd=ROOT, text=True,
+                         env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_rendezvous_addresses_that_cannot_work_do_not_hold_start_up():
+    """A single process needs no address: a MASTER_ADDR left from another job (192.0.2.1 is
+    TEST-NET-1, never routed; a name that does not resolve) is not waited for, its store is served
+    on the loopback, on MASTER_PORT when given. A taken MASTER_PORT, and for several processes a
+    MASTER_ADDR that does not resolve, are refused at once, naming the variable."""
+    import socket
+
+    for addr in ("192.0.2.1", "no-such-host.invalid"):
+        r = _address_case(addr, 0, 1)
+        assert r == {"addr": "127.0.0.1", "port": r["port"], "sum": 1.0} and r["port"] > 0, r
+    with socket.socket() as s:  # a free port, named as MASTER_PORT
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    r = _address_case("192.0.2.1", free, 1)
+    assert r.get("port") == free or "launch_error" in r, r  # (another process may take it in between)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = _address_case("127.0.0.1", taken.getsockname()[1], 1)
+    assert "MASTER_PORT" in r["launch_error"] and "unset MASTER_PORT" in r["launch_error"], r
+    r = _address_case("no-such-host.invalid", 29500, 2)
+    assert "MASTER_ADDR 'no-such-host.invalid' does not resolve" in r["launch_error"] and r["seconds"] < 5, r

@@ -32,6 +32,7 @@ import datetime
 import json
 import os
 import re
+import socket
 import sys
 from dataclasses import dataclass
 from typing import Literal, Mapping
@@ -296,6 +297,8 @@ def _single(env: Mapping[str, str]) -> DistEnv:
 #: torch's switch (torchrun sets it for its workers) that makes every rank a client of a store
 #: its launcher holds, rank 0 included
 AGENT_STORE_ENV = "TORCHELASTIC_USE_AGENT_STORE"
+#: where a single process serves its own rendezvous store
+LOOPBACK = "127.0.0.1"
 
 
 def launcher_store(world_size: int, addr: str = "127.0.0.1"):
@@ -327,9 +330,12 @@ def init_distributed(env: DistEnv | None = None, backend: str | None = None,
     uses device 0). Rendezvous is ``tcp://MASTER_ADDR:MASTER_PORT``; the standard variables
     (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
     ``LOCAL_WORLD_SIZE``) are exported so libraries that read them agree with us.
-    A single process without ``MASTER_PORT`` serves its own store on a port the kernel assigns
-    (``tcp://`` needs a port chosen beforehand, which another process could take first).
-    Returns the environment actually used (that port filled in). Idempotent.
+    A single process (one not joining a launcher's store) meets nobody: it serves its own store
+    on the loopback whatever ``MASTER_ADDR`` says (one left over from another job, unreachable
+    from here, held start-up for the whole timeout), on ``MASTER_PORT`` or, without it, a port the
+    kernel assigns (``tcp://`` needs a port chosen beforehand, which another process could take
+    first). With several processes a ``MASTER_ADDR`` that does not resolve is refused at once.
+    Returns the environment actually used (address and port filled in). Idempotent.
     """
     import torch
     import torch.distributed as dist
@@ -358,13 +364,23 @@ def init_distributed(env: DistEnv | None = None, backend: str | None = None,
                 f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"], {})
 
     timeout = datetime.timedelta(minutes=timeout_minutes)
-    if env.master_port == 0 and env.world_size == 1:
-        # one process, no MASTER_PORT: serve the store on a port the kernel assigns while binding
-        store = dist.TCPStore(env.master_addr, 0, 1, is_master=True, timeout=timeout)
-        env = dataclasses.replace(env, master_port=store.port)
+    if env.world_size == 1 and os.environ.get(AGENT_STORE_ENV) != "True":
+        try:  # port 0: the kernel assigns one while binding
+            store = dist.TCPStore(LOOPBACK, env.master_port, 1, is_master=True, timeout=timeout)
+        except (RuntimeError, OSError) as e:  # DistNetworkError: the port is taken
+            raise LaunchError(env.source, [f"cannot serve this single process's rendezvous store on port "
+                                           f"{env.master_port} (MASTER_PORT): {e}; unset MASTER_PORT to let "
+                                           "the system pick a free one"], {"MASTER_PORT": str(env.master_port)}) from None
+        env = dataclasses.replace(env, master_addr=LOOPBACK, master_port=store.port)
         _export(env)
         dist.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
         return env
+    try:
+        socket.getaddrinfo(env.master_addr, env.master_port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise LaunchError(env.source, [f"MASTER_ADDR {env.master_addr!r} does not resolve to an address "
+                                       f"({getattr(e, 'strerror', None) or e}): it must name rank 0's host"],
+                          {"MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port)}) from None
     _export(env)
     host = f"[{env.master_addr}]" if ":" in env.master_addr else env.master_addr
     dist.init_process_group(backend=backend, init_method=f"tcp://{host}:{env.master_port}", rank=env.rank,
