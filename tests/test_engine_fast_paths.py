@@ -411,8 +411,9 @@ def test_cuda_weight_gradient_accumulates_in_one_gemm(tp1_env):
 
     from megatron_mft.compat.cpu import cuda_redirected_to
     from megatron_mft.model import linear
-    from megatron_mft.training.optimizer import accumulate_wgrad_into_main_grad
+    from megatron_mft.training.optimizer import MIXED_DTYPE_ADDMM_DEVICES, accumulate_wgrad_into_main_grad
 
+    assert MIXED_DTYPE_ADDMM_DEVICES == ("cuda", "meta")  # meta plays CUDA here
     accumulate_wgrad_into_main_grad([])  # installs the stand-in where apex is missing
 
     class Ops(TorchDispatchMode):
@@ -441,3 +442,27 @@ def test_cuda_weight_gradient_accumulates_in_one_gemm(tp1_env):
     assert args[1].dtype == args[2].dtype == torch.bfloat16 and torch.float32 in (*args[3:], *kwargs.values())
     assert not any(f is torch.ops.aten.add_.Tensor for f, _, _ in ops.calls)  # no separate accumulation pass
     assert weight.grad_added_to_main_grad  # megatron's DDP hook then adds nothing
+
+
+def test_weight_gradient_falls_back_where_mixed_dtype_addmm_is_missing(monkeypatch):
+    """A torch whose addmm cannot take bf16 operands into a float32 output on the device (the CPU
+    backend plays such a torch here: it has no kernel for it) gets the product and the add, the
+    same numbers as before the one-GEMM form, with one warning; a later call goes straight there."""
+    from megatron_mft.training import optimizer
+
+    monkeypatch.setattr(optimizer, "MIXED_DTYPE_ADDMM_DEVICES", ("cpu",))
+    monkeypatch.setattr(optimizer, "_mixed_addmm_works", {})
+    g = torch.Generator().manual_seed(0)
+    x, dy = (torch.randn(64, n, generator=g).to(torch.bfloat16) for n in (32, 48))
+    main0 = torch.randn(48, 32, generator=g)
+    main_grad = main0.clone()
+    with pytest.warns(UserWarning, match="no mixed-dtype addmm on cpu"):
+        optimizer._wgrad_gemm_accum(x, dy, main_grad)
+    assert torch.equal(main_grad, main0 + dy.t().mm(x))
+    assert optimizer._mixed_addmm_works == {"cpu": False}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizer._wgrad_gemm_accum(x, dy, main_grad)
+    assert torch.equal(main_grad, main0 + dy.t().mm(x) + dy.t().mm(x))

@@ -240,7 +240,7 @@ def test_single_process_rendezvous_cannot_lose_its_port():
 
 
 ADDRESS = r"""
-import json, socket, sys, time
+import json, sys, time
 import torch, torch.distributed as dist
 from megatron_mft.launch.env import DistEnv, LaunchError, init_distributed
 addr, port, world = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -266,23 +266,17 @@ def _address_case(addr: str, port: int, world: int) -> dict:
 
 def test_rendezvous_addresses_that_cannot_work_do_not_hold_start_up():
     """A single process needs no address: a MASTER_ADDR left from another job (192.0.2.1 is
-    TEST-NET-1, never routed; a name that does not resolve) is not waited for, its store is served
-    on the loopback, on MASTER_PORT when given. A taken MASTER_PORT, and for several processes a
-    MASTER_ADDR that does not resolve, are refused at once, naming the variable."""
+    TEST-NET-1, never routed; a name that does not resolve) is not waited for and a MASTER_PORT
+    another process holds is not bound: its store is served on the loopback, on a port the kernel
+    assigns. With several processes a MASTER_ADDR that does not resolve is refused at once."""
     import socket
 
-    for addr in ("192.0.2.1", "no-such-host.invalid"):
-        r = _address_case(addr, 0, 1)
-        assert r == {"addr": "127.0.0.1", "port": r["port"], "sum": 1.0} and r["port"] > 0, r
-    with socket.socket() as s:  # a free port, named as MASTER_PORT
-        s.bind(("127.0.0.1", 0))
-        free = s.getsockname()[1]
-    r = _address_case("192.0.2.1", free, 1)
-    assert r.get("port") == free or "launch_error" in r, r  # (another process may take it in between)
     with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
+        taken.bind(("0.0.0.0", 0))
         taken.listen()
-        r = _address_case("127.0.0.1", taken.getsockname()[1], 1)
-    assert "MASTER_PORT" in r["launch_error"] and "unset MASTER_PORT" in r["launch_error"], r
+        for addr, port in (("192.0.2.1", 0), ("no-such-host.invalid", 0), ("192.0.2.1", taken.getsockname()[1])):
+            r = _address_case(addr, port, 1)
+            assert r == {"addr": "127.0.0.1", "port": r["port"], "sum": 1.0}, r
+            assert r["port"] not in (0, taken.getsockname()[1]), r
     r = _address_case("no-such-host.invalid", 29500, 2)
-    assert "MASTER_ADDR 'no-such-host.invalid' does not resolve" in r["launch_error"] and r["seconds"] < 5, r
+    assert "MASTER_ADDR 'no-such-host.invalid' does not resolve" in r["launch_error"] and r["seconds"] < 30, r

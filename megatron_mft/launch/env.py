@@ -330,11 +330,11 @@ def init_distributed(env: DistEnv | None = None, backend: str | None = None,
     uses device 0). Rendezvous is ``tcp://MASTER_ADDR:MASTER_PORT``; the standard variables
     (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
     ``LOCAL_WORLD_SIZE``) are exported so libraries that read them agree with us.
-    A single process (one not joining a launcher's store) meets nobody: it serves its own store
-    on the loopback whatever ``MASTER_ADDR`` says (one left over from another job, unreachable
-    from here, held start-up for the whole timeout), on ``MASTER_PORT`` or, without it, a port the
-    kernel assigns (``tcp://`` needs a port chosen beforehand, which another process could take
-    first). With several processes a ``MASTER_ADDR`` that does not resolve is refused at once.
+    A single process meets nobody (unless torchrun's agent serves its store): it serves its own
+    store on the loopback, on a port the kernel assigns while binding, whatever ``MASTER_ADDR`` and
+    ``MASTER_PORT`` say (an address left over from another job, unreachable from here, held
+    start-up for the whole timeout; a port chosen beforehand can be taken by another process
+    first). With several processes a ``MASTER_ADDR`` that does not exist is refused at once.
     Returns the environment actually used (address and port filled in). Idempotent.
     """
     import torch
@@ -364,28 +364,40 @@ def init_distributed(env: DistEnv | None = None, backend: str | None = None,
                 f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"], {})
 
     timeout = datetime.timedelta(minutes=timeout_minutes)
-    if env.world_size == 1 and os.environ.get(AGENT_STORE_ENV) != "True":
-        try:  # port 0: the kernel assigns one while binding
-            store = dist.TCPStore(LOOPBACK, env.master_port, 1, is_master=True, timeout=timeout)
-        except (RuntimeError, OSError) as e:  # DistNetworkError: the port is taken
-            raise LaunchError(env.source, [f"cannot serve this single process's rendezvous store on port "
-                                           f"{env.master_port} (MASTER_PORT): {e}; unset MASTER_PORT to let "
-                                           "the system pick a free one"], {"MASTER_PORT": str(env.master_port)}) from None
+    if env.world_size == 1 and not (env.source == "torchrun" and os.environ.get(AGENT_STORE_ENV) == "True"):
+        store = dist.TCPStore(LOOPBACK, 0, 1, is_master=True, timeout=timeout)
         env = dataclasses.replace(env, master_addr=LOOPBACK, master_port=store.port)
         _export(env)
         dist.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
         return env
-    try:
-        socket.getaddrinfo(env.master_addr, env.master_port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as e:
-        raise LaunchError(env.source, [f"MASTER_ADDR {env.master_addr!r} does not resolve to an address "
-                                       f"({getattr(e, 'strerror', None) or e}): it must name rank 0's host"],
-                          {"MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port)}) from None
+    _check_master_addr(env)
     _export(env)
     host = f"[{env.master_addr}]" if ":" in env.master_addr else env.master_addr
     dist.init_process_group(backend=backend, init_method=f"tcp://{host}:{env.master_port}", rank=env.rank,
                             world_size=env.world_size, timeout=timeout)
     return env
+
+
+#: getaddrinfo's answers for a name that does not exist (a temporary failure, EAI_AGAIN, is left
+#: to the rendezvous's own retries)
+_NO_SUCH_NAME = {getattr(socket, n) for n in ("EAI_NONAME", "EAI_NODATA") if hasattr(socket, n)}
+
+
+def _check_master_addr(env: DistEnv) -> None:
+    """A ``MASTER_ADDR`` that names no host is an error now, not after the rendezvous timeout."""
+    try:
+        socket.getaddrinfo(env.master_addr, env.master_port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        if e.errno not in _NO_SUCH_NAME:
+            return
+        reason = e.strerror
+    except UnicodeError as e:  # not a host name at all (an empty or over-long label)
+        reason = str(e)
+    else:
+        return
+    raise LaunchError(env.source, [f"MASTER_ADDR {env.master_addr!r} does not resolve to an address ({reason}): "
+                                   "it must name rank 0's host"],
+                      {"MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port)})
 
 
 def _export(env: DistEnv) -> None:
