@@ -3,6 +3,7 @@
     python tests/gpu/gpu_checks.py placement --out DIR     # every variant built as the recipe does,
                                                            # all tensors on cuda, one packed + one
                                                            # dynamic step each (real kernels)
+    python tests/gpu/gpu_checks.py isolation --out DIR     # packed documents == each alone, on CUDA kernels
     python tests/gpu/gpu_checks.py hf-parity --out DIR     # logits vs transformers on CUDA, fp32 and bf16
     python tests/gpu/gpu_checks.py wgrad --out DIR         # weight gradient into fp32 main_grad vs float64
     python tests/gpu/gpu_checks.py bench --peft lora --batching packed --out DIR
@@ -99,9 +100,11 @@ def build_engine(cfg, env):
     return raw, chunks, opt, build_scheduler(opt, cfg, 1000)
 
 
-def micro_batches(docs: list[int], packed: bool, n: int, vocab: int, seed: int = 0) -> list[dict]:
+def micro_batches(docs: list[int], packed: bool, n: int, vocab: int, seed: int = 0,
+                  joined: bool = False) -> list[dict]:
     """``n`` micro batches through the real collator: packed = one row holding every document
-    (THD); dynamic = one document per row, padded to the longest (SBHD). Same tokens either way."""
+    (THD); dynamic = one document per row, padded to the longest (SBHD). Same tokens either way.
+    ``joined``: the documents run as one (a packed row without isolation: the negative control)."""
     import numpy as np
 
     from megatron_mft.data.collate import Row, collate, row_width
@@ -110,7 +113,9 @@ def micro_batches(docs: list[int], packed: bool, n: int, vocab: int, seed: int =
     out = []
     for _ in range(n):
         samples = [(g.integers(3, vocab, size=d), np.ones(d, dtype=np.uint8), 0) for d in docs]
-        rows = [Row.of(samples)] if packed else [Row.of([s]) for s in samples]
+        if joined:
+            samples = [(np.concatenate([t for t, _, _ in samples]), np.ones(sum(docs), dtype=np.uint8), 0)]
+        rows = [Row.of(samples)] if packed or joined else [Row.of([s]) for s in samples]
         out.append(collate(rows, row_width(rows, multiple=8), pad_id=0))
     return out
 
@@ -175,6 +180,47 @@ def check_placement(args) -> bool:
             ok &= good
             results.append(rec)
     write(Path(args.out), "placement", {"device": env.device_name, "ok": ok, "variants": results})
+    return ok
+
+
+# ---------------------------------------------------------------- attention isolation
+
+def check_isolation(args) -> bool:
+    """Packed documents attend only within themselves on the device's kernels: at the same weights
+    every document's per-token CE in a packed row equals the same document alone in a padded row
+    (fp32 within 1e-3; bf16, whose packed and padded rows may run different kernels, within a
+    quarter of what running the documents as one changes: the negative control, which must move
+    the CE for the check to prove anything). Positions whose label is inside their document only."""
+    from megatron_mft.training.step import StepContext, _ce_only_loss_func, run_schedule
+
+    env, device = runtime()
+    docs = [48, 32, 32, 16]
+    result, ok = {"device": env.device_name, "docs": docs}, True
+    for precision in ("fp32", "bf16") if env.cuda else ("fp32",):
+        cfg = load_cfg(["model.num_layers=2", f"model.precision={precision}", "model.attention_backend=sdpa",
+                        "train.micro_batch_size=4"])
+        raw, chunks, opt, sched = build_engine(cfg, env)
+        vocab = cfg.model.arch().vocab_size
+        ce = {}
+        for layout in ("packed", "dynamic", "joined"):
+            mbs = micro_batches(docs, layout == "packed", 1, vocab, joined=layout == "joined")
+            ctx = StepContext(loss_cfg=cfg.loss, task_names=["t"], device=device, packed=layout != "dynamic")
+            with torch.no_grad():
+                token_ce = run_schedule(chunks, mbs, ctx, _ce_only_loss_func, forward_only=True)[0]["token_ce"]
+            token_ce, starts = token_ce.double().cpu(), [sum(docs[:i]) for i in range(len(docs))]
+            ce[layout] = torch.cat([token_ce[i, :n - 1] if layout == "dynamic" else token_ce[0, o:o + n - 1]
+                                    for i, (o, n) in enumerate(zip(starts, docs))])
+        isolated = (ce["packed"] - ce["dynamic"]).abs().max().item()
+        leak = (ce["joined"] - ce["dynamic"]).abs().max().item()
+        tol = 1e-3 if precision == "fp32" else 0.25 * leak
+        good = isolated <= tol and leak > 0.01  # the control must move the CE, or the check proves nothing
+        result[precision] = {"packed_vs_dynamic_max_abs": isolated, "joined_vs_dynamic_max_abs": leak, "tol": tol,
+                             "ce_mean": ce["dynamic"].mean().item(), "ok": good}
+        ok &= good
+        del raw, chunks, opt, sched
+        release()
+    result["ok"] = ok
+    write(Path(args.out), "isolation", result)
     return ok
 
 
@@ -462,7 +508,7 @@ def summary(args) -> bool:
     out = Path(args.out)
     runs = {p.stem[len("bench_"):]: json.loads(p.read_text()) for p in sorted(out.glob("bench_*.json"))}
     checks = {n: json.loads((out / f"{n}.json").read_text()).get("ok") if (out / f"{n}.json").is_file() else None
-              for n in ("placement", "hf_parity", "wgrad")}
+              for n in ("placement", "isolation", "hf_parity", "wgrad")}
     res = {"checks": checks, "runs": sorted(runs)}
     if "qlora_packed" in runs and "lora_packed" in runs:
         r = runs["qlora_packed"]["step_s"] / runs["lora_packed"]["step_s"]
@@ -507,7 +553,8 @@ def summary(args) -> bool:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("check", choices=["placement", "hf-parity", "wgrad", "bench", "hf-bench", "summary"])
+    ap.add_argument("check", choices=["placement", "isolation", "hf-parity", "wgrad", "bench", "hf-bench",
+                                      "summary"])
     ap.add_argument("--out", required=True, help="folder for <check>.json")
     ap.add_argument("--peft", default="none", choices=["none", "lora", "qlora"])
     ap.add_argument("--batching", default="packed", choices=["packed", "dynamic"])
@@ -520,7 +567,7 @@ def main(argv=None) -> int:
         print("no CUDA device: these are GPU checks (use --dry-run to exercise the script on the CPU)",
               file=sys.stderr)
         return 2
-    fn = {"placement": check_placement, "hf-parity": check_hf_parity, "wgrad": check_wgrad, "bench": bench,
+    fn = {"placement": check_placement, "isolation": check_isolation, "hf-parity": check_hf_parity, "wgrad": check_wgrad, "bench": bench,
           "hf-bench": hf_bench, "summary": summary}[args.check]
     return 0 if fn(args) else 1
 

@@ -8,15 +8,17 @@
 #   1. placement   every variant the recipes build (full/LoRA/QLoRA x each attention backend
 #                  importable there), built as the recipe does on CUDA: every parameter, buffer
 #                  and NF4 code on the GPU, then one packed and one dynamic step each
-#   2. hf-parity   megatron logits vs transformers' on CUDA, both against transformers in float64:
+#   2. isolation   each packed document's per-token CE == the document alone in a padded row, at
+#                  the same weights, fp32 and bf16 (negative control: the documents run as one)
+#   3. hf-parity   megatron logits vs transformers' on CUDA, both against transformers in float64:
 #                  fp32 within 2 x transformers' own fp32 error, bf16 within 1.5 x its bf16 + 0.02
-#   3. wgrad       the weight gradient accumulated into fp32 main_grad in one GEMM, vs float64
-#   4. bench       CodeLlama-34B-shaped layers (4 of 48, hidden 8192), seq 4096, bf16: full (also
+#   4. wgrad       the weight gradient accumulated into fp32 main_grad in one GEMM, vs float64
+#   5. bench       CodeLlama-34B-shaped layers (4 of 48, hidden 8192), seq 4096, bf16: full (also
 #                  with the bf16 weight gradient then an add, the A/B), LoRA and QLoRA packed, full
 #                  and LoRA dynamic: tokens/s, model and hardware TFLOP/s, MFU, peak memory (FLOPs
 #                  from megatron_mft.training.metrics.flop_count); full and QLoRA profiled
-#   5. hf-loop     the same layers and documents through a plain transformers loop
-#   6. summary     QLoRA/LoRA step-time ratio (target <= 1.3), packed vs dynamic, engine vs the
+#   6. hf-loop     the same layers and documents through a plain transformers loop
+#   7. summary     QLoRA/LoRA step-time ratio (target <= 1.3), packed vs dynamic, engine vs the
 #                  transformers loop, fused vs unfused weight gradient, a markdown table
 #
 # Prepare here (not on the device; .whl/ is git-ignored), from the repository root:
@@ -77,6 +79,7 @@ step() {  # step NAME TIMEOUT_S ARGS...: one check, its own process and time lim
   [ $rc = 0 ] || FAILED+=("$name(exit $rc)")
 }
 step placement 90 placement
+step isolation 60 isolation
 step hf-parity 90 hf-parity
 step wgrad 45 wgrad
 step bench-full-packed 90 bench --peft none --batching packed --profile
