@@ -90,7 +90,7 @@ def _return_freed_memory() -> None:
 
 
 def _single_process():
-    """torch.distributed (world of 1, free port) + megatron parallel state at TP=1, PP=1."""
+    """torch.distributed (one process, its own store) + megatron parallel state at TP=1, PP=1."""
     from megatron_mft.compat import setup_runtime
     from megatron_mft.config import ParallelConfig
     from megatron_mft.launch.env import DistEnv, init_distributed, read_dist_env
@@ -102,7 +102,7 @@ def _single_process():
     _return_freed_memory()
     env = setup_runtime()
     # gloo even on GPU hosts: conversions are host-memory work, and collectives carry CPU objects
-    init_distributed(DistEnv(0, 1, 0, 1, 0, "127.0.0.1", 0, "single", 1), backend="gloo")
+    init_distributed(DistEnv.single(), backend="gloo")
     init_parallel(ParallelConfig(), env, seed=0)
     return env
 

@@ -447,7 +447,8 @@ def test_cuda_weight_gradient_accumulates_in_one_gemm(tp1_env):
 def test_weight_gradient_falls_back_where_mixed_dtype_addmm_is_missing(monkeypatch):
     """A torch whose addmm cannot take bf16 operands into a float32 output on the device (the CPU
     backend plays such a torch here: it has no kernel for it) gets the product and the add, the
-    same numbers as before the one-GEMM form, with one warning; a later call goes straight there."""
+    same numbers as before the one-GEMM form, with one warning; a later call goes straight there.
+    Running out of memory there is raised, not taken for a missing kernel."""
     from megatron_mft.training import optimizer
 
     monkeypatch.setattr(optimizer, "MIXED_DTYPE_ADDMM_DEVICES", ("cpu",))
@@ -466,3 +467,13 @@ def test_weight_gradient_falls_back_where_mixed_dtype_addmm_is_missing(monkeypat
         warnings.simplefilter("error")
         optimizer._wgrad_gemm_accum(x, dy, main_grad)
     assert torch.equal(main_grad, main0 + dy.t().mm(x) + dy.t().mm(x))
+    # running out of memory is not a missing kernel: raised, and the one-GEMM form stays in use
+    monkeypatch.setattr(optimizer, "_mixed_addmm_works", {})
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(optimizer.torch, "addmm", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        optimizer._wgrad_gemm_accum(x, dy, main_grad)
+    assert optimizer._mixed_addmm_works == {}

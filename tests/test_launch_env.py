@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -79,9 +80,10 @@ def slurm_task(rank, *, nodes=2, per_node=2, **extra):
 
 
 def test_single_process():
-    e = DistEnv.from_env({})
-    assert (e.rank, e.world_size, e.local_rank, e.node_rank, e.source) == (0, 1, 0, 0, "single")
-    assert e.master_port == 0  # a free port is chosen at init
+    for env in ({}, {"MASTER_ADDR": "10.9.9.9", "MASTER_PORT": "not-a-port"}):  # leftovers are not read
+        e = DistEnv.from_env(env)
+        assert (e.rank, e.world_size, e.local_rank, e.node_rank, e.source) == (0, 1, 0, 0, "single")
+        assert (e.master_addr, e.master_port) == ("127.0.0.1", 0)  # init serves the store on a port it is given
 
 
 def test_slurm_2x2():
@@ -173,6 +175,11 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RA
                "MASTER_ADDR", "MASTER_PORT", "MFT_LAUNCHER")
 
 
+def _no_launcher_env() -> dict:
+    """This process's environment without any launcher's variables."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in LAUNCH_VARS}
+
+
 def test_simulated_slurm_job_2_nodes_x_2_tasks():
     """The environment of `srun -N2 --ntasks-per-node=2` on node[01-02]; node01 is this machine.
 
@@ -180,8 +187,7 @@ def test_simulated_slurm_job_2_nodes_x_2_tasks():
     MASTER_PORT names a store this test serves (every rank joins it as a client, the switch
     torchrun sets for its workers) instead of the job-id port, which other jobs may hold.
     """
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in LAUNCH_VARS}
+    base = _no_launcher_env()
     store = launcher_store(4)  # served here: no port picked for the ranks to race for
     base.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port),
                 **{AGENT_STORE_ENV: "True"})
@@ -207,40 +213,10 @@ def test_simulated_slurm_job_2_nodes_x_2_tasks():
         assert [tuple(g) for g in r["gathered"]] == expected
 
 
-# ----------------------------------------------------- a single process picks no port itself
-
-SINGLE = r"""
-import json, os, socket
-import torch, torch.distributed as dist
-import megatron_mft.launch.env as launch_env
-# another process binds the port a pick-then-bind would have chosen, between the pick and the bind
-taken = socket.socket(); taken.bind(("127.0.0.1", 0)); taken.listen()
-launch_env._free_port = lambda addr: taken.getsockname()[1]
-env = launch_env.init_distributed(launch_env.DistEnv(0, 1, 0, 1, 0, "127.0.0.1", 0, "single", 1), backend="gloo",
-                                  timeout_minutes=1)
-t = torch.ones(1)
-dist.all_reduce(t)
-served = dist.distributed_c10d._get_default_store().underlying_store  # the group's TCPStore, this process serves it
-print(json.dumps({"port": env.master_port, "exported": os.environ["MASTER_PORT"], "taken": taken.getsockname()[1],
-                  "served": served.port, "sum": t.item()}))
-dist.destroy_process_group()
-"""
-
-
-def test_single_process_rendezvous_cannot_lose_its_port():
-    """A single-process run (no MASTER_PORT) holds a store on a port the kernel gives it while
-    binding; a port chosen, released and bound again could be taken in between by any process
-    (what ``_free_port`` followed by ``init_process_group`` allowed: EADDRINUSE at start-up)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in LAUNCH_VARS}
-    run = subprocess.run([sys.executable, "-c", SINGLE], env={**env, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-3000:]
-    r = json.loads(run.stdout.strip().splitlines()[-1])
-    assert r["sum"] == 1.0 and r["port"] != r["taken"] and r["exported"] == str(r["port"]) == str(r["served"])
-
+# ----------------------------------------------------- a single process meets nobody
 
 ADDRESS = r"""
-import json, sys, time
+import json, os, sys, time
 import torch, torch.distributed as dist
 from megatron_mft.launch.env import DistEnv, LaunchError, init_distributed
 addr, port, world = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -250,16 +226,17 @@ try:  # a short rendezvous timeout: the old behaviour waits it out, then raises 
                            timeout_minutes=0.1)
     t = torch.ones(1)
     dist.all_reduce(t)
-    print(json.dumps({"addr": env.master_addr, "port": env.master_port, "sum": t.item()}))
+    served = dist.distributed_c10d._get_default_store().underlying_store  # the group's TCPStore: ours
+    print(json.dumps({"addr": env.master_addr, "port": env.master_port, "sum": t.item(), "served": served.port,
+                      "exported": [os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])]}))
 except LaunchError as e:
     print(json.dumps({"launch_error": str(e), "seconds": time.monotonic() - t0}))
 """
 
 
 def _address_case(addr: str, port: int, world: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in LAUNCH_VARS}
     run = subprocess.run([sys.executable, "-c", ADDRESS, addr, str(port), str(world)], cwd=ROOT, text=True,
-                         env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, timeout=120)
+                         env={**_no_launcher_env(), "PYTHONPATH": str(ROOT)}, capture_output=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -268,15 +245,14 @@ def test_rendezvous_addresses_that_cannot_work_do_not_hold_start_up():
     """A single process needs no address: a MASTER_ADDR left from another job (192.0.2.1 is
     TEST-NET-1, never routed; a name that does not resolve) is not waited for and a MASTER_PORT
     another process holds is not bound: its store is served on the loopback, on a port the kernel
-    assigns. With several processes a MASTER_ADDR that does not resolve is refused at once."""
-    import socket
-
+    assigns (no port picked and bound again later, which another process could take in between).
+    With several processes a MASTER_ADDR that does not resolve is refused at once."""
     with socket.socket() as taken:
         taken.bind(("0.0.0.0", 0))
         taken.listen()
         for addr, port in (("192.0.2.1", 0), ("no-such-host.invalid", 0), ("192.0.2.1", taken.getsockname()[1])):
             r = _address_case(addr, port, 1)
-            assert r == {"addr": "127.0.0.1", "port": r["port"], "sum": 1.0}, r
-            assert r["port"] not in (0, taken.getsockname()[1]), r
+            assert (r["addr"], r["sum"], r["exported"]) == ("127.0.0.1", 1.0, ["127.0.0.1", r["port"]]), r
+            assert r["served"] == r["port"] not in (0, taken.getsockname()[1]), r
     r = _address_case("no-such-host.invalid", 29500, 2)
     assert "MASTER_ADDR 'no-such-host.invalid' does not resolve" in r["launch_error"] and r["seconds"] < 30, r

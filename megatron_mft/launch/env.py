@@ -43,6 +43,8 @@ from megatron_mft.launch.hostnames import NODELIST_VARS, HostListError, expand_n
 __all__ = ["DistEnv", "LaunchError", "default_port", "init_distributed", "parse_tasks_per_node", "read_dist_env"]
 
 Source = Literal["torchrun", "slurm", "single"]
+#: where a single process serves its own rendezvous store, and a launcher the store its ranks join
+LOOPBACK = "127.0.0.1"
 
 #: Port range used for ports derived from the SLURM job id.
 PORT_BASE, PORT_SPAN = 10000, 20000
@@ -71,7 +73,8 @@ class DistEnv:
     local_world_size: int
     node_rank: int
     master_addr: str
-    #: 0 = pick a free port at :func:`init_distributed` (single-process runs only).
+    #: 0 = not chosen: :func:`init_distributed` fills in the port it serves (single processes, which
+    #: always serve their own store on the loopback).
     master_port: int
     source: Source
     num_nodes: int = 1
@@ -88,6 +91,11 @@ class DistEnv:
         if forced == "slurm" or (not forced and "SLURM_PROCID" in env and _first(env, _NTASKS_VARS)):
             return _from_slurm(env)
         return _single(env)
+
+    @classmethod
+    def single(cls) -> "DistEnv":
+        """One process: :func:`init_distributed` serves its store on the loopback, on a port it is given."""
+        return cls(0, 1, 0, 1, 0, LOOPBACK, 0, "single", 1)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -285,11 +293,9 @@ def _from_slurm(env: Mapping[str, str]) -> DistEnv:
 
 
 def _single(env: Mapping[str, str]) -> DistEnv:
-    p: list[str] = []
-    port = _port(env, 0, p)
-    if p:
-        raise LaunchError("single-process", p, _shown(env, (), ("MASTER_ADDR", "MASTER_PORT")))
-    return DistEnv(0, 1, 0, 1, 0, env.get("MASTER_ADDR", "").strip() or "127.0.0.1", port, "single", 1)
+    """One process: MASTER_ADDR / MASTER_PORT are not read (a leftover value, even a malformed one,
+    must not stop it)."""
+    return DistEnv.single()
 
 
 # ------------------------------------------------------------------------------------ init
@@ -297,11 +303,9 @@ def _single(env: Mapping[str, str]) -> DistEnv:
 #: torch's switch (torchrun sets it for its workers) that makes every rank a client of a store
 #: its launcher holds, rank 0 included
 AGENT_STORE_ENV = "TORCHELASTIC_USE_AGENT_STORE"
-#: where a single process serves its own rendezvous store
-LOOPBACK = "127.0.0.1"
 
 
-def launcher_store(world_size: int, addr: str = "127.0.0.1"):
+def launcher_store(world_size: int, addr: str = LOOPBACK):
     """A rendezvous store served by a launcher that starts its ranks itself (``convert verify``,
     tests, benches), on a port the kernel assigns while binding (port 0), as torchrun's agent
     does; each rank joins with :func:`join_launcher_store`. Keep the returned store alive until
@@ -313,7 +317,7 @@ def launcher_store(world_size: int, addr: str = "127.0.0.1"):
 
 
 def join_launcher_store(rank: int, world_size: int, port: int, backend: str | None = None,
-                        addr: str = "127.0.0.1", timeout_minutes: float = 30.0) -> "DistEnv":
+                        addr: str = LOOPBACK, timeout_minutes: float = 30.0) -> "DistEnv":
     """One of ``world_size`` local ranks joins its launcher's :func:`launcher_store` (every rank a
     client, as torchrun's workers) through :func:`init_distributed`."""
     os.environ[AGENT_STORE_ENV] = "True"

@@ -20,8 +20,9 @@ involved, megatron's Functions with an ``F.linear`` forward GEMM where it is.
   preset's linears in turn, 12-14% when one shape repeats (``tools/bench/engine_parts.py``);
   sequence parallelism keeps megatron's forward (its all-gather buffer).
 
-Installed by the model builder only without CUDA: GPUs keep megatron's code as it is (Apex's
-fused weight-gradient accumulation, communication overlap).
+Installed by the model builder only without CUDA: GPUs keep megatron's code as it is (the weight
+gradient accumulated inside the GEMM, by Apex or training/optimizer.py's stand-in; communication
+overlap).
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def _wgrad_gemm_accum(total_input: torch.Tensor, grad_output: torch.Tensor, main
             _mixed_addmm_works[device] = True
             return
         except (RuntimeError, TypeError) as e:
-            if _mixed_addmm_works.get(device):  # it ran before: a real error
+            if _mixed_addmm_works.get(device) or isinstance(e, torch.OutOfMemoryError):  # a real error
                 raise
             _mixed_addmm_works[device] = False
             warnings.warn(f"this torch ({torch.__version__}) has no mixed-dtype addmm on {device} ({e}); "

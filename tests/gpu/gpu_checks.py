@@ -65,7 +65,7 @@ def runtime():
     if not torch.distributed.is_initialized():  # a store on a port the kernel assigns (launch/env.py)
         from megatron_mft.launch.env import DistEnv, init_distributed
 
-        init_distributed(DistEnv(0, 1, 0, 1, 0, "127.0.0.1", 0, "single", 1), backend="nccl" if env.cuda else "gloo")
+        init_distributed(DistEnv.single(), backend="nccl" if env.cuda else "gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if env.cuda else torch.device("cpu")
     return env, device
 
@@ -434,6 +434,7 @@ def hf_bench(args) -> bool:
     clipping, fused AdamW."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from megatron_mft.checkpoint.hf.families import LLAMA
     from megatron_mft.training.metrics import flop_count, peak_flops
 
     b = DRY_BENCH if args.dry_run else BENCH
@@ -441,11 +442,7 @@ def hf_bench(args) -> bool:
     cfg = load_cfg([f"model.preset={b['preset']}", f"model.num_layers={b['layers']}", f"data.seq_length={b['seq']}"])
     a, t = cfg.model.arch(), cfg.train
     dtype = torch.bfloat16 if env.cuda else torch.float32
-    hf_cfg = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.hidden_size, intermediate_size=a.ffn_hidden_size,
-                         num_hidden_layers=a.num_layers, num_attention_heads=a.num_attention_heads,
-                         num_key_value_heads=a.num_query_groups, head_dim=a.head_dim,
-                         max_position_embeddings=a.max_position_embeddings, rope_theta=float(a.rotary_base),
-                         rms_norm_eps=a.norm_epsilon, tie_word_embeddings=False)
+    hf_cfg = LlamaConfig(**LLAMA.hf_config(a, str(dtype).removeprefix("torch.")))  # the config.json export writes
     hf_cfg._attn_implementation = "sdpa"
     with torch.device(device):
         model = LlamaForCausalLM(hf_cfg).to(dtype).train()

@@ -63,7 +63,6 @@ def main() -> None:
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # one process: it serves its own store (launch/env.py)
     import train_throughput as tt
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel

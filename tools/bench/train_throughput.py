@@ -210,18 +210,13 @@ def run_default(args) -> None:
 # ---------------------------------------------------------------- the plain transformers loop
 
 def hf_config(args):
-    """transformers' LlamaConfig of the preset's architecture (untied embeddings, like the presets)."""
+    """transformers' LlamaConfig of the preset's architecture: the config.json the export writes."""
     from transformers import LlamaConfig
 
+    from megatron_mft.checkpoint.hf.families import LLAMA
     from megatron_mft.config import load_config
 
-    arch = load_config(None, _engine_overrides(args)).model.arch()
-    return LlamaConfig(vocab_size=arch.vocab_size, hidden_size=arch.hidden_size, intermediate_size=arch.ffn_hidden_size,
-                       num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_attention_heads,
-                       num_key_value_heads=arch.num_query_groups, head_dim=arch.head_dim,
-                       max_position_embeddings=arch.max_position_embeddings, rope_theta=float(arch.rotary_base),
-                       rms_norm_eps=arch.norm_epsilon, tie_word_embeddings=False, attention_bias=False,
-                       mlp_bias=False, torch_dtype="float32")
+    return LlamaConfig(**LLAMA.hf_config(load_config(None, _engine_overrides(args)).model.arch(), "float32"))
 
 
 class HFLoop:
@@ -320,9 +315,8 @@ class _Proc:
 
     def __init__(self, kind: str, argv: list[str], hf_dir: str, peft: str):
         cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", kind, "--hf-dir", hf_dir, "--peft", peft]
-        # one process whatever launched the bench; no MASTER_PORT: it serves its own store (launch/env.py)
-        env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
-        env.update(MFT_LAUNCHER="single", MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
+        # one process whatever launched the bench: it serves its own store (launch/env.py)
+        env = {**os.environ, "MFT_LAUNCHER": "single", "OMP_NUM_THREADS": "1"}
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.hello = self._read()
 
