@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
     shield_checkpoint_helper()  # SLURM signals every process of the step, the writer's helper too
     from megatron_mft.training.recipe import Recipe
 
-    return Recipe(cfg).run()
+    return Recipe(cfg, config_file=args.config).run()
 
 
 if __name__ == "__main__":

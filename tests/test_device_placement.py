@@ -44,7 +44,7 @@ def _config(method: str, backend: str, extra=()):
     from megatron_mft.config import load_config
 
     return load_config(None, ["data.path=/unused", "model.num_layers=2", f"model.attention_backend={backend}",
-                              f"peft.method={method}", "peft.rank=4", *extra])
+                              f"peft.method={method}", *(["peft.rank=4"] if method != "none" else []), *extra])
 
 
 def _build(cfg, env, monkeypatch, stage="whole"):

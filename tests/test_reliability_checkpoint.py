@@ -105,6 +105,45 @@ def test_resave_replaces_atomically_with_and_without_rename_exchange(tp1_env, sa
     assert (root / "step_0000002" / "run.json").is_file() and not (root / "step_0000002.old").exists()
 
 
+def test_resave_keeps_the_files_it_did_not_write(tp1_env, saved, tmp_path, monkeypatch):
+    """A user's files in a step folder (an HF export, notes) survive a re-save of that step by
+    either publication path, and an interrupted re-save's leftover copy holding them is not
+    deleted with them: they move into the step."""
+    from megatron_mft.checkpoint import dist
+
+    root = _copy(saved[0], tmp_path)
+    step = root / "step_0000002"
+
+    def put_mine(folder: Path) -> None:
+        (folder / "hf_export").mkdir()
+        (folder / "hf_export" / "config.json").write_text("{}")
+        (folder / "NOTES.md").write_text("mine")
+
+    def mine_kept() -> bool:
+        return ((step / "hf_export" / "config.json").read_text() == "{}" and (step / "NOTES.md").read_text() == "mine"
+                and (step / "run.json").is_file())
+
+    put_mine(step)
+    _save(root, 2, saved[1])  # renameat2(RENAME_EXCHANGE)
+    assert mine_kept()
+    monkeypatch.setattr(dist, "exchange_paths", lambda a, b: False)
+    _save(root, 2, saved[1])  # the two-rename fallback
+    assert mine_kept()
+    # killed after publication, before the old copy (holding the user's files) was removed
+    shutil.rmtree(step / "hf_export"), (step / "NOTES.md").unlink()
+    leftover = root / "step_0000002.tmp"
+    shutil.copytree(saved[0] / "step_0000002", leftover)
+    put_mine(leftover)
+    _save(root, 3, saved[1])  # the next save clears leftovers
+    assert mine_kept() and not leftover.exists()
+    # no step to take them: the leftover stays
+    orphan = root / "step_0000009.tmp"
+    orphan.mkdir()
+    (orphan / "NOTES.md").write_text("mine")
+    _save(root, 4, saved[1])
+    assert (orphan / "NOTES.md").read_text() == "mine"
+
+
 def test_truncated_shard_names_the_file_and_the_intact_step(tp1_env, saved, tmp_path):
     from megatron_mft.checkpoint.dist import load_checkpoint
 

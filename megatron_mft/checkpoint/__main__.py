@@ -7,6 +7,7 @@ dist checkpoint loads into any TP/PP layout, every layout can then start from id
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -34,9 +35,11 @@ def main(argv: list[str]) -> int:
     cfg = load_config(args.config, args.overrides + ["parallel.tp=1", "parallel.pp=1", "parallel.vpp=null",
                                                       "parallel.sp=false"])
 
+    import torch
     from megatron.core import dist_checkpointing
 
     from megatron_mft.checkpoint.dist import model_sharded_state_dict
+    from megatron_mft.config.base import to_dict
     from megatron_mft.compat import setup_runtime
     from megatron_mft.model import build_model_chunks
     from megatron_mft.training.parallel import init_parallel, teardown
@@ -46,6 +49,10 @@ def main(argv: list[str]) -> int:
     chunks = build_model_chunks(cfg.model, cfg.parallel, env)
     os.makedirs(args.out, exist_ok=True)
     dist_checkpointing.save(model_sharded_state_dict(chunks), args.out)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        # what the weights are: train.init_checkpoint's preflight compares it with the run's model
+        with open(os.path.join(args.out, "init.json"), "w", encoding="utf-8") as f:
+            json.dump({"model": to_dict(cfg.model), "seed": cfg.seed}, f, indent=1)
     print(f"wrote initial weights of {cfg.model.preset} (seed {cfg.seed}) to {args.out}")
     teardown()
     return 0

@@ -285,6 +285,24 @@ def _fsync_own_files(tmp: Path) -> None:
             fsync_path(f)
 
 
+#: what a save writes into a step folder (dcp shards and metadata, megatron's common state, RNG
+#: states, run.json); anything else in a step folder is not the trainer's
+_SAVE_WRITES = re.compile(r"^(__\d+_\d+\.distcp|\.metadata|metadata\.json|common\.pt|run\.json|rng)$")
+
+
+def _adopt_foreign(old: Path, new: Path) -> list[str]:
+    """Move what a save did not write (a user's files, e.g. an HF export placed in the step folder)
+    from the replaced copy ``old`` into its successor ``new``, before ``old`` is deleted: a re-save
+    replaces the checkpoint, not the user's files beside it. Returns the names moved."""
+    moved = []
+    for entry in sorted(old.iterdir()) if old.is_dir() else []:
+        if _SAVE_WRITES.match(entry.name) or (new / entry.name).exists():
+            continue
+        os.replace(entry, new / entry.name)
+        moved.append(entry.name)
+    return moved
+
+
 def _publish(tmp: Path, final: Path) -> Optional[Path]:
     """Move the durable ``tmp`` to ``final``; return the replaced old copy (to delete once
     ``latest`` is updated), or None. The old copy stays reachable at every instant."""
@@ -317,13 +335,26 @@ def _prepare_root(root: Path) -> None:
     for backup in root.glob("step_*.old"):
         final = backup.with_name(backup.name[:-4])
         if not _complete(final) and _complete(backup):
+            if final.is_dir():
+                _adopt_foreign(final, backup)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(backup, final)
         else:
-            shutil.rmtree(backup, ignore_errors=True)
+            _remove_leftover(backup, final)
     for stale in root.glob("*.tmp"):
         if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
+            _remove_leftover(stale, stale.with_name(stale.name[:-4]))
+
+
+def _remove_leftover(leftover: Path, final: Path) -> None:
+    """Delete an interrupted save's or re-save's leftover folder; a user's files in it (see
+    :func:`_adopt_foreign`) go to ``final`` first, and where that cannot be, the folder stays."""
+    if final.is_dir():
+        _adopt_foreign(leftover, final)
+    if any(not _SAVE_WRITES.match(e.name) for e in leftover.iterdir()):
+        print(f"warning: {leftover} holds files a save did not write; it is left in place", flush=True)
+        return
+    shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _prepare_on_rank0(root: Path, tmp: Path, final: Path) -> None:
@@ -398,6 +429,9 @@ def save_checkpoint(root: str | Path, step: int, chunks: list, optimizer=None, *
             old = _publish(tmp, final)
             _write_latest(root, final)
             if old is not None:  # the save is durable and published: a leftover old copy is not a failure
+                kept = _adopt_foreign(old, final)
+                if kept:
+                    print(f"note: kept {', '.join(kept)} (not written by a save) in the re-saved {final}", flush=True)
                 shutil.rmtree(old, ignore_errors=True)
                 if old.exists():
                     print(f"warning: could not remove the replaced copy {old}; delete it by hand", flush=True)

@@ -28,7 +28,13 @@ class PeftConfig:
 
     def validate(self) -> list[str]:
         p = []
-        if self.method != "none":
+        if self.method == "none":  # full fine-tuning: an adapter setting means a forgotten peft.method
+            default = PeftConfig()
+            for name in ("rank", "alpha", "dropout", "target_modules", "rslora"):
+                if getattr(self, name) != getattr(default, name):
+                    p.append(f"peft.{name}: set, but peft.method is none (full fine-tuning, no adapters); set "
+                             f"peft.method: lora or qlora, or remove peft.{name}")
+        else:
             if self.rank < 1:
                 p.append("peft.rank: must be >= 1")
             if self.alpha <= 0:

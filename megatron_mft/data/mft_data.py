@@ -248,6 +248,10 @@ class MFTData:
         (the DPO reference pre-pass walks every row once)."""
         return self._collate(self._train, np.asarray(ids, dtype=np.int64), fill_to=self.micro_batch_size)
 
+    def val_rows(self, task: str) -> int:
+        """Validation rows (packs or samples; pairs count once) of ``task``."""
+        return len(self._val[task])
+
     def val_micro_batches(self, task: str, max_batches: int = 0) -> list[dict]:
         """This rank's strided share of the task's validation rows, in order. Every rank gets the
         same number of micro batches of exactly ``micro_batch_size`` rows; missing rows are

@@ -36,6 +36,14 @@ class TokenizerError(UsageError, ValueError):
     """A tokenizer path that cannot be loaded, with the reason (exit 2)."""
 
 
+def identity_sha256(path: str | Path) -> str | None:
+    """The sha256 a manifest records for the tokenizer at ``path`` (a SentencePiece/tiktoken file
+    itself, a Hugging Face folder's tokenizer.json); None when there is no such file."""
+    path = Path(path)
+    file = path if path.is_file() else path / "tokenizer.json"
+    return _sha256(file) if file.is_file() else None
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -37,8 +37,11 @@ def check_run(run: RunConfig, world_size: int) -> None:
         raise PreflightError(problems)
 
 
-def check_against_data(run: RunConfig, task_names: list[str], vocab_size: int) -> None:
-    """Task names in per-task config maps, and the tokenizer's vocabulary against the model's."""
+def check_against_data(run: RunConfig, data) -> None:
+    """What needs the open data (``data.MFTData``): task names in per-task config maps, the
+    tokenizer's vocabulary against the model's, validation rows for what reads them, and settings
+    that offline data fixed at preprocessing."""
+    task_names, vocab_size = data.task_names, data.vocab_size
     problems = []
     for key in ("task_weights", "alpha"):
         unknown = [name for name in getattr(run.loss, key) if name not in task_names]
@@ -50,8 +53,68 @@ def check_against_data(run: RunConfig, task_names: list[str], vocab_size: int) -
         problems.append(f"model.vocab_size: the tokenizer of data.path {run.data.path} has {vocab_size} tokens, more "
                         f"than the model's vocabulary of {arch.vocab_size} (preset {run.model.preset}); use a "
                         f"tokenizer and preset that match, or set model.vocab_size >= {vocab_size}")
+    problems += _validation_problems(run, {name: data.val_rows(name) for name in task_names})
+    if run.data.source == "offline":
+        problems += _offline_setting_problems(run, data.manifest)
     if problems:
         raise PreflightError(problems)
+
+
+def _validation_problems(run: RunConfig, val_rows: dict[str, int]) -> list[str]:
+    """Validation, early stopping and the convergence balancers read per-task validation losses:
+    without validation rows they would do nothing, silently."""
+    where = f"data.path {run.data.path}"
+    split = ("preprocess with --val-ratio > 0 or give the tasks val .jsonl files" if run.data.source == "offline"
+             else "set data.val_ratio > 0 or give the tasks val .jsonl files")
+    none = [name for name, n in val_rows.items() if n == 0]
+    problems = []
+    if run.loss.balancer != "none" and none:
+        problems.append(f"loss.balancer: {run.loss.balancer} weighs every task by its validation loss, but task(s) "
+                        f"{', '.join(none)} of {where} have no validation rows; {split}, or set loss.balancer: none")
+    if len(none) == len(val_rows):
+        t = run.train
+        for key, value in (("eval_interval", t.eval_interval), ("early_stopping_patience", t.early_stopping_patience)):
+            if value:
+                problems.append(f"train.{key}: {value}, but no task of {where} has validation rows; {split}, or set "
+                                f"train.{key}: 0")
+    return problems
+
+
+#: data settings that preprocessing fixed (config key -> the manifest's record of it)
+_OFFLINE_FIXED = {"mode": "mode", "packing": "packing", "val_ratio": "val_ratio", "template": "template"}
+
+
+def _offline_setting_problems(run: RunConfig, manifest: dict) -> list[str]:
+    """With data.source=offline the preprocessed data decides the sample mode, packing, split and
+    template (``manifest.json``). A setting the user changed from its default that disagrees with
+    the data would be ignored without a word (e.g. data.mode: pretrain on SFT data)."""
+    from megatron_mft.config import DataConfig
+
+    d, default = run.data, DataConfig()
+    where = f"data.path {d.path}"
+    redo = "tools/preprocess/preprocess_mft.py"
+    problems = []
+    for key, field in _OFFLINE_FIXED.items():
+        value, made = getattr(d, key), manifest.get(field)
+        if key == "template" and isinstance(made, dict):
+            made = made.get("name")
+        if value != getattr(default, key) and made is not None and value != made:
+            problems.append(f"data.{key}: {value!r}, but {where} was preprocessed with {key} {made!r} (data.source "
+                            f"offline reads it as it is); remove data.{key}, or preprocess again with {redo}")
+    tok = manifest.get("tokenizer") or {}
+    if d.tokenizer:
+        given = Path(d.tokenizer)
+        if not given.exists():
+            problems.append(f"data.tokenizer: {d.tokenizer} does not exist (with data.source offline the data's own "
+                            f"tokenizer, {tok.get('path', 'recorded in manifest.json')}, is used; remove "
+                            f"data.tokenizer or fix the path)")
+        elif tok.get("sha256"):
+            from megatron_mft.data.tokenizer import identity_sha256
+
+            if identity_sha256(given) != tok["sha256"]:
+                problems.append(f"data.tokenizer: {d.tokenizer} is not the tokenizer {where} was preprocessed with "
+                                f"({tok.get('path', '?')}); remove data.tokenizer, or preprocess again with {redo}")
+    return problems
 
 
 def _layout_problems(run: RunConfig, world_size: int) -> list[str]:
@@ -94,6 +157,10 @@ def _data_problems(run: RunConfig) -> list[str]:
                         f"tools/preprocess/preprocess_mft.py; preprocess it, or read raw .jsonl task folders "
                         f"with data.source=online")
     if d.source == "online":
+        if _inside(Path(run.output_dir), path):
+            problems.append(f"output_dir: {run.output_dir} is inside data.path {d.path}: with data.source=online "
+                            f"every sub-folder of data.path is read as a task, so the run's own folder would be "
+                            f"taken for task data; put output_dir outside data.path")
         if (path / "manifest.json").is_file():
             problems.append(f"data.path: {d.path} is preprocessed output (it has manifest.json); "
                             f"set data.source=offline")
@@ -102,6 +169,15 @@ def _data_problems(run: RunConfig) -> list[str]:
         if d.template.endswith(".json") and not Path(d.template).is_file():
             problems.append(f"data.template: {d.template} does not exist")
     return problems
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    """``child`` is ``parent`` or below it (symlinks resolved; ``child`` need not exist yet)."""
+    try:
+        child.resolve().relative_to(parent.resolve())
+    except (ValueError, OSError):
+        return False
+    return True
 
 
 def _output_dir_problems(run: RunConfig) -> list[str]:
@@ -146,8 +222,58 @@ def _init_weights_problems(run: RunConfig) -> list[str]:
             problems.append(f"train.init_checkpoint: {ckpt} is not a megatron dist checkpoint (no metadata.json); "
                             f"give a step folder (OUTPUT_DIR/checkpoints/step_N) or the output of "
                             f"`checkpoint init` / `convert hf-to-mcore`")
+        else:
+            problems += _init_checkpoint_model_problems(run, path)
     if run.model.hf_init:
         problems += _hf_init_problems(run)
+    return problems
+
+
+#: the architecture fields that decide which weights a checkpoint holds and their shapes; the rest
+#: (RoPE base and scaling, context length, norm epsilon, windows, routing top-k) may change when a
+#: run starts from a checkpoint, e.g. to extend its context
+WEIGHT_SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+                       "ffn_hidden_size", "vocab_size", "activation", "normalization", "qkv_bias", "linear_bias",
+                       "qk_norm", "tied_embeddings", "num_experts", "moe_ffn_hidden_size", "moe_shared_expert_size",
+                       "moe_shared_expert_gate")
+
+
+def _init_checkpoint_model_problems(run: RunConfig, path: Path) -> list[str]:
+    """The model a checkpoint describes (``run.json`` of a training step, ``conversion.json`` of
+    ``convert hf-to-mcore``, ``init.json`` of ``checkpoint init``) against the config: a shape
+    difference would otherwise surface as a tensor-shape error of the loader after the model is
+    built; an adapters-only step holds no base weights to start from."""
+    from megatron_mft.config import ModelConfig
+    from megatron_mft.config.base import ConfigError, load_dataclass, to_dict
+
+    key = "train.init_checkpoint"
+    for name in ("run.json", "conversion.json", "init.json"):
+        described = path / name
+        if described.is_file():
+            break
+    else:
+        return []  # written by an older version: the loader names any mismatch
+    try:
+        meta = json.loads(described.read_text(encoding="utf-8"))
+        model = meta["config"]["model"] if name == "run.json" else meta["model"]
+        saved = to_dict(load_dataclass(ModelConfig, model, source=str(described)).arch())
+    except (OSError, ValueError, KeyError, TypeError, ConfigError) as e:
+        return [f"{key}: {described} is unreadable ({e})"]
+    problems = []
+    if name == "run.json":
+        method = meta.get("peft") or ((meta.get("config") or {}).get("peft") or {}).get("method", "none")
+        if method not in (None, "none"):
+            problems.append(f"{key}: {path} is a {method} step, which holds the adapters only, not a model to start "
+                            f"from; merge them into their base first (`python -m megatron_mft.convert mcore-to-hf "
+                            f"--ckpt {path} --merge-lora --out DIR`, then model.hf_init=DIR)")
+    if run.model.validate():
+        return problems  # the config's own problems are reported by the config check
+    now = to_dict(run.model.arch())
+    differ = [f"{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}" for k in WEIGHT_SHAPE_FIELDS
+              if saved.get(k) != now.get(k)]
+    if differ:
+        problems.append(f"{key}: {path} holds another model shape ({'; '.join(differ)}); use the preset and "
+                        f"model settings it was saved with (described in {described})")
     return problems
 
 

@@ -41,6 +41,28 @@ def _say(msg: str) -> None:
 
 
 
+#: first line of the resolved config the trainer writes into output_dir
+RESOLVED_CONFIG_HEADER = "# megatron-mft: the resolved config of this run's latest start (written by train)\n"
+
+
+def _written_by_train(path: Path) -> bool:
+    """``path`` is a resolved config this tool wrote: it starts with the header, or (written before
+    the header existed) it holds every section of a run config and nothing else."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    if text.startswith(RESOLVED_CONFIG_HEADER.rstrip("\n")):
+        return True
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    full = to_dict(RunConfig())  # every section with every key, as the old dump wrote it
+    return (isinstance(data, dict) and set(data) == set(full)
+            and all(isinstance(data[k], dict) and set(data[k]) == set(v) for k, v in full.items() if isinstance(v, dict)))
+
+
 def load_starting_weights(run, chunks: list) -> Optional[str]:
     """Load the run's starting weights into ``chunks`` (``model.hf_init`` before
     ``train.init_checkpoint``); returns what was loaded, None when the run starts from random
@@ -51,15 +73,22 @@ def load_starting_weights(run, chunks: list) -> Optional[str]:
         load_hf_into_chunks(run.model.hf_init, chunks, run.model, run.parallel)
         return f"Hugging Face folder {run.model.hf_init}"
     if run.train.init_checkpoint:
-        load_model_weights(run.train.init_checkpoint, chunks)
+        from megatron.core.dist_checkpointing.core import CheckpointingException
+
+        try:
+            load_model_weights(run.train.init_checkpoint, chunks)
+        except CheckpointingException as e:  # e.g. a checkpoint from before init.json, of another shape
+            raise UserError(f"train.init_checkpoint: {run.train.init_checkpoint} does not fit this model: {e}") from e
         return str(run.train.init_checkpoint)
     return None
 
 class Recipe:
     """A whole fine-tuning run. ``Recipe(cfg).run()`` is what ``python -m megatron_mft.train`` does."""
 
-    def __init__(self, run: RunConfig):
+    def __init__(self, run: RunConfig, config_file: Optional[str] = None):
         self.run_cfg = run
+        #: the YAML file the config was read from (never overwritten by the resolved config)
+        self.config_file = config_file
         self.out = Path(run.output_dir)
         self.step = 0
         self.consumed_rows = 0
@@ -86,7 +115,7 @@ class Recipe:
                                 2 * run.parallel.cp if run.parallel.cp > 1 else 1),
                             fixed_seq_length=run.parallel.pp > 1 and not packed, cp=run.parallel.cp)
         self.task_names = list(self.data.task_names)
-        check_against_data(run, self.task_names, self.data.vocab_size)  # before the model is built
+        check_against_data(run, self.data)  # before the model is built
         from megatron_mft.training.preference import check_stage
 
         check_stage(run, self.data.manifest)  # train.stage sft | dpo | orpo against sft / preference data
@@ -145,12 +174,27 @@ class Recipe:
         check_placement(self.chunks, self.device)
         self.metrics = MetricsLog(self.out, enabled=_rank0(), tensorboard=run.train.tensorboard)
         if _rank0():
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(run), sort_keys=False))
+            self._write_resolved_config()
         self.peak = peak_flops(self.env.device_name, run.train.peak_flops)
         _say(f"tasks: {', '.join(self.task_names)} | rows/epoch {self.data.rows_per_epoch} | "
              f"steps {self.total_steps} | layout tp={run.parallel.tp} pp={run.parallel.pp} "
              f"vpp={run.parallel.vpp} cp={run.parallel.cp} dp={dp_size} sp={run.parallel.sp}")
+
+    def _write_resolved_config(self) -> None:
+        """``output_dir/config.yaml``: the resolved config of this start (replaced at each start). A
+        ``config.yaml`` there that this tool did not write (e.g. the user's own), or the very file
+        passed as --config, is kept; the resolved config then goes to ``config.resolved.yaml``."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / "config.yaml"
+        given = self.config_file is not None and path.exists() and path.samefile(self.config_file)
+        if path.exists() and (given or not _written_by_train(path)):
+            path = self.out / "config.resolved.yaml"
+            _say(f"note: {self.out / 'config.yaml'} was not written by this tool and is kept; the resolved config "
+                 f"of this run is in {path}")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(RESOLVED_CONFIG_HEADER + yaml.safe_dump(to_dict(self.run_cfg), sort_keys=False),
+                       encoding="utf-8")
+        tmp.replace(path)
 
     def _lock_output_dir(self) -> None:
         """One run per output_dir (launch.runlock): rank 0 holds the lock; every rank stops if it

@@ -302,7 +302,8 @@ def bench(args) -> bool:
                     "model.precision=bf16" if env.cuda else "model.precision=fp32",
                     f"data.seq_length={b['seq']}", f"data.batching={args.batching}",
                     f"train.micro_batch_size={1 if packed else len(docs)}",
-                    f"peft.method={args.peft}", f"peft.rank={b['lora_rank']}", f"peft.alpha={2 * b['lora_rank']}"])
+                    f"peft.method={args.peft}",
+                    *([f"peft.rank={b['lora_rank']}", f"peft.alpha={2 * b['lora_rank']}"] if args.peft != "none" else [])])
     arch = cfg.model.arch()
     raw, chunks, opt, sched = build_engine(cfg, env)
     if args.wgrad == "unfused":  # the A/B: the weight gradient in bf16, then added into main_grad

@@ -126,7 +126,8 @@ def _child(method: str, ckpt: str, overrides: list[str], rank: int) -> None:
     from megatron_mft.config import load_config
 
     env = setup_runtime()
-    cfg = load_config(str(ROOT / "examples" / "tiny_cpu.yaml"), overrides + [f"peft.method={method}", f"peft.rank={rank}"])
+    cfg = load_config(str(ROOT / "examples" / "tiny_cpu.yaml"), overrides + [f"peft.method={method}"]
+                      + ([f"peft.rank={rank}"] if method != "none" else []))
     from megatron_mft.launch import init_distributed
 
     init_distributed()

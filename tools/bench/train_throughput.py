@@ -106,7 +106,9 @@ def _engine_overrides(args) -> list[str]:
             f"model.attention_backend={args.attention}", f"parallel.tp={args.tp}", f"parallel.pp={args.pp}",
             f"parallel.sp={str(args.sp).lower()}", "data.path=/synthetic", f"data.seq_length={args.seq}",
             "loss.mode=token", f"train.micro_batch_size={args.micro_batch}", "train.warmup_steps=0",
-            f"peft.method={args.peft}", f"peft.rank={args.lora_rank}", f"peft.alpha={2 * args.lora_rank}"]
+            f"peft.method={args.peft}"]
+    if args.peft != "none":
+        over += [f"peft.rank={args.lora_rank}", f"peft.alpha={2 * args.lora_rank}"]
     if args.layers:
         over.append(f"model.num_layers={args.layers}")
     return over

@@ -1,0 +1,171 @@
+"""What a user owns or means is respected (a new user's sweep, ninth session): the trainer keeps a
+config.yaml it did not write, refuses a run folder inside online task data, a starting checkpoint
+of another shape or of adapters only, validation-driven features without validation rows, and
+settings that offline data fixed at preprocessing and that would otherwise be ignored without a
+word. (Re-saves keeping a user's files in a step folder: test_reliability_checkpoint.py.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from train_helpers import CONFIG, ROOT
+
+TOKENIZER = ROOT / "examples/demo_data/tokenizer/demo_sp2048.model"
+
+
+def _cfg(*overrides: str):
+    from megatron_mft.config import load_config
+
+    return load_config(CONFIG, list(overrides))
+
+
+def test_resolved_config_never_replaces_a_config_yaml_the_trainer_did_not_write(tmp_path):
+    from megatron_mft.training.recipe import RESOLVED_CONFIG_HEADER, Recipe
+
+    out = tmp_path / "run"
+    out.mkdir()
+
+    def start(config_file=None):
+        recipe = Recipe(_cfg(f"output_dir={out}", "train.steps=7"), config_file=config_file)
+        recipe._write_resolved_config()
+
+    def resolved(path: Path) -> dict:
+        text = path.read_text()
+        assert text.startswith(RESOLVED_CONFIG_HEADER)
+        return yaml.safe_load(text)
+
+    start()  # a fresh folder: config.yaml is the resolved config
+    assert resolved(out / "config.yaml")["train"]["steps"] == 7 and not (out / "config.resolved.yaml").exists()
+    start()  # its own file: replaced at each start
+    assert resolved(out / "config.yaml")["train"]["steps"] == 7
+
+    # written before the header existed: a full dump of every section is the trainer's, replaced
+    from megatron_mft.config.base import to_dict
+
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(_cfg()), sort_keys=False))
+    start()
+    assert resolved(out / "config.yaml")["train"]["steps"] == 7 and not (out / "config.resolved.yaml").exists()
+
+    # the user's own config.yaml (a partial config with a comment): kept byte for byte
+    mine = CONFIG.read_text() + "# my notes\n"
+    (out / "config.yaml").write_text(mine)
+    start()
+    assert (out / "config.yaml").read_text() == mine
+    assert resolved(out / "config.resolved.yaml")["train"]["steps"] == 7
+
+    # the very file passed as --config, even when it is a resolved config the trainer once wrote
+    (out / "config.resolved.yaml").unlink()
+    shutil.copy(out / "config.yaml", tmp_path / "mine.yaml")
+    (out / "config.yaml").write_text(RESOLVED_CONFIG_HEADER + "train:\n  steps: 3\n")
+    given = (out / "config.yaml").read_text()
+    start(config_file=str(out / "config.yaml"))
+    assert (out / "config.yaml").read_text() == given and (out / "config.resolved.yaml").is_file()
+
+
+def _ckpt(root: Path, name: str, meta: dict) -> Path:
+    root.mkdir(parents=True)
+    (root / "metadata.json").write_text("{}")
+    (root / name).write_text(json.dumps(meta))
+    return root
+
+
+def test_preflight_refuses_what_cannot_start_before_anything_is_built(tmp_path, tiny_init):
+    from megatron_mft.training.preflight import PreflightError, check_run
+
+    def problems(*overrides: str) -> list[str]:
+        try:
+            check_run(_cfg(*overrides), world_size=1)
+        except PreflightError as e:
+            return e.problems
+        return []
+
+    # a run folder inside online task data would be read back as a task (and left there)
+    data = tmp_path / "raw"
+    shutil.copytree(ROOT / "examples/demo_data/raw", data)
+    [p] = problems(f"data.path={data}", f"output_dir={data}/run1")
+    assert "output_dir" in p and str(data) in p and "inside data.path" in p
+    assert not (data / "run1").exists()
+    assert problems(f"data.path={data}", f"output_dir={tmp_path}/run1") == []
+
+    # a starting checkpoint of another shape, told by each kind of checkpoint's description:
+    # `checkpoint init` (init.json, the session fixture), a training step (run.json), a conversion
+    out = f"output_dir={tmp_path}/out"
+    assert problems(f"train.init_checkpoint={tiny_init}", out) == []
+    [p] = problems(f"train.init_checkpoint={tiny_init}", "model.num_layers=2", out)
+    assert "num_layers: checkpoint 4, config 2" in p and str(tiny_init / "init.json") in p
+    step = _ckpt(tmp_path / "step", "run.json", {"config": {"model": {"preset": "tiny", "hidden_size": 64}}})
+    [p] = problems(f"train.init_checkpoint={step}", out)
+    assert "hidden_size: checkpoint 64, config 128" in p
+    conv = _ckpt(tmp_path / "conv", "conversion.json", {"model": {"preset": "tiny", "ffn_hidden_size": 256}})
+    [p] = problems(f"train.init_checkpoint={conv}", out)
+    assert "ffn_hidden_size: checkpoint 256, config 352" in p
+    # settings that do not change the weights may differ (e.g. a context extension)
+    assert problems(f"train.init_checkpoint={tiny_init}", "model.rotary_base=500000", out) == []
+    # a LoRA step holds adapters only: not a model to start from
+    lora = _ckpt(tmp_path / "lora", "run.json", {"peft": "lora", "config": {"model": {"preset": "tiny"},
+                                                                           "peft": {"method": "lora"}}})
+    [p] = problems(f"train.init_checkpoint={lora}", out)
+    assert "adapters only" in p and "--merge-lora" in p
+
+
+def _data(manifest: dict, val_rows: dict[str, int]):
+    """What check_against_data reads of an open MFTData."""
+    return SimpleNamespace(task_names=list(val_rows), vocab_size=2048, manifest=manifest,
+                           val_rows=lambda name: val_rows[name])
+
+
+def test_data_checks_validation_rows_and_settings_fixed_by_preprocessing(demo_data, tmp_path):
+    from megatron_mft.training.preflight import PreflightError, check_against_data
+
+    manifest = json.loads((demo_data / "manifest.json").read_text())
+    offline = ["data.source=offline", f"data.path={demo_data}"]
+
+    def problems(val_rows: dict, *overrides: str) -> list[str]:
+        try:
+            check_against_data(_cfg(*offline, *overrides), _data(manifest, val_rows))
+        except PreflightError as e:
+            return e.problems
+        return []
+
+    both = {"a": 3, "b": 2}
+    assert problems(both) == [] and problems(both, "loss.balancer=coba") == []
+    # a balancer weighs every task by its validation loss: each task needs validation rows
+    [p] = problems({"a": 3, "b": 0}, "train.eval_interval=0", "loss.balancer=famo")
+    assert p.startswith("loss.balancer: famo") and "task(s) b " in p and "--val-ratio" in p
+    # validation and early stopping need some
+    assert problems({"a": 3, "b": 0}, "train.early_stopping_patience=2") == []
+    found = problems({"a": 0, "b": 0}, "train.eval_interval=5", "train.early_stopping_patience=2")
+    assert [p.split(":")[0] for p in found] == ["train.eval_interval", "train.early_stopping_patience"]
+    assert problems({"a": 0, "b": 0}, "train.eval_interval=0") == []
+
+    # offline data fixed mode, packing, split and template: a changed setting that disagrees is refused
+    assert manifest["mode"] == "sft" and manifest["packing"] == "best-fit"
+    found = problems(both, "data.mode=pretrain", "data.packing=none", "data.val_ratio=0.5", "data.template=llama3")
+    assert [p.split(":")[0] for p in found] == ["data.mode", "data.packing", "data.val_ratio", "data.template"]
+    assert "preprocessed with mode 'sft'" in found[0] and str(demo_data) in found[0]
+    assert problems(both, f"data.val_ratio={manifest['val_ratio']}") == []  # agreeing is fine
+    # the data's own tokenizer (the same file anywhere) is fine; another file or a missing path is not
+    copy = tmp_path / "tok.model"
+    shutil.copy(TOKENIZER, copy)
+    assert problems(both, f"data.tokenizer={copy}") == []
+    copy.write_bytes(copy.read_bytes()[:-1] + b"x")
+    [p] = problems(both, f"data.tokenizer={copy}")
+    assert p.startswith("data.tokenizer") and "not the tokenizer" in p
+    [p] = problems(both, f"data.tokenizer={tmp_path}/nope.model")
+    assert "does not exist" in p
+
+
+def test_adapter_settings_without_adapters_are_refused():
+    from megatron_mft.config.base import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        _cfg("peft.rank=64", "peft.target_modules=[bogus]")
+    assert [p.split(":")[0] for p in e.value.problems] == ["peft.rank", "peft.target_modules"]
+    assert "peft.method is none" in e.value.problems[0]
+    _cfg("peft.method=lora", "peft.rank=64")
