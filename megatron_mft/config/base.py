@@ -4,7 +4,9 @@ Each concern (model, parallel, data, loss, peft, train) owns one dataclass in it
 A dataclass may define ``validate(self) -> list[str]`` returning human-readable problems;
 ``load_config`` collects the problems of every section and raises one ``ConfigError``.
 Every float field, in any section, list or mapping, must be finite: nan and inf are refused where
-values are parsed, so no ``validate`` has to think about them.
+values are parsed, so no ``validate`` has to think about them. A field declared with
+``metadata=PATH`` holds a file system path: a leading ``~`` is expanded where values are parsed.
+A YAML mapping (config file or override value) must not repeat a key.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import dataclasses
 import keyword
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -30,6 +33,74 @@ class ConfigError(UsageError, ValueError):
         self.problems = problems
         head = f"invalid config{f' {source}' if source else ''}:"
         super().__init__("\n".join([head] + [f"  - {p}" for p in problems]))
+
+
+#: ``dataclasses.field(metadata=PATH)``: the field is a path; ``~`` / ``~user`` is expanded at load time
+PATH = types.MappingProxyType({"path": True})
+
+
+class _DuplicateKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that records every key a mapping repeats, at any nesting level (PyYAML
+    keeps the last value silently: a second ``train:`` block replaced the first wholesale).
+    Construction goes on (last value wins); the caller reports ``loader.duplicates`` at once."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.duplicates: list[tuple[int, str]] = []  # (line, "duplicate key 'x' (first at line N)")
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges, may repeat
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # PyYAML refuses an unhashable key itself, with its mark
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    self.duplicates.append((line, f"duplicate key {key!r} (first at line {seen[key]})"))
+                else:
+                    seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_load(text: str) -> tuple[Any, list[tuple[int, str]]]:
+    """Parse ``text`` as YAML (safe): the value and the duplicate keys found (line, message)."""
+    loader = _DuplicateKeyLoader(text)
+    try:
+        return loader.get_single_data(), loader.duplicates
+    finally:
+        loader.dispose()
+
+
+def _yaml_reason(error: yaml.YAMLError, text: str) -> tuple[int | None, str]:
+    """(1-based line or None, one-line reason) of a PyYAML error, without its multi-line context."""
+    if isinstance(error, yaml.reader.ReaderError):  # a character YAML does not allow (control bytes)
+        return (text[:error.position].count("\n") + 1,
+                f"unacceptable character #x{error.character:04x}: {error.reason}")
+    mark = getattr(error, "problem_mark", None)
+    reason = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context = getattr(error, "context", None)
+    if context and getattr(error, "problem", None):
+        reason = f"{reason} ({context})"
+    return (mark.line + 1 if mark is not None else None), reason
+
+
+def expand_path(value: Any) -> Any:
+    """A leading ``~`` of a path value -> the home folder (``os.path.expanduser``); others unchanged."""
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+
+def first_rank() -> bool:
+    """Whether this process is the job's first rank (or not launched by torchrun/srun): the one
+    that prints config warnings, which every rank would otherwise print alike."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "0").strip() not in ("", "0"):
+            return False
+    return True
 
 
 def _type_name(tp: Any) -> str:
@@ -153,6 +224,8 @@ def _build(cls: type, data: dict, path: str, problems: list[str]) -> Any:
             problems.append(f"{full}: unknown field{hint}; known: {', '.join(sorted(fields))}")
             continue
         kwargs[key] = _coerce(value, hints[key], full, problems)
+        if fields[key].metadata.get("path"):
+            kwargs[key] = expand_path(kwargs[key])
     try:
         return cls(**{k: v for k, v in kwargs.items() if v is not None or _allows_none(hints[k])})
     except TypeError as e:  # missing required fields
@@ -165,20 +238,34 @@ def _allows_none(tp: Any) -> bool:
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-    """``["train.steps=10", "parallel.tp=2"]`` -> nested dict; values parsed as YAML scalars."""
+    """``["train.steps=10", "parallel.tp=2"]`` -> nested dict; values parsed as YAML (scalars, or
+    flow lists/mappings such as ``[a, b]``). Every malformed override is reported at once."""
     out: dict = {}
+    problems: list[str] = []
     for item in overrides:
         if "=" not in item:
-            raise ConfigError([f"override {item!r}: expected dotted key=value, e.g. train.steps=10"])
+            problems.append(f"override {item!r}: expected dotted key=value, e.g. train.steps=10")
+            continue
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value, duplicates = _yaml_load(raw) if raw != "" else ("", [])
+        except yaml.YAMLError as e:
+            problems.append(f"override {item!r}: not a valid value ({_yaml_reason(e, raw)[1]})")
+            continue
+        if duplicates:
+            problems.append(f"override {item!r}: not a valid value ({'; '.join(d for _, d in duplicates)})")
+            continue
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError([f"override {item!r}: {p} is not a section"])
-        node[parts[-1]] = value
+                problems.append(f"override {item!r}: {p} is not a section")
+                break
+        else:
+            node[parts[-1]] = value
+    if problems:
+        raise ConfigError(problems)
     return out
 
 
@@ -218,15 +305,30 @@ def load_dataclass(cls: type, data: dict, source: str | None = None) -> Any:
 
 
 def read_yaml(path: str | Path) -> dict:
+    """A user's YAML config file as a dict. Not a file, not readable, not UTF-8, not YAML, a
+    repeated key (every one, at any level): a ``ConfigError`` naming the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError([f"config file {path} does not exist"])
+        raise ConfigError([f"config file {path} " + ("is a directory" if path.is_dir() else "does not exist")])
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError([f"config file {path}: cannot read it ({e.strerror or e})"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError([f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                           f"save the file as UTF-8"]) from None
+    try:
+        data, duplicates = _yaml_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError([f"{where}: YAML syntax error: {getattr(e, 'problem', e)}"]) from None
+        line, reason = _yaml_reason(e, text)
+        where = f"{path}:{line}" if line is not None else str(path)
+        raise ConfigError([f"{where}: YAML syntax error: {reason}"]) from None
+    if duplicates:
+        raise ConfigError([f"{path}:{line}: {message}" for line, message in duplicates])
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: top level must be a mapping"])
     return data

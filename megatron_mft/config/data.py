@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+from megatron_mft.config.base import PATH
 
 
 @dataclass
 class DataConfig:
     #: Output folder of tools/preprocess/preprocess_mft.py (offline mode), or a raw data
     #: directory with one sub-folder of .jsonl files per task (online mode).
-    path: str = ""
+    path: str = field(default="", metadata=PATH)
     #: offline = preprocessed .bin/.idx; online = tokenize raw jsonl at start-up.
     source: Literal["offline", "online"] = "offline"
     #: packed = fixed seq_length windows holding several samples; dynamic = one sample per row,
@@ -21,7 +23,7 @@ class DataConfig:
     #: preprocessed with a --seq-length no larger than this.
     seq_length: int = 512
     #: Tokenizer for online mode (SentencePiece .model file or HF tokenizer folder).
-    tokenizer: str = ""
+    tokenizer: str = field(default="", metadata=PATH)
     #: Online mode packing algorithm.
     packing: Literal["none", "next-fit", "best-fit"] = "best-fit"
     #: Online mode: fraction of each task's samples held out for validation (tasks without
@@ -36,7 +38,7 @@ class DataConfig:
     #: preference = {chosen, rejected} pairs (train.stage dpo / orpo; docs/preference.md).
     mode: Literal["sft", "pretrain", "preference"] = "sft"
     #: Online mode: chat template preset (megatron_mft.data.template.TEMPLATES) or a .json file.
-    template: str = "mftcoder"
+    template: str = field(default="mftcoder", metadata=PATH)
     #: Online mode: samples longer than seq_length are an error, dropped, or truncated.
     overlong: Literal["error", "drop", "truncate"] = "error"
     #: Online mode: skip bad lines (counted per reason) instead of failing on them.

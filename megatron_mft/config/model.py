@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal, Optional
 
+from megatron_mft.config.base import PATH
 from megatron_mft.config.presets import PRESETS, ArchSpec
 
 
@@ -55,7 +56,7 @@ class ModelConfig:
     #: Core attention: auto = TE if importable on CUDA, else flash-attn varlen, else torch SDPA.
     attention_backend: Literal["auto", "te", "flash", "sdpa"] = "auto"
     #: Hugging Face folder to initialise weights from at start (see megatron_mft.checkpoint.hf).
-    hf_init: Optional[str] = None
+    hf_init: Optional[str] = field(default=None, metadata=PATH)
 
     def arch(self) -> ArchSpec:
         """The preset with this config's overrides applied."""

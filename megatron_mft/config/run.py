@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_mft.config.base import deep_merge, load_dataclass, parse_overrides, read_yaml
+from megatron_mft.config.base import (PATH, ConfigError, deep_merge, first_rank, load_dataclass, parse_overrides,
+                                      read_yaml)
 from megatron_mft.config.data import DataConfig
 from megatron_mft.config.loss import LossConfig
 from megatron_mft.config.model import ModelConfig
@@ -22,7 +24,8 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    output_dir: str = "outputs/run"
+    output_dir: str = field(default="outputs/run", metadata=PATH)
+    #: Seeds torch (weights, adapters, dropout) and numpy (data order, validation split): [0, 2**32).
     seed: int = 1234
 
     def validate(self) -> list[str]:
@@ -44,11 +47,48 @@ class RunConfig:
                          f"{' x tp' if par.sp else ''} = {2 * par.cp * (par.tp if par.sp else 1)}")
         if not self.output_dir:
             p.append("output_dir: required")
+        if not 0 <= self.seed < SEED_LIMIT:  # numpy's generators refuse negative seeds (after the model is built)
+            p.append(f"seed: must be in [0, 2**32 - 1], got {self.seed}")
         return p
+
+    def warnings(self) -> list[str]:
+        """What is allowed but probably not meant; ``load_config`` prints these (first rank only)."""
+        w = []
+        if not self.model.validate():
+            arch = self.model.arch()
+            scaled = self.model.rope_type not in (None, "default")  # RoPE scaling set in this config
+            if self.data.seq_length > arch.max_position_embeddings and not scaled:
+                limit = (f"model.max_position_embeddings {arch.max_position_embeddings}"
+                         if self.model.max_position_embeddings is not None
+                         else f"max_position_embeddings {arch.max_position_embeddings} of preset {self.model.preset}")
+                w.append(f"data.seq_length {self.data.seq_length} exceeds {limit}: positions past it were never "
+                         f"trained (RoPE extrapolates). If meant, set model.max_position_embeddings >= "
+                         f"{self.data.seq_length} or configure RoPE scaling (model.rope_type, model.rope_factor, "
+                         f"model.rope_original_max_positions); otherwise lower data.seq_length")
+        return w
+
+
+#: seeds are below this: numpy's legacy ``np.random.seed`` limit, within torch's (uint64, plus megatron's offsets)
+SEED_LIMIT = 2**32
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read ``path`` (YAML), apply dotted ``key=value`` overrides, build and validate."""
-    data = read_yaml(path) if path else {}
-    data = deep_merge(data, parse_overrides(overrides or []))
-    return load_dataclass(RunConfig, data, source=str(path) if path else None)
+    """Read ``path`` (YAML), apply dotted ``key=value`` overrides, build and validate. A problem in
+    the file and problems in the overrides are reported together; warnings go to stderr."""
+    problems: list[str] = []
+    data, extra = {}, {}
+    try:
+        data = read_yaml(path) if path else {}
+    except ConfigError as e:
+        problems += e.problems
+    try:
+        extra = parse_overrides(overrides or [])
+    except ConfigError as e:
+        problems += e.problems
+    if problems:
+        raise ConfigError(problems, source=str(path) if path else None)
+    cfg = load_dataclass(RunConfig, deep_merge(data, extra), source=str(path) if path else None)
+    if first_rank():
+        for w in cfg.warnings():
+            print(f"warning: {w}", file=sys.stderr, flush=True)
+    return cfg
