@@ -161,11 +161,19 @@ def test_data_checks_validation_rows_and_settings_fixed_by_preprocessing(demo_da
     assert "does not exist" in p
 
 
-def test_adapter_settings_without_adapters_are_refused():
+def test_settings_that_would_be_ignored_or_crash_later_are_refused_at_load():
+    """Adapter settings without adapters, epochs beside steps, preference settings in an SFT run
+    (each silently unused before), and model sizes that ended in a ZeroDivisionError."""
     from megatron_mft.config.base import ConfigError
 
     with pytest.raises(ConfigError) as e:
-        _cfg("peft.rank=64", "peft.target_modules=[bogus]")
-    assert [p.split(":")[0] for p in e.value.problems] == ["peft.rank", "peft.target_modules"]
-    assert "peft.method is none" in e.value.problems[0]
+        _cfg("peft.rank=64", "peft.target_modules=[bogus]", "train.epochs=5", "loss.preference.beta=7",
+             "loss.preference.lambda=0.5", "model.num_query_groups=0", "model.norm_epsilon=0")
+    found = {p.split(":")[0]: p for p in e.value.problems}
+    assert set(found) == {"peft.rank", "peft.target_modules", "train.epochs", "loss.preference.beta",
+                          "loss.preference.lambda", "model.num_query_groups", "model.norm_epsilon"}
+    assert "peft.method is none" in found["peft.rank"] and "train.steps is 60" in found["train.epochs"]
+    assert "train.stage is sft" in found["loss.preference.beta"]
     _cfg("peft.method=lora", "peft.rank=64")
+    _cfg("train.steps=0", "train.epochs=5")
+    _cfg("train.stage=dpo", "loss.preference.beta=7")

@@ -76,4 +76,6 @@ class ModelConfig:
             problems.append("model.moe_aux_loss_coeff / moe_z_loss_coeff: must be >= 0")
         if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
             problems.append("model.moe_capacity_factor: must be > 0 or null (null = no token dropping)")
+        if not self.init_method_std > 0:
+            problems.append(f"model.init_method_std: must be > 0, got {self.init_method_std}")
         return problems

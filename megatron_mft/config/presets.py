@@ -108,15 +108,21 @@ class ArchSpec:
 
     def problems(self) -> list[str]:
         p = []
-        if self.hidden_size % self.num_attention_heads:
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                     "vocab_size", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                p.append(f"{name}: must be positive, got {getattr(self, name)}")
+        for name in ("rotary_base", "norm_epsilon"):
+            if not getattr(self, name) > 0:
+                p.append(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.kv_channels < 0:
+            p.append(f"kv_channels: must be >= 0 (0 = hidden_size / num_attention_heads), got {self.kv_channels}")
+        if self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads:
             p.append(f"hidden_size: {self.hidden_size} not divisible by num_attention_heads {self.num_attention_heads}")
-        if self.num_attention_heads % self.num_query_groups:
+        if self.num_attention_heads > 0 and self.num_query_groups > 0 and self.num_attention_heads % self.num_query_groups:
             p.append(
                 f"num_query_groups: {self.num_query_groups} does not divide num_attention_heads {self.num_attention_heads}"
             )
-        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "vocab_size", "max_position_embeddings"):
-            if getattr(self, name) <= 0:
-                p.append(f"{name}: must be positive")
         for name, allowed in (("normalization", NORMALIZATIONS), ("activation", ACTIVATIONS),
                               ("rope_type", ROPE_TYPES)):
             if getattr(self, name) not in allowed:

@@ -47,6 +47,15 @@ class RunConfig:
                          f"{' x tp' if par.sp else ''} = {2 * par.cp * (par.tp if par.sp else 1)}")
         if not self.output_dir:
             p.append("output_dir: required")
+        if self.train.stage == "sft":  # the preference settings are read by train.stage dpo / orpo only
+            from megatron_mft.config.loss import PreferenceConfig
+
+            default = PreferenceConfig()
+            for name in vars(default):
+                if getattr(self.loss.preference, name) != getattr(default, name):
+                    key = "lambda" if name == "lambda_" else name
+                    p.append(f"loss.preference.{key}: set, but train.stage is sft (the preference settings are "
+                             f"read by train.stage dpo or orpo only); set train.stage, or remove it")
         if not 0 <= self.seed < SEED_LIMIT:  # numpy's generators refuse negative seeds (after the model is built)
             p.append(f"seed: must be in [0, 2**32 - 1], got {self.seed}")
         return p
