@@ -2,7 +2,7 @@
 
     hf-to-mcore  --hf-dir DIR [--preset NAME] [--tp T --pp P --ep E] --out CKPT [--dtype D] [--dry-run]
     mcore-to-hf  --ckpt CKPT --out DIR [--merge-lora | --adapter-only] [--dtype D] [--max-shard-size 5GB]
-                 [--tokenizer DIR]
+                 [--tokenizer FILE|DIR]
     verify       --hf-dir DIR [--ckpt CKPT] [--adapter DIR] [--tp T --pp P --ep E] [--tol X]
                  [--batch B --seq S --seed N]
 
@@ -29,9 +29,40 @@ def _size(text: str) -> int:
     from megatron_mft.checkpoint.hf.hf_io import parse_size
 
     try:
-        return parse_size(text)
+        size = parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r} (e.g. 5GB, 500MB)")
+    return size
+
+
+def int_range(minimum: int, maximum: int = 2**63 - 1):
+    """argparse ``type=``: an integer in [minimum, maximum] (a size of 0 or a negative seed fails
+    here, as a usage error, not deep inside torch.distributed or a reshape)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {value}")
+        return value
+
+    return parse
+
+
+POSITIVE = int_range(1)
+
+
+def _tolerance(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,9 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("hf-to-mcore", help="HF folder -> megatron dist checkpoint (streaming)")
     a.add_argument("--hf-dir", required=True, help="Hugging Face model folder (config.json + weights)")
     a.add_argument("--preset", help="check config.json against this preset (else the config is read from it)")
-    a.add_argument("--tp", type=int, default=1, help="intended tensor-parallel size (validated, recorded)")
-    a.add_argument("--pp", type=int, default=1, help="intended pipeline-parallel size (validated, recorded)")
-    a.add_argument("--ep", type=int, default=1, help="intended expert-parallel size, MoE (validated, recorded)")
+    a.add_argument("--tp", type=POSITIVE, default=1, help="intended tensor-parallel size (validated, recorded)")
+    a.add_argument("--pp", type=POSITIVE, default=1, help="intended pipeline-parallel size (validated, recorded)")
+    a.add_argument("--ep", type=POSITIVE, default=1, help="intended expert-parallel size, MoE (validated, recorded)")
     a.add_argument("--out", required=True, help="output checkpoint folder (new or empty)")
     a.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="stored dtype (default: the source's)")
     a.add_argument("--dry-run", action="store_true", help="check config, names and shapes; write nothing")
@@ -57,19 +88,21 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--adapter-only", action="store_true", help="write the adapters in peft format")
     b.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: the stored one)")
     b.add_argument("--max-shard-size", default="5GB", type=_size, help="safetensors shard size (default 5GB)")
-    b.add_argument("--tokenizer", help="folder to copy tokenizer files from (default: found via the checkpoint)")
+    b.add_argument("--tokenizer", help="tokenizer to export: a folder of tokenizer files, a SentencePiece .model "
+                                       "file or a tokenizer.json file (default: the run's data.tokenizer, found "
+                                       "via the checkpoint)")
 
     c = sub.add_parser("verify", help="max |logit difference| between the megatron and HF models")
     c.add_argument("--hf-dir", required=True, help="Hugging Face model folder (the reference)")
     c.add_argument("--ckpt", help="megatron checkpoint; without it the model loads --hf-dir via hf_init")
     c.add_argument("--adapter", help="peft adapter folder applied to the HF model (compare with a LoRA run)")
-    c.add_argument("--tp", type=int, default=1)
-    c.add_argument("--pp", type=int, default=1)
-    c.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE)")
-    c.add_argument("--tol", type=finite_float, default=1e-3, help="max allowed |difference| (default 1e-3)")
-    c.add_argument("--batch", type=int, default=2)
-    c.add_argument("--seq", type=int, default=64)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--tp", type=POSITIVE, default=1)
+    c.add_argument("--pp", type=POSITIVE, default=1)
+    c.add_argument("--ep", type=POSITIVE, default=1, help="expert-parallel size (MoE)")
+    c.add_argument("--tol", type=_tolerance, default=1e-3, help="max allowed |difference| (default 1e-3)")
+    c.add_argument("--batch", type=POSITIVE, default=2)
+    c.add_argument("--seq", type=POSITIVE, default=64)
+    c.add_argument("--seed", type=int_range(0), default=0)
     c.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="megatron compute dtype")
     c.add_argument("--result", help=argparse.SUPPRESS)  # JSON result file (set when spawning)
     return p
@@ -108,6 +141,10 @@ def _single_process():
 
 
 def _hf_to_mcore(args) -> int:
+    from megatron_mft.checkpoint.hf.mcore_to_hf import check_out_apart
+
+    check_out_apart(args.out, [(args.hf_dir, "the --hf-dir being read")],
+                    "a conversion written into the Hugging Face folder it reads mixes with the model's files")
     _single_process()
     from megatron_mft.checkpoint.hf.hf_to_mcore import convert_hf_to_mcore
 

@@ -10,7 +10,8 @@ metrics.jsonl holds one JSON object per line, each with ``step``. Keys read (all
 - ``task_weight/<task>``: the balancer's weight of one task.
 
 Lines appended by a resumed run may repeat a step: for each (step, key) the last value wins, and
-lines of the same step are merged. Non-numeric or missing values are skipped. An invalid line is
+lines of the same step are merged. Non-numeric, non-finite (NaN, inf, an integer beyond float range) or
+missing values are skipped. An invalid line is
 an error naming ``file:line`` (or a warning with ``--skip-invalid``).
 
 The figure has two panels: losses (training solid, validation dashed with markers, one colour
@@ -53,6 +54,8 @@ def load_metrics(path: str, skip_invalid: bool = False) -> dict[int, dict[str, f
                 step = rec["step"]
                 if isinstance(step, bool) or not isinstance(step, (int, float)) or step != int(step):
                     raise ValueError(f"'step' must be an integer, got {step!r}")
+                if abs(step) > 2**53:  # beyond float precision: no plot axis can place it
+                    raise ValueError("'step' out of range (|step| > 2**53)")
             except (ValueError, OverflowError) as e:
                 msg = f"{path}:{lineno}: invalid metrics line: {e}"
                 if skip_invalid:
@@ -63,8 +66,12 @@ def load_metrics(path: str, skip_invalid: bool = False) -> dict[int, dict[str, f
             for k, v in rec.items():
                 if k == "step" or isinstance(v, bool) or not isinstance(v, (int, float)):
                     continue
+                try:
+                    v = float(v)
+                except OverflowError:  # an integer beyond float range: as non-finite as inf
+                    v = math.inf
                 if math.isfinite(v):
-                    row[k] = float(v)
+                    row[k] = v
                 else:
                     row.pop(k, None)
     return steps

@@ -21,9 +21,10 @@
 #   CONTAINER_IMAGE, CONTAINER_MOUNTS   run inside a container (pyxis/enroot srun flags)
 #   MASTER_ADDR, MASTER_PORT            override the derived rendezvous address
 #   MAX_RESTARTS  stop requeueing after this many restarts (default 50)
-#   DRY_RUN=1     print the resolved command and exit 0; starts nothing. Outside SLURM it
-#                 fakes the job from the script's #SBATCH lines (node list node[01-NN],
-#                 job id 12345); SLURM_JOB_NODELIST etc. can be set to try other layouts.
+#   DRY_RUN=1     print the resolved command and check that DATA_DIR and CKPT / HF_DIR exist
+#                 (exit 1 naming each missing path, as the job would; else 0); starts nothing.
+#                 Outside SLURM it fakes the job from the script's #SBATCH lines (node list
+#                 node[01-NN], job id 12345); SLURM_JOB_NODELIST etc. can be set to try other layouts.
 #
 # One task per GPU rather than torchrun per node: SLURM's --signal=USR1 reaches srun tasks
 # directly, while a torchrun agent would die on SIGUSR1 instead of passing it to the trainers.
@@ -119,12 +120,15 @@ mft_launch() {
   echo "job ${SLURM_JOB_ID}: ${nodes} node(s) x ${per_node} task(s) = $((nodes * per_node)) ranks" \
     "on ${nodelist}; rendezvous ${MASTER_ADDR}:${MASTER_PORT}"
   echo "+ $(printf '%q ' "${cmd[@]}")"
-  [[ ${DRY_RUN:-0} == 1 ]] && return 0
 
-  local path
-  for path in "$DATA_DIR" ${init:+"$init"}; do  # fail here, before srun starts every task
-    [[ -e $path ]] || { echo "not found: $path (DATA_DIR / CKPT / HF_DIR)" >&2; return 1; }
+  # fail here, before srun starts every task; a dry run checks the same (it is the check to run
+  # before submitting) and fails alike
+  local path missing=0
+  for path in "$DATA_DIR" ${init:+"$init"}; do
+    [[ -e $path ]] || { echo "not found: $path (DATA_DIR / CKPT / HF_DIR)" >&2; missing=1; }
   done
+  ((missing == 0)) || return 1
+  [[ ${DRY_RUN:-0} == 1 ]] && return 0
   mkdir -p "$OUTPUT_DIR"
   export MFT_STOP_FILE="$OUTPUT_DIR/.stop_reason.${SLURM_JOB_ID}"
   rm -f "$MFT_STOP_FILE"

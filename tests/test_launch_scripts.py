@@ -52,8 +52,15 @@ def test_bash_syntax(script):
     assert run.returncode == 0, run.stderr
 
 
+def existing_paths(tmp_path: Path) -> dict[str, str]:
+    """DATA_DIR and CKPT that exist: a dry run checks them (the scripts' defaults are cluster paths)."""
+    for name in ("data", "ckpt"):
+        (tmp_path / name).mkdir(exist_ok=True)
+    return {"DATA_DIR": str(tmp_path / "data"), "CKPT": str(tmp_path / "ckpt")}
+
+
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
-def test_dry_run_prints_a_launch_that_fits(script):
+def test_dry_run_prints_a_launch_that_fits(script, tmp_path):
     opts = sbatch_opts(script)
     assert opts.get("signal", "").startswith("USR1@") and "requeue" in opts
     nodes, per_node = int(opts["nodes"]), int(opts["ntasks-per-node"])
@@ -62,7 +69,7 @@ def test_dry_run_prints_a_launch_that_fits(script):
     else:
         assert int(opts["gpus-per-node"]) == per_node  # one task per GPU
 
-    run = dry_run(script)
+    run = dry_run(script, **existing_paths(tmp_path))
     assert run.returncode == 0, run.stderr
     cmd = launched(run.stdout)
     assert cmd[0] == "srun" and "megatron_mft.train" in cmd
@@ -85,16 +92,33 @@ def test_dry_run_prints_a_launch_that_fits(script):
     assert cfg.parallel.tp <= per_node  # tensor parallelism stays inside a node
 
 
-def test_dry_run_paths_node_list_and_overrides():
+def test_dry_run_paths_node_list_and_overrides(tmp_path):
     script = ROOT / "run_scripts" / "codellama34b_full.sh"
-    run = dry_run(script, SLURM_JOB_NODELIST="gpu[007-008,010],gpu012", SLURM_JOB_ID="123456", DATA_DIR="/d",
-                  OUTPUT_DIR="/o", HF_DIR="/hf", EXTRA_ARGS="train.steps=3 seed=9")
+    d, hf = tmp_path / "d", tmp_path / "hf"
+    d.mkdir()
+    hf.mkdir()
+    run = dry_run(script, SLURM_JOB_NODELIST="gpu[007-008,010],gpu012", SLURM_JOB_ID="123456", DATA_DIR=str(d),
+                  OUTPUT_DIR="/o", HF_DIR=str(hf), EXTRA_ARGS="train.steps=3 seed=9")
     assert run.returncode == 0, run.stderr
     cmd = launched(run.stdout)
     assert "rendezvous gpu007:13456" in run.stdout
-    assert ["output_dir=/o", "data.path=/d", "model.hf_init=/hf"] == cmd[cmd.index("--config") + 2:][:3]
+    assert ["output_dir=/o", f"data.path={d}", f"model.hf_init={hf}"] == cmd[cmd.index("--config") + 2:][:3]
     assert cmd[-2:] == ["train.steps=3", "seed=9"]
     assert not any(a.startswith("train.init_checkpoint=") for a in cmd)
+
+
+@pytest.mark.parametrize("missing", [["DATA_DIR"], ["CKPT"], ["DATA_DIR", "HF_DIR"]])
+def test_dry_run_checks_the_paths_the_job_would_check(tmp_path, missing):
+    """DRY_RUN is the check to run before submitting: a missing DATA_DIR / CKPT / HF_DIR fails it
+    (exit 1, each missing path named as the job names it), after the command is printed."""
+    paths = {**existing_paths(tmp_path), "HF_DIR": ""}
+    for name in missing:
+        paths[name] = str(tmp_path / f"no_{name.lower()}")
+    run = dry_run(ROOT / "run_scripts" / "codellama34b_lora.sh", **paths)
+    assert run.returncode == 1, (run.stdout, run.stderr)
+    assert [line for line in run.stderr.splitlines() if line.startswith("not found: ")] == [
+        f"not found: {paths[name]} (DATA_DIR / CKPT / HF_DIR)" for name in missing]
+    assert launched(run.stdout)[0] == "srun"  # the command is still shown
 
 
 def test_dry_run_with_an_unconfigured_scontrol(tmp_path):

@@ -136,12 +136,52 @@ def test_resave_keeps_the_files_it_did_not_write(tp1_env, saved, tmp_path, monke
     put_mine(leftover)
     _save(root, 3, saved[1])  # the next save clears leftovers
     assert mine_kept() and not leftover.exists()
-    # no step to take them: the leftover stays
+    # no step to take them: the leftover stays, and a later save of that step names it
     orphan = root / "step_0000009.tmp"
     orphan.mkdir()
     (orphan / "NOTES.md").write_text("mine")
+    (root / "step_0000008.old").write_text("a file, not a leftover folder")  # ignored, not a crash
+    (root / "export.tmp").mkdir()  # not a step's leftover: untouched
+    (root / "export.tmp" / "x").write_text("x")
     _save(root, 4, saved[1])
+    assert (orphan / "NOTES.md").read_text() == "mine" and (root / "export.tmp" / "x").is_file()
+    with pytest.raises(dist.CheckpointError, match="step_0000009.tmp is left from an interrupted save and holds "
+                                                   "NOTES.md"):
+        _save(root, 9, saved[1])
     assert (orphan / "NOTES.md").read_text() == "mine"
+    # the two-rename path meets a kept step_N.old whose user file is also in step_N: refused
+    # before anything moves
+    shutil.copytree(step, root / "step_0000002.old")
+    with pytest.raises(dist.CheckpointError, match="step_0000002.old, left by an interrupted re-save, holds "
+                                                   "NOTES.md, hf_export"):
+        _save(root, 2, saved[1])
+    assert mine_kept() and (root / "step_0000002.old" / "NOTES.md").is_file()
+    shutil.rmtree(root / "step_0000002.old")
+    monkeypatch.undo()
+
+    # after publication nothing deletes them: not a failing pointer update (disk full) ...
+    def full(*_a):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dist, "_write_latest", full)
+    with pytest.raises(dist.CheckpointError, match="no space left"):
+        _save(root, 2, saved[1])
+    assert mine_kept()
+    monkeypatch.undo()
+    # ... nor an entry the file system refuses to move (it stays in the old copy, which stays)
+    real_replace = os.replace
+
+    def refuse_notes(a, b):
+        if Path(a).name == "NOTES.md":
+            raise PermissionError(13, "Permission denied", str(a))
+        return real_replace(a, b)
+
+    monkeypatch.setattr(dist.os, "replace", refuse_notes)
+    _save(root, 2, saved[1])
+    monkeypatch.undo()
+    leftovers = [p for p in root.iterdir() if p.name.startswith("step_0000002.")]
+    assert (step / "hf_export" / "config.json").is_file() and (step / "run.json").is_file()
+    assert [(p / "NOTES.md").read_text() for p in leftovers] == ["mine"]
 
 
 def test_truncated_shard_names_the_file_and_the_intact_step(tp1_env, saved, tmp_path):

@@ -48,7 +48,9 @@ def test_resolved_config_never_replaces_a_config_yaml_the_trainer_did_not_write(
     # written before the header existed: a full dump of every section is the trainer's, replaced
     from megatron_mft.config.base import to_dict
 
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(_cfg()), sort_keys=False))
+    dump = to_dict(_cfg())
+    dump["train"].pop("stage"), dump["loss"].pop("preference")  # an older version's dump lacked a few
+    (out / "config.yaml").write_text(yaml.safe_dump(dump, sort_keys=False))
     start()
     assert resolved(out / "config.yaml")["train"]["steps"] == 7 and not (out / "config.resolved.yaml").exists()
 
@@ -66,6 +68,11 @@ def test_resolved_config_never_replaces_a_config_yaml_the_trainer_did_not_write(
     given = (out / "config.yaml").read_text()
     start(config_file=str(out / "config.yaml"))
     assert (out / "config.yaml").read_text() == given and (out / "config.resolved.yaml").is_file()
+    # ... and config.resolved.yaml passed as --config beside a config.yaml of the user's: neither replaced
+    (out / "config.yaml").write_text(mine)
+    (out / "config.resolved.yaml").write_text(given)
+    start(config_file=str(out / "config.resolved.yaml"))
+    assert (out / "config.yaml").read_text() == mine and (out / "config.resolved.yaml").read_text() == given
 
 
 def _ckpt(root: Path, name: str, meta: dict) -> Path:
@@ -105,8 +112,10 @@ def test_preflight_refuses_what_cannot_start_before_anything_is_built(tmp_path, 
     conv = _ckpt(tmp_path / "conv", "conversion.json", {"model": {"preset": "tiny", "ffn_hidden_size": 256}})
     [p] = problems(f"train.init_checkpoint={conv}", out)
     assert "ffn_hidden_size: checkpoint 256, config 352" in p
-    # settings that do not change the weights may differ (e.g. a context extension)
-    assert problems(f"train.init_checkpoint={tiny_init}", "model.rotary_base=500000", out) == []
+    # settings that do not change the weights may differ (e.g. a context extension), and a size given
+    # explicitly equal to the one derived is the same shape
+    assert problems(f"train.init_checkpoint={tiny_init}", "model.rotary_base=500000", "model.kv_channels=32",
+                    out) == []
     # a LoRA step holds adapters only: not a model to start from
     lora = _ckpt(tmp_path / "lora", "run.json", {"peft": "lora", "config": {"model": {"preset": "tiny"},
                                                                            "peft": {"method": "lora"}}})
@@ -120,7 +129,7 @@ def _data(manifest: dict, val_rows: dict[str, int]):
                            val_rows=lambda name: val_rows[name])
 
 
-def test_data_checks_validation_rows_and_settings_fixed_by_preprocessing(demo_data, tmp_path):
+def test_data_checks_validation_rows_and_settings_fixed_by_preprocessing(demo_data, tmp_path, capsys):
     from megatron_mft.training.preflight import PreflightError, check_against_data
 
     manifest = json.loads((demo_data / "manifest.json").read_text())
@@ -144,16 +153,27 @@ def test_data_checks_validation_rows_and_settings_fixed_by_preprocessing(demo_da
     assert [p.split(":")[0] for p in found] == ["train.eval_interval", "train.early_stopping_patience"]
     assert problems({"a": 0, "b": 0}, "train.eval_interval=0") == []
 
-    # offline data fixed mode, packing, split and template: a changed setting that disagrees is refused
+    # offline data fixed mode, packing, split and template: a changed data.mode that disagrees is
+    # refused (the loss would not cover what the user believes); the others are only unused: warned
     assert manifest["mode"] == "sft" and manifest["packing"] == "best-fit"
+    capsys.readouterr()
     found = problems(both, "data.mode=pretrain", "data.packing=none", "data.val_ratio=0.5", "data.template=llama3")
-    assert [p.split(":")[0] for p in found] == ["data.mode", "data.packing", "data.val_ratio", "data.template"]
+    assert [p.split(":")[0] for p in found] == ["data.mode"]
     assert "preprocessed with mode 'sft'" in found[0] and str(demo_data) in found[0]
-    assert problems(both, f"data.val_ratio={manifest['val_ratio']}") == []  # agreeing is fine
-    # the data's own tokenizer (the same file anywhere) is fine; another file or a missing path is not
+    warned = capsys.readouterr().out
+    assert all(f"warning: data.{k} " in warned for k in ("packing", "val_ratio", "template")), warned
+    agree = (f"data.val_ratio={manifest['val_ratio']}", "data.packing=best-fit")
+    template = tmp_path / "mine.json"  # the data's template as a .json file of its own
+    template.write_text(json.dumps(manifest["template"]))
+    assert problems(both, *agree, f"data.template={template}") == [] and "warning" not in capsys.readouterr().out
+    # the data's own tokenizer (the same file anywhere, or a folder holding it) is fine; another
+    # file or a missing path is not
     copy = tmp_path / "tok.model"
     shutil.copy(TOKENIZER, copy)
     assert problems(both, f"data.tokenizer={copy}") == []
+    (tmp_path / "spdir").mkdir()
+    shutil.copy(TOKENIZER, tmp_path / "spdir" / "tokenizer.model")
+    assert problems(both, f"data.tokenizer={tmp_path / 'spdir'}") == []
     copy.write_bytes(copy.read_bytes()[:-1] + b"x")
     [p] = problems(both, f"data.tokenizer={copy}")
     assert p.startswith("data.tokenizer") and "not the tokenizer" in p
@@ -161,19 +181,23 @@ def test_data_checks_validation_rows_and_settings_fixed_by_preprocessing(demo_da
     assert "does not exist" in p
 
 
-def test_settings_that_would_be_ignored_or_crash_later_are_refused_at_load():
-    """Adapter settings without adapters, epochs beside steps, preference settings in an SFT run
-    (each silently unused before), and model sizes that ended in a ZeroDivisionError."""
+def test_settings_that_would_be_ignored_or_crash_later_are_named_at_load():
+    """Preference settings in an SFT run (unused silently before) and model sizes that ended in a
+    ZeroDivisionError are refused; adapter settings with peft.method none (a LoRA recipe run as full
+    fine-tuning on purpose, or a forgotten method) and epochs beside steps (a recipe's epochs with
+    an EXTRA_ARGS train.steps) are warned."""
     from megatron_mft.config.base import ConfigError
 
     with pytest.raises(ConfigError) as e:
-        _cfg("peft.rank=64", "peft.target_modules=[bogus]", "train.epochs=5", "loss.preference.beta=7",
-             "loss.preference.lambda=0.5", "model.num_query_groups=0", "model.norm_epsilon=0")
+        _cfg("loss.preference.beta=7", "loss.preference.lambda=0.5", "model.num_query_groups=0",
+             "model.norm_epsilon=0", "peft.method=lora", "peft.target_modules=[bogus]")
     found = {p.split(":")[0]: p for p in e.value.problems}
-    assert set(found) == {"peft.rank", "peft.target_modules", "train.epochs", "loss.preference.beta",
-                          "loss.preference.lambda", "model.num_query_groups", "model.norm_epsilon"}
-    assert "peft.method is none" in found["peft.rank"] and "train.steps is 60" in found["train.epochs"]
+    assert set(found) == {"loss.preference.beta", "loss.preference.lambda", "model.num_query_groups",
+                          "model.norm_epsilon", "peft.target_modules"}
     assert "train.stage is sft" in found["loss.preference.beta"]
-    _cfg("peft.method=lora", "peft.rank=64")
-    _cfg("train.steps=0", "train.epochs=5")
+    warned = _cfg("peft.rank=64", "peft.alpha=128", "train.epochs=5").warnings()
+    assert len(warned) == 2 and "peft.rank, peft.alpha set, but peft.method is none" in warned[0]
+    assert "train.epochs 5 is not used: train.steps 60" in warned[1]
+    assert _cfg("peft.method=lora", "peft.rank=64").warnings() == []
+    assert _cfg("train.steps=0", "train.epochs=5").warnings() == []
     _cfg("train.stage=dpo", "loss.preference.beta=7")

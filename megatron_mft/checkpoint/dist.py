@@ -290,17 +290,48 @@ def _fsync_own_files(tmp: Path) -> None:
 _SAVE_WRITES = re.compile(r"^(__\d+_\d+\.distcp|\.metadata|metadata\.json|common\.pt|run\.json|rng)$")
 
 
+def _foreign(folder: Path) -> list[str]:
+    """Names in a step folder (or its leftover copy) that a save did not write."""
+    try:
+        return sorted(e.name for e in folder.iterdir() if not _SAVE_WRITES.match(e.name))
+    except OSError:
+        return []
+
+
 def _adopt_foreign(old: Path, new: Path) -> list[str]:
     """Move what a save did not write (a user's files, e.g. an HF export placed in the step folder)
     from the replaced copy ``old`` into its successor ``new``, before ``old`` is deleted: a re-save
-    replaces the checkpoint, not the user's files beside it. Returns the names moved."""
+    replaces the checkpoint, not the user's files beside it. An entry that cannot move (its name
+    taken in ``new``, or the file system refuses) stays in ``old``. Returns the names moved."""
     moved = []
-    for entry in sorted(old.iterdir()) if old.is_dir() else []:
-        if _SAVE_WRITES.match(entry.name) or (new / entry.name).exists():
+    for name in _foreign(old) if old.is_dir() and new.is_dir() else []:
+        if (new / name).exists() or (new / name).is_symlink():
             continue
-        os.replace(entry, new / entry.name)
-        moved.append(entry.name)
+        try:
+            os.replace(old / name, new / name)
+        except OSError:
+            continue
+        moved.append(name)
     return moved
+
+
+def _remove_leftover(leftover: Path, final: Path) -> None:
+    """Delete a replaced copy, or an interrupted save's or re-save's leftover folder. A user's files
+    in it go to ``final`` first (:func:`_adopt_foreign`); where one cannot, the folder stays and a
+    warning names it. Never raises: the save it follows is already durable."""
+    if not leftover.is_dir() or leftover.is_symlink():
+        return
+    kept = _adopt_foreign(leftover, final)
+    if kept:
+        print(f"note: kept {', '.join(kept)} (not written by a save) in {final}", flush=True)
+    left = _foreign(leftover)
+    if left:
+        print(f"warning: {leftover} holds {', '.join(left)}, which a save did not write; it is left in place "
+              f"(move those out, then delete it)", flush=True)
+        return
+    shutil.rmtree(leftover, ignore_errors=True)
+    if leftover.exists():
+        print(f"warning: could not remove the replaced copy {leftover}; delete it by hand", flush=True)
 
 
 def _publish(tmp: Path, final: Path) -> Optional[Path]:
@@ -312,7 +343,11 @@ def _publish(tmp: Path, final: Path) -> Optional[Path]:
     if exchange_paths(tmp, final):  # tmp now holds the old copy
         return tmp
     backup = final.with_name(final.name + ".old")
-    shutil.rmtree(backup, ignore_errors=True)
+    _remove_leftover(backup, final)  # an earlier crash's; a user's files in it go to final first
+    if backup.exists():
+        raise CheckpointError(f"cannot re-save {final}: {backup}, left by an interrupted re-save, holds "
+                              f"{', '.join(_foreign(backup))}, which a save did not write and which also exist "
+                              f"in {final}; move them out of {backup} and rerun")
     os.replace(final, backup)  # latest readers fall back to step_N.old in this window
     os.replace(tmp, final)
     return backup
@@ -330,31 +365,27 @@ def _write_latest(root: Path, final: Path) -> None:
 
 def _prepare_root(root: Path) -> None:
     """Rank 0, before a save: remove broken saves, put back a step moved aside by an
-    interrupted re-save (so ``latest`` names a real folder again)."""
+    interrupted re-save (so ``latest`` names a real folder again). A user's files in what is
+    removed are kept (:func:`_remove_leftover`)."""
     root.mkdir(parents=True, exist_ok=True)
     for backup in root.glob("step_*.old"):
+        if not backup.is_dir():
+            continue
         final = backup.with_name(backup.name[:-4])
         if not _complete(final) and _complete(backup):
             if final.is_dir():
                 _adopt_foreign(final, backup)
+                if _foreign(final):  # a user's file that could not move: keep the partial copy too
+                    print(f"warning: {final} (an incomplete save) holds {', '.join(_foreign(final))}; "
+                          f"it is left in place", flush=True)
+                    continue
             shutil.rmtree(final, ignore_errors=True)
             os.replace(backup, final)
         else:
             _remove_leftover(backup, final)
-    for stale in root.glob("*.tmp"):
+    for stale in root.glob("step_*.tmp"):
         if stale.is_dir():
             _remove_leftover(stale, stale.with_name(stale.name[:-4]))
-
-
-def _remove_leftover(leftover: Path, final: Path) -> None:
-    """Delete an interrupted save's or re-save's leftover folder; a user's files in it (see
-    :func:`_adopt_foreign`) go to ``final`` first, and where that cannot be, the folder stays."""
-    if final.is_dir():
-        _adopt_foreign(leftover, final)
-    if any(not _SAVE_WRITES.match(e.name) for e in leftover.iterdir()):
-        print(f"warning: {leftover} holds files a save did not write; it is left in place", flush=True)
-        return
-    shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _prepare_on_rank0(root: Path, tmp: Path, final: Path) -> None:
@@ -365,7 +396,11 @@ def _prepare_on_rank0(root: Path, tmp: Path, final: Path) -> None:
     if _rank() == 0:
         try:
             _prepare_root(root)
-            tmp.mkdir()
+            if tmp.exists():  # a leftover kept for a user's files in it (_remove_leftover)
+                problem = (f"{tmp} is left from an interrupted save and holds {', '.join(_foreign(tmp)) or 'files'}, "
+                           f"which a save did not write; move those out of it, delete it, and rerun")
+            else:
+                tmp.mkdir()
         except Exception as e:  # any failure: the other ranks must hear of it, not wait for ever
             problem = f"{type(e).__name__}: {e}"
     if every_rank(not problem):
@@ -423,23 +458,19 @@ def save_checkpoint(root: str | Path, step: int, chunks: list, optimizer=None, *
         _barrier()
         _raise_save_error(root, final, tmp, error, full)
     if _rank() == 0:
+        old = None
         try:
             (tmp / "run.json").write_text(json.dumps({**run_info, "step": step}, indent=1, default=str))
             fsync_tree(tmp)
-            old = _publish(tmp, final)
+            old = _publish(tmp, final)  # from here tmp (exchanged) may hold the old copy: never rmtree it
             _write_latest(root, final)
-            if old is not None:  # the save is durable and published: a leftover old copy is not a failure
-                kept = _adopt_foreign(old, final)
-                if kept:
-                    print(f"note: kept {', '.join(kept)} (not written by a save) in the re-saved {final}", flush=True)
-                shutil.rmtree(old, ignore_errors=True)
-                if old.exists():
-                    print(f"warning: could not remove the replaced copy {old}; delete it by hand", flush=True)
-        except OSError as e:
+        except (OSError, CheckpointError) as e:
             error = e
-            full = _no_space(e) or _nearly_full(tmp)
-            if tmp.exists():
+            full = isinstance(e, OSError) and (_no_space(e) or _nearly_full(tmp))
+            if old is None and tmp.exists():  # not published (publishing moves tmp): our partial save
                 shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:  # the new copy is durable and published: the old one goes, a user's files stay
+            _remove_leftover(old, final)
     if not every_rank(error is None):
         _raise_save_error(root, final, tmp, error, error is not None and full)
     return final

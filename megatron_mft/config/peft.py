@@ -26,15 +26,20 @@ class PeftConfig:
     #: rsLoRA: scale by alpha / sqrt(rank) instead of alpha / rank.
     rslora: bool = False
 
+    def warnings(self) -> list[str]:
+        """Adapter settings in a full fine-tune: fine when a LoRA recipe is run with peft.method=none
+        on purpose, a forgotten peft.method otherwise."""
+        if self.method != "none":
+            return []
+        default = PeftConfig()
+        changed = [name for name in ("rank", "alpha", "dropout", "target_modules", "rslora")
+                   if getattr(self, name) != getattr(default, name)]
+        return [f"peft.{', peft.'.join(changed)} set, but peft.method is none: full fine-tuning, no adapters "
+                f"(set peft.method: lora or qlora for adapters)"] if changed else []
+
     def validate(self) -> list[str]:
         p = []
-        if self.method == "none":  # full fine-tuning: an adapter setting means a forgotten peft.method
-            default = PeftConfig()
-            for name in ("rank", "alpha", "dropout", "target_modules", "rslora"):
-                if getattr(self, name) != getattr(default, name):
-                    p.append(f"peft.{name}: set, but peft.method is none (full fine-tuning, no adapters); set "
-                             f"peft.method: lora or qlora, or remove peft.{name}")
-        else:
+        if self.method != "none":
             if self.rank < 1:
                 p.append("peft.rank: must be >= 1")
             if self.alpha <= 0:

@@ -62,10 +62,14 @@ class RunConfig:
 
     def warnings(self) -> list[str]:
         """What is allowed but probably not meant; ``load_config`` prints these (first rank only)."""
-        w = []
+        w = self.peft.warnings()
+        t = self.train
+        if t.steps > 0 and t.epochs:
+            w.append(f"train.epochs {t.epochs:g} is not used: train.steps {t.steps} decides the length "
+                     f"(train.steps=0 trains for epochs; train.epochs=null silences this)")
         if not self.model.validate():
             arch = self.model.arch()
-            scaled = self.model.rope_type not in (None, "default")  # RoPE scaling set in this config
+            scaled = arch.rope_type != "default"  # RoPE scaling, the preset's own or set in this config
             if self.data.seq_length > arch.max_position_embeddings and not scaled:
                 limit = (f"model.max_position_embeddings {arch.max_position_embeddings}"
                          if self.model.max_position_embeddings is not None

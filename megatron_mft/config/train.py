@@ -66,9 +66,6 @@ class TrainConfig:
             p.append(f"train.epochs: must be >= 0 (or null), got {self.epochs}")
         elif self.steps == 0 and not self.epochs:
             p.append("train.steps: 0 needs train.epochs > 0")
-        elif self.steps > 0 and self.epochs:
-            p.append(f"train.epochs: {self.epochs} is not used while train.steps is {self.steps} (steps decide the "
-                     f"length); set train.steps: 0 to train for epochs, or remove train.epochs")
         if self.micro_batch_size < 1:
             p.append("train.micro_batch_size: must be >= 1")
         if self.global_batch_size < 1:

@@ -38,10 +38,14 @@ class TokenizerError(UsageError, ValueError):
 
 def identity_sha256(path: str | Path) -> str | None:
     """The sha256 a manifest records for the tokenizer at ``path`` (a SentencePiece/tiktoken file
-    itself, a Hugging Face folder's tokenizer.json); None when there is no such file."""
+    itself; a folder's tokenizer.json, else its tokenizer.model); None when there is no such file."""
     path = Path(path)
-    file = path if path.is_file() else path / "tokenizer.json"
-    return _sha256(file) if file.is_file() else None
+    if path.is_file():
+        return _sha256(path)
+    for name in ("tokenizer.json", "tokenizer.model"):  # the folder loaders' order (load_tokenizer)
+        if (path / name).is_file():
+            return _sha256(path / name)
+    return None
 
 
 def _sha256(path: Path) -> str:

@@ -41,7 +41,7 @@ def _set_limits(memory_mb: int, cpu_s: int, fsize_mb: int) -> None:
                 hard = min(hard, cur_hard)
                 soft = min(soft, hard)
             resource.setrlimit(kind, (soft, hard))
-        except (ValueError, OSError):
+        except (ValueError, OverflowError, OSError):
             pass
 
     if memory_mb > 0:

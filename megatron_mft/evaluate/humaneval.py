@@ -20,7 +20,8 @@ from typing import Optional
 from megatron_mft.evaluate.encoding import ENCODINGS
 from megatron_mft.evaluate.generate import GenerationConfig
 from megatron_mft.evaluate.prompts import DEFAULT_INSTRUCTION, PromptTemplate, postprocess
-from megatron_mft.evaluate.sandbox import SandboxLimits, default_workers, run_many
+from megatron_mft.evaluate.sandbox import (MAX_CPU_S, MAX_MEMORY_MB, MAX_TIMEOUT_S, SandboxLimits, default_workers,
+                                           run_many)
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,11 @@ class HumanEvalConfig:
                 p.append(f"--hf-dir: {self.hf_dir!r} is not a directory")
             elif not os.path.isfile(os.path.join(self.hf_dir, "config.json")):
                 p.append(f"--hf-dir: {self.hf_dir!r} has no config.json (not an exported HF model)")
+            else:
+                p += _tokenizer_problems(self.hf_dir, self.resolved_encoding)
+            device = _device_problem(self.generation.device)
+            if device:
+                p.append(device)
         try:
             PromptTemplate(self.template, self.instruction, self.system)
         except ValueError as e:
@@ -97,15 +103,77 @@ class HumanEvalConfig:
             p.append("--max-new-tokens: must be >= 1")
         if self.generation.batch_size < 1:
             p.append("--batch-size: must be >= 1")
-        if self.sandbox.cpu_s is not None and self.sandbox.cpu_s < 1:
-            p.append("--cpu-s: must be >= 1")
-        if self.sandbox.timeout_s <= 0:
-            p.append("--timeout: must be > 0")
-        if self.sandbox.memory_mb < 0:
-            p.append("--memory-mb: must be >= 0 (0 = unlimited)")
+        if self.sandbox.cpu_s is not None and not 1 <= self.sandbox.cpu_s <= MAX_CPU_S:
+            p.append(f"--cpu-s: must be >= 1 and <= {MAX_CPU_S}")
+        if not 0 < self.sandbox.timeout_s <= MAX_TIMEOUT_S:
+            p.append(f"--timeout: must be > 0 and <= {MAX_TIMEOUT_S:g}")
+        if not 0 <= self.sandbox.memory_mb <= MAX_MEMORY_MB:
+            p.append(f"--memory-mb: must be >= 0 (0 = unlimited) and <= {MAX_MEMORY_MB}")
         if self.workers is not None and self.workers < 1:
             p.append("--workers: must be >= 1")
+        if self.out:
+            out = _out_problem(self.out)
+            if out:
+                p.append(out)
         return p
+
+
+#: Files from which transformers' AutoTokenizer builds a tokenizer (any one of them).
+TOKENIZER_MODEL_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def _tokenizer_problems(hf_dir: str, encoding: str) -> list[str]:
+    """An export without a tokenizer fails in transformers with a message about missing
+    libraries; say what is missing instead, before the model loads."""
+    present = [n for n in TOKENIZER_MODEL_FILES if os.path.isfile(os.path.join(hf_dir, n))]
+    if not present:
+        return [f"--hf-dir {hf_dir} has no tokenizer files ({' / '.join(TOKENIZER_MODEL_FILES)}): export the "
+                f"model with its tokenizer (python -m megatron_mft.convert mcore-to-hf ... --tokenizer FILE|DIR: "
+                f"the run's data.tokenizer) or copy the tokenizer files into it"]
+    if encoding == "training" and not {"tokenizer.json", "tokenizer.model"} & set(present):
+        return [f"--prompt-encoding training: the training data code reads tokenizer.json or tokenizer.model, "
+                f"and --hf-dir {hf_dir} has only {', '.join(present)}; use --prompt-encoding text"]
+    return []
+
+
+def _device_problem(device: str) -> Optional[str]:
+    """--device as torch parses it, and available on this machine (checked before the model loads)."""
+    if device in ("auto", "cpu"):
+        return None
+    import torch
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        return f"--device {device!r}: not a torch device; use auto, cpu, cuda or cuda:N"
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"--device {device}: CUDA is not available on this machine; use --device cpu (or auto)"
+        n = torch.cuda.device_count()
+        if d.index is not None and d.index >= n:
+            return f"--device {device}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}"
+    elif d.type != "cpu":
+        available = getattr(getattr(torch, d.type, None), "is_available", None)
+        if available is None or not available():
+            return f"--device {device}: {d.type} is not available on this machine; use auto, cpu or cuda"
+    return None
+
+
+def _out_problem(out: str) -> Optional[str]:
+    """--out must be a file name whose folder exists or can be created and is writable; checked
+    before generation, which can take hours."""
+    if os.path.isdir(out):
+        return (f"--out {out} is a directory; give a file name, e.g. "
+                f"{os.path.join(out, 'humaneval_results.json')}")
+    parent = os.path.dirname(os.path.abspath(out))
+    existing = parent
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"--out {out}: {existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"--out {out}: {existing} is not writable"
+    return None
 
 
 def load_problems(path: Optional[str] = None, need_solution: bool = False) -> list[dict]:
@@ -252,12 +320,32 @@ def run_humaneval(cfg: HumanEvalConfig) -> dict:
     }
     report = {"summary": summary, "results": results}
     if cfg.out:
-        d = os.path.dirname(os.path.abspath(cfg.out))
-        os.makedirs(d, exist_ok=True)
-        tmp = cfg.out + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, cfg.out)
+        write_report(report, cfg.out)
         log.info("wrote %s", cfg.out)
     return report
+
+
+def write_report(report: dict, out: str) -> None:
+    """Write the JSON atomically: a new hidden temporary file beside ``out`` (created exclusively,
+    never over an existing file), renamed over ``out``; removed again if anything fails."""
+    from megatron_mft.errors import UserError
+
+    d = os.path.dirname(os.path.abspath(out))
+    tmp = None
+    try:
+        os.makedirs(d, exist_ok=True)
+        name = os.path.join(d, f".{os.path.basename(out)}.{os.getpid()}.tmp")
+        with open(name, "x", encoding="utf-8") as f:
+            tmp = name  # ours from here on: removed if anything below fails
+            json.dump(report, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, out)
+        tmp = None
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write the results ({e.strerror or e})") from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass

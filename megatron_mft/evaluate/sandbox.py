@@ -35,6 +35,12 @@ from typing import Callable, Optional, Sequence
 
 RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_runner.py")
 
+#: Largest limits accepted (the CLI refuses more): memory as setrlimit's C long in bytes; CPU and
+#: wall-clock time 10**9 s (31 years: no limit in practice, and ceil(timeout) + 1 stays a C long).
+MAX_MEMORY_MB = (2**63 - 1) >> 20
+MAX_CPU_S = 10**9
+MAX_TIMEOUT_S = 1e9
+
 
 @dataclass(frozen=True)
 class SandboxLimits:

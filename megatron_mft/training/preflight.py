@@ -15,6 +15,7 @@ from pathlib import Path
 
 from megatron_mft.compat.fsops import cannot_write_in
 from megatron_mft.config import RunConfig
+from megatron_mft.config.base import first_rank
 from megatron_mft.errors import UsageError
 
 __all__ = ["PreflightError", "check_against_data", "check_run"]
@@ -55,7 +56,11 @@ def check_against_data(run: RunConfig, data) -> None:
                         f"tokenizer and preset that match, or set model.vocab_size >= {vocab_size}")
     problems += _validation_problems(run, {name: data.val_rows(name) for name in task_names})
     if run.data.source == "offline":
-        problems += _offline_setting_problems(run, data.manifest)
+        refused, warned = _offline_setting_problems(run, data.manifest)
+        problems += refused
+        if first_rank():
+            for w in warned:
+                print(f"warning: {w}", flush=True)
     if problems:
         raise PreflightError(problems)
 
@@ -80,27 +85,36 @@ def _validation_problems(run: RunConfig, val_rows: dict[str, int]) -> list[str]:
     return problems
 
 
-#: data settings that preprocessing fixed (config key -> the manifest's record of it)
-_OFFLINE_FIXED = {"mode": "mode", "packing": "packing", "val_ratio": "val_ratio", "template": "template"}
-
-
-def _offline_setting_problems(run: RunConfig, manifest: dict) -> list[str]:
+def _offline_setting_problems(run: RunConfig, manifest: dict) -> tuple[list[str], list[str]]:
     """With data.source=offline the preprocessed data decides the sample mode, packing, split and
-    template (``manifest.json``). A setting the user changed from its default that disagrees with
-    the data would be ignored without a word (e.g. data.mode: pretrain on SFT data)."""
+    template (``manifest.json``). A setting changed from its default that disagrees with the data
+    would be ignored without a word: (problems, warnings). Refused: data.mode (the loss would not
+    cover what the user believes) and a data.tokenizer that is not the data's (the export copies it
+    as the model's tokenizer). Warned: packing, val_ratio and template (only unused)."""
     from megatron_mft.config import DataConfig
 
     d, default = run.data, DataConfig()
     where = f"data.path {d.path}"
     redo = "tools/preprocess/preprocess_mft.py"
-    problems = []
-    for key, field in _OFFLINE_FIXED.items():
-        value, made = getattr(d, key), manifest.get(field)
-        if key == "template" and isinstance(made, dict):
-            made = made.get("name")
+    problems, warnings = [], []
+    if d.mode != default.mode and manifest.get("mode") not in (None, d.mode):
+        problems.append(f"data.mode: {d.mode!r}, but {where} was preprocessed with mode {manifest['mode']!r} (data.source "
+                        f"offline reads it as it is); remove data.mode, or preprocess again with {redo} --mode {d.mode}")
+    for key in ("packing", "val_ratio"):
+        value, made = getattr(d, key), manifest.get(key)
         if value != getattr(default, key) and made is not None and value != made:
-            problems.append(f"data.{key}: {value!r}, but {where} was preprocessed with {key} {made!r} (data.source "
-                            f"offline reads it as it is); remove data.{key}, or preprocess again with {redo}")
+            warnings.append(f"data.{key} {value!r} is not used: {where} was preprocessed with {key} {made!r} "
+                            f"(data.source offline reads it as it is)")
+    if d.template != default.template and isinstance(manifest.get("template"), dict):
+        from megatron_mft.data.template import TemplateError, load_template
+
+        try:
+            same = json.loads(json.dumps(load_template(d.template).to_dict())) == manifest["template"]
+        except (TemplateError, OSError, ValueError):
+            same = False
+        if not same:
+            warnings.append(f"data.template {d.template!r} is not used: {where} was preprocessed with template "
+                            f"{manifest['template'].get('name')!r} (data.source offline reads it as it is)")
     tok = manifest.get("tokenizer") or {}
     if d.tokenizer:
         given = Path(d.tokenizer)
@@ -111,10 +125,11 @@ def _offline_setting_problems(run: RunConfig, manifest: dict) -> list[str]:
         elif tok.get("sha256"):
             from megatron_mft.data.tokenizer import identity_sha256
 
-            if identity_sha256(given) != tok["sha256"]:
+            sha = identity_sha256(given)
+            if sha is not None and sha != tok["sha256"]:
                 problems.append(f"data.tokenizer: {d.tokenizer} is not the tokenizer {where} was preprocessed with "
                                 f"({tok.get('path', '?')}); remove data.tokenizer, or preprocess again with {redo}")
-    return problems
+    return problems, warnings
 
 
 def _layout_problems(run: RunConfig, world_size: int) -> list[str]:
@@ -229,13 +244,21 @@ def _init_weights_problems(run: RunConfig) -> list[str]:
     return problems
 
 
-#: the architecture fields that decide which weights a checkpoint holds and their shapes; the rest
-#: (RoPE base and scaling, context length, norm epsilon, windows, routing top-k) may change when a
-#: run starts from a checkpoint, e.g. to extend its context
-WEIGHT_SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
-                       "ffn_hidden_size", "vocab_size", "activation", "normalization", "qkv_bias", "linear_bias",
-                       "qk_norm", "tied_embeddings", "num_experts", "moe_ffn_hidden_size", "moe_shared_expert_size",
-                       "moe_shared_expert_gate")
+def weight_shapes(arch) -> dict:
+    """What decides which weights a checkpoint of ``arch`` holds and their shapes (derived sizes, so
+    kv_channels 0 and the head size it stands for compare equal). The rest (RoPE base and scaling,
+    context length, norm epsilon, windows, routing top-k) may change when a run starts from a
+    checkpoint, e.g. to extend its context."""
+    keys = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size",
+            "activation", "normalization", "qkv_bias", "linear_bias", "qk_norm", "tied_embeddings", "num_experts",
+            "moe_shared_expert_size")
+    shapes = {k: getattr(arch, k) for k in keys}
+    shapes["head_dim"] = arch.head_dim
+    if arch.num_experts:
+        shapes["expert_ffn_hidden_size"] = arch.expert_ffn
+    if arch.moe_shared_expert_size:
+        shapes["moe_shared_expert_gate"] = arch.moe_shared_expert_gate
+    return shapes
 
 
 def _init_checkpoint_model_problems(run: RunConfig, path: Path) -> list[str]:
@@ -244,7 +267,7 @@ def _init_checkpoint_model_problems(run: RunConfig, path: Path) -> list[str]:
     difference would otherwise surface as a tensor-shape error of the loader after the model is
     built; an adapters-only step holds no base weights to start from."""
     from megatron_mft.config import ModelConfig
-    from megatron_mft.config.base import ConfigError, load_dataclass, to_dict
+    from megatron_mft.config.base import ConfigError, load_dataclass
 
     key = "train.init_checkpoint"
     for name in ("run.json", "conversion.json", "init.json"):
@@ -256,7 +279,7 @@ def _init_checkpoint_model_problems(run: RunConfig, path: Path) -> list[str]:
     try:
         meta = json.loads(described.read_text(encoding="utf-8"))
         model = meta["config"]["model"] if name == "run.json" else meta["model"]
-        saved = to_dict(load_dataclass(ModelConfig, model, source=str(described)).arch())
+        saved = weight_shapes(load_dataclass(ModelConfig, model, source=str(described)).arch())
     except (OSError, ValueError, KeyError, TypeError, ConfigError) as e:
         return [f"{key}: {described} is unreadable ({e})"]
     problems = []
@@ -268,9 +291,8 @@ def _init_checkpoint_model_problems(run: RunConfig, path: Path) -> list[str]:
                             f"--ckpt {path} --merge-lora --out DIR`, then model.hf_init=DIR)")
     if run.model.validate():
         return problems  # the config's own problems are reported by the config check
-    now = to_dict(run.model.arch())
-    differ = [f"{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}" for k in WEIGHT_SHAPE_FIELDS
-              if saved.get(k) != now.get(k)]
+    now = weight_shapes(run.model.arch())
+    differ = [f"{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}" for k in now if saved.get(k) != now.get(k)]
     if differ:
         problems.append(f"{key}: {path} holds another model shape ({'; '.join(differ)}); use the preset and "
                         f"model settings it was saved with (described in {described})")

@@ -47,7 +47,8 @@ RESOLVED_CONFIG_HEADER = "# megatron-mft: the resolved config of this run's late
 
 def _written_by_train(path: Path) -> bool:
     """``path`` is a resolved config this tool wrote: it starts with the header, or (written before
-    the header existed) it holds every section of a run config and nothing else."""
+    the header existed) it holds every section of a run config with (nearly) every key, as only a
+    dump does: a hand-written config names a few keys per section."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
@@ -58,9 +59,15 @@ def _written_by_train(path: Path) -> bool:
         data = yaml.safe_load(text)
     except yaml.YAMLError:
         return False
-    full = to_dict(RunConfig())  # every section with every key, as the old dump wrote it
-    return (isinstance(data, dict) and set(data) == set(full)
-            and all(isinstance(data[k], dict) and set(data[k]) == set(v) for k, v in full.items() if isinstance(v, dict)))
+    full = to_dict(RunConfig())  # the old dump wrote every section with every key
+    if not (isinstance(data, dict) and set(data) == set(full)):
+        return False
+    for name, section in full.items():  # an older version's dump lacks the fields added since
+        if isinstance(section, dict):
+            have = data[name]
+            if not isinstance(have, dict) or len(set(have) & set(section)) < 0.8 * len(section):
+                return False
+    return True
 
 
 def load_starting_weights(run, chunks: list) -> Optional[str]:
@@ -185,12 +192,18 @@ class Recipe:
         ``config.yaml`` there that this tool did not write (e.g. the user's own), or the very file
         passed as --config, is kept; the resolved config then goes to ``config.resolved.yaml``."""
         self.out.mkdir(parents=True, exist_ok=True)
+        def given(path: Path) -> bool:
+            return self.config_file is not None and path.exists() and path.samefile(self.config_file)
+
         path = self.out / "config.yaml"
-        given = self.config_file is not None and path.exists() and path.samefile(self.config_file)
-        if path.exists() and (given or not _written_by_train(path)):
+        if path.exists() and (given(path) or not _written_by_train(path)):
             path = self.out / "config.resolved.yaml"
-            _say(f"note: {self.out / 'config.yaml'} was not written by this tool and is kept; the resolved config "
-                 f"of this run is in {path}")
+            if given(path):
+                _say(f"note: the resolved config is not written: {self.out / 'config.yaml'} is not this tool's and "
+                     f"{path} is the --config file")
+                return
+            _say(f"note: {self.out / 'config.yaml'} is kept (not written by this tool, or the --config file); the "
+                 f"resolved config of this run is in {path}")
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(RESOLVED_CONFIG_HEADER + yaml.safe_dump(to_dict(self.run_cfg), sort_keys=False),
                        encoding="utf-8")

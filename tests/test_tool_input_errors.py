@@ -1,0 +1,218 @@
+"""Bad input to the tools around training (convert, evaluate, plot): one message naming the option
+or path, exit 2, no traceback, found before any model loads; and the export of a run trained on
+the demo data carries the run's own SentencePiece tokenizer, which transformers loads and which
+encodes like SentencePiece itself. (run_scripts' DRY_RUN path check: tests/test_launch_scripts.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from train_helpers import CONFIG, ROOT, env
+
+PY = sys.executable
+DEMO_SP = ROOT / "examples" / "demo_data" / "tokenizer" / "demo_sp2048.model"
+
+
+def _run(args: list[str], cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
+    e = env(threads=1)
+    e.pop("MFT_DEBUG", None)
+    e.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return subprocess.run(args, cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory) -> Path:
+    """A tiny random Llama with a byte-level BPE tokenizer, saved like an export."""
+    from test_eval_humaneval import _tiny_llama
+
+    hf = tmp_path_factory.mktemp("hf") / "tiny"
+    _tiny_llama(hf)
+    return hf
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """One step of examples/tiny_cpu.yaml on a slice of the demo data, started the way the example
+    is: from a working folder holding examples/ (a link to the repository's), so its output_dir and
+    data.tokenizer (examples/demo_data/tokenizer/demo_sp2048.model) are relative to that folder.
+    Returns the output_dir."""
+    work = tmp_path_factory.mktemp("work")
+    (work / "examples").symlink_to(ROOT / "examples")
+    (work / "raw" / "code").mkdir(parents=True)
+    lines = (ROOT / "examples" / "demo_data" / "raw" / "code-completion" / "train.jsonl").read_text().splitlines()
+    (work / "raw" / "code" / "train.jsonl").write_text("\n".join(lines[:40]) + "\n")
+    p = _run([PY, "-m", "megatron_mft.train", "--config", str(CONFIG), "data.path=raw", "output_dir=run",
+              "train.steps=1", "train.global_batch_size=1", "data.seq_length=256", "train.eval_interval=0",
+              "train.save_interval=0", "train.warmup_steps=0"], cwd=work)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((work / "run" / "checkpoints" / "step_0000001" / "run.json").read_text())["config"]["data"][
+        "tokenizer"] == "examples/demo_data/tokenizer/demo_sp2048.model"
+    return work / "run"
+
+
+def _metrics(tmp: Path) -> dict[str, Path]:
+    big = "1" + "0" * 400  # valid JSON, beyond float range
+    (tmp / "big_value.jsonl").write_text(f'{{"step": 1, "loss": {big}}}\n{{"step": 2, "loss": 2.5}}\n')
+    (tmp / "big_step.jsonl").write_text(f'{{"step": 1, "loss": 2.0}}\n{{"step": {big}, "loss": 2.5}}\n')
+    return {"big_value": tmp / "big_value.jsonl", "big_step": tmp / "big_step.jsonl"}
+
+
+CONVERT = [PY, "-m", "megatron_mft.convert"]
+EVAL = [PY, "-m", "megatron_mft.evaluate", "humaneval", "--limit", "1", "--max-new-tokens", "2",
+        "--backend", "transformers"]
+STEP = "{run}/checkpoints/step_0000001"
+
+# (id, command line with {tmp}/{hf}/{run}/... fields, exit code, words the output must contain,
+#  a path that must not exist afterwards). Each case failed before its fix: an internal error
+#  (exit 1, traceback hint), a misleading message, or a success that should have been refused.
+CASES = [
+    # argparse-level integer ranges (verify: TCPStore / reshape errors before)
+    ("verify-tp-0", CONVERT + ["verify", "--hf-dir", "{hf}", "--tp", "0"], 2, ["--tp: must be >= 1, got 0"], None),
+    ("verify-batch-0", CONVERT + ["verify", "--hf-dir", "{hf}", "--batch", "0"], 2, ["--batch: must be >= 1"], None),
+    ("verify-seq-0", CONVERT + ["verify", "--hf-dir", "{hf}", "--seq", "0"], 2, ["--seq: must be >= 1"], None),
+    ("verify-negative-tol", CONVERT + ["verify", "--hf-dir", "{hf}", "--tol", "-1"], 2, ["--tol: must be >= 0"], None),
+    ("export-shard-size-0", CONVERT + ["mcore-to-hf", "--ckpt", "{run}", "--out", "{tmp}/o", "--max-shard-size", "0"],
+     2, ["--max-shard-size: must be at least 1 byte"], None),
+    ("evaluate-memory-beyond-setrlimit", EVAL + ["--hf-dir", "{hf}", "--memory-mb", str(2**60), "--out",
+                                                 "{tmp}/r.json"], 2, ["--memory-mb: must be <="], None),
+    # evaluate: checked before the model loads
+    ("evaluate-no-tokenizer", EVAL + ["--hf-dir", "{notok}", "--out", "{tmp}/r.json"], 2,
+     ["--hf-dir {notok} has no tokenizer files", "tokenizer.model", "--tokenizer"], "{tmp}/r.json"),
+    ("evaluate-out-is-a-folder", EVAL + ["--hf-dir", "{hf}", "--device", "cpu", "--out", "{tmp}"], 2,
+     ["--out {tmp} is a directory"], None),
+    ("evaluate-out-under-a-file", EVAL + ["--hf-dir", "{hf}", "--device", "cpu", "--out", "{hf}/config.json/r.json"],
+     2, ["--out {hf}/config.json/r.json: {hf}/config.json is not a directory"], None),
+    ("evaluate-device-gpu", EVAL + ["--hf-dir", "{hf}", "--device", "gpu", "--out", "{tmp}/r.json"], 2,
+     ["--device 'gpu': not a torch device"], "{tmp}/r.json"),
+    # plot: a number beyond float range is a value like inf (skipped), a step beyond it a bad line
+    ("plot-huge-value", [PY, "-m", "megatron_mft.plot", "--metrics", "{big_value}", "--out", "{tmp}/loss.png"], 0,
+     ["wrote {tmp}/loss.png"], None),
+    ("plot-huge-step", [PY, "-m", "megatron_mft.plot", "--metrics", "{big_step}", "--out", "{tmp}/loss.png"], 2,
+     ["big_step.jsonl:2: invalid metrics line: 'step' out of range"], "{tmp}/loss.png"),
+    # convert: an --out inside (or around) what is being read
+    ("export-into-its-step-folder", CONVERT + ["mcore-to-hf", "--ckpt", STEP, "--out", STEP + "/hf_export"], 2,
+     ["--out " + STEP + "/hf_export is inside " + STEP + ", the checkpoint being read", "saves that step again"],
+     STEP + "/hf_export"),
+    ("export-into-the-checkpoints-folder", CONVERT + ["mcore-to-hf", "--ckpt", "{run}", "--out",
+                                                      "{run}/checkpoints/hf"], 2,
+     ["is inside {run}/checkpoints, the checkpoints folder of the run being read (--ckpt {run})"],
+     "{run}/checkpoints/hf"),
+    ("export-around-its-checkpoint", CONVERT + ["mcore-to-hf", "--ckpt", STEP, "--out", "{run}/checkpoints"], 2,
+     ["--out {run}/checkpoints contains " + STEP], None),
+    ("import-into-the-hf-folder", CONVERT + ["hf-to-mcore", "--hf-dir", "{hf}", "--out", "{hf}/mcore"], 2,
+     ["--out {hf}/mcore is inside {hf}, the --hf-dir being read"], "{hf}/mcore"),
+    ("import-around-the-hf-folder", CONVERT + ["hf-to-mcore", "--hf-dir", "{hf}", "--out", "{hf}/.."], 2,
+     ["contains {hf}, the --hf-dir being read"], None),
+]
+
+
+@pytest.mark.parametrize("argv, code, needles, absent", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_early_message(tmp_path, hf_model, tiny_run, argv, code, needles, absent):
+    notok = tmp_path / "notok"  # an export without tokenizer files
+    notok.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(hf_model / name, notok / name)
+    fields = {"tmp": tmp_path, "hf": hf_model, "notok": notok, "run": tiny_run, **_metrics(tmp_path)}
+    p = _run([a.format(**fields) for a in argv])
+    out = p.stdout + p.stderr
+    assert p.returncode == code, (p.returncode, out[-3000:])
+    assert "Traceback" not in out and "internal error" not in out, out[-3000:]
+    for needle in needles:
+        assert needle.format(**fields) in out, (needle.format(**fields), out[-3000:])
+    if absent:
+        assert not Path(absent.format(**fields)).exists()
+    if "Loading weights" in out or "generating" in out:
+        pytest.fail("the model was loaded before the problem was reported")
+
+
+# ----------------------------------------------------------------------------------------- export
+#: encoded alike by SentencePiece and the exported tokenizer: code with indentation, leading and
+#: repeated whitespace, digits (split_digits), non-ASCII (byte fallback), the role markers
+TEXTS = ["def add(a, b):\n    return a + b\n", "    if x > 10:\n\t\treturn [1, 22, 333]\n",
+         "  leading spaces and  double  spaces ", "héllo wörld 日本語 🙂 ß",
+         "<|role_start|>human<|role_end|>Write a function.<|role_start|>bot<|role_end|>"]
+
+
+def test_export_carries_the_runs_sentencepiece_tokenizer(tp1_env, tiny_run, tmp_path, monkeypatch):
+    """The run's data.tokenizer is a SentencePiece file named relative to its working folder; the
+    export, run from elsewhere, writes it as tokenizer.model with a tokenizer_config.json:
+    AutoTokenizer gives SentencePiece's ids, and evaluate runs on the folder."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from megatron_mft.checkpoint.hf.mcore_to_hf import export_to_hf
+    from megatron_mft.data.tokenizer import load_tokenizer
+
+    monkeypatch.chdir(tmp_path)  # not the run's working folder
+    out = tmp_path / "hf"
+    logs: list[str] = []
+    export_to_hf(tiny_run, out, log=logs.append)
+    assert (out / "tokenizer.model").read_bytes() == DEMO_SP.read_bytes(), logs
+    assert not any("warning" in line for line in logs), logs
+    sp = spm.SentencePieceProcessor(model_file=str(DEMO_SP))
+    hf = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    for text in TEXTS:
+        assert hf(text, add_special_tokens=False)["input_ids"] == sp.encode(text), text
+    assert (hf.bos_token_id, hf.eos_token_id, hf.unk_token_id) == (sp.bos_id(), sp.eos_id(), sp.unk_id())
+    manifest = json.loads((tiny_run / "checkpoints" / "step_0000001" / "run.json").read_text())["manifest"]
+    assert load_tokenizer(str(out)).identity()["sha256"] == manifest["tokenizer"]["sha256"]  # evaluate's encoding
+
+    p = _run([PY, "-m", "megatron_mft.evaluate", "humaneval", "--hf-dir", str(out), "--limit", "1",
+              "--max-new-tokens", "2", "--backend", "transformers", "--device", "cpu", "--out",
+              str(tmp_path / "r.json"), "-q"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((tmp_path / "r.json").read_text())["summary"]["n"] == 1
+
+
+def test_export_without_the_runs_tokenizer_says_so_and_takes_a_file(tp1_env, tiny_run, tmp_path, monkeypatch):
+    """A run moved away from its working folder: its relative data.tokenizer is not found. The
+    export still succeeds but says it has no tokenizer and what evaluate will need; --tokenizer
+    takes the SentencePiece file itself."""
+    from megatron_mft.checkpoint.hf.mcore_to_hf import export_to_hf
+
+    moved = tmp_path / "moved" / "run"
+    shutil.copytree(tiny_run, moved)
+    monkeypatch.chdir(tmp_path)
+    logs: list[str] = []
+    export_to_hf(moved, tmp_path / "bare", log=logs.append)
+    text = "\n".join(logs)
+    assert "(data.tokenizer examples/demo_data/tokenizer/demo_sp2048.model) was not found" in text, text
+    assert f"warning: the export {tmp_path / 'bare'} has no tokenizer" in text and "evaluate" in text, text
+    assert "--tokenizer FILE|DIR" in text
+    assert not list((tmp_path / "bare").glob("tokenizer*"))
+
+    export_to_hf(moved, tmp_path / "given", tokenizer=str(DEMO_SP), log=logs.append)
+    assert (tmp_path / "given" / "tokenizer.model").read_bytes() == DEMO_SP.read_bytes()
+    assert json.loads((tmp_path / "given" / "tokenizer_config.json").read_text())["eos_token"] == "</s>"
+
+
+# --------------------------------------------------------------------------------------- evaluate
+def test_evaluate_writes_its_results_whole_or_not_at_all(tmp_path):
+    """The result JSON goes through a temporary file that never takes a name a user's file may
+    have, and is removed when the final rename fails (an --out that became a folder meanwhile)."""
+    from megatron_mft.errors import UserError
+    from megatron_mft.evaluate.humaneval import HumanEvalConfig, run_humaneval
+
+    problems = tmp_path / "p.jsonl"
+    problems.write_text(json.dumps({"task_id": "t/0", "prompt": "def f():\n", "canonical_solution": "    return 1\n",
+                                    "test": "def check(g):\n    assert g() == 1\n", "entry_point": "f"}) + "\n")
+    mine = tmp_path / "r.json.tmp"
+    mine.write_text("a user's file\n")
+    run_humaneval(HumanEvalConfig(check_harness=True, problems=str(problems), out=str(tmp_path / "r.json"), workers=1))
+    assert json.loads((tmp_path / "r.json").read_text())["summary"]["pass@1"] == 1.0
+    assert mine.read_text() == "a user's file\n"
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(UserError) as e:
+        run_humaneval(HumanEvalConfig(check_harness=True, problems=str(problems), out=str(taken), workers=1))
+    assert f"--out {taken}: cannot write the results" in str(e.value)
+    assert sorted(os.listdir(tmp_path)) == before and not any(taken.iterdir())
