@@ -39,13 +39,21 @@ class TokenizerError(UsageError, ValueError):
 def identity_sha256(path: str | Path) -> str | None:
     """The sha256 a manifest records for the tokenizer at ``path`` (a SentencePiece/tiktoken file
     itself; a folder's tokenizer.json, else its tokenizer.model); None when there is no such file."""
+    file = identity_file(path)
+    return None if file is None else file_sha256(file)
+
+
+def identity_file(path: str | Path) -> Path | None:
+    """The file that identifies the tokenizer at ``path``: the file itself, or a folder's
+    tokenizer.json, else its tokenizer.model (the folder loaders' order, load_tokenizer)."""
     path = Path(path)
     if path.is_file():
-        return _sha256(path)
-    for name in ("tokenizer.json", "tokenizer.model"):  # the folder loaders' order (load_tokenizer)
-        if (path / name).is_file():
-            return _sha256(path / name)
-    return None
+        return path
+    return next((path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).is_file()), None)
+
+
+def file_sha256(path: str | Path) -> str:
+    return _sha256(Path(path))
 
 
 def _sha256(path: Path) -> str:

@@ -19,10 +19,7 @@ peft ``target_parameters`` on transformers' fused expert tensors (``moe_adapters
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +30,8 @@ import torch
 from megatron_mft.checkpoint.hf.families import FAMILIES, ConversionError, Family, family_for
 from megatron_mft.checkpoint.hf.hf_io import SafetensorsShardWriter, parse_size
 from megatron_mft.checkpoint.hf.hf_to_mcore import CONVERSION_FILE, DTYPES, TOKENIZER_DIR, staged_output
-from megatron_mft.checkpoint.hf.hfconfig import TOKENIZER_FILES, read_hf_config
+from megatron_mft.checkpoint.hf.export_tokenizer import RunTokenizer, TokenizerPlan, plan_tokenizer, write_tokenizer
+from megatron_mft.checkpoint.hf.hfconfig import read_hf_config
 from megatron_mft.checkpoint.hf.mcore_io import DistCheckpoint, Template, build_template, shards_of
 from megatron_mft.checkpoint.hf.source import HFSource
 from megatron_mft.config import ModelConfig, PeftConfig
@@ -74,77 +72,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
                 raise ConversionError(f"{root}/latest:", ["names no complete checkpoint (no run.json)"])
             return found
     return p
-
-
-#: Files that make a tokenizer loadable by themselves (the other TOKENIZER_FILES configure one).
-TOKENIZER_MODELS = ("tokenizer.model", "tokenizer.json")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _identity_file(path: Path) -> Optional[Path]:
-    """The file a data manifest hashes for the tokenizer at ``path``: the file itself (a
-    SentencePiece ``.model``, a ``tokenizer.json``), a folder's tokenizer.json (else tokenizer.model)."""
-    if path.is_file():
-        return path
-    return next((path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).is_file()), None)
-
-
-@dataclass
-class RunTokenizer:
-    """The tokenizer a training run used, as its run.json names it (``data.tokenizer``, else the
-    tokenizer recorded in its data manifest, with the sha256 of the file the data was made with)."""
-
-    named: str
-    #: where run.json names it, for messages
-    key: str
-    #: where it may be now: the path itself (absolute, or relative to this process's working
-    #: folder), and relative to the run's working folder (derived from a relative output_dir)
-    candidates: list
-    sha256: Optional[str] = None
-
-    @classmethod
-    def of_run(cls, step_dir: Path, run: dict) -> Optional["RunTokenizer"]:
-        cfg = run.get("config") or {}
-        manifest_tok = (run.get("manifest") or {}).get("tokenizer") or {}
-        named = (cfg.get("data") or {}).get("tokenizer") or manifest_tok.get("path")
-        if not named or not isinstance(named, str):
-            return None
-        key = "data.tokenizer" if (cfg.get("data") or {}).get("tokenizer") else "the data manifest's tokenizer.path"
-        path = Path(os.path.expanduser(named))
-        candidates = [path.absolute()]
-        out_dir = cfg.get("output_dir")
-        if not path.is_absolute() and isinstance(out_dir, str) and out_dir and not os.path.isabs(out_dir):
-            parts = Path(os.path.normpath(out_dir)).parts
-            root = step_dir.absolute().parent.parent.parts  # <output_dir>/checkpoints/step_N -> output_dir
-            if ".." not in parts and len(root) > len(parts) and root[-len(parts):] == parts:
-                candidates.append(Path(*root[: -len(parts)]) / path)
-        sha = manifest_tok.get("sha256") if isinstance(manifest_tok.get("sha256"), str) else None
-        return cls(named=named, key=key, candidates=candidates, sha256=sha)
-
-    def matches(self, path: Path) -> bool:
-        """Whether ``path`` (a file or a folder) holds the tokenizer the run's data was made with
-        (always, when the run recorded no sha256)."""
-        ident = _identity_file(path)
-        return ident is not None and (self.sha256 is None or _sha256(ident) == self.sha256)
-
-    def locate(self) -> tuple[Optional[Path], Optional[str]]:
-        """(where the run's tokenizer is now, None) or (None, why it is not usable)."""
-        found = [c for c in self.candidates if c.exists()]
-        for c in found:
-            if self.matches(c):
-                return c, None
-        if found:
-            return None, (f"the run's tokenizer ({self.key} {self.named}) at {found[0]} is not the one the run "
-                          f"trained with (sha256 differs from its data manifest's)")
-        return None, (f"the run's tokenizer ({self.key} {self.named}) was not found (looked for "
-                      + ", ".join(str(c) for c in self.candidates) + ")")
 
 
 def describe_checkpoint(path: str | Path) -> CheckpointInfo:
@@ -259,171 +186,6 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
             f"checkpoint)"])
 
 
-@dataclass
-class TokenizerPlan:
-    """What the export writes as its tokenizer, decided before the weights are converted."""
-
-    #: output file name -> source file
-    copies: dict = field(default_factory=dict)
-    #: tokenizer_config.json written for a lone tokenizer file (None: copied or absent)
-    config: Optional[dict] = None
-    #: where the files come from, for the log
-    source: str = ""
-    #: notes for the log (a run tokenizer not found, a folder without a tokenizer model...)
-    notes: list = field(default_factory=list)
-
-    @property
-    def loadable(self) -> bool:
-        return any(n in self.copies for n in TOKENIZER_MODELS)
-
-
-def _lone_sentencepiece(path: Path, what: str) -> TokenizerPlan:
-    """A SentencePiece ``.model`` file -> ``tokenizer.model`` + a tokenizer_config.json with which
-    ``AutoTokenizer`` builds the tokenizer from the model's own proto (normalizer, dummy prefix,
-    byte fallback, user-defined pieces): the same ids as SentencePiece itself."""
-    import sentencepiece as spm
-
-    try:
-        sp = spm.SentencePieceProcessor(model_file=str(path))
-    except Exception as e:  # noqa: BLE001 - sentencepiece raises RuntimeError/OSError on bad files
-        raise ConversionError(f"{what} {path} is not a SentencePiece model:", [str(e).strip() or type(e).__name__]) \
-            from None
-
-    def piece(i: int) -> Optional[str]:
-        return sp.id_to_piece(i) if 0 <= i < sp.get_piece_size() else None
-
-    config = {"tokenizer_class": "TokenizersBackend",  # transformers 5: built from tokenizer.model's proto
-              "bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id()), "unk_token": piece(sp.unk_id()),
-              "pad_token": piece(sp.pad_id()), "add_bos_token": sp.bos_id() >= 0, "add_eos_token": False,
-              "clean_up_tokenization_spaces": False}
-    return TokenizerPlan(copies={"tokenizer.model": path}, config={k: v for k, v in config.items() if v is not None},
-                         source=f"{what} {path} (SentencePiece, written as tokenizer.model)")
-
-
-def _lone_tokenizer_json(path: Path, what: str) -> TokenizerPlan:
-    """A ``tokenizer.json`` file (any name) -> ``tokenizer.json`` + a tokenizer_config.json naming
-    its special tokens (EOS: the conventional names among its added tokens)."""
-    from tokenizers import Tokenizer
-
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as e:  # noqa: BLE001 - tokenizers raises its own Exception type
-        raise ConversionError(f"{what} {path} is not a tokenizer.json file:", [str(e).strip() or type(e).__name__]) \
-            from None
-    added = {t.content for t in tok.get_added_tokens_decoder().values()}
-
-    def first(*names: str) -> Optional[str]:
-        return next((n for n in names if n in added), None)
-
-    eos = first("</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>", "<|im_end|>")
-    if eos is None:
-        raise ConversionError(f"{what} {path} names no end-of-sequence token:", [
-            "none of </s>, <|endoftext|>, <eos>, <|end_of_text|>, <|im_end|> is an added token; pass the folder "
-            "with its tokenizer_config.json instead (--tokenizer DIR)"])
-    config = {"tokenizer_class": "TokenizersBackend", "bos_token": first("<s>", "<bos>", "<|begin_of_text|>"),
-              "eos_token": eos, "unk_token": first("<unk>"), "pad_token": first("<pad>", "<|pad|>"),
-              "clean_up_tokenization_spaces": False}
-    return TokenizerPlan(copies={"tokenizer.json": path}, config={k: v for k, v in config.items() if v is not None},
-                         source=f"{what} {path} (written as tokenizer.json)")
-
-
-def _from_file(path: Path, what: str) -> TokenizerPlan:
-    if path.suffix == ".model":
-        return _lone_sentencepiece(path, what)
-    if path.suffix == ".json":
-        return _lone_tokenizer_json(path, what)
-    raise ConversionError(f"{what} {path}: not a tokenizer file:", [
-        "expected a SentencePiece .model file, a tokenizer.json file or a folder of tokenizer files"])
-
-
-def _from_folder(folder: Path, what: str = "") -> TokenizerPlan:
-    copies = {n: folder / n for n in TOKENIZER_FILES if (folder / n).is_file()}
-    return TokenizerPlan(copies=copies, source=f"{what} {folder}".strip())
-
-
-def plan_tokenizer(info: CheckpointInfo, override: Optional[str | Path] = None) -> TokenizerPlan:
-    """The tokenizer the export writes, before any weight is converted (problems fail early).
-
-    ``override`` (``--tokenizer``): a folder of tokenizer files, a SentencePiece ``.model`` file or
-    a ``tokenizer.json`` file. Else, for a training checkpoint, the run's own tokenizer (its
-    ``data.tokenizer``, else its data manifest's tokenizer, checked against the manifest's sha256):
-    a folder is copied; a lone file is copied under its Hugging Face name with a
-    tokenizer_config.json, unless one of the checkpoint's tokenizer folders (its base's Hugging
-    Face folder...) or the file's own folder holds the same file, with its configuration: then that
-    folder is copied. Last, the first of the checkpoint's tokenizer folders that holds a tokenizer."""
-    if override is not None:
-        path = Path(override).expanduser()
-        if not path.exists():
-            raise ConversionError("--tokenizer:", [f"{override} does not exist"])
-        plan = _from_file(path, "--tokenizer") if path.is_file() else _from_folder(path, "--tokenizer")
-        if not plan.copies:
-            raise ConversionError("--tokenizer:", [f"{override} holds no tokenizer files (looked for "
-                                                   f"{', '.join(TOKENIZER_FILES)})"])
-        if not plan.loadable:
-            plan.notes.append(f"--tokenizer {override} has no {' or '.join(TOKENIZER_MODELS)}: the export's "
-                              f"tokenizer will not load")
-        run_tok = info.run_tokenizer
-        if run_tok is not None and run_tok.sha256 and not run_tok.matches(path):
-            plan.notes.append(f"--tokenizer {override} is not the tokenizer the run trained with ({run_tok.key} "
-                              f"{run_tok.named}; sha256 differs): the exported model may not work with it")
-        return plan
-
-    notes: list[str] = []
-    folders = [d for d in info.tokenizer_dirs if d.is_dir()]
-    run_tok = info.run_tokenizer
-    if run_tok is not None:
-        found, why = run_tok.locate()
-        if found is not None and found.is_dir():
-            plan = _from_folder(found, f"the run's tokenizer ({run_tok.key})")
-            if plan.loadable:
-                return plan
-            notes.append(f"the run's tokenizer folder {found} holds no {' or '.join(TOKENIZER_MODELS)}")
-        elif found is not None:
-            canonical = "tokenizer.model" if found.suffix == ".model" else "tokenizer.json"
-            digest = _sha256(found)
-            for d in folders + [found.parent]:  # the same file with its Hugging Face configuration
-                twin = d / canonical
-                if twin.is_file() and (twin.resolve() == found.resolve() or _sha256(twin) == digest):
-                    return _from_folder(d, f"the run's tokenizer ({run_tok.key} {run_tok.named}), with its folder")
-            plan = _from_file(found, f"the run's tokenizer ({run_tok.key})")
-            plan.notes = notes
-            return plan
-        else:
-            notes.append(why)
-    partial = None
-    for d in folders:
-        if run_tok is not None and run_tok.sha256 and _identity_file(d) is not None and not run_tok.matches(d):
-            notes.append(f"{d} holds another tokenizer than the run trained with (sha256 differs): not used")
-            continue
-        plan = _from_folder(d)
-        if plan.loadable:
-            plan.notes = notes
-            return plan
-        partial = partial or (plan if plan.copies else None)
-    looked = ", ".join([str(d) for d in info.tokenizer_dirs] + ([run_tok.named] if run_tok else []))
-    if partial is not None:
-        partial.notes = notes + [f"no {' or '.join(TOKENIZER_MODELS)} found (looked in {looked}): the export's "
-                                 f"tokenizer will not load; pass --tokenizer FILE|DIR"]
-        return partial
-    return TokenizerPlan(source="", notes=notes + [f"no tokenizer found (looked in {looked})"])
-
-
-def _write_tokenizer(plan: TokenizerPlan, out: Path, shown: Path, log, adapter: bool = False) -> list[str]:
-    for name, src in plan.copies.items():
-        shutil.copyfile(src, out / name)
-    written = list(plan.copies)
-    if plan.config is not None:
-        (out / "tokenizer_config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
-        written.append("tokenizer_config.json")
-    if written:
-        log(f"tokenizer: {', '.join(written)} from {plan.source}")
-    if not plan.loadable and not adapter:  # an adapter is used with its base model's tokenizer
-        log(f"warning: the export {shown} has no tokenizer: `python -m megatron_mft.evaluate` and generation "
-            f"need one. Rerun with --tokenizer FILE|DIR (the run's SentencePiece .model, a tokenizer.json or a "
-            f"tokenizer folder), or copy the tokenizer files into {shown}")
-    return written
-
-
 def check_out_apart(out: str | Path, inputs: list, why: str) -> None:
     """Refuse an output folder inside (or holding) one of ``inputs`` [(path, what it is)]: an
     export written into a checkpoint step folder is deleted with it when training saves that step
@@ -503,7 +265,7 @@ def _export_model(info: CheckpointInfo, reader: Reader, out: Path, dtype: Option
     dtype_name = str(target).replace("torch.", "")
     cfg = family.hf_config(arch, dtype_name, base=info.hf_config)
     AutoConfig.for_model(cfg.pop("model_type"), **cfg).save_pretrained(out)
-    tok = _write_tokenizer(tokenizer, out, shown, log)
+    tok = write_tokenizer(tokenizer, out, shown, log)
     merged = f", {len(lora)} adapters merged" if lora else ""
     log(f"wrote {shown}: {family.architecture}, {len(items)} tensors in {len(files)} file(s), {dtype_name}{merged} "
         f"({time.time() - t0:.0f}s)")
@@ -553,7 +315,7 @@ def _export_adapters(info: CheckpointInfo, reader: Reader, out: Path, tokenizer:
         config["target_parameters"] = experts.target_parameters()
         config["lora_dropout"] = 0.0
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    tok = _write_tokenizer(tokenizer, out, shown, log, adapter=True)
+    tok = write_tokenizer(tokenizer, out, shown, log, adapter=True)
     log(f"wrote {shown}: peft LoRA adapter (r={peft.rank}, alpha={peft.alpha:g}, "
         f"{'QLoRA: apply to the full-precision base' if peft.method == 'qlora' else 'LoRA'}), "
         f"{len(tensors)} tensors on {', '.join(sorted(modules) + config.get('target_parameters', []))}")
