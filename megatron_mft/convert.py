@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from megatron_mft.config.base import finite_float
+from megatron_mft.config.base import finite_float, int_range
 from megatron_mft.errors import HELP, ArgumentParser, UsageError, UserError, command, report
 
 
@@ -35,24 +35,6 @@ def _size(text: str) -> int:
     if size < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r} (e.g. 5GB, 500MB)")
     return size
-
-
-def int_range(minimum: int, maximum: int = 2**63 - 1):
-    """argparse ``type=``: an integer in [minimum, maximum] (a size of 0 or a negative seed fails
-    here, as a usage error, not deep inside torch.distributed or a reshape)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        if value > maximum:
-            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {value}")
-        return value
-
-    return parse
 
 
 POSITIVE = int_range(1)

@@ -70,6 +70,12 @@ def _rank() -> tuple[int, int]:
     return 0, 1
 
 
+def first_rank() -> bool:
+    """Whether this process is the job's first rank (or not launched by torchrun/srun), from the
+    launcher's variables: the one that prints what every rank would print alike (config warnings)."""
+    return _rank()[0] == 0
+
+
 def _cause(error: BaseException) -> BaseException:
     """The exception behind one that carries the failures of several ranks (torch.distributed.checkpoint's
     CheckpointException: ``failures = {rank: (exception, traceback)}``)."""

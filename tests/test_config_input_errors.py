@@ -163,6 +163,7 @@ def test_seq_length_past_the_models_positions_is_not_silent(capsys, monkeypatch,
                    "model.max_position_embeddings >= 100000", "model.rope_type"):
         assert needle in err, err
     monkeypatch.setenv("RANK", "1")  # once per job: the other ranks stay quiet
+    monkeypatch.setenv("WORLD_SIZE", "2")
     load_config(None, ["data.path=/x"] + overrides)
     assert capsys.readouterr().err == ""
 

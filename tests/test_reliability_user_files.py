@@ -61,18 +61,21 @@ def test_resolved_config_never_replaces_a_config_yaml_the_trainer_did_not_write(
     assert (out / "config.yaml").read_text() == mine
     assert resolved(out / "config.resolved.yaml")["train"]["steps"] == 7
 
-    # the very file passed as --config, even when it is a resolved config the trainer once wrote
+    # the very file passed as --config, even when it is a resolved config the trainer once wrote:
+    # as config.yaml, and as config.resolved.yaml beside a config.yaml of the user's
     (out / "config.resolved.yaml").unlink()
-    shutil.copy(out / "config.yaml", tmp_path / "mine.yaml")
-    (out / "config.yaml").write_text(RESOLVED_CONFIG_HEADER + "train:\n  steps: 3\n")
-    given = (out / "config.yaml").read_text()
+    ours = RESOLVED_CONFIG_HEADER + "train:\n  steps: 3\n"
+    (out / "config.yaml").write_text(ours)
     start(config_file=str(out / "config.yaml"))
-    assert (out / "config.yaml").read_text() == given and (out / "config.resolved.yaml").is_file()
-    # ... and config.resolved.yaml passed as --config beside a config.yaml of the user's: neither replaced
+    assert (out / "config.yaml").read_text() == ours and (out / "config.resolved.yaml").is_file()
     (out / "config.yaml").write_text(mine)
-    (out / "config.resolved.yaml").write_text(given)
+    (out / "config.resolved.yaml").write_text(ours)
     start(config_file=str(out / "config.resolved.yaml"))
-    assert (out / "config.yaml").read_text() == mine and (out / "config.resolved.yaml").read_text() == given
+    assert (out / "config.yaml").read_text() == mine and (out / "config.resolved.yaml").read_text() == ours
+    # nor a config.resolved.yaml of the user's own (no header)
+    (out / "config.resolved.yaml").write_text("train:\n  steps: 3\n")
+    start()
+    assert (out / "config.yaml").read_text() == mine and (out / "config.resolved.yaml").read_text() == "train:\n  steps: 3\n"
 
 
 def _ckpt(root: Path, name: str, meta: dict) -> Path:

@@ -38,6 +38,7 @@ def main(argv: list[str]) -> int:
     import torch
     from megatron.core import dist_checkpointing
 
+    from megatron_mft.checkpoint.described import INIT_FILE
     from megatron_mft.checkpoint.dist import model_sharded_state_dict
     from megatron_mft.config.base import to_dict
     from megatron_mft.compat import setup_runtime
@@ -51,7 +52,7 @@ def main(argv: list[str]) -> int:
     dist_checkpointing.save(model_sharded_state_dict(chunks), args.out)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         # what the weights are: train.init_checkpoint's preflight compares it with the run's model
-        with open(os.path.join(args.out, "init.json"), "w", encoding="utf-8") as f:
+        with open(os.path.join(args.out, INIT_FILE), "w", encoding="utf-8") as f:
             json.dump({"model": to_dict(cfg.model), "seed": cfg.seed}, f, indent=1)
     print(f"wrote initial weights of {cfg.model.preset} (seed {cfg.seed}) to {args.out}")
     teardown()

@@ -1,6 +1,7 @@
-"""File-system steps that make replacing a folder safe: the atomic exchange, fsync, a write probe.
-Used by the checkpoint publish (checkpoint/dist.py), the preprocessing output swap
-(data/outdir.py) and the preflight checks (training/preflight.py)."""
+"""File-system steps that make replacing a folder safe: the atomic exchange, fsync, a write probe,
+where a path that does not exist yet would be created, whether one path lies within another. Used
+by the checkpoint publish (checkpoint/dist.py), the preprocessing output swap (data/outdir.py), the
+preflight checks (training/preflight.py) and the tools' output checks (convert, evaluate)."""
 
 from __future__ import annotations
 
@@ -55,3 +56,20 @@ def cannot_write_in(folder: Path) -> Optional[str]:
     except OSError as e:
         return str(e.strerror or e)
     return None
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` itself, or its nearest ancestor that exists (where creating ``path`` starts)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def is_within(child: Path, parent: Path) -> bool:
+    """``child`` is ``parent`` or lies below it (``~`` and symlinks resolved; neither need exist)."""
+    try:
+        Path(child).expanduser().resolve().relative_to(Path(parent).expanduser().resolve())
+    except (ValueError, OSError):
+        return False
+    return True

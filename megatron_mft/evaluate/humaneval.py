@@ -15,6 +15,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from megatron_mft.evaluate.encoding import ENCODINGS
@@ -118,13 +119,11 @@ class HumanEvalConfig:
         return p
 
 
-#: Files from which transformers' AutoTokenizer builds a tokenizer (any one of them).
-TOKENIZER_MODEL_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
-
-
 def _tokenizer_problems(hf_dir: str, encoding: str) -> list[str]:
     """An export without a tokenizer fails in transformers with a message about missing
     libraries; say what is missing instead, before the model loads."""
+    from megatron_mft.checkpoint.hf.hfconfig import TOKENIZER_MODEL_FILES
+
     present = [n for n in TOKENIZER_MODEL_FILES if os.path.isfile(os.path.join(hf_dir, n))]
     if not present:
         return [f"--hf-dir {hf_dir} has no tokenizer files ({' / '.join(TOKENIZER_MODEL_FILES)}): export the "
@@ -165,15 +164,13 @@ def _out_problem(out: str) -> Optional[str]:
     if os.path.isdir(out):
         return (f"--out {out} is a directory; give a file name, e.g. "
                 f"{os.path.join(out, 'humaneval_results.json')}")
-    parent = os.path.dirname(os.path.abspath(out))
-    existing = parent
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
+    from megatron_mft.compat.fsops import cannot_write_in, nearest_existing
+
+    existing = nearest_existing(Path(out).parent)
+    if not existing.is_dir():
         return f"--out {out}: {existing} is not a directory"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"--out {out}: {existing} is not writable"
-    return None
+    why = cannot_write_in(existing)
+    return f"--out {out}: {existing} is not writable ({why})" if why else None
 
 
 def load_problems(path: Optional[str] = None, need_solution: bool = False) -> list[dict]:

@@ -13,10 +13,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megatron_mft.compat.fsops import cannot_write_in
+from megatron_mft.compat.fsops import cannot_write_in, is_within, nearest_existing
 from megatron_mft.config import RunConfig
-from megatron_mft.config.base import first_rank
-from megatron_mft.errors import UsageError
+from megatron_mft.errors import UsageError, first_rank
 
 __all__ = ["PreflightError", "check_against_data", "check_run"]
 
@@ -172,7 +171,7 @@ def _data_problems(run: RunConfig) -> list[str]:
                         f"tools/preprocess/preprocess_mft.py; preprocess it, or read raw .jsonl task folders "
                         f"with data.source=online")
     if d.source == "online":
-        if _inside(Path(run.output_dir), path):
+        if is_within(Path(run.output_dir), path):
             problems.append(f"output_dir: {run.output_dir} is inside data.path {d.path}: with data.source=online "
                             f"every sub-folder of data.path is read as a task, so the run's own folder would be "
                             f"taken for task data; put output_dir outside data.path")
@@ -186,23 +185,12 @@ def _data_problems(run: RunConfig) -> list[str]:
     return problems
 
 
-def _inside(child: Path, parent: Path) -> bool:
-    """``child`` is ``parent`` or below it (symlinks resolved; ``child`` need not exist yet)."""
-    try:
-        child.resolve().relative_to(parent.resolve())
-    except (ValueError, OSError):
-        return False
-    return True
-
-
 def _output_dir_problems(run: RunConfig) -> list[str]:
     """Writable without leaving a trace: a temporary folder in the nearest existing ancestor."""
     out = Path(run.output_dir)
     if out.exists() and not out.is_dir():
         return [f"output_dir: {out} exists and is not a directory"]
-    probe_in = out
-    while not probe_in.exists():
-        probe_in = probe_in.parent
+    probe_in = nearest_existing(out)
     if not probe_in.is_dir():
         return [f"output_dir: {out} cannot be created: {probe_in} is not a directory"]
     why = cannot_write_in(probe_in)
@@ -266,36 +254,28 @@ def _init_checkpoint_model_problems(run: RunConfig, path: Path) -> list[str]:
     ``convert hf-to-mcore``, ``init.json`` of ``checkpoint init``) against the config: a shape
     difference would otherwise surface as a tensor-shape error of the loader after the model is
     built; an adapters-only step holds no base weights to start from."""
-    from megatron_mft.config import ModelConfig
-    from megatron_mft.config.base import ConfigError, load_dataclass
+    from megatron_mft.checkpoint.described import read_description
+    from megatron_mft.config.base import ConfigError
 
     key = "train.init_checkpoint"
-    for name in ("run.json", "conversion.json", "init.json"):
-        described = path / name
-        if described.is_file():
-            break
-    else:
-        return []  # written by an older version: the loader names any mismatch
     try:
-        meta = json.loads(described.read_text(encoding="utf-8"))
-        model = meta["config"]["model"] if name == "run.json" else meta["model"]
-        saved = weight_shapes(load_dataclass(ModelConfig, model, source=str(described)).arch())
+        described = read_description(path)
     except (OSError, ValueError, KeyError, TypeError, ConfigError) as e:
-        return [f"{key}: {described} is unreadable ({e})"]
+        return [f"{key}: the description of {path} is unreadable ({e})"]
+    if described is None:
+        return []  # written by an older version: the loader names any mismatch
     problems = []
-    if name == "run.json":
-        method = meta.get("peft") or ((meta.get("config") or {}).get("peft") or {}).get("method", "none")
-        if method not in (None, "none"):
-            problems.append(f"{key}: {path} is a {method} step, which holds the adapters only, not a model to start "
-                            f"from; merge them into their base first (`python -m megatron_mft.convert mcore-to-hf "
-                            f"--ckpt {path} --merge-lora --out DIR`, then model.hf_init=DIR)")
+    if described.adapters:
+        problems.append(f"{key}: {path} is a {described.peft_method} step, which holds the adapters only, not a model to start "
+                        f"from; merge them into their base first (`python -m megatron_mft.convert mcore-to-hf "
+                        f"--ckpt {path} --merge-lora --out DIR`, then model.hf_init=DIR)")
     if run.model.validate():
         return problems  # the config's own problems are reported by the config check
-    now = weight_shapes(run.model.arch())
+    saved, now = weight_shapes(described.model.arch()), weight_shapes(run.model.arch())
     differ = [f"{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}" for k in now if saved.get(k) != now.get(k)]
     if differ:
         problems.append(f"{key}: {path} holds another model shape ({'; '.join(differ)}); use the preset and "
-                        f"model settings it was saved with (described in {described})")
+                        f"model settings it was saved with (described in {described.file})")
     return problems
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -188,23 +189,27 @@ class Recipe:
              f"vpp={run.parallel.vpp} cp={run.parallel.cp} dp={dp_size} sp={run.parallel.sp}")
 
     def _write_resolved_config(self) -> None:
-        """``output_dir/config.yaml``: the resolved config of this start (replaced at each start). A
-        ``config.yaml`` there that this tool did not write (e.g. the user's own), or the very file
-        passed as --config, is kept; the resolved config then goes to ``config.resolved.yaml``."""
+        """The resolved config of this start (replaced at each start) as ``output_dir/config.yaml``,
+        else ``config.resolved.yaml``: a file there that this tool did not write (the user's own) or
+        the very file passed as --config is never replaced."""
         self.out.mkdir(parents=True, exist_ok=True)
-        def given(path: Path) -> bool:
-            return self.config_file is not None and path.exists() and path.samefile(self.config_file)
 
-        path = self.out / "config.yaml"
-        if path.exists() and (given(path) or not _written_by_train(path)):
-            path = self.out / "config.resolved.yaml"
-            if given(path):
-                _say(f"note: the resolved config is not written: {self.out / 'config.yaml'} is not this tool's and "
-                     f"{path} is the --config file")
-                return
-            _say(f"note: {self.out / 'config.yaml'} is kept (not written by this tool, or the --config file); the "
+        def free(path: Path) -> bool:
+            if not path.exists():
+                return True
+            given = self.config_file is not None and path.samefile(self.config_file)
+            return not given and _written_by_train(path)
+
+        names = ("config.yaml", "config.resolved.yaml")
+        path = next((self.out / n for n in names if free(self.out / n)), None)
+        if path is None:
+            _say(f"note: the resolved config is not written: {' and '.join(names)} in {self.out} are not this "
+                 f"tool's (or are the --config file)")
+            return
+        if path.name != names[0]:
+            _say(f"note: {self.out / names[0]} is kept (not written by this tool, or the --config file); the "
                  f"resolved config of this run is in {path}")
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(RESOLVED_CONFIG_HEADER + yaml.safe_dump(to_dict(self.run_cfg), sort_keys=False),
                        encoding="utf-8")
         tmp.replace(path)

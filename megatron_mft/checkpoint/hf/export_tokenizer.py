@@ -14,16 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from megatron_mft.checkpoint.hf.families import ConversionError
-from megatron_mft.checkpoint.hf.hfconfig import TOKENIZER_FILES
+from megatron_mft.checkpoint.hf.hfconfig import TOKENIZER_FILES, TOKENIZER_MODEL_FILES
 from megatron_mft.data.tokenizer import file_sha256 as _sha256
 from megatron_mft.data.tokenizer import identity_file as _identity_file
 
 if TYPE_CHECKING:
     from megatron_mft.checkpoint.hf.mcore_to_hf import CheckpointInfo
-
-#: Files that make a tokenizer loadable by themselves (the other TOKENIZER_FILES configure one).
-TOKENIZER_MODELS = ("tokenizer.model", "tokenizer.json")
-
 
 @dataclass
 class RunTokenizer:
@@ -91,7 +87,7 @@ class TokenizerPlan:
 
     @property
     def loadable(self) -> bool:
-        return any(n in self.copies for n in TOKENIZER_MODELS)
+        return any(n in self.copies for n in TOKENIZER_MODEL_FILES)
 
 
 def _lone_sentencepiece(path: Path, what: str) -> TokenizerPlan:
@@ -177,7 +173,7 @@ def plan_tokenizer(info: "CheckpointInfo", override: Optional[str | Path] = None
             raise ConversionError("--tokenizer:", [f"{override} holds no tokenizer files (looked for "
                                                    f"{', '.join(TOKENIZER_FILES)})"])
         if not plan.loadable:
-            plan.notes.append(f"--tokenizer {override} has no {' or '.join(TOKENIZER_MODELS)}: the export's "
+            plan.notes.append(f"--tokenizer {override} has no {' or '.join(TOKENIZER_MODEL_FILES)}: the export's "
                               f"tokenizer will not load")
         run_tok = info.run_tokenizer
         if run_tok is not None and run_tok.sha256 and not run_tok.matches(path):
@@ -194,7 +190,7 @@ def plan_tokenizer(info: "CheckpointInfo", override: Optional[str | Path] = None
             plan = _from_folder(found, f"the run's tokenizer ({run_tok.key})")
             if plan.loadable:
                 return plan
-            notes.append(f"the run's tokenizer folder {found} holds no {' or '.join(TOKENIZER_MODELS)}")
+            notes.append(f"the run's tokenizer folder {found} holds no {' or '.join(TOKENIZER_MODEL_FILES)}")
         elif found is not None:
             canonical = "tokenizer.model" if found.suffix == ".model" else "tokenizer.json"
             digest = _sha256(found)
@@ -219,7 +215,7 @@ def plan_tokenizer(info: "CheckpointInfo", override: Optional[str | Path] = None
         partial = partial or (plan if plan.copies else None)
     looked = ", ".join([str(d) for d in info.tokenizer_dirs] + ([run_tok.named] if run_tok else []))
     if partial is not None:
-        partial.notes = notes + [f"no {' or '.join(TOKENIZER_MODELS)} found (looked in {looked}): the export's "
+        partial.notes = notes + [f"no {' or '.join(TOKENIZER_MODEL_FILES)} found (looked in {looked}): the export's "
                                  f"tokenizer will not load; pass --tokenizer FILE|DIR"]
         return partial
     return TokenizerPlan(source="", notes=notes + [f"no tokenizer found (looked in {looked})"])

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
+from megatron_mft.checkpoint.described import CONVERSION_FILE
 from megatron_mft.checkpoint.hf.families import ConversionError, family_for
 from megatron_mft.errors import UserError
 from megatron_mft.checkpoint.hf.hf_io import copy_files
@@ -23,7 +24,6 @@ from megatron_mft.config.base import to_dict
 from megatron_mft.config.parallel import layout_problems
 
 #: Written beside the weights: what the checkpoint is and where it came from.
-CONVERSION_FILE = "conversion.json"
 #: Tokenizer files travel in this subfolder (usable as ``data.tokenizer``).
 TOKENIZER_DIR = "tokenizer"
 

@@ -10,9 +10,12 @@ from typing import Optional
 from megatron_mft.checkpoint.hf.families import ConversionError, Family, family_for
 from megatron_mft.config import PRESETS, ArchSpec, ModelConfig
 
+#: Files from which transformers' AutoTokenizer builds a tokenizer (any one of them; the others
+#: of TOKENIZER_FILES configure it).
+TOKENIZER_MODEL_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 #: Files copied along with the weights in both directions (those present).
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "generation_config.json", "chat_template.jinja")
+TOKENIZER_FILES = TOKENIZER_MODEL_FILES + ("merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+                                           "added_tokens.json", "generation_config.json", "chat_template.jinja")
 
 
 def read_hf_config(hf_dir: str | Path) -> dict:

@@ -30,12 +30,12 @@ import torch
 from megatron_mft.checkpoint.hf.families import FAMILIES, ConversionError, Family, family_for
 from megatron_mft.checkpoint.hf.hf_io import SafetensorsShardWriter, parse_size
 from megatron_mft.checkpoint.hf.hf_to_mcore import CONVERSION_FILE, DTYPES, TOKENIZER_DIR, staged_output
+from megatron_mft.checkpoint.described import INIT_FILE, read_description
 from megatron_mft.checkpoint.hf.export_tokenizer import RunTokenizer, TokenizerPlan, plan_tokenizer, write_tokenizer
 from megatron_mft.checkpoint.hf.hfconfig import read_hf_config
 from megatron_mft.checkpoint.hf.mcore_io import DistCheckpoint, Template, build_template, shards_of
 from megatron_mft.checkpoint.hf.source import HFSource
 from megatron_mft.config import ModelConfig, PeftConfig
-from megatron_mft.config.base import load_dataclass
 
 ADAPTER_PREFIX = "base_model.model."
 
@@ -76,21 +76,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def describe_checkpoint(path: str | Path) -> CheckpointInfo:
     p = resolve_checkpoint(path)
-    if (p / CONVERSION_FILE).is_file():
-        meta = json.loads((p / CONVERSION_FILE).read_text())
-        model = load_dataclass(ModelConfig, meta["model"], source=str(p / CONVERSION_FILE))
+    described = read_description(p)
+    if described is None or described.file.name == INIT_FILE:
+        raise ConversionError(f"cannot tell what {p} holds:", [
+            f"no {CONVERSION_FILE} (convert hf-to-mcore output) and no run.json (training checkpoint)"])
+    meta, model = described.meta, described.model
+    if described.file.name == CONVERSION_FILE:
         hf_cfg = meta.get("hf_config")
         return CheckpointInfo(path=p, kind="conversion", model_cfg=model,
                               family=FAMILIES[meta.get("family", "llama")], hf_config=hf_cfg,
                               tokenizer_dirs=[p / TOKENIZER_DIR, Path(meta.get("source", {}).get("hf_dir", p))])
-    if not (p / "run.json").is_file():
-        raise ConversionError(f"cannot tell what {p} holds:", [
-            f"no {CONVERSION_FILE} (convert hf-to-mcore output) and no run.json (training checkpoint)"])
-    run = json.loads((p / "run.json").read_text())
+    run, peft, adapters = meta, described.peft, described.adapters
     cfg = run.get("config", {})
-    model = load_dataclass(ModelConfig, cfg.get("model", {}), source=str(p / "run.json"))
-    peft = load_dataclass(PeftConfig, cfg.get("peft", {}), source=str(p / "run.json"))
-    adapters = (run.get("peft") or peft.method) not in (None, "none")
     hf_init = model.hf_init
     init_ckpt = (cfg.get("train") or {}).get("init_checkpoint")
     base, hf_cfg, toks = None, None, [p / TOKENIZER_DIR]
@@ -190,12 +187,12 @@ def check_out_apart(out: str | Path, inputs: list, why: str) -> None:
     """Refuse an output folder inside (or holding) one of ``inputs`` [(path, what it is)]: an
     export written into a checkpoint step folder is deleted with it when training saves that step
     again; one written into the folder it is read from mixes with it. ``why`` ends the message."""
-    o = Path(out).expanduser().resolve()
+    from megatron_mft.compat.fsops import is_within
+
     for path, what in inputs:
-        p = Path(path).expanduser().resolve()
-        if o == p or p in o.parents:
+        if is_within(out, path):
             raise ConversionError(f"--out {out} is inside {path}, {what}:", [f"{why}; choose an --out outside {path}"])
-        if o in p.parents:
+        if is_within(path, out):
             raise ConversionError(f"--out {out} contains {path}, {what}:", [
                 "the output must be a new folder apart from its input; choose another --out"])
 
