@@ -129,18 +129,26 @@ def _hf_to_mcore(args) -> int:
                     "a conversion written into the Hugging Face folder it reads mixes with the model's files")
     _single_process()
     from megatron_mft.checkpoint.hf.hf_to_mcore import convert_hf_to_mcore
+    from megatron_mft.training.parallel import teardown
 
-    convert_hf_to_mcore(args.hf_dir, args.out, preset=args.preset, tp=args.tp, pp=args.pp, dtype=args.dtype,
-                        dry_run=args.dry_run, ep=args.ep)
+    try:
+        convert_hf_to_mcore(args.hf_dir, args.out, preset=args.preset, tp=args.tp, pp=args.pp, dtype=args.dtype,
+                            dry_run=args.dry_run, ep=args.ep)
+    finally:  # gloo aborts at interpreter exit if its group is left up
+        teardown()
     return 0
 
 
 def _mcore_to_hf(args) -> int:
     _single_process()
     from megatron_mft.checkpoint.hf.mcore_to_hf import export_to_hf
+    from megatron_mft.training.parallel import teardown
 
-    export_to_hf(args.ckpt, args.out, merge_lora=args.merge_lora, adapter_only=args.adapter_only,
-                 dtype=args.dtype, max_shard_size=args.max_shard_size, tokenizer=args.tokenizer)
+    try:
+        export_to_hf(args.ckpt, args.out, merge_lora=args.merge_lora, adapter_only=args.adapter_only,
+                     dtype=args.dtype, max_shard_size=args.max_shard_size, tokenizer=args.tokenizer)
+    finally:  # gloo aborts at interpreter exit if its group is left up
+        teardown()
     return 0
 
 

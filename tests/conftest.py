@@ -17,7 +17,9 @@ def single_process_group():
         # a store on port 0 binds a free port itself: no port picked, released and raced for
         store = torch.distributed.TCPStore("127.0.0.1", 0, 1, is_master=True)
         torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
-    return env
+    yield env
+    if torch.distributed.is_initialized():  # gloo aborts at interpreter exit if its group is left up
+        torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -567,7 +567,12 @@ def main(argv=None) -> int:
         return 2
     fn = {"placement": check_placement, "isolation": check_isolation, "hf-parity": check_hf_parity, "wgrad": check_wgrad, "bench": bench,
           "hf-bench": hf_bench, "summary": summary}[args.check]
-    return 0 if fn(args) else 1
+    try:
+        return 0 if fn(args) else 1
+    finally:  # a process group left up aborts at interpreter exit (gloo) or warns (NCCL)
+        release()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

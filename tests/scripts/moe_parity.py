@@ -67,4 +67,9 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from megatron_mft.training.parallel import teardown
+
+    try:
+        main()
+    finally:  # gloo aborts at interpreter exit if its group is left up (pytorch#190489)
+        teardown()

@@ -234,3 +234,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from megatron_mft.training.parallel import teardown
+
+    teardown()  # gloo aborts at interpreter exit if its group is left up

@@ -135,7 +135,7 @@ def _child(method: str, ckpt: str, overrides: list[str], rank: int) -> None:
     from megatron_mft.model import build_model_chunks
     from megatron_mft.peft import PeftPlan
     from megatron_mft.peft.plan import local_bytes
-    from megatron_mft.training.parallel import init_parallel
+    from megatron_mft.training.parallel import init_parallel, teardown
 
     init_parallel(cfg.parallel, env, cfg.seed)
     import gc
@@ -152,6 +152,7 @@ def _child(method: str, ckpt: str, overrides: list[str], rank: int) -> None:
                                                           for p in c.parameters()), "nf4": 0}
     print(json.dumps({"method": method, "before": before, "after_build": built, "after_load": _peak_bytes(),
                       "model_bytes": held["dense"] + held["nf4"], "device": "cuda" if env.cuda else "cpu"}))
+    teardown()  # gloo aborts at interpreter exit if its group is left up
 
 
 def measure_load(shape: str, rank: int) -> int:
