@@ -137,16 +137,46 @@ def _legend_or_note(ax, note: str) -> None:
         ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes)
 
 
+#: the image metadata (Creator) that marks a file as this command's: it replaces only those
+WRITTEN_BY = "megatron_mft.plot"
+
+
+def is_own_image(path: str) -> bool:
+    """An image this command wrote. PNG, PDF, SVG and PostScript carry :data:`WRITTEN_BY` as
+    plain text; other formats have no metadata, so an existing file of theirs is never ours."""
+    try:
+        with open(path, "rb") as f:
+            return WRITTEN_BY.encode() in f.read()
+    except OSError:
+        return False
+
+
 def plot_metrics(metrics: str, out: str, title: Optional[str] = None, logy: bool = False,
                  skip_invalid: bool = False):
-    """Read ``metrics``, write the PNG to ``out``, return the Figure."""
+    """Read ``metrics``, write the image to ``out`` (atomically, and only over an image of this
+    command's), return the Figure."""
+    from megatron_mft.compat.fsops import replace_file_atomically
+
     if os.path.isdir(out):
         raise ValueError(f"--out {out} is a directory; give an image file name, e.g. {os.path.join(out, 'loss.png')}")
+    if os.path.lexists(out) and not is_own_image(out):
+        raise ValueError(f"--out {out} exists and is not an image this command wrote; it is never replaced: "
+                         "give another file name, or move that file away (it replaces only the images it "
+                         "marked: .png, .pdf, .svg, .eps, .ps)")
     steps = load_metrics(metrics, skip_invalid=skip_invalid)
     if not steps:
         raise ValueError(f"{metrics}: no metrics lines")
     fig = make_figure(steps, title=title, logy=logy)
-    fig.savefig(out)
+
+    def save(path: str) -> None:
+        try:
+            fig.savefig(path, metadata={"Creator": WRITTEN_BY})
+        except ValueError as e:  # JPEG, TIFF, WebP: no metadata
+            if "metadata not supported" not in str(e):
+                raise
+            fig.savefig(path)
+
+    replace_file_atomically(out, save)
     return fig
 
 

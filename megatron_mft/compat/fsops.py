@@ -1,7 +1,8 @@
 """File-system steps that make replacing a folder safe: the atomic exchange, fsync, a write probe,
 where a path that does not exist yet would be created, whether one path lies within another. Used
 by the checkpoint publish (checkpoint/dist.py), the preprocessing output swap (data/outdir.py), the
-preflight checks (training/preflight.py) and the tools' output checks (convert, evaluate)."""
+preflight checks (training/preflight.py), the tools' output checks (convert, evaluate) and their
+result files (evaluate, plot)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import errno
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
@@ -73,3 +74,23 @@ def is_within(child: Path, parent: Path) -> bool:
     except (ValueError, OSError):
         return False
     return True
+
+
+def replace_file_atomically(out: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` fills a new hidden file beside ``out`` (created exclusively, never over an
+    existing file), which is then renamed over ``out``: a failed or interrupted write leaves the
+    old ``out`` whole and no temporary behind."""
+    d = os.path.dirname(os.path.abspath(out))
+    os.makedirs(d, exist_ok=True)
+    base, ext = os.path.splitext(os.path.basename(out))
+    tmp = os.path.join(d, f".{base}.{os.getpid()}.tmp{ext}")  # the extension kept: writers read the format from it
+    open(tmp, "x").close()
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

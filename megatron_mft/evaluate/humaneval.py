@@ -158,12 +158,34 @@ def _device_problem(device: str) -> Optional[str]:
     return None
 
 
+#: ``summary.written_by`` of every result file this command writes
+WRITTEN_BY = "megatron_mft.evaluate humaneval"
+
+
+def is_own_report(path: str) -> bool:
+    """A result file this command wrote (it replaces only those): marked, or of an older version,
+    whose summary carried the problems file, the sandbox and the template string."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        return False
+    summary = report.get("summary") if isinstance(report, dict) else None
+    if not isinstance(summary, dict) or not isinstance(report.get("results"), list):
+        return False
+    return (summary.get("written_by") == WRITTEN_BY
+            or {"benchmark", "problems_file", "sandbox", "template_string"} <= summary.keys())
+
+
 def _out_problem(out: str) -> Optional[str]:
-    """--out must be a file name whose folder exists or can be created and is writable; checked
-    before generation, which can take hours."""
+    """--out must be a file name whose folder exists or can be created and is writable, and not a
+    file of someone else's; checked before generation, which can take hours."""
     if os.path.isdir(out):
         return (f"--out {out} is a directory; give a file name, e.g. "
                 f"{os.path.join(out, 'humaneval_results.json')}")
+    if os.path.lexists(out) and not is_own_report(out):
+        return (f"--out {out} exists and is not a result file of this command; it is never replaced: "
+                "give another file name, or move that file away")
     from megatron_mft.compat.fsops import cannot_write_in, nearest_existing
 
     existing = nearest_existing(Path(out).parent)
@@ -294,6 +316,7 @@ def run_humaneval(cfg: HumanEvalConfig) -> dict:
     n_pass = sum(r["passed"] for r in results)
     reasons = Counter(r["result"].split(":", 1)[0] for r in results)
     summary = {
+        "written_by": WRITTEN_BY,
         "benchmark": "humaneval",
         "mode": "check-harness" if cfg.check_harness else "generate",
         "pass@1": n_pass / len(results),
@@ -323,26 +346,18 @@ def run_humaneval(cfg: HumanEvalConfig) -> dict:
 
 
 def write_report(report: dict, out: str) -> None:
-    """Write the JSON atomically: a new hidden temporary file beside ``out`` (created exclusively,
-    never over an existing file), renamed over ``out``; removed again if anything fails."""
+    """Write the JSON atomically (compat/fsops.replace_file_atomically)."""
+    from megatron_mft.compat.fsops import replace_file_atomically
     from megatron_mft.errors import UserError
 
-    d = os.path.dirname(os.path.abspath(out))
-    tmp = None
-    try:
-        os.makedirs(d, exist_ok=True)
-        name = os.path.join(d, f".{os.path.basename(out)}.{os.getpid()}.tmp")
-        with open(name, "x", encoding="utf-8") as f:
-            tmp = name  # ours from here on: removed if anything below fails
+    def dump(path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
             f.write("\n")
-        os.replace(tmp, out)
-        tmp = None
+
+    if os.path.isfile(out) and not is_own_report(out):  # appeared while generating: still not replaced
+        raise UserError(_out_problem(out))
+    try:
+        replace_file_atomically(out, dump)
     except OSError as e:
         raise UserError(f"--out {out}: cannot write the results ({e.strerror or e})") from None
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
