@@ -254,3 +254,33 @@ def test_evaluate_and_plot_replace_only_their_own_result_files(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps(report))
     assert _run(evaluate + [str(tmp_path / "r.json")]).returncode == 0
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_export_finds_a_runs_relative_base_from_another_folder(tiny_run, hf_model, tmp_path, monkeypatch):
+    """An adapter run started in its working folder with a relative ``model.hf_init`` (or
+    ``train.init_checkpoint``) and a relative output_dir: the export, run from elsewhere, finds the
+    base in that working folder (as it finds the run's tokenizer), not beside the caller."""
+    from megatron_mft.checkpoint.hf.mcore_to_hf import describe_checkpoint
+
+    work = tmp_path / "work"
+    shutil.copytree(hf_model, work / "models" / "base")
+    (work / "ckpts" / "base").mkdir(parents=True)
+    hf_config = json.loads((hf_model / "config.json").read_text())
+    run = json.loads((tiny_run / "checkpoints" / "step_0000001" / "run.json").read_text())
+    (work / "ckpts" / "base" / "conversion.json").write_text(json.dumps(
+        {"model": run["config"]["model"], "hf_config": hf_config}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for key, value, base in [("hf_init", "models/base", ("hf", work / "models" / "base")),
+                             ("init_checkpoint", "ckpts/base", ("mcore", work / "ckpts" / "base"))]:
+        cfg = json.loads(json.dumps(run["config"]))
+        cfg.update(output_dir="runs/a", peft={**cfg["peft"], "method": "lora"})
+        cfg["model"]["hf_init"] = value if key == "hf_init" else None
+        cfg["train"]["init_checkpoint"] = value if key == "init_checkpoint" else None
+        step = work / "runs" / "a" / "checkpoints" / f"step_{key}"
+        step.mkdir(parents=True)
+        (step / "run.json").write_text(json.dumps({**run, "config": cfg, "peft": "lora"}))
+        info = describe_checkpoint(step)
+        assert info.base == base, key
+        assert info.hf_config == hf_config, key

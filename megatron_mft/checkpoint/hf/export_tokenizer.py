@@ -7,12 +7,12 @@ or ``tokenizer.json`` is written under its Hugging Face name with a tokenizer_co
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from megatron_mft.checkpoint.described import run_relative_paths
 from megatron_mft.checkpoint.hf.families import ConversionError
 from megatron_mft.checkpoint.hf.hfconfig import TOKENIZER_FILES, TOKENIZER_MODEL_FILES
 from megatron_mft.data.tokenizer import file_sha256 as _sha256
@@ -42,14 +42,7 @@ class RunTokenizer:
         if not named or not isinstance(named, str):
             return None
         key = "data.tokenizer" if (cfg.get("data") or {}).get("tokenizer") else "the data manifest's tokenizer.path"
-        path = Path(os.path.expanduser(named))
-        candidates = [path.absolute()]
-        out_dir = cfg.get("output_dir")
-        if not path.is_absolute() and isinstance(out_dir, str) and out_dir and not os.path.isabs(out_dir):
-            parts = Path(os.path.normpath(out_dir)).parts
-            root = step_dir.absolute().parent.parent.parts  # <output_dir>/checkpoints/step_N -> output_dir
-            if ".." not in parts and len(root) > len(parts) and root[-len(parts):] == parts:
-                candidates.append(Path(*root[: -len(parts)]) / path)
+        candidates = run_relative_paths(named, step_dir, cfg)
         sha = manifest_tok.get("sha256") if isinstance(manifest_tok.get("sha256"), str) else None
         return cls(named=named, key=key, candidates=candidates, sha256=sha)
 

@@ -30,7 +30,7 @@ import torch
 from megatron_mft.checkpoint.hf.families import FAMILIES, ConversionError, Family, family_for
 from megatron_mft.checkpoint.hf.hf_io import SafetensorsShardWriter, parse_size
 from megatron_mft.checkpoint.hf.hf_to_mcore import CONVERSION_FILE, DTYPES, TOKENIZER_DIR, staged_output
-from megatron_mft.checkpoint.described import INIT_FILE, read_description
+from megatron_mft.checkpoint.described import INIT_FILE, first_existing, read_description, run_relative_paths
 from megatron_mft.checkpoint.hf.export_tokenizer import RunTokenizer, TokenizerPlan, plan_tokenizer, write_tokenizer
 from megatron_mft.checkpoint.hf.hfconfig import read_hf_config
 from megatron_mft.checkpoint.hf.mcore_io import DistCheckpoint, Template, build_template, shards_of
@@ -91,13 +91,14 @@ def describe_checkpoint(path: str | Path) -> CheckpointInfo:
     hf_init = model.hf_init
     init_ckpt = (cfg.get("train") or {}).get("init_checkpoint")
     base, hf_cfg, toks = None, None, [p / TOKENIZER_DIR]
-    if hf_init:
-        base = ("hf", Path(hf_init))
-        if (Path(hf_init) / "config.json").is_file():
-            hf_cfg = read_hf_config(hf_init)
-        toks.append(Path(hf_init))
+    if hf_init:  # relative: from here, else from the run's working folder
+        hf_dir = first_existing(run_relative_paths(hf_init, p, cfg))
+        base = ("hf", hf_dir)
+        if (hf_dir / "config.json").is_file():
+            hf_cfg = read_hf_config(hf_dir)
+        toks.append(hf_dir)
     elif init_ckpt:
-        base = ("mcore", resolve_checkpoint(init_ckpt))
+        base = ("mcore", resolve_checkpoint(first_existing(run_relative_paths(init_ckpt, p, cfg))))
         conv = base[1] / CONVERSION_FILE
         if conv.is_file():
             hf_cfg = json.loads(conv.read_text()).get("hf_config")
