@@ -7,7 +7,11 @@ cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
 . tools/setup_env.sh
 OUT="${OUT:-outputs/demo}"
-rm -rf "$OUT/run"
+if [ -e "$OUT/run" ]; then  # an earlier run (or whatever else is there) is kept, never deleted
+  KEPT="$OUT/run.$(date +%Y%m%d-%H%M%S)"
+  mv "$OUT/run" "$KEPT"
+  echo "note: the previous $OUT/run is kept as $KEPT"
+fi
 python tools/preprocess/preprocess_mft.py \
   --data-dir examples/demo_data/raw \
   --tokenizer-model examples/demo_data/tokenizer/demo_sp2048.model \

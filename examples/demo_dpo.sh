@@ -14,7 +14,11 @@ if [ ! -d "$SFT" ]; then
   echo "error: no SFT checkpoint at $SFT; run examples/demo.sh first (with the same OUT)" >&2
   exit 2
 fi
-rm -rf "$OUT/dpo"
+if [ -e "$OUT/dpo" ]; then  # an earlier run (or whatever else is there) is kept, never deleted
+  KEPT="$OUT/dpo.$(date +%Y%m%d-%H%M%S)"
+  mv "$OUT/dpo" "$KEPT"
+  echo "note: the previous $OUT/dpo is kept as $KEPT"
+fi
 python tools/preprocess/preprocess_mft.py --mode preference \
   --data-dir examples/demo_data/preference \
   --tokenizer-model examples/demo_data/tokenizer/demo_sp2048.model \

@@ -5,6 +5,7 @@ model with its adapters disabled) against a separate frozen copy of the base mod
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -215,3 +216,21 @@ def test_demo_chain_paths_agree():
     assert f'SFT="$OUT/run/checkpoints/{step}"' in chain and '--output-dir "$OUT/pairs"' in chain
     assert dpo.train.init_checkpoint == f"outputs/demo/run/checkpoints/{step}" and dpo.data.path == "outputs/demo/pairs"
     assert dpo.train.stage == "dpo" and dpo.data.source == "offline"
+
+
+def test_demo_scripts_keep_an_earlier_run(tmp_path):
+    """examples/demo.sh starts a fresh run folder: an earlier $OUT/run (with anything a user put
+    in it) is moved aside, never deleted, even when the new run then stops on a mistyped override.
+    (demo_dpo.sh does the same with $OUT/dpo: checked by reading.)"""
+    import subprocess
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine\n")
+    p = subprocess.run(["bash", str(ROOT / "examples" / "demo.sh"), "bogus.key=1"], cwd=tmp_path,
+                       env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 2 and "bogus" in p.stderr, p.stderr[-2000:]
+    (kept,) = [d for d in tmp_path.iterdir() if d.name.startswith("run.")]
+    assert (kept / "notes.txt").read_text() == "mine\n" and f"is kept as {kept}" in p.stdout
+    chain = (ROOT / "examples" / "demo_dpo.sh").read_text()
+    assert "rm -rf" not in chain and 'mv "$OUT/dpo" "$KEPT"' in chain
