@@ -467,6 +467,58 @@ def test_mistral_v3_dropped_system_turns_are_warned_per_file(tokenizers, tmp_pat
         assert formatter.take_system_dropped() == dropped and formatter.take_system_dropped() == 0
 
 
+def test_a_template_with_another_familys_tokenizer_is_warned(tokenizers, tmp_path, capsys):
+    """A family template writes its special tokens as single ids with the family's tokenizer; with
+    a tokenizer that lacks them they become text, and preprocessing says which. Mistral v0.1's
+    [INST] is text in its own vocabulary: never warned."""
+    from data_fixtures import write_jsonl
+    from megatron_mft.data.preprocess import PreprocessArgs, preprocess
+    from megatron_mft.data.template import ChatFormatter, load_template
+    from megatron_mft.data.tokenizer import load_tokenizer
+
+    for name in ("llama3", "llama3.1", "qwen2", "deepseek-coder", "mistral-v3", "mistral", "starcoder2"):
+        assert ChatFormatter(load_template(name), load_tokenizer(str(tokenizers[name]))).split_specials() == [], name
+    crossed = ChatFormatter(load_template("llama3"), load_tokenizer(str(tokenizers["qwen2"])))
+    assert crossed.split_specials() == ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    assert ChatFormatter(load_template("mistral"), load_tokenizer(str(tokenizers["qwen2"]))).split_specials() == []
+
+    write_jsonl(tmp_path / "raw" / "a" / "train.jsonl",
+                [{"chat_rounds": [{"role": "human", "content": "Q?"}, {"role": "bot", "content": "A."}]}] * 4)
+    stats = preprocess(PreprocessArgs(str(tmp_path / "raw"), str(tokenizers["llama3"]), 128, "best-fit",
+                                      str(tmp_path / "own"), template="qwen2", progress=False, val_ratio=0.0))
+    (warned,) = [w for w in stats["warnings"] if "no single token" in w]
+    assert warned.startswith("template qwen2: the tokenizer has no single token for <|im_start|>, <|im_end|>;")
+    assert f"warning: {warned}" in capsys.readouterr().err
+
+
+def test_a_system_turn_the_template_cannot_express_is_a_bad_line(tokenizers, tmp_path):
+    """starcoder2 has no system role: a record with a system turn is a bad line named by
+    file:line (reason template_unsupported), not the end of the whole run without a line;
+    --skip-bad-samples rejects it and keeps the rest."""
+    from data_fixtures import write_jsonl
+    from megatron_mft.data.encode import DataError
+    from megatron_mft.data.preprocess import PreprocessArgs, preprocess
+
+    rows = [{"chat_rounds": [{"role": "human", "content": "Question?"}, {"role": "bot", "content": "Answer."}]},
+            {"chat_rounds": [{"role": "system", "content": "Be terse."}, {"role": "human", "content": "Q?"},
+                             {"role": "bot", "content": "A."}]}]
+    path = write_jsonl(tmp_path / "raw" / "a" / "train.jsonl", rows * 3)
+
+    def run(out: str, skip: bool):
+        return preprocess(PreprocessArgs(str(tmp_path / "raw"), str(tokenizers["starcoder2"]), 128, "best-fit",
+                                         str(tmp_path / out), template="starcoder2", progress=False,
+                                         skip_bad_samples=skip, val_ratio=0.0))
+
+    with pytest.raises(DataError) as e:
+        run("strict", False)
+    msg = str(e.value)
+    assert f"{path}:2: template_unsupported: template starcoder2: the family's chat format has no system role" in msg
+    assert msg.count("template_unsupported") == 3 and "3 bad line(s)" in msg
+    stats = run("skipped", True)
+    assert stats["tasks"]["a"]["rejected_reasons"] == {"template_unsupported": 3}, stats["tasks"]["a"]
+    assert stats["tasks"]["a"]["train_samples"] == 3 and stats["tasks"]["a"]["rejected"] == 3
+
+
 def _same_encoding(a, b) -> bool:
     return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
 

@@ -154,7 +154,7 @@ def test_errors_stop_reading_across_files(tmp_path):
         preprocess(_args(tmp_path / "raw", tmp_path / "out", workers=2))
     msg = str(e.value)
     assert msg.count(": invalid_json") == MAX_ERRORS and f"{first}:{MAX_ERRORS}: invalid_json" in msg
-    assert str(second) not in msg and "stopped reading after that many errors" in msg
+    assert str(second) not in msg and f"reading stopped at {MAX_ERRORS} errors" in msg
 
 
 # ---------------------------------------------------------------- LoRA reference

@@ -91,6 +91,8 @@ class Encoded:
     #: the chat template's name, and per input file the samples whose system turn it dropped
     template: str = ""
     system_dropped: dict[str, int] = field(default_factory=dict)
+    #: special tokens of the template that the tokenizer encodes as text (ChatFormatter.split_specials)
+    split_specials: list[str] = field(default_factory=list)
 
 
 # --- worker side -------------------------------------------------------------------------
@@ -142,6 +144,8 @@ def _encode_chunk(chunk: tuple[int, str, str, int, int, int, int]):
     for line_no, raw in _chunk_lines(path, first_line, start, end):
         try:
             rec = parse_line(raw)
+            if rec is not None:
+                _FORMATTER.check_record(rec)
         except RecordError as e:
             bad.append((line_no, e.reason.value, e.detail, False, _text(raw)))
             continue
@@ -330,11 +334,12 @@ def encode_tasks(
             bar.close()
     if errors:
         msgs = [i.message() for i in issues if i.action == "error"][:MAX_ERRORS]
-        more = "; stopped reading after that many errors" if errors >= MAX_ERRORS else ""
+        shown = f" (the first {MAX_ERRORS} shown)" if errors > MAX_ERRORS else ""
+        more = f"; reading stopped at {MAX_ERRORS} errors, so there may be more" if errors >= MAX_ERRORS else ""
         raise DataError(
-            msgs + ([f"{errors} bad line(s){more}; fix them, or pass --skip-bad-samples to skip and log them"])
+            msgs + ([f"{errors} bad line(s){shown}{more}; fix them, or pass --skip-bad-samples to skip and log them"])
         )
-    return Encoded(out, issues, formatter.marker_ids, spec.template.name, system_dropped)
+    return Encoded(out, issues, formatter.marker_ids, spec.template.name, system_dropped, formatter.split_specials())
 
 
 def task_warnings(encoded: Encoded) -> list[str]:
@@ -360,4 +365,9 @@ def task_warnings(encoded: Encoded) -> list[str]:
                    f"official chat template does for every conversation that ends with an answer; to train on "
                    f"the system prompts, use a template that keeps system turns (e.g. llama3.1, qwen2, "
                    f"mftcoder) or fold each system prompt into its first user turn")
+    if encoded.split_specials:
+        out.append(f"template {encoded.template}: the tokenizer has no single token for "
+                   f"{', '.join(encoded.split_specials)}; they are encoded as plain text (several tokens each), "
+                   f"unlike the family's own tokenizer, so the model learns its turn boundaries as text. Use the "
+                   f"family's tokenizer with this template, or a template made for this tokenizer (e.g. mftcoder)")
     return out

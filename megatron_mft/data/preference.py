@@ -95,6 +95,7 @@ class EncodedPairs:
     #: as ``encode.Encoded`` (each side of a pair counts as a sample)
     template: str = ""
     system_dropped: dict[str, int] = field(default_factory=dict)
+    split_specials: list[str] = field(default_factory=list)
 
 
 def _encode_side(fmt: ChatFormatter, rec: Record) -> Side:
@@ -132,6 +133,8 @@ def encode_pair_chunk(chunk: tuple[int, str, str, int, int, int, int]):
     for line_no, raw in encode._chunk_lines(path, first_line, start, end):
         try:
             pair = parse_pair(raw)
+            for side in pair or ():
+                fmt.check_record(side)
         except RecordError as e:
             bad.append((line_no, e.reason.value, e.detail, False, encode._text(raw)))
             continue
@@ -174,7 +177,7 @@ def encode_pairs(tasks: list[TaskFiles], spec: EncodeSpec, *, workers: int = 1, 
     for t in sides.tasks:
         out.append(EncodedPairTask(t.files, list(zip(t.train[0::2], t.train[1::2])),
                                    list(zip(t.val[0::2], t.val[1::2])), t.counts))
-    return EncodedPairs(out, sides.issues, sides.marker_ids, sides.template, sides.system_dropped)
+    return EncodedPairs(out, sides.issues, sides.marker_ids, sides.template, sides.system_dropped, sides.split_specials)
 
 
 def _expand(pairs: list[Pair], pair_packs: list[list[int]], base: int = 0) -> tuple[list[Side], list[list[int]]]:

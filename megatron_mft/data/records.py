@@ -32,6 +32,8 @@ class Reason(str, Enum):
     UNKNOWN_ROLE = "unknown_role"
     EMPTY_ANSWER = "empty_answer"
     NO_BOT_TURN = "no_bot_turn"
+    #: a turn the template's chat format cannot express (a system turn where the family has none)
+    TEMPLATE_UNSUPPORTED = "template_unsupported"
     OVERLONG = "overlong"
     #: longer than the byte limit (--max-line-bytes / data.max_line_bytes): rejected unread
     LINE_TOO_LONG = "line_too_long"

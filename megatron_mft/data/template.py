@@ -35,7 +35,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from megatron_mft.data.records import Record, Turn
+from megatron_mft.data.records import Reason, Record, RecordError, Turn
 from megatron_mft.data.tokenizer import Tokenizer, TokenizerError
 from megatron_mft.errors import UsageError
 
@@ -95,6 +95,9 @@ class ChatTemplate:
     #: blank line; like the official template, nowhere when the conversation ends with an answer
     #: (every training sample)
     system_placement: str = "turn"
+    #: the family's own tokenizer has each special token the template writes as one id; another
+    #: tokenizer (one without them) makes them plain text, and preprocessing warns
+    single_id_specials: bool = False
 
     @property
     def markers(self) -> tuple[str, ...]:
@@ -135,19 +138,19 @@ TEMPLATES: dict[str, ChatTemplate] = {
     "mftcoder": ChatTemplate(),
     "mftcoder-bos": ChatTemplate(name="mftcoder-bos", add_bos=True),
     "llama3": ChatTemplate(
-        name="llama3", add_bos=True, specials=_L3, strip=True, prefix=_roles(*_L3_HEADERS),
+        name="llama3", add_bos=True, single_id_specials=True, specials=_L3, strip=True, prefix=_roles(*_L3_HEADERS),
         suffix=_roles("<|eot_id|>", "<|eot_id|>", "<|eot_id|>")),
     "llama3.1": ChatTemplate(
-        name="llama3.1", add_bos=True, specials=(*_L3, "<|eom_id|>", "<|python_tag|>"), strip=True,
+        name="llama3.1", add_bos=True, single_id_specials=True, specials=(*_L3, "<|eom_id|>", "<|python_tag|>"), strip=True,
         system_always=True, prefix=_roles(_L3_HEADERS[0] + _L31_DATES, *_L3_HEADERS[1:]),
         suffix=_roles("<|eot_id|>", "<|eot_id|>", "<|eot_id|>")),
     "qwen2": ChatTemplate(
-        name="qwen2", specials=_IM,
+        name="qwen2", single_id_specials=True, specials=_IM,
         prefix=_roles(*(f"<|im_start|>{r}\n" for r in ("system", "user", "assistant"))),
         suffix=_roles("<|im_end|>", "<|im_end|>", "<|im_end|>"), separator=_roles("\n", "\n", "\n"),
         default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
     "deepseek-coder": ChatTemplate(
-        name="deepseek-coder", add_bos=True, specials=("<|EOT|>",),
+        name="deepseek-coder", add_bos=True, single_id_specials=True, specials=("<|EOT|>",),
         prefix=_roles("", "### Instruction:\n", "### Response:\n"), suffix=_roles("", "\n", "\n<|EOT|>"),
         separator=_roles("", "", "\n"),
         default_system="You are an AI programming assistant, utilizing the Deepseek Coder model, developed by "
@@ -160,7 +163,7 @@ TEMPLATES: dict[str, ChatTemplate] = {
         # first word ("▁Write"), which the segment path would leave as a token of its own
         prefix=_roles("", "[INST]", ""), lead=_roles("", " ", ""), suffix=_roles("", " [/INST]", EOS)),
     "mistral-v3": ChatTemplate(
-        name="mistral-v3", add_bos=True, system_placement="final_user", strip_roles=("bot",),
+        name="mistral-v3", add_bos=True, single_id_specials=True, system_placement="final_user", strip_roles=("bot",),
         specials=("[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
                   "[/TOOL_RESULTS]"),
         prefix=_roles("", "[INST]", ""), lead=_roles("", " ", " "), suffix=_roles("", "[/INST]", EOS)),
@@ -336,6 +339,15 @@ class ChatFormatter:
         for piece in self._parts(text) if text else ():
             out += [piece] if piece.__class__ is int else self.tok.encode(piece)
         return out
+
+    def split_specials(self) -> list[str]:
+        """The special tokens this template writes that the tokenizer has no single id for (only
+        for templates whose family's tokenizer has them all): a sign of another family's tokenizer."""
+        t = self.template
+        if not t.single_id_specials:
+            return []
+        written = "".join([t.preamble, *(s for r in ("system", "human", "bot") for s in t.turn_strings(r))])
+        return [m for m in t.specials if m in written and self.tok.single_id(m) is None]
 
     @property
     def marker_ids(self) -> dict[str, list[int]]:
@@ -619,6 +631,18 @@ class ChatFormatter:
         sample_len = np.diff(bounds)
         flat_mask[bounds[:-1][sample_len > 0]] = 0  # a sample's first token is nobody's target
         return flat_ids, flat_mask, bounds.tolist()
+
+    def check_record(self, record: Record) -> None:
+        """Raise a RecordError (a bad line, named with its file:line and skippable) for a record
+        this template cannot express, before the batch that holds it is encoded."""
+        if record.turns:
+            dropped = self.system_dropped  # counted when the record is encoded, not here
+            try:
+                self._turns(record.turns)
+            except TemplateError as e:
+                raise RecordError(Reason.TEMPLATE_UNSUPPORTED, str(e)) from None
+            finally:
+                self.system_dropped = dropped
 
     def _turns(self, turns: Sequence[Turn]) -> Sequence[Turn]:
         """The record's turns, with the family's default system turn where it has none."""
