@@ -189,6 +189,31 @@ def test_yarn_qwen2_logits_equal_transformers_beyond_the_original_context(tp1_en
     assert rows <= TOL and packed <= TOL, (rows, packed)
 
 
+def test_yarn_round_trip_hf_mcore_hf(tp1_env, tmp_path):
+    """hf -> mcore -> hf of a YaRN model (the conversion builds its layout on the meta device):
+    the checkpoint gives transformers' logits past the original context, the export is bit-exact
+    with the same rope_parameters."""
+    from test_families_fixtures import make_family_model, tokens
+
+    from megatron_mft.checkpoint.hf.hf_to_mcore import convert_hf_to_mcore
+    from megatron_mft.checkpoint.hf.mcore_to_hf import export_to_hf
+    from megatron_mft.checkpoint.hf.verify import build_megatron, hf_logits, megatron_logits
+    from megatron_mft.config import ParallelConfig
+
+    yarn = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 16}
+    src = make_family_model("qwen2", tmp_path / "yarn", seed=6, rope_parameters=yarn, max_position_embeddings=64)
+    convert_hf_to_mcore(src, tmp_path / "ckpt", log=lambda s: None)
+    chunks, cfg = build_megatron(src, tmp_path / "ckpt", ParallelConfig(), tp1_env)
+    batch = tokens()
+    assert batch.shape[1] > 16
+    assert (megatron_logits(chunks, batch, cfg.arch().vocab_size) - hf_logits(src, batch)).abs().max() <= TOL
+    export_to_hf(tmp_path / "ckpt", tmp_path / "back", log=lambda s: None)
+    a, b = hf_state(src), hf_state(tmp_path / "back")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    back = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert back["rope_parameters"] == json.loads((src / "config.json").read_text())["rope_parameters"]
+
+
 def test_tied_checkpoint_that_also_stores_lm_head_loads(tp1_env, family_models, tmp_path):
     """Some tied checkpoints store lm_head.weight too; transformers ties it to the embedding on
     load (the stored copy is not used), and so does the conversion instead of refusing it."""

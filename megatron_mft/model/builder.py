@@ -134,9 +134,9 @@ def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, env: Enviro
             vp_stage=stage,
         )
         if arch.rope_type == "yarn":  # frequencies as transformers computes them (model/yarn.py)
-            inv_freq = chunk.rotary_pos_emb.inv_freq
             chunk.rotary_pos_emb.inv_freq = yarn_inv_freq(arch.head_dim, arch.rotary_base, arch.rope_factor,
-                                                          arch.rope_original_max_positions).to(inv_freq.device)
+                                                          arch.rope_original_max_positions,
+                                                          device=chunk.rotary_pos_emb.inv_freq.device)
         chunks.append(chunk)
     sum_expert_grads_over_tp(chunks, parallel)
     return chunks

@@ -25,8 +25,11 @@ def yarn_attention_factor(factor: float) -> float:
     return 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
 
 
-def yarn_inv_freq(head_dim: int, base: float, factor: float, original_max_positions: int) -> torch.Tensor:
-    """Inverse frequencies [head_dim / 2], float32."""
+def yarn_inv_freq(head_dim: int, base: float, factor: float, original_max_positions: int,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2], float32, on ``device`` (explicitly: the conversion
+    builds its model template under a ``meta`` default device, where megatron still keeps the
+    frequencies on the host)."""
     def correction_dim(rotations: float) -> float:
         return head_dim * math.log(original_max_positions / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
@@ -34,7 +37,7 @@ def yarn_inv_freq(head_dim: int, base: float, factor: float, original_max_positi
     high = min(math.ceil(correction_dim(BETA_SLOW)), head_dim - 1)
     if low == high:
         high += 0.001
-    pos_freqs = base ** (torch.arange(0, head_dim, 2).to(dtype=torch.float) / head_dim)
-    ramp = torch.clamp((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, head_dim, 2, device=device).to(dtype=torch.float) / head_dim)
+    ramp = torch.clamp((torch.arange(head_dim // 2, dtype=torch.float32, device=device) - low) / (high - low), 0, 1)
     extrapolate = 1 - ramp
     return (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
