@@ -282,6 +282,24 @@ def test_preset_is_recognised_or_every_mismatch_listed():
     assert other.num_layers == 3 and other.arch().vocab_size == 32016
 
 
+def test_llama3_rope_left_at_0_matches_its_own_export():
+    """model.rope_type=llama3 with rope_original_max_positions 0 (megatron's built-in 8192): the
+    export writes 8192, and ``convert verify`` / ``model.hf_init`` (check_model_config) accept it."""
+    from megatron_mft.checkpoint.hf import ConversionError
+    from megatron_mft.checkpoint.hf.families import FAMILIES
+    from megatron_mft.checkpoint.hf.hfconfig import check_model_config
+    from megatron_mft.config import ModelConfig
+
+    cfg = ModelConfig(preset="tiny", rope_type="llama3", rope_factor=8.0)
+    exported = FAMILIES["llama"].hf_config(cfg.arch(), "float32")
+    assert exported["rope_parameters"]["original_max_position_embeddings"] == 8192
+    check_model_config(cfg, exported, "export")
+    with pytest.raises(ConversionError) as e:  # a real difference is still named, as the values it stands for
+        check_model_config(dataclasses.replace(cfg, rope_type="linear"), exported, "export")
+    assert "rope_type: model config (preset tiny) has 'linear', config.json rope_type has 'llama3'" in str(e.value)
+    assert "rope_original_max_positions: model config (preset tiny) has 0, config.json" in str(e.value)
+
+
 def test_hf_init_refuses_a_mismatched_model_config(tp1_env, tiny_hf):
     from megatron_mft.checkpoint.hf import ConversionError, load_hf_into_chunks
     from megatron_mft.config import ModelConfig

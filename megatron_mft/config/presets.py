@@ -6,7 +6,7 @@ parameter count within 1% of the published one."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 #: values of the categorical ArchSpec fields (validated by ``ArchSpec.problems``)
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
@@ -80,6 +80,16 @@ class ArchSpec:
     @property
     def gated(self) -> bool:
         return self.activation == "swiglu"
+
+    def effective(self) -> "ArchSpec":
+        """This spec with each 0 that stands for a value replaced by that value: kv_channels (the
+        head size), moe_ffn_hidden_size (ffn_hidden_size) and llama3's rope_original_max_positions
+        (megatron's built-in 8192). Two specs that build the same model have equal ``effective()``."""
+        llama3 = self.rope_type == "llama3" and not self.rope_original_max_positions
+        return replace(self, kv_channels=self.head_dim if self.num_attention_heads > 0 else self.kv_channels,
+                       moe_ffn_hidden_size=self.expert_ffn if self.num_experts else self.moe_ffn_hidden_size,
+                       rope_original_max_positions=LLAMA3_ROPE["original_max_position_embeddings"] if llama3
+                       else self.rope_original_max_positions)
 
     def num_params(self, active: bool = False) -> int:
         """Exact parameter count, computed without allocating weights; ``active``: with only

@@ -230,8 +230,9 @@ class Family:
                 for parent in self.nested.get(k, ()):
                     if isinstance(cfg.get(parent), dict):
                         cfg[parent] = {kk: vv for kk, vv in cfg[parent].items() if kk != k}
+        effective = arch.effective()  # 0 written as what it stands for (an expert's 0 size: ffn_hidden_size)
         for f in self.config:
-            value = getattr(arch, f.arch)
+            value = getattr(effective, f.arch)
             if not f.hf or (f.omit_default and value == f.default):
                 continue
             if f.null is not _UNSET and value == f.null:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -38,10 +39,13 @@ def _same(a, b) -> bool:
 
 
 def arch_mismatches(arch: ArchSpec, fields: dict, family: Family, what: str) -> list[str]:
-    """One line per ArchSpec field where ``arch`` and the config.json values differ."""
+    """One line per ArchSpec field where ``arch`` and the config.json values differ, compared as
+    the values they stand for (``ArchSpec.effective``: llama3's rope_original_max_positions 0 is
+    the 8192 an export writes)."""
     hf_key = {f.arch: f.hf[0] if f.hf else f"({family.name} family)" for f in family.config}
-    return [f"{name}: {what} has {getattr(arch, name)!r}, config.json {hf_key.get(name, name)} has {value!r}"
-            for name, value in fields.items() if not _same(getattr(arch, name), value)]
+    ours, theirs = arch.effective(), dataclasses.replace(arch, **fields).effective()
+    return [f"{name}: {what} has {getattr(ours, name)!r}, config.json {hf_key.get(name, name)} has "
+            f"{getattr(theirs, name)!r}" for name in fields if not _same(getattr(ours, name), getattr(theirs, name))]
 
 
 def arch_fields(hf_cfg: dict, family: Family, source: str) -> dict:
