@@ -134,6 +134,44 @@ def test_optimiser_schedule_and_seed_ranges_are_refused_at_once():
     assert load_config(None, ["data.path=/x", "seed=4294967295", "train.steps=0", "train.epochs=0.5"]).seed == 2**32 - 1
 
 
+# architecture values that megatron refused only at build time or step 1 (negative dimension,
+# odd head size under RoPE); (override, exact problem text)
+ARCH_CASES = [
+    ("model.moe_ffn_hidden_size=-4", "model.moe_ffn_hidden_size: must be >= 0 (0 = ffn_hidden_size), got -4"),
+    ("model.moe_shared_expert_size=-8", "model.moe_shared_expert_size: must be >= 0 (0 = none), got -8"),
+    ("model.kv_channels=7", "model.kv_channels: the head size 7 is odd; RoPE rotates pairs of channels"),
+    ("model.rope_original_max_positions=-5", "model.rope_original_max_positions: must be >= 0, got -5"),
+]
+
+
+def test_architecture_values_megatron_would_fail_on_are_refused_at_once():
+    msg = _problems(None, ["data.path=/x", "model.num_experts=4", "model.moe_top_k=2"] + [o for o, _ in ARCH_CASES])
+    for _, needle in ARCH_CASES:
+        assert needle in msg, (needle, msg)
+    assert len(msg.splitlines()) == 1 + len(ARCH_CASES), msg
+    assert "model.hidden_size: the head size 33 is odd" in _problems(None, ["data.path=/x", "model.hidden_size=132"])
+    load_config(None, ["data.path=/x", "model.kv_channels=8", "model.rope_type=llama3", "model.rope_factor=8"])
+
+
+@pytest.mark.parametrize("overrides, warned", [
+    (["model.moe_top_k=2", "model.moe_aux_loss_coeff=0.01"],
+     "model.moe_top_k, model.moe_aux_loss_coeff set, but the model is dense (num_experts 0): no effect"),
+    (["model.rope_factor=8"], "model.rope_factor set, but rope_type is default: no effect (RoPE scaling needs"),
+    (["model.rope_type=linear", "model.rope_factor=4", "model.rope_original_max_positions=512"],
+     "model.rope_original_max_positions set, but rope_type is linear: no effect (only llama3 and yarn read it)"),
+    # the neutral values (as a converted model's section writes them), or settings that are read: quiet
+    (["model.rope_factor=1", "model.rope_original_max_positions=0", "model.moe_top_k=0"], None),
+    (["model.num_experts=4", "model.moe_top_k=2", "model.moe_aux_loss_coeff=0.01"], None),
+    (["model.preset=deepseek-coder-1.3b", "model.rope_type=default"], None),  # the preset's factor is not named
+])
+def test_model_settings_without_effect_are_warned(capsys, monkeypatch, overrides, warned):
+    for var in ("RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    load_config(None, ["data.path=/x", "data.seq_length=512"] + overrides)
+    err = capsys.readouterr().err
+    assert (f"warning: {warned}" in err) if warned else "warning" not in err, err
+
+
 def test_checkpoint_init_refuses_the_seed_train_refuses(tmp_path):
     """``checkpoint init`` reads the same config and seed: the same words, before megatron is imported."""
     from megatron_mft.checkpoint.__main__ import main

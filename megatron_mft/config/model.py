@@ -64,6 +64,29 @@ class ModelConfig:
         overrides = {f.name: getattr(self, f.name) for f in fields(ArchSpec) if getattr(self, f.name, None) is not None}
         return replace(base, **overrides)
 
+    def warnings(self) -> list[str]:
+        """Settings made in this config (not the preset's) that the architecture does not read:
+        MoE settings on a dense model, RoPE scaling settings the rope_type ignores. Valid config only."""
+        arch, neutral = self.arch(), {f.name: f.default for f in fields(ArchSpec)}
+        unset = ModelConfig()
+
+        def changed(names):
+            return [n for n in names if getattr(self, n) is not None and getattr(self, n) != neutral.get(
+                n, getattr(unset, n))]
+
+        w = []
+        moe = changed([f.name for f in fields(self) if f.name.startswith("moe_")])
+        if moe and not arch.num_experts:
+            w.append(f"model.{', model.'.join(moe)} set, but the model is dense (num_experts 0): no effect "
+                     f"(set model.num_experts for a mixture of experts)")
+        rope = changed(["rope_factor", "rope_original_max_positions"] if arch.rope_type == "default"
+                       else ["rope_original_max_positions"] if arch.rope_type == "linear" else [])
+        if rope:
+            w.append(f"model.{', model.'.join(rope)} set, but rope_type is {arch.rope_type}: no effect (" + (
+                "RoPE scaling needs model.rope_type linear, llama3 or yarn)" if arch.rope_type == "default"
+                else "only llama3 and yarn read it)"))
+        return w
+
     def validate(self) -> list[str]:
         if self.preset not in PRESETS:
             return [f"model.preset: unknown preset {self.preset!r}; known: {', '.join(PRESETS)}"]

@@ -129,6 +129,9 @@ class ArchSpec:
             p.append(f"kv_channels: must be >= 0 (0 = hidden_size / num_attention_heads), got {self.kv_channels}")
         if self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads:
             p.append(f"hidden_size: {self.hidden_size} not divisible by num_attention_heads {self.num_attention_heads}")
+        elif self.num_attention_heads > 0 and self.kv_channels >= 0 and self.head_dim % 2:
+            p.append(f"{'kv_channels' if self.kv_channels else 'hidden_size'}: the head size {self.head_dim} is odd; "
+                     f"RoPE rotates pairs of channels, so it must be even")
         if self.num_attention_heads > 0 and self.num_query_groups > 0 and self.num_attention_heads % self.num_query_groups:
             p.append(
                 f"num_query_groups: {self.num_query_groups} does not divide num_attention_heads {self.num_attention_heads}"
@@ -139,9 +142,11 @@ class ArchSpec:
                 p.append(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.rope_type != "default" and self.rope_factor <= 1.0:
             p.append(f"rope_factor: {self.rope_factor} must be > 1 with rope_type {self.rope_type}")
-        if self.rope_type == "yarn" and self.rope_original_max_positions <= 0:
+        if self.rope_original_max_positions < 0:
+            p.append(f"rope_original_max_positions: must be >= 0, got {self.rope_original_max_positions}")
+        elif self.rope_type == "yarn" and self.rope_original_max_positions == 0:
             p.append("rope_original_max_positions: yarn needs the original context length (> 0)")
-        if self.rope_type == "llama3" and self.rope_original_max_positions not in (
+        elif self.rope_type == "llama3" and self.rope_original_max_positions not in (
                 0, LLAMA3_ROPE["original_max_position_embeddings"]):
             p.append(f"rope_original_max_positions: megatron-core's llama3 scaling is built for "
                      f"{LLAMA3_ROPE['original_max_position_embeddings']}, got {self.rope_original_max_positions}")
@@ -149,6 +154,9 @@ class ArchSpec:
             p.append("sliding_window: must be >= 0 (0 = full attention)")
         if self.num_experts < 0 or (self.num_experts and not 1 <= self.moe_top_k <= self.num_experts):
             p.append(f"moe_top_k: {self.moe_top_k} must be between 1 and num_experts {self.num_experts}")
+        for name, zero in (("moe_ffn_hidden_size", "ffn_hidden_size"), ("moe_shared_expert_size", "none")):
+            if getattr(self, name) < 0:
+                p.append(f"{name}: must be >= 0 (0 = {zero}), got {getattr(self, name)}")
         if (self.moe_shared_expert_size or self.moe_shared_expert_gate) and not self.num_experts:
             p.append("moe_shared_expert_size: a shared expert needs num_experts > 0")
         if self.moe_shared_expert_gate and not self.moe_shared_expert_size:

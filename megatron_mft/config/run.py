@@ -68,6 +68,7 @@ class RunConfig:
             w.append(f"train.epochs {t.epochs:g} is not used: train.steps {t.steps} decides the length "
                      f"(train.steps=0 trains for epochs; train.epochs=null silences this)")
         if not self.model.validate():
+            w += self.model.warnings()
             arch = self.model.arch()
             scaled = arch.rope_type != "default"  # RoPE scaling, the preset's own or set in this config
             if self.data.seq_length > arch.max_position_embeddings and not scaled:
