@@ -102,6 +102,19 @@ def test_home_in_path_fields_is_expanded_and_dumped(tmp_path, monkeypatch):
     assert (plain.data.path, plain.train.resume_from, plain.data.template) == ("rel/~x", "12", "mftcoder")
 
 
+def test_a_shell_variable_in_a_path_is_kept_and_warned(capsys, monkeypatch):
+    """``output_dir='$HOME/x'`` (single-quoted: the shell left it) trained into a folder named
+    ``$HOME``: it still does (no expansion beyond ``~``), but every such path field is named."""
+    for var in ("RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = load_config(None, ["data.path=/d/${DATA}", "output_dir=$HOME/x", "data.tokenizer=/t/a$5", "train.steps=3"])
+    assert (cfg.output_dir, cfg.data.path) == ("$HOME/x", "/d/${DATA}")
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning: ")]
+    assert [ln.split(":")[1].strip() for ln in warned] == ["data.path", "output_dir"], warned
+    assert "'$HOME/x' is used as written, with a literal '$': config values are not shell-expanded (only a " \
+        "leading ~ is); a single-quoted override or a YAML file keeps the $" in warned[1]
+
+
 # out-of-range values, each a problem naming its key, all at once; (override, exact problem text)
 RANGE_CASES = [
     ("train.adam_eps=0", "train.adam_eps: must be > 0"),

@@ -5,7 +5,8 @@ A dataclass may define ``validate(self) -> list[str]`` returning human-readable 
 ``load_config`` collects the problems of every section and raises one ``ConfigError``.
 Every float field, in any section, list or mapping, must be finite: nan and inf are refused where
 values are parsed, so no ``validate`` has to think about them. A field declared with
-``metadata=PATH`` holds a file system path: a leading ``~`` is expanded where values are parsed.
+``metadata=PATH`` holds a file system path: a leading ``~`` is expanded where values are parsed;
+nothing else is (``$HOME`` stays literal, ``shell_variable_warnings`` says so).
 A YAML mapping (config file or override value) must not repeat a key.
 """
 
@@ -16,6 +17,7 @@ import dataclasses
 import keyword
 import math
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -92,6 +94,25 @@ def _yaml_reason(error: yaml.YAMLError, text: str) -> tuple[int | None, str]:
 def expand_path(value: Any) -> Any:
     """A leading ``~`` of a path value -> the home folder (``os.path.expanduser``); others unchanged."""
     return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+
+#: ``$NAME`` / ``${NAME}``: a shell variable that config values do not expand
+_SHELL_VARIABLE = re.compile(r"\$\{?[A-Za-z_][A-Za-z0-9_]*")
+
+
+def shell_variable_warnings(obj: Any, prefix: str = "") -> list[str]:
+    """One warning per path field (any nested dataclass) whose value names a shell variable:
+    it is used as written (a folder literally named ``$HOME``), only a leading ``~`` is expanded."""
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out += shell_variable_warnings(value, f"{prefix}{f.name}.")
+        elif f.metadata.get("path") and isinstance(value, str) and _SHELL_VARIABLE.search(value):
+            out.append(f"{prefix}{f.name}: {value!r} is used as written, with a literal '$': config values are not "
+                       f"shell-expanded (only a leading ~ is); a single-quoted override or a YAML file keeps the $. "
+                       f"Write the path out, or let the shell expand it (an unquoted or double-quoted override)")
+    return out
 
 
 def _type_name(tp: Any) -> str:

@@ -6,7 +6,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_mft.config.base import PATH, ConfigError, deep_merge, load_dataclass, parse_overrides, read_yaml
+from megatron_mft.config.base import (PATH, ConfigError, deep_merge, load_dataclass, parse_overrides, read_yaml,
+                                      shell_variable_warnings)
 from megatron_mft.config.data import DataConfig
 from megatron_mft.config.loss import LossConfig
 from megatron_mft.config.model import ModelConfig
@@ -62,7 +63,7 @@ class RunConfig:
 
     def warnings(self) -> list[str]:
         """What is allowed but probably not meant; ``load_config`` prints these (first rank only)."""
-        w = self.peft.warnings()
+        w = self.peft.warnings() + shell_variable_warnings(self)
         t = self.train
         if t.steps > 0 and t.epochs:
             w.append(f"train.epochs {t.epochs:g} is not used: train.steps {t.steps} decides the length "
