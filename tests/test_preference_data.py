@@ -234,3 +234,58 @@ def test_demo_scripts_keep_an_earlier_run(tmp_path):
     assert (kept / "notes.txt").read_text() == "mine\n" and f"is kept as {kept}" in p.stdout
     chain = (ROOT / "examples" / "demo_dpo.sh").read_text()
     assert "rm -rf" not in chain and 'mv "$OUT/dpo" "$KEPT"' in chain
+
+
+# ---------------------------------------------------------------- stored reference (full-FT dpo)
+def _weights(folder: Path, middle: bytes) -> Path:
+    """A starting-weights folder whose 3 MiB weight file differs from its siblings' in its middle byte
+    only (as two LoRA-merged exports: the embeddings and lm_head at the ends are the base's)."""
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    data = bytearray(np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes())
+    data[len(data) // 2] = middle[0]
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    return folder
+
+
+def test_reference_key_tells_apart_weights_that_differ_in_the_middle(tmp_path):
+    """The stored reference's key: two runs' exports differing only mid-file got one key (run b then
+    trained against run a's reference). Same folder -> same key; another folder, or the same one
+    rewritten in place (size and mtime kept) -> another key."""
+    import os
+
+    from megatron_mft.training.reference import checkpoint_fingerprint
+
+    a, b = _weights(tmp_path / "a", b"\1"), _weights(tmp_path / "b", b"\2")
+    st = os.stat(b / "model.safetensors")
+    os.utime(a / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns))
+    key = checkpoint_fingerprint(a)
+    assert checkpoint_fingerprint(a) == key and checkpoint_fingerprint(str(a) + "/") == key
+    assert checkpoint_fingerprint(b) != key
+    f = a / "model.safetensors"
+    with f.open("r+b") as fh:  # the same path, size and mtime: only the content moved
+        fh.seek(f.stat().st_size // 2)
+        fh.write(b"\3")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert checkpoint_fingerprint(a) != key
+
+
+def test_a_damaged_stored_reference_is_named(tmp_path):
+    """A truncated <data>/_reference_logps/<key>.npz: one message naming it and what to do (was an
+    internal error, BadZipFile)."""
+    import types
+
+    from megatron_mft.errors import UserError
+    from megatron_mft.training.reference import PrecomputedReference
+
+    run = types.SimpleNamespace(model=types.SimpleNamespace(hf_init=None), data=types.SimpleNamespace(path=tmp_path),
+                                train=types.SimpleNamespace(init_checkpoint=_weights(tmp_path / "init", b"\1")))
+    data = types.SimpleNamespace(manifest={"splits": {"train": {"samples": 4}, "val": {"samples": 2}}})
+    path, _ = PrecomputedReference.file_for(run, data.manifest)
+    path.parent.mkdir()
+    np.savez(path, logps=np.zeros(6))
+    for size in (path.stat().st_size // 2, 0):
+        path.write_bytes(path.read_bytes()[:size])
+        with pytest.raises(UserError) as e:
+            PrecomputedReference.setup([], data, None, run, fresh=True, say=lambda m: None)
+        assert str(e.value).startswith(f"{path}: unreadable reference log-probs") and "delete it" in str(e.value)

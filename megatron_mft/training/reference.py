@@ -9,7 +9,7 @@
   so a no-grad pre-pass over the whole training split with the starting weights runs once,
   before the first step, and stores one log-prob per response (by sample uid) in
   ``<data.path>/_reference_logps/<key>.npz``. The key ties it to the starting checkpoint (a
-  fingerprint of its files) and to the data (the manifest); a resumed run reads it back, and a
+  fingerprint of its path and files) and to the data (the manifest); a resumed run reads it back, and a
   run whose checkpoint or data do not match the stored file computes a new one on a fresh start
   and refuses on a resume.
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -115,23 +116,33 @@ class FrozenReference:
         return cls(chunks)
 
 
+#: content samples per file of the fingerprint, and their size: 17 x 64 KiB spread over each file
+_SAMPLES, _SAMPLE_BYTES = 17, 1 << 16
+
+
 def checkpoint_fingerprint(path: str | Path) -> str:
-    """Identity of a checkpoint folder (or file): every file's relative name, size, and its first
-    and last 64 KiB. Cheap on a multi-GB checkpoint, layout-free, and changes when the weights
-    are re-saved or replaced."""
-    root = Path(path)
+    """Identity of a checkpoint folder (or file): its resolved absolute path, and every file's
+    relative name, size, modification time (ns) and 17 samples of 64 KiB spread evenly over the
+    whole file, first and last bytes included (the whole file when smaller). About 1 MiB read per
+    file whatever its size; it changes when the weights are re-saved, replaced, or differ anywhere
+    a sample reads (a LoRA-merged export changes every layer, not the embeddings at the ends). A
+    moved or copied checkpoint gets a new key: its reference is computed again (a cost only)."""
+    root = Path(path).resolve()
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     if not files:
         raise UsageError(f"{path}: no checkpoint files to take the DPO reference from")
-    h = hashlib.sha256()
+    h = hashlib.sha256(f"{root}\0".encode())
     for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.relative_to(root) if f != root else f.name}\0{size}\0".encode())
+        st = f.stat()
+        h.update(f"{f.relative_to(root) if f != root else f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
         with open(f, "rb") as fh:
-            h.update(fh.read(1 << 16))
-            if size > 1 << 16:
-                fh.seek(max(size - (1 << 16), 1 << 16))
+            if st.st_size <= _SAMPLES * _SAMPLE_BYTES:
                 h.update(fh.read())
+                continue
+            span = st.st_size - _SAMPLE_BYTES
+            for i in range(_SAMPLES):
+                fh.seek(i * span // (_SAMPLES - 1))
+                h.update(fh.read(_SAMPLE_BYTES))
     return h.hexdigest()[:20]
 
 
@@ -175,8 +186,9 @@ class PrecomputedReference:
             try:
                 with np.load(path) as z:
                     logps = z["logps"]
-            except (OSError, ValueError, KeyError) as e:
-                raise UserError(f"{path}: unreadable reference log-probs ({e}); delete it to recompute") from None
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # e.g. truncated
+                raise UserError(f"{path}: unreadable reference log-probs ({type(e).__name__}: {e}); "
+                                f"delete it to recompute") from None
             if logps.shape != (n_uids,):
                 raise UserError(f"{path}: holds {logps.shape[0]} log-probs, the data has {n_uids} responses; "
                                 f"delete it to recompute")
@@ -184,7 +196,9 @@ class PrecomputedReference:
             return cls(logps, data)
         if not fresh:
             raise UsageError(f"train.stage dpo: no reference log-probs for the starting weights {source} and this data "
-                             f"({path} missing); a resumed run cannot recompute them (its weights have moved). "
+                             f"({path} missing; its key covers the starting weights' path, file sizes, times and "
+                             f"contents: a moved, copied or re-saved checkpoint has another); a resumed run cannot "
+                             f"recompute them (its weights have moved). "
                              f"Restore that file, or start a new run")
         logps = cls.compute(chunks, data, ctx, n_uids)
         failure = ""
