@@ -193,3 +193,77 @@ def test_dpo_full_ft_frozen_reference_equals_precomputed(single):
     assert frozen[1]["loss"] == pytest.approx(math.log(2), abs=1e-6) and frozen[STEPS]["rewards/margin"] != 0.0
     err = single["frozen_lora"][2]
     assert "loss.preference.reference frozen: for full fine-tuning only" in err and "Traceback" not in err, err[-2000:]
+
+
+# ---------------------------------------------------------------- MoE router losses (in process)
+#: a tiny MoE (4 experts top-2, 2 layers) with megatron's load-balancing loss
+MOE = ["model.num_layers=2", "model.num_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden_size=96",
+       "model.moe_aux_loss_coeff=0.01"]
+
+
+@pytest.fixture(scope="module")
+def moe_engine(tp1_env, pairs_offline):
+    """One ORPO-ready MoE engine on the demo pairs (no grad clipping: the gradients are compared),
+    its starting weights and router settings as built, and the first global batch (4 micro batches)."""
+    import copy
+
+    from megatron_mft.config import load_config
+    from megatron_mft.data import MFTData
+    from megatron_mft.model import build_model_chunks
+    from megatron_mft.model.moe import routers
+    from megatron_mft.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
+    from megatron_mft.training.step import install_grad_finalizer
+
+    cfg = load_config(None, [f"data.path={pairs_offline}", "data.source=offline", "data.seq_length=512",
+                             "train.stage=orpo", "loss.mode=task-token", "train.clip_grad=0", *MOE])
+    chunks = wrap_ddp(build_model_chunks(cfg.model, cfg.parallel, tp1_env), cfg)
+    install_grad_finalizer(chunks)
+    opt = build_optimizer(chunks, cfg)
+    sched = build_scheduler(opt, cfg, 100)
+    data = MFTData(cfg.data, seed=0, micro_batch_size=1, global_batch_size=4, dp_rank=0, dp_size=1)
+    built = [(r, r.calculate_per_token_loss, r.config.moe_aux_loss_coeff) for r in routers(chunks)]
+    return cfg, chunks, opt, sched, copy.deepcopy(chunks[0].module.state_dict()), built, data
+
+
+def _moe_step(engine, stage: str, coeff: float):
+    """One step of ``stage`` from the starting weights with router coefficient ``coeff``, the routers
+    as a fresh run's (the previous step's scaling undone); returns (metrics, gradient)."""
+    import dataclasses
+
+    import torch
+
+    from megatron_mft.config import load_config
+    from megatron_mft.model.moe import RouterLoad
+    from megatron_mft.training.step import StepContext, train_step
+
+    cfg, chunks, opt, sched, weights, built, data = engine
+    chunks[0].module.load_state_dict(weights)
+    for r, per_token, _ in built:
+        r.calculate_per_token_loss, r.config.moe_aux_loss_coeff = per_token, coeff
+    router = RouterLoad(chunks, dataclasses.replace(cfg.model, moe_aux_loss_coeff=coeff), cfg.parallel)
+    loss_cfg = load_config(None, ["data.path=/x", f"train.stage={stage}", "loss.mode=task-token"]).loss
+    ctx = StepContext(loss_cfg=loss_cfg, task_names=data.task_names, device=torch.device("cpu"), packed=True,
+                      stage=stage, router=router, task_weights=torch.ones(len(data.task_names)))
+    try:
+        out = train_step(chunks, opt, sched, data.train_micro_batches(0), ctx)
+    finally:
+        for h in router.handles:
+            h.remove()
+    return out, torch.cat([p.main_grad.flatten() for p in chunks[0].parameters()]).double()
+
+
+def test_preference_step_adds_router_losses_as_the_sft_step(moe_engine):
+    """DPO/ORPO on MoE: the router loss reaches the gradient once per step, coeff x the mean over
+    micro batches of the layers' loss (docs/moe.md), as in sft: its gradient (step with the
+    coefficient minus without) equals the sft step's on the same micro batches, and the metrics
+    carry router_aux_loss / expert_load. Before, megatron's per-token scaling applied unscaled
+    (the router part of the gradient x ~tokens per micro batch x micro batches)."""
+    orpo, g_orpo = _moe_step(moe_engine, "orpo", 0.01)
+    _, g_orpo0 = _moe_step(moe_engine, "orpo", 0.0)
+    sft, g_sft = _moe_step(moe_engine, "sft", 0.01)
+    _, g_sft0 = _moe_step(moe_engine, "sft", 0.0)
+    want, got = g_sft - g_sft0, g_orpo - g_orpo0
+    assert want.norm() > 1e-3 * g_sft0.norm()  # the router loss does move the gradient
+    assert (got - want).norm() <= 1e-3 * want.norm(), (float(got.norm()), float(want.norm()))
+    assert orpo["router_aux_loss"] == pytest.approx(sft["router_aux_loss"], rel=1e-6)
+    assert orpo["expert_load"] == sft["expert_load"] and sum(orpo["expert_load"][0]) > 0

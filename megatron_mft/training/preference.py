@@ -3,7 +3,8 @@
 Same schedules, DDP, optimizer and grad finalisation as ``step.train_step``; only the loss
 differs (megatron_mft.loss.preference): pair counts are gathered over the global batch before
 the forward, dpo first attaches each micro batch's reference log-probs (``ctx.reference``),
-and each micro batch returns its exact share of the global preference objective.
+and each micro batch returns its exact share of the global preference objective. MoE router
+losses count once per step and are logged as in sft (``ctx.router``, docs/moe.md).
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ def preference_train_step(chunks: list, optimizer, scheduler, micro_batches: lis
     for c in chunks:
         c.zero_grad_buffer()
     optimizer.zero_grad()
+    if ctx.router is not None:  # MoE router losses once per step, outside the preference objective (as sft)
+        ctx.router.begin_step(len(micro_batches))
     reports = run_schedule(chunks, micro_batches, ctx, partial(_loss_func, ctx, stats), forward_only=False)
+    router = ctx.router.end_step(len(micro_batches)) if ctx.router is not None else {}
     vec = torch.zeros(1 + R * T, dtype=torch.float64, device=ctx.device)
     for r in reports:  # last pipeline stage only
         vec[0] += r["objective"].to(vec)
@@ -46,7 +50,7 @@ def preference_train_step(chunks: list, optimizer, scheduler, micro_batches: lis
         scheduler.step(increment=1)
     metrics = preference_metrics(float(vec[0]), vec[1:].reshape(R, T), ctx.task_names, ctx.task_weights)
     return {**metrics, "grad_norm": None if grad_norm is None else float(grad_norm), "update_ok": bool(ok),
-            "nonfinite": nonfinite, "lr": optimizer.param_groups[0]["lr"]}
+            "nonfinite": nonfinite, "lr": optimizer.param_groups[0]["lr"], **router}
 
 
 def stage_problems(run, manifest: dict) -> list[str]:
