@@ -203,4 +203,29 @@ def test_settings_that_would_be_ignored_or_crash_later_are_named_at_load():
     assert "train.epochs 5 is not used: train.steps 60" in warned[1]
     assert _cfg("peft.method=lora", "peft.rank=64").warnings() == []
     assert _cfg("train.steps=0", "train.epochs=5").warnings() == []
-    _cfg("train.stage=dpo", "loss.preference.beta=7")
+    _cfg("train.stage=dpo", "loss.preference.beta=7", "data.mode=preference")  # tiny_cpu.yaml: online data
+
+
+def test_preference_settings_of_another_stage_and_online_data_of_another_mode_are_refused_at_load():
+    """ORPO reads neither beta nor rpo_alpha (it trained exactly as with the defaults), DPO not lambda:
+    refused as preference settings in an SFT run are; online pairs for dpo/orpo without
+    data.mode=preference gave 50 per-line unknown_format errors, now one message."""
+    from megatron_mft.config.base import ConfigError
+
+    online = ["data.source=online", "data.tokenizer=tok.model"]  # as CONFIG
+    with pytest.raises(ConfigError) as e:
+        _cfg("train.stage=orpo", "loss.preference.beta=0.5", "loss.preference.rpo_alpha=1",
+             "loss.preference.lambda=0.5", *online)
+    found = {p.split(":")[0]: p for p in e.value.problems}
+    assert set(found) == {"loss.preference.beta", "loss.preference.rpo_alpha", "train.stage orpo"}, found
+    assert "train.stage is orpo" in found["loss.preference.beta"] and "loss.preference.lambda" in found[
+        "loss.preference.beta"]
+    assert "set data.mode=preference" in found["train.stage orpo"]
+    with pytest.raises(ConfigError) as e:
+        _cfg("train.stage=dpo", "loss.preference.lambda=0.5", "data.mode=preference")
+    [p] = e.value.problems
+    assert p.startswith("loss.preference.lambda: set, but train.stage is dpo (lambda is read by train.stage orpo")
+    with pytest.raises(ConfigError, match="train.stage sft: data.mode preference"):
+        _cfg(*online, "data.mode=preference")
+    _cfg("train.stage=orpo", "loss.preference.lambda=0.5", *online, "data.mode=preference")
+    _cfg("train.stage=dpo", "loss.preference.beta=0.5", "loss.preference.rpo_alpha=1", "data.mode=preference")

@@ -30,6 +30,10 @@ class PreferenceConfig:
     #: model's memory more, nothing stored). LoRA/QLoRA use the model with its adapters disabled.
     reference: Literal["precomputed", "frozen"] = "precomputed"
 
+    #: the stages that read each setting (RunConfig.validate refuses one set for another stage)
+    READ_BY = {"beta": ("dpo",), "loss_type": ("dpo",), "label_smoothing": ("dpo",), "rpo_alpha": ("dpo",),
+               "lambda_": ("orpo",), "reference": ("dpo",)}
+
     def validate(self) -> list[str]:
         p = []
         if not self.beta > 0:

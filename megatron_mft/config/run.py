@@ -9,7 +9,7 @@ from pathlib import Path
 from megatron_mft.config.base import (PATH, ConfigError, deep_merge, load_dataclass, parse_overrides, read_yaml,
                                       shell_variable_warnings)
 from megatron_mft.config.data import DataConfig
-from megatron_mft.config.loss import LossConfig
+from megatron_mft.config.loss import LossConfig, PreferenceConfig
 from megatron_mft.config.model import ModelConfig
 from megatron_mft.config.parallel import ParallelConfig, layout_problems
 from megatron_mft.config.peft import PeftConfig
@@ -48,15 +48,19 @@ class RunConfig:
                          f"{' x tp' if par.sp else ''} = {2 * par.cp * (par.tp if par.sp else 1)}")
         if not self.output_dir:
             p.append("output_dir: required")
-        if self.train.stage == "sft":  # the preference settings are read by train.stage dpo / orpo only
-            from megatron_mft.config.loss import PreferenceConfig
-
-            default = PreferenceConfig()
-            for name in vars(default):
-                if getattr(self.loss.preference, name) != getattr(default, name):
-                    key = "lambda" if name == "lambda_" else name
-                    p.append(f"loss.preference.{key}: set, but train.stage is sft (the preference settings are "
-                             f"read by train.stage dpo or orpo only); set train.stage, or remove it")
+        stage = self.train.stage
+        default = PreferenceConfig()
+        for name, readers in PreferenceConfig.READ_BY.items():  # each stage reads its own settings only
+            if stage not in readers and getattr(self.loss.preference, name) != getattr(default, name):
+                key = "lambda" if name == "lambda_" else name
+                hint = ("; ORPO's odds-ratio weight, TRL's beta, is loss.preference.lambda"
+                        if stage == "orpo" and name == "beta" else "")
+                p.append(f"loss.preference.{key}: set, but train.stage is {stage} ({key} is read by train.stage "
+                         f"{' or '.join(readers)} only{hint}); set train.stage, or remove it")
+        if self.data.source == "online" and (stage != "sft") != (self.data.mode == "preference"):
+            p.append(f"train.stage {stage}: data.mode {self.data.mode} (data.source online); " + (
+                "the preference stages read {chosen, rejected} pairs: set data.mode=preference" if stage != "sft"
+                else "preference pairs are for train.stage dpo or orpo: set train.stage, or another data.mode"))
         if not 0 <= self.seed < SEED_LIMIT:  # numpy's generators refuse negative seeds (after the model is built)
             p.append(f"seed: must be in [0, 2**32 - 1], got {self.seed}")
         return p
