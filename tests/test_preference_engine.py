@@ -19,7 +19,7 @@ import shutil
 
 import pytest
 
-from train_helpers import ROOT, start_many, train_losses, wait_many
+from train_helpers import ROOT, read_metrics, start_many, train_losses, wait_many
 
 #: end-to-end CLI runs (minutes on 2 shared cores): all slow, they still run in CI
 pytestmark = pytest.mark.slow
@@ -81,6 +81,9 @@ def launches(pairs_dir, pairs_offline, tiny_init, tmp_path_factory):
         "dpo": _overrides(pairs_dir, tiny_init, single / "dpo"),
         "dpo_mbs2": _overrides(pairs_dir, tiny_init, single / "dpo_mbs2", "train.micro_batch_size=2"),
         "orpo": _overrides(pairs_dir, tiny_init, single / "orpo", *ORPO),
+        # the finished run started again with other settings: nothing trained, nothing re-saved
+        "orpo_again": _overrides(pairs_dir, tiny_init, single / "orpo", *ORPO, "loss.preference.lambda=0.7",
+                                 "train.lr=1.0"),
         # one pair per row: packed (THD) against dynamic batching (a pair = two SBHD rows, padded)
         "dpo_none": _overrides(pairs_dir, tiny_init, single / "dpo_none", "data.packing=none"),
         "dpo_dynamic": _overrides(pairs_dir, tiny_init, single / "dpo_dynamic", "data.batching=dynamic",
@@ -110,7 +113,8 @@ def launches(pairs_dir, pairs_offline, tiny_init, tmp_path_factory):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    folders = {name: single / name.replace("_resume", "").replace("_other", "") for name in single_runs}
+    folders = {name: single / name.replace("_resume", "").replace("_other", "").replace("_again", "")
+               for name in single_runs}
     folders |= {name: layouts / name for name in layout_runs}
     return {name: (folders[name], *logs[name]) for name in folders}
 
@@ -168,6 +172,24 @@ def test_layouts_equal_single_process(name, reference, single, layouts):
 def test_orpo_objective_is_nll_plus_odds_ratio_term(single):
     one = train_losses(single["orpo"][0])
     assert one[1]["nll_chosen"] > 0 and one[1]["loss"] > one[1]["nll_chosen"]  # NLL + lambda * odds-ratio term
+
+
+def test_a_finished_run_started_again_keeps_its_checkpoint_and_config(single):
+    """Started again at its last step with lambda 0.7 and lr 1.0, the ORPO run trains nothing and
+    re-saves nothing: its checkpoint and config.yaml still describe the run that trained it (the
+    re-save recorded the new settings for weights trained with the old ones)."""
+    import json
+
+    import yaml
+
+    out, stdout, _ = single["orpo_again"]
+    assert f"already finished at step {STEPS}" in stdout and "saved checkpoint" not in stdout, stdout[-2000:]
+    assert "loss.preference.lambda 0.5 -> 0.7" in stdout  # the YAML key, not the field lambda_
+    saved = json.loads((out / f"checkpoints/step_{STEPS:07d}/run.json").read_text())["config"]
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    for cfg in (saved, resolved):
+        assert cfg["loss"]["preference"]["lambda_"] == 0.5 and cfg["train"]["lr"] != 1.0
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == list(range(1, STEPS + 1))
 
 
 def test_dpo_full_ft_precomputed_reference(single, pairs_offline):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_mft.config import ModelConfig, RunConfig
-from megatron_mft.config.base import load_dataclass, to_dict
+from megatron_mft.config.base import load_dataclass, to_dict, yaml_key
 
 #: Ignored entirely: they say how to find the checkpoint, not what it holds.
 _IGNORED = {"train.resume_from", "output_dir"}
@@ -125,5 +125,5 @@ def resume_differences(run_json: dict, cfg: RunConfig, manifest: dict, task_name
         if k in _IGNORED or k in handled or (k.startswith("model.") and k[6:] in old_arch):
             continue
         if k in old_flat and old_flat.get(k) != new_flat.get(k):
-            changed.append(f"{k} {_fmt(old_flat.get(k))} -> {_fmt(new_flat.get(k))}")
+            changed.append(f"{yaml_key(k)} {_fmt(old_flat.get(k))} -> {_fmt(new_flat.get(k))}")
     return refused, changed

@@ -364,5 +364,11 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def yaml_key(path: str) -> str:
+    """The YAML spelling of a dotted field path: a field named after a Python keyword drops its
+    trailing ``_`` (``loss.preference.lambda_`` -> ``loss.preference.lambda``; see ``_build``)."""
+    return ".".join(p[:-1] if p.endswith("_") and keyword.iskeyword(p[:-1]) else p for p in path.split("."))
+
+
 def to_dict(obj: Any) -> Any:
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj

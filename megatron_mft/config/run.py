@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_mft.config.base import (PATH, ConfigError, deep_merge, load_dataclass, parse_overrides, read_yaml,
-                                      shell_variable_warnings)
+                                      shell_variable_warnings, yaml_key)
 from megatron_mft.config.data import DataConfig
 from megatron_mft.config.loss import LossConfig, PreferenceConfig
 from megatron_mft.config.model import ModelConfig
@@ -52,7 +52,7 @@ class RunConfig:
         default = PreferenceConfig()
         for name, readers in PreferenceConfig.READ_BY.items():  # each stage reads its own settings only
             if stage not in readers and getattr(self.loss.preference, name) != getattr(default, name):
-                key = "lambda" if name == "lambda_" else name
+                key = yaml_key(name)
                 hint = ("; ORPO's odds-ratio weight, TRL's beta, is loss.preference.lambda"
                         if stage == "orpo" and name == "beta" else "")
                 p.append(f"loss.preference.{key}: set, but train.stage is {stage} ({key} is read by train.stage "

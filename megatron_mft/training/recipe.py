@@ -181,7 +181,7 @@ class Recipe:
         # (instead of a device-mismatch kernel error deep in the first step)
         check_placement(self.chunks, self.device)
         self.metrics = MetricsLog(self.out, enabled=_rank0(), tensorboard=run.train.tensorboard)
-        if _rank0():
+        if _rank0() and not self.finished:  # a finished run's files keep describing the run that trained it
             self._write_resolved_config()
         self.peak = peak_flops(self.env.device_name, run.train.peak_flops)
         _say(f"tasks: {', '.join(self.task_names)} | rows/epoch {self.data.rows_per_epoch} | "
@@ -291,8 +291,17 @@ class Recipe:
     def task_weights(self) -> torch.Tensor:
         return task_weights_in_force(self.run_cfg.loss, self.task_names, self.balancer).to(self.device)
 
+    @property
+    def finished(self) -> bool:
+        """The run (resumed) is already at its last step: nothing to train, nothing to save."""
+        return self.step >= self.total_steps
+
     def train(self) -> None:
         t = self.run_cfg.train
+        if self.finished:  # a re-save would record this start's config for weights trained with another
+            _say(f"the run in {self.out} is already finished at step {self.step} (of {self.total_steps}): nothing "
+                 f"trained or saved; raise train.steps to continue it, or start a new run in another output_dir")
+            return
         timer = Timer()
         tokens_since, flops_since = 0, [0.0, 0.0]  # model, hardware
         cp_pad_since = 0  # tokens the data path added so packed samples divide 2 x cp
