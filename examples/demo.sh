@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 . tools/setup_env.sh
 OUT="${OUT:-outputs/demo}"
 if [ -e "$OUT/run" ]; then  # an earlier run (or whatever else is there) is kept, never deleted
-  KEPT="$OUT/run.$(date +%Y%m%d-%H%M%S)"
+  KEPT="$OUT/run.$(date +%Y%m%d-%H%M%S).$$"
   mv "$OUT/run" "$KEPT"
   echo "note: the previous $OUT/run is kept as $KEPT"
 fi

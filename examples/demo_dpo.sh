@@ -15,7 +15,7 @@ if [ ! -d "$SFT" ]; then
   exit 2
 fi
 if [ -e "$OUT/dpo" ]; then  # an earlier run (or whatever else is there) is kept, never deleted
-  KEPT="$OUT/dpo.$(date +%Y%m%d-%H%M%S)"
+  KEPT="$OUT/dpo.$(date +%Y%m%d-%H%M%S).$$"
   mv "$OUT/dpo" "$KEPT"
   echo "note: the previous $OUT/dpo is kept as $KEPT"
 fi

@@ -144,9 +144,13 @@ WRITTEN_BY = "megatron_mft.plot"
 def is_own_image(path: str) -> bool:
     """An image this command wrote. PNG, PDF, SVG and PostScript carry :data:`WRITTEN_BY` as
     plain text; other formats have no metadata, so an existing file of theirs is never ours."""
-    try:
+    mark = WRITTEN_BY.encode()
+    try:  # the metadata sits near the start (PNG, SVG, PostScript) or in the trailer (PDF)
         with open(path, "rb") as f:
-            return WRITTEN_BY.encode() in f.read()
+            if mark in f.read(1 << 20):
+                return True
+            f.seek(max(0, os.fstat(f.fileno()).st_size - (1 << 20)))
+            return mark in f.read()
     except OSError:
         return False
 

@@ -250,24 +250,39 @@ def _weights(folder: Path, middle: bytes) -> Path:
 
 def test_reference_key_tells_apart_weights_that_differ_in_the_middle(tmp_path):
     """The stored reference's key: two runs' exports differing only mid-file got one key (run b then
-    trained against run a's reference). Same folder -> same key; another folder, or the same one
-    rewritten in place (size and mtime kept) -> another key."""
+    trained against run a's reference). Same content -> same key, also copied elsewhere with new
+    file times (a requeue that stages the weights to node-local disk must find its reference);
+    content that differs mid-file, even rewritten in place with size and mtime kept -> another key.
+    A resume finds a reference stored under the key of the earlier version (files' ends only)."""
     import os
+    import shutil
+    import types
 
-    from megatron_mft.training.reference import checkpoint_fingerprint
+    from megatron_mft.training.reference import PrecomputedReference, _fingerprint_before_samples, checkpoint_fingerprint
 
     a, b = _weights(tmp_path / "a", b"\1"), _weights(tmp_path / "b", b"\2")
-    st = os.stat(b / "model.safetensors")
-    os.utime(a / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns))
     key = checkpoint_fingerprint(a)
     assert checkpoint_fingerprint(a) == key and checkpoint_fingerprint(str(a) + "/") == key
+    assert checkpoint_fingerprint(shutil.copytree(a, tmp_path / "staged")) == key
     assert checkpoint_fingerprint(b) != key
+    assert _fingerprint_before_samples(a) == _fingerprint_before_samples(b)  # the collision fixed here
     f = a / "model.safetensors"
+    st = f.stat()
     with f.open("r+b") as fh:  # the same path, size and mtime: only the content moved
-        fh.seek(f.stat().st_size // 2)
+        fh.seek(st.st_size // 2)
         fh.write(b"\3")
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert checkpoint_fingerprint(a) != key
+
+    run = types.SimpleNamespace(model=types.SimpleNamespace(hf_init=None), data=types.SimpleNamespace(path=tmp_path),
+                                train=types.SimpleNamespace(init_checkpoint=b))
+    data = types.SimpleNamespace(manifest={"splits": {"train": {"samples": 4}, "val": {"samples": 2}}})
+    path, _ = PrecomputedReference.file_for(run, data.manifest)
+    older = path.with_name(f"{_fingerprint_before_samples(b)}-{path.name.split('-', 1)[1]}")
+    older.parent.mkdir()
+    np.savez(older, logps=np.arange(6.0))
+    resumed = PrecomputedReference.setup([], data, None, run, fresh=False, say=lambda m: None)
+    assert resumed.logps.tolist() == list(range(6)) and not path.exists()
 
 
 def test_a_damaged_stored_reference_is_named(tmp_path):

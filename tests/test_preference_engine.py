@@ -183,7 +183,9 @@ def test_a_finished_run_started_again_keeps_its_checkpoint_and_config(single):
     import yaml
 
     out, stdout, _ = single["orpo_again"]
-    assert f"already finished at step {STEPS}" in stdout and "saved checkpoint" not in stdout, stdout[-2000:]
+    said = " ".join(stdout.split())
+    assert f"checkpoints/step_{STEPS:07d} is at step {STEPS}, the last of this run's {STEPS}" in said, stdout[-2000:]
+    assert "raise train.steps" in said and "saved checkpoint" not in stdout
     assert "loss.preference.lambda 0.5 -> 0.7" in stdout  # the YAML key, not the field lambda_
     saved = json.loads((out / f"checkpoints/step_{STEPS:07d}/run.json").read_text())["config"]
     resolved = yaml.safe_load((out / "config.yaml").read_text())

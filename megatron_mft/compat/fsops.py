@@ -78,8 +78,8 @@ def is_within(child: Path, parent: Path) -> bool:
 
 def replace_file_atomically(out: str, write: Callable[[str], None]) -> None:
     """``write(tmp)`` fills a new hidden file beside ``out`` (created exclusively, never over an
-    existing file), which is then renamed over ``out``: a failed or interrupted write leaves the
-    old ``out`` whole and no temporary behind."""
+    existing file), which is made durable and then renamed over ``out``: a failed or interrupted
+    write, or a crash, leaves the old ``out`` whole and no temporary behind."""
     d = os.path.dirname(os.path.abspath(out))
     os.makedirs(d, exist_ok=True)
     base, ext = os.path.splitext(os.path.basename(out))
@@ -87,7 +87,9 @@ def replace_file_atomically(out: str, write: Callable[[str], None]) -> None:
     open(tmp, "x").close()
     try:
         write(tmp)
+        fsync_path(Path(tmp))
         os.replace(tmp, out)
+        fsync_path(Path(d))
     except BaseException:
         try:
             os.unlink(tmp)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -15,6 +14,7 @@ from megatron.core import parallel_state as ps
 from megatron_mft.checkpoint.dist import (checkpoints_dir, latest_checkpoint, load_checkpoint, load_model_weights,
                                           resume_checkpoint, save_checkpoint)
 from megatron_mft.compat import setup_runtime
+from megatron_mft.compat.fsops import replace_file_atomically
 from megatron_mft.config import RunConfig
 from megatron_mft.config.base import to_dict
 from megatron_mft.data import MFTData
@@ -175,6 +175,7 @@ class Recipe:
         from megatron_mft.launch.signals import PreemptionGuard
 
         self.guard = PreemptionGuard(exit_duration_minutes=run.train.exit_duration_minutes)
+        self.resumed_from = latest
         if latest is not None:
             self._resume(latest)
         # every weight, buffer and NF4 code on the training device, or an error naming it now
@@ -209,10 +210,8 @@ class Recipe:
         if path.name != names[0]:
             _say(f"note: {self.out / names[0]} is kept (not written by this tool, or the --config file); the "
                  f"resolved config of this run is in {path}")
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(RESOLVED_CONFIG_HEADER + yaml.safe_dump(to_dict(self.run_cfg), sort_keys=False),
-                       encoding="utf-8")
-        tmp.replace(path)
+        text = RESOLVED_CONFIG_HEADER + yaml.safe_dump(to_dict(self.run_cfg), sort_keys=False)
+        replace_file_atomically(str(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     def _lock_output_dir(self) -> None:
         """One run per output_dir (launch.runlock): rank 0 holds the lock; every rank stops if it
@@ -299,8 +298,10 @@ class Recipe:
     def train(self) -> None:
         t = self.run_cfg.train
         if self.finished:  # a re-save would record this start's config for weights trained with another
-            _say(f"the run in {self.out} is already finished at step {self.step} (of {self.total_steps}): nothing "
-                 f"trained or saved; raise train.steps to continue it, or start a new run in another output_dir")
+            length = "train.steps" if t.steps > 0 else "train.epochs"
+            _say(f"nothing to train: the checkpoint {self.resumed_from} is at step {self.step}, the last of this "
+                 f"run's {self.total_steps}; nothing trained or saved. To train longer raise {length}, or start a "
+                 f"new run in another output_dir")
             return
         timer = Timer()
         tokens_since, flops_since = 0, [0.0, 0.0]  # model, hardware

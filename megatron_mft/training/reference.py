@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import zipfile
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 from megatron.core import parallel_state as ps
 
+from megatron_mft.compat.fsops import replace_file_atomically
 from megatron_mft.data.collate import host_tensor
 from megatron_mft.errors import UsageError, UserError
 from megatron_mft.loss.preference import sequence_logps
@@ -121,28 +121,45 @@ _SAMPLES, _SAMPLE_BYTES = 17, 1 << 16
 
 
 def checkpoint_fingerprint(path: str | Path) -> str:
-    """Identity of a checkpoint folder (or file): its resolved absolute path, and every file's
-    relative name, size, modification time (ns) and 17 samples of 64 KiB spread evenly over the
-    whole file, first and last bytes included (the whole file when smaller). About 1 MiB read per
-    file whatever its size; it changes when the weights are re-saved, replaced, or differ anywhere
-    a sample reads (a LoRA-merged export changes every layer, not the embeddings at the ends). A
-    moved or copied checkpoint gets a new key: its reference is computed again (a cost only)."""
-    root = Path(path).resolve()
+    """Identity of a checkpoint folder's (or file's) content: every file's relative name, size and
+    17 samples of 64 KiB spread evenly over the whole file, first and last bytes included (the
+    whole file when smaller). About 1 MiB read per file whatever its size; it changes when the
+    weights differ anywhere a sample reads (a LoRA-merged export changes every layer, not only the
+    embeddings at the ends). Not the path or file times: a checkpoint copied to node-local disk at
+    each requeue, or a moved run, keeps its key (a resume must find its reference again)."""
+    root = Path(path)
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     if not files:
         raise UsageError(f"{path}: no checkpoint files to take the DPO reference from")
-    h = hashlib.sha256(f"{root}\0".encode())
+    h = hashlib.sha256()
     for f in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(root) if f != root else f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(root) if f != root else f.name}\0{size}\0".encode())
         with open(f, "rb") as fh:
-            if st.st_size <= _SAMPLES * _SAMPLE_BYTES:
+            if size <= _SAMPLES * _SAMPLE_BYTES:
                 h.update(fh.read())
                 continue
-            span = st.st_size - _SAMPLE_BYTES
+            span = size - _SAMPLE_BYTES
             for i in range(_SAMPLES):
                 fh.seek(i * span // (_SAMPLES - 1))
                 h.update(fh.read(_SAMPLE_BYTES))
+    return h.hexdigest()[:20]
+
+
+def _fingerprint_before_samples(path: str | Path) -> str:
+    """The key of versions before the content samples (names, sizes, first and last 64 KiB): a run
+    started then finds its stored reference on a resume. Never used to store a new one."""
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(root) if f != root else f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 16))
+            if size > 1 << 16:
+                fh.seek(max(size - (1 << 16), 1 << 16))
+                h.update(fh.read())
     return h.hexdigest()[:20]
 
 
@@ -181,6 +198,9 @@ class PrecomputedReference:
         """Load the stored reference of (starting checkpoint, data), or compute it now on a fresh
         start (the weights are then the starting weights); a resume without it is refused."""
         path, source = cls.file_for(run, data.manifest)
+        if not fresh and not path.is_file():  # a run started before the key read content samples
+            older = path.with_name(f"{_fingerprint_before_samples(source)}-{data_digest(data.manifest)}.npz")
+            path = older if older.is_file() else path
         n_uids = int(data.manifest["splits"]["train"]["samples"]) + int(data.manifest["splits"]["val"]["samples"])
         if path.is_file():
             try:
@@ -196,18 +216,16 @@ class PrecomputedReference:
             return cls(logps, data)
         if not fresh:
             raise UsageError(f"train.stage dpo: no reference log-probs for the starting weights {source} and this data "
-                             f"({path} missing; its key covers the starting weights' path, file sizes, times and "
-                             f"contents: a moved, copied or re-saved checkpoint has another); a resumed run cannot "
+                             f"({path} missing; its key covers the starting weights' file names, sizes and "
+                             f"contents: changed weights have another); a resumed run cannot "
                              f"recompute them (its weights have moved). "
                              f"Restore that file, or start a new run")
         logps = cls.compute(chunks, data, ctx, n_uids)
         failure = ""
         if torch.distributed.get_rank() == 0:
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-                np.savez(tmp, logps=logps, source=np.asarray(str(source)))
-                os.replace(tmp, path)
+                replace_file_atomically(str(path), lambda tmp: np.savez(tmp, logps=logps,
+                                                                        source=np.asarray(str(source))))
             except OSError as e:
                 failure = str(e.strerror or e)
         # every rank learns the outcome: a failure on rank 0 alone would leave the others in the

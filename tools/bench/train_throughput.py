@@ -444,4 +444,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from megatron_mft.training.parallel import teardown
+
+    try:
+        main()
+    finally:  # the engine's init_parallel started a gloo group: it aborts at interpreter exit if left up
+        teardown()
