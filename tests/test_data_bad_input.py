@@ -183,3 +183,20 @@ def test_fast_json_path_agrees_with_the_stdlib(raw, monkeypatch):
     fast = outcome()
     monkeypatch.setattr(records, "_strict_loads", None)
     assert fast == outcome()
+
+
+def test_workers_are_capped_at_the_cpus_this_process_may_use(tmp_path, capsys):
+    """--workers 100000 started that many processes and the kernel killed them for memory, with no
+    message: at most one worker per CPU of this process's affinity, said once."""
+    import os
+
+    from megatron_mft.data.preprocess import PreprocessArgs, preprocess
+
+    cpus = len(os.sched_getaffinity(0))
+    write_jsonl(tmp_path / "raw" / "a" / "train.jsonl",
+                [{"chat_rounds": [{"role": "human", "content": f"Q{i}?"}, {"role": "bot", "content": "A."}]}
+                 for i in range(8)])
+    stats = preprocess(PreprocessArgs(str(tmp_path / "raw"), str(DEMO_TOKENIZER), 64, "best-fit", str(tmp_path / "out"),
+                                      progress=False, workers=100_000, val_ratio=0.0))
+    assert stats["workers"] == cpus
+    assert f"note: --workers 100000: {cpus} used, one per CPU this process may run on" in capsys.readouterr().err

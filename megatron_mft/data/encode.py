@@ -256,6 +256,17 @@ def _size(path: str) -> int:
         raise DataError([f"{path}: cannot read ({e.strerror or e})"]) from None
 
 
+def usable_workers(requested: int) -> int:
+    """Worker processes to start for ``requested``: at most one per CPU this process may run on
+    (its affinity: a SLURM allocation, a container's limit). A pool of 100,000 processes was
+    killed by the kernel for memory, with no message."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API (macOS)
+        cpus = os.cpu_count() or 1
+    return max(1, min(requested, cpus))
+
+
 def encode_tasks(
     tasks: list[TaskFiles],
     spec: EncodeSpec,
@@ -271,6 +282,7 @@ def encode_tasks(
     the tokenizer and numpy), else ``spawn``. ``encode_chunk``: a module-level function with
     ``_encode_chunk``'s contract (preference pairs: ``data.preference.encode_pair_chunk``).
     """
+    workers = usable_workers(workers)
     out = [EncodedTask(t) for t in tasks]
     issues: list[Issue] = []
     system_dropped: dict[str, int] = {}

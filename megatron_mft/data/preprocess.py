@@ -14,10 +14,12 @@ import json
 import shutil
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_mft.data.encode import MAX_LINE_BYTES, EncodeSpec, Encoded, encode_tasks, task_warnings
+from megatron_mft.data.encode import (MAX_LINE_BYTES, EncodeSpec, Encoded, encode_tasks, task_warnings,
+                                      usable_workers)
 from megatron_mft.data.outdir import OUTPUT_FORMAT, output_dir_problems, swap_into_place, temp_dir_for
 from megatron_mft.data.packing import PACKERS, padding_ratio
 from megatron_mft.data.plan import SplitPlan, plan_splits
@@ -128,6 +130,11 @@ def preprocess(args: PreprocessArgs) -> dict:
     problems = args.problems()
     if problems:
         raise UsageError("\n".join(problems))
+    workers = usable_workers(args.workers)
+    if workers < args.workers:
+        print(f"note: --workers {args.workers}: {workers} used, one per CPU this process may run on",
+              file=sys.stderr, flush=True)
+        args = dataclasses.replace(args, workers=workers)
     t0 = time.perf_counter()
     tasks = discover_tasks(args.data_dir)
     tok = load_tokenizer(args.tokenizer_model)
