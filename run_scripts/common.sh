@@ -87,10 +87,10 @@ mft_launch() {
   local per_node=${SLURM_NTASKS_PER_NODE:-$(mft_sbatch_opt ntasks-per-node 1)}
   local nodelist=${SLURM_JOB_NODELIST:-${SLURM_NODELIST:-}}
   local job_digits=${SLURM_JOB_ID//[^0-9]/}
-  if [[ -z ${MASTER_ADDR:-} ]]; then
+  if [[ -z ${MASTER_ADDR:-} && -n $nodelist ]]; then
     MASTER_ADDR=$(mft_hostnames "$nodelist" | sed -n 1p)
   fi
-  if [[ -z $MASTER_ADDR ]]; then
+  if [[ -z ${MASTER_ADDR:-} ]]; then
     echo "no master address: SLURM_JOB_NODELIST is empty and MASTER_ADDR is not set" >&2
     return 1
   fi
@@ -129,6 +129,10 @@ mft_launch() {
   done
   ((missing == 0)) || return 1
   [[ ${DRY_RUN:-0} == 1 ]] && return 0
+  if ! command -v "${cmd[0]}" >/dev/null 2>&1; then
+    echo "${cmd[0]}: command not found on $(hostname 2>/dev/null || echo this machine); run the script as a SLURM batch job (sbatch)" >&2
+    return 1
+  fi
   mkdir -p "$OUTPUT_DIR"
   export MFT_STOP_FILE="$OUTPUT_DIR/.stop_reason.${SLURM_JOB_ID}"
   rm -f "$MFT_STOP_FILE"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -186,3 +187,26 @@ def test_missing_data_fails_before_srun(tmp_path):
     run = subprocess.run(["bash", str(ROOT / "run_scripts" / "codellama34b_lora.sh")], capture_output=True,
                          text=True, timeout=60, env=env)
     assert run.returncode == 1 and "not found:" in run.stderr
+
+
+def test_in_a_job_without_srun_or_a_node_list_says_which(tmp_path):
+    """Inside a job (SLURM_JOB_ID set) on a machine without srun: one message naming srun, before
+    OUTPUT_DIR is created (was bash's 'srun: command not found', exit 127, after it); without a node
+    list or MASTER_ADDR: the message naming both (was 'node list is empty')."""
+    bin_dir = tmp_path / "bin"  # the usual tools, but no srun / scontrol
+    bin_dir.mkdir()
+    for tool in ("sed", "cat", "rm", "mkdir", "dirname", "tail", "head", "hostname", "grep", "date", "cut", "tr"):
+        if shutil.which(tool):
+            (bin_dir / tool).symlink_to(shutil.which(tool))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "ckpt").mkdir()
+    base = dict(SLURM_JOB_ID="77", DATA_DIR=str(tmp_path / "data"), CKPT=str(tmp_path / "ckpt"),
+                OUTPUT_DIR=str(tmp_path / "out"))
+    script = str(ROOT / "run_scripts" / "codellama34b_lora.sh")
+    no_srun = subprocess.run([shutil.which("bash"), script], capture_output=True, text=True, timeout=60,
+                             env=clean_env(PATH=str(bin_dir), SLURM_JOB_NODELIST="n1", **base))
+    assert no_srun.returncode == 1 and "srun: command not found on" in no_srun.stderr, no_srun.stderr
+    assert not (tmp_path / "out").exists()
+    no_nodes = subprocess.run(["bash", script], capture_output=True, text=True, timeout=60, env=clean_env(**base))
+    assert no_nodes.returncode == 1, no_nodes.stderr
+    assert "no master address: SLURM_JOB_NODELIST is empty and MASTER_ADDR is not set" in no_nodes.stderr
