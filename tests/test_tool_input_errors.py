@@ -284,3 +284,19 @@ def test_export_finds_a_runs_relative_base_from_another_folder(tiny_run, hf_mode
         info = describe_checkpoint(step)
         assert info.base == base, key
         assert info.hf_config == hf_config, key
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["step_flops.py", "--config", "examples/codellama34b_lora.yaml", "--gpus", "8", "--mfu", "40"],
+     "--mfu: a fraction in (0, 1]"),
+    (["step_flops.py", "--config", "examples/codellama34b_lora.yaml", "--mfu", "0.4"], "--gpus and --mfu go together"),
+    (["step_flops.py", "--config", "/nope.yaml"], "config file /nope.yaml does not exist"),
+    (["train_throughput.py", "--steps", "0"], "--steps: must be >= 1, got 0"),
+    (["cp_memory.py", "--heads", "0"], "--heads: must be >= 1, got 0"),
+], ids=["mfu-percent", "mfu-without-gpus", "missing-config", "steps-0", "heads-0"])
+def test_bench_tools_give_one_message(argv, needle):
+    """The benchmark scripts named in docs/performance.md: a bad value is one message, exit 2, no
+    traceback (was a ZeroDivisionError / ConfigError traceback, or a negative step time printed)."""
+    p = _run([PY, str(ROOT / "tools" / "bench" / argv[0]), *argv[1:]])
+    assert p.returncode == 2 and needle in p.stderr, (p.returncode, p.stderr[-2000:])
+    assert "Traceback" not in p.stderr

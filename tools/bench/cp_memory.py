@@ -28,6 +28,10 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
+from megatron_mft.config.base import int_range  # noqa: E402
+from megatron_mft.errors import command  # noqa: E402
+
+
 def _attention(cp: int, a):
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -91,11 +95,11 @@ def _worker(rank, world, port, a, result):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seq", type=int, default=4096)
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--groups", type=int, default=4)
-    p.add_argument("--ffn", type=int, default=2816, help="SwiGLU MLP width (Llama's 8/3 x hidden, rounded)")
+    p.add_argument("--seq", type=int_range(1), default=4096)
+    p.add_argument("--hidden", type=int_range(1), default=1024)
+    p.add_argument("--heads", type=int_range(1), default=16)
+    p.add_argument("--groups", type=int_range(1), default=4)
+    p.add_argument("--ffn", type=int_range(1), default=2816, help="SwiGLU MLP width (Llama's 8/3 x hidden, rounded)")
     a = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from megatron_mft.compat import setup_runtime
@@ -118,4 +122,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(command(lambda argv: main() or 0)())

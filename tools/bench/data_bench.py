@@ -37,6 +37,10 @@ TOKENIZER = str(DEMO / "tokenizer" / "demo_sp2048.model")
 SEQ = 4096
 
 
+from megatron_mft.config.base import int_range  # noqa: E402
+from megatron_mft.errors import command  # noqa: E402
+
+
 def machine() -> str:
     import numpy
     import sentencepiece
@@ -133,10 +137,10 @@ def run_preprocess(raw: Path, out: Path, packing: str, workers: int) -> tuple[fl
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--repeat-data", type=int, default=4, help="copies of the demo data for the throughput runs")
-    ap.add_argument("--trials", type=int, default=5, help="paired timed runs (tokenizer, then preprocessing)")
-    ap.add_argument("--reads", type=int, default=30, help="global batches read")
+    ap.add_argument("--workers", type=int_range(1), default=os.cpu_count() or 1)
+    ap.add_argument("--repeat-data", type=int_range(1), default=4, help="copies of the demo data for the throughput runs")
+    ap.add_argument("--trials", type=int_range(1), default=5, help="paired timed runs (tokenizer, then preprocessing)")
+    ap.add_argument("--reads", type=int_range(1), default=30, help="global batches read")
     args = ap.parse_args(argv)
 
     import megatron_mft.data.indexed  # noqa: F401  one-time import (megatron-core), outside every timing
@@ -227,4 +231,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command(main)())

@@ -38,6 +38,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
+from megatron_mft.config.base import int_range  # noqa: E402
+from megatron_mft.errors import command  # noqa: E402
+
+
 def paired(a, b, reps: int) -> tuple[float, float, float, float, float]:
     """Median CPU ms of a and b (alternating order) and the median, min, max of a/b."""
     a(), b()
@@ -59,7 +63,7 @@ def show(name: str, a: str, b: str, res) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--reps", type=int_range(1), default=20)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -276,4 +280,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(command(lambda argv: main() or 0)())

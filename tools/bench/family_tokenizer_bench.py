@@ -41,6 +41,10 @@ FAMILIES = {"llama3": "llama3.1", "qwen2": "qwen2", "starcoder2": "mftcoder"}
 _TOK = None
 
 
+from megatron_mft.config.base import int_range  # noqa: E402
+from megatron_mft.errors import command  # noqa: E402
+
+
 def _init(path: str) -> None:
     global _TOK
     from tokenizers import Tokenizer
@@ -76,10 +80,10 @@ def run_preprocess(raw: Path, out: Path, tokenizer: Path, template: str, workers
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--repeat-data", type=int, default=2)
-    ap.add_argument("--trials", type=int, default=5)
-    ap.add_argument("--merges", type=int, default=8000, help="BPE merges trained on the demo data")
+    ap.add_argument("--workers", type=int_range(1), default=2)
+    ap.add_argument("--repeat-data", type=int_range(1), default=2)
+    ap.add_argument("--trials", type=int_range(1), default=5)
+    ap.add_argument("--merges", type=int_range(1), default=8000, help="BPE merges trained on the demo data")
     ap.add_argument("--families", default=",".join(FAMILIES))
     args = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per process, both sides
@@ -129,4 +133,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command(main)())

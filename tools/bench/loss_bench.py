@@ -28,6 +28,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 
+from megatron_mft.config.base import int_range  # noqa: E402
+from megatron_mft.errors import command  # noqa: E402
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -69,11 +73,11 @@ def init_megatron_tp1():
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--tasks", type=int, default=5)
-    ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--batch", type=int_range(1), default=8)
+    ap.add_argument("--seq", type=int_range(1), default=4096)
+    ap.add_argument("--vocab", type=int_range(1), default=32000)
+    ap.add_argument("--tasks", type=int_range(1), default=5)
+    ap.add_argument("--repeats", type=int_range(1), default=4)
     ap.add_argument("--ce", choices=["megatron", "torch"], default="megatron",
                     help="megatron: vocab_parallel_cross_entropy at TP=1; torch: F.cross_entropy(reduction='none')")
     args = ap.parse_args()
@@ -233,7 +237,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
     from megatron_mft.training.parallel import teardown
 
-    teardown()  # gloo aborts at interpreter exit if its group is left up
+    try:
+        code = command(lambda argv: main() or 0)()
+    finally:  # gloo aborts at interpreter exit if its group is left up
+        teardown()
+    sys.exit(code)

@@ -24,10 +24,15 @@ import os
 import platform
 import random
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+
+from megatron_mft.config.base import int_range  # noqa: E402
+from megatron_mft.errors import command  # noqa: E402
 
 
 def layouts(seed: int = 0) -> dict[str, list[int]]:
@@ -129,11 +134,11 @@ def timed(fn, q, k, v, lengths, backward: bool) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--groups", type=int, default=2)
-    ap.add_argument("--dim", type=int, default=32)
+    ap.add_argument("--threads", type=int_range(1), default=1)
+    ap.add_argument("--reps", type=int_range(1), default=7)
+    ap.add_argument("--heads", type=int_range(1), default=4)
+    ap.add_argument("--groups", type=int_range(1), default=2)
+    ap.add_argument("--dim", type=int_range(1), default=32)
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its first compile takes ~30 s)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -190,4 +195,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(command(lambda argv: main() or 0)())

@@ -35,6 +35,10 @@ from megatron_mft.config.presets import PRESETS  # noqa: E402
 from megatron_mft.peft.memory import GB, MemoryEstimate, estimate_memory  # noqa: E402
 
 
+from megatron_mft.config.base import int_range  # noqa: E402
+from megatron_mft.errors import command  # noqa: E402
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["codellama-34b", "llama2-70b"], choices=sorted(PRESETS))
@@ -43,14 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tensor,pipeline,data parallel sizes (repeatable; default 1,1,1 and 2,1,4)")
     ap.add_argument("--sp", action=argparse.BooleanOptionalAction, default=None,
                     help="sequence parallelism (default: on when tp > 1)")
-    ap.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank")
-    ap.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (MoE presets; carved from TP x DP)")
-    ap.add_argument("--cp", type=int, default=1, help="context-parallel ranks (each holds s/cp tokens of a sequence)")
+    ap.add_argument("--vpp", type=int_range(1), default=None, help="virtual pipeline stages per rank")
+    ap.add_argument("--ep", type=int_range(1), default=1, help="expert-parallel ranks (MoE presets; carved from TP x DP)")
+    ap.add_argument("--cp", type=int_range(1), default=1, help="context-parallel ranks (each holds s/cp tokens of a sequence)")
     ap.add_argument("--cp-gathered-kv", action="store_true",
                     help="CP without TE: the all-gather-KV attention keeps the whole sequence's K/V")
-    ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--micro-batch", type=int, default=1)
-    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--seq", type=int_range(1), default=4096)
+    ap.add_argument("--micro-batch", type=int_range(1), default=1)
+    ap.add_argument("--rank", type=int_range(1), default=64)
     ap.add_argument("--targets", nargs="+", default=list(PEFT_TARGETS), choices=list(PEFT_TARGETS))
     ap.add_argument("--recompute", default="full", choices=["none", "selective", "full"])
     ap.add_argument("--no-distributed-optimizer", action="store_true")
@@ -187,4 +191,4 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--_child":
         _child(sys.argv[2], sys.argv[3], sys.argv[5:], int(sys.argv[4]))
         sys.exit(0)
-    sys.exit(main())
+    sys.exit(command(main)())

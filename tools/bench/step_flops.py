@@ -22,6 +22,10 @@ from megatron_mft.config import load_config  # noqa: E402
 from megatron_mft.training.metrics import PEAK_BF16_FLOPS, flop_count  # noqa: E402
 
 
+from megatron_mft.config.base import finite_float, int_range  # noqa: E402
+from megatron_mft.errors import command  # noqa: E402
+
+
 def step_flops(config: str):
     """(model FLOPs, hardware FLOPs, recompute) of one step of the recipe at ``config``."""
     cfg = load_config(config)
@@ -33,13 +37,17 @@ def step_flops(config: str):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
-    ap.add_argument("--gpus", type=int, default=None, help="with --mfu: GPUs running the job")
-    ap.add_argument("--mfu", type=float, default=None, help="assumed model FLOPs utilisation, e.g. 0.4")
+    ap.add_argument("--gpus", type=int_range(1), default=None, help="with --mfu: GPUs running the job")
+    ap.add_argument("--mfu", type=finite_float, default=None, help="assumed model FLOPs utilisation, e.g. 0.4")
     ap.add_argument("--card", default="H100", choices=sorted(PEAK_BF16_FLOPS))
     args = ap.parse_args(argv)
+    if args.mfu is not None and not 0 < args.mfu <= 1:
+        ap.error(f"--mfu: a fraction in (0, 1], e.g. 0.4 for 40%; got {args.mfu:g}")
+    if (args.mfu is None) != (args.gpus is None):
+        ap.error("--gpus and --mfu go together: the step time needs both")
     model, hardware, recompute = step_flops(args.config)
     print(f"{args.config}: model FLOPs per step {model:.3g}, hardware {hardware:.3g} (recompute {recompute})")
-    if args.gpus and args.mfu:
+    if args.gpus:
         peak = PEAK_BF16_FLOPS[args.card]
         print(f"at an assumed {100 * args.mfu:g}% MFU on {args.gpus} {args.card} ({peak / 1e12:g} TFLOP/s bf16): "
               f"{model / (args.gpus * args.mfu * peak):.3g} s per step")
@@ -47,4 +55,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command(main)())

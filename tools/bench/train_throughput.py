@@ -39,30 +39,34 @@ import time
 import torch
 
 
+from megatron_mft.config.base import int_range  # noqa: E402
+from megatron_mft.errors import command  # noqa: E402
+
+
 def _args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--layers", type=int, default=None, help="override num_layers (e.g. 4 of 34B's 48)")
-    ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--micro-batch", type=int, default=2)
-    ap.add_argument("--micro-batches", type=int, default=2, help="micro batches per step")
-    ap.add_argument("--steps", type=int, default=4, help="measured steps (after 1 warm-up step); per trial with --compare-hf")
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--layers", type=int_range(1), default=None, help="override num_layers (e.g. 4 of 34B's 48)")
+    ap.add_argument("--seq", type=int_range(1), default=512)
+    ap.add_argument("--micro-batch", type=int_range(1), default=2)
+    ap.add_argument("--micro-batches", type=int_range(1), default=2, help="micro batches per step")
+    ap.add_argument("--steps", type=int_range(1), default=4, help="measured steps (after 1 warm-up step); per trial with --compare-hf")
+    ap.add_argument("--tp", type=int_range(1), default=1)
+    ap.add_argument("--pp", type=int_range(1), default=1)
     ap.add_argument("--sp", action="store_true")
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
     ap.add_argument("--attention", default="auto", choices=["auto", "te", "flash", "sdpa"])
     ap.add_argument("--peft", default="none", choices=["none", "lora", "qlora"])
-    ap.add_argument("--lora-rank", type=int, default=64)
-    ap.add_argument("--docs-per-row", type=int, default=1, help="documents packed per row (random lengths)")
+    ap.add_argument("--lora-rank", type=int_range(1), default=64)
+    ap.add_argument("--docs-per-row", type=int_range(1), default=1, help="documents packed per row (random lengths)")
     ap.add_argument("--json", help="also write the result here")
     cmp = ap.add_argument_group("--compare-hf")
     cmp.add_argument("--compare-hf", action="store_true", help="engine vs a plain transformers loop, alternating")
     cmp.add_argument("--threads", default="1,2", help="torch threads per worker, comma-separated")
     cmp.add_argument("--peft-modes", default="none,lora", help="comma-separated: none (full fine-tune), lora")
-    cmp.add_argument("--trials", type=int, default=8, help="alternating paired trials per thread count and mode")
-    cmp.add_argument("--packed-docs", type=int, default=4, help="documents per row of the packed engine timing")
+    cmp.add_argument("--trials", type=int_range(1), default=8, help="alternating paired trials per thread count and mode")
+    cmp.add_argument("--packed-docs", type=int_range(1), default=4, help="documents per row of the packed engine timing")
     cmp.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step per loop")
     cmp.add_argument("--worker", choices=["engine", "hf"], help=argparse.SUPPRESS)
     cmp.add_argument("--hf-dir", help=argparse.SUPPRESS)
@@ -447,6 +451,7 @@ if __name__ == "__main__":
     from megatron_mft.training.parallel import teardown
 
     try:
-        main()
+        code = command(lambda argv: main() or 0)()
     finally:  # the engine's init_parallel started a gloo group: it aborts at interpreter exit if left up
         teardown()
+    sys.exit(code)
