@@ -140,6 +140,9 @@ def command(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], in
 
     @functools.wraps(main)
     def wrapped(argv: list[str] | None = None) -> int:
+        if argv is None and DEBUG_FLAG in sys.argv:  # a main that parses sys.argv itself (the benches) never sees it
+            sys.argv = [a for a in sys.argv if a != DEBUG_FLAG]
+            os.environ[DEBUG_ENV] = "1"
         argv = list(sys.argv[1:] if argv is None else argv)
         if DEBUG_FLAG in argv:
             argv = [a for a in argv if a != DEBUG_FLAG]

@@ -258,14 +258,14 @@ def test_reference_key_tells_apart_weights_that_differ_in_the_middle(tmp_path):
     import shutil
     import types
 
-    from megatron_mft.training.reference import PrecomputedReference, _fingerprint_before_samples, checkpoint_fingerprint
+    from megatron_mft.training.reference import PrecomputedReference, _ends_only, checkpoint_fingerprint
 
     a, b = _weights(tmp_path / "a", b"\1"), _weights(tmp_path / "b", b"\2")
     key = checkpoint_fingerprint(a)
     assert checkpoint_fingerprint(a) == key and checkpoint_fingerprint(str(a) + "/") == key
     assert checkpoint_fingerprint(shutil.copytree(a, tmp_path / "staged")) == key
     assert checkpoint_fingerprint(b) != key
-    assert _fingerprint_before_samples(a) == _fingerprint_before_samples(b)  # the collision fixed here
+    assert checkpoint_fingerprint(a, _ends_only) == checkpoint_fingerprint(b, _ends_only)  # the collision fixed here
     f = a / "model.safetensors"
     st = f.stat()
     with f.open("r+b") as fh:  # the same path, size and mtime: only the content moved
@@ -278,7 +278,7 @@ def test_reference_key_tells_apart_weights_that_differ_in_the_middle(tmp_path):
                                 train=types.SimpleNamespace(init_checkpoint=b))
     data = types.SimpleNamespace(manifest={"splits": {"train": {"samples": 4}, "val": {"samples": 2}}})
     path, _ = PrecomputedReference.file_for(run, data.manifest)
-    older = path.with_name(f"{_fingerprint_before_samples(b)}-{path.name.split('-', 1)[1]}")
+    older = path.with_name(f"{checkpoint_fingerprint(b, _ends_only)}-{path.name.split('-', 1)[1]}")
     older.parent.mkdir()
     np.savez(older, logps=np.arange(6.0))
     resumed = PrecomputedReference.setup([], data, None, run, fresh=False, say=lambda m: None)

@@ -300,3 +300,12 @@ def test_bench_tools_give_one_message(argv, needle):
     p = _run([PY, str(ROOT / "tools" / "bench" / argv[0]), *argv[1:]])
     assert p.returncode == 2 and needle in p.stderr, (p.returncode, p.stderr[-2000:])
     assert "Traceback" not in p.stderr
+
+
+def test_bench_tools_take_the_debug_switch():
+    """A bench's internal error is one line; --debug (the commands' switch) gives its traceback
+    (the benches parse sys.argv themselves: --debug was refused as an unknown argument)."""
+    argv = [PY, str(ROOT / "tools" / "bench" / "peft_memory.py"), "--layout", "abc"]
+    plain, debug = _run(argv), _run(argv + ["--debug"])
+    assert plain.returncode == 1 and "internal error: ValueError" in plain.stderr and "Traceback" not in plain.stderr
+    assert debug.returncode == 1 and "Traceback" in debug.stderr, debug.stderr[-2000:]

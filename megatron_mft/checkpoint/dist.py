@@ -41,7 +41,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from megatron_mft.checkpoint.optimizer_state import is_chained_legacy, load_optimizer_state, optimizer_sharded_state
-from megatron_mft.compat.fsops import exchange_paths, fsync_path, fsync_tree
+from megatron_mft.compat.fsops import exchange_paths, fsync_path, fsync_tree, replace_file_atomically
 from megatron_mft.errors import UserError
 from megatron_mft.launch.agree import every_rank
 from megatron_mft.launch.signals import shield_checkpoint_helper
@@ -354,13 +354,7 @@ def _publish(tmp: Path, final: Path) -> Optional[Path]:
 
 
 def _write_latest(root: Path, final: Path) -> None:
-    pointer_tmp = root / (LATEST + ".tmp")
-    with open(pointer_tmp, "w", encoding="utf-8") as f:
-        f.write(final.name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(pointer_tmp, root / LATEST)
-    fsync_path(root)
+    replace_file_atomically(str(root / LATEST), lambda tmp: Path(tmp).write_text(final.name + "\n", encoding="utf-8"))
 
 
 def _prepare_root(root: Path) -> None:

@@ -1,8 +1,9 @@
 """File-system steps that make replacing a folder safe: the atomic exchange, fsync, a write probe,
 where a path that does not exist yet would be created, whether one path lies within another. Used
 by the checkpoint publish (checkpoint/dist.py), the preprocessing output swap (data/outdir.py), the
-preflight checks (training/preflight.py), the tools' output checks (convert, evaluate) and their
-result files (evaluate, plot)."""
+preflight checks (training/preflight.py), the tools' output checks (convert, evaluate), and every
+file replaced whole (:func:`replace_file_atomically`: checkpoints' ``latest``, the resolved config,
+the DPO reference, evaluate's and plot's results)."""
 
 from __future__ import annotations
 

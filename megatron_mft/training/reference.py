@@ -120,13 +120,33 @@ class FrozenReference:
 _SAMPLES, _SAMPLE_BYTES = 17, 1 << 16
 
 
-def checkpoint_fingerprint(path: str | Path) -> str:
+def _spread_samples(fh, size: int):
+    """17 x 64 KiB spread evenly over the file, its ends included (the whole file when smaller)."""
+    if size <= _SAMPLES * _SAMPLE_BYTES:
+        yield fh.read()
+        return
+    span = size - _SAMPLE_BYTES
+    for i in range(_SAMPLES):
+        fh.seek(i * span // (_SAMPLES - 1))
+        yield fh.read(_SAMPLE_BYTES)
+
+
+def _ends_only(fh, size: int):
+    """The first and last 64 KiB: the key of versions before the spread samples."""
+    yield fh.read(1 << 16)
+    if size > 1 << 16:
+        fh.seek(max(size - (1 << 16), 1 << 16))
+        yield fh.read()
+
+
+def checkpoint_fingerprint(path: str | Path, samples=_spread_samples) -> str:
     """Identity of a checkpoint folder's (or file's) content: every file's relative name, size and
-    17 samples of 64 KiB spread evenly over the whole file, first and last bytes included (the
-    whole file when smaller). About 1 MiB read per file whatever its size; it changes when the
-    weights differ anywhere a sample reads (a LoRA-merged export changes every layer, not only the
-    embeddings at the ends). Not the path or file times: a checkpoint copied to node-local disk at
-    each requeue, or a moved run, keeps its key (a resume must find its reference again)."""
+    17 samples of 64 KiB spread evenly over the whole file. About 1 MiB read per file whatever its
+    size; it changes when the weights differ anywhere a sample reads (a LoRA-merged export changes
+    every layer, not only the embeddings at the ends). Not the path or file times: a checkpoint
+    copied to node-local disk at each requeue, or a moved run, keeps its key (a resume must find
+    its reference again). ``samples=_ends_only``: the earlier versions' key, only to find a
+    reference they stored."""
     root = Path(path)
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     if not files:
@@ -136,30 +156,8 @@ def checkpoint_fingerprint(path: str | Path) -> str:
         size = f.stat().st_size
         h.update(f"{f.relative_to(root) if f != root else f.name}\0{size}\0".encode())
         with open(f, "rb") as fh:
-            if size <= _SAMPLES * _SAMPLE_BYTES:
-                h.update(fh.read())
-                continue
-            span = size - _SAMPLE_BYTES
-            for i in range(_SAMPLES):
-                fh.seek(i * span // (_SAMPLES - 1))
-                h.update(fh.read(_SAMPLE_BYTES))
-    return h.hexdigest()[:20]
-
-
-def _fingerprint_before_samples(path: str | Path) -> str:
-    """The key of versions before the content samples (names, sizes, first and last 64 KiB): a run
-    started then finds its stored reference on a resume. Never used to store a new one."""
-    root = Path(path)
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    h = hashlib.sha256()
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.relative_to(root) if f != root else f.name}\0{size}\0".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 16))
-            if size > 1 << 16:
-                fh.seek(max(size - (1 << 16), 1 << 16))
-                h.update(fh.read())
+            for block in samples(fh, size):
+                h.update(block)
     return h.hexdigest()[:20]
 
 
@@ -199,7 +197,7 @@ class PrecomputedReference:
         start (the weights are then the starting weights); a resume without it is refused."""
         path, source = cls.file_for(run, data.manifest)
         if not fresh and not path.is_file():  # a run started before the key read content samples
-            older = path.with_name(f"{_fingerprint_before_samples(source)}-{data_digest(data.manifest)}.npz")
+            older = path.with_name(f"{checkpoint_fingerprint(source, _ends_only)}-{data_digest(data.manifest)}.npz")
             path = older if older.is_file() else path
         n_uids = int(data.manifest["splits"]["train"]["samples"]) + int(data.manifest["splits"]["val"]["samples"])
         if path.is_file():
