@@ -9,10 +9,10 @@ metrics.jsonl holds one JSON object per line, each with ``step``. Keys read (all
 - ``val_loss/<task>``: validation loss of one task (often on its own line: step + val keys);
 - ``task_weight/<task>``: the balancer's weight of one task.
 
-Lines appended by a resumed run may repeat a step: for each (step, key) the last value wins, and
-lines of the same step are merged. Non-numeric, non-finite (NaN, inf, an integer beyond float range) or
-missing values are skipped. An invalid line is
-an error naming ``file:line`` (or a warning with ``--skip-invalid``).
+Lines of the same step are merged, and for each (step, key) the last value wins (a file from
+before the trainer set repeated steps aside at a resume may hold a step twice). Non-numeric,
+non-finite (NaN, inf, an integer beyond float range) or missing values are skipped. An invalid
+line is an error naming ``file:line`` (or a warning with ``--skip-invalid``).
 
 The figure has two panels: losses (training solid, validation dashed with markers, one colour
 per task, the overall loss in black) and task weights. Library use: :func:`load_metrics`,

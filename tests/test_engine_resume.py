@@ -10,6 +10,7 @@ that resumes them all (tests/train_many.py).
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -82,16 +83,21 @@ def _sigkill_run(common: list, out: Path) -> dict:
 @pytest.fixture(scope="module")
 def resumed(reference_run, tp2_sp_run, tmp_path_factory):
     """The interrupted runs (SIGUSR1 after a save, SIGKILL in a save), then every resume of this
-    module in one process (tests/train_many.py): the TP=2+SP run's step-1 checkpoint at TP=1 and
-    the two interrupted runs. name -> (output_dir, what was seen before the resume, its stdout)."""
+    module in one process (tests/train_many.py): the TP=2+SP run's step-1 checkpoint at TP=1, the
+    two interrupted runs, and a copy of the whole TP=2+SP run resumed at TP=1 from its step 2
+    (``earlier``). name -> (output_dir, what was seen before the resume, its stdout)."""
     common, _ = reference_run
     root = tmp_path_factory.mktemp("resume")
+    shutil.copytree(tp2_sp_run, root / "earlier")
     seen = {"sigusr1": _sigusr1_run(common, root / "sigusr1"), "sigkill": _sigkill_run(common, root / "sigkill"),
-            "layouts": {"ckpt": tp2_sp_run / "checkpoints" / "step_0000001"}}
+            "layouts": {"ckpt": tp2_sp_run / "checkpoints" / "step_0000001"},
+            "earlier": {"metrics": (root / "earlier" / "metrics.jsonl").read_text().splitlines(keepends=True)}}
+    seen["sigkill"]["metrics"] = read_metrics(root / "sigkill")
     logs = run_many({
         "layouts": common + [f"output_dir={root / 'layouts'}", f"train.resume_from={seen['layouts']['ckpt']}"],
         "sigusr1": common + [f"output_dir={root / 'sigusr1'}"],
         "sigkill": common + [f"output_dir={root / 'sigkill'}", "train.save_interval=2"],
+        "earlier": common + [f"output_dir={root / 'earlier'}", "train.resume_from=2"],
     }, root)
     return {name: (root / name, seen[name], logs[name][0]) for name in seen}
 
@@ -133,6 +139,28 @@ def test_sigkill_during_save_resumes_from_previous_checkpoint(reference_run, res
     assert seen["latest"] == "step_0000002"  # the pointer still names the last complete save
     _assert_continues(ref, out)
     assert not seen["tmp"].exists()  # the broken save was cleaned up
+    assert [r["step"] for r in seen["metrics"]] == [1, 2, 3, 4]  # logged before the kill in step 4's save
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]  # 3 and 4 once: the earlier ones set aside
+    (side,) = out.glob("metrics.superseded.*.jsonl")
+    assert [json.loads(line) for line in side.read_text().splitlines()] == seen["metrics"][2:]
+
+
+@pytest.mark.slow
+def test_resume_from_an_earlier_step_logs_each_step_once(reference_run, resumed):
+    """``train.resume_from=2`` in a run whose metrics.jsonl holds steps 1-4 appended steps 3-4 a
+    second time (two series for every reader). Now the earlier lines of steps 3-4 move to a side
+    file first: metrics.jsonl holds each step once, 3 and 4 as the resumed run logged them."""
+    _, ref = reference_run
+    out, seen, stdout = resumed["earlier"]
+    old = seen["metrics"]
+    assert [json.loads(line)["step"] for line in old] == [1, 2, 3, 4]
+    (side,) = out.glob("metrics.superseded.*.jsonl")
+    assert f"moved 2 line(s) of steps after 2 from {out / 'metrics.jsonl'} to {side}" in stdout, stdout[-3000:]
+    assert side.read_text().splitlines(keepends=True) == old[2:]  # the earlier lines, byte for byte
+    now = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    assert [json.loads(line)["step"] for line in now] == [1, 2, 3, 4] and now[:2] == old[:2]
+    assert not set(now[2:]) & set(old[2:])  # steps 3-4 are the resumed run's lines (its own timings)
+    _assert_continues(ref, out)
 
 
 @pytest.mark.slow

@@ -345,11 +345,25 @@ def test_train_refuses_an_incompatible_resume_in_one_message(refused_runs):
     assert not (out / "metrics.jsonl").exists()
 
 
+def test_a_refused_resume_leaves_no_output_dir_it_created(refused_runs):
+    """A resume refused at start-up into a new output_dir (here: a step folder of another run with
+    another PEFT method) left behind the empty folder (and its parent) the trainer had made for its
+    lock; now both are gone. An empty output_dir that existed before is kept, empty."""
+    fresh, _, (_, stderr) = refused_runs["fresh"]  # exit 2: checked by run_many
+    assert "peft.method: a full-model checkpoint" in stderr
+    assert not fresh.exists() and not fresh.parent.exists() and fresh.parent.parent.is_dir()
+    kept, _, (_, stderr) = refused_runs["kept"]
+    assert "peft.method: a full-model checkpoint" in stderr
+    assert kept.is_dir() and list(kept.iterdir()) == []
+
+
 @pytest.fixture(scope="module")
 def refused_runs(tp1_env, tmp_path_factory, train_overrides, demo_data):
-    """The training CLI refusing to start, both refusals in one process (tests/train_many.py, which
-    checks each exit code): a ``latest`` naming a missing step (exit 1), and a full checkpoint
-    resumed as LoRA with another loss mode (exit 2). name -> (output_dir, digest before, (stdout, stderr))."""
+    """The training CLI refusing to start, every refusal in one process (tests/train_many.py, which
+    checks each exit code): a ``latest`` naming a missing step (exit 1), a full checkpoint resumed
+    as LoRA with another loss mode (exit 2), and that checkpoint's step folder resumed so into a new
+    output_dir (``fresh``, below a folder that does not exist either) and into an existing empty one
+    (``kept``). name -> (output_dir, digest before, (stdout, stderr))."""
     from megatron_mft.checkpoint.dist import save_checkpoint
     from megatron_mft.config import load_config
     from megatron_mft.model import build_model_chunks
@@ -368,12 +382,18 @@ def refused_runs(tp1_env, tmp_path_factory, train_overrides, demo_data):
     info = _run_json(train_overrides, demo_data)
     save_checkpoint(incompatible / "checkpoints", 2, build_model_chunks(cfg.model, cfg.parallel, tp1_env),
                     common={"step": 2, "consumed_rows": 8}, run_info={k: v for k, v in info.items() if k != "step"})
+    as_lora = ["train.steps=4", "peft.method=lora", "loss.mode=sample"]
+    other_run = f"train.resume_from={incompatible / 'checkpoints' / 'step_0000002'}"
+    fresh, kept = tmp / "new_parent" / "fresh", tmp / "kept"
+    kept.mkdir()
     logs = run_many({
         "dangling": {"argv": train_overrides + [f"output_dir={dangling}", "train.steps=1"], "rc": 1},
-        "incompatible": {"argv": train_overrides + [f"output_dir={incompatible}", "train.steps=4", "peft.method=lora",
-                                                    "loss.mode=sample"], "rc": 2},
+        "incompatible": {"argv": train_overrides + [f"output_dir={incompatible}", *as_lora], "rc": 2},
+        "fresh": {"argv": train_overrides + [f"output_dir={fresh}", other_run, *as_lora], "rc": 2},
+        "kept": {"argv": train_overrides + [f"output_dir={kept}", other_run, *as_lora], "rc": 2},
     }, tmp, timeout=300)
-    return {"dangling": (dangling, before, logs["dangling"]), "incompatible": (incompatible, None, logs["incompatible"])}
+    return {"dangling": (dangling, before, logs["dangling"]), "incompatible": (incompatible, None, logs["incompatible"]),
+            "fresh": (fresh, None, logs["fresh"]), "kept": (kept, None, logs["kept"])}
 
 
 @pytest.mark.slow

@@ -85,6 +85,32 @@ def _ckpt(root: Path, name: str, meta: dict) -> Path:
     return root
 
 
+def test_a_resume_sets_the_later_metrics_lines_aside_and_keeps_every_other_line(tmp_path, monkeypatch):
+    """Lines of steps after the resume step go to a new side file (never over an existing one);
+    lines without a step, unparseable ones and a torn last line stay in metrics.jsonl, in order
+    (the torn one ended, so the next record does not join it). Only rank 0's log touches the file."""
+    from megatron_mft.training.metrics import MetricsLog
+
+    monkeypatch.setattr("time.strftime", lambda fmt, *a: "20260101-000000")
+    path = tmp_path / "metrics.jsonl"
+    text = ('{"step": 1, "loss": 2.0}\n{"step": 3, "loss": 1.0}\n{"note": "no step"}\nnot json {\n'
+            '{"step": 2, "val_loss/a": 1.5}\n{"step": 4, "loss": 0.5}\n{"step": 5, "lo')
+    path.write_text(text)
+    assert MetricsLog(tmp_path, enabled=False).set_aside_after(2) is None and path.read_text() == text
+    taken = tmp_path / "metrics.superseded.20260101-000000.jsonl"
+    taken.write_text("mine\n")
+    log = MetricsLog(tmp_path, enabled=True)
+    assert log.set_aside_after(2) == (2, tmp_path / "metrics.superseded.20260101-000000-1.jsonl")
+    assert taken.read_text() == "mine\n"
+    assert (tmp_path / "metrics.superseded.20260101-000000-1.jsonl").read_text() == (
+        '{"step": 3, "loss": 1.0}\n{"step": 4, "loss": 0.5}\n')
+    assert path.read_text() == ('{"step": 1, "loss": 2.0}\n{"note": "no step"}\nnot json {\n'
+                                '{"step": 2, "val_loss/a": 1.5}\n{"step": 5, "lo\n')
+    assert log.set_aside_after(2) is None  # nothing later: the file is left as it is
+    log.write({"step": 3, "loss": 0.9})
+    assert path.read_text().splitlines()[-1] == '{"step": 3, "loss": 0.9}'
+
+
 def test_preflight_refuses_what_cannot_start_before_anything_is_built(tmp_path, tiny_init):
     from megatron_mft.training.preflight import PreflightError, check_run
 

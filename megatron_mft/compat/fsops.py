@@ -1,9 +1,10 @@
 """File-system steps that make replacing a folder safe: the atomic exchange, fsync, a write probe,
-where a path that does not exist yet would be created, whether one path lies within another. Used
-by the checkpoint publish (checkpoint/dist.py), the preprocessing output swap (data/outdir.py), the
-preflight checks (training/preflight.py), the tools' output checks (convert, evaluate), and every
-file replaced whole (:func:`replace_file_atomically`: checkpoints' ``latest``, the resolved config,
-the DPO reference, evaluate's and plot's results)."""
+where a path that does not exist yet would be created (and which folders creating it made), whether
+one path lies within another. Used by the checkpoint publish (checkpoint/dist.py), the preprocessing
+output swap (data/outdir.py), the preflight checks (training/preflight.py), the trainer's
+output_dir (training/recipe.py), the tools' output checks (convert, evaluate), and every file
+replaced whole (:func:`replace_file_atomically`: checkpoints' ``latest``, the resolved config,
+metrics.jsonl at a resume, the DPO reference, evaluate's and plot's results)."""
 
 from __future__ import annotations
 
@@ -66,6 +67,21 @@ def nearest_existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
+
+
+def make_dirs(path: Path) -> list[Path]:
+    """Create ``path`` and its missing parents; the folders this call created, outermost first (one
+    made meanwhile by another process is not among them), so a caller removes exactly its own."""
+    path = Path(path).absolute()
+    made, at = [], nearest_existing(path)
+    for part in path.relative_to(at).parts:
+        at = at / part
+        try:
+            at.mkdir()
+        except FileExistsError:
+            continue
+        made.append(at)
+    return made
 
 
 def is_within(child: Path, parent: Path) -> bool:

@@ -1,7 +1,9 @@
-"""Throughput arithmetic and the metrics log (``<output_dir>/metrics.jsonl``, appended)."""
+"""Throughput arithmetic and the metrics log (``<output_dir>/metrics.jsonl``, appended; a resume
+first sets aside the lines of the steps it repeats)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -11,6 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_mft.compat.fsops import fsync_path, replace_file_atomically
 from megatron_mft.config import ArchSpec, PeftConfig
 from megatron_mft.peft.memory import lora_params_per_layer, target_shapes
 
@@ -118,8 +121,9 @@ def hardware_flops(arch: ArchSpec, sample_lengths: Sequence[int], peft: Optional
 
 
 class MetricsLog:
-    """One JSON object per logged step; resumed runs append, never overwrite. Optionally the same
-    scalars to TensorBoard (``<output_dir>/tensorboard``; a resumed run adds an events file)."""
+    """One JSON object per logged step; resumed runs append (after :meth:`set_aside_after`), never
+    overwrite. Optionally the same scalars to TensorBoard (``<output_dir>/tensorboard``; a resumed
+    run adds an events file)."""
 
     def __init__(self, output_dir: str | Path, enabled: bool, tensorboard: bool = False):
         self.enabled = enabled
@@ -131,6 +135,25 @@ class MetricsLog:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+
+    def set_aside_after(self, step: int) -> Optional[tuple[int, Path]]:
+        """A run continuing from ``step`` logs the later steps again: lines of steps after it (an
+        earlier start's, past its checkpoint) move to a new side file next to metrics.jsonl, which
+        keeps every other line (unparseable ones and lines without a step too) and is replaced
+        atomically; readers then see one series. (lines moved, side file), or None if none were."""
+        if not self.enabled or not self.path.is_file():
+            return None
+        keep, later = [], []
+        with self.path.open("rb") as f:
+            lines = f.readlines()  # split at b"\n" only: every other byte of a line stays as it was
+        for raw in lines:
+            line = raw if raw.endswith(b"\n") else raw + b"\n"  # a torn last line: the next write starts anew
+            (later if _step_of(raw) > step else keep).append(line)
+        if not later:
+            return None
+        side = _new_side_file(self.path, b"".join(later))
+        replace_file_atomically(str(self.path), lambda tmp: Path(tmp).write_bytes(b"".join(keep)))
+        return len(later), side
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -147,6 +170,34 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _step_of(raw: bytes) -> float:
+    """The line's integer ``step``, or -inf (unparseable, no step): such a line is never moved."""
+    try:
+        step = json.loads(raw).get("step")
+    except (ValueError, AttributeError):
+        return -math.inf
+    return step if isinstance(step, int) and not isinstance(step, bool) else -math.inf
+
+
+def _new_side_file(path: Path, data: bytes) -> Path:
+    """``data`` durably in a new ``<stem>.superseded.<time>[-N].jsonl`` beside ``path``: never over a file."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in itertools.count():
+        side = path.with_name(f"{path.stem}.superseded.{stamp}{f'-{n}' if n else ''}{path.suffix}")
+        try:
+            f = side.open("xb")
+        except FileExistsError:
+            continue
+        try:
+            with f:
+                f.write(data)
+            fsync_path(side)
+        except BaseException:  # e.g. a full disk: no partial copy; metrics.jsonl is still whole
+            side.unlink(missing_ok=True)
+            raise
+        return side
 
 
 def console_line(rec: dict, total_steps: int) -> str:

@@ -14,7 +14,7 @@ from megatron.core import parallel_state as ps
 from megatron_mft.checkpoint.dist import (checkpoints_dir, latest_checkpoint, load_checkpoint, load_model_weights,
                                           resume_checkpoint, save_checkpoint)
 from megatron_mft.compat import setup_runtime
-from megatron_mft.compat.fsops import replace_file_atomically
+from megatron_mft.compat.fsops import make_dirs, replace_file_atomically
 from megatron_mft.config import RunConfig
 from megatron_mft.config.base import to_dict
 from megatron_mft.data import MFTData
@@ -104,6 +104,7 @@ class Recipe:
         self.early_stop = {"best": math.inf, "bad_evals": 0}
         self.nonfinite_in_a_row = 0
         self.lock = None
+        self.made_dirs: list[Path] = []  # the output_dir folders this start created (rank 0)
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -112,8 +113,16 @@ class Recipe:
         self.env = setup_runtime()
         init_parallel(run.parallel, self.env, run.seed)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.env.cuda else torch.device("cpu")
-        self._lock_output_dir()
+        try:
+            self._lock_output_dir()
+            self._build()
+        except BaseException:
+            self._drop_unused_output_dir()
+            raise
 
+    def _build(self) -> None:
+        """Data, resume decision, model, optimizer, metrics: ``setup`` after the output_dir is locked."""
+        run = self.run_cfg
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         mbs, gbs = run.train.micro_batch_size, run.train.global_batch_size
         packed = run.data.batching == "packed"
@@ -182,6 +191,11 @@ class Recipe:
         # (instead of a device-mismatch kernel error deep in the first step)
         check_placement(self.chunks, self.device)
         self.metrics = MetricsLog(self.out, enabled=_rank0(), tensorboard=run.train.tensorboard)
+        if not self.finished:  # this start logs the steps after self.step: one series in metrics.jsonl
+            moved = self.metrics.set_aside_after(self.step)
+            if moved:
+                _say(f"moved {moved[0]} line(s) of steps after {self.step} from {self.metrics.path} to {moved[1]}: "
+                     f"an earlier start logged them, and this run logs those steps again")
         if _rank0() and not self.finished:  # a finished run's files keep describing the run that trained it
             self._write_resolved_config()
         self.peak = peak_flops(self.env.device_name, run.train.peak_flops)
@@ -221,6 +235,7 @@ class Recipe:
         error = None
         if _rank0():
             try:
+                self.made_dirs = make_dirs(self.out)
                 self.lock = RunLock(self.out).acquire()
             except RunLockError as e:
                 error = e
@@ -231,6 +246,18 @@ class Recipe:
             raise UserError(f"output_dir {self.out} is in use by another run (rank 0 says which)")
         if self.lock is not None and self.lock.note:
             _say(f"note: {self.lock.note}")
+
+    def _drop_unused_output_dir(self) -> None:
+        """A start that fails in setup (a refused resume, bad data...) leaves no empty output_dir
+        behind: the lock is released and the folders this start created are removed while empty
+        (rmdir never removes a folder with anything in it, nor one that existed before)."""
+        if self.lock is not None:
+            self.lock.release()
+        for folder in reversed(self.made_dirs):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
     def _check_resume_compatible(self, path: Path) -> None:
         """Refuse a config that does not continue the checkpoint's run (one message, every
