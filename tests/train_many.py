@@ -31,6 +31,14 @@ def _keep_process_group() -> None:
     recipe.teardown = teardown
 
 
+def _groups_left_up() -> bool:
+    """Every run, refused ones too, ends through the recipe's teardown (patched above): a process
+    that leaves its groups up can abort at exit (gloo's threads, pytorch#190489)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.model_parallel_is_initialized()
+
+
 def main(path: str) -> int:
     """Entries: an argument list (must exit 0), or ``{"argv": [...], "rc": N}`` (must exit N)."""
     import torch
@@ -45,6 +53,10 @@ def main(path: str) -> int:
             for stream in (sys.stdout, sys.stderr):
                 print(f"=== run {i}: {' '.join(argv)}", file=stream, flush=True)
             rc = train(argv)
+            if _groups_left_up():
+                print(f"train_many: run {i} ended without tearing down megatron's parallel groups",
+                      file=sys.stderr, flush=True)
+                return 3
             if rc != want:
                 print(f"train_many: run {i} exited {rc}, expected {want}", file=sys.stderr, flush=True)
                 return rc or 1

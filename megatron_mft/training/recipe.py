@@ -467,8 +467,8 @@ class Recipe:
         teardown()
 
     def run(self) -> int:
-        self.setup()
-        try:
+        try:  # a start refused in setup also ends the process group (gloo aborts at exit otherwise)
+            self.setup()
             self.train()
         finally:
             self.cleanup()
