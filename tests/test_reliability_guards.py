@@ -186,6 +186,64 @@ def test_checkpoint_init_refuses_a_non_empty_folder(tmp_path):
     assert [f.name for f in out.iterdir()] == ["weights.distcp"] and (out / "weights.distcp").read_text() == "precious"
 
 
+@pytest.mark.parametrize("overrides", [[], ["model.activation=gelu_tanh", "model.normalization=LayerNorm",
+                                            "model.linear_bias=true"], ["model.num_experts=4", "model.moe_top_k=2"]],
+                         ids=["swiglu", "gelu", "moe"])
+def test_checkpoint_init_memory_estimate_counts_the_built_model(tp1_env, overrides):
+    """The estimate's parameter and SwiGLU fc1 counts (the save's extra copy) are the built model's."""
+    from megatron_mft.checkpoint.__main__ import RUNTIME_BYTES, init_memory
+    from megatron_mft.config import load_config
+    from megatron_mft.model import build_model_chunks
+
+    cfg = load_config(None, ["data.path=/unused", "model.num_layers=2"] + overrides)
+    (chunk,) = build_model_chunks(cfg.model, cfg.parallel, tp1_env)
+    need = init_memory(cfg.model.arch(), 4)
+    assert need["params"] == sum(p.numel() for p in chunk.parameters())
+    fc1 = sum(p.numel() for n, p in chunk.named_parameters() if "linear_fc1.weight" in n)
+    assert need["fc1"] == (0 if overrides[:1] == ["model.activation=gelu_tanh"] else fc1)
+    largest = max(p.numel() for p in chunk.parameters())
+    assert need["largest"] == largest == 2048 * 128  # the embedding
+    assert need["bytes"] == RUNTIME_BYTES + 4 * need["params"] + max(4 * need["fc1"], 8 * largest)
+
+
+def test_checkpoint_init_memory_estimate_of_codellama_34b():
+    from megatron_mft.checkpoint.__main__ import init_memory
+    from megatron_mft.config.presets import PRESETS
+
+    need = init_memory(PRESETS["codellama-34b"], 4)
+    assert need["params"] == 33_743_970_304 and need["fc1"] == 48 * 2 * 22016 * 8192
+    assert round(need["bytes"] / 2**30, 1) == 191.0  # 125.7 GiB of fp32 weights + 64.5 GiB fc1 copy + runtime
+
+
+@pytest.mark.parametrize("margin, flag, refused", [(-1, [], True), (0, [], False), (-2**30, ["--skip-memory-check"], False)],
+                         ids=["short-by-a-byte", "just-enough", "skip-check"])
+def test_checkpoint_init_refuses_a_model_larger_than_available_memory(tp1_env, tmp_path, monkeypatch, capsys,
+                                                                     margin, flag, refused):
+    """The kernel's OOM killer gave no message (a 34B preset on a CPU machine): now the numbers and the
+    way out, before anything is built or created; with enough memory (or the flag) the weights are written."""
+    import megatron_mft.compat
+    import megatron_mft.training.parallel
+    from megatron_mft.checkpoint.__main__ import init_memory, main
+    from megatron_mft.config import load_config
+
+    need = init_memory(load_config(CONFIG).model.arch(), 4)["bytes"]
+    monkeypatch.setattr(megatron_mft.compat, "available_memory", lambda: max(need + margin, 2**20))
+    monkeypatch.setattr(megatron_mft.training.parallel, "teardown", lambda: None)  # keep the session's group
+    out = tmp_path / "init"
+    code = main(["init", "--config", str(CONFIG), "--out", str(out)] + flag)
+    err = capsys.readouterr().err
+    if not refused:
+        assert code == 0 and (out / "init.json").is_file() and "Traceback" not in err, err
+        return
+    assert code == 1 and not out.exists(), err
+    gib = f"{need / 2**30:.1f} GiB"
+    for needle in (f"--config {CONFIG}", "model preset tiny", "4-byte weights", f"needs about {gib}",
+                   f"but {(need - 1) / 2**30:.1f} GiB is available", "more free memory", "hf-to-mcore",
+                   "--skip-memory-check"):
+        assert needle in err, (needle, err)
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+
+
 # ------------------------------------------------------------------ one run per output_dir
 def _write_lock(out: Path, **holder) -> Path:
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Environment probing, the CPU compatibility shim, and fixes for megatron-core paths without Apex/TE."""
 
-from megatron_mft.compat.probe import Environment, probe
+from megatron_mft.compat.probe import Environment, available_memory, probe
 
 
 def setup_runtime() -> Environment:
@@ -17,4 +17,4 @@ def setup_runtime() -> Environment:
     return env
 
 
-__all__ = ["Environment", "probe", "setup_runtime"]
+__all__ = ["Environment", "available_memory", "probe", "setup_runtime"]

@@ -47,3 +47,16 @@ def probe() -> Environment:
         apex=cuda and _importable("apex") and _importable("fused_weight_gradient_mlp_cuda"),
         device_name=name,
     )
+
+
+def available_memory() -> int | None:
+    """Bytes of host memory a new allocation can get without swapping (the kernel's MemAvailable),
+    or None where /proc/meminfo cannot be read (not Linux): callers then skip their check."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
