@@ -53,6 +53,42 @@ def test_each_bad_input_kind_names_file_line_and_reason(tmp_path, capsys, kind):
     assert not out.exists() and list(tmp_path.iterdir()) == [data]  # no partial output, no temp folder
 
 
+def test_broken_links_are_named_with_their_targets(tmp_path, capsys):
+    """A dangling .jsonl link was "task folder has no .jsonl files" (or, next to a good file, silently
+    dropped), a dangling task-folder link silently no task: each is now named with where it points."""
+    from megatron_mft.data.taskdir import discover_tasks
+
+    data = tmp_path / "data"
+    write_jsonl(data / "alpha" / "train.jsonl", [GOOD, GOOD])
+    (data / "alpha" / "extra.jsonl").symlink_to(tmp_path / "moved" / "extra.jsonl")  # next to a good file
+    (data / "beta").mkdir()
+    (data / "beta" / "part.jsonl").symlink_to(tmp_path / "gone.jsonl")  # the task's only file
+    (data / "gamma").symlink_to("../mnt/gamma")  # a task folder on a mount that is not there
+    (data / "delta").mkdir()
+    (data / "delta" / "loop.jsonl").symlink_to("loop.jsonl")
+    write_jsonl(tmp_path / "kept.jsonl", [GOOD])
+    (data / "epsilon").mkdir()
+    (data / "epsilon" / "train.jsonl").symlink_to(tmp_path / "kept.jsonl")  # a working link is data
+    out = tmp_path / "out"
+    assert main(cli_args(data, out, 128)) == 2
+    err = capsys.readouterr().err
+    for needle in (f"{data}/alpha/extra.jsonl: symbolic link to {tmp_path}/moved/extra.jsonl, which does not exist",
+                   f"{data}/beta/part.jsonl: symbolic link to {tmp_path}/gone.jsonl, which does not exist",
+                   f"{data}/gamma: symbolic link to ../mnt/gamma ({tmp_path}/mnt/gamma), which does not exist",
+                   f"{data}/delta/loop.jsonl: symbolic link to loop.jsonl ({data}/delta/loop.jsonl), which cannot be "
+                   f"reached (Too many levels of symbolic links)"):
+        assert needle in err, (needle, err)
+    assert "no .jsonl files" not in err and "Traceback" not in err, err
+    assert not out.exists()
+    for link in ("alpha/extra.jsonl", "beta/part.jsonl", "gamma", "delta/loop.jsonl"):  # without them, the rest is data
+        (data / link).unlink()
+    (data / "beta").rmdir()
+    (data / "delta").rmdir()
+    tasks = discover_tasks(data)
+    assert [(t.name, t.train) for t in tasks] == [("alpha", (str(data / "alpha" / "train.jsonl"),)),
+                                                  ("epsilon", (str(data / "epsilon" / "train.jsonl"),))]
+
+
 def test_cli_exit_codes_via_subprocess(tmp_path):
     data = _data(tmp_path, BAD["invalid_json"][0])
     write_jsonl(data / "gamma" / "train.jsonl", [GOOD, LONG])

@@ -1,6 +1,7 @@
 """File-system steps that make replacing a folder safe: the atomic exchange, fsync, a write probe,
 where a path that does not exist yet would be created (and which folders creating it made), whether
-one path lies within another. Used by the checkpoint publish (checkpoint/dist.py), the preprocessing
+one path lies within another, where a broken symbolic link points (:func:`broken_link`: the data
+folders' file discovery). Used by the checkpoint publish (checkpoint/dist.py), the preprocessing
 output swap (data/outdir.py), the preflight checks (training/preflight.py), the trainer's
 output_dir (training/recipe.py), the tools' output checks (convert, evaluate), and every file
 replaced whole (:func:`replace_file_atomically`: checkpoints' ``latest``, the resolved config,
@@ -91,6 +92,26 @@ def is_within(child: Path, parent: Path) -> bool:
     except (ValueError, OSError):
         return False
     return True
+
+
+def broken_link(path: str | Path) -> Optional[str]:
+    """What is wrong with ``path`` if it is a symbolic link that leads nowhere ("symbolic link to
+    T, which does not exist"), else None. ``is_file()`` / ``is_dir()`` are False for such a link, so
+    a listing that filters with them would drop the file the user linked in without a word."""
+    if not os.path.islink(path):
+        return None
+    try:
+        os.stat(path)
+        return None
+    except OSError as e:
+        reason = "which does not exist" if e.errno == errno.ENOENT else f"which cannot be reached ({e.strerror})"
+    try:
+        target = os.readlink(path)
+    except OSError:  # removed in between
+        return None
+    if not os.path.isabs(target):
+        target = f"{target} ({os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), target))})"
+    return f"symbolic link to {target}, {reason}"
 
 
 def replace_file_atomically(out: str, write: Callable[[str], None]) -> None:

@@ -9,6 +9,9 @@ Convention (documented in FORMAT.md):
   skipped                           folders starting with ``.`` or ``_`` (at any depth) and folders
                                     holding a preprocessing output (its manifest.json), so an output
                                     written inside the data folder is never read back as data
+  refused                           a task folder or .jsonl that is a broken symbolic link (named, with
+                                    where it points), so a missing mount or a moved file is never a
+                                    silently missing task or file
 Why names, not flags: a data directory should describe itself so every run splits it the same way.
 """
 
@@ -19,6 +22,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_mft.compat.fsops import broken_link
 from megatron_mft.data.outdir import is_output_dir
 from megatron_mft.errors import UsageError
 
@@ -66,14 +70,17 @@ def _skipped(name: str) -> bool:
 
 
 def _jsonl_files(task_dir: Path, problems: list[str]) -> list[Path]:
-    """The task's .jsonl files, sorted, without hidden folders and preprocessing outputs."""
+    """The task's .jsonl files, sorted, without hidden folders and preprocessing outputs; broken
+    links to .jsonl files go to ``problems``."""
     found = []
     for here, dirs, files in os.walk(task_dir, onerror=lambda e: problems.append(f"{_shown(e.filename)}: "
                                                                                   f"cannot list ({e.strerror})")):
         dirs[:] = [d for d in dirs if not _skipped(d) and not is_output_dir(Path(here) / d)]
         for name in files:
             path = Path(here) / name
-            if name.endswith(".jsonl") and path.is_file():
+            if name.endswith(".jsonl") and (broken := broken_link(path)):
+                problems.append(f"{_shown(path)}: {broken}")
+            elif name.endswith(".jsonl") and path.is_file():
                 if _not_utf8(str(path)):
                     problems.append(f"{_shown(path)}: file name is not valid UTF-8; rename it")
                 else:
@@ -88,15 +95,17 @@ def discover_tasks(data_dir: str | Path) -> list[TaskFiles]:
     tasks = []
     problems: list[str] = []
     try:
-        subs = sorted(p for p in root.iterdir() if p.is_dir() and not _skipped(p.name) and not is_output_dir(p))
+        entries = sorted(p for p in root.iterdir() if not _skipped(p.name))
     except OSError as e:
         raise DataDirError(f"data folder {data_dir}: cannot list ({e.strerror})") from None
-    for sub in subs:
+    problems += [f"{_shown(p)}: {broken}" for p in entries if (broken := broken_link(p))]
+    for sub in (p for p in entries if p.is_dir() and not is_output_dir(p)):
         if _not_utf8(sub.name):
             problems.append(f"{_shown(sub)}: task folder name is not valid UTF-8; rename it")
             continue
+        known = len(problems)
         files = _jsonl_files(sub, problems)
-        if not files:
+        if not files and len(problems) == known:  # else the broken links are the reason
             problems.append(f"{sub}: task folder has no .jsonl files")
             continue
         val = tuple(str(f) for f in files if is_val_file(f.relative_to(sub)))
