@@ -82,7 +82,7 @@ def test_peft_memory_figures_are_the_estimators(name):
     flags = one(r"peft_memory\.py (.*?)\):", text).group(1).split()
     args = build_parser().parse_args(flags)
     # the command describes this recipe
-    (tp, pp, dp) = (int(x) for x in args.layout[0].split(","))
+    (tp, pp, dp) = args.layout[0]
     assert args.models == [cfg.model.preset] and args.methods == [cfg.peft.method]
     assert (tp, pp) == (cfg.parallel.tp, cfg.parallel.pp) and (tp > 1 and args.sp) == cfg.parallel.sp
     assert args.ep == cfg.parallel.ep  # MoE: expert-parallel ranks

@@ -293,19 +293,96 @@ def test_export_finds_a_runs_relative_base_from_another_folder(tiny_run, hf_mode
     (["step_flops.py", "--config", "/nope.yaml"], "config file /nope.yaml does not exist"),
     (["train_throughput.py", "--steps", "0"], "--steps: must be >= 1, got 0"),
     (["cp_memory.py", "--heads", "0"], "--heads: must be >= 1, got 0"),
-], ids=["mfu-percent", "mfu-without-gpus", "missing-config", "steps-0", "heads-0"])
+    # shapes and layouts training would refuse: the training config's rules in the options' names (each was
+    # "internal error: ..." from inside torch or the spawned ranks, or an argparse-free ValueError)
+    (["cp_memory.py", "--heads", "3", "--groups", "2"],
+     "cp_memory.py: invalid options:\n  - --hidden: 1024 not divisible by --heads 3\n  - --groups: 2 does not divide "
+     "--heads 3\n"),
+    (["cp_memory.py", "--seq", "66"], "  - cp: --seq 66 not divisible by 2 x cp = 4\n"),
+    (["packed_attention.py", "--heads", "4", "--groups", "8", "--dim", "3"],
+     "  - --dim: the head size 3 is odd; RoPE rotates pairs of channels, so it must be even\n"
+     "  - --groups: 8 does not divide --heads 4\n"),
+    (["train_throughput.py", "--sp"], "  - --sp: sequence parallelism needs --tp >= 2\n"),
+    (["train_throughput.py", "--layers", "3", "--pp", "2"], "  - --pp: --layers 3 not divisible by --pp*vpp = 2\n"),
+    (["train_throughput.py", "--seq", "64", "--docs-per-row", "9"],
+     "--docs-per-row 9: a row of --seq 64 tokens holds at most 4 (each at least 16 tokens)"),
+    (["train_throughput.py", "--compare-hf", "--threads", "1,0"], "argument --threads: must be >= 1, got 0 in '1,0'"),
+    (["train_throughput.py", "--compare-hf", "--peft-modes", "lora,full"],
+     "argument --peft-modes: unknown 'full' in 'lora,full'; choose from none, lora, qlora"),
+    (["family_tokenizer_bench.py", "--families", "llama"],
+     "argument --families: unknown 'llama' in 'llama'; choose from llama3, qwen2, starcoder2"),
+    (["loss_bench.py", "--seq", "64"], "--seq 64: a row holds synthetic samples of 64 to 1024 tokens, so --seq must "
+                                       "be at least 65"),
+], ids=["mfu-percent", "mfu-without-gpus", "missing-config", "steps-0", "heads-0", "cp-heads-by-groups", "cp-seq-chunks",
+        "packed-attention-shape", "throughput-sp-without-tp", "throughput-layers-by-pp", "throughput-docs-per-row",
+        "throughput-threads", "throughput-peft-modes", "tokenizer-families", "loss-short-rows"])
 def test_bench_tools_give_one_message(argv, needle):
     """The benchmark scripts named in docs/performance.md: a bad value is one message, exit 2, no
     traceback (was a ZeroDivisionError / ConfigError traceback, or a negative step time printed)."""
     p = _run([PY, str(ROOT / "tools" / "bench" / argv[0]), *argv[1:]])
     assert p.returncode == 2 and needle in p.stderr, (p.returncode, p.stderr[-2000:])
-    assert "Traceback" not in p.stderr
+    assert "Traceback" not in p.stderr and "internal error" not in p.stderr
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--layout", "3,1,1"], "peft_memory.py --models codellama-34b --layout 3,1,1: invalid options:\n"
+                            "  - --layout TP: 3 does not divide num_attention_heads 64\n"),
+    (["--layout", "1,1"], "argument --layout: expected TP,PP,DP (3 integers), got '1,1'"),
+    (["--layout", "1,0,1"], "argument --layout: must be >= 1, got 0 in '1,0,1'"),
+    (["--models", "llama2-70b", "--layout", "1,3,1"], "  - --layout PP: num_layers 80 not divisible by --layout "
+                                                     "PP*--vpp = 3\n"),
+    (["--vpp", "2"], "  - --vpp: virtual stages need --layout PP >= 2\n"),
+    (["--ep", "2"], "  - --ep: expert parallelism (--ep=2, etp=None) needs a mixture-of-experts model"),
+    (["--models", "mixtral-8x7b", "--ep", "3"], "  - --ep: 3 does not divide num_experts 8\n"),
+    (["--models", "mixtral-8x7b", "--layout", "2,1,1", "--no-sp"],
+     "  - --sp: megatron's MoE layers with --layout TP > 1 need --sp: true\n"),
+    (["--cp", "3"], "  - --cp: --seq 4096 not divisible by 2 x --cp = 6\n"),
+    (["--measure-load", "--measure-shape", "2,100,64"],
+     "peft_memory.py --measure-shape: invalid options:\n  - HIDDEN: 100 not divisible by num_attention_heads 8\n"),
+], ids=["tp-by-heads", "layout-two-numbers", "layout-zero", "pp-by-layers", "vpp-without-pp", "ep-dense", "ep-by-experts",
+        "moe-tp-without-sp", "cp-seq-chunks", "measure-shape"])
+def test_peft_memory_refuses_layouts_training_refuses(capsys, argv, needle):
+    """peft_memory printed a table for layouts training refuses (64 heads over TP=3, 48 layers over
+    PP=5, EP on a dense model...), or ended in "internal error: ValueError" (--layout 1,1); now the
+    training config's rule in its options' names, before the table, exit 2 (in-process: no model)."""
+    sys.path.insert(0, str(ROOT / "tools" / "bench"))
+    from peft_memory import main
+
+    from megatron_mft.errors import command
+
+    try:
+        code = command(main)(argv)
+    except SystemExit as e:  # argparse
+        code = e.code
+    out, err = capsys.readouterr()
+    assert code == 2 and needle in err, (code, err)
+    assert "Traceback" not in err and "model " not in out, out  # no table row, no header
+
+
+def test_an_unusable_attention_backend_is_a_config_error():
+    """model.attention_backend te/flash without TE/flash-attn: was "internal error: RuntimeError" in
+    train and the benches; now the key, what is missing and what to use, exit 2."""
+    from megatron_mft.compat import Environment
+    from megatron_mft.config import ModelConfig
+    from megatron_mft.errors import UsageError
+    from megatron_mft.model.specs import attention_backend
+
+    bare = Environment(cuda=False, te=False, flash_attn=False, apex=False, device_name="cpu")
+    for backend, missing in (("te", "Transformer Engine is not usable here"), ("flash", "flash-attn is not installed")):
+        with pytest.raises(UsageError, match=f"model.attention_backend={backend} but {missing} .*; use auto .* or sdpa"):
+            attention_backend(ModelConfig(attention_backend=backend), bare)
+    assert attention_backend(ModelConfig(attention_backend="auto"), bare) == "sdpa"
 
 
 def test_bench_tools_take_the_debug_switch():
-    """A bench's internal error is one line; --debug (the commands' switch) gives its traceback
-    (the benches parse sys.argv themselves: --debug was refused as an unknown argument)."""
-    argv = [PY, str(ROOT / "tools" / "bench" / "peft_memory.py"), "--layout", "abc"]
-    plain, debug = _run(argv), _run(argv + ["--debug"])
-    assert plain.returncode == 1 and "internal error: ValueError" in plain.stderr and "Traceback" not in plain.stderr
+    """A bench's internal error (a fault injected into the estimator) is one line; --debug (the
+    commands' switch) gives its traceback (the benches parse sys.argv themselves: --debug was
+    refused as an unknown argument)."""
+    bench = ROOT / "tools" / "bench" / "peft_memory.py"
+    inject = ("import runpy, sys\nimport megatron_mft.peft.memory as m\n"
+              "def broken(*a, **k):\n    raise ValueError('injected')\n"
+              f"m.estimate_memory = broken\nsys.argv[0] = {str(bench)!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')")
+    plain, debug = _run([PY, "-c", inject]), _run([PY, "-c", inject, "--debug"])
+    assert plain.returncode == 1 and "internal error: ValueError: injected" in plain.stderr, plain.stderr[-2000:]
+    assert "Traceback" not in plain.stderr
     assert debug.returncode == 1 and "Traceback" in debug.stderr, debug.stderr[-2000:]

@@ -240,6 +240,37 @@ def int_range(minimum: int, maximum: int = 2**63 - 1):
     return parse
 
 
+def int_list(minimum: int, form: str = ""):
+    """argparse ``type=`` for comma-separated integers, each >= minimum; ``form`` (``TP,PP,DP``)
+    also fixes how many: ``--layout 2,1,4``, ``--threads 1,2``."""
+    one = int_range(minimum)
+
+    def parse(text: str) -> tuple[int, ...]:
+        parts = text.split(",")
+        if form and len(parts) != form.count(",") + 1:
+            raise argparse.ArgumentTypeError(f"expected {form} ({form.count(',') + 1} integers), got {text!r}")
+        try:
+            return tuple(one(x.strip()) for x in parts)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{e} in {text!r}") from None
+
+    return parse
+
+
+def choice_list(choices):
+    """argparse ``type=`` for comma-separated names, each one of ``choices``: ``--families llama,qwen2``."""
+
+    def parse(text: str) -> list[str]:
+        names = text.split(",")
+        unknown = [n for n in names if n not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, unknown))} in {text!r}; "
+                                             f"choose from {', '.join(choices)}")
+        return names
+
+    return parse
+
+
 def _build(cls: type, data: dict, path: str, problems: list[str]) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}

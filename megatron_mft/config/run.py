@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from megatron_mft.config.model import ModelConfig
 from megatron_mft.config.parallel import ParallelConfig, layout_problems
 from megatron_mft.config.peft import PeftConfig
 from megatron_mft.config.train import TrainConfig
-from megatron_mft.errors import first_rank
+from megatron_mft.errors import UsageError, first_rank
 
 
 @dataclass
@@ -111,3 +112,24 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         for w in cfg.warnings():
             print(f"warning: {w}", file=sys.stderr, flush=True)
     return cfg
+
+
+def tool_config(tool: str, settings: dict, options: dict[str, str]) -> RunConfig:
+    """The run config of ``settings`` (dotted key -> value, over the defaults), validated by the
+    training config's own rules, for a tool whose options describe a model or a layout (the
+    benches): what training would refuse, the tool refuses alike, before any work. Each problem
+    names the tool's option where ``options`` maps its key (``{"model.num_attention_heads":
+    "--heads"}``), also where the message names that field bare. One UsageError (exit 2)."""
+    data: dict = {"data": {"path": "-"}}  # a required field no tool reads
+    for key, value in settings.items():
+        section, name = key.split(".")
+        data.setdefault(section, {})[name] = value
+    try:
+        return load_dataclass(RunConfig, data)
+    except ConfigError as e:
+        problems = e.problems
+    for key in sorted(options, key=len, reverse=True):  # model.moe_ffn_hidden_size before model.ffn_hidden_size
+        section, name = key.split(".")
+        field_name = re.compile(rf"(?<![\w.-])(?:{re.escape(section)}\.)?{re.escape(name)}\b")
+        problems = [field_name.sub(options[key], p) for p in problems]
+    raise UsageError(f"{tool}: invalid options:\n" + "\n".join(f"  - {p}" for p in problems))

@@ -22,6 +22,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mft.compat import Environment
 from megatron_mft.config import ModelConfig
+from megatron_mft.errors import UsageError
 from megatron_mft.model.attention import PackedCoreAttention
 from megatron_mft.model.norm import NORMS
 
@@ -85,9 +86,11 @@ def attention_backend(model: ModelConfig, env: Environment, *, local_only: bool 
     ``fp32`` is refused by ``ModelConfig.validate``)."""
     requested = model.attention_backend
     if requested == "te" and not env.te:
-        raise RuntimeError("model.attention_backend=te but Transformer Engine is not usable here (needs CUDA + TE)")
+        raise UsageError("model.attention_backend=te but Transformer Engine is not usable here (needs CUDA + TE); "
+                         "use auto (TE where it is usable) or sdpa")
     if requested == "flash" and not env.flash_attn:
-        raise RuntimeError("model.attention_backend=flash but flash-attn is not installed (or no CUDA)")
+        raise UsageError("model.attention_backend=flash but flash-attn is not installed (or no CUDA); "
+                         "use auto (flash-attn where it is usable) or sdpa")
     if requested == "auto" or (requested == "te" and local_only):
         if env.te and not local_only:
             return "te"

@@ -28,6 +28,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
+from megatron_mft.config import tool_config  # noqa: E402
 from megatron_mft.config.base import int_range  # noqa: E402
 from megatron_mft.errors import command  # noqa: E402
 
@@ -101,6 +102,14 @@ def main() -> None:
     p.add_argument("--groups", type=int_range(1), default=4)
     p.add_argument("--ffn", type=int_range(1), default=2816, help="SwiGLU MLP width (Llama's 8/3 x hidden, rounded)")
     a = p.parse_args()
+    # the shape of a model training could build at CP=2 (heads by groups, even head size, sequence
+    # in 2 x cp chunks): else an error inside the spawned ranks
+    tool_config("cp_memory.py", {"model.hidden_size": a.hidden, "model.num_attention_heads": a.heads,
+                                 "model.num_query_groups": a.groups, "model.ffn_hidden_size": a.ffn,
+                                 "data.seq_length": a.seq, "parallel.cp": 2},
+                {"model.hidden_size": "--hidden", "model.num_attention_heads": "--heads",
+                 "model.num_query_groups": "--groups", "model.ffn_hidden_size": "--ffn", "data.seq_length": "--seq",
+                 "parallel.cp": "cp"})
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from megatron_mft.compat import setup_runtime
 

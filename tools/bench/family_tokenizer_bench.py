@@ -41,7 +41,7 @@ FAMILIES = {"llama3": "llama3.1", "qwen2": "qwen2", "starcoder2": "mftcoder"}
 _TOK = None
 
 
-from megatron_mft.config.base import int_range  # noqa: E402
+from megatron_mft.config.base import choice_list, int_range  # noqa: E402
 from megatron_mft.errors import command  # noqa: E402
 
 
@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat-data", type=int_range(1), default=2)
     ap.add_argument("--trials", type=int_range(1), default=5)
     ap.add_argument("--merges", type=int_range(1), default=8000, help="BPE merges trained on the demo data")
-    ap.add_argument("--families", default=",".join(FAMILIES))
+    ap.add_argument("--families", default=",".join(FAMILIES), type=choice_list(list(FAMILIES)),
+                    help="comma-separated chat formats")
     args = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per process, both sides
 
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         corpus = demo_texts(per_task=10 ** 6)
         print(f"demo data x{args.repeat_data} ({mb:.1f} MB), {args.workers} process(es), {args.trials} paired "
               f"trials, seq {SEQ} best-fit; TOKENIZERS_PARALLELISM={os.environ['TOKENIZERS_PARALLELISM']}")
-        for name in args.families.split(","):
+        for name in args.families:
             folder = make_family_tokenizer(name, tmp / "tok" / name, corpus, merges_vocab=args.merges)
             path = str(folder / "tokenizer.json")
             pairs = []

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 
 from megatron_mft.config.base import int_range  # noqa: E402
-from megatron_mft.errors import command  # noqa: E402
+from megatron_mft.errors import UsageError, command  # noqa: E402
 
 
 def cpu_model() -> str:
@@ -81,6 +81,9 @@ def main() -> None:
     ap.add_argument("--ce", choices=["megatron", "torch"], default="megatron",
                     help="megatron: vocab_parallel_cross_entropy at TP=1; torch: F.cross_entropy(reduction='none')")
     args = ap.parse_args()
+    if args.seq <= 64:  # make_batch starts a sample only where more than 64 tokens are left
+        raise UsageError(f"loss_bench.py: --seq {args.seq}: a row holds synthetic samples of 64 to 1024 tokens, "
+                         f"so --seq must be at least 65 (else no token takes loss and the timings are of nothing)")
 
     from megatron_mft.config.loss import LossConfig
     from megatron_mft.loss import (

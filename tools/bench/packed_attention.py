@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 
+from megatron_mft.config import tool_config  # noqa: E402
 from megatron_mft.config.base import int_range  # noqa: E402
 from megatron_mft.errors import command  # noqa: E402
 
@@ -141,6 +142,11 @@ def main() -> None:
     ap.add_argument("--dim", type=int_range(1), default=32)
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its first compile takes ~30 s)")
     args = ap.parse_args()
+    # an attention layer training could build (heads by KV groups, even head size): else torch's error mid-run
+    tool_config("packed_attention.py", {"model.num_attention_heads": args.heads, "model.num_query_groups": args.groups,
+                                        "model.kv_channels": args.dim, "model.hidden_size": args.heads * args.dim},
+                {"model.num_attention_heads": "--heads", "model.num_query_groups": "--groups",
+                 "model.kv_channels": "--dim"})
     torch.set_num_threads(args.threads)
     from megatron_mft.compat import setup_runtime
 

@@ -35,7 +35,8 @@ from megatron_mft.config.presets import PRESETS  # noqa: E402
 from megatron_mft.peft.memory import GB, MemoryEstimate, estimate_memory  # noqa: E402
 
 
-from megatron_mft.config.base import int_range  # noqa: E402
+from megatron_mft.config import tool_config  # noqa: E402
+from megatron_mft.config.base import int_list, int_range  # noqa: E402
 from megatron_mft.errors import command  # noqa: E402
 
 
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["codellama-34b", "llama2-70b"], choices=sorted(PRESETS))
     ap.add_argument("--methods", nargs="+", default=["lora", "qlora"], choices=["lora", "qlora"])
-    ap.add_argument("--layout", action="append", default=None, metavar="TP,PP,DP",
+    ap.add_argument("--layout", action="append", default=None, metavar="TP,PP,DP", type=int_list(1, "TP,PP,DP"),
                     help="tensor,pipeline,data parallel sizes (repeatable; default 1,1,1 and 2,1,4)")
     ap.add_argument("--sp", action=argparse.BooleanOptionalAction, default=None,
                     help="sequence parallelism (default: on when tp > 1)")
@@ -62,18 +63,32 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--overhead-gb", type=float, default=4.0,
                     help="CUDA context + NCCL + allocator slack assumed for the 'fits' column")
     ap.add_argument("--measure-load", action="store_true", help="measure model build + base-weight load peaks")
-    ap.add_argument("--measure-shape", default="8,1024,2816", metavar="LAYERS,HIDDEN,FFN")
+    ap.add_argument("--measure-shape", default="8,1024,2816", metavar="LAYERS,HIDDEN,FFN",
+                    type=int_list(1, "LAYERS,HIDDEN,FFN"))
     return ap
+
+
+#: the options' names in the training config's messages
+LAYOUT_OPTIONS = {"parallel.tp": "--layout TP", "parallel.pp": "--layout PP", "parallel.vpp": "--vpp",
+                  "parallel.sp": "--sp", "parallel.ep": "--ep", "parallel.cp": "--cp", "data.seq_length": "--seq",
+                  "peft.rank": "--rank", "peft.target_modules": "--targets"}
 
 
 def estimates(args: argparse.Namespace) -> list[tuple[str, str, tuple[int, int, int], bool, MemoryEstimate]]:
     """(model, method, (tp, pp, dp), sp, estimate) for every row the arguments ask for (the recipe
-    headers quote these rows; tests/test_recipes.py checks them through this function)."""
-    layouts = [tuple(int(x) for x in lay.split(",")) for lay in (args.layout or ["1,1,1", "2,1,4"])]
+    headers quote these rows; tests/test_recipes.py checks them through this function). A layout
+    training would refuse for a model (heads or layers not divisible, experts not by --ep, a
+    sequence not in 2 x cp chunks) is refused, with the training config's rules."""
+    layouts = args.layout or [(1, 1, 1), (2, 1, 4)]
     rows = []
     for name in args.models:
         for tp, pp, dp in layouts:
             sp = (tp > 1) if args.sp is None else (args.sp and tp > 1)
+            tool_config(f"peft_memory.py --models {name} --layout {tp},{pp},{dp}", {
+                "model.preset": name, "model.recompute": args.recompute, "parallel.tp": tp, "parallel.pp": pp,
+                "parallel.vpp": args.vpp, "parallel.sp": sp, "parallel.ep": args.ep, "parallel.cp": args.cp,
+                "data.seq_length": args.seq, "peft.method": "lora", "peft.rank": args.rank,
+                "peft.target_modules": args.targets}, LAYOUT_OPTIONS)
             for method in args.methods:
                 est = estimate_memory(PRESETS[name], method=method, rank=args.rank, targets=args.targets, tp=tp,
                                       pp=pp, dp=dp, vpp=args.vpp, sp=sp, seq_length=args.seq,
@@ -89,6 +104,7 @@ def main(argv=None) -> int:
     if args.measure_load:
         return measure_load(args.measure_shape, args.rank)
 
+    rows = estimates(args)  # refuses a layout before the table starts
     cols = ["base", "adapters", "grads", "optim", "activ", "logits", "dequant", "total"]
     print(f"per-GPU memory, GB (1e9 B); s={args.seq} b={args.micro_batch} r={args.rank} "
           f"targets={','.join(args.targets)} recompute={args.recompute} bf16; most loaded pipeline stage")
@@ -96,7 +112,7 @@ def main(argv=None) -> int:
     head += f" {'fits ' + format(args.gpu_gb, 'g') + 'GB':>10}  trainable"
     print(head)
     print("-" * len(head))
-    for name, method, (tp, pp, dp), sp, est in estimates(args):
+    for name, method, (tp, pp, dp), sp, est in rows:
         vals = [est.base_weights, est.adapters, est.grads, est.optimizer, est.activations, est.logits,
                 est.workspace, est.total]
         fits = "yes" if est.total / GB + args.overhead_gb <= args.gpu_gb else "no"
@@ -159,8 +175,12 @@ def _child(method: str, ckpt: str, overrides: list[str], rank: int) -> None:
     teardown()  # gloo aborts at interpreter exit if its group is left up
 
 
-def measure_load(shape: str, rank: int) -> int:
-    layers, hidden, ffn = (int(x) for x in shape.split(","))
+def measure_load(shape: tuple[int, int, int], rank: int) -> int:
+    layers, hidden, ffn = shape
+    tool_config("peft_memory.py --measure-shape", {"model.num_layers": layers, "model.hidden_size": hidden,
+                                                   "model.ffn_hidden_size": ffn, "model.num_attention_heads": 8,
+                                                   "model.num_query_groups": 2},
+                {"model.num_layers": "LAYERS", "model.hidden_size": "HIDDEN", "model.ffn_hidden_size": "FFN"})
     overrides = [f"model.num_layers={layers}", f"model.hidden_size={hidden}", f"model.ffn_hidden_size={ffn}",
                  "model.num_attention_heads=8", "model.num_query_groups=2", "data.path=/unused"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),

@@ -39,8 +39,11 @@ import time
 import torch
 
 
-from megatron_mft.config.base import int_range  # noqa: E402
-from megatron_mft.errors import command  # noqa: E402
+from megatron_mft.config import tool_config  # noqa: E402
+from megatron_mft.config.base import choice_list, int_list, int_range  # noqa: E402
+from megatron_mft.errors import UsageError, command  # noqa: E402
+
+PEFT_METHODS = ("none", "lora", "qlora")
 
 
 def _args(argv=None) -> argparse.Namespace:
@@ -57,14 +60,15 @@ def _args(argv=None) -> argparse.Namespace:
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
     ap.add_argument("--attention", default="auto", choices=["auto", "te", "flash", "sdpa"])
-    ap.add_argument("--peft", default="none", choices=["none", "lora", "qlora"])
+    ap.add_argument("--peft", default="none", choices=PEFT_METHODS)
     ap.add_argument("--lora-rank", type=int_range(1), default=64)
     ap.add_argument("--docs-per-row", type=int_range(1), default=1, help="documents packed per row (random lengths)")
     ap.add_argument("--json", help="also write the result here")
     cmp = ap.add_argument_group("--compare-hf")
     cmp.add_argument("--compare-hf", action="store_true", help="engine vs a plain transformers loop, alternating")
-    cmp.add_argument("--threads", default="1,2", help="torch threads per worker, comma-separated")
-    cmp.add_argument("--peft-modes", default="none,lora", help="comma-separated: none (full fine-tune), lora")
+    cmp.add_argument("--threads", default="1,2", type=int_list(1), help="torch threads per worker, comma-separated")
+    cmp.add_argument("--peft-modes", default="none,lora", type=choice_list(PEFT_METHODS),
+                     help="comma-separated: none (full fine-tune), lora, qlora")
     cmp.add_argument("--trials", type=int_range(1), default=8, help="alternating paired trials per thread count and mode")
     cmp.add_argument("--packed-docs", type=int_range(1), default=4, help="documents per row of the packed engine timing")
     cmp.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step per loop")
@@ -105,17 +109,40 @@ def token_batches(args, vocab: int) -> list[torch.Tensor]:
 
 # ---------------------------------------------------------------- the engine
 
-def _engine_overrides(args) -> list[str]:
-    over = [f"model.preset={args.preset}", f"model.precision={args.precision}", f"model.recompute={args.recompute}",
-            f"model.attention_backend={args.attention}", f"parallel.tp={args.tp}", f"parallel.pp={args.pp}",
-            f"parallel.sp={str(args.sp).lower()}", "data.path=/synthetic", f"data.seq_length={args.seq}",
-            "loss.mode=token", f"train.micro_batch_size={args.micro_batch}", "train.warmup_steps=0",
-            f"peft.method={args.peft}"]
+#: the options' names in the training config's messages
+OPTIONS = {"model.preset": "--preset", "model.num_layers": "--layers", "model.precision": "--precision",
+           "model.recompute": "--recompute", "model.attention_backend": "--attention", "parallel.tp": "--tp",
+           "parallel.pp": "--pp", "parallel.sp": "--sp", "data.seq_length": "--seq",
+           "train.micro_batch_size": "--micro-batch", "peft.method": "--peft", "peft.rank": "--lora-rank"}
+
+
+def _engine_settings(args) -> dict:
+    over = {"model.preset": args.preset, "model.precision": args.precision, "model.recompute": args.recompute,
+            "model.attention_backend": args.attention, "parallel.tp": args.tp, "parallel.pp": args.pp,
+            "parallel.sp": args.sp, "data.path": "/synthetic", "data.seq_length": args.seq, "loss.mode": "token",
+            "train.micro_batch_size": args.micro_batch, "train.warmup_steps": 0, "peft.method": args.peft}
     if args.peft != "none":
-        over += [f"peft.rank={args.lora_rank}", f"peft.alpha={2 * args.lora_rank}"]
+        over.update({"peft.rank": args.lora_rank, "peft.alpha": 2 * args.lora_rank})
     if args.layers:
-        over.append(f"model.num_layers={args.layers}")
+        over["model.num_layers"] = args.layers
     return over
+
+
+def _engine_overrides(args) -> list[str]:
+    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in _engine_settings(args).items()]
+
+
+def check_options(args) -> None:
+    """Refuse, before any model is built, what training would refuse (the training config's rules,
+    in the options' names) and rows that cannot hold the documents asked for."""
+    for mode in args.peft_modes if args.compare_hf else [args.peft]:
+        tool_config("train_throughput.py", _engine_settings(argparse.Namespace(**{**vars(args), "peft": mode})),
+                    OPTIONS)
+    docs = {"--docs-per-row": args.docs_per_row, **({"--packed-docs": args.packed_docs} if args.compare_hf else {})}
+    for name, n in docs.items():
+        if n > 1 and n > args.seq // 16:
+            raise UsageError(f"train_throughput.py: {name} {n}: a row of --seq {args.seq} tokens holds at most "
+                             f"{max(args.seq // 16, 1)} (each at least 16 tokens)")
 
 
 class Engine:
@@ -370,8 +397,7 @@ def _spread(xs: list[float]) -> str:
 
 
 def compare_hf(args, argv: list[str]) -> None:
-    threads = [int(t) for t in args.threads.split(",")]
-    modes = args.peft_modes.split(",")
+    threads, modes = list(args.threads), args.peft_modes
     tokens_per_step = args.micro_batch * args.seq * args.micro_batches
     print(machine_line())
     print(f"preset {args.preset}, seq {args.seq}, micro batch {args.micro_batch}, {args.micro_batches} micro "
@@ -438,6 +464,7 @@ def compare_hf(args, argv: list[str]) -> None:
 
 def main() -> None:
     args = _args()
+    check_options(args)
     if args.worker:
         worker(args)
     elif args.compare_hf:
