@@ -5,7 +5,6 @@ exits (a second exits at once), `checkpoint init` refuses a non-empty folder."""
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys

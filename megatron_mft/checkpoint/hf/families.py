@@ -23,7 +23,7 @@ Adding a family = adding a :class:`Family` value to :data:`FAMILIES`; no code br
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
 from typing import Any, Callable, Optional
 
