@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from test_hf_fixtures import make_hf_model
-from train_helpers import CONFIG, ROOT, env, run_train
+from train_helpers import CONFIG, ROOT, env, read_metrics, run_train
 
 
 # ------------------------------------------------------------------ non-finite guard
@@ -333,3 +333,74 @@ def test_a_failed_final_rename_keeps_the_finished_conversion(tmp_path, monkeypat
         with h2m.staged_output(out) as tmp:
             (tmp / "weights").write_text("hours of work")
     assert (tmp_path / ".ckpt.partial" / "weights").read_text() == "hours of work" and not out.exists()
+
+
+# ------------------------------------------------------------------ out of memory
+#: torch's CUDA OOM text (torch 2.11, an 80 GB card), as the caching allocator words it
+CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
+            "1.06 GiB is free. Including non-PyTorch memory, this process has 78.12 GiB memory in use. Of the "
+            "allocated memory 75.02 GiB is allocated by PyTorch, and 1.61 GiB is reserved by PyTorch but "
+            "unallocated. If reserved but unallocated memory is large try setting "
+            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.  See documentation for "
+            "Memory Management  (https://pytorch.org/docs/stable/notes/cuda.html#environment-variables)")
+
+OOM_SCRIPT = """
+import sys, torch
+import megatron_mft.training.recipe as recipe
+real, calls = recipe.train_step, []
+def train_step(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        raise torch.OutOfMemoryError(sys.argv[1])
+    return real(*args, **kwargs)
+recipe.train_step = train_step
+from megatron_mft.train import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_out_of_memory_names_where_and_the_settings_that_lower_memory():
+    """Both kinds of torch OOM, read from real errors: the message keeps torch's figures, drops its
+    documentation pointer and C++ location, and lists this run's own settings with their values."""
+    import torch
+
+    from megatron_mft.config import load_config
+    from megatron_mft.training.oom import is_out_of_memory, out_of_memory_error
+
+    full = load_config(CONFIG, ["train.micro_batch_size=4", "train.global_batch_size=8"])
+    msg = str(out_of_memory_error(torch.OutOfMemoryError(CUDA_OOM), full, "step 3"))
+    lines = msg.splitlines()
+    assert lines[0].startswith("out of GPU memory during step 3: CUDA out of memory. Tried to allocate 2.00 GiB. "
+                               "GPU 0 has a total capacity of 79.19 GiB")
+    assert "expandable_segments:True to avoid fragmentation." in lines[0] and "See documentation" not in msg
+    hints = [h.removeprefix("  - ").split(" ")[0] for h in lines[2:]]
+    assert hints == ["peft.method=lora", "model.recompute=selective", "train.micro_batch_size=2", "parallel.tp",
+                     "data.seq_length"], msg
+    assert "(now 4)" in lines[4] and "train.global_batch_size (8)" in lines[4]
+
+    lora = load_config(CONFIG, ["peft.method=lora", "model.recompute=full", "parallel.distributed_optimizer=false"])
+    hints = [h.split()[1] for h in str(out_of_memory_error(torch.OutOfMemoryError(CUDA_OOM), lora, "x")).splitlines()[2:]]
+    assert hints == ["peft.method=qlora", "parallel.distributed_optimizer=true", "parallel.tp", "data.seq_length"]
+
+    try:  # a real failed host allocation: a RuntimeError with the allocator's C++ location
+        torch.empty(2**50, dtype=torch.uint8)
+    except RuntimeError as e:
+        host = e
+    assert is_out_of_memory(host) and not is_out_of_memory(RuntimeError("shape mismatch"))
+    first = str(out_of_memory_error(host, full, "start-up")).splitlines()[0]
+    assert first == (f"out of host memory during start-up: DefaultCPUAllocator: can't allocate memory: you tried to "
+                     f"allocate {2**50} bytes. Error code 12 (Cannot allocate memory).")
+
+
+def test_a_run_out_of_memory_ends_with_one_message_and_its_process_group(tmp_path, train_overrides):
+    """An OOM in the second step (as torch raises it on a GPU) was 'internal error: OutOfMemoryError
+    ... a bug'; now one message with the step and the settings, exit 1, the lock released."""
+    out = tmp_path / "oom"
+    argv = ["--config", str(CONFIG), *train_overrides, f"output_dir={out}", "train.steps=3"]
+    p = subprocess.run([sys.executable, "-c", OOM_SCRIPT, CUDA_OOM, *argv], cwd=ROOT, env=env(2), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "Traceback" not in p.stderr and "internal error" not in p.stderr, p.stderr[-3000:]
+    assert p.stderr.count("error: out of GPU memory during step 2: CUDA out of memory. Tried to allocate 2.00 GiB.") == 1
+    assert "  - peft.method=lora or qlora (now none)" in p.stderr
+    assert not (out / ".run.lock").exists() and [r["step"] for r in read_metrics(out)] == [1]

@@ -23,6 +23,7 @@ from megatron_mft.launch.agree import any_rank, every_rank
 from megatron_mft.launch.env import read_dist_env
 from megatron_mft.loss import build_balancer, task_weights_in_force
 from megatron_mft.model import build_model_chunks, check_placement, kernels_line
+from megatron_mft.training.oom import is_out_of_memory, out_of_memory_error
 from megatron_mft.training.metrics import MetricsLog, Timer, console_line, flop_count, peak_flops, peak_memory_gib
 from megatron_mft.training.optimizer import build_optimizer, build_scheduler, total_steps, wrap_ddp
 from megatron_mft.training.parallel import init_parallel, teardown
@@ -104,6 +105,7 @@ class Recipe:
         self.early_stop = {"best": math.inf, "bad_evals": 0}
         self.nonfinite_in_a_row = 0
         self.lock = None
+        self.phase = "start-up (model, optimizer, data)"  # where the run is, for an out-of-memory message
         self.made_dirs: list[Path] = []  # the output_dir folders this start created (rank 0)
 
     # ---------------------------------------------------------------- setup
@@ -339,6 +341,7 @@ class Recipe:
             cp_pad_since += self.data.cp_padding_tokens - cp_pad_before
             self.ctx.task_weights = self.task_weights()
             self.ctx.consumed_rows = self.consumed_rows
+            self.phase = f"step {self.step + 1}"
             out = train_step(self.chunks, self.optimizer, self.scheduler, micro_batches, self.ctx)
             self.step += 1
             self.consumed_rows += t.global_batch_size
@@ -412,6 +415,7 @@ class Recipe:
         return bool(due_eval or due_bal)
 
     def _validate(self) -> None:
+        self.phase = f"validation after step {self.step}"
         for c in self.chunks:
             c.eval()
         losses = {}
@@ -449,6 +453,7 @@ class Recipe:
         if not self._weights_finite():
             raise UserError(f"step {self.step}: the weights hold NaN/inf; not saving a checkpoint over "
                             f"{self.ckpt_root} (the newest one there is kept)")
+        self.phase = f"the checkpoint save of step {self.step}"
         info = {"config": to_dict(self.run_cfg), "task_names": self.task_names,
                 "consumed_rows": self.consumed_rows, "peak_mem_gib": peak_memory_gib(), "manifest": self.data.manifest,
                 "peft": self.run_cfg.peft.method}
@@ -470,6 +475,10 @@ class Recipe:
         try:  # a start refused in setup also ends the process group (gloo aborts at exit otherwise)
             self.setup()
             self.train()
+        except Exception as e:
+            if is_out_of_memory(e):
+                raise out_of_memory_error(e, self.run_cfg, self.phase) from e
+            raise
         finally:
             self.cleanup()
         return 0
