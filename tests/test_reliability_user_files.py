@@ -87,28 +87,43 @@ def _ckpt(root: Path, name: str, meta: dict) -> Path:
 
 def test_a_resume_sets_the_later_metrics_lines_aside_and_keeps_every_other_line(tmp_path, monkeypatch):
     """Lines of steps after the resume step go to a new side file (never over an existing one);
-    lines without a step, unparseable ones and a torn last line stay in metrics.jsonl, in order
-    (the torn one ended, so the next record does not join it). Only rank 0's log touches the file."""
+    lines without a step and unparseable ones (a hopelessly nested one too) stay in metrics.jsonl,
+    in order. A torn last line (a crash while writing it) moves as well, also when nothing else
+    does: kept, the next record would have been glued onto it. Only rank 0's log touches the file.
+    A metrics.jsonl that is a symbolic link stays one; its target gets the rewrite."""
     from megatron_mft.training.metrics import MetricsLog
 
     monkeypatch.setattr("time.strftime", lambda fmt, *a: "20260101-000000")
+    target = tmp_path / "elsewhere.jsonl"
     path = tmp_path / "metrics.jsonl"
+    path.symlink_to(target.name)
+    nested = "[" * 100_000 + "]" * 100_000
     text = ('{"step": 1, "loss": 2.0}\n{"step": 3, "loss": 1.0}\n{"note": "no step"}\nnot json {\n'
-            '{"step": 2, "val_loss/a": 1.5}\n{"step": 4, "loss": 0.5}\n{"step": 5, "lo')
-    path.write_text(text)
+            f'{nested}\n{{"step": 2, "val_loss/a": 1.5}}\n{{"step": 4, "loss": 0.5}}\n{{"step": 5, "lo')
+    target.write_text(text)
     assert MetricsLog(tmp_path, enabled=False).set_aside_after(2) is None and path.read_text() == text
     taken = tmp_path / "metrics.superseded.20260101-000000.jsonl"
     taken.write_text("mine\n")
     log = MetricsLog(tmp_path, enabled=True)
-    assert log.set_aside_after(2) == (2, tmp_path / "metrics.superseded.20260101-000000-1.jsonl")
+    assert log.set_aside_after(2) == (3, tmp_path / "metrics.superseded.20260101-000000-1.jsonl")
     assert taken.read_text() == "mine\n"
     assert (tmp_path / "metrics.superseded.20260101-000000-1.jsonl").read_text() == (
-        '{"step": 3, "loss": 1.0}\n{"step": 4, "loss": 0.5}\n')
-    assert path.read_text() == ('{"step": 1, "loss": 2.0}\n{"note": "no step"}\nnot json {\n'
-                                '{"step": 2, "val_loss/a": 1.5}\n{"step": 5, "lo\n')
+        '{"step": 3, "loss": 1.0}\n{"step": 4, "loss": 0.5}\n{"step": 5, "lo\n')
+    assert path.is_symlink() and target.read_text() == (
+        f'{{"step": 1, "loss": 2.0}}\n{{"note": "no step"}}\nnot json {{\n{nested}\n{{"step": 2, "val_loss/a": 1.5}}\n')
     assert log.set_aside_after(2) is None  # nothing later: the file is left as it is
     log.write({"step": 3, "loss": 0.9})
-    assert path.read_text().splitlines()[-1] == '{"step": 3, "loss": 0.9}'
+    assert target.read_text().splitlines()[-1] == '{"step": 3, "loss": 0.9}'
+
+    # a torn line alone is moved too (before, it stayed and the next record joined it)
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    (torn / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    log = MetricsLog(torn, enabled=True)
+    assert log.set_aside_after(2)[0] == 1
+    log.write({"step": 3, "loss": 0.9})
+    assert (torn / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n{"step": 3, "loss": 0.9}\n'
+
 
 
 def test_preflight_refuses_what_cannot_start_before_anything_is_built(tmp_path, tiny_init):
@@ -150,6 +165,57 @@ def test_preflight_refuses_what_cannot_start_before_anything_is_built(tmp_path, 
                                                                            "peft": {"method": "lora"}}})
     [p] = problems(f"train.init_checkpoint={lora}", out)
     assert "adapters only" in p and "--merge-lora" in p
+
+    # an output_dir (or a folder on its way) that is a dangling symbolic link: exists() is False for
+    # it, so it passed, and the lock's mkdir then failed as an internal error (rank 0 only: the
+    # other ranks waited for it)
+    (tmp_path / "gone").symlink_to(tmp_path / "unmounted")
+    for out_dir in (tmp_path / "gone", tmp_path / "gone" / "run"):
+        [p] = problems(f"output_dir={out_dir}")
+        assert p == (f"output_dir: {out_dir} cannot be created: {tmp_path / 'gone'} is a symbolic link to "
+                     f"{tmp_path / 'unmounted'}, which does not exist"), p
+
+
+def test_make_dirs_refuses_a_part_that_is_no_folder_and_removes_what_it_made(tmp_path, monkeypatch):
+    from megatron_mft.compat.fsops import make_dirs
+
+    (tmp_path / "gone").symlink_to(tmp_path / "unmounted")
+    with pytest.raises(NotADirectoryError, match="gone is symbolic link to .*unmounted, which does not exist"):
+        make_dirs(tmp_path / "gone")
+    real_mkdir, calls = Path.mkdir, []
+
+    def mkdir(self, *a, **k):  # the third folder fails (a quota, say): the two made before go again
+        calls.append(self)
+        if len(calls) == 3:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    with pytest.raises(PermissionError):
+        make_dirs(tmp_path / "a" / "b" / "c")
+    assert not (tmp_path / "a").exists()
+
+
+def test_replace_file_atomically_keeps_links_modes_and_is_not_blocked_by_a_stale_temporary(tmp_path):
+    """A file replaced whole (latest, config.yaml, metrics.jsonl at a resume, results): a symbolic
+    link the user made stays a link (its target is replaced), the file keeps its permissions, and a
+    temporary left by a killed writer with this PID (a requeued job in a container often gets the
+    same one) does not block the write (it did: the name was fixed, opened exclusively)."""
+    import os
+
+    from megatron_mft.compat.fsops import replace_file_atomically
+
+    target = tmp_path / "shared" / "config.yaml"
+    target.parent.mkdir()
+    target.write_text("old\n")
+    target.chmod(0o640)
+    link = tmp_path / "config.yaml"
+    link.symlink_to(target)
+    stale = tmp_path / "shared" / f".config.{os.getpid()}.tmp.yaml"
+    stale.write_text("half")
+    replace_file_atomically(str(link), lambda tmp: Path(tmp).write_text("new\n"))
+    assert link.is_symlink() and target.read_text() == "new\n" and (target.stat().st_mode & 0o777) == 0o640
+    assert sorted(p.name for p in target.parent.iterdir()) == [stale.name, "config.yaml"]
 
 
 def _data(manifest: dict, val_rows: dict[str, int]):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional
@@ -72,16 +73,29 @@ def nearest_existing(path: Path) -> Path:
 
 def make_dirs(path: Path) -> list[Path]:
     """Create ``path`` and its missing parents; the folders this call created, outermost first (one
-    made meanwhile by another process is not among them), so a caller removes exactly its own."""
+    made meanwhile by another process is not among them), so a caller removes exactly its own. A
+    part that exists but is not a folder (a file, a dangling link) raises NotADirectoryError; on
+    any failure the folders this call made are removed again."""
     path = Path(path).absolute()
     made, at = [], nearest_existing(path)
-    for part in path.relative_to(at).parts:
-        at = at / part
-        try:
-            at.mkdir()
-        except FileExistsError:
-            continue
-        made.append(at)
+    try:
+        for part in path.relative_to(at).parts:
+            at = at / part
+            try:
+                at.mkdir()
+            except FileExistsError:
+                if not at.is_dir():
+                    why = broken_link(at) or "not a folder"
+                    raise NotADirectoryError(errno.ENOTDIR, f"cannot create folder {path}: {at} is {why}") from None
+                continue
+            made.append(at)
+    except BaseException:
+        for folder in reversed(made):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
     return made
 
 
@@ -117,13 +131,23 @@ def broken_link(path: str | Path) -> Optional[str]:
 def replace_file_atomically(out: str, write: Callable[[str], None]) -> None:
     """``write(tmp)`` fills a new hidden file beside ``out`` (created exclusively, never over an
     existing file), which is made durable and then renamed over ``out``: a failed or interrupted
-    write, or a crash, leaves the old ``out`` whole and no temporary behind."""
-    d = os.path.dirname(os.path.abspath(out))
+    write, or a crash, leaves the old ``out`` whole and no temporary behind. If ``out`` is a
+    symbolic link, the file it points to is replaced and the link stays; the new file keeps the
+    old one's permissions. A temporary left by a killed writer never blocks a later one (its name
+    is new each time)."""
+    out = os.path.realpath(out)
+    d = os.path.dirname(out)
     os.makedirs(d, exist_ok=True)
     base, ext = os.path.splitext(os.path.basename(out))
-    tmp = os.path.join(d, f".{base}.{os.getpid()}.tmp{ext}")  # the extension kept: writers read the format from it
-    open(tmp, "x").close()
+    # the extension kept: writers read the format from it
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.{os.getpid()}.", suffix=f".tmp{ext}", dir=d)
+    os.close(fd)
     try:
+        try:
+            mode = stat.S_IMODE(os.stat(out).st_mode)
+        except FileNotFoundError:  # a new file: what open() would give it (mkstemp makes 0600)
+            mode = 0o666 & ~_umask()
+        os.chmod(tmp, mode)
         write(tmp)
         fsync_path(Path(tmp))
         os.replace(tmp, out)
@@ -134,3 +158,18 @@ def replace_file_atomically(out: str, write: Callable[[str], None]) -> None:
         except OSError:
             pass
         raise
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it where Linux tells it (setting it briefly would
+    race with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -140,15 +140,18 @@ class MetricsLog:
         """A run continuing from ``step`` logs the later steps again: lines of steps after it (an
         earlier start's, past its checkpoint) move to a new side file next to metrics.jsonl, which
         keeps every other line (unparseable ones and lines without a step too) and is replaced
-        atomically; readers then see one series. (lines moved, side file), or None if none were."""
+        atomically; readers then see one series. A torn last line (a crash while it was written)
+        moves too. (lines moved, side file), or None if none were."""
         if not self.enabled or not self.path.is_file():
             return None
         keep, later = [], []
         with self.path.open("rb") as f:
             lines = f.readlines()  # split at b"\n" only: every other byte of a line stays as it was
         for raw in lines:
-            line = raw if raw.endswith(b"\n") else raw + b"\n"  # a torn last line: the next write starts anew
-            (later if _step_of(raw) > step else keep).append(line)
+            if not raw.endswith(b"\n"):  # a torn last line (a crash mid-write): never glued to the next
+                later.append(raw + b"\n")
+                continue
+            (later if _step_of(raw) > step else keep).append(raw)
         if not later:
             return None
         side = _new_side_file(self.path, b"".join(later))
@@ -176,7 +179,7 @@ def _step_of(raw: bytes) -> float:
     """The line's integer ``step``, or -inf (unparseable, no step): such a line is never moved."""
     try:
         step = json.loads(raw).get("step")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # RecursionError: absurdly nested JSON
         return -math.inf
     return step if isinstance(step, int) and not isinstance(step, bool) else -math.inf
 

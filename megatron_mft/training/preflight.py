@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megatron_mft.compat.fsops import cannot_write_in, is_within, nearest_existing
+from megatron_mft.compat.fsops import broken_link, cannot_write_in, is_within, nearest_existing
 from megatron_mft.config import RunConfig
 from megatron_mft.errors import UsageError, first_rank
 
@@ -191,6 +191,12 @@ def _output_dir_problems(run: RunConfig) -> list[str]:
     if out.exists() and not out.is_dir():
         return [f"output_dir: {out} exists and is not a directory"]
     probe_in = nearest_existing(out)
+    for missing in [out, *out.absolute().parents]:  # a dangling link on the way is 'missing' to exists()
+        if missing.absolute() == probe_in:
+            break
+        link = broken_link(missing)
+        if link:
+            return [f"output_dir: {out} cannot be created: {missing} is a {link}"]
     if not probe_in.is_dir():
         return [f"output_dir: {out} cannot be created: {probe_in} is not a directory"]
     why = cannot_write_in(probe_in)

@@ -241,11 +241,15 @@ class Recipe:
                 self.lock = RunLock(self.out).acquire()
             except RunLockError as e:
                 error = e
+            except OSError as e:  # every rank must hear of it (they wait in any_rank below)
+                why = (e.strerror or str(e)) + (f": {e.filename}" if e.filename else "")
+                error = UserError(f"output_dir {self.out}: cannot create it or its lock: {why}")
         refused = any_rank(error is not None)
         if error is not None:
             raise error
         if refused:
-            raise UserError(f"output_dir {self.out} is in use by another run (rank 0 says which)")
+            raise UserError(f"output_dir {self.out}: rank 0 could not take it (in use by another run, or "
+                            f"not creatable; rank 0 says which)")
         if self.lock is not None and self.lock.note:
             _say(f"note: {self.lock.note}")
 
