@@ -243,6 +243,57 @@ def test_checkpoint_init_refuses_a_model_larger_than_available_memory(tp1_env, t
     assert err.count("\n") == 1 and "Traceback" not in err, err
 
 
+def _fake_host(tmp_path: Path, cgroup_line: str, files: dict[str, str]) -> tuple[str, str]:
+    """A /proc (MemAvailable 64 GiB) and a /sys/fs/cgroup tree with ``files`` (path -> text)."""
+    proc, root = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text(f"MemTotal: {128 * 2**20} kB\nMemAvailable: {64 * 2**20} kB\n")
+    (proc / "self" / "cgroup").write_text(cgroup_line + "\n")
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return str(proc), str(root)
+
+
+def test_available_memory_is_the_room_under_the_tightest_cgroup_limit(tmp_path):
+    """MemAvailable is the whole host's: a SLURM job (--mem, ConstrainRAMSpace) or a container is
+    killed at its cgroup's limit long before. The room is limit - usage + reclaimable page cache, the
+    least over the process's cgroup and its ancestors; 'no limit' leaves MemAvailable."""
+    from megatron_mft.compat.probe import available_memory
+
+    GiB = 2**30
+    v2 = {"job/memory.max": f"{100 * GiB}\n", "job/memory.current": f"{30 * GiB}\n",
+          "job/memory.stat": f"anon 1\ninactive_file {2 * GiB}\n",
+          "job/step/memory.max": "max\n", "job/step/memory.current": f"{29 * GiB}\n"}
+    assert available_memory(*_fake_host(tmp_path / "a", "0::/job/step", v2)) == 64 * GiB  # 72 GiB of room
+    v2["job/memory.max"] = f"{40 * GiB}\n"
+    assert available_memory(*_fake_host(tmp_path / "b", "0::/job/step", v2)) == 12 * GiB  # 40 - 30 + 2
+    v1 = {"memory/slurm/uid_0/job_7/memory.limit_in_bytes": f"{16 * GiB}\n",
+          "memory/slurm/uid_0/job_7/memory.usage_in_bytes": f"{10 * GiB}\n",
+          "memory/slurm/uid_0/job_7/memory.stat": f"cache 5\ntotal_inactive_file {GiB}\n",
+          "memory/slurm/memory.limit_in_bytes": "9223372036854771712\n",
+          "memory/slurm/memory.usage_in_bytes": f"{50 * GiB}\n"}
+    host = _fake_host(tmp_path / "c", "4:memory:/slurm/uid_0/job_7\n3:cpu:/", v1)
+    assert available_memory(*host) == 7 * GiB
+    assert available_memory(*_fake_host(tmp_path / "d", "0::/", {})) == 64 * GiB  # no limit files
+    assert available_memory(str(tmp_path / "none"), str(tmp_path / "none")) is None
+
+
+def test_checkpoint_init_counts_every_process_of_the_node(monkeypatch):
+    """Under torchrun every local rank builds the whole model (init is TP = PP = 1)."""
+    import megatron_mft.compat
+    from megatron_mft.checkpoint.__main__ import check_memory, init_memory
+    from megatron_mft.config import load_config
+    from megatron_mft.errors import UserError
+
+    cfg = load_config(CONFIG)
+    need = init_memory(cfg.model.arch(), 4)["bytes"]
+    monkeypatch.setattr(megatron_mft.compat, "available_memory", lambda: 3 * need)
+    check_memory(cfg, "c.yaml", 4, local_processes=3)
+    with pytest.raises(UserError, match="4 processes on this node each build the whole model .* run it as one process"):
+        check_memory(cfg, "c.yaml", 4, local_processes=4)
+
+
 # ------------------------------------------------------------------ one run per output_dir
 def _write_lock(out: Path, **holder) -> Path:
     out.mkdir(parents=True, exist_ok=True)

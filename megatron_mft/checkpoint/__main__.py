@@ -4,9 +4,11 @@ Writes the freshly initialised weights of a config as a megatron dist checkpoint
 dist checkpoint loads into any TP/PP layout, every layout can then start from identical weights
 (``train.init_checkpoint=DIR``): the basis of layout-parity checks and reproducible sweeps.
 
-The model is built whole (TP=1, PP=1) in this one process, on the CPU without CUDA: a model whose
-weights do not fit in host memory is refused before it is built (:func:`init_memory`), since the
-kernel would otherwise kill the process part-way without a word. ``--skip-memory-check`` builds it anyway.
+The model is built whole (TP=1, PP=1) in each process. Without CUDA it is built in host memory: a
+model that does not fit in what is available (MemAvailable, or less under a cgroup limit) is
+refused before it is built (:func:`init_memory`), since the kernel would otherwise kill the process
+part-way without a word. ``--skip-memory-check`` builds it anyway. (On a GPU machine the weights
+are built on the GPU, and no check runs.)
 """
 
 from __future__ import annotations
@@ -44,23 +46,29 @@ def init_memory(arch, param_bytes: int) -> dict:
     return {"params": params, "fc1": fc1, "largest": largest, "bytes": total}
 
 
-def check_memory(cfg, config: str, param_bytes: int) -> None:
-    """Refuse, with the numbers and the way out, a model that does not fit in available memory."""
+def check_memory(cfg, config: str, param_bytes: int, local_processes: int = 1) -> None:
+    """Refuse, with the numbers and the way out, a model that does not fit in available memory
+    (MemAvailable, or less under a cgroup limit: SLURM's --mem, a container). Every process of a
+    node builds the whole model (init forces TP = PP = 1), so ``local_processes`` multiply it."""
     from megatron_mft.compat import available_memory
 
     available = available_memory()
     if available is None:  # not Linux: nothing to compare with
         return
     need = init_memory(cfg.model.arch(), param_bytes)
-    if need["bytes"] <= available:
+    total = need["bytes"] * local_processes
+    if total <= available:
         return
+    each = (f"{local_processes} processes on this node each build the whole model (init is TP = PP = 1): "
+            f"{local_processes} x {need['bytes'] / GiB:.1f} GiB = {total / GiB:.1f} GiB; run it as one process"
+            if local_processes > 1 else f"about {total / GiB:.1f} GiB")
     raise UserError(
         f"checkpoint init --config {config}: model preset {cfg.model.preset} ({need['params'] / 1e9:.2f}B parameters, "
-        f"{param_bytes}-byte weights built whole on the CPU) needs about {need['bytes'] / GiB:.1f} GiB of memory "
-        f"to build and save, but {available / GiB:.1f} GiB is available (MemAvailable); the kernel would kill it "
-        f"part-way. Run it on a machine with more free memory, or convert the model's Hugging Face weights "
-        f"instead (python -m megatron_mft.convert hf-to-mcore --hf-dir DIR --out CKPT streams one tensor at a time; "
-        f"docs/conversion.md). --skip-memory-check builds it anyway.")
+        f"{param_bytes}-byte weights built whole on the CPU) needs {each} of memory to build and save, but "
+        f"{available / GiB:.1f} GiB is available (MemAvailable, or the room under this job's cgroup memory limit); "
+        f"the kernel would kill it part-way. Run it on a machine with more free memory, or convert the model's "
+        f"Hugging Face weights instead (python -m megatron_mft.convert hf-to-mcore --hf-dir DIR --out CKPT streams "
+        f"one tensor at a time; docs/conversion.md). --skip-memory-check builds it anyway.")
 
 
 @command
@@ -95,11 +103,13 @@ def main(argv: list[str]) -> int:
     from megatron_mft.compat import setup_runtime
     from megatron_mft.model import build_model_chunks
     from megatron_mft.model.builder import resolve_dtype
+    from megatron_mft.launch.env import read_dist_env
     from megatron_mft.training.parallel import init_parallel, teardown
 
     env = setup_runtime()
     if not env.cuda and not args.skip_memory_check:
-        check_memory(cfg, args.config, resolve_dtype(cfg.model.precision, env).itemsize)
+        check_memory(cfg, args.config, resolve_dtype(cfg.model.precision, env).itemsize,
+                     read_dist_env().local_world_size)
     init_parallel(cfg.parallel, env, cfg.seed)  # starts torch.distributed from the launch environment
     chunks = build_model_chunks(cfg.model, cfg.parallel, env)
     os.makedirs(args.out, exist_ok=True)
