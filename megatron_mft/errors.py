@@ -15,6 +15,9 @@ differ between ranks, are printed by every rank that hits them, prefixed ``[rank
 exits non-zero either way. (torchrun itself then adds its ChildFailedError summary, with a traceback
 of the launcher process and the ranks' exit codes, and exits 1: that part is torch's.)
 
+Out of memory (torch's GPU or host allocator) is not a bug: commands that can run out turn it into
+a UserError with :func:`out_of_memory_text` (where, torch's figures, their own settings to lower).
+
 This module imports nothing from the package, so every layer may raise these errors.
 """
 
@@ -27,7 +30,8 @@ import sys
 import traceback
 from typing import Callable
 
-__all__ = ["ArgumentParser", "HELP", "RUNTIME", "USAGE", "UsageError", "UserError", "command", "debug_enabled", "report"]
+__all__ = ["ArgumentParser", "HELP", "RUNTIME", "USAGE", "UsageError", "UserError", "command", "debug_enabled",
+           "is_out_of_memory", "out_of_memory_text", "report"]
 
 #: exit codes
 USAGE, RUNTIME = 2, 1
@@ -120,6 +124,36 @@ def report(error: BaseException) -> int:
     sys.stdout.flush()
     print(text, file=sys.stderr, flush=True)
     return code
+
+
+# ---------------------------------------------------------------- out of memory
+#: torch's failed host allocation (a RuntimeError, not torch.OutOfMemoryError)
+_HOST_OOM = "DefaultCPUAllocator: can't allocate memory"
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch ran out of GPU memory (torch.OutOfMemoryError) or of host memory (its CPU allocator's
+    RuntimeError). torch is not imported for it: without torch loaded, no torch error exists."""
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(error, oom)) or (isinstance(error, RuntimeError) and _HOST_OOM in str(error))
+
+
+def _torch_figures(error: BaseException) -> str:
+    """torch's own sentences (what it tried to allocate, the device's capacity and use), without its
+    pointer to the documentation and the C++ location of a host failure."""
+    text = " ".join(str(error).split())
+    text = text.split(" See documentation for Memory Management")[0]
+    if _HOST_OOM in text:
+        text = text[text.index(_HOST_OOM):]
+    return text.rstrip(". ") + "."
+
+
+def out_of_memory_text(error: BaseException, where: str, hints: list[str], doc: str) -> str:
+    """One message for any command: what ran out and where, torch's figures, then ``hints``."""
+    device = "host" if _HOST_OOM in str(error) else "GPU"
+    lines = "\n".join(f"  - {h}" for h in hints)
+    return f"out of {device} memory during {where}: {_torch_figures(error)}\nTo lower peak memory ({doc}):\n{lines}"
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -416,7 +416,8 @@ def test_out_of_memory_names_where_and_the_settings_that_lower_memory():
     import torch
 
     from megatron_mft.config import load_config
-    from megatron_mft.training.oom import is_out_of_memory, out_of_memory_error
+    from megatron_mft.errors import is_out_of_memory
+    from megatron_mft.training.oom import out_of_memory_error
 
     full = load_config(CONFIG, ["train.micro_batch_size=4", "train.global_batch_size=8"])
     msg = str(out_of_memory_error(torch.OutOfMemoryError(CUDA_OOM), full, "step 3"))
@@ -455,3 +456,24 @@ def test_a_run_out_of_memory_ends_with_one_message_and_its_process_group(tmp_pat
     assert p.stderr.count("error: out of GPU memory during step 2: CUDA out of memory. Tried to allocate 2.00 GiB.") == 1
     assert "  - peft.method=lora or qlora (now none)" in p.stderr
     assert not (out / ".run.lock").exists() and [r["step"] for r in read_metrics(out)] == [1]
+
+
+def test_humaneval_out_of_memory_names_its_own_options(monkeypatch, capsys, tmp_path):
+    """Generation that runs out of GPU memory: one message with evaluate's options (was an internal
+    error), exit 1."""
+    import torch
+
+    import megatron_mft.evaluate.__main__ as evaluate
+
+    def run_humaneval(cfg):
+        raise torch.OutOfMemoryError(CUDA_OOM)
+
+    monkeypatch.setattr(evaluate, "run_humaneval", run_humaneval)
+    code = evaluate.main(["humaneval", "--check-harness", "--batch-size", "8", "--max-new-tokens", "512",
+                          "--dtype", "float32", "--out", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and "internal error" not in err, err
+    assert err.startswith("error: out of GPU memory during HumanEval generation: CUDA out of memory. "
+                          "Tried to allocate 2.00 GiB."), err
+    for hint in ("--batch-size 4 (now 8)", "--max-new-tokens (now 512)", "--dtype bfloat16 (now float32)"):
+        assert hint in err, (hint, err)

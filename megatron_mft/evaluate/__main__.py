@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from megatron_mft.config.base import finite_float, int_range
-from megatron_mft.errors import HELP, ArgumentParser, UsageError, command
+from megatron_mft.errors import HELP, ArgumentParser, UsageError, UserError, command, is_out_of_memory, out_of_memory_text
 from megatron_mft.evaluate.encoding import ENCODINGS
 from megatron_mft.evaluate.generate import BACKENDS, GenerationConfig
 from megatron_mft.evaluate.humaneval import HumanEvalConfig, run_humaneval
@@ -93,6 +93,18 @@ def _weight_problems(hf_dir: str | None) -> list[str]:
     return problems
 
 
+def _memory_hints(gen) -> list[str]:
+    """Options of this command that lower generation's peak memory, most effective first."""
+    hints = []
+    if gen.batch_size > 1:
+        hints.append(f"--batch-size {gen.batch_size // 2} (now {gen.batch_size}): fewer prompts generated at once")
+    hints.append(f"--max-new-tokens (now {gen.max_new_tokens}): a shorter completion cache")
+    if gen.dtype == "float32":
+        hints.append("--dtype bfloat16 (now float32): half the weights' memory")
+    hints.append("a GPU with more free memory (--device cuda:N), or --backend vllm where installed (paged cache)")
+    return hints
+
+
 @command
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
@@ -114,6 +126,11 @@ def main(argv: list[str]) -> int:
         report = run_humaneval(cfg)
     except ValueError as e:  # problem-file errors name file:line
         raise UsageError(str(e)) from e
+    except Exception as e:
+        if is_out_of_memory(e):
+            raise UserError(out_of_memory_text(e, "HumanEval generation", _memory_hints(cfg.generation),
+                                               "docs/evaluation.md")) from e
+        raise
     s = report["summary"]
     print(f"pass@1 = {s['pass@1']:.4f} ({s['passed']}/{s['n']}) mode={s['mode']} "
           f"template={s['template']} add_special_tokens={s['add_special_tokens']} "

@@ -1,5 +1,5 @@
-"""Out of memory, as one message: where in the run it happened, torch's figures, and the settings
-of this run that lower peak memory, most effective first.
+"""Out of memory in a training run, as one message: where in the run it happened, torch's figures,
+and the settings of this run that lower peak memory, most effective first.
 
 Without this a CUDA OOM (the most common way a first GPU run ends) was an "internal error ... a
 bug" with torch's text, and a failed host allocation the same with an ``alloc_cpu.cpp`` line.
@@ -7,27 +7,8 @@ bug" with torch's text, and a failed host allocation the same with an ``alloc_cp
 
 from __future__ import annotations
 
-import torch
-
 from megatron_mft.config import RunConfig
-from megatron_mft.errors import UserError
-
-#: torch's failed host allocation (a RuntimeError, not torch.OutOfMemoryError)
-_HOST_OOM = "DefaultCPUAllocator: can't allocate memory"
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or (isinstance(error, RuntimeError) and _HOST_OOM in str(error))
-
-
-def _torch_figures(error: BaseException) -> str:
-    """torch's own sentences (what it tried to allocate, the device's capacity and use), without its
-    pointer to the documentation and the C++ location of a host failure."""
-    text = " ".join(str(error).split())
-    text = text.split(" See documentation for Memory Management")[0]
-    if _HOST_OOM in text:
-        text = text[text.index(_HOST_OOM):]
-    return text.rstrip(". ") + "."
+from megatron_mft.errors import UserError, out_of_memory_text
 
 
 def memory_hints(run: RunConfig) -> list[str]:
@@ -55,7 +36,5 @@ def memory_hints(run: RunConfig) -> list[str]:
 
 def out_of_memory_error(error: BaseException, run: RunConfig, where: str) -> UserError:
     """The UserError (exit 1) that replaces an out-of-memory ``error`` raised ``where`` ("step 12")."""
-    device = "host" if _HOST_OOM in str(error) else "GPU"
-    hints = "\n".join(f"  - {h}" for h in memory_hints(run))
-    return UserError(f"out of {device} memory during {where}: {_torch_figures(error)}\n"
-                     f"Settings of this run that lower peak memory (docs/operations.md, \"Out of memory\"):\n{hints}")
+    return UserError(out_of_memory_text(error, where, memory_hints(run),
+                                        'docs/operations.md, "Out of memory"; settings of this run, most effective first'))

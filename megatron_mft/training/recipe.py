@@ -18,12 +18,12 @@ from megatron_mft.compat.fsops import make_dirs, replace_file_atomically
 from megatron_mft.config import RunConfig
 from megatron_mft.config.base import to_dict
 from megatron_mft.data import MFTData
-from megatron_mft.errors import UsageError, UserError
+from megatron_mft.errors import UsageError, UserError, is_out_of_memory
 from megatron_mft.launch.agree import any_rank, every_rank
 from megatron_mft.launch.env import read_dist_env
 from megatron_mft.loss import build_balancer, task_weights_in_force
 from megatron_mft.model import build_model_chunks, check_placement, kernels_line
-from megatron_mft.training.oom import is_out_of_memory, out_of_memory_error
+from megatron_mft.training.oom import out_of_memory_error
 from megatron_mft.training.metrics import MetricsLog, Timer, console_line, flop_count, peak_flops, peak_memory_gib
 from megatron_mft.training.optimizer import build_optimizer, build_scheduler, total_steps, wrap_ddp
 from megatron_mft.training.parallel import init_parallel, teardown
