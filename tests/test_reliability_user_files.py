@@ -321,3 +321,23 @@ def test_preference_settings_of_another_stage_and_online_data_of_another_mode_ar
         _cfg(*online, "data.mode=preference")
     _cfg("train.stage=orpo", "loss.preference.lambda=0.5", *online, "data.mode=preference")
     _cfg("train.stage=dpo", "loss.preference.beta=0.5", "loss.preference.rpo_alpha=1", "data.mode=preference")
+
+
+def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
+    """A run resumed at step 2 writes a new events file; its purge marker (TensorBoard's own) hides
+    the earlier file's steps 3-4, so the curves show the resumed run's values once (they showed both)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megatron_mft.training.metrics import MetricsLog
+
+    first = MetricsLog(tmp_path, enabled=True, tensorboard=True, first_step=1)
+    for step in (1, 2, 3, 4):
+        first.write({"step": step, "loss": 10.0 + step})
+    first.close()
+    resumed = MetricsLog(tmp_path, enabled=True, tensorboard=True, first_step=3)
+    for step in (3, 4):
+        resumed.write({"step": step, "loss": 20.0 + step})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 11.0), (2, 12.0), (3, 23.0), (4, 24.0)]

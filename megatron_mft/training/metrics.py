@@ -123,9 +123,11 @@ def hardware_flops(arch: ArchSpec, sample_lengths: Sequence[int], peft: Optional
 class MetricsLog:
     """One JSON object per logged step; resumed runs append (after :meth:`set_aside_after`), never
     overwrite. Optionally the same scalars to TensorBoard (``<output_dir>/tensorboard``; a resumed
-    run adds an events file)."""
+    run adds an events file whose purge marker hides the earlier files' events from its first step
+    on, so TensorBoard too shows each step once)."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool, tensorboard: bool = False):
+    def __init__(self, output_dir: str | Path, enabled: bool, tensorboard: bool = False,
+                 first_step: Optional[int] = None):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self.tb = None
@@ -134,7 +136,7 @@ class MetricsLog:
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+                self.tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"), purge_step=first_step)
 
     def set_aside_after(self, step: int) -> Optional[tuple[int, Path]]:
         """A run continuing from ``step`` logs the later steps again: lines of steps after it (an

@@ -192,7 +192,8 @@ class Recipe:
         # every weight, buffer and NF4 code on the training device, or an error naming it now
         # (instead of a device-mismatch kernel error deep in the first step)
         check_placement(self.chunks, self.device)
-        self.metrics = MetricsLog(self.out, enabled=_rank0(), tensorboard=run.train.tensorboard)
+        self.metrics = MetricsLog(self.out, enabled=_rank0(), tensorboard=run.train.tensorboard,
+                                  first_step=None if self.finished else self.step + 1)
         if not self.finished:  # this start logs the steps after self.step: one series in metrics.jsonl
             moved = self.metrics.set_aside_after(self.step)
             if moved:
