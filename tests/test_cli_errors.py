@@ -72,6 +72,9 @@ CASES = [
      ["metrics.jsonl:2", "UTF-8"]),
     ("plot-out-is-a-folder", [PY, "-m", "megatron_mft.plot", "--metrics", "{metrics}", "--skip-invalid",
                               "--out", "{tmp}"], 2, ["--out", "is a directory"]),
+    # the launch hint names the program that was started (it said -m megatron_mft.train for a bench)
+    ("bench-tp2-one-process", [PY, "tools/bench/train_throughput.py", "--tp", "2"], 2,
+     ["parallel.tp", "torchrun --nproc_per_node 2 tools/bench/train_throughput.py ..."]),
 ]
 
 

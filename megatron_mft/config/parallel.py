@@ -50,7 +50,7 @@ class ParallelConfig:
                 values = " x ".join(str(v) for v in ((self.tp, self.pp, self.cp) if names[0] == "tp"
                                                      else (self.expert_tp, self.ep, self.pp)))
                 how = (f"started as one process: launch {size} (or a multiple) processes, e.g. torchrun "
-                       f"--nproc_per_node {size} -m megatron_mft.train ..." if world_size == 1
+                       f"--nproc_per_node {size} {_this_program()} ..." if world_size == 1
                        else f"got {world_size} processes")
                 p.append(f"{keys} = {values} needs a multiple of {size} processes; {how}")
         return p
@@ -109,3 +109,18 @@ def expert_layout_problems(arch, tp: int, ep: int, etp: Optional[int], ep_name: 
             p.append(f"parallel.etp: {etp} with linear biases (model.linear_bias): megatron's MoE layer supports "
                      f"biases only at parallel.etp: 1")
     return p
+
+
+def _this_program() -> str:
+    """How torchrun would start the running command: ``-m megatron_mft.train`` for a module run
+    (``python -m``), the script's path for a script (a bench), ``-m megatron_mft.train`` otherwise."""
+    import os
+    import sys
+
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:
+        name = spec.name.removesuffix(".__main__")
+        return f"-m {name}" if name.startswith("megatron_mft") else "-m megatron_mft.train"
+    script = getattr(main, "__file__", None)
+    return os.path.relpath(script) if script and script.endswith(".py") else "-m megatron_mft.train"
