@@ -426,6 +426,34 @@ def check_wgrad(args) -> bool:
     return result["ok"]
 
 
+def check_oom(args) -> bool:
+    """A real out-of-memory error on the device (more than the card holds; the CPU's allocator in a
+    dry run) is recognised, and the trainer's message keeps torch's figures: the text the CPU tests
+    take from a copy of torch's wording is the device's own."""
+    from megatron_mft.errors import is_out_of_memory
+    from megatron_mft.training.oom import out_of_memory_error
+
+    env, device = runtime()
+    size = (torch.cuda.get_device_properties(device).total_memory * 2) if env.cuda else 2**50
+    try:
+        torch.empty(size, dtype=torch.uint8, device=device)
+        error = None
+    except Exception as e:  # noqa: BLE001 - what torch raises is the point
+        error = e
+    message = str(out_of_memory_error(error, load_cfg([]), "step 1")) if error is not None else ""
+    first = message.splitlines()[0] if message else ""
+    want = "out of GPU memory during step 1: CUDA out of memory. Tried to allocate" if env.cuda else \
+        "out of host memory during step 1: DefaultCPUAllocator: can't allocate memory"
+    result = {"device": env.device_name, "raised": type(error).__name__, "recognised": error is not None and
+              is_out_of_memory(error), "first_line": first, "torch_text": str(error)[:600]}
+    if env.cuda:  # the allocator is usable after the failure
+        torch.cuda.empty_cache()
+        result["after"] = float(torch.ones(1024, device=device).sum())
+    result["ok"] = result["recognised"] and first.startswith(want) and "See documentation" not in message
+    write(Path(args.out), "oom", result)
+    return result["ok"]
+
+
 # ---------------------------------------------------------------- the user's baseline: a plain transformers loop
 
 def hf_bench(args) -> bool:
@@ -551,7 +579,7 @@ def summary(args) -> bool:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("check", choices=["placement", "isolation", "hf-parity", "wgrad", "bench", "hf-bench",
+    ap.add_argument("check", choices=["placement", "isolation", "hf-parity", "wgrad", "oom", "bench", "hf-bench",
                                       "summary"])
     ap.add_argument("--out", required=True, help="folder for <check>.json")
     ap.add_argument("--peft", default="none", choices=["none", "lora", "qlora"])
@@ -565,7 +593,7 @@ def main(argv=None) -> int:
         print("no CUDA device: these are GPU checks (use --dry-run to exercise the script on the CPU)",
               file=sys.stderr)
         return 2
-    fn = {"placement": check_placement, "isolation": check_isolation, "hf-parity": check_hf_parity, "wgrad": check_wgrad, "bench": bench,
+    fn = {"placement": check_placement, "isolation": check_isolation, "hf-parity": check_hf_parity, "wgrad": check_wgrad, "oom": check_oom, "bench": bench,
           "hf-bench": hf_bench, "summary": summary}[args.check]
     try:
         return 0 if fn(args) else 1

@@ -13,6 +13,7 @@
 #   3. hf-parity   megatron logits vs transformers' on CUDA, both against transformers in float64:
 #                  fp32 within 2 x transformers' own fp32 error, bf16 within 1.5 x its bf16 + 0.02
 #   4. wgrad       the weight gradient accumulated into fp32 main_grad in one GEMM, vs float64
+#      oom         a real CUDA out-of-memory error is recognised and worded by the trainer's message
 #   5. bench       CodeLlama-34B-shaped layers (4 of 48, hidden 8192), seq 4096, bf16: full (also
 #                  with the bf16 weight gradient then an add, the A/B), LoRA and QLoRA packed, full
 #                  and LoRA dynamic: tokens/s, model and hardware TFLOP/s, MFU, peak memory (FLOPs
@@ -82,6 +83,7 @@ step placement 90 placement
 step isolation 60 isolation
 step hf-parity 90 hf-parity
 step wgrad 45 wgrad
+step oom 30 oom
 step bench-full-packed 90 bench --peft none --batching packed --profile
 step bench-full-packed-unfused-wgrad 75 bench --peft none --batching packed --wgrad unfused --profile
 step bench-lora-packed 60 bench --peft lora --batching packed
