@@ -89,6 +89,47 @@ def test_broken_links_are_named_with_their_targets(tmp_path, capsys):
                                                   ("epsilon", (str(data / "epsilon" / "train.jsonl"),))]
 
 
+def test_only_broken_links_that_could_be_input_are_refused(tmp_path, capsys, caplog):
+    """Any broken link at the top refused the folder (a README.md -> ../moved.md: exit 2), while a
+    task's link to a missing sub-folder was skipped silently (not .jsonl): now a name without a
+    suffix (a task folder or sub-folder) or ending in .jsonl is refused, at both levels, and any
+    other broken link is ignored with one warning naming it (stderr and stats.json; the logger when
+    no one else prints it, as for online data)."""
+    from megatron_mft.data.taskdir import DataDirError, discover_tasks
+
+    data = tmp_path / "data"
+    write_jsonl(data / "alpha" / "train.jsonl", [GOOD, GOOD])
+    (data / "README.md").symlink_to("../moved.md")
+    (data / "alpha" / "notes.txt").symlink_to(tmp_path / "gone.txt")
+    (data / "alpha" / "_old").symlink_to(tmp_path / "old")  # named as a skipped folder: skipped
+    (data / ".cache").symlink_to(tmp_path / "cache")
+    ignored = [f"{data}/README.md: symbolic link to ../moved.md ({tmp_path}/moved.md), which does not exist; ignored "
+               f"(a name with a suffix other than .jsonl is no task folder or data file)",
+               f"{data}/alpha/notes.txt: symbolic link to {tmp_path}/gone.txt, which does not exist; ignored "
+               f"(a name with a suffix other than .jsonl is no task folder or data file)"]
+    out = tmp_path / "out"
+    assert main(cli_args(data, out, 128)) == 0
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "symbolic link" in line] == [f"warning: {w}" for w in ignored], err
+    assert json.loads((out / "stats.json").read_text())["warnings"] == ignored
+    with caplog.at_level("WARNING", logger="megatron_mft.data.taskdir"):
+        assert [t.train for t in discover_tasks(data)] == [(str(data / "alpha" / "train.jsonl"),)]
+    assert [r.getMessage() for r in caplog.records] == ignored
+
+    (data / "alpha" / "part2").symlink_to(tmp_path / "mnt" / "part2")  # a sub-folder on a missing mount
+    (data / "alpha" / "deep").mkdir()
+    (data / "alpha" / "deep" / "more").symlink_to("../../../nowhere")
+    (data / "beta.jsonl").symlink_to(tmp_path / "gone.jsonl")
+    warned: list[str] = []
+    with pytest.raises(DataDirError) as e:
+        discover_tasks(data, warned.append)
+    assert str(e.value).splitlines() == [
+        f"{data}/beta.jsonl: symbolic link to {tmp_path}/gone.jsonl, which does not exist",
+        f"{data}/alpha/part2: symbolic link to {tmp_path}/mnt/part2, which does not exist",
+        f"{data}/alpha/deep/more: symbolic link to ../../../nowhere ({tmp_path}/nowhere), which does not exist"]
+    assert warned == ignored
+
+
 def test_cli_exit_codes_via_subprocess(tmp_path):
     data = _data(tmp_path, BAD["invalid_json"][0])
     write_jsonl(data / "gamma" / "train.jsonl", [GOOD, LONG])

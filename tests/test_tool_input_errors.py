@@ -298,30 +298,38 @@ def test_export_finds_a_runs_relative_base_from_another_folder(tiny_run, hf_mode
     (["cp_memory.py", "--heads", "3", "--groups", "2"],
      "cp_memory.py: invalid options:\n  - --hidden: 1024 not divisible by --heads 3\n  - --groups: 2 does not divide "
      "--heads 3\n"),
-    (["cp_memory.py", "--seq", "66"], "  - cp: --seq 66 not divisible by 2 x cp = 4\n"),
+    # CP is fixed at 2 there, not an option: the message names --seq (was "cp: --seq 66 ... 2 x cp = 4"); neither
+    # bench applies RoPE, so an odd head size (1000 / 8 = 125, --dim 3) is no problem of theirs (it hid the --seq one)
+    (["cp_memory.py", "--seq", "66", "--hidden", "1000", "--heads", "8"],
+     "cp_memory.py: invalid options:\n  - --seq: 66 not divisible by 4 (the CP=2 run splits each sequence into "
+     "2 x CP = 4 chunks)\n"),
     (["packed_attention.py", "--heads", "4", "--groups", "8", "--dim", "3"],
-     "  - --dim: the head size 3 is odd; RoPE rotates pairs of channels, so it must be even\n"
-     "  - --groups: 8 does not divide --heads 4\n"),
+     "packed_attention.py: invalid options:\n  - --groups: 8 does not divide --heads 4\n"),
     (["train_throughput.py", "--sp"], "  - --sp: sequence parallelism needs --tp >= 2\n"),
     (["train_throughput.py", "--layers", "3", "--pp", "2"], "  - --pp: --layers 3 not divisible by --pp*vpp = 2\n"),
     (["train_throughput.py", "--seq", "64", "--docs-per-row", "9"],
      "--docs-per-row 9: a row of --seq 64 tokens holds at most 4 (each at least 16 tokens)"),
     (["train_throughput.py", "--compare-hf", "--threads", "1,0"], "argument --threads: must be >= 1, got 0 in '1,0'"),
     (["train_throughput.py", "--compare-hf", "--peft-modes", "lora,full"],
-     "argument --peft-modes: unknown 'full' in 'lora,full'; choose from none, lora, qlora"),
+     "argument --peft-modes: unknown 'full' in 'lora,full'; choose from none, lora"),
+    # the HF loop has no QLoRA: engine QLoRA would be compared with an HF full fine-tune
+    (["train_throughput.py", "--compare-hf", "--peft-modes", "none,qlora"],
+     "argument --peft-modes: unknown 'qlora' in 'none,qlora'; choose from none, lora"),
+    (["train_throughput.py", "--compare-hf", "--threads", "1,,2"], "argument --threads: empty item 2 in '1,,2'"),
     (["family_tokenizer_bench.py", "--families", "llama"],
      "argument --families: unknown 'llama' in 'llama'; choose from llama3, qwen2, starcoder2"),
     (["loss_bench.py", "--seq", "64"], "--seq 64: a row holds synthetic samples of 64 to 1024 tokens, so --seq must "
                                        "be at least 65"),
 ], ids=["mfu-percent", "mfu-without-gpus", "missing-config", "steps-0", "heads-0", "cp-heads-by-groups", "cp-seq-chunks",
         "packed-attention-shape", "throughput-sp-without-tp", "throughput-layers-by-pp", "throughput-docs-per-row",
-        "throughput-threads", "throughput-peft-modes", "tokenizer-families", "loss-short-rows"])
+        "throughput-threads", "throughput-peft-modes", "throughput-peft-modes-qlora", "throughput-threads-empty",
+        "tokenizer-families", "loss-short-rows"])
 def test_bench_tools_give_one_message(argv, needle):
     """The benchmark scripts named in docs/performance.md: a bad value is one message, exit 2, no
     traceback (was a ZeroDivisionError / ConfigError traceback, or a negative step time printed)."""
     p = _run([PY, str(ROOT / "tools" / "bench" / argv[0]), *argv[1:]])
     assert p.returncode == 2 and needle in p.stderr, (p.returncode, p.stderr[-2000:])
-    assert "Traceback" not in p.stderr and "internal error" not in p.stderr
+    assert "Traceback" not in p.stderr and "internal error" not in p.stderr and "odd" not in p.stderr
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -332,15 +340,19 @@ def test_bench_tools_give_one_message(argv, needle):
     (["--models", "llama2-70b", "--layout", "1,3,1"], "  - --layout PP: num_layers 80 not divisible by --layout "
                                                      "PP*--vpp = 3\n"),
     (["--vpp", "2"], "  - --vpp: virtual stages need --layout PP >= 2\n"),
-    (["--ep", "2"], "  - --ep: expert parallelism (--ep=2, etp=None) needs a mixture-of-experts model"),
+    (["--ep", "2"], "peft_memory.py: --ep 2: expert parallelism is for mixture-of-experts presets (mixtral-8x7b, "),
     (["--models", "mixtral-8x7b", "--ep", "3"], "  - --ep: 3 does not divide num_experts 8\n"),
     (["--models", "mixtral-8x7b", "--layout", "2,1,1", "--no-sp"],
      "  - --sp: megatron's MoE layers with --layout TP > 1 need --sp: true\n"),
     (["--cp", "3"], "  - --cp: --seq 4096 not divisible by 2 x --cp = 6\n"),
+    # sequence parallelism the user did not pass is the default at TP > 1: named so (was "--sp: ...")
+    (["--layout", "8,1,1", "--seq", "100"],
+     "  - sequence parallelism (on at --layout TP > 1 unless --no-sp): --seq 100 not divisible by --layout TP 8\n"),
+    (["--layout", "8,1,1", "--seq", "100", "--sp"], "  - --sp: --seq 100 not divisible by --layout TP 8\n"),
     (["--measure-load", "--measure-shape", "2,100,64"],
      "peft_memory.py --measure-shape: invalid options:\n  - HIDDEN: 100 not divisible by num_attention_heads 8\n"),
 ], ids=["tp-by-heads", "layout-two-numbers", "layout-zero", "pp-by-layers", "vpp-without-pp", "ep-dense", "ep-by-experts",
-        "moe-tp-without-sp", "cp-seq-chunks", "measure-shape"])
+        "moe-tp-without-sp", "cp-seq-chunks", "sp-default-seq-by-tp", "sp-seq-by-tp", "measure-shape"])
 def test_peft_memory_refuses_layouts_training_refuses(capsys, argv, needle):
     """peft_memory printed a table for layouts training refuses (64 heads over TP=3, 48 layers over
     PP=5, EP on a dense model...), or ended in "internal error: ValueError" (--layout 1,1); now the
@@ -357,6 +369,70 @@ def test_peft_memory_refuses_layouts_training_refuses(capsys, argv, needle):
     out, err = capsys.readouterr()
     assert code == 2 and needle in err, (code, err)
     assert "Traceback" not in err and "model " not in out, out  # no table row, no header
+
+
+def test_peft_memory_applies_ep_to_the_moe_presets_only():
+    """--ep 2 over a dense and a MoE preset refused the whole table (EP on the dense model), though
+    --ep is for MoE presets: the dense model gets its rows at EP 1, the MoE one at EP 2; the
+    expert-parallel message names only what was set (was "(--ep=2, etp=None)")."""
+    sys.path.insert(0, str(ROOT / "tools" / "bench"))
+    from peft_memory import build_parser, estimates
+
+    from megatron_mft.config.parallel import expert_layout_problems
+    from megatron_mft.config.presets import PRESETS
+
+    def rows(*argv):
+        return [(name, est) for name, *_, est in estimates(build_parser().parse_args(["--layout", "1,1,1", *argv]))]
+
+    both = rows("--models", "codellama-34b", "mixtral-8x7b", "--ep", "2")
+    assert both == rows("--models", "codellama-34b") + rows("--models", "mixtral-8x7b", "--ep", "2")
+    assert [name for name, _ in both] == ["codellama-34b"] * 2 + ["mixtral-8x7b"] * 2  # lora, qlora each
+    assert both[2:] != rows("--models", "mixtral-8x7b")  # EP 2 did reach the MoE rows
+    assert expert_layout_problems(PRESETS["codellama-34b"], 1, 2, None, "--ep") == [
+        "--ep: expert parallelism (--ep=2) needs a mixture-of-experts model (num_experts > 0)"]
+    assert expert_layout_problems(PRESETS["codellama-34b"], 1, 1, 2) == [
+        "parallel.etp: expert parallelism (parallel.etp=2) needs a mixture-of-experts model (num_experts > 0)"]
+
+
+def test_benches_without_rope_take_odd_head_sizes():
+    """The training config's RoPE rule (even head size) refused packed_attention --dim 33 and
+    cp_memory --hidden 1000 --heads 8, whose attention applies no RoPE: tool_config(rope=False)
+    leaves that rule out (and only that one); training keeps it."""
+    from megatron_mft.config import load_config, tool_config
+    from megatron_mft.config.base import ConfigError
+    from megatron_mft.errors import UsageError
+
+    shape = {"model.hidden_size": 1000, "model.num_attention_heads": 8, "model.num_query_groups": 4}
+    assert tool_config("b", shape, {}, rope=False).model.arch().head_dim == 125
+    with pytest.raises(UsageError, match="the head size 125 is odd"):
+        tool_config("b", shape, {})
+    with pytest.raises(UsageError, match=r"invalid options:\n  - --heads: 3 does not divide num_attention_heads 8\n"
+                                         r"  - extra\Z"):
+        tool_config("b", {**shape, "model.num_query_groups": 3}, {"model.num_query_groups": "--heads"}, rope=False,
+                    problems=["extra"])
+    with pytest.raises(ConfigError, match="the head size 125 is odd"):
+        load_config(None, ["data.path=/x", "model.hidden_size=1000", "model.num_attention_heads=8"])
+
+
+def test_comma_list_options_strip_spaces_and_name_an_empty_item(capsys):
+    """--peft-modes "none, lora" was refused ("unknown ' lora'"), unlike the config's own lists; an
+    empty item is an argparse error naming it (was "expected an integer, got ''")."""
+    sys.path.insert(0, str(ROOT / "tools" / "bench"))
+    from peft_memory import build_parser
+    from train_throughput import _args
+
+    assert _args(["--compare-hf", "--peft-modes", "none, lora", "--threads", " 1, 2"]).peft_modes == ["none", "lora"]
+    assert _args(["--compare-hf", "--threads", " 1, 2 "]).threads == (1, 2)
+    assert build_parser().parse_args(["--layout", "2, 1, 4"]).layout == [(2, 1, 4)]
+    for argv, needle in ((["--compare-hf", "--peft-modes", "none,,lora"], "argument --peft-modes: empty item 2 in "
+                                                                         "'none,,lora'"),
+                         (["--compare-hf", "--threads", "1,2,"], "argument --threads: empty item 3 in '1,2,'")):
+        with pytest.raises(SystemExit):
+            _args(argv)
+        assert needle in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--layout", "2,,4"])
+    assert "argument --layout: empty item 2 in '2,,4'" in capsys.readouterr().err
 
 
 def test_an_unusable_attention_backend_is_a_config_error():

@@ -21,7 +21,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -240,17 +240,27 @@ def int_range(minimum: int, maximum: int = 2**63 - 1):
     return parse
 
 
+def _list_items(text: str) -> list[str]:
+    """The items of a comma-separated option value, spaces around each stripped (as the config's
+    own lists: ``"none, lora"``); an empty item (``1,,2``) is an argparse error naming it."""
+    items = [x.strip() for x in text.split(",")]
+    empty = [str(i + 1) for i, x in enumerate(items) if not x]
+    if empty:
+        raise argparse.ArgumentTypeError(f"empty item{'s' * (len(empty) > 1)} {', '.join(empty)} in {text!r}")
+    return items
+
+
 def int_list(minimum: int, form: str = ""):
     """argparse ``type=`` for comma-separated integers, each >= minimum; ``form`` (``TP,PP,DP``)
     also fixes how many: ``--layout 2,1,4``, ``--threads 1,2``."""
     one = int_range(minimum)
 
     def parse(text: str) -> tuple[int, ...]:
-        parts = text.split(",")
-        if form and len(parts) != form.count(",") + 1:
+        items = _list_items(text)
+        if form and len(items) != form.count(",") + 1:
             raise argparse.ArgumentTypeError(f"expected {form} ({form.count(',') + 1} integers), got {text!r}")
         try:
-            return tuple(one(x.strip()) for x in parts)
+            return tuple(one(x) for x in items)
         except argparse.ArgumentTypeError as e:
             raise argparse.ArgumentTypeError(f"{e} in {text!r}") from None
 
@@ -261,7 +271,7 @@ def choice_list(choices):
     """argparse ``type=`` for comma-separated names, each one of ``choices``: ``--families llama,qwen2``."""
 
     def parse(text: str) -> list[str]:
-        names = text.split(",")
+        names = _list_items(text)
         unknown = [n for n in names if n not in choices]
         if unknown:
             raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, unknown))} in {text!r}; "
@@ -355,10 +365,14 @@ def collect_problems(obj: Any, path: str = "") -> list[str]:
     return problems
 
 
-def load_dataclass(cls: type, data: dict, source: str | None = None) -> Any:
+def load_dataclass(cls: type, data: dict, source: str | None = None,
+                   adjust: Callable[[Any], None] | None = None) -> Any:
+    """``cls`` built from ``data`` and validated; ``adjust`` sees the object before its validation."""
     problems: list[str] = []
     obj = _build(cls, data, "", problems)
     if obj is not None:  # also validate what did parse, so one launch shows every mistake
+        if adjust:
+            adjust(obj)
         problems += collect_problems(obj)
     if problems:
         raise ConfigError(problems, source)

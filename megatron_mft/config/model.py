@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from megatron_mft.config.base import PATH
 from megatron_mft.config.presets import PRESETS, ArchSpec
@@ -12,6 +12,10 @@ from megatron_mft.config.presets import PRESETS, ArchSpec
 @dataclass
 class ModelConfig:
     """Which architecture to build. Unset fields come from ``preset``."""
+
+    #: not a config key: False where a tool's attention applies no RoPE (``tool_config(..., rope=False)``),
+    #: so that RoPE's even-head-size rule is not checked
+    applies_rope: ClassVar[bool] = True
 
     preset: str = "tiny"
     num_layers: Optional[int] = None
@@ -90,7 +94,7 @@ class ModelConfig:
     def validate(self) -> list[str]:
         if self.preset not in PRESETS:
             return [f"model.preset: unknown preset {self.preset!r}; known: {', '.join(PRESETS)}"]
-        problems = [f"model.{p}" for p in self.arch().problems()]
+        problems = [f"model.{p}" for p in self.arch().problems(rope=self.applies_rope)]
         if self.attention_backend == "flash" and self.precision == "fp32":
             problems.append("model.attention_backend: flash-attn computes only in fp16/bf16, but model.precision is "
                             "fp32; use precision bf16 (or auto: bf16 on a GPU), or attention_backend sdpa or auto "

@@ -98,8 +98,9 @@ def expert_layout_problems(arch, tp: int, ep: int, etp: Optional[int], ep_name: 
     the caller that knows ``sp``)."""
     p = []
     if not arch.num_experts and (ep > 1 or (etp or 1) > 1):
-        p.append(f"{ep_name}: expert parallelism ({ep_name}={ep}, etp={etp}) needs a mixture-of-experts "
-                 f"model (num_experts > 0)")
+        asked = [f"{ep_name}={ep}"] * (ep > 1) + [f"parallel.etp={etp}"] * ((etp or 1) > 1)  # only what was set
+        p.append(f"{ep_name if ep > 1 else 'parallel.etp'}: expert parallelism ({', '.join(asked)}) needs a "
+                 f"mixture-of-experts model (num_experts > 0)")
     elif arch.num_experts:
         if ep >= 1 and arch.num_experts % ep:
             p.append(f"{ep_name}: {ep} does not divide num_experts {arch.num_experts}")

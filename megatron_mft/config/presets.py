@@ -116,7 +116,9 @@ class ArchSpec:
         embed = v * h * (1 if self.tied_embeddings else 2)
         return L * (attn + mlp + bias + 2 * norm) + embed + norm
 
-    def problems(self) -> list[str]:
+    def problems(self, rope: bool = True) -> list[str]:
+        """What no model can be built with; ``rope=False`` (attention without rotary embeddings,
+        as the benches' bare attention layers) leaves out RoPE's even-head-size rule."""
         p = []
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
                      "vocab_size", "max_position_embeddings"):
@@ -129,7 +131,7 @@ class ArchSpec:
             p.append(f"kv_channels: must be >= 0 (0 = hidden_size / num_attention_heads), got {self.kv_channels}")
         if self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads:
             p.append(f"hidden_size: {self.hidden_size} not divisible by num_attention_heads {self.num_attention_heads}")
-        elif self.num_attention_heads > 0 and self.kv_channels >= 0 and self.head_dim % 2:
+        elif rope and self.num_attention_heads > 0 and self.kv_channels >= 0 and self.head_dim % 2:
             p.append(f"{'kv_channels' if self.kv_channels else 'hidden_size'}: the head size {self.head_dim} is odd; "
                      f"RoPE rotates pairs of channels, so it must be even")
         if self.num_attention_heads > 0 and self.num_query_groups > 0 and self.num_attention_heads % self.num_query_groups:

@@ -6,6 +6,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from megatron_mft.config.base import (PATH, ConfigError, deep_merge, load_dataclass, parse_overrides, read_yaml,
                                       shell_variable_warnings, yaml_key)
@@ -114,22 +115,32 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return cfg
 
 
-def tool_config(tool: str, settings: dict, options: dict[str, str]) -> RunConfig:
+def _without_rope(cfg: RunConfig) -> None:
+    cfg.model.applies_rope = False
+
+
+def tool_config(tool: str, settings: dict, options: dict[str, str], *, rope: bool = True,
+                problems: Sequence[str] = ()) -> RunConfig:
     """The run config of ``settings`` (dotted key -> value, over the defaults), validated by the
     training config's own rules, for a tool whose options describe a model or a layout (the
     benches): what training would refuse, the tool refuses alike, before any work. Each problem
     names the tool's option where ``options`` maps its key (``{"model.num_attention_heads":
-    "--heads"}``), also where the message names that field bare. One UsageError (exit 2)."""
+    "--heads"}``), also where the message names that field bare. ``rope=False``: the tool's
+    attention applies no RoPE, so its even-head-size rule is left out. ``problems``: the tool's own,
+    reported with these. One UsageError (exit 2)."""
     data: dict = {"data": {"path": "-"}}  # a required field no tool reads
     for key, value in settings.items():
         section, name = key.split(".")
         data.setdefault(section, {})[name] = value
+    found: list[str] = []
     try:
-        return load_dataclass(RunConfig, data)
+        cfg = load_dataclass(RunConfig, data, adjust=None if rope else _without_rope)
     except ConfigError as e:
-        problems = e.problems
+        found = e.problems
     for key in sorted(options, key=len, reverse=True):  # model.moe_ffn_hidden_size before model.ffn_hidden_size
         section, name = key.split(".")
         field_name = re.compile(rf"(?<![\w.-])(?:{re.escape(section)}\.)?{re.escape(name)}\b")
-        problems = [field_name.sub(options[key], p) for p in problems]
-    raise UsageError(f"{tool}: invalid options:\n" + "\n".join(f"  - {p}" for p in problems))
+        found = [field_name.sub(options[key], p) for p in found]
+    if found or problems:
+        raise UsageError(f"{tool}: invalid options:\n" + "\n".join(f"  - {p}" for p in [*found, *problems]))
+    return cfg

@@ -123,7 +123,7 @@ def _build_online(cfg: DataConfig, seed: int) -> _Source:
     from megatron_mft.data.template import load_template
     from megatron_mft.data.tokenizer import load_tokenizer
 
-    tasks = discover_tasks(cfg.path)
+    tasks = discover_tasks(cfg.path, warn=lambda w: log.warning("data.path %s: %s", cfg.path, w))
     tok = load_tokenizer(cfg.tokenizer)
     template = load_template(cfg.template)
     pairs = cfg.mode == "preference"  # megatron_mft.data.preference: pairs kept together in one row

@@ -136,7 +136,13 @@ def preprocess(args: PreprocessArgs) -> dict:
               file=sys.stderr, flush=True)
         args = dataclasses.replace(args, workers=workers)
     t0 = time.perf_counter()
-    tasks = discover_tasks(args.data_dir)
+    warnings: list[str] = []
+
+    def warn(w: str) -> None:  # printed when found, all kept for the stats
+        warnings.append(w)
+        print(f"warning: {w}", file=sys.stderr)
+
+    tasks = discover_tasks(args.data_dir, warn)
     tok = load_tokenizer(args.tokenizer_model)
     template = load_template(args.template)
     mode = "sft" if args.mode == "preference" else args.mode  # each side of a pair is an SFT sample
@@ -150,9 +156,8 @@ def preprocess(args: PreprocessArgs) -> dict:
     else:
         encoded = encode_tasks(tasks, spec, workers=args.workers, skip_bad_samples=args.skip_bad_samples,
                                progress=args.progress)
-    warnings = task_warnings(encoded)
-    for w in warnings:
-        print(f"warning: {w}", file=sys.stderr)
+    for w in task_warnings(encoded):
+        warn(w)
     t_tokenized = time.perf_counter()
     plan = plan_pair_splits if args.mode == "preference" else plan_splits
     train, val = plan(encoded, seq_length=args.seq_length, packing=args.packing,  # type: ignore[arg-type]

@@ -9,22 +9,28 @@ Convention (documented in FORMAT.md):
   skipped                           folders starting with ``.`` or ``_`` (at any depth) and folders
                                     holding a preprocessing output (its manifest.json), so an output
                                     written inside the data folder is never read back as data
-  refused                           a task folder or .jsonl that is a broken symbolic link (named, with
-                                    where it points), so a missing mount or a moved file is never a
-                                    silently missing task or file
+  refused                           a broken symbolic link that could be input: a name without a suffix
+                                    (a task folder or sub-folder) or ending in .jsonl (named, with where it
+                                    points), so a missing mount or a moved file is never a silently
+                                    missing task or file; any other broken link (README.md) is ignored
+                                    with a warning
 Why names, not flags: a data directory should describe itself so every run splits it the same way.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 from megatron_mft.compat.fsops import broken_link
 from megatron_mft.data.outdir import is_output_dir
 from megatron_mft.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 _VAL_DIRS = {"val", "valid", "validation", "dev"}
 _VAL_STEM = re.compile(r"(^|[._-])(val|valid|validation|dev)([._-]|$)", re.IGNORECASE)
@@ -69,18 +75,33 @@ def _skipped(name: str) -> bool:
     return name.startswith((".", "_"))
 
 
-def _jsonl_files(task_dir: Path, problems: list[str]) -> list[Path]:
+def _broken(path: Path, problems: list[str], warn: Callable[[str], None]) -> bool:
+    """Whether ``path`` is a broken symbolic link: one that could be input (a name without a
+    suffix: a task folder or sub-folder; or a .jsonl) goes to ``problems``, any other (README.md)
+    is ignored with a warning, so a stray link beside the data does not refuse the folder."""
+    broken = broken_link(path)
+    if broken and (path.name.endswith(".jsonl") or not path.suffix):
+        problems.append(f"{_shown(path)}: {broken}")
+    elif broken:
+        warn(f"{_shown(path)}: {broken}; ignored (a name with a suffix other than .jsonl is no task folder or "
+             f"data file)")
+    return bool(broken)
+
+
+def _jsonl_files(task_dir: Path, problems: list[str], warn: Callable[[str], None]) -> list[Path]:
     """The task's .jsonl files, sorted, without hidden folders and preprocessing outputs; broken
-    links to .jsonl files go to ``problems``."""
+    links that could be input go to ``problems``."""
     found = []
     for here, dirs, files in os.walk(task_dir, onerror=lambda e: problems.append(f"{_shown(e.filename)}: "
                                                                                   f"cannot list ({e.strerror})")):
         dirs[:] = [d for d in dirs if not _skipped(d) and not is_output_dir(Path(here) / d)]
         for name in files:
             path = Path(here) / name
-            if name.endswith(".jsonl") and (broken := broken_link(path)):
-                problems.append(f"{_shown(path)}: {broken}")
-            elif name.endswith(".jsonl") and path.is_file():
+            if _skipped(name) and not name.endswith(".jsonl"):
+                continue  # hidden or named as a skipped folder (_old): not data, as at the top
+            if _broken(path, problems, warn):
+                continue
+            if name.endswith(".jsonl") and path.is_file():
                 if _not_utf8(str(path)):
                     problems.append(f"{_shown(path)}: file name is not valid UTF-8; rename it")
                 else:
@@ -88,7 +109,10 @@ def _jsonl_files(task_dir: Path, problems: list[str]) -> list[Path]:
     return sorted(found)
 
 
-def discover_tasks(data_dir: str | Path) -> list[TaskFiles]:
+def discover_tasks(data_dir: str | Path, warn: Optional[Callable[[str], None]] = None) -> list[TaskFiles]:
+    """The tasks of ``data_dir`` (the convention above); ``warn`` (default: this module's logger)
+    gets one line per broken link that is ignored. Raises DataDirError with every problem."""
+    warn = warn or log.warning
     root = Path(data_dir)
     if not root.is_dir():
         raise DataDirError(f"data folder {data_dir}: not a folder")
@@ -98,13 +122,14 @@ def discover_tasks(data_dir: str | Path) -> list[TaskFiles]:
         entries = sorted(p for p in root.iterdir() if not _skipped(p.name))
     except OSError as e:
         raise DataDirError(f"data folder {data_dir}: cannot list ({e.strerror})") from None
-    problems += [f"{_shown(p)}: {broken}" for p in entries if (broken := broken_link(p))]
+    for p in entries:
+        _broken(p, problems, warn)
     for sub in (p for p in entries if p.is_dir() and not is_output_dir(p)):
         if _not_utf8(sub.name):
             problems.append(f"{_shown(sub)}: task folder name is not valid UTF-8; rename it")
             continue
         known = len(problems)
-        files = _jsonl_files(sub, problems)
+        files = _jsonl_files(sub, problems, warn)
         if not files and len(problems) == known:  # else the broken links are the reason
             problems.append(f"{sub}: task folder has no .jsonl files")
             continue

@@ -102,14 +102,14 @@ def main() -> None:
     p.add_argument("--groups", type=int_range(1), default=4)
     p.add_argument("--ffn", type=int_range(1), default=2816, help="SwiGLU MLP width (Llama's 8/3 x hidden, rounded)")
     a = p.parse_args()
-    # the shape of a model training could build at CP=2 (heads by groups, even head size, sequence
-    # in 2 x cp chunks): else an error inside the spawned ranks
+    # the shape of a layer training could build (heads by groups; no RoPE here, so any head size),
+    # and a sequence the CP=2 run can split: else an error inside the spawned ranks
     tool_config("cp_memory.py", {"model.hidden_size": a.hidden, "model.num_attention_heads": a.heads,
-                                 "model.num_query_groups": a.groups, "model.ffn_hidden_size": a.ffn,
-                                 "data.seq_length": a.seq, "parallel.cp": 2},
+                                 "model.num_query_groups": a.groups, "model.ffn_hidden_size": a.ffn},
                 {"model.hidden_size": "--hidden", "model.num_attention_heads": "--heads",
-                 "model.num_query_groups": "--groups", "model.ffn_hidden_size": "--ffn", "data.seq_length": "--seq",
-                 "parallel.cp": "cp"})
+                 "model.num_query_groups": "--groups", "model.ffn_hidden_size": "--ffn"}, rope=False,
+                problems=[f"--seq: {a.seq} not divisible by 4 (the CP=2 run splits each sequence into 2 x CP = 4 "
+                          f"chunks)"] if a.seq % 4 else [])  # training's CP rule; CP is fixed here, not an option
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from megatron_mft.compat import setup_runtime
 

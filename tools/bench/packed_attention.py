@@ -142,11 +142,12 @@ def main() -> None:
     ap.add_argument("--dim", type=int_range(1), default=32)
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its first compile takes ~30 s)")
     args = ap.parse_args()
-    # an attention layer training could build (heads by KV groups, even head size): else torch's error mid-run
+    # an attention layer training could build (heads by KV groups; no RoPE here, so any head size): else torch's
+    # error mid-run
     tool_config("packed_attention.py", {"model.num_attention_heads": args.heads, "model.num_query_groups": args.groups,
                                         "model.kv_channels": args.dim, "model.hidden_size": args.heads * args.dim},
                 {"model.num_attention_heads": "--heads", "model.num_query_groups": "--groups",
-                 "model.kv_channels": "--dim"})
+                 "model.kv_channels": "--dim"}, rope=False)
     torch.set_num_threads(args.threads)
     from megatron_mft.compat import setup_runtime
 

@@ -37,7 +37,7 @@ from megatron_mft.peft.memory import GB, MemoryEstimate, estimate_memory  # noqa
 
 from megatron_mft.config import tool_config  # noqa: E402
 from megatron_mft.config.base import int_list, int_range  # noqa: E402
-from megatron_mft.errors import command  # noqa: E402
+from megatron_mft.errors import UsageError, command  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,20 +80,28 @@ def estimates(args: argparse.Namespace) -> list[tuple[str, str, tuple[int, int, 
     training would refuse for a model (heads or layers not divisible, experts not by --ep, a
     sequence not in 2 x cp chunks) is refused, with the training config's rules."""
     layouts = args.layout or [(1, 1, 1), (2, 1, 4)]
+    moe = [name for name in args.models if PRESETS[name].num_experts]
+    if args.ep > 1 and not moe:
+        raise UsageError(f"peft_memory.py: --ep {args.ep}: expert parallelism is for mixture-of-experts presets "
+                         f"({', '.join(n for n in PRESETS if PRESETS[n].num_experts)}), and --models has none")
+    # sequence parallelism the user did not ask for is the default at TP > 1: named so, with how to turn it off
+    options = {**LAYOUT_OPTIONS, **({"parallel.sp": "sequence parallelism (on at --layout TP > 1 unless --no-sp)"}
+                                    if args.sp is None else {})}
     rows = []
     for name in args.models:
+        ep = args.ep if name in moe else 1  # --ep applies to the MoE presets; a dense one gets its rows
         for tp, pp, dp in layouts:
             sp = (tp > 1) if args.sp is None else (args.sp and tp > 1)
             tool_config(f"peft_memory.py --models {name} --layout {tp},{pp},{dp}", {
                 "model.preset": name, "model.recompute": args.recompute, "parallel.tp": tp, "parallel.pp": pp,
-                "parallel.vpp": args.vpp, "parallel.sp": sp, "parallel.ep": args.ep, "parallel.cp": args.cp,
+                "parallel.vpp": args.vpp, "parallel.sp": sp, "parallel.ep": ep, "parallel.cp": args.cp,
                 "data.seq_length": args.seq, "peft.method": "lora", "peft.rank": args.rank,
-                "peft.target_modules": args.targets}, LAYOUT_OPTIONS)
+                "peft.target_modules": args.targets}, options)
             for method in args.methods:
                 est = estimate_memory(PRESETS[name], method=method, rank=args.rank, targets=args.targets, tp=tp,
                                       pp=pp, dp=dp, vpp=args.vpp, sp=sp, seq_length=args.seq,
                                       micro_batch=args.micro_batch, recompute=args.recompute,
-                                      distributed_optimizer=not args.no_distributed_optimizer, ep=args.ep,
+                                      distributed_optimizer=not args.no_distributed_optimizer, ep=ep,
                                       cp=args.cp, cp_gathered_kv=args.cp_gathered_kv)
                 rows.append((name, method, (tp, pp, dp), sp, est))
     return rows

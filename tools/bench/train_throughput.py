@@ -44,6 +44,8 @@ from megatron_mft.config.base import choice_list, int_list, int_range  # noqa: E
 from megatron_mft.errors import UsageError, command  # noqa: E402
 
 PEFT_METHODS = ("none", "lora", "qlora")
+#: what the HF loop can apply too (it has no QLoRA): --compare-hf compares like with like
+HF_PEFT_MODES = ("none", "lora")
 
 
 def _args(argv=None) -> argparse.Namespace:
@@ -67,8 +69,8 @@ def _args(argv=None) -> argparse.Namespace:
     cmp = ap.add_argument_group("--compare-hf")
     cmp.add_argument("--compare-hf", action="store_true", help="engine vs a plain transformers loop, alternating")
     cmp.add_argument("--threads", default="1,2", type=int_list(1), help="torch threads per worker, comma-separated")
-    cmp.add_argument("--peft-modes", default="none,lora", type=choice_list(PEFT_METHODS),
-                     help="comma-separated: none (full fine-tune), lora, qlora")
+    cmp.add_argument("--peft-modes", default="none,lora", type=choice_list(HF_PEFT_MODES),
+                     help="comma-separated: none (full fine-tune), lora")
     cmp.add_argument("--trials", type=int_range(1), default=8, help="alternating paired trials per thread count and mode")
     cmp.add_argument("--packed-docs", type=int_range(1), default=4, help="documents per row of the packed engine timing")
     cmp.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step per loop")
