@@ -277,3 +277,24 @@ def test_workers_are_capped_at_the_cpus_this_process_may_use(tmp_path, capsys):
                                       progress=False, workers=100_000, val_ratio=0.0))
     assert stats["workers"] == cpus
     assert f"note: --workers 100000: {cpus} used, one per CPU this process may run on" in capsys.readouterr().err
+
+
+def test_linked_sub_folders_of_a_task_are_read_once(tmp_path):
+    """A sub-folder linked into a task (alpha/more -> /elsewhere) was silently not read (os.walk
+    does not follow links); now it is, each folder once, and a link back up is no endless walk."""
+    from megatron_mft.data.taskdir import discover_tasks
+
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    write_jsonl(data / "alpha" / "train.jsonl", [GOOD])
+    write_jsonl(data / "alpha" / "deep" / "b.jsonl", [GOOD])
+    write_jsonl(elsewhere / "c.jsonl", [GOOD])
+    write_jsonl(data / "beta" / "train.jsonl", [GOOD])
+    (data / "alpha" / "more").symlink_to(elsewhere)
+    (data / "alpha" / "again").symlink_to(data / "alpha" / "deep")  # the same folder twice
+    (data / "alpha" / "deep" / "up").symlink_to(data)  # holds the task: a loop
+    warned: list[str] = []
+    alpha, beta = discover_tasks(data, warned.append)
+    assert alpha.train == tuple(str(data / "alpha" / f) for f in ("deep/b.jsonl", "more/c.jsonl", "train.jsonl"))
+    assert beta.train == (str(data / "beta" / "train.jsonl"),)
+    assert warned == [f"{data}/alpha/again: links to {data}/alpha/deep, which this task already reads; not read twice",
+                      f"{data}/alpha/deep/up: links to {data}, a folder that holds this task; not read"]

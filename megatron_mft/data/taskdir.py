@@ -89,12 +89,28 @@ def _broken(path: Path, problems: list[str], warn: Callable[[str], None]) -> boo
 
 
 def _jsonl_files(task_dir: Path, problems: list[str], warn: Callable[[str], None]) -> list[Path]:
-    """The task's .jsonl files, sorted, without hidden folders and preprocessing outputs; broken
-    links that could be input go to ``problems``."""
-    found = []
-    for here, dirs, files in os.walk(task_dir, onerror=lambda e: problems.append(f"{_shown(e.filename)}: "
-                                                                                  f"cannot list ({e.strerror})")):
-        dirs[:] = [d for d in dirs if not _skipped(d) and not is_output_dir(Path(here) / d)]
+    """The task's .jsonl files, sorted, without hidden folders and preprocessing outputs; linked
+    sub-folders are read, each folder once; broken links that could be input go to ``problems``."""
+    task_real = os.path.realpath(task_dir)
+    found, seen = [], {task_real: task_dir}  # folders read, by real path: each once
+    for here, dirs, files in os.walk(task_dir, followlinks=True,
+                                     onerror=lambda e: problems.append(f"{_shown(e.filename)}: "
+                                                                       f"cannot list ({e.strerror})")):
+        kept = []
+        for d in sorted(dirs, key=lambda d: (Path(here, d).is_symlink(), d)):  # real folders first
+            path = Path(here) / d
+            if _skipped(d) or is_output_dir(path):
+                continue
+            real = os.path.realpath(path)  # a linked sub-folder is read (it was skipped silently)
+            if real in seen:  # ...once
+                warn(f"{_shown(path)}: links to {_shown(seen[real])}, which this task already reads; not read twice")
+                continue
+            if task_real.startswith(real + os.sep):  # a link up would read the task again, endlessly
+                warn(f"{_shown(path)}: links to {_shown(real)}, a folder that holds this task; not read")
+                continue
+            seen[real] = path
+            kept.append(d)
+        dirs[:] = kept
         for name in files:
             path = Path(here) / name
             if _skipped(name) and not name.endswith(".jsonl"):
