@@ -89,41 +89,45 @@ def test_a_resume_sets_the_later_metrics_lines_aside_and_keeps_every_other_line(
     """Lines of steps after the resume step go to a new side file (never over an existing one);
     lines without a step and unparseable ones (a hopelessly nested one too) stay in metrics.jsonl,
     in order. A torn last line (a crash while writing it) moves as well, also when nothing else
-    does: kept, the next record would have been glued onto it. Only rank 0's log touches the file.
-    A metrics.jsonl that is a symbolic link stays one; its target gets the rewrite."""
+    does: kept, the next record would have been glued onto it; a whole last record that lost only
+    its newline stays, ended. Only rank 0's log touches the file. A metrics.jsonl that is a
+    symbolic link (a run folder copied with cp -as) becomes this run's own file: the file it
+    pointed to, another run's log, is not changed."""
     from megatron_mft.training.metrics import MetricsLog
 
     monkeypatch.setattr("time.strftime", lambda fmt, *a: "20260101-000000")
-    target = tmp_path / "elsewhere.jsonl"
+    other = tmp_path / "other_run_metrics.jsonl"
     path = tmp_path / "metrics.jsonl"
-    path.symlink_to(target.name)
+    path.symlink_to(other.name)
     nested = "[" * 100_000 + "]" * 100_000
     text = ('{"step": 1, "loss": 2.0}\n{"step": 3, "loss": 1.0}\n{"note": "no step"}\nnot json {\n'
             f'{nested}\n{{"step": 2, "val_loss/a": 1.5}}\n{{"step": 4, "loss": 0.5}}\n{{"step": 5, "lo')
-    target.write_text(text)
+    other.write_text(text)
     assert MetricsLog(tmp_path, enabled=False).set_aside_after(2) is None and path.read_text() == text
     taken = tmp_path / "metrics.superseded.20260101-000000.jsonl"
     taken.write_text("mine\n")
     log = MetricsLog(tmp_path, enabled=True)
-    assert log.set_aside_after(2) == (3, tmp_path / "metrics.superseded.20260101-000000-1.jsonl")
-    assert taken.read_text() == "mine\n"
+    assert log.set_aside_after(2) == (3, tmp_path / "metrics.superseded.20260101-000000-1.jsonl", other.name)
+    assert taken.read_text() == "mine\n" and other.read_text() == text
     assert (tmp_path / "metrics.superseded.20260101-000000-1.jsonl").read_text() == (
         '{"step": 3, "loss": 1.0}\n{"step": 4, "loss": 0.5}\n{"step": 5, "lo\n')
-    assert path.is_symlink() and target.read_text() == (
+    assert not path.is_symlink() and path.read_text() == (
         f'{{"step": 1, "loss": 2.0}}\n{{"note": "no step"}}\nnot json {{\n{nested}\n{{"step": 2, "val_loss/a": 1.5}}\n')
     assert log.set_aside_after(2) is None  # nothing later: the file is left as it is
     log.write({"step": 3, "loss": 0.9})
-    assert target.read_text().splitlines()[-1] == '{"step": 3, "loss": 0.9}'
+    assert path.read_text().splitlines()[-1] == '{"step": 3, "loss": 0.9}'
 
-    # a torn line alone is moved too (before, it stayed and the next record joined it)
-    torn = tmp_path / "torn"
-    torn.mkdir()
-    (torn / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
-    log = MetricsLog(torn, enabled=True)
-    assert log.set_aside_after(2)[0] == 1
-    log.write({"step": 3, "loss": 0.9})
-    assert (torn / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n{"step": 3, "loss": 0.9}\n'
-
+    # a torn line alone is moved too (before, it stayed and the next record joined it); a whole
+    # record without its newline stays, ended
+    for name, last, moved, kept in (("torn", '{"step": 2, "lo', 1, ""), ("whole", '{"step": 2, "loss": 1.0}', None,
+                                                                         '{"step": 2, "loss": 1.0}\n')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n' + last)
+        log = MetricsLog(tmp_path / name, enabled=True)
+        assert (log.set_aside_after(2) or [None])[0] == moved
+        log.write({"step": 3, "loss": 0.9})
+        assert (tmp_path / name / "metrics.jsonl").read_text() == (
+            '{"step": 1, "loss": 2.0}\n' + kept + '{"step": 3, "loss": 0.9}\n')
 
 
 def test_preflight_refuses_what_cannot_start_before_anything_is_built(tmp_path, tiny_init):
@@ -196,26 +200,72 @@ def test_make_dirs_refuses_a_part_that_is_no_folder_and_removes_what_it_made(tmp
     assert not (tmp_path / "a").exists()
 
 
-def test_replace_file_atomically_keeps_links_modes_and_is_not_blocked_by_a_stale_temporary(tmp_path):
-    """A file replaced whole (latest, config.yaml, metrics.jsonl at a resume, results): a symbolic
-    link the user made stays a link (its target is replaced), the file keeps its permissions, and a
-    temporary left by a killed writer with this PID (a requeued job in a container often gets the
-    same one) does not block the write (it did: the name was fixed, opened exclusively)."""
+def test_replace_file_atomically_keeps_modes_other_runs_files_and_is_not_blocked_by_a_stale_temporary(tmp_path):
+    """A file replaced whole (latest, config.yaml, metrics.jsonl at a resume, results): the new file
+    keeps the old one's permissions (a read-only one too); a temporary left by a killed writer with
+    this PID (a requeued job in a container often gets the same one) does not block the write (it
+    did: the name was fixed, opened exclusively); a symbolic link (a run folder copied with cp -as)
+    is replaced by the new file, and the file it pointed to, another run's, is left as it was."""
     import os
 
     from megatron_mft.compat.fsops import replace_file_atomically
 
-    target = tmp_path / "shared" / "config.yaml"
-    target.parent.mkdir()
-    target.write_text("old\n")
-    target.chmod(0o640)
-    link = tmp_path / "config.yaml"
-    link.symlink_to(target)
-    stale = tmp_path / "shared" / f".config.{os.getpid()}.tmp.yaml"
+    run = tmp_path / "run"
+    run.mkdir()
+    mine = run / "results.json"
+    mine.write_text("old\n")
+    mine.chmod(0o444)
+    stale = run / f".results.{os.getpid()}.tmp.json"
     stale.write_text("half")
-    replace_file_atomically(str(link), lambda tmp: Path(tmp).write_text("new\n"))
-    assert link.is_symlink() and target.read_text() == "new\n" and (target.stat().st_mode & 0o777) == 0o640
-    assert sorted(p.name for p in target.parent.iterdir()) == [stale.name, "config.yaml"]
+    replace_file_atomically(str(mine), lambda tmp: Path(tmp).write_text("new\n"))
+    assert mine.read_text() == "new\n" and (mine.stat().st_mode & 0o777) == 0o444
+    assert sorted(p.name for p in run.iterdir()) == [stale.name, "results.json"]
+
+    other = tmp_path / "other_run" / "latest"
+    other.parent.mkdir()
+    other.write_text("step_0000100\n")
+    (run / "latest").symlink_to(other)
+    (run / "config.yaml").symlink_to(tmp_path / "missing_mount" / "config.yaml")
+    replace_file_atomically(str(run / "latest"), lambda tmp: Path(tmp).write_text("step_0000200\n"))
+    replace_file_atomically(str(run / "config.yaml"), lambda tmp: Path(tmp).write_text("x: 1\n"))
+    assert other.read_text() == "step_0000100\n" and (run / "latest").read_text() == "step_0000200\n"
+    assert not (run / "latest").is_symlink() and not (tmp_path / "missing_mount").exists()
+
+
+def test_a_read_only_result_file_is_replaced_by_its_owner(request):
+    """As a user who is not root (root ignores file modes, so the suite's root runs would not see
+    it; a forked child drops to 'nobody'): a 0444 file is replaced and stays 0444 (the mode was set
+    on the temporary before the write, which then failed with PermissionError)."""
+    import os
+    import pwd
+
+    from megatron_mft.compat.fsops import replace_file_atomically
+
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="mft-read-only-"))  # pytest's tmp_path is not open to others
+    request.addfinalizer(lambda: shutil.rmtree(folder, ignore_errors=True))
+    out = folder / "results.json"
+    out.write_text("old")
+    out.chmod(0o444)
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        os.chown(folder, nobody.pw_uid, nobody.pw_gid)
+        os.chown(out, nobody.pw_uid, nobody.pw_gid)
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+                replace_file_atomically(str(out), lambda tmp: Path(tmp).write_text("new"))
+                code = 0
+            finally:
+                os._exit(code)
+        assert os.waitpid(pid, 0)[1] == 0
+    else:
+        replace_file_atomically(str(out), lambda tmp: Path(tmp).write_text("new"))
+    assert out.read_text() == "new" and (out.stat().st_mode & 0o777) == 0o444
 
 
 def _data(manifest: dict, val_rows: dict[str, int]):

@@ -131,12 +131,14 @@ def broken_link(path: str | Path) -> Optional[str]:
 def replace_file_atomically(out: str, write: Callable[[str], None]) -> None:
     """``write(tmp)`` fills a new hidden file beside ``out`` (created exclusively, never over an
     existing file), which is made durable and then renamed over ``out``: a failed or interrupted
-    write, or a crash, leaves the old ``out`` whole and no temporary behind. If ``out`` is a
-    symbolic link, the file it points to is replaced and the link stays; the new file keeps the
+    write, or a crash, leaves the old ``out`` whole and no temporary behind. The new file keeps the
     old one's permissions. A temporary left by a killed writer never blocks a later one (its name
-    is new each time)."""
-    out = os.path.realpath(out)
-    d = os.path.dirname(out)
+    is new each time).
+
+    A symbolic link ``out`` is itself replaced by the new file, and what it pointed to is left as it
+    was: a run folder copied as links (``cp -as``) must not rewrite the original run's ``latest``,
+    ``config.yaml`` or ``metrics.jsonl``; the link's target is never written, nor its folder made."""
+    d = os.path.dirname(os.path.abspath(out))
     os.makedirs(d, exist_ok=True)
     base, ext = os.path.splitext(os.path.basename(out))
     # the extension kept: writers read the format from it
@@ -145,10 +147,10 @@ def replace_file_atomically(out: str, write: Callable[[str], None]) -> None:
     try:
         try:
             mode = stat.S_IMODE(os.stat(out).st_mode)
-        except FileNotFoundError:  # a new file: what open() would give it (mkstemp makes 0600)
+        except FileNotFoundError:  # a new file (or a dangling link): what open() would give it
             mode = 0o666 & ~_umask()
-        os.chmod(tmp, mode)
         write(tmp)
+        os.chmod(tmp, mode)  # after the write: a read-only (0444) file is still replaced
         fsync_path(Path(tmp))
         os.replace(tmp, out)
         fsync_path(Path(d))

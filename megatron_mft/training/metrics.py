@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import math
 import time
 from dataclasses import dataclass
@@ -138,27 +139,36 @@ class MetricsLog:
 
                 self.tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"), purge_step=first_step)
 
-    def set_aside_after(self, step: int) -> Optional[tuple[int, Path]]:
+    def set_aside_after(self, step: int) -> Optional[tuple[int, Path, Optional[str]]]:
         """A run continuing from ``step`` logs the later steps again: lines of steps after it (an
         earlier start's, past its checkpoint) move to a new side file next to metrics.jsonl, which
         keeps every other line (unparseable ones and lines without a step too) and is replaced
         atomically; readers then see one series. A torn last line (a crash while it was written)
-        moves too. (lines moved, side file), or None if none were."""
+        moves too. A metrics.jsonl that is a symbolic link becomes this run's own file (what the
+        link pointed to, perhaps another run's log, is left as it was). (lines moved, side file,
+        the link's target or None), or None if none were."""
         if not self.enabled or not self.path.is_file():
             return None
         keep, later = [], []
         with self.path.open("rb") as f:
             lines = f.readlines()  # split at b"\n" only: every other byte of a line stays as it was
+        unterminated = bool(lines) and not lines[-1].endswith(b"\n")
         for raw in lines:
-            if not raw.endswith(b"\n"):  # a torn last line (a crash mid-write): never glued to the next
-                later.append(raw + b"\n")
-                continue
+            if not raw.endswith(b"\n"):  # the last line, unterminated: never glued to the next record
+                raw += b"\n"
+                if _step_of(raw) == -math.inf:  # torn by a crash mid-write: set aside with the later steps
+                    later.append(raw)
+                    continue
             (later if _step_of(raw) > step else keep).append(raw)
         if not later:
+            if unterminated:  # a whole record that lost only its newline: end it where it is
+                with self.path.open("ab") as f:
+                    f.write(b"\n")
             return None
         side = _new_side_file(self.path, b"".join(later))
+        link = os.readlink(self.path) if self.path.is_symlink() else None
         replace_file_atomically(str(self.path), lambda tmp: Path(tmp).write_bytes(b"".join(keep)))
-        return len(later), side
+        return len(later), side, link
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -197,8 +197,11 @@ class Recipe:
         if not self.finished:  # this start logs the steps after self.step: one series in metrics.jsonl
             moved = self.metrics.set_aside_after(self.step)
             if moved:
-                _say(f"moved {moved[0]} line(s) of steps after {self.step} from {self.metrics.path} to {moved[1]}: "
-                     f"an earlier start logged them, and this run logs those steps again")
+                count, side, link = moved
+                _say(f"moved {count} line(s) of steps after {self.step} from {self.metrics.path} to {side}: "
+                     f"an earlier start logged them, and this run logs those steps again"
+                     + (f"; {self.metrics.path} was a symbolic link to {link}, which is left as it was: "
+                        f"the file is now this run's own" if link else ""))
         if _rank0() and not self.finished:  # a finished run's files keep describing the run that trained it
             self._write_resolved_config()
         self.peak = peak_flops(self.env.device_name, run.train.peak_flops)
