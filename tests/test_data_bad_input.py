@@ -104,9 +104,9 @@ def test_only_broken_links_that_could_be_input_are_refused(tmp_path, capsys, cap
     (data / "alpha" / "_old").symlink_to(tmp_path / "old")  # named as a skipped folder: skipped
     (data / ".cache").symlink_to(tmp_path / "cache")
     ignored = [f"{data}/README.md: symbolic link to ../moved.md ({tmp_path}/moved.md), which does not exist; ignored "
-               f"(a name with a suffix other than .jsonl is no task folder or data file)",
+               f"(a .md file is no task folder or data file)",
                f"{data}/alpha/notes.txt: symbolic link to {tmp_path}/gone.txt, which does not exist; ignored "
-               f"(a name with a suffix other than .jsonl is no task folder or data file)"]
+               f"(a .txt file is no task folder or data file)"]
     out = tmp_path / "out"
     assert main(cli_args(data, out, 128)) == 0
     err = capsys.readouterr().err
@@ -120,11 +120,13 @@ def test_only_broken_links_that_could_be_input_are_refused(tmp_path, capsys, cap
     (data / "alpha" / "deep").mkdir()
     (data / "alpha" / "deep" / "more").symlink_to("../../../nowhere")
     (data / "beta.jsonl").symlink_to(tmp_path / "gone.jsonl")
+    (data / "py3.10").symlink_to(tmp_path / "mnt" / "py3.10")  # a task folder with a dot in its name
     warned: list[str] = []
     with pytest.raises(DataDirError) as e:
         discover_tasks(data, warned.append)
     assert str(e.value).splitlines() == [
         f"{data}/beta.jsonl: symbolic link to {tmp_path}/gone.jsonl, which does not exist",
+        f"{data}/py3.10: symbolic link to {tmp_path}/mnt/py3.10, which does not exist",
         f"{data}/alpha/part2: symbolic link to {tmp_path}/mnt/part2, which does not exist",
         f"{data}/alpha/deep/more: symbolic link to ../../../nowhere ({tmp_path}/nowhere), which does not exist"]
     assert warned == ignored
@@ -281,20 +283,39 @@ def test_workers_are_capped_at_the_cpus_this_process_may_use(tmp_path, capsys):
 
 def test_linked_sub_folders_of_a_task_are_read_once(tmp_path):
     """A sub-folder linked into a task (alpha/more -> /elsewhere) was silently not read (os.walk
-    does not follow links); now it is, each folder once, and a link back up is no endless walk."""
-    from megatron_mft.data.taskdir import discover_tasks
+    does not follow links); now it is, each folder once. Not read through a link, with a warning:
+    a folder inside the task (a held-out val/ folder linked elsewhere in the task would have
+    become training data), a folder holding the task (an endless walk; / too), another task's
+    folder (its files would count twice), a folder already read through another link. Two task
+    folders that are one folder are refused."""
+    from megatron_mft.data.taskdir import DataDirError, discover_tasks
 
     data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
     write_jsonl(data / "alpha" / "train.jsonl", [GOOD])
-    write_jsonl(data / "alpha" / "deep" / "b.jsonl", [GOOD])
+    write_jsonl(data / "alpha" / "deep" / "val" / "v.jsonl", [GOOD])
     write_jsonl(elsewhere / "c.jsonl", [GOOD])
+    (elsewhere / "loop").symlink_to(elsewhere)  # outside the task, back to itself
     write_jsonl(data / "beta" / "train.jsonl", [GOOD])
     (data / "alpha" / "more").symlink_to(elsewhere)
-    (data / "alpha" / "again").symlink_to(data / "alpha" / "deep")  # the same folder twice
-    (data / "alpha" / "deep" / "up").symlink_to(data)  # holds the task: a loop
+    (data / "alpha" / "more2").symlink_to(elsewhere)
+    (data / "alpha" / "heldout").symlink_to(data / "alpha" / "deep" / "val")
+    (data / "alpha" / "deep" / "up").symlink_to(data)
+    (data / "alpha" / "root").symlink_to("/")
+    (data / "alpha" / "b").symlink_to(data / "beta")
     warned: list[str] = []
     alpha, beta = discover_tasks(data, warned.append)
-    assert alpha.train == tuple(str(data / "alpha" / f) for f in ("deep/b.jsonl", "more/c.jsonl", "train.jsonl"))
+    assert alpha.train == tuple(str(data / "alpha" / f) for f in ("more/c.jsonl", "train.jsonl"))
+    assert alpha.val == (str(data / "alpha" / "deep" / "val" / "v.jsonl"),)
     assert beta.train == (str(data / "beta" / "train.jsonl"),)
-    assert warned == [f"{data}/alpha/again: links to {data}/alpha/deep, which this task already reads; not read twice",
-                      f"{data}/alpha/deep/up: links to {data}, a folder that holds this task; not read"]
+    a = data / "alpha"
+    assert sorted(warned) == sorted([
+        f"{a}/b: links to {data}/beta, task beta's folder: its files would count for two tasks; not read through this link",
+        f"{a}/deep/up: links to {data}, a folder that holds this task; not read through this link",
+        f"{a}/heldout: links to {a}/deep/val, inside this task, read there; not read through this link",
+        f"{a}/more/loop: links to {elsewhere}, a folder this task already reads; not read through this link",
+        f"{a}/more2: links to {elsewhere}, a folder this task already reads; not read through this link",
+        f"{a}/root: links to /, a folder that holds this task; not read through this link"]), warned
+
+    (data / "gamma").symlink_to(data / "alpha")
+    with pytest.raises(DataDirError, match="gamma: the same folder as task alpha"):
+        discover_tasks(data, warned.append)

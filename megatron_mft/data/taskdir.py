@@ -75,40 +75,61 @@ def _skipped(name: str) -> bool:
     return name.startswith((".", "_"))
 
 
+#: suffixes of files that sit beside data and are never data or a task folder (a folder named
+#: ``py3.10`` or ``v1.2`` has a "suffix" too: only these make a broken link ignorable)
+_NOT_DATA = frozenset((".md", ".txt", ".rst", ".html", ".htm", ".pdf", ".log", ".yaml", ".yml", ".json", ".csv",
+                       ".tsv", ".png", ".jpg", ".jpeg", ".svg", ".sh", ".ipynb", ".gz", ".zip", ".tar"))
+
+
 def _broken(path: Path, problems: list[str], warn: Callable[[str], None]) -> bool:
-    """Whether ``path`` is a broken symbolic link: one that could be input (a name without a
-    suffix: a task folder or sub-folder; or a .jsonl) goes to ``problems``, any other (README.md)
-    is ignored with a warning, so a stray link beside the data does not refuse the folder."""
+    """Whether ``path`` is a broken symbolic link: one that could be input (a task folder or
+    sub-folder, a .jsonl: any name but a document's) goes to ``problems``; a document's (README.md,
+    notes.txt) is ignored with a warning, so a stray link beside the data does not refuse it."""
     broken = broken_link(path)
-    if broken and (path.name.endswith(".jsonl") or not path.suffix):
+    if broken and path.suffix.lower() not in _NOT_DATA:
         problems.append(f"{_shown(path)}: {broken}")
     elif broken:
-        warn(f"{_shown(path)}: {broken}; ignored (a name with a suffix other than .jsonl is no task folder or "
-             f"data file)")
+        warn(f"{_shown(path)}: {broken}; ignored (a {path.suffix} file is no task folder or data file)")
     return bool(broken)
 
 
-def _jsonl_files(task_dir: Path, problems: list[str], warn: Callable[[str], None]) -> list[Path]:
-    """The task's .jsonl files, sorted, without hidden folders and preprocessing outputs; linked
-    sub-folders are read, each folder once; broken links that could be input go to ``problems``."""
+def _within(path: str, folder: str) -> bool:
+    """Real path ``path`` is ``folder`` or lies below it (``/`` holds everything)."""
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _jsonl_files(task_dir: Path, problems: list[str], warn: Callable[[str], None],
+                 other_tasks: dict[str, str]) -> list[Path]:
+    """The task's .jsonl files, sorted, without hidden folders and preprocessing outputs; a linked
+    sub-folder is read, unless it leads inside this task (read there), to a folder holding it (an
+    endless walk) or into another task (``other_tasks``: real path -> name; counted twice), each
+    skipped with a warning. Broken links that could be input go to ``problems``."""
     task_real = os.path.realpath(task_dir)
-    found, seen = [], {task_real: task_dir}  # folders read, by real path: each once
+    found, real_of = [], {str(task_dir): task_real}  # walked folder -> its real path: each read once
     for here, dirs, files in os.walk(task_dir, followlinks=True,
                                      onerror=lambda e: problems.append(f"{_shown(e.filename)}: "
                                                                        f"cannot list ({e.strerror})")):
         kept = []
-        for d in sorted(dirs, key=lambda d: (Path(here, d).is_symlink(), d)):  # real folders first
+        for d in sorted(dirs):
             path = Path(here) / d
             if _skipped(d) or is_output_dir(path):
                 continue
-            real = os.path.realpath(path)  # a linked sub-folder is read (it was skipped silently)
-            if real in seen:  # ...once
-                warn(f"{_shown(path)}: links to {_shown(seen[real])}, which this task already reads; not read twice")
+            link = path.is_symlink()
+            real = os.path.realpath(path) if link else os.path.join(real_of[here], d)
+            why = None
+            if real in real_of.values():  # through another link: the same files twice, or a loop
+                why = "a folder this task already reads"
+            elif link:  # a linked sub-folder is read (os.walk skipped it silently) unless it leads
+                why = ("inside this task, read there" if _within(real, task_real) else
+                       "a folder that holds this task" if _within(task_real, real) else
+                       next((f"task {name}'s folder: its files would count for two tasks"
+                             for root, name in other_tasks.items() if _within(real, root) or _within(root, real)),
+                            None))
+            if why:
+                warn(f"{_shown(path)}: links to {_shown(real)}, {why}; not read through this link" if link else
+                     f"{_shown(path)}: {_shown(real)} is {why}; not read twice")
                 continue
-            if task_real.startswith(real + os.sep):  # a link up would read the task again, endlessly
-                warn(f"{_shown(path)}: links to {_shown(real)}, a folder that holds this task; not read")
-                continue
-            seen[real] = path
+            real_of[str(path)] = real
             kept.append(d)
         dirs[:] = kept
         for name in files:
@@ -127,7 +148,8 @@ def _jsonl_files(task_dir: Path, problems: list[str], warn: Callable[[str], None
 
 def discover_tasks(data_dir: str | Path, warn: Optional[Callable[[str], None]] = None) -> list[TaskFiles]:
     """The tasks of ``data_dir`` (the convention above); ``warn`` (default: this module's logger)
-    gets one line per broken link that is ignored. Raises DataDirError with every problem."""
+    gets one line per broken link that is ignored and per linked folder that is not read. Raises
+    DataDirError with every problem."""
     warn = warn or log.warning
     root = Path(data_dir)
     if not root.is_dir():
@@ -140,12 +162,22 @@ def discover_tasks(data_dir: str | Path, warn: Optional[Callable[[str], None]] =
         raise DataDirError(f"data folder {data_dir}: cannot list ({e.strerror})") from None
     for p in entries:
         _broken(p, problems, warn)
-    for sub in (p for p in entries if p.is_dir() and not is_output_dir(p)):
+    subs = [p for p in entries if p.is_dir() and not is_output_dir(p)]
+    roots: dict[str, str] = {}  # real path -> task name
+    for sub in subs:
+        real = os.path.realpath(sub)
+        same = next((name for root, name in roots.items() if _within(real, root) or _within(root, real)), None)
+        if same is not None:
+            problems.append(f"{_shown(sub)}: the same folder as task {same} (or one inside the other, through a "
+                            f"symbolic link): one task per folder, or its samples count twice")
+        roots.setdefault(real, sub.name)
+    for sub in subs:
         if _not_utf8(sub.name):
             problems.append(f"{_shown(sub)}: task folder name is not valid UTF-8; rename it")
             continue
         known = len(problems)
-        files = _jsonl_files(sub, problems, warn)
+        others = {root: name for root, name in roots.items() if name != sub.name}
+        files = _jsonl_files(sub, problems, warn, others)
         if not files and len(problems) == known:  # else the broken links are the reason
             problems.append(f"{sub}: task folder has no .jsonl files")
             continue
