@@ -31,7 +31,7 @@ import traceback
 from typing import Callable
 
 __all__ = ["ArgumentParser", "HELP", "RUNTIME", "USAGE", "UsageError", "UserError", "command", "debug_enabled",
-           "is_out_of_memory", "out_of_memory_text", "report"]
+           "is_out_of_memory", "out_of_memory_device", "out_of_memory_text", "report"]
 
 #: exit codes
 USAGE, RUNTIME = 2, 1
@@ -131,12 +131,36 @@ def report(error: BaseException) -> int:
 _HOST_OOM = "DefaultCPUAllocator: can't allocate memory"
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    """torch ran out of GPU memory (torch.OutOfMemoryError) or of host memory (its CPU allocator's
-    RuntimeError). torch is not imported for it: without torch loaded, no torch error exists."""
+#: RuntimeErrors of allocations that failed: torch's CPU allocator, the CUDA runtime (NCCL, CUDA
+#: calls outside the caching allocator), cuBLAS' workspace; and the caching allocator's own text
+#: as it reaches us wrapped (megatron's checkpoint writer: "Worker failure: ...")
+_OOM_TEXTS = (_HOST_OOM, "CUDA out of memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def _out_of_memory_error(error: BaseException, depth: int = 0) -> BaseException | None:
+    """The out-of-memory error in ``error`` or what it wraps (``__cause__``/``__context__``, the
+    per-rank failures of a distributed checkpoint), or None. torch is not imported for it: without
+    torch loaded, no torch error exists."""
     torch = sys.modules.get("torch")
-    oom = getattr(torch, "OutOfMemoryError", None)
-    return (oom is not None and isinstance(error, oom)) or (isinstance(error, RuntimeError) and _HOST_OOM in str(error))
+    classes = tuple(c for c in (getattr(torch, "OutOfMemoryError", None),
+                                getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)) if c is not None)
+    if (classes and isinstance(error, classes)) or (
+            isinstance(error, RuntimeError) and any(t in str(error) for t in _OOM_TEXTS)):
+        return error
+    if depth >= 8:
+        return None
+    for inner in (_cause(error), error.__cause__, error.__context__):
+        if inner is not None and inner is not error:
+            found = _out_of_memory_error(inner, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch ran out of GPU memory (torch.OutOfMemoryError, a CUDA/cuBLAS allocation error) or of host
+    memory (its CPU allocator's RuntimeError), here or in what ``error`` wraps."""
+    return _out_of_memory_error(error) is not None
 
 
 def _torch_figures(error: BaseException) -> str:
@@ -144,16 +168,24 @@ def _torch_figures(error: BaseException) -> str:
     pointer to the documentation and the C++ location of a host failure."""
     text = " ".join(str(error).split())
     text = text.split(" See documentation for Memory Management")[0]
-    if _HOST_OOM in text:
-        text = text[text.index(_HOST_OOM):]
+    for start in (_HOST_OOM, "CUDA out of memory"):
+        if start in text:
+            text = text[text.index(start):]
+            break
     return text.rstrip(". ") + "."
+
+
+def out_of_memory_device(error: BaseException) -> str:
+    """"host" or "GPU": which memory the out-of-memory ``error`` ran out of."""
+    return "host" if _HOST_OOM in str(_out_of_memory_error(error) or error) else "GPU"
 
 
 def out_of_memory_text(error: BaseException, where: str, hints: list[str], doc: str) -> str:
     """One message for any command: what ran out and where, torch's figures, then ``hints``."""
-    device = "host" if _HOST_OOM in str(error) else "GPU"
+    inner = _out_of_memory_error(error) or error
+    device = out_of_memory_device(inner)
     lines = "\n".join(f"  - {h}" for h in hints)
-    return f"out of {device} memory during {where}: {_torch_figures(error)}\nTo lower peak memory ({doc}):\n{lines}"
+    return f"out of {device} memory during {where}: {_torch_figures(inner)}\nTo lower peak memory ({doc}):\n{lines}"
 
 
 class ArgumentParser(argparse.ArgumentParser):

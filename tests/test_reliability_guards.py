@@ -397,16 +397,22 @@ CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total c
 
 OOM_SCRIPT = """
 import sys, torch
+from torch.distributed.checkpoint.api import CheckpointException
 import megatron_mft.training.recipe as recipe
-real, calls = recipe.train_step, []
+where, text, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+real_step, real_save, calls = recipe.train_step, recipe.save_checkpoint, []
 def train_step(*args, **kwargs):
     calls.append(1)
-    if len(calls) == 2:
-        raise torch.OutOfMemoryError(sys.argv[1])
-    return real(*args, **kwargs)
+    if where == "step" and len(calls) == 2:
+        raise torch.OutOfMemoryError(text)
+    return real_step(*args, **kwargs)
+def save_checkpoint(*args, **kwargs):  # as torch's distributed checkpoint reports a rank's failure
+    raise CheckpointException("save failed", {0: (torch.OutOfMemoryError(text), None)})
 recipe.train_step = train_step
+if where == "save":
+    recipe.save_checkpoint = save_checkpoint
 from megatron_mft.train import main
-sys.exit(main(sys.argv[2:]))
+sys.exit(main(argv))
 """
 
 
@@ -444,36 +450,99 @@ def test_out_of_memory_names_where_and_the_settings_that_lower_memory():
                      f"allocate {2**50} bytes. Error code 12 (Cannot allocate memory).")
 
 
-def test_a_run_out_of_memory_ends_with_one_message_and_its_process_group(tmp_path, train_overrides):
-    """An OOM in the second step (as torch raises it on a GPU) was 'internal error: OutOfMemoryError
-    ... a bug'; now one message with the step and the settings, exit 1, the lock released."""
+@pytest.mark.parametrize("where, said, steps", [("step", "step 2", [1]), ("save", "the checkpoint save of step 3",
+                                                                            [1, 2, 3])])
+def test_a_run_out_of_memory_ends_with_one_message_and_its_process_group(tmp_path, train_overrides, where, said,
+                                                                         steps):
+    """An OOM in the second step (as torch raises it on a GPU), or in the final save (wrapped, as
+    torch's distributed checkpoint reports a rank's failure: a CheckpointException, which is a
+    BaseException), was 'internal error: ... a bug'; now one message with where and the settings,
+    exit 1, the lock released."""
     out = tmp_path / "oom"
     argv = ["--config", str(CONFIG), *train_overrides, f"output_dir={out}", "train.steps=3"]
-    p = subprocess.run([sys.executable, "-c", OOM_SCRIPT, CUDA_OOM, *argv], cwd=ROOT, env=env(2), capture_output=True,
-                       text=True, timeout=300)
+    p = subprocess.run([sys.executable, "-c", OOM_SCRIPT, where, CUDA_OOM, *argv], cwd=ROOT, env=env(2),
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-3000:]
     assert "Traceback" not in p.stderr and "internal error" not in p.stderr, p.stderr[-3000:]
-    assert p.stderr.count("error: out of GPU memory during step 2: CUDA out of memory. Tried to allocate 2.00 GiB.") == 1
+    assert p.stderr.count(f"error: out of GPU memory during {said}: CUDA out of memory. Tried to allocate 2.00 GiB.") == 1
     assert "  - peft.method=lora or qlora (now none)" in p.stderr
-    assert not (out / ".run.lock").exists() and [r["step"] for r in read_metrics(out)] == [1]
+    assert not (out / ".run.lock").exists() and [r["step"] for r in read_metrics(out)] == steps
+
+
+def test_wrapped_and_runtime_out_of_memory_errors_are_recognised():
+    """The forms an out-of-memory error reaches the trainer in: torch's class, a rank's failure inside
+    a CheckpointException, megatron's checkpoint worker's 'Worker failure: ...' text, the CUDA
+    runtime's and cuBLAS' allocation errors; not other errors."""
+    import torch
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from megatron_mft.errors import is_out_of_memory, out_of_memory_text
+
+    wrapped = CheckpointException("save failed", {1: (torch.OutOfMemoryError(CUDA_OOM), None)})
+    worker = RuntimeError(f"Worker failure: {CUDA_OOM}")
+    try:
+        try:
+            raise torch.OutOfMemoryError(CUDA_OOM)
+        except Exception as inner:
+            raise ValueError("while loading") from inner
+    except ValueError as e:
+        chained = e
+    for error in (wrapped, worker, chained, RuntimeError("CUDA error: out of memory"),
+                  RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")):
+        assert is_out_of_memory(error), error
+    assert not is_out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not is_out_of_memory(CheckpointException("save failed", {0: (OSError(28, "No space left"), None)}))
+    for error in (wrapped, worker):
+        first = out_of_memory_text(error, "x", [], "doc").splitlines()[0]
+        assert first.startswith("out of GPU memory during x: CUDA out of memory. Tried to allocate 2.00 GiB."), first
+
+
+def test_teardown_after_an_error_aborts_an_nccl_group_instead_of_waiting(monkeypatch):
+    """Other ranks may sit in a collective this rank never joins: destroy_process_group could then
+    wait forever, with no message and no exit; after an error an NCCL group is aborted. gloo, and
+    any group after a normal end, is destroyed (gloo left up aborts the interpreter at exit)."""
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+
+    from megatron_mft.training import parallel
+
+    calls = []
+    monkeypatch.setattr(parallel.ps, "model_parallel_is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a: calls.append("destroy"))
+    monkeypatch.setattr(c10d, "_abort_process_group", lambda *a: calls.append("abort"))
+    for backend, after_error, want in (("nccl", True, "abort"), ("nccl", False, "destroy"), ("gloo", True, "destroy")):
+        monkeypatch.setattr(dist, "get_backend", lambda *a, b=backend: b)
+        calls.clear()
+        parallel.teardown(after_error=after_error)
+        assert calls == [want], (backend, after_error, calls)
 
 
 def test_humaneval_out_of_memory_names_its_own_options(monkeypatch, capsys, tmp_path):
-    """Generation that runs out of GPU memory: one message with evaluate's options (was an internal
-    error), exit 1."""
+    """Generation that runs out of memory: one message with evaluate's options for the backend and
+    dtype it resolved to (was an internal error), exit 1."""
     import torch
 
     import megatron_mft.evaluate.__main__ as evaluate
 
-    def run_humaneval(cfg):
-        raise torch.OutOfMemoryError(CUDA_OOM)
+    for error, argv, want, unwanted in (
+            (torch.OutOfMemoryError(CUDA_OOM), ["--batch-size", "8", "--dtype", "float32"],
+             ["error: out of GPU memory during HumanEval generation: CUDA out of memory. Tried to allocate 2.00 GiB.",
+              "--batch-size 4 (now 8)", "--max-new-tokens (now 512)", "--dtype bfloat16 (now float32)",
+              "--device cuda:N), or --backend vllm"], ["a machine with more free memory"]),
+            (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes."), [],
+             ["error: out of host memory during HumanEval generation", "--dtype bfloat16 (now auto: float32 here)",
+              "a machine with more free memory"], ["--batch-size", "cuda:N"])):
+        def run_humaneval(cfg, error=error):
+            raise error
 
-    monkeypatch.setattr(evaluate, "run_humaneval", run_humaneval)
-    code = evaluate.main(["humaneval", "--check-harness", "--batch-size", "8", "--max-new-tokens", "512",
-                          "--dtype", "float32", "--out", str(tmp_path / "r.json")])
-    err = capsys.readouterr().err
-    assert code == 1 and "Traceback" not in err and "internal error" not in err, err
-    assert err.startswith("error: out of GPU memory during HumanEval generation: CUDA out of memory. "
-                          "Tried to allocate 2.00 GiB."), err
-    for hint in ("--batch-size 4 (now 8)", "--max-new-tokens (now 512)", "--dtype bfloat16 (now float32)"):
-        assert hint in err, (hint, err)
+        monkeypatch.setattr(evaluate, "run_humaneval", run_humaneval)
+        monkeypatch.setattr("megatron_mft.evaluate.generate.have_vllm", lambda: False)
+        code = evaluate.main(["humaneval", "--check-harness", "--max-new-tokens", "512",
+                              "--out", str(tmp_path / "r.json"), *argv])
+        err = capsys.readouterr().err
+        assert code == 1 and "Traceback" not in err and "internal error" not in err, err
+        for text in want:
+            assert text in err, (text, err)
+        for text in unwanted:
+            assert text not in err, (text, err)

@@ -24,7 +24,7 @@ def _keep_process_group() -> None:
 
     from megatron_mft.training import recipe
 
-    def teardown() -> None:
+    def teardown(after_error: bool = False) -> None:
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
 

@@ -81,7 +81,7 @@ def _cgroup_room(proc: str, root: str) -> int | None:
     from pathlib import Path
 
     try:
-        lines = Path(f"{proc}/self/cgroup").read_text(encoding="ascii").splitlines()
+        lines = Path(f"{proc}/self/cgroup").read_text(encoding="utf-8", errors="surrogateescape").splitlines()
     except OSError:
         return None
     folders = []

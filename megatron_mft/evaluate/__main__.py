@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from megatron_mft.config.base import finite_float, int_range
-from megatron_mft.errors import HELP, ArgumentParser, UsageError, UserError, command, is_out_of_memory, out_of_memory_text
+from megatron_mft.errors import (HELP, ArgumentParser, UsageError, UserError, command, is_out_of_memory,
+                                 out_of_memory_device, out_of_memory_text)
 from megatron_mft.evaluate.encoding import ENCODINGS
 from megatron_mft.evaluate.generate import BACKENDS, GenerationConfig
 from megatron_mft.evaluate.humaneval import HumanEvalConfig, run_humaneval
@@ -93,15 +94,25 @@ def _weight_problems(hf_dir: str | None) -> list[str]:
     return problems
 
 
-def _memory_hints(gen) -> list[str]:
-    """Options of this command that lower generation's peak memory, most effective first."""
+def _memory_hints(gen, on_gpu: bool) -> list[str]:
+    """Options of this command that lower generation's peak memory, most effective first, for the
+    backend and dtype this run resolved to (``on_gpu``: the GPU ran out, not the host)."""
+    from megatron_mft.evaluate.generate import resolve_backend
+
+    backend = resolve_backend(gen.backend)
+    dtype = gen.dtype if gen.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
     hints = []
-    if gen.batch_size > 1:
+    if backend == "transformers" and gen.batch_size > 1:
         hints.append(f"--batch-size {gen.batch_size // 2} (now {gen.batch_size}): fewer prompts generated at once")
     hints.append(f"--max-new-tokens (now {gen.max_new_tokens}): a shorter completion cache")
-    if gen.dtype == "float32":
-        hints.append("--dtype bfloat16 (now float32): half the weights' memory")
-    hints.append("a GPU with more free memory (--device cuda:N), or --backend vllm where installed (paged cache)")
+    if dtype == "float32":
+        now = "float32" if gen.dtype == "float32" else "auto: float32 here"
+        hints.append(f"--dtype bfloat16 (now {now}): half the weights' memory")
+    if on_gpu:
+        hints.append("a GPU with more free memory (--device cuda:N)" + (
+            ", or --backend vllm where installed (paged cache)" if backend == "transformers" else ""))
+    else:
+        hints.append("a machine with more free memory, or a GPU (--device cuda)")
     return hints
 
 
@@ -128,8 +139,8 @@ def main(argv: list[str]) -> int:
         raise UsageError(str(e)) from e
     except Exception as e:
         if is_out_of_memory(e):
-            raise UserError(out_of_memory_text(e, "HumanEval generation", _memory_hints(cfg.generation),
-                                               "docs/evaluation.md")) from e
+            hints = _memory_hints(cfg.generation, on_gpu=out_of_memory_device(e) == "GPU")
+            raise UserError(out_of_memory_text(e, "HumanEval generation", hints, "docs/evaluation.md")) from e
         raise
     s = report["summary"]
     print(f"pass@1 = {s['pass@1']:.4f} ({s['passed']}/{s['n']}) mode={s['mode']} "

@@ -36,8 +36,18 @@ def init_parallel(parallel: ParallelConfig, env: Environment, seed: int) -> None
     megatron_fixes.skip_one_rank_tp_regions()  # identity autograd nodes of TP = 1 (any device)
 
 
-def teardown() -> None:
+def teardown(after_error: bool = False) -> None:
+    """End megatron's groups and the process group. After an error under NCCL the other ranks may
+    sit in a collective this rank never joins, and destroying the group can then wait forever (no
+    message, no exit for srun's --kill-on-bad-exit): the group is aborted instead. gloo is always
+    destroyed: left up, its threads abort the interpreter at exit (pytorch#190489)."""
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    if not torch.distributed.is_initialized():
+        return
+    if after_error and torch.distributed.get_backend() == "nccl":
+        from torch.distributed.distributed_c10d import _abort_process_group
+
+        _abort_process_group()
+        return
+    torch.distributed.destroy_process_group()

@@ -344,12 +344,12 @@ class Recipe:
         tokens_since, flops_since = 0, [0.0, 0.0]  # model, hardware
         cp_pad_since = 0  # tokens the data path added so packed samples divide 2 x cp
         while self.step < self.total_steps:
+            self.phase = f"step {self.step + 1}"
             cp_pad_before = self.data.cp_padding_tokens
             micro_batches = self.data.train_micro_batches(self.consumed_rows)
             cp_pad_since += self.data.cp_padding_tokens - cp_pad_before
             self.ctx.task_weights = self.task_weights()
             self.ctx.consumed_rows = self.consumed_rows
-            self.phase = f"step {self.step + 1}"
             out = train_step(self.chunks, self.optimizer, self.scheduler, micro_batches, self.ctx)
             self.step += 1
             self.consumed_rows += t.global_batch_size
@@ -458,10 +458,10 @@ class Recipe:
         return every_rank(bool(torch.stack(finite).all()))  # one host sync, not one per tensor
 
     def save(self) -> None:
+        self.phase = f"the checkpoint save of step {self.step}"
         if not self._weights_finite():
             raise UserError(f"step {self.step}: the weights hold NaN/inf; not saving a checkpoint over "
                             f"{self.ckpt_root} (the newest one there is kept)")
-        self.phase = f"the checkpoint save of step {self.step}"
         info = {"config": to_dict(self.run_cfg), "task_names": self.task_names,
                 "consumed_rows": self.consumed_rows, "peak_mem_gib": peak_memory_gib(), "manifest": self.data.manifest,
                 "peft": self.run_cfg.peft.method}
@@ -470,25 +470,31 @@ class Recipe:
                                trainable_only=self.peft is not None)
         _say(f"saved checkpoint {path}")
 
-    def cleanup(self) -> None:
+    def cleanup(self, after_error: bool = False) -> None:
         if getattr(self, "metrics", None) is not None:
             self.metrics.close()
         if getattr(self, "guard", None) is not None:
             self.guard.uninstall()
         if self.lock is not None:
             self.lock.release()
-        teardown()
+        teardown(after_error=after_error)
 
     def run(self) -> int:
-        try:  # a start refused in setup also ends the process group (gloo aborts at exit otherwise)
+        """setup + train, then cleanup, also after an error: a start refused in setup ends its process
+        group too (gloo aborts at exit otherwise). Out of memory, also wrapped (a distributed
+        checkpoint's CheckpointException is a BaseException), becomes one message."""
+        try:
             self.setup()
             self.train()
-        except Exception as e:
+        except (KeyboardInterrupt, SystemExit):
+            self.cleanup(after_error=True)
+            raise
+        except BaseException as e:
+            self.cleanup(after_error=True)
             if is_out_of_memory(e):
                 raise out_of_memory_error(e, self.run_cfg, self.phase) from e
             raise
-        finally:
-            self.cleanup()
+        self.cleanup()
         return 0
 
 
