@@ -22,7 +22,7 @@ def test_layout_rules_name_every_problem_at_once():
 
 def test_expert_tensor_parallelism_rules():
     """ETP needs experts and, as megatron's MoE layer asserts at build time, no linear biases."""
-    with pytest.raises(ConfigError, match=r"parallel.ep: expert parallelism \(parallel.ep=1, etp=2\) needs a "
+    with pytest.raises(ConfigError, match=r"parallel.etp: expert parallelism \(parallel.etp=2\) needs a "
                        "mixture-of-experts model"):
         load_config(None, ["data.path=/unused", "parallel.etp=2"])
     with pytest.raises(ConfigError) as e:
