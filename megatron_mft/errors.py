@@ -137,23 +137,25 @@ _HOST_OOM = "DefaultCPUAllocator: can't allocate memory"
 _OOM_TEXTS = (_HOST_OOM, "CUDA out of memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
 
 
-def _out_of_memory_error(error: BaseException, depth: int = 0) -> BaseException | None:
-    """The out-of-memory error in ``error`` or what it wraps (``__cause__``/``__context__``, the
-    per-rank failures of a distributed checkpoint), or None. torch is not imported for it: without
-    torch loaded, no torch error exists."""
+def _out_of_memory_error(error: BaseException) -> BaseException | None:
+    """The out-of-memory error in ``error`` or in what it wraps (``__cause__``/``__context__``, every
+    rank's failure of a distributed checkpoint), or None; each exception looked at once (cycles).
+    torch is not imported for it: without torch loaded, no torch error exists."""
     torch = sys.modules.get("torch")
     classes = tuple(c for c in (getattr(torch, "OutOfMemoryError", None),
                                 getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)) if c is not None)
-    if (classes and isinstance(error, classes)) or (
-            isinstance(error, RuntimeError) and any(t in str(error) for t in _OOM_TEXTS)):
-        return error
-    if depth >= 8:
-        return None
-    for inner in (_cause(error), error.__cause__, error.__context__):
-        if inner is not None and inner is not error:
-            found = _out_of_memory_error(inner, depth + 1)
-            if found is not None:
-                return found
+    todo, seen = [error], set()
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if (classes and isinstance(e, classes)) or (isinstance(e, RuntimeError) and any(t in str(e) for t in _OOM_TEXTS)):
+            return e
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        todo += [e.__cause__, e.__context__]
     return None
 
 

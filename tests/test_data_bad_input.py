@@ -316,6 +316,23 @@ def test_linked_sub_folders_of_a_task_are_read_once(tmp_path):
         f"{a}/more2: links to {elsewhere}, a folder this task already reads; not read through this link",
         f"{a}/root: links to /, a folder that holds this task; not read through this link"]), warned
 
+    # linked files: a val/ file linked among the training files, another task's file
+    (data / "alpha" / "extra.jsonl").symlink_to(data / "alpha" / "deep" / "val" / "v.jsonl")
+    (data / "alpha" / "b.jsonl").symlink_to(data / "beta" / "train.jsonl")
+    warned.clear()
+    alpha, beta = discover_tasks(data, warned.append)
+    assert alpha.train == tuple(str(data / "alpha" / f) for f in ("more/c.jsonl", "train.jsonl"))
+    assert alpha.val == (str(data / "alpha" / "deep" / "val" / "v.jsonl"),)
+    assert f"{a}/extra.jsonl: links to {a}/deep/val/v.jsonl, a file this task already reads; not read through " \
+           f"this link" in warned
+    assert f"{a}/b.jsonl: links to {data}/beta/train.jsonl, a file of task beta: it would count for two tasks; not " \
+           f"read through this link" in warned
+
     (data / "gamma").symlink_to(data / "alpha")
-    with pytest.raises(DataDirError, match="gamma: the same folder as task alpha"):
+    (data / "all").symlink_to("/")  # holds the data folder: refused before any walk
+    with pytest.raises(DataDirError) as e:
         discover_tasks(data, warned.append)
+    assert str(e.value).splitlines() == [
+        f"{data}/all: links to /, a folder that holds the data folder itself",
+        f"{data}/gamma: the same folder as task alpha (or one inside the other, through a symbolic link): one task "
+        f"per folder, or its samples count twice"]

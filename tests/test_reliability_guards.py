@@ -490,6 +490,17 @@ def test_wrapped_and_runtime_out_of_memory_errors_are_recognised():
     for error in (wrapped, worker, chained, RuntimeError("CUDA error: out of memory"),
                   RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")):
         assert is_out_of_memory(error), error
+    cycle_a, cycle_b = ValueError("a"), ValueError("b")  # __context__ cycles end; the OOM deep in a chain is found
+    cycle_a.__context__, cycle_b.__context__ = cycle_b, cycle_a
+    assert not is_out_of_memory(cycle_a)
+    deep = torch.OutOfMemoryError(CUDA_OOM)
+    for i in range(12):
+        outer = ValueError(f"level {i}")
+        outer.__cause__ = deep
+        deep = outer
+    assert is_out_of_memory(deep)
+    second = CheckpointException("save failed", {0: (OSError(5, "I/O error"), None), 3: (torch.OutOfMemoryError(CUDA_OOM), None)})
+    assert is_out_of_memory(second)  # the failure of any rank, not only the first listed
     assert not is_out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
     assert not is_out_of_memory(CheckpointException("save failed", {0: (OSError(28, "No space left"), None)}))
     for error in (wrapped, worker):
@@ -530,9 +541,15 @@ def test_humaneval_out_of_memory_names_its_own_options(monkeypatch, capsys, tmp_
              ["error: out of GPU memory during HumanEval generation: CUDA out of memory. Tried to allocate 2.00 GiB.",
               "--batch-size 4 (now 8)", "--max-new-tokens (now 512)", "--dtype bfloat16 (now float32)",
               "--device cuda:N), or --backend vllm"], ["a machine with more free memory"]),
-            (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes."), [],
-             ["error: out of host memory during HumanEval generation", "--dtype bfloat16 (now auto: float32 here)",
-              "a machine with more free memory"], ["--batch-size", "cuda:N"])):
+            (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes."),
+             ["--batch-size", "8", "--device", "cpu"],
+             ["error: out of host memory during HumanEval generation", "--batch-size 4 (now 8)",
+              "--dtype bfloat16 (now auto: float32 on cpu)", "a machine with more free memory, or a GPU"],
+             ["cuda:N", "--backend vllm"]),
+            (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes."),
+             ["--device", "cuda", "--dtype", "bfloat16"],  # a GPU run whose weights did not fit in host memory
+             ["error: out of host memory", "a machine with more free host memory (the weights are read into it"],
+             ["--dtype bfloat16 (now", "or a GPU (--device cuda)"])):
         def run_humaneval(cfg, error=error):
             raise error
 

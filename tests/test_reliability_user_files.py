@@ -7,6 +7,7 @@ word. (Re-saves keeping a user's files in a step folder: test_reliability_checkp
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -107,7 +108,8 @@ def test_a_resume_sets_the_later_metrics_lines_aside_and_keeps_every_other_line(
     taken = tmp_path / "metrics.superseded.20260101-000000.jsonl"
     taken.write_text("mine\n")
     log = MetricsLog(tmp_path, enabled=True)
-    assert log.set_aside_after(2) == (3, tmp_path / "metrics.superseded.20260101-000000-1.jsonl", other.name)
+    assert log.own_file() == f"a symbolic link to {other.name}" and not path.is_symlink()
+    assert log.set_aside_after(2) == (3, tmp_path / "metrics.superseded.20260101-000000-1.jsonl")
     assert taken.read_text() == "mine\n" and other.read_text() == text
     assert (tmp_path / "metrics.superseded.20260101-000000-1.jsonl").read_text() == (
         '{"step": 3, "loss": 1.0}\n{"step": 4, "loss": 0.5}\n{"step": 5, "lo\n')
@@ -117,10 +119,25 @@ def test_a_resume_sets_the_later_metrics_lines_aside_and_keeps_every_other_line(
     log.write({"step": 3, "loss": 0.9})
     assert path.read_text().splitlines()[-1] == '{"step": 3, "loss": 0.9}'
 
+    # a link with nothing to move (a run saved and stopped at its last logged step, then copied
+    # with cp -as): the next lines went into the other run's log; a hard link (cp -al) alike
+    for name, link in (("sym", lambda src, dst: dst.symlink_to(src)), ("hard", lambda src, dst: os.link(src, dst))):
+        run = tmp_path / name
+        run.mkdir()
+        original = tmp_path / f"{name}_original.jsonl"
+        original.write_text('{"step": 1, "loss": 2.0}\n')
+        link(original, run / "metrics.jsonl")
+        log = MetricsLog(run, enabled=True)
+        assert log.own_file() and log.set_aside_after(1) is None
+        log.write({"step": 2, "loss": 1.0})
+        assert original.read_text() == '{"step": 1, "loss": 2.0}\n'
+        assert (run / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}\n'
+
     # a torn line alone is moved too (before, it stayed and the next record joined it); a whole
-    # record without its newline stays, ended
+    # record without its newline stays, ended (with a step or without)
     for name, last, moved, kept in (("torn", '{"step": 2, "lo', 1, ""), ("whole", '{"step": 2, "loss": 1.0}', None,
-                                                                         '{"step": 2, "loss": 1.0}\n')):
+                                                                         '{"step": 2, "loss": 1.0}\n'),
+                                    ("note", '{"note": "x"}', None, '{"note": "x"}\n')):
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n' + last)
         log = MetricsLog(tmp_path / name, enabled=True)

@@ -145,9 +145,11 @@ def replace_file_atomically(out: str, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{base}.{os.getpid()}.", suffix=f".tmp{ext}", dir=d)
     os.close(fd)
     try:
-        try:
-            mode = stat.S_IMODE(os.stat(out).st_mode)
-        except FileNotFoundError:  # a new file (or a dangling link): what open() would give it
+        try:  # the replaced file's permissions (not a link target's: perhaps another user's file)
+            mode = stat.S_IMODE(os.lstat(out).st_mode) & 0o777 if not os.path.islink(out) else None
+        except OSError:
+            mode = None
+        if mode is None:  # a new file, or a link: what open() would give a new file
             mode = 0o666 & ~_umask()
         write(tmp)
         os.chmod(tmp, mode)  # after the write: a read-only (0444) file is still replaced

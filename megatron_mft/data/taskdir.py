@@ -105,7 +105,13 @@ def _jsonl_files(task_dir: Path, problems: list[str], warn: Callable[[str], None
     endless walk) or into another task (``other_tasks``: real path -> name; counted twice), each
     skipped with a warning. Broken links that could be input go to ``problems``."""
     task_real = os.path.realpath(task_dir)
-    found, real_of = [], {str(task_dir): task_real}  # walked folder -> its real path: each read once
+    real_of = {str(task_dir): task_real}  # walked folder -> its real path
+    walked = {task_real}  # the same, as a set: each folder read once (a loop ends here)
+    files_found: list[tuple[Path, str, bool]] = []  # (path, real path, is a link)
+
+    def into_other_task(real: str) -> Optional[str]:
+        return next((name for root, name in other_tasks.items() if _within(real, root) or _within(root, real)), None)
+
     for here, dirs, files in os.walk(task_dir, followlinks=True,
                                      onerror=lambda e: problems.append(f"{_shown(e.filename)}: "
                                                                        f"cannot list ({e.strerror})")):
@@ -117,19 +123,19 @@ def _jsonl_files(task_dir: Path, problems: list[str], warn: Callable[[str], None
             link = path.is_symlink()
             real = os.path.realpath(path) if link else os.path.join(real_of[here], d)
             why = None
-            if real in real_of.values():  # through another link: the same files twice, or a loop
+            if real in walked:  # through another link: the same files twice, or a loop
                 why = "a folder this task already reads"
             elif link:  # a linked sub-folder is read (os.walk skipped it silently) unless it leads
+                other = into_other_task(real)
                 why = ("inside this task, read there" if _within(real, task_real) else
                        "a folder that holds this task" if _within(task_real, real) else
-                       next((f"task {name}'s folder: its files would count for two tasks"
-                             for root, name in other_tasks.items() if _within(real, root) or _within(root, real)),
-                            None))
+                       f"task {other}'s folder: its files would count for two tasks" if other else None)
             if why:
                 warn(f"{_shown(path)}: links to {_shown(real)}, {why}; not read through this link" if link else
                      f"{_shown(path)}: {_shown(real)} is {why}; not read twice")
                 continue
             real_of[str(path)] = real
+            walked.add(real)
             kept.append(d)
         dirs[:] = kept
         for name in files:
@@ -142,7 +148,24 @@ def _jsonl_files(task_dir: Path, problems: list[str], warn: Callable[[str], None
                 if _not_utf8(str(path)):
                     problems.append(f"{_shown(path)}: file name is not valid UTF-8; rename it")
                 else:
-                    found.append(path)
+                    link = path.is_symlink()
+                    real = os.path.realpath(path) if link else os.path.join(real_of[here], name)
+                    files_found.append((path, real, link))
+    # linked files last: one that leads to a file this task reads anyway (a val/ file linked
+    # among the training files) or into another task is not read through the link
+    read = {real for _, real, link in files_found if not link}
+    found = [path for path, _, link in files_found if not link]
+    for path, real, link in files_found:
+        if not link:
+            continue
+        other = into_other_task(real)
+        why = ("a file this task already reads" if real in read else
+               f"a file of task {other}: it would count for two tasks" if other else None)
+        if why:
+            warn(f"{_shown(path)}: links to {_shown(real)}, {why}; not read through this link")
+            continue
+        read.add(real)
+        found.append(path)
     return sorted(found)
 
 
@@ -164,19 +187,25 @@ def discover_tasks(data_dir: str | Path, warn: Optional[Callable[[str], None]] =
         _broken(p, problems, warn)
     subs = [p for p in entries if p.is_dir() and not is_output_dir(p)]
     roots: dict[str, str] = {}  # real path -> task name
+    data_real, refused = os.path.realpath(root), set()
     for sub in subs:
         real = os.path.realpath(sub)
-        same = next((name for root, name in roots.items() if _within(real, root) or _within(root, real)), None)
-        if same is not None:
+        same = next((name for top, name in roots.items() if _within(real, top) or _within(top, real)), None)
+        if _within(data_real, real):  # data/all -> .. or -> /: the whole tree
+            problems.append(f"{_shown(sub)}: links to {_shown(real)}, a folder that holds the data folder itself")
+            refused.add(sub)
+        elif same is not None:
             problems.append(f"{_shown(sub)}: the same folder as task {same} (or one inside the other, through a "
                             f"symbolic link): one task per folder, or its samples count twice")
-        roots.setdefault(real, sub.name)
-    for sub in subs:
+            refused.add(sub)
+        else:
+            roots[real] = sub.name
+    for sub in (s for s in subs if s not in refused):
         if _not_utf8(sub.name):
             problems.append(f"{_shown(sub)}: task folder name is not valid UTF-8; rename it")
             continue
         known = len(problems)
-        others = {root: name for root, name in roots.items() if name != sub.name}
+        others = {top: name for top, name in roots.items() if name != sub.name}
         files = _jsonl_files(sub, problems, warn, others)
         if not files and len(problems) == known:  # else the broken links are the reason
             problems.append(f"{sub}: task folder has no .jsonl files")

@@ -96,23 +96,25 @@ def _weight_problems(hf_dir: str | None) -> list[str]:
 
 def _memory_hints(gen, on_gpu: bool) -> list[str]:
     """Options of this command that lower generation's peak memory, most effective first, for the
-    backend and dtype this run resolved to (``on_gpu``: the GPU ran out, not the host)."""
-    from megatron_mft.evaluate.generate import resolve_backend
+    backend, device and dtype this run resolved to (``on_gpu``: the GPU ran out, not the host)."""
+    from megatron_mft.evaluate.generate import resolve_backend, resolve_device_dtype
 
     backend = resolve_backend(gen.backend)
-    dtype = gen.dtype if gen.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+    device, dtype = resolve_device_dtype(gen)
     hints = []
     if backend == "transformers" and gen.batch_size > 1:
         hints.append(f"--batch-size {gen.batch_size // 2} (now {gen.batch_size}): fewer prompts generated at once")
     hints.append(f"--max-new-tokens (now {gen.max_new_tokens}): a shorter completion cache")
-    if dtype == "float32":
-        now = "float32" if gen.dtype == "float32" else "auto: float32 here"
+    if backend == "transformers" and dtype == "float32":
+        now = "float32" if gen.dtype == "float32" else f"auto: float32 on {device}"
         hints.append(f"--dtype bfloat16 (now {now}): half the weights' memory")
-    if on_gpu:
-        hints.append("a GPU with more free memory (--device cuda:N)" + (
-            ", or --backend vllm where installed (paged cache)" if backend == "transformers" else ""))
+    if on_gpu and backend == "transformers":
+        hints.append("a GPU with more free memory (--device cuda:N), or --backend vllm where installed (paged cache)")
+    elif on_gpu:
+        hints.append("a GPU with more free memory (CUDA_VISIBLE_DEVICES)")
     else:
-        hints.append("a machine with more free memory, or a GPU (--device cuda)")
+        hints.append("a machine with more free host memory (the weights are read into it before the GPU)"
+                     if device.startswith("cuda") else "a machine with more free memory, or a GPU (--device cuda)")
     return hints
 
 

@@ -48,6 +48,20 @@ def resolve_backend(name: str) -> str:
     return name
 
 
+def resolve_device_dtype(cfg: GenerationConfig) -> tuple[str, str]:
+    """The transformers backend's device and dtype: auto = cuda (bfloat16) if available, else cpu
+    (float32)."""
+    import torch
+
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return device, dtype
+
+
 def load_tokenizer(hf_dir: str):
     from transformers import AutoTokenizer
 
@@ -72,12 +86,7 @@ class Generator:
         import torch
         from transformers import AutoModelForCausalLM
 
-        device = self.cfg.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = self.cfg.dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        device, dtype = resolve_device_dtype(self.cfg)
         self.device, self.dtype = device, dtype
         self.model = AutoModelForCausalLM.from_pretrained(
             self.hf_dir, local_files_only=True, dtype=getattr(torch, dtype))

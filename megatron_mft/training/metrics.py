@@ -139,14 +139,12 @@ class MetricsLog:
 
                 self.tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"), purge_step=first_step)
 
-    def set_aside_after(self, step: int) -> Optional[tuple[int, Path, Optional[str]]]:
+    def set_aside_after(self, step: int) -> Optional[tuple[int, Path]]:
         """A run continuing from ``step`` logs the later steps again: lines of steps after it (an
         earlier start's, past its checkpoint) move to a new side file next to metrics.jsonl, which
         keeps every other line (unparseable ones and lines without a step too) and is replaced
         atomically; readers then see one series. A torn last line (a crash while it was written)
-        moves too. A metrics.jsonl that is a symbolic link becomes this run's own file (what the
-        link pointed to, perhaps another run's log, is left as it was). (lines moved, side file,
-        the link's target or None), or None if none were."""
+        moves too. (lines moved, side file), or None if none were. Call :meth:`own_file` first."""
         if not self.enabled or not self.path.is_file():
             return None
         keep, later = [], []
@@ -156,7 +154,7 @@ class MetricsLog:
         for raw in lines:
             if not raw.endswith(b"\n"):  # the last line, unterminated: never glued to the next record
                 raw += b"\n"
-                if _step_of(raw) == -math.inf:  # torn by a crash mid-write: set aside with the later steps
+                if not _parses(raw):  # torn by a crash mid-write: set aside with the later steps
                     later.append(raw)
                     continue
             (later if _step_of(raw) > step else keep).append(raw)
@@ -166,9 +164,26 @@ class MetricsLog:
                     f.write(b"\n")
             return None
         side = _new_side_file(self.path, b"".join(later))
-        link = os.readlink(self.path) if self.path.is_symlink() else None
         replace_file_atomically(str(self.path), lambda tmp: Path(tmp).write_bytes(b"".join(keep)))
-        return len(later), side, link
+        return len(later), side
+
+    def own_file(self) -> Optional[str]:
+        """Make metrics.jsonl this run's own file if it is a symbolic link or has other hard links
+        (a run folder copied with ``cp -as`` / ``cp -al``): appends would otherwise go into the other
+        run's log. Its lines are copied (none if the link is dangling); what it linked to is left as
+        it was. What it was ("a symbolic link to ..."), or None."""
+        if not self.enabled:
+            return None
+        path = self.path
+        if path.is_symlink():
+            was = f"a symbolic link to {os.readlink(path)}"
+        elif path.is_file() and path.stat().st_nlink > 1:
+            was = "a file with other hard links"
+        else:
+            return None
+        text = path.read_bytes() if path.is_file() else b""
+        replace_file_atomically(str(path), lambda tmp: Path(tmp).write_bytes(text))
+        return was
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -185,6 +200,14 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _parses(raw: bytes) -> bool:
+    try:
+        json.loads(raw)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def _step_of(raw: bytes) -> float:

@@ -195,13 +195,14 @@ class Recipe:
         self.metrics = MetricsLog(self.out, enabled=_rank0(), tensorboard=run.train.tensorboard,
                                   first_step=None if self.finished else self.step + 1)
         if not self.finished:  # this start logs the steps after self.step: one series in metrics.jsonl
+            was = self.metrics.own_file()
+            if was:
+                _say(f"{self.metrics.path} was {was}; it is now this run's own file (a copy of its lines), and "
+                     f"what it linked to is left as it was")
             moved = self.metrics.set_aside_after(self.step)
             if moved:
-                count, side, link = moved
-                _say(f"moved {count} line(s) of steps after {self.step} from {self.metrics.path} to {side}: "
-                     f"an earlier start logged them, and this run logs those steps again"
-                     + (f"; {self.metrics.path} was a symbolic link to {link}, which is left as it was: "
-                        f"the file is now this run's own" if link else ""))
+                _say(f"moved {moved[0]} line(s) of steps after {self.step} from {self.metrics.path} to {moved[1]}: "
+                     f"an earlier start logged them, and this run logs those steps again")
         if _rank0() and not self.finished:  # a finished run's files keep describing the run that trained it
             self._write_resolved_config()
         self.peak = peak_flops(self.env.device_name, run.train.peak_flops)
@@ -487,15 +488,22 @@ class Recipe:
             self.setup()
             self.train()
         except (KeyboardInterrupt, SystemExit):
-            self.cleanup(after_error=True)
+            self._cleanup_after_error()
             raise
         except BaseException as e:
-            self.cleanup(after_error=True)
+            self._cleanup_after_error()
             if is_out_of_memory(e):
                 raise out_of_memory_error(e, self.run_cfg, self.phase) from e
             raise
         self.cleanup()
         return 0
+
+    def _cleanup_after_error(self) -> None:
+        """cleanup that never hides the error being raised: its own failure is one line."""
+        try:
+            self.cleanup(after_error=True)
+        except Exception as e:  # noqa: BLE001 - the error in flight is the one to report
+            _say(f"note: cleaning up after the error failed too: {type(e).__name__}: {e}")
 
 
 def _count_tokens(micro_batches: list[dict]) -> tuple[int, list[int]]:
