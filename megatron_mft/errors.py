@@ -80,16 +80,20 @@ def first_rank() -> bool:
     return _rank()[0] == 0
 
 
-def _cause(error: BaseException) -> BaseException:
-    """The exception behind one that carries the failures of several ranks (torch.distributed.checkpoint's
-    CheckpointException: ``failures = {rank: (exception, traceback)}``)."""
+def _rank_failures(error: BaseException) -> list[BaseException]:
+    """The exceptions of the ranks that failed, for one that carries them (torch.distributed.checkpoint's
+    CheckpointException: ``failures = {rank: (exception, traceback)}``); else none."""
     failures = getattr(error, "failures", None)
-    if isinstance(failures, dict) and failures:
-        first = next(iter(failures.values()))
-        inner = first[0] if isinstance(first, tuple) else first
-        if isinstance(inner, BaseException):
-            return _cause(inner)
-    return error
+    if not isinstance(failures, dict):
+        return []
+    inner = [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    return [e for e in inner if isinstance(e, BaseException)]
+
+
+def _cause(error: BaseException) -> BaseException:
+    """The exception behind one that carries the failures of several ranks: the first rank's."""
+    failures = _rank_failures(error)
+    return _cause(failures[0]) if failures else error
 
 
 def _text(error: BaseException) -> str:
@@ -152,10 +156,7 @@ def _out_of_memory_error(error: BaseException) -> BaseException | None:
         seen.add(id(e))
         if (classes and isinstance(e, classes)) or (isinstance(e, RuntimeError) and any(t in str(e) for t in _OOM_TEXTS)):
             return e
-        failures = getattr(e, "failures", None)
-        if isinstance(failures, dict):
-            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
-        todo += [e.__cause__, e.__context__]
+        todo += [*_rank_failures(e), e.__cause__, e.__context__]
     return None
 
 

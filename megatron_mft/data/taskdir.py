@@ -9,11 +9,13 @@ Convention (documented in FORMAT.md):
   skipped                           folders starting with ``.`` or ``_`` (at any depth) and folders
                                     holding a preprocessing output (its manifest.json), so an output
                                     written inside the data folder is never read back as data
-  refused                           a broken symbolic link that could be input: a name without a suffix
-                                    (a task folder or sub-folder) or ending in .jsonl (named, with where it
-                                    points), so a missing mount or a moved file is never a silently
-                                    missing task or file; any other broken link (README.md) is ignored
-                                    with a warning
+  refused                           a broken symbolic link that could be input: any name but a document's
+                                    (README.md, notes.txt: ignored with a warning), named with where it
+                                    points, so a missing mount or a moved file is never a silently
+                                    missing task or file; two task folders that are one folder, or one
+                                    that holds the data folder
+  followed                          working symbolic links, each folder and file once, never into
+                                    another task nor up to a folder holding the task (warned)
 Why names, not flags: a data directory should describe itself so every run splits it the same way.
 """
 
@@ -98,6 +100,11 @@ def _within(path: str, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
 
 
+def _overlapping(real: str, tasks: dict[str, str]) -> Optional[str]:
+    """The task (``tasks``: real path -> name) whose folder is, holds or lies inside ``real``."""
+    return next((name for top, name in tasks.items() if _within(real, top) or _within(top, real)), None)
+
+
 def _jsonl_files(task_dir: Path, problems: list[str], warn: Callable[[str], None],
                  other_tasks: dict[str, str]) -> list[Path]:
     """The task's .jsonl files, sorted, without hidden folders and preprocessing outputs; a linked
@@ -108,9 +115,6 @@ def _jsonl_files(task_dir: Path, problems: list[str], warn: Callable[[str], None
     real_of = {str(task_dir): task_real}  # walked folder -> its real path
     walked = {task_real}  # the same, as a set: each folder read once (a loop ends here)
     files_found: list[tuple[Path, str, bool]] = []  # (path, real path, is a link)
-
-    def into_other_task(real: str) -> Optional[str]:
-        return next((name for root, name in other_tasks.items() if _within(real, root) or _within(root, real)), None)
 
     for here, dirs, files in os.walk(task_dir, followlinks=True,
                                      onerror=lambda e: problems.append(f"{_shown(e.filename)}: "
@@ -126,7 +130,7 @@ def _jsonl_files(task_dir: Path, problems: list[str], warn: Callable[[str], None
             if real in walked:  # through another link: the same files twice, or a loop
                 why = "a folder this task already reads"
             elif link:  # a linked sub-folder is read (os.walk skipped it silently) unless it leads
-                other = into_other_task(real)
+                other = _overlapping(real, other_tasks)
                 why = ("inside this task, read there" if _within(real, task_real) else
                        "a folder that holds this task" if _within(task_real, real) else
                        f"task {other}'s folder: its files would count for two tasks" if other else None)
@@ -158,7 +162,7 @@ def _jsonl_files(task_dir: Path, problems: list[str], warn: Callable[[str], None
     for path, real, link in files_found:
         if not link:
             continue
-        other = into_other_task(real)
+        other = _overlapping(real, other_tasks)
         why = ("a file this task already reads" if real in read else
                f"a file of task {other}: it would count for two tasks" if other else None)
         if why:
@@ -190,7 +194,7 @@ def discover_tasks(data_dir: str | Path, warn: Optional[Callable[[str], None]] =
     data_real, refused = os.path.realpath(root), set()
     for sub in subs:
         real = os.path.realpath(sub)
-        same = next((name for top, name in roots.items() if _within(real, top) or _within(top, real)), None)
+        same = _overlapping(real, roots)
         if _within(data_real, real):  # data/all -> .. or -> /: the whole tree
             problems.append(f"{_shown(sub)}: links to {_shown(real)}, a folder that holds the data folder itself")
             refused.add(sub)

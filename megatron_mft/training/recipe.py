@@ -115,16 +115,7 @@ class Recipe:
         self.env = setup_runtime()
         init_parallel(run.parallel, self.env, run.seed)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.env.cuda else torch.device("cpu")
-        try:
-            self._lock_output_dir()
-            self._build()
-        except BaseException:
-            self._drop_unused_output_dir()
-            raise
-
-    def _build(self) -> None:
-        """Data, resume decision, model, optimizer, metrics: ``setup`` after the output_dir is locked."""
-        run = self.run_cfg
+        self._lock_output_dir()
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         mbs, gbs = run.train.micro_batch_size, run.train.global_batch_size
         packed = run.data.batching == "packed"
@@ -258,12 +249,10 @@ class Recipe:
         if self.lock is not None and self.lock.note:
             _say(f"note: {self.lock.note}")
 
-    def _drop_unused_output_dir(self) -> None:
+    def _remove_unused_dirs(self) -> None:
         """A start that fails in setup (a refused resume, bad data...) leaves no empty output_dir
-        behind: the lock is released and the folders this start created are removed while empty
+        behind: after the lock's release, the folders this start created are removed while empty
         (rmdir never removes a folder with anything in it, nor one that existed before)."""
-        if self.lock is not None:
-            self.lock.release()
         for folder in reversed(self.made_dirs):
             try:
                 folder.rmdir()
@@ -487,23 +476,17 @@ class Recipe:
         try:
             self.setup()
             self.train()
-        except (KeyboardInterrupt, SystemExit):
-            self._cleanup_after_error()
-            raise
         except BaseException as e:
-            self._cleanup_after_error()
-            if is_out_of_memory(e):
+            try:  # a failing cleanup never hides the error in flight: its own failure is one line
+                self.cleanup(after_error=True)
+                self._remove_unused_dirs()
+            except Exception as failed:  # noqa: BLE001
+                _say(f"note: cleaning up after the error failed too: {type(failed).__name__}: {failed}")
+            if not isinstance(e, (KeyboardInterrupt, SystemExit)) and is_out_of_memory(e):
                 raise out_of_memory_error(e, self.run_cfg, self.phase) from e
             raise
         self.cleanup()
         return 0
-
-    def _cleanup_after_error(self) -> None:
-        """cleanup that never hides the error being raised: its own failure is one line."""
-        try:
-            self.cleanup(after_error=True)
-        except Exception as e:  # noqa: BLE001 - the error in flight is the one to report
-            _say(f"note: cleaning up after the error failed too: {type(e).__name__}: {e}")
 
 
 def _count_tokens(micro_batches: list[dict]) -> tuple[int, list[int]]:
