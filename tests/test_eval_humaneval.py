@@ -253,3 +253,37 @@ def test_end_to_end_tiny_model_on_cpu(tmp_path):
     # the log states template, the exact first prompt and the special-token choice
     assert "template: mft" in p.stderr and "add_special_tokens: True" in p.stderr
     assert repr(s["first_prompt"]) in p.stderr
+
+
+def test_problem_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    f = tmp_path / "probs.jsonl"
+    good = {"task_id": "t/0", "prompt": "def inc(x):\n", "canonical_solution": "    return x + 1\n",
+            "test": "def check(c):\n    assert c(1) == 2\n", "entry_point": "inc"}
+    f.write_bytes((json.dumps(good) + "\n").encode() + b'{"task_id": "t/\xff"}\n')
+    p = cli("--check-harness", "--problems", str(f), "--out", str(tmp_path / "r.json"))
+    assert p.returncode == 2 and f"{f}:2: not UTF-8 text" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_a_backend_refusal_is_not_reported_as_a_bad_argument(tmp_path, monkeypatch, capsys):
+    """vLLM refuses to start with a ValueError (KV cache smaller than the model's length): exit 1
+    with vLLM's own advice, not exit 2 "invalid arguments" as if the problems file were at fault."""
+    import types
+
+    import megatron_mft.evaluate.__main__ as evaluate
+
+    hf = tmp_path / "hf"
+    _tiny_llama(hf)
+    kv = ("The model's max seq len (2048) is larger than the maximum number of tokens that can be stored "
+          "in KV cache (1024). Try increasing `gpu_memory_utilization` or decreasing `max_model_len`")
+    vllm = types.ModuleType("vllm")
+
+    def refuse(**kwargs):
+        raise ValueError(kv)
+
+    vllm.LLM, vllm.SamplingParams = refuse, dict
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    code = evaluate.main(["humaneval", "--hf-dir", str(hf), "--backend", "vllm", "--limit", "1",
+                          "--out", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert code == 1 and f"--backend vllm: vLLM could not start {hf}: {kv}" in err, err
+    assert "invalid arguments" not in err and "Traceback" not in err and not (tmp_path / "r.json").exists()

@@ -18,7 +18,7 @@ from megatron_mft.errors import (HELP, ArgumentParser, UsageError, UserError, co
                                  out_of_memory_device, out_of_memory_text)
 from megatron_mft.evaluate.encoding import ENCODINGS
 from megatron_mft.evaluate.generate import BACKENDS, GenerationConfig
-from megatron_mft.evaluate.humaneval import HumanEvalConfig, run_humaneval
+from megatron_mft.evaluate.humaneval import HumanEvalConfig, ProblemFileError, run_humaneval
 from megatron_mft.evaluate.prompts import DEFAULT_INSTRUCTION, TEMPLATES
 from megatron_mft.evaluate.sandbox import MAX_CPU_S, MAX_MEMORY_MB, SandboxLimits
 
@@ -137,7 +137,7 @@ def main(argv: list[str]) -> int:
         raise UsageError("invalid arguments:\n  " + "\n  ".join(problems))
     try:
         report = run_humaneval(cfg)
-    except ValueError as e:  # problem-file errors name file:line
+    except ProblemFileError as e:  # names file:line; any other ValueError is not the user's input
         raise UsageError(str(e)) from e
     except Exception as e:
         if is_out_of_memory(e):

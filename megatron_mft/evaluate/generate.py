@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+from megatron_mft.errors import UserError
 from megatron_mft.evaluate.prompts import CHAT_STOPS, STOP_SEQUENCES, cut_chat_stops, generation_done
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,11 @@ class Generator:
         from vllm import LLM
 
         self.dtype, self.device = self.cfg.dtype, "cuda"
-        self.llm = LLM(model=self.hf_dir, tokenizer=self.hf_dir, dtype=self.cfg.dtype, trust_remote_code=False)
+        try:
+            self.llm = LLM(model=self.hf_dir, tokenizer=self.hf_dir, dtype=self.cfg.dtype, trust_remote_code=False)
+        except ValueError as e:  # vLLM's own refusals (KV cache too small for the model's length, ...) say what to do
+            raise UserError(f"--backend vllm: vLLM could not start {self.hf_dir}: {e}\n"
+                            "(or --backend transformers, which needs no KV-cache reservation)") from e
 
     def _generate_vllm(self, ids: Sequence[list[int]], template: str) -> list[str]:
         from vllm import SamplingParams

@@ -195,31 +195,43 @@ def _out_problem(out: str) -> Optional[str]:
     return f"--out {out}: {existing} is not writable ({why})" if why else None
 
 
+class ProblemFileError(ValueError):
+    """A problems file that cannot be used; the message names the file (and line)."""
+
+
 def load_problems(path: Optional[str] = None, need_solution: bool = False) -> list[dict]:
-    """Problems in file order; errors name ``file:line``."""
+    """Problems in file order; errors (:class:`ProblemFileError`) name ``file:line``."""
     path = path or default_problems_file()
     opener = gzip.open if path.endswith(".gz") else open
     problems, seen = [], set()
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {e}") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object")
-            keys = REQUIRED_KEYS + (("canonical_solution",) if need_solution else ())
-            missing = [k for k in keys if not isinstance(obj.get(k), str)]
-            if missing:
-                raise ValueError(f"{path}:{lineno}: missing or non-string keys: {', '.join(missing)}")
-            if obj["task_id"] in seen:
-                raise ValueError(f"{path}:{lineno}: duplicate task_id {obj['task_id']!r}")
-            seen.add(obj["task_id"])
-            problems.append(obj)
+    try:
+        with opener(path, "rb") as f:  # bytes: a decoding error is named with its own line
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ProblemFileError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start + 1} "
+                                           "of the line)") from None
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError as e:
+                    raise ProblemFileError(f"{path}:{lineno}: invalid JSON: {e}") from None
+                if not isinstance(obj, dict):
+                    raise ProblemFileError(f"{path}:{lineno}: expected a JSON object")
+                keys = REQUIRED_KEYS + (("canonical_solution",) if need_solution else ())
+                missing = [k for k in keys if not isinstance(obj.get(k), str)]
+                if missing:
+                    raise ProblemFileError(f"{path}:{lineno}: missing or non-string keys: {', '.join(missing)}")
+                if obj["task_id"] in seen:
+                    raise ProblemFileError(f"{path}:{lineno}: duplicate task_id {obj['task_id']!r}")
+                seen.add(obj["task_id"])
+                problems.append(obj)
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise ProblemFileError(f"{path}: not a complete gzip file ({e or type(e).__name__})") from None
     if not problems:
-        raise ValueError(f"{path}: no problems")
+        raise ProblemFileError(f"{path}: no problems")
     return problems
 
 
