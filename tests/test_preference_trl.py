@@ -188,7 +188,8 @@ def test_one_step_equals_trl(stage, pref, llamas, tmp_path, tp1_env):
     moved = {hk: float((their_state[hk] - start[hk]).abs().max()) for hk in MAPPED.values()}
     diffs = {hk: float((our_state[mk] - their_state[hk]).abs().max()) for mk, hk in MAPPED.items()}
     assert all(m > 1e-4 for m in moved.values()), moved
-    # fp32: ~1e-7 measured (3e-6 for IPO, whose squared loss gives these pairs a gradient ~50x the others':
-    # Adam's first step maps a gradient difference d to about lr * d / (4 eps) of weight)
-    tol = 5e-6 if pref.get("loss_type") == "ipo" else 1e-6
+    # fp32: ~1e-7 measured (3e-6 for IPO here, 6.4e-6 on CI's CPU: its squared loss gives these pairs a
+    # gradient ~50x the others', and Adam's first step maps a gradient difference d to about
+    # lr * d / (4 eps) of weight); both bounds stay far below the step itself (lr = 1e-2)
+    tol = 2e-5 if pref.get("loss_type") == "ipo" else 1e-6
     assert all(d < tol for d in diffs.values()), diffs
