@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from train_helpers import REFERENCE_STEPS as STEPS
 from train_helpers import ROOT, env, read_metrics, run_many, torchrun, train_command, train_losses
@@ -179,3 +180,36 @@ def test_tp2_checkpoint_loads_at_tp1_with_same_logits(tp2_sp_run):
     at_tp2, at_tp1 = losses(["parallel.tp=2"], 2), losses([], 1)
     assert len(at_tp1) == 128
     assert max(abs(a - b) for a, b in zip(at_tp2, at_tp1)) < 1e-5
+
+
+def test_a_resume_trains_on_the_runs_own_lr_schedule():
+    """A resume may change the schedule (more ``train.steps``, another warmup, decay, LR, min LR,
+    weight decay: printed as changed settings). From the checkpoint's step the LR and weight decay
+    are the new run's, as if it had started with them; megatron's scheduler kept the checkpoint's
+    by default."""
+    from megatron_mft.config import load_config
+    from megatron_mft.training.optimizer import build_scheduler
+
+    def scheduler(overrides: list, steps: int):
+        cfg = load_config(None, ["data.path=/unused", f"train.steps={steps}", *overrides])
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+        return build_scheduler(opt, cfg, steps), opt
+
+    old, _ = scheduler(["train.warmup_steps=2", "train.lr=1e-3", "train.min_lr=1e-5", "train.weight_decay=0.1"], 6)
+    for _ in range(4):
+        old.step(increment=1)
+    new = ["train.warmup_steps=3", "train.lr=2e-3", "train.min_lr=0", "train.weight_decay=0.05"]
+    resumed, resumed_opt = scheduler(new, 12)
+    resumed.load_state_dict(old.state_dict())
+    fresh, fresh_opt = scheduler(new, 12)
+    for _ in range(4):
+        fresh.step(increment=1)
+    assert resumed.num_steps == fresh.num_steps == 4
+    for step in range(4, 12):
+        got = [(g["lr"], g["weight_decay"]) for g in resumed_opt.param_groups]
+        assert got == [(g["lr"], g["weight_decay"]) for g in fresh_opt.param_groups], step
+        assert got[0][1] == 0.05 and 0 < got[0][0] <= 2e-3, (step, got)
+        if step == 4:
+            assert got[0][0] != old.get_lr(old.optimizer.param_groups[0]), "the two schedules must differ here"
+        resumed.step(increment=1)
+        fresh.step(increment=1)

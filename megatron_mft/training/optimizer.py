@@ -128,6 +128,11 @@ def use_fused_torch_adam(optimizer) -> None:
 
 
 def build_scheduler(optimizer, run: RunConfig, total_steps: int) -> OptimizerParamScheduler:
+    """Cosine LR with linear warmup. At a resume the run's own schedule applies from the
+    checkpoint's step (``override_opt_param_scheduler``): megatron's default keeps the
+    checkpoint's LR, warmup and decay lengths, which would make a changed ``train.steps`` /
+    ``decay_steps`` / ``warmup_steps`` / ``lr`` / ``min_lr`` / ``weight_decay`` that the resume
+    reports as applied a silent no-op."""
     t = run.train
     warmup = min(t.warmup_steps, max(total_steps - 1, 0))
     decay = t.decay_steps or max(total_steps, warmup + 1)
@@ -143,6 +148,8 @@ def build_scheduler(optimizer, run: RunConfig, total_steps: int) -> OptimizerPar
         end_wd=t.weight_decay,
         wd_incr_steps=decay,
         wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )
 
 
