@@ -6,28 +6,46 @@ CP=1 and CP=1 -> CP=2 resume with the uninterrupted run's losses)."""
 
 import pytest
 
-from train_helpers import read_metrics, run_train, train_losses
+from train_helpers import read_metrics, run_many, train_losses
 
 STEPS = 3
+LORA = ("peft.method=lora", "peft.rank=4", "train.warmup_steps=1")
+#: run name -> (its baseline, layout overrides, processes); the baselines are the single-process runs
+LAYOUTS = {
+    "packed_cp2xtp2-sp": ("packed", ["parallel.cp=2", "parallel.tp=2", "parallel.sp=true"], 4),
+    "dynamic_cp2xpp2": ("dynamic", ["parallel.cp=2", "parallel.pp=2"], 4),
+    # stops after step 1 (its checkpoint is resumed at CP=1 below)
+    "packed_cp2pp2_then_cp1": ("packed", ["parallel.cp=2", "parallel.pp=2", "train.exit_duration_minutes=1e-6"], 4),
+    "dynamic_cp1_then_cp2": ("dynamic", ["parallel.cp=2"], 2),  # resumes the baseline's step 1
+    "packed_lora_cp2": ("packed_lora", ["parallel.cp=2"], 2),
+}
 
 
 @pytest.fixture(scope="module")
-def baselines(tmp_path_factory, train_overrides):
-    """The single-process run of each batching mode; it saves every step, so a CP run can
-    resume from its step-1 checkpoint."""
+def cp_runs(tmp_path_factory, train_overrides):
+    """Every run of this module, one launch per process count (tests/train_many.py): the
+    single-process baselines (saving every step, so a CP run resumes from step 1), the CP layouts,
+    then the CP=2 x PP=2 run's step-1 checkpoint resumed at CP=1. Returns (root, baseline name ->
+    (its overrides, its losses), what the CP=2 x PP=2 run left before its resume)."""
     root = tmp_path_factory.mktemp("cp")
-    cache = {}
+    common = {b: train_overrides + [f"train.steps={STEPS}", f"data.batching={b.split('_')[0]}",
+                                    "loss.mode=task-sample", *(LORA if b.endswith("lora") else ())]
+              for b in ("packed", "dynamic", "packed_lora")}
+    run_many({b: argv + [f"output_dir={root / ('single_' + b)}", "train.save_interval=1"]
+              for b, argv in common.items()}, _spec(root, "single"))
+    resume = {"dynamic_cp1_then_cp2": [f"train.resume_from={root / 'single_dynamic' / 'checkpoints' / 'step_0000001'}"]}
+    for nproc in (4, 2):
+        run_many({name: common[b] + layout + resume.get(name, []) + [f"output_dir={root / name}"]
+                  for name, (b, layout, n) in LAYOUTS.items() if n == nproc}, _spec(root, f"n{nproc}"), nproc=nproc)
+    stopped = {"metrics": read_metrics(root / "packed_cp2pp2_then_cp1"),
+               "latest": (root / "packed_cp2pp2_then_cp1" / "checkpoints" / "latest").read_text().strip()}
+    run_many({"resume": common["packed"] + [f"output_dir={root / 'packed_cp2pp2_then_cp1'}"]}, _spec(root, "resume"))
+    return root, {b: (argv, train_losses(root / ("single_" + b))) for b, argv in common.items()}, stopped
 
-    def get(batching: str, peft: tuple = ()):
-        key = batching + "".join(peft).replace("=", "").replace(".", "")
-        if key not in cache:
-            common = train_overrides + [f"train.steps={STEPS}", f"data.batching={batching}", "loss.mode=task-sample",
-                                        *peft]
-            run_train(common + [f"output_dir={root / ('single_' + key)}", "train.save_interval=1"])
-            cache[key] = (common, train_losses(root / ("single_" + key)))
-        return root, cache[key]
 
-    return get
+def _spec(root, name):
+    (root / f"spec_{name}").mkdir()
+    return root / f"spec_{name}"
 
 
 def _assert_same(ref: dict, got: dict, first: int = 1):
@@ -43,15 +61,12 @@ def _assert_same(ref: dict, got: dict, first: int = 1):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("batching, layout, nproc", [
-    ("packed", ["parallel.cp=2", "parallel.tp=2", "parallel.sp=true"], 4),
-    ("dynamic", ["parallel.cp=2", "parallel.pp=2"], 4),
-], ids=["packed-cp2xtp2-sp", "dynamic-cp2xpp2"])
-def test_context_parallel_matches_single_process(baselines, batching, layout, nproc):
-    root, (common, ref) = baselines(batching)
-    out = root / (batching + "_" + "_".join(layout).replace("=", "").replace(".", "") + f"_n{nproc}")
-    run_train(common + layout + [f"output_dir={out}"], nproc=nproc)
-    got = train_losses(out)
+@pytest.mark.parametrize("name", ["packed_cp2xtp2-sp", "dynamic_cp2xpp2"])
+def test_context_parallel_matches_single_process(cp_runs, name):
+    root, baselines = cp_runs[:2]
+    batching = LAYOUTS[name][0]
+    common, ref = baselines[batching]
+    got = train_losses(root / name)
     _assert_same(ref, got)
     # the CP padding of packed samples is reported per step (metrics.jsonl cp_padding_tokens)
     expected = _cp_padding_per_step(common, cp=2) if batching == "packed" else [0] * STEPS
@@ -87,38 +102,30 @@ def _cp_padding_per_step(common: list[str], cp: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_packed_cp2_pp2_checkpoint_resumes_at_cp1(baselines):
+def test_packed_cp2_pp2_checkpoint_resumes_at_cp1(cp_runs):
     """Packed rows at CP=2 x PP=2 (4 ranks) equal the single-process step 1; its checkpoint
     (model, distributed-optimizer state sharded over DP x CP, data position) resumes in one
     process with the uninterrupted run's steps 2..3."""
-    root, (common, ref) = baselines("packed")
+    root, baselines, stopped = cp_runs
     out = root / "packed_cp2pp2_then_cp1"
-    run_train(common + ["parallel.cp=2", "parallel.pp=2", f"output_dir={out}", "train.exit_duration_minutes=1e-6"],
-              nproc=4)
-    assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000001"
-    assert [r["step"] for r in read_metrics(out)] == [1]
-    run_train(common + [f"output_dir={out}"])
-    _assert_same(ref, train_losses(out))  # step 1 from CP=2 x PP=2, steps 2..3 resumed at CP=1
+    assert [r["step"] for r in stopped["metrics"]] == [1]  # the CP=2 x PP=2 run stopped after step 1 ...
+    assert stopped["latest"] == "step_0000001"
+    _assert_same(baselines["packed"][1], train_losses(out))  # ... and steps 2..3 were resumed at CP=1
     assert len(read_metrics(out)) == STEPS
 
 
 @pytest.mark.slow
-def test_cp1_checkpoint_resumes_at_cp2(baselines):
+def test_cp1_checkpoint_resumes_at_cp2(cp_runs):
     """Dynamic batches: the single-process run's step-1 checkpoint continues at CP=2 with its
     steps 2..3."""
-    root, (common, ref) = baselines("dynamic")
-    out = root / "dynamic_cp1_then_cp2"
-    run_train(common + ["parallel.cp=2", f"output_dir={out}",
-                        f"train.resume_from={root / 'single_dynamic' / 'checkpoints' / 'step_0000001'}"], nproc=2)
-    _assert_same(ref, train_losses(out), first=2)
+    root, baselines, _ = cp_runs
+    _assert_same(baselines["dynamic"][1], train_losses(root / "dynamic_cp1_then_cp2"), first=2)
 
 
 @pytest.mark.slow
-def test_context_parallel_with_lora_matches_single_process(baselines):
-    root, (common, ref) = baselines("packed", ("peft.method=lora", "peft.rank=4", "train.warmup_steps=1"))
-    out = root / "packed_lora_cp2"
-    run_train(common + ["parallel.cp=2", f"output_dir={out}"], nproc=2)
-    _assert_same(ref, train_losses(out))
+def test_context_parallel_with_lora_matches_single_process(cp_runs):
+    root, baselines, _ = cp_runs
+    _assert_same(baselines["packed_lora"][1], train_losses(root / "packed_lora_cp2"))
 
 
 def test_cp_with_ep_layout_rules():

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 
 from test_families_fixtures import make_family_model
-from train_helpers import run_train, train_losses
+from train_helpers import run_many, train_losses
 
 STEPS = 10
 #: family -> overrides of its tiny config for the run (the demo tokenizer's 2048 ids)
@@ -29,30 +29,36 @@ TRAINED = {
 
 @pytest.fixture(scope="module")
 def family_runs(tmp_path_factory, demo_data):
-    """name -> (overrides of its run, its single-process losses, its folder); each run made once."""
+    """name -> (overrides of its run, its single-process losses, its folder): every family's run in
+    one process (tests/train_many.py)."""
     from megatron_mft.checkpoint.hf.hfconfig import model_config_from_hf, model_section, read_hf_config
 
-    runs = {}
+    root = tmp_path_factory.mktemp("family_train")
+    overrides = {}
+    for name in TRAINED:
+        hf = make_family_model(name, root / name / "hf", seed=4, embed_std=0.1, vocab_size=2048, **TRAINED[name])
+        model = model_section(model_config_from_hf(read_hf_config(hf)))
+        overrides[name] = [f"model.{k}={v}" for k, v in model.items()] + [
+            f"model.hf_init={hf}", "data.source=offline", f"data.path={demo_data}", "data.seq_length=512",
+            f"train.steps={STEPS}", "train.eval_interval=0", "train.save_interval=0", "train.global_batch_size=4"]
+    run_many({name: argv + [f"output_dir={root / name / 'tp1'}"] for name, argv in overrides.items()}, root)
+    return {name: (argv, train_losses(root / name / "tp1"), root / name) for name, argv in overrides.items()}
 
-    def run(name: str):
-        if name not in runs:
-            root = tmp_path_factory.mktemp(f"{name}_train")
-            hf = make_family_model(name, root / "hf", seed=4, embed_std=0.1, vocab_size=2048, **TRAINED[name])
-            model = model_section(model_config_from_hf(read_hf_config(hf)))
-            overrides = [f"model.{k}={v}" for k, v in model.items()] + [
-                f"model.hf_init={hf}", "data.source=offline", f"data.path={demo_data}", "data.seq_length=512",
-                f"train.steps={STEPS}", "train.eval_interval=0", "train.save_interval=0",
-                "train.global_batch_size=4"]
-            run_train(overrides + [f"output_dir={root / 'tp1'}"])
-            runs[name] = (overrides, train_losses(root / "tp1"), root)
-        return runs[name]
 
-    return run
+@pytest.fixture(scope="module")
+def tp2_runs(family_runs, tmp_path_factory):
+    """name -> TP=2 + SP losses, the two torchrun cases in one launch."""
+    spec = tmp_path_factory.mktemp("family_tp2")
+    names = ["starcoder2", "qwen2"]
+    run_many({name: family_runs[name][0] + ["parallel.tp=2", "parallel.sp=true",
+                                            f"output_dir={family_runs[name][2] / 'tp2'}"] for name in names},
+             spec, nproc=2)
+    return {name: train_losses(family_runs[name][2] / "tp2") for name in names}
 
 
 @pytest.mark.parametrize("name", list(TRAINED))
 def test_family_trains_through_the_cli(family_runs, name):
-    overrides, losses, _ = family_runs(name)
+    overrides, losses, _ = family_runs[name]
     assert sorted(losses) == list(range(1, STEPS + 1))
     curve = [losses[s]["loss"] for s in sorted(losses)]
     assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 0.1, curve  # steps see different batches: means
@@ -64,10 +70,7 @@ def test_family_trains_through_the_cli(family_runs, name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["starcoder2", "qwen2"])
-def test_family_tp2_sp_equals_tp1(family_runs, name):
-    overrides, single, root = family_runs(name)
-    out = root / "tp2"
-    run_train(overrides + ["parallel.tp=2", "parallel.sp=true", f"output_dir={out}"], nproc=2)
-    tp2 = train_losses(out)
+def test_family_tp2_sp_equals_tp1(family_runs, tp2_runs, name):
+    single, tp2 = family_runs[name][1], tp2_runs[name]
     for step in range(1, STEPS + 1):
         assert abs(tp2[step]["loss"] - single[step]["loss"]) <= 1e-5 * abs(single[step]["loss"]), step
