@@ -2,7 +2,7 @@
 
     hf-to-mcore  --hf-dir DIR [--preset NAME] [--tp T --pp P --ep E] --out CKPT [--dtype D] [--dry-run]
     mcore-to-hf  --ckpt CKPT --out DIR [--merge-lora | --adapter-only] [--dtype D] [--max-shard-size 5GB]
-                 [--tokenizer FILE|DIR]
+                 [--tokenizer FILE|DIR] [--family NAME]
     verify       --hf-dir DIR [--ckpt CKPT] [--adapter DIR] [--tp T --pp P --ep E] [--tol X]
                  [--batch B --seq S --seed N]
 
@@ -23,6 +23,7 @@ from pathlib import Path
 
 from megatron_mft.config.base import finite_float, int_range
 from megatron_mft.errors import HELP, ArgumentParser, UsageError, UserError, command, report
+from megatron_mft.launch.quiet import quiet_known_warnings
 
 
 def _size(text: str) -> int:
@@ -48,6 +49,8 @@ def _tolerance(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from megatron_mft.checkpoint.hf.families import FAMILIES
+
     p = ArgumentParser(prog="python -m megatron_mft.convert",
                                 description="Hugging Face <-> megatron-core checkpoint conversion", epilog=HELP)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -73,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--tokenizer", help="tokenizer to export: a folder of tokenizer files, a SentencePiece .model "
                                        "file or a tokenizer.json file (default: the run's data.tokenizer, found "
                                        "via the checkpoint)")
+    b.add_argument("--family", choices=list(FAMILIES),
+                   help="Hugging Face family to write (default: the base model's, else the run's model.family); "
+                        "for a run that changed its preset's architecture, as model.num_experts on a Llama preset")
 
     c = sub.add_parser("verify", help="max |logit difference| between the megatron and HF models")
     c.add_argument("--hf-dir", required=True, help="Hugging Face model folder (the reference)")
@@ -146,7 +152,8 @@ def _mcore_to_hf(args) -> int:
 
     try:
         export_to_hf(args.ckpt, args.out, merge_lora=args.merge_lora, adapter_only=args.adapter_only,
-                     dtype=args.dtype, max_shard_size=args.max_shard_size, tokenizer=args.tokenizer)
+                     dtype=args.dtype, max_shard_size=args.max_shard_size, tokenizer=args.tokenizer,
+                     family=args.family)
     finally:  # gloo aborts at interpreter exit if its group is left up
         teardown()
     return 0
@@ -249,6 +256,7 @@ def _verify(args, argv: list) -> int:
 @command
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    quiet_known_warnings()
     if args.cmd == "hf-to-mcore":
         return _hf_to_mcore(args)
     if args.cmd == "mcore-to-hf":

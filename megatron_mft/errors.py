@@ -27,6 +27,7 @@ import argparse
 import functools
 import os
 import sys
+import time
 import traceback
 from typing import Callable
 
@@ -74,6 +75,15 @@ def _rank() -> tuple[int, int]:
     return 0, 1
 
 
+#: how long a rank that leaves a usage error to its node's first rank waits before it exits: torchrun
+#: stops every rank as soon as one exits, and the first rank must have printed the message by then
+SILENT_RANK_GRACE_S = 3.0
+
+
+def _leave_it_to_the_first_rank() -> None:
+    time.sleep(SILENT_RANK_GRACE_S)
+
+
 def first_rank() -> bool:
     """Whether this process is the job's first rank (or not launched by torchrun/srun), from the
     launcher's variables: the one that prints what every rank would print alike (config warnings)."""
@@ -114,7 +124,8 @@ def report(error: BaseException) -> int:
         code = error.exit_code
         text = f"error: {error}"
         if isinstance(error, UsageError) and rank != 0 and os.environ.get("LOCAL_RANK", "0") != "0" and not debug:
-            return code  # the first rank of each node prints it (file checks can differ between nodes)
+            _leave_it_to_the_first_rank()  # the first rank of each node prints it (file checks can differ
+            return code                      # between nodes)
     elif isinstance(error, KeyboardInterrupt):
         code, text = 130, "interrupted"
     elif isinstance(error, OSError):  # a file system or network failure, e.g. no space left on device
@@ -195,11 +206,19 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser, whose usage errors (unknown option, missing argument) are printed by the
     job's first rank only: under torchrun/srun every rank parses the same command line, and N
     copies of one message would follow. Every rank still exits 2. Every command builds its
-    parser from this class."""
+    parser from this class. ``--debug`` is listed among its options; the command wrapper takes it
+    off the command line before parsing."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.add_help:
+            self.add_argument(DEBUG_FLAG, action="store_true",
+                              help=f"on an error, print the traceback too (or set {DEBUG_ENV}=1)")
 
     def error(self, message: str):
         if _rank()[0] == 0 or debug_enabled():
             super().error(message)  # prints the usage and the message, exits 2
+        _leave_it_to_the_first_rank()
         self.exit(USAGE)
 
 

@@ -27,15 +27,17 @@ import math
 import os
 import sys
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 from megatron_mft.errors import HELP, ArgumentParser, UsageError, command
 
 TRAIN, VAL, WEIGHT = "task_loss/", "val_loss/", "task_weight/"
 
 
-def load_metrics(path: str, skip_invalid: bool = False) -> dict[int, dict[str, float]]:
-    """``{step: {key: value}}``, merged over lines; the last value of a (step, key) wins."""
+def load_metrics(path: str, skip_invalid: bool = False,
+                 warn: Optional[Callable[[str], None]] = None) -> dict[int, dict[str, float]]:
+    """``{step: {key: value}}``, merged over lines; the last value of a (step, key) wins. With
+    ``skip_invalid`` an invalid line is passed to ``warn`` (default: a Python warning) and skipped."""
     steps: dict[int, dict[str, float]] = {}
     with open(path, "rb") as f:  # decoded line by line, so a bad byte is named by its line
         for lineno, raw in enumerate(f, 1):
@@ -59,7 +61,10 @@ def load_metrics(path: str, skip_invalid: bool = False) -> dict[int, dict[str, f
             except (ValueError, OverflowError) as e:
                 msg = f"{path}:{lineno}: invalid metrics line: {e}"
                 if skip_invalid:
-                    warnings.warn(msg, stacklevel=2)
+                    if warn is not None:
+                        warn(msg)
+                    else:
+                        warnings.warn(msg, stacklevel=2)
                     continue
                 raise ValueError(msg) from None
             row = steps.setdefault(int(step), {})
@@ -156,7 +161,7 @@ def is_own_image(path: str) -> bool:
 
 
 def plot_metrics(metrics: str, out: str, title: Optional[str] = None, logy: bool = False,
-                 skip_invalid: bool = False):
+                 skip_invalid: bool = False, warn: Optional[Callable[[str], None]] = None):
     """Read ``metrics``, write the image to ``out`` (atomically, and only over an image of this
     command's), return the Figure."""
     from megatron_mft.compat.fsops import replace_file_atomically
@@ -167,7 +172,7 @@ def plot_metrics(metrics: str, out: str, title: Optional[str] = None, logy: bool
         raise ValueError(f"--out {out} exists and is not an image this command wrote; it is never replaced: "
                          "give another file name, or move that file away (it replaces only the images it "
                          "marked: .png, .pdf, .svg, .eps, .ps)")
-    steps = load_metrics(metrics, skip_invalid=skip_invalid)
+    steps = load_metrics(metrics, skip_invalid=skip_invalid, warn=warn)
     if not steps:
         raise ValueError(f"{metrics}: no metrics lines")
     fig = make_figure(steps, title=title, logy=logy)
@@ -198,9 +203,17 @@ def main(argv: list[str]) -> int:
     out = args.out  # matplotlib adds its default format to a name without one: say what was written
     if not os.path.splitext(out)[1] and not os.path.isdir(out):
         out += ".png"
+    if not os.path.isfile(args.metrics):
+        raise UsageError(f"--metrics {args.metrics}: " + (
+            "is a folder; give the run's metrics file, OUTPUT_DIR/metrics.jsonl" if os.path.isdir(args.metrics)
+            else "no such file (a run writes OUTPUT_DIR/metrics.jsonl)"))
     try:
-        plot_metrics(args.metrics, out, title=args.title, logy=args.logy, skip_invalid=args.skip_invalid)
-    except (OSError, ValueError) as e:  # an unreadable metrics file, an unwritable or unsupported --out
+        plot_metrics(args.metrics, out, title=args.title, logy=args.logy, skip_invalid=args.skip_invalid,
+                     warn=lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True))
+    except OSError as e:  # an unreadable metrics file, an unwritable --out
+        flag = "--metrics" if e.filename == args.metrics else "--out"
+        raise UsageError(f"{flag} {e.filename or out}: {e.strerror or e}") from e
+    except ValueError as e:  # a bad metrics line, an unsupported --out
         raise UsageError(str(e)) from e
     print(f"wrote {out}")
     return 0

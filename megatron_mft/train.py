@@ -10,19 +10,8 @@ import sys
 from megatron_mft.config import load_config
 from megatron_mft.errors import HELP, ArgumentParser, command
 from megatron_mft.launch.env import read_dist_env
+from megatron_mft.launch.quiet import quiet_known_warnings
 from megatron_mft.launch.signals import catch_early, shield_checkpoint_helper
-
-
-def _quiet_known_warnings() -> None:
-    """megatron-core warns on import about every optional kernel it lacks; the recipe prints
-    one line naming the kernels in force instead."""
-    import warnings
-
-    for pattern in (r".*(Apex|Transformer Engine|TransformerEngine).*(not installed|Falling back).*",
-                    r".*full scope is deprecated.*", r".*\.grad attribute of a Tensor that is not a leaf.*",
-                    r".*is deprecated. Please use .*_single.*", r".*deprecating ShardedTensor.*",
-                    r".*`load_state_dict` is deprecated.*"):
-        warnings.filterwarnings("ignore", message=pattern)
 
 
 @command
@@ -38,7 +27,7 @@ def main(argv: list[str]) -> int:
     # the preflight again (Recipe.setup runs it for library use), here before megatron is imported:
     # a wrong path or process count is reported in a second, not after the imports
     check_run(cfg, read_dist_env().world_size)
-    _quiet_known_warnings()
+    quiet_known_warnings()
     shield_checkpoint_helper()  # SLURM signals every process of the step, the writer's helper too
     from megatron_mft.training.recipe import Recipe
 

@@ -181,12 +181,20 @@ def test_internal_errors_are_one_paragraph_with_a_hint(capsys, monkeypatch):
     def usage(argv):
         raise UsageError("data.path: /x does not exist")
 
+    from megatron_mft import errors
+
+    waits = []
+    monkeypatch.setattr(errors.time, "sleep", waits.append)
     assert usage([]) == 2 and capsys.readouterr().err == ""
+    # and before it exits it leaves the first rank time to print: torchrun stops every rank once one
+    # exits, and the message was lost when that came first (seen under load)
+    assert waits == [errors.SILENT_RANK_GRACE_S]
     # the first rank of another node prints it too: a missing mount is a per-node fact
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert usage([]) == 2 and capsys.readouterr().err == "[rank 2] error: data.path: /x does not exist\n"
+    assert waits == [errors.SILENT_RANK_GRACE_S]
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -270,3 +278,18 @@ def test_preflight_refuses_full_ft_dpo_over_an_unwritable_data_folder(tmp_path, 
     assert len(problems) == 1 and str(data) in problems[0] and "not writable" in problems[0]
     lora = load_config(None, [f"data.path={data}", "train.stage=dpo", "data.mode=preference", "peft.method=lora"])
     assert _reference_store_problems(lora) == []  # adapters disabled are the reference: nothing stored
+
+
+@pytest.mark.parametrize("module, argv", [("megatron_mft.train", ["--help"]), ("megatron_mft.convert", ["--help"]),
+                                          ("megatron_mft.convert", ["mcore-to-hf", "--help"]),
+                                          ("megatron_mft.evaluate.__main__", ["humaneval", "--help"]),
+                                          ("megatron_mft.checkpoint.__main__", ["init", "--help"]),
+                                          ("megatron_mft.plot", ["--help"])])
+def test_every_commands_help_lists_the_debug_switch(capsys, module, argv):
+    """``--debug`` was only named in the epilog's prose, never among a command's options."""
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(argv)
+    assert e.value.code == 0
+    assert "  --debug  " in capsys.readouterr().out.replace("--debug   ", "--debug  ")

@@ -174,7 +174,11 @@ def test_architecture_values_megatron_would_fail_on_are_refused_at_once():
      "model.rope_original_max_positions set, but rope_type is linear: no effect (only llama3 and yarn read it)"),
     # the neutral values (as a converted model's section writes them), or settings that are read: quiet
     (["model.rope_factor=1", "model.rope_original_max_positions=0", "model.moe_top_k=0"], None),
-    (["model.num_experts=4", "model.moe_top_k=2", "model.moe_aux_loss_coeff=0.01"], None),
+    (["model.num_experts=4", "model.moe_top_k=2", "model.moe_aux_loss_coeff=0.01", "model.family=mixtral"], None),
+    # the preset's family cannot hold the overridden model: it trains, the export will want --family
+    (["model.num_experts=4", "model.moe_top_k=2"],
+     "model.family (preset tiny's): llama (LlamaForCausalLM) needs num_experts=0 (the model has 4), moe_top_k=0 "
+     "(the model has 2); families that fit this architecture: mixtral"),
     (["model.preset=deepseek-coder-1.3b", "model.rope_type=default"], None),  # the preset's factor is not named
 ])
 def test_model_settings_without_effect_are_warned(capsys, monkeypatch, overrides, warned):
@@ -248,3 +252,18 @@ def test_the_commands_exit_2_with_the_message_and_no_traceback(tmp_path, argv, n
     for needle in needles:
         assert needle in p.stderr, (needle, p.stderr[-3000:])
     assert not (tmp_path / "init").exists()
+
+
+def test_an_override_typo_is_blamed_on_the_command_line_with_the_closest_field(tmp_path):
+    """``train.stpes=3``: the message named the YAML file (which holds no such key) and offered no
+    field (the hint was a 3-letter prefix match); now the overrides, and ``steps``."""
+    f = tmp_path / "run.yaml"
+    f.write_text("data:\n  path: /x\ntrain:\n  steps: 5\n")
+    msg = _problems(f, ["train.stpes=3", "model.num_layer=2"])
+    assert msg.startswith(f"invalid config (the key=value overrides on {f}):\n"), msg
+    assert "train.stpes: unknown field (did you mean steps?)" in msg
+    assert "model.num_layer: unknown field (did you mean num_layers?)" in msg
+    f.write_text("data:\n  path: /x\ntrain:\n  stpes: 5\n")
+    assert _problems(f, ["train.lr=1e-3"]).startswith(f"invalid config {f}:\n")
+    msg = _problems(f, ["model.num_layer=2"])  # one in each
+    assert msg.startswith(f"invalid config {f} and its key=value overrides:\n"), msg

@@ -287,3 +287,26 @@ def test_a_backend_refusal_is_not_reported_as_a_bad_argument(tmp_path, monkeypat
     err = capsys.readouterr().err
     assert code == 1 and f"--backend vllm: vLLM could not start {hf}: {kv}" in err, err
     assert "invalid arguments" not in err and "Traceback" not in err and not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("encoding", ["training", "text"])
+def test_role_markers_of_a_sentencepiece_vocabulary_count_as_one_piece(tmp_path, caplog, encoding):
+    """The demo SentencePiece model has both markers as pieces; transformers encodes a marker alone
+    as ['▁', '<|role_start|>'] (the dummy prefix), so the diagnostics reported 2 pieces for a
+    dedicated token. Exported as ``convert mcore-to-hf`` writes a lone .model file."""
+    from transformers import AutoTokenizer
+
+    from megatron_mft.checkpoint.hf.export_tokenizer import _lone_sentencepiece, write_tokenizer
+    from megatron_mft.evaluate.encoding import PromptEncoder
+    from megatron_mft.evaluate.humaneval import _log_prompt_diagnostics
+
+    sp = Path(__file__).resolve().parents[1] / "examples" / "demo_data" / "tokenizer" / "demo_sp2048.model"
+    write_tokenizer(_lone_sentencepiece(sp, "test"), tmp_path, tmp_path, log=lambda s: None)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(tok("<|role_start|>", add_special_tokens=False)["input_ids"]) == 2  # what was counted
+    enc = PromptEncoder(str(tmp_path), tok, PromptTemplate("mft", instruction="Complete:\n{prompt}"), encoding, None)
+    text, ids = enc.encode("def add(a, b):\n")
+    with caplog.at_level("INFO"):
+        info = _log_prompt_diagnostics(enc, "t/0", text, ids)
+    assert info["role_marker_pieces"] == {"<|role_start|>": 1, "<|role_end|>": 1}, info
+    assert "role markers tokenize to {'<|role_start|>': 1, '<|role_end|>': 1} pieces" in caplog.text

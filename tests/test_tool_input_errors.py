@@ -78,6 +78,10 @@ CASES = [
     ("verify-batch-0", CONVERT + ["verify", "--hf-dir", "{hf}", "--batch", "0"], 2, ["--batch: must be >= 1"], None),
     ("verify-seq-0", CONVERT + ["verify", "--hf-dir", "{hf}", "--seq", "0"], 2, ["--seq: must be >= 1"], None),
     ("verify-negative-tol", CONVERT + ["verify", "--hf-dir", "{hf}", "--tol", "-1"], 2, ["--tol: must be >= 0"], None),
+    ("export-missing-ckpt", CONVERT + ["mcore-to-hf", "--ckpt", "{tmp}/no_such_run", "--out", "{tmp}/o"], 2,
+     ["--ckpt {tmp}/no_such_run does not exist"], "{tmp}/o"),
+    ("export-ckpt-is-a-file", CONVERT + ["mcore-to-hf", "--ckpt", STEP + "/run.json", "--out", "{tmp}/o"], 2,
+     ["--ckpt " + STEP + "/run.json is a file, not a checkpoint folder"], "{tmp}/o"),
     ("export-shard-size-0", CONVERT + ["mcore-to-hf", "--ckpt", "{run}", "--out", "{tmp}/o", "--max-shard-size", "0"],
      2, ["--max-shard-size: must be at least 1 byte"], None),
     ("evaluate-memory-beyond-setrlimit", EVAL + ["--hf-dir", "{hf}", "--memory-mb", str(2**60), "--out",
@@ -94,6 +98,15 @@ CASES = [
     # plot: a number beyond float range is a value like inf (skipped), a step beyond it a bad line
     ("plot-huge-value", [PY, "-m", "megatron_mft.plot", "--metrics", "{big_value}", "--out", "{tmp}/loss.png"], 0,
      ["wrote {tmp}/loss.png"], None),
+    # plot: a missing metrics file named by its flag (was the bare errno text); a skipped line a one-line warning
+    # (was Python's "plot.py:213: UserWarning: ..." with the source line under it)
+    ("plot-missing-metrics", [PY, "-m", "megatron_mft.plot", "--metrics", "{tmp}/nope.jsonl", "--out",
+                              "{tmp}/loss.png"], 2, ["--metrics {tmp}/nope.jsonl: no such file"], "{tmp}/loss.png"),
+    ("plot-metrics-is-a-folder", [PY, "-m", "megatron_mft.plot", "--metrics", "{tmp}", "--out", "{tmp}/loss.png"],
+     2, ["--metrics {tmp}: is a folder"], "{tmp}/loss.png"),
+    ("plot-skip-invalid", [PY, "-m", "megatron_mft.plot", "--metrics", "{big_step}", "--out", "{tmp}/loss.png",
+                           "--skip-invalid"], 0,
+     ["warning: {big_step}:2: invalid metrics line: 'step' out of range", "wrote {tmp}/loss.png"], None),
     ("plot-huge-step", [PY, "-m", "megatron_mft.plot", "--metrics", "{big_step}", "--out", "{tmp}/loss.png"], 2,
      ["big_step.jsonl:2: invalid metrics line: 'step' out of range"], "{tmp}/loss.png"),
     # convert: an --out inside (or around) what is being read
@@ -128,6 +141,8 @@ def test_bad_input_is_one_early_message(tmp_path, hf_model, tiny_run, argv, code
         assert needle.format(**fields) in out, (needle.format(**fields), out[-3000:])
     if absent:
         assert not Path(absent.format(**fields)).exists()
+    if "megatron_mft.plot" in argv:
+        assert "UserWarning" not in out, out[-3000:]
     if "Loading weights" in out or "generating" in out:
         pytest.fail("the model was loaded before the problem was reported")
 
@@ -462,3 +477,75 @@ def test_bench_tools_take_the_debug_switch():
     assert plain.returncode == 1 and "internal error: ValueError: injected" in plain.stderr, plain.stderr[-2000:]
     assert "Traceback" not in plain.stderr
     assert debug.returncode == 1 and "Traceback" in debug.stderr, debug.stderr[-2000:]
+
+
+
+def test_export_refuses_a_model_its_family_cannot_hold_and_writes_the_family_named(tiny_run, tmp_path, tp1_env):
+    """A run that made its Llama preset another family's model trains (with a warning). Its export
+    as a Llama was an internal KeyError (decoder.layers.0.mlp.linear_fc1.weight) for experts
+    (model.num_experts), and a Llama config.json that drops the window for a sliding window: both
+    are refused by name before any tensor is read, with the family that fits. ``--family`` writes
+    that family: the same tensors as the run's Llama export, a Mistral config with the window; a
+    ``--family`` that does not fit is refused the same way. The CLI: exit 2 without a traceback,
+    and no megatron import warning on the way."""
+    import torch
+    from safetensors.torch import load_file
+
+    from megatron_mft.checkpoint.hf.families import ConversionError
+    from megatron_mft.checkpoint.hf.mcore_to_hf import export_to_hf
+
+    src = tiny_run / "checkpoints" / "step_0000001"
+    tok = ["--tokenizer", str(DEMO_SP)]
+    convert = [PY, "-m", "megatron_mft.convert", "mcore-to-hf"]
+
+    def changed(name: str, **model) -> Path:
+        step = tmp_path / name / "checkpoints" / "step_0000001"
+        shutil.copytree(src, step)
+        run = json.loads((step / "run.json").read_text())
+        run["config"]["model"].update(model)
+        (step / "run.json").write_text(json.dumps(run))
+        return step
+
+    def refused(ckpt: Path, **kw) -> str:
+        with pytest.raises(ConversionError) as e:
+            export_to_hf(ckpt, tmp_path / "refused", tokenizer=str(DEMO_SP), log=lambda s: None, **kw)
+        assert not (tmp_path / "refused").exists()
+        return str(e.value)
+
+    moe = changed("moe", num_experts=4, moe_top_k=2)
+    p = _run(convert + ["--ckpt", str(moe), "--out", str(tmp_path / "moe_hf")] + tok)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "KeyError" not in p.stderr, p.stderr
+    assert f"{moe} is not a llama model (LlamaForCausalLM), so it cannot be written as one" in p.stderr, p.stderr
+    assert "needs num_experts=0 (the model has 4)" in p.stderr and "fit this architecture: mixtral" in p.stderr
+    assert "pass --family" in p.stderr and "Warning" not in p.stdout + p.stderr, p.stderr
+    assert not (tmp_path / "moe_hf").exists()
+    assert "is not a qwen2 model (Qwen2ForCausalLM)" in refused(moe, family="qwen2")
+
+    window = changed("window", sliding_window=16)
+    msg = refused(window)
+    assert "needs sliding_window=0 (the model has 16)" in msg and "fit this architecture: mistral" in msg, msg
+    export_to_hf(window, tmp_path / "w_mistral", family="mistral", tokenizer=str(DEMO_SP), log=lambda s: None)
+    export_to_hf(src, tmp_path / "llama", tokenizer=str(DEMO_SP), log=lambda s: None)
+    cfg = json.loads((tmp_path / "w_mistral" / "config.json").read_text())
+    assert cfg["architectures"] == ["MistralForCausalLM"] and cfg["sliding_window"] == 16, cfg
+    a, b = load_file(tmp_path / "w_mistral" / "model.safetensors"), load_file(tmp_path / "llama" / "model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_finds_a_runs_tokenizer_by_its_data_manifest(tmp_path, monkeypatch):
+    """A run whose relative ``data.tokenizer`` is found neither from here nor from its working
+    folder (run.json copied to another machine, the working folder gone): the export falls back to
+    the absolute path its data manifest recorded, checked by its sha256."""
+    from megatron_mft.checkpoint.hf.export_tokenizer import RunTokenizer
+    from megatron_mft.data.tokenizer import file_sha256
+
+    step = tmp_path / "elsewhere" / "runs" / "a" / "checkpoints" / "step_0000001"
+    step.mkdir(parents=True)
+    run = {"config": {"output_dir": "runs/a", "data": {"tokenizer": "tok/demo_sp2048.model"}},
+           "manifest": {"tokenizer": {"path": str(DEMO_SP), "sha256": file_sha256(DEMO_SP)}}}
+    monkeypatch.chdir(tmp_path)
+    found, why = RunTokenizer.of_run(step, run).locate()
+    assert found == DEMO_SP and why is None, why
+    run["manifest"]["tokenizer"]["sha256"] = "0" * 64  # another file now at that path: not taken
+    found, why = RunTokenizer.of_run(step, run).locate()
+    assert found is None and "is not the one the run trained with" in why, why

@@ -94,6 +94,9 @@ def main(argv: list[str]) -> int:
     cfg = load_config(args.config, args.overrides + ["parallel.tp=1", "parallel.pp=1", "parallel.vpp=null",
                                                       "parallel.sp=false"])
 
+    from megatron_mft.launch.quiet import quiet_known_warnings
+
+    quiet_known_warnings()
     import torch
     from megatron.core import dist_checkpointing
 

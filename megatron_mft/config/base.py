@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import keyword
 import math
 import os
@@ -290,7 +291,7 @@ def _build(cls: type, data: dict, path: str, problems: list[str]) -> Any:
         key = key + "_" if keyword.iskeyword(key) else key  # a YAML key such as `lambda` -> field lambda_
         full = f"{path}.{key}" if path else key
         if key not in fields:
-            close = [n for n in fields if n.startswith(key[:3])]
+            close = difflib.get_close_matches(key, fields, n=3, cutoff=0.7)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             problems.append(f"{full}: unknown field{hint}; known: {', '.join(sorted(fields))}")
             continue

@@ -108,11 +108,26 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         problems += e.problems
     if problems:
         raise ConfigError(problems, source=str(path) if path else None)
-    cfg = load_dataclass(RunConfig, deep_merge(data, extra), source=str(path) if path else None)
+    try:
+        cfg = load_dataclass(RunConfig, deep_merge(data, extra), source=str(path) if path else None)
+    except ConfigError as e:
+        raise _blame_overrides(e, path, overrides or []) from None
     if first_rank():
         for w in cfg.warnings():
             print(f"warning: {w}", file=sys.stderr, flush=True)
     return cfg
+
+
+def _blame_overrides(error: ConfigError, path, overrides: list[str]) -> ConfigError:
+    """The same problems under a head that names where they come from: the command line when its
+    overrides caused them all (the YAML file may not even hold the key), both when some."""
+    given = {o.split("=", 1)[0].strip().replace("-", "_") for o in overrides}
+    ours = sum(p.partition(":")[0] in given for p in error.problems)
+    if not ours:
+        return error
+    source = "(the key=value overrides" + (f" on {path})" if path else ")") if ours == len(error.problems) else \
+        f"{path} and its key=value overrides" if path else "(the key=value overrides)"
+    return ConfigError(error.problems, source=source)
 
 
 def _without_rope(cfg: RunConfig) -> None:

@@ -241,6 +241,22 @@ def build_program(problem: dict, completion: str) -> str:
             + f"check({problem['entry_point']})\n")
 
 
+def _marker_pieces(encoder, marker: str) -> int:
+    """How many tokens a role marker is in a prompt: as training encodes it (its single vocabulary
+    id when the tokenizer has one), or, for text prompts, 1 for a vocabulary entry. The marker
+    encoded alone by the Hugging Face tokenizer would also count SentencePiece's dummy prefix
+    ('▁'), which a marker inside a prompt does not get."""
+    from megatron_mft.evaluate.encoding import encode_text
+
+    if encoder.encoding == "training":
+        return len(encoder.formatter.marker_ids[marker])
+    tok = encoder.hf_tok
+    single = tok.convert_tokens_to_ids(marker)
+    if single is not None and single != tok.unk_token_id:
+        return 1
+    return len(encode_text(tok, marker, False))
+
+
 def _log_prompt_diagnostics(encoder, first_task: str, first_prompt: str, ids: list[int]) -> dict:
     """Log what decides whether eval matches training: template, exact prompt, special tokens."""
     from megatron_mft.evaluate.encoding import encode_text
@@ -259,7 +275,7 @@ def _log_prompt_diagnostics(encoder, first_task: str, first_prompt: str, ids: li
     info = {"first_prompt_tokens": len(ids), "first_prompt_token_ids_head": head,
             "starts_with_bos": starts_with_bos}
     if template.name == "mft":
-        pieces = {m: len(encode_text(tok, m, False)) for m in (template.role_start, template.role_end)}
+        pieces = {m: _marker_pieces(encoder, m) for m in (template.role_start, template.role_end)}
         log.info("role markers tokenize to %s pieces (1 = a dedicated token)", pieces)
         info["role_marker_pieces"] = pieces
     if encoder.encoding == "training":

@@ -30,7 +30,8 @@ class RunTokenizer:
     #: where run.json names it, for messages
     key: str
     #: where it may be now: the path itself (absolute, or relative to this process's working
-    #: folder), and relative to the run's working folder (derived from a relative output_dir)
+    #: folder), relative to the run's working folder (derived from a relative output_dir), and
+    #: the absolute path its data manifest recorded
     candidates: list
     sha256: Optional[str] = None
 
@@ -43,6 +44,9 @@ class RunTokenizer:
             return None
         key = "data.tokenizer" if (cfg.get("data") or {}).get("tokenizer") else "the data manifest's tokenizer.path"
         candidates = run_relative_paths(named, step_dir, cfg)
+        recorded = manifest_tok.get("path")  # absolute: where the data was made from (an offline run's tokenizer)
+        if isinstance(recorded, str) and Path(recorded).is_absolute() and Path(recorded) not in candidates:
+            candidates.append(Path(recorded))
         sha = manifest_tok.get("sha256") if isinstance(manifest_tok.get("sha256"), str) else None
         return cls(named=named, key=key, candidates=candidates, sha256=sha)
 

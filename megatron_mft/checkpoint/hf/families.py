@@ -433,10 +433,10 @@ def _contradictions(fam: Family, arch: ArchSpec) -> list[str]:
     return wrong
 
 
-def family_problems(arch: ArchSpec, key: str = "model.family") -> list[str]:
-    """Why ``arch`` cannot be its family's Hugging Face model ([] when it can), with the families
-    that would fit. Read off the registry, so a new family needs nothing here."""
-    fam = FAMILIES.get(arch.family)
+def family_problems(arch: ArchSpec, key: str = "model.family", fam: Optional[Family] = None) -> list[str]:
+    """Why ``arch`` cannot be ``fam``'s (default: its own family's) Hugging Face model ([] when it
+    can), with the families that would fit. Read off the registry, so a new family needs nothing here."""
+    fam = fam or FAMILIES.get(arch.family)
     if fam is None:
         return [f"{key}: {arch.family!r} is not a known model family; known: {', '.join(FAMILIES)}"]
     wrong = _contradictions(fam, arch)

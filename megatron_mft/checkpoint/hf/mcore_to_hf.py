@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_mft.checkpoint.hf.families import FAMILIES, ConversionError, Family, family_for
+from megatron_mft.checkpoint.hf.families import FAMILIES, ConversionError, Family, family_for, family_problems
 from megatron_mft.checkpoint.hf.hf_io import SafetensorsShardWriter, parse_size
 from megatron_mft.checkpoint.hf.hf_to_mcore import CONVERSION_FILE, DTYPES, TOKENIZER_DIR, staged_output
 from megatron_mft.checkpoint.described import INIT_FILE, first_existing, read_description, run_relative_paths
@@ -75,6 +75,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def describe_checkpoint(path: str | Path) -> CheckpointInfo:
+    given = Path(path)
+    if not given.is_dir():
+        raise ConversionError(f"--ckpt {given} " + ("is a file, not a checkpoint folder:" if given.exists() else
+                                                     "does not exist:"),
+                              ["give a conversion output, a training step folder, or a run's output_dir or "
+                               "checkpoints folder (its latest step)"])
     p = resolve_checkpoint(path)
     described = read_description(p)
     if described is None or described.file.name == INIT_FILE:
@@ -170,6 +176,25 @@ def _merged(reader: Reader, path: str, base: torch.Tensor, quantized: bool) -> t
     return merged_weight(base, lora_delta(a, b, reader.template.lora_scaling[path]), train_dtype)
 
 
+def _check_family(info: CheckpointInfo, family: Optional[str]) -> None:
+    """The family the export writes must represent the checkpoint's architecture: a run that
+    overrode a preset (``model.num_experts`` on a Llama preset) trains, but is not a model of the
+    preset's family. Refused by name before any tensor is read; ``--family`` picks another."""
+    if family is not None:
+        fam = FAMILIES[family]
+        model_type = (info.hf_config or {}).get("model_type")
+        if model_type is not None and model_type not in fam.model_types:
+            raise ConversionError(f"--family {family}: {info.path} comes from a Hugging Face {model_type} model:", [
+                f"its base's config.json says model_type={model_type!r}; {family} is {', '.join(fam.model_types)}"])
+        info.family = fam
+    problems = family_problems(info.model_cfg.arch(), key="the model", fam=info.family)
+    if problems:
+        fits = "pass --family with one of the families that fit" if "fit this architecture: none" not in problems[0] \
+            else "no known family has this architecture"
+        raise ConversionError(f"{info.path} is not a {info.family.name} model ({info.family.architecture}), "
+                              f"so it cannot be written as one:", problems + [fits])
+
+
 def _check_empty_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConversionError("refusing to write into a non-empty folder:", [str(out)])
@@ -200,9 +225,11 @@ def check_out_apart(out: str | Path, inputs: list, why: str) -> None:
 
 def export_to_hf(ckpt: str | Path, out_dir: str | Path, *, merge_lora: bool = False, adapter_only: bool = False,
                  dtype: Optional[str] = None, max_shard_size: str = "5GB", tokenizer: Optional[str] = None,
-                 log: Callable[[str], None] = print) -> dict:
-    """Needs torch.distributed + megatron parallel state at TP=1/PP=1 in this process."""
+                 family: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
+    """Needs torch.distributed + megatron parallel state at TP=1/PP=1 in this process. ``family``:
+    the Hugging Face family to write (default: the base model's, else the run's model.family)."""
     info = describe_checkpoint(ckpt)
+    _check_family(info, family)
     out = Path(out_dir)
     if adapter_only and merge_lora:
         raise ConversionError("conflicting options:", ["--adapter-only and --merge-lora exclude each other"])
