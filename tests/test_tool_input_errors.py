@@ -233,18 +233,27 @@ def test_evaluate_writes_its_results_whole_or_not_at_all(tmp_path):
     assert sorted(os.listdir(tmp_path)) == before and not any(taken.iterdir())
 
 
-def test_evaluate_and_plot_replace_only_their_own_result_files(tmp_path):
+def test_evaluate_and_plot_replace_only_their_own_result_files(tmp_path, capsys):
     """An --out naming a file of the user's (a model's config.json, the metrics being plotted, a
     picture) is refused before any work and left as it was; the command's own earlier result is
-    replaced, and so is a result file of an older version (no mark)."""
+    replaced, and so is a result file of an older version (no mark). The commands' mains in this
+    process (their command-line parsing and error reporting included)."""
+    from megatron_mft import plot as plot_cli
+    from megatron_mft.evaluate import __main__ as evaluate_cli
+
     problems = tmp_path / "p.jsonl"
     problems.write_text(json.dumps({"task_id": "t/0", "prompt": "def f():\n", "canonical_solution": "    return 1\n",
                                     "test": "def check(g):\n    assert g() == 1\n", "entry_point": "f"}) + "\n")
-    evaluate = [PY, "-m", "megatron_mft.evaluate", "humaneval", "--check-harness", "--problems", str(problems),
-                "--workers", "1", "--out"]
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
-    plot = [PY, "-m", "megatron_mft.plot", "--metrics", str(metrics), "--out"]
+
+    def evaluate(out: Path) -> int:
+        return evaluate_cli.main(["humaneval", "--check-harness", "--problems", str(problems), "--workers", "1",
+                                  "--out", str(out)])
+
+    def plot(out: Path) -> int:
+        return plot_cli.main(["--metrics", str(metrics), "--out", str(out)])
+
     users = {"config.json": '{"model_type": "llama"}\n', "notes.json": '{"summary": {}, "results": []}\n',
              "photo.png": "not a plot\n", "loss.jpg": "a jpeg\n"}
     for name, text in users.items():
@@ -252,22 +261,21 @@ def test_evaluate_and_plot_replace_only_their_own_result_files(tmp_path):
     for cmd, name in [(evaluate, "config.json"), (evaluate, "notes.json"), (plot, "photo.png"), (plot, "loss.jpg"),
                       (plot, "metrics.jsonl")]:
         out = tmp_path / name
-        p = _run(cmd + [str(out)])
-        assert p.returncode == 2 and f"--out {out} exists and is not " in p.stderr, (name, p.stderr[-2000:])
-        assert "Traceback" not in p.stderr
+        code, err = cmd(out), capsys.readouterr().err
+        assert code == 2 and f"--out {out} exists and is not " in err, (name, err[-2000:])
+        assert "Traceback" not in err
     assert {n: (tmp_path / n).read_text() for n in users} == users
     assert metrics.read_text().count("\n") == 2
 
     for cmd, name in [(evaluate, "r.json"), (plot, "loss.png"), (plot, "loss.pdf"), (plot, "loss.svg")]:
         out = tmp_path / name
         for _ in range(2):  # written, then replaced: its own
-            p = _run(cmd + [str(out)])
-            assert p.returncode == 0, (name, p.stderr[-2000:])
+            assert cmd(out) == 0, (name, capsys.readouterr().err[-2000:])
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["summary"]["written_by"] == "megatron_mft.evaluate humaneval"
     del report["summary"]["written_by"]  # as an older version wrote it
     (tmp_path / "r.json").write_text(json.dumps(report))
-    assert _run(evaluate + [str(tmp_path / "r.json")]).returncode == 0
+    assert evaluate(tmp_path / "r.json") == 0
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
 
 
@@ -477,7 +485,6 @@ def test_bench_tools_take_the_debug_switch():
     assert plain.returncode == 1 and "internal error: ValueError: injected" in plain.stderr, plain.stderr[-2000:]
     assert "Traceback" not in plain.stderr
     assert debug.returncode == 1 and "Traceback" in debug.stderr, debug.stderr[-2000:]
-
 
 
 def test_export_refuses_a_model_its_family_cannot_hold_and_writes_the_family_named(tiny_run, tmp_path, tp1_env):
