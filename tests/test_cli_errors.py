@@ -288,8 +288,13 @@ def test_preflight_refuses_full_ft_dpo_over_an_unwritable_data_folder(tmp_path, 
 def test_every_commands_help_lists_the_debug_switch(capsys, module, argv):
     """``--debug`` was only named in the epilog's prose, never among a command's options."""
     import importlib
+    import signal
 
+    before = signal.getsignal(signal.SIGUSR1)  # the trainer's main catches it first thing
     with pytest.raises(SystemExit) as e:
-        importlib.import_module(module).main(argv)
+        try:
+            importlib.import_module(module).main(argv)
+        finally:
+            signal.signal(signal.SIGUSR1, before)
     assert e.value.code == 0
     assert "  --debug  " in capsys.readouterr().out.replace("--debug   ", "--debug  ")

@@ -174,11 +174,7 @@ def test_architecture_values_megatron_would_fail_on_are_refused_at_once():
      "model.rope_original_max_positions set, but rope_type is linear: no effect (only llama3 and yarn read it)"),
     # the neutral values (as a converted model's section writes them), or settings that are read: quiet
     (["model.rope_factor=1", "model.rope_original_max_positions=0", "model.moe_top_k=0"], None),
-    (["model.num_experts=4", "model.moe_top_k=2", "model.moe_aux_loss_coeff=0.01", "model.family=mixtral"], None),
-    # the preset's family cannot hold the overridden model: it trains, the export will want --family
-    (["model.num_experts=4", "model.moe_top_k=2"],
-     "model.family (preset tiny's): llama (LlamaForCausalLM) needs num_experts=0 (the model has 4), moe_top_k=0 "
-     "(the model has 2); families that fit this architecture: mixtral"),
+    (["model.num_experts=4", "model.moe_top_k=2", "model.moe_aux_loss_coeff=0.01"], None),
     (["model.preset=deepseek-coder-1.3b", "model.rope_type=default"], None),  # the preset's factor is not named
 ])
 def test_model_settings_without_effect_are_warned(capsys, monkeypatch, overrides, warned):

@@ -59,3 +59,28 @@ def test_unknown_or_contradicting_family_is_refused_before_the_model_is_built(tm
         check_run(custom, world_size=1)
     except PreflightError as e:  # e.g. the demo data not prepared: any problem but the family
         assert "model.family" not in str(e), str(e)
+
+
+def test_overrides_that_make_the_preset_another_familys_model_train_with_a_warning(demo_data, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """``model.num_experts`` on the Llama preset makes a Mixtral-shaped model: the run names no
+    family, so it trains; the preflight says once (it runs twice: the trainer's, the recipe's) that
+    the export will need ``--family`` and which family fits."""
+    from megatron_mft.config import load_config
+    from megatron_mft.training.preflight import check_run
+
+    for var in ("RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    common = ["data.source=offline", f"data.path={demo_data}", "data.seq_length=512"]
+    cfg = load_config(str(ROOT / "examples" / "tiny_cpu.yaml"),
+                      common + ["model.num_experts=4", "model.moe_top_k=2", f"output_dir={tmp_path / 'moe'}"])
+    check_run(cfg, world_size=1)
+    check_run(cfg, world_size=1)
+    err = capsys.readouterr().err
+    assert err.count("warning: model.family (preset tiny's): llama (LlamaForCausalLM) needs num_experts=0 (the model "
+                     "has 4), moe_top_k=0 (the model has 2); families that fit this architecture: mixtral") == 1, err
+    assert "needs --family to export it" in err
+    named = load_config(str(ROOT / "examples" / "tiny_cpu.yaml"), common + [
+        "model.num_experts=4", "model.moe_top_k=2", "model.family=mixtral", f"output_dir={tmp_path / 'mixtral'}"])
+    check_run(named, world_size=1)
+    assert "warning" not in capsys.readouterr().err

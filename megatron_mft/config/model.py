@@ -70,8 +70,8 @@ class ModelConfig:
 
     def warnings(self) -> list[str]:
         """Settings made in this config (not the preset's) that the architecture does not read:
-        MoE settings on a dense model, RoPE scaling settings the rope_type ignores; overrides that
-        make the preset's model another family's (num_experts on a Llama). Valid config only."""
+        MoE settings on a dense model, RoPE scaling settings the rope_type ignores. Valid config only.
+        (Overrides that make the preset's model another family's: the training preflight.)"""
         arch, neutral = self.arch(), {f.name: f.default for f in fields(ArchSpec)}
         unset = ModelConfig()
 
@@ -90,12 +90,6 @@ class ModelConfig:
             w.append(f"model.{', model.'.join(rope)} set, but rope_type is {arch.rope_type}: no effect (" + (
                 "RoPE scaling needs model.rope_type linear, llama3 or yarn)" if arch.rope_type == "default"
                 else "only llama3 and yarn read it)"))
-        if self.family is None and not self.hf_init:  # preflight refuses a family the run names itself
-            from megatron_mft.checkpoint.hf.families import family_problems
-
-            for p in family_problems(arch, key=f"model.family (preset {self.preset}'s)"):
-                w.append(f"{p}: the run trains, but `convert mcore-to-hf` needs --family to export it; "
-                         f"set model.family to say what it is")
         return w
 
     def validate(self) -> list[str]:

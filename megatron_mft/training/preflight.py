@@ -11,6 +11,7 @@ vocabulary (known once the data is open, still before the model is built).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from megatron_mft.compat.fsops import broken_link, cannot_write_in, is_within, nearest_existing
@@ -35,6 +36,19 @@ def check_run(run: RunConfig, world_size: int) -> None:
                 + _output_dir_problems(run) + _reference_store_problems(run) + _init_weights_problems(run))
     if problems:
         raise PreflightError(problems)
+    _warn_once(_family_warnings(run))
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(warnings: list[str]) -> None:
+    """On the first rank, each warning once per process (the trainer runs the preflight before it
+    imports megatron, and the recipe again for library use)."""
+    for w in warnings:
+        if first_rank() and w not in _WARNED:
+            print(f"warning: {w}", file=sys.stderr, flush=True)
+        _WARNED.add(w)
 
 
 def check_against_data(run: RunConfig, data) -> None:
@@ -141,6 +155,18 @@ def _layout_problems(run: RunConfig, world_size: int) -> list[str]:
         return [f"train.global_batch_size: {t.global_batch_size} is not a multiple of train.micro_batch_size x "
                 f"data-parallel size = {t.micro_batch_size} x {dp}"]
     return []
+
+
+def _family_warnings(run: RunConfig) -> list[str]:
+    """A preset's family that overrides made into another family's model (model.num_experts on a
+    Llama preset: a Mixtral): it trains, and the export needs to be told the family."""
+    from megatron_mft.checkpoint.hf.families import family_problems
+
+    if run.model.family is not None or run.model.hf_init or run.model.validate():
+        return []  # a family the run names itself: refused by _family_problems when it does not fit
+    return [f"{p}: the run trains, but `convert mcore-to-hf` needs --family to export it; set model.family "
+            f"to say what it is" for p in family_problems(run.model.arch(), key=f"model.family (preset "
+                                                                            f"{run.model.preset}'s)")]
 
 
 def _family_problems(run: RunConfig) -> list[str]:
