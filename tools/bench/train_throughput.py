@@ -477,6 +477,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from megatron_mft.launch.quiet import quiet_known_warnings
+
+    quiet_known_warnings()  # before megatron's imports: its missing-kernel warnings, in every worker
     from megatron_mft.training.parallel import teardown
 
     try:
