@@ -49,8 +49,6 @@ def _tolerance(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from megatron_mft.checkpoint.hf.families import FAMILIES
-
     p = ArgumentParser(prog="python -m megatron_mft.convert",
                                 description="Hugging Face <-> megatron-core checkpoint conversion", epilog=HELP)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -76,9 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--tokenizer", help="tokenizer to export: a folder of tokenizer files, a SentencePiece .model "
                                        "file or a tokenizer.json file (default: the run's data.tokenizer, found "
                                        "via the checkpoint)")
-    b.add_argument("--family", choices=list(FAMILIES),
-                   help="Hugging Face family to write (default: the base model's, else the run's model.family); "
-                        "for a run that changed its preset's architecture, as model.num_experts on a Llama preset")
+    b.add_argument("--family", help="Hugging Face family to write: llama, qwen2, mistral, starcoder2, mixtral, "
+                                    "qwen2_moe, qwen3, qwen3_moe (default: the base model's, else the run's "
+                                    "model.family); for a run that changed its preset's architecture, as "
+                                    "model.num_experts on a Llama preset")
 
     c = sub.add_parser("verify", help="max |logit difference| between the megatron and HF models")
     c.add_argument("--hf-dir", required=True, help="Hugging Face model folder (the reference)")
@@ -146,6 +145,10 @@ def _hf_to_mcore(args) -> int:
 
 
 def _mcore_to_hf(args) -> int:
+    from megatron_mft.checkpoint.hf.families import FAMILIES  # loads torch: not for --help
+
+    if args.family is not None and args.family not in FAMILIES:
+        raise UsageError(f"--family {args.family!r}: not a known model family; known: {', '.join(FAMILIES)}")
     _single_process()
     from megatron_mft.checkpoint.hf.mcore_to_hf import export_to_hf
     from megatron_mft.training.parallel import teardown

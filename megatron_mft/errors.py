@@ -215,6 +215,12 @@ class ArgumentParser(argparse.ArgumentParser):
             self.add_argument(DEBUG_FLAG, action="store_true",
                               help=f"on an error, print the traceback too (or set {DEBUG_ENV}=1)")
 
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        if getattr(parsed, "debug", False):  # an abbreviation (--deb) that the wrapper did not take off
+            os.environ[DEBUG_ENV] = "1"
+        return parsed, rest
+
     def error(self, message: str):
         if _rank()[0] == 0 or debug_enabled():
             super().error(message)  # prints the usage and the message, exits 2

@@ -203,7 +203,7 @@ def main(argv: list[str]) -> int:
     out = args.out  # matplotlib adds its default format to a name without one: say what was written
     if not os.path.splitext(out)[1] and not os.path.isdir(out):
         out += ".png"
-    if not os.path.isfile(args.metrics):
+    if not os.path.exists(args.metrics) or os.path.isdir(args.metrics):  # a pipe (<(...)) is fine
         raise UsageError(f"--metrics {args.metrics}: " + (
             "is a folder; give the run's metrics file, OUTPUT_DIR/metrics.jsonl" if os.path.isdir(args.metrics)
             else "no such file (a run writes OUTPUT_DIR/metrics.jsonl)"))
@@ -211,8 +211,8 @@ def main(argv: list[str]) -> int:
         plot_metrics(args.metrics, out, title=args.title, logy=args.logy, skip_invalid=args.skip_invalid,
                      warn=lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True))
     except OSError as e:  # an unreadable metrics file, an unwritable --out
-        flag = "--metrics" if e.filename == args.metrics else "--out"
-        raise UsageError(f"{flag} {e.filename or out}: {e.strerror or e}") from e
+        where = f"--metrics {args.metrics}" if e.filename == args.metrics else f"--out {out}"  # not its temporary
+        raise UsageError(f"{where}: {e.strerror or e}") from e
     except ValueError as e:  # a bad metrics line, an unsupported --out
         raise UsageError(str(e)) from e
     print(f"wrote {out}")

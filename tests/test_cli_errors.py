@@ -112,10 +112,11 @@ def test_evaluate_refuses_truncated_weights_by_name(tmp_path):
     assert str(weights) in p.stderr and "truncated" in p.stderr
 
 
-@pytest.mark.parametrize("how", ["env", "flag"])
+@pytest.mark.parametrize("how", ["env", "flag", "abbreviated"])  # argparse takes --deb for --debug
 def test_debug_shows_the_traceback(tmp_path, how):
     argv = _train(f"data.path={tmp_path}/no_such_data", f"output_dir={tmp_path}/run")
-    p = _run(argv + ["--debug"] if how == "flag" else argv, extra_env={"MFT_DEBUG": "1"} if how == "env" else None)
+    p = _run(argv + {"flag": ["--debug"], "abbreviated": ["--deb"]}.get(how, []),
+             extra_env={"MFT_DEBUG": "1"} if how == "env" else None)
     assert p.returncode == 2
     assert "Traceback (most recent call last)" in p.stderr and "PreflightError" in p.stderr
     assert p.stderr.rstrip().endswith("no_such_data does not exist")  # the message still comes last

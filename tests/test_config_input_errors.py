@@ -259,6 +259,10 @@ def test_an_override_typo_is_blamed_on_the_command_line_with_the_closest_field(t
     assert msg.startswith(f"invalid config (the key=value overrides on {f}):\n"), msg
     assert "train.stpes: unknown field (did you mean steps?)" in msg
     assert "model.num_layer: unknown field (did you mean num_layers?)" in msg
+    # a truncated name still gets its completions; a keyword field, a section and a mapping value too
+    msg = _problems(f, ["train.warmup=3", "loss.preference.lambda=abc", "trian.steps=3", "parallel={'tpp': 2}"])
+    assert msg.startswith(f"invalid config (the key=value overrides on {f}):\n"), msg
+    assert "train.warmup: unknown field (did you mean warmup_steps?)" in msg, msg
     f.write_text("data:\n  path: /x\ntrain:\n  stpes: 5\n")
     assert _problems(f, ["train.lr=1e-3"]).startswith(f"invalid config {f}:\n")
     msg = _problems(f, ["model.num_layer=2"])  # one in each

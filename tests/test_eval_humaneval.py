@@ -310,3 +310,8 @@ def test_role_markers_of_a_sentencepiece_vocabulary_count_as_one_piece(tmp_path,
         info = _log_prompt_diagnostics(enc, "t/0", text, ids)
     assert info["role_marker_pieces"] == {"<|role_start|>": 1, "<|role_end|>": 1}, info
     assert "role markers tokenize to {'<|role_start|>': 1, '<|role_end|>': 1} pieces" in caplog.text
+    if encoding == "training":  # a family template's markers are its own specials (a KeyError at first)
+        qwen = PromptEncoder(str(tmp_path), tok, PromptTemplate("mft"), encoding, None, chat_template="qwen2")
+        info = _log_prompt_diagnostics(qwen, "t/0", *qwen.encode("def add(a, b):\n"))
+        assert set(info["role_marker_pieces"]) == set(qwen.formatter.marker_ids) >= {"<|im_start|>", "<|im_end|>"}
+        assert all(n > 1 for n in info["role_marker_pieces"].values()), info  # not in the demo vocabulary

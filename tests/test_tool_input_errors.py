@@ -82,6 +82,8 @@ CASES = [
      ["--ckpt {tmp}/no_such_run does not exist"], "{tmp}/o"),
     ("export-ckpt-is-a-file", CONVERT + ["mcore-to-hf", "--ckpt", STEP + "/run.json", "--out", "{tmp}/o"], 2,
      ["--ckpt " + STEP + "/run.json is a file, not a checkpoint folder"], "{tmp}/o"),
+    ("export-unknown-family", CONVERT + ["mcore-to-hf", "--ckpt", STEP, "--out", "{tmp}/o", "--family", "gpt5"], 2,
+     ["--family 'gpt5': not a known model family; known: llama, qwen2"], "{tmp}/o"),
     ("export-shard-size-0", CONVERT + ["mcore-to-hf", "--ckpt", "{run}", "--out", "{tmp}/o", "--max-shard-size", "0"],
      2, ["--max-shard-size: must be at least 1 byte"], None),
     ("evaluate-memory-beyond-setrlimit", EVAL + ["--hf-dir", "{hf}", "--memory-mb", str(2**60), "--out",

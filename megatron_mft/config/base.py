@@ -288,10 +288,11 @@ def _build(cls: type, data: dict, path: str, problems: list[str]) -> Any:
     kwargs = {}
     for key, value in data.items():
         key = str(key).replace("-", "_")
+        full = f"{path}.{key}" if path else key  # as the YAML writes it
         key = key + "_" if keyword.iskeyword(key) else key  # a YAML key such as `lambda` -> field lambda_
-        full = f"{path}.{key}" if path else key
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=3, cutoff=0.7)
+            close = difflib.get_close_matches(key, fields, n=3, cutoff=0.7)  # stpes -> steps
+            close += [n for n in sorted(fields) if n.startswith(key) and n not in close][:4 - len(close)]  # warmup
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             problems.append(f"{full}: unknown field{hint}; known: {', '.join(sorted(fields))}")
             continue

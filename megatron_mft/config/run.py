@@ -111,23 +111,37 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     try:
         cfg = load_dataclass(RunConfig, deep_merge(data, extra), source=str(path) if path else None)
     except ConfigError as e:
-        raise _blame_overrides(e, path, overrides or []) from None
+        raise _blame_overrides(e, path, extra) from None
     if first_rank():
         for w in cfg.warnings():
             print(f"warning: {w}", file=sys.stderr, flush=True)
     return cfg
 
 
-def _blame_overrides(error: ConfigError, path, overrides: list[str]) -> ConfigError:
+def _blame_overrides(error: ConfigError, path, extra: dict) -> ConfigError:
     """The same problems under a head that names where they come from: the command line when its
-    overrides caused them all (the YAML file may not even hold the key), both when some."""
-    given = {o.split("=", 1)[0].strip().replace("-", "_") for o in overrides}
-    ours = sum(p.partition(":")[0] in given for p in error.problems)
+    overrides (``extra``, parsed) caused them all (the YAML file may not even hold the key), both
+    when some."""
+    ours = sum(_overridden(p.partition(":")[0], extra) for p in error.problems)
     if not ours:
         return error
     source = "(the key=value overrides" + (f" on {path})" if path else ")") if ours == len(error.problems) else \
         f"{path} and its key=value overrides" if path else "(the key=value overrides)"
     return ConfigError(error.problems, source=source)
+
+
+def _overridden(key: str, extra: dict) -> bool:
+    """Whether the dotted field ``key`` of a problem (``loss.preference.lambda``, ``trian``) is, or
+    lies under, a value the overrides set."""
+    node = extra
+    for part in key.strip().split("."):
+        if not isinstance(node, dict):
+            return True  # the overrides set a section's whole value above this key
+        names = {str(k).replace("-", "_"): v for k, v in node.items()}
+        if part not in names:
+            return False
+        node = names[part]
+    return True
 
 
 def _without_rope(cfg: RunConfig) -> None:

@@ -241,20 +241,22 @@ def build_program(problem: dict, completion: str) -> str:
             + f"check({problem['entry_point']})\n")
 
 
-def _marker_pieces(encoder, marker: str) -> int:
-    """How many tokens a role marker is in a prompt: as training encodes it (its single vocabulary
-    id when the tokenizer has one), or, for text prompts, 1 for a vocabulary entry. The marker
-    encoded alone by the Hugging Face tokenizer would also count SentencePiece's dummy prefix
-    ('▁'), which a marker inside a prompt does not get."""
+def _marker_pieces(encoder) -> dict[str, int]:
+    """How many tokens each role marker is in a prompt. Training encoding: the markers of the chat
+    template as training encodes them (a single vocabulary id when the tokenizer has one; a family
+    template's own specials, such as Qwen2's ``<|im_start|>``). Text prompts: 1 for a vocabulary
+    entry. The marker encoded alone by the Hugging Face tokenizer would also count SentencePiece's
+    dummy prefix ('▁'), which a marker inside a prompt does not get."""
     from megatron_mft.evaluate.encoding import encode_text
 
     if encoder.encoding == "training":
-        return len(encoder.formatter.marker_ids[marker])
-    tok = encoder.hf_tok
-    single = tok.convert_tokens_to_ids(marker)
-    if single is not None and single != tok.unk_token_id:
-        return 1
-    return len(encode_text(tok, marker, False))
+        return {m: len(ids) for m, ids in encoder.formatter.marker_ids.items()}
+    tok, pieces = encoder.hf_tok, {}
+    for marker in filter(None, (encoder.template.role_start, encoder.template.role_end)):
+        single = tok.convert_tokens_to_ids(marker)
+        pieces[marker] = 1 if single is not None and single != tok.unk_token_id else \
+            len(encode_text(tok, marker, False))
+    return pieces
 
 
 def _log_prompt_diagnostics(encoder, first_task: str, first_prompt: str, ids: list[int]) -> dict:
@@ -275,7 +277,7 @@ def _log_prompt_diagnostics(encoder, first_task: str, first_prompt: str, ids: li
     info = {"first_prompt_tokens": len(ids), "first_prompt_token_ids_head": head,
             "starts_with_bos": starts_with_bos}
     if template.name == "mft":
-        pieces = {m: _marker_pieces(encoder, m) for m in (template.role_start, template.role_end)}
+        pieces = _marker_pieces(encoder)
         log.info("role markers tokenize to %s pieces (1 = a dedicated token)", pieces)
         info["role_marker_pieces"] = pieces
     if encoder.encoding == "training":

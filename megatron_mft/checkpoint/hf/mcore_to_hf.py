@@ -90,7 +90,8 @@ def describe_checkpoint(path: str | Path) -> CheckpointInfo:
     if described.file.name == CONVERSION_FILE:
         hf_cfg = meta.get("hf_config")
         return CheckpointInfo(path=p, kind="conversion", model_cfg=model,
-                              family=FAMILIES[meta.get("family", "llama")], hf_config=hf_cfg,
+                              family=FAMILIES[meta["family"]] if "family" in meta else family_for(hf_cfg) if hf_cfg
+                              else FAMILIES["llama"], hf_config=hf_cfg,  # an older conversion: by its config
                               tokenizer_dirs=[p / TOKENIZER_DIR, Path(meta.get("source", {}).get("hf_dir", p))])
     run, peft, adapters = meta, described.peft, described.adapters
     cfg = run.get("config", {})
