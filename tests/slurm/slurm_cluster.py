@@ -250,8 +250,11 @@ class Cluster:
                     continue
         return found
 
-    def job_ids(self) -> list[str]:
-        return self.run("squeue", "-h", "-o", "%i", check=False, timeout=10).stdout.split()
+    def job_ids(self) -> list[str] | None:
+        """The queue's job ids; None when squeue failed (a loaded slurmctld drops an RPC now and
+        then: "Zero Bytes were transmitted or received"), which is not an empty queue."""
+        proc = self.run("squeue", "-h", "-o", "%i", check=False, timeout=10)
+        return proc.stdout.split() if proc.returncode == 0 else None
 
     def stop(self, timeout: float = 10) -> None:  # slurmctld has been seen to ignore SIGTERM for 30 s
         """Cancel the jobs still queued or running (by id) and wait for them to end, then SIGTERM
@@ -263,7 +266,7 @@ class Cluster:
             if ids:
                 self.run("scancel", *ids, check=False, timeout=10)
                 deadline = time.monotonic() + 60
-                while self.job_ids() and time.monotonic() < deadline:
+                while self.job_ids() != [] and time.monotonic() < deadline:
                     time.sleep(0.5)
                 notes.append(f"cancelled jobs {' '.join(ids)}: {time.monotonic() - began:.1f} s")
         for pid in self.job_processes():  # strays of the jobs, by PID

@@ -52,15 +52,21 @@ class Job:
     log: Path  # sbatch --output (both runs of a requeued job, appended)
 
     def fields(self) -> dict[str, str]:
-        text = self.cluster.run("scontrol", "-o", "show", "job", self.id, timeout=30).stdout
-        return dict(re.findall(r"(\w+)=(\S*)", text))
+        """scontrol's record of the job; a failed call (an RPC a loaded slurmctld dropped) is retried."""
+        for attempt in range(5):
+            proc = self.cluster.run("scontrol", "-o", "show", "job", self.id, check=attempt == 4, timeout=30)
+            if proc.returncode == 0:
+                return dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
+            time.sleep(1)
 
     def state(self) -> str:
         return self.fields()["JobState"]
 
     def queued(self) -> bool:
-        """Still known to squeue (pending, running or completing)."""
-        return self.id in self.cluster.job_ids()
+        """Still known to squeue (pending, running or completing); a failed squeue answers yes (its
+        empty output once let a wait end while the job was still COMPLETING)."""
+        ids = self.cluster.job_ids()
+        return ids is None or self.id in ids
 
     def text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -84,7 +90,7 @@ class Job:
 
     def wait_done(self) -> dict[str, str]:
         """Until the job has left the queue (its processes are gone); its final fields."""
-        self.wait("the job to end", lambda: not self.queued())
+        self.wait("the job to end", lambda: not self.queued() and self.state() in FINAL)
         f = self.fields()
         assert f["JobState"] in FINAL, self.describe()
         return f
