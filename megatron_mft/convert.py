@@ -74,10 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--tokenizer", help="tokenizer to export: a folder of tokenizer files, a SentencePiece .model "
                                        "file or a tokenizer.json file (default: the run's data.tokenizer, found "
                                        "via the checkpoint)")
-    b.add_argument("--family", help="Hugging Face family to write: llama, qwen2, mistral, starcoder2, mixtral, "
-                                    "qwen2_moe, qwen3, qwen3_moe (default: the base model's, else the run's "
-                                    "model.family); for a run that changed its preset's architecture, as "
-                                    "model.num_experts on a Llama preset")
+    b.add_argument("--family", help="Hugging Face family to write, a name of the family registry (default: the "
+                                    "base model's, else the run's model.family); for a run that changed its "
+                                    "preset's architecture, as model.num_experts on a Llama preset")
 
     c = sub.add_parser("verify", help="max |logit difference| between the megatron and HF models")
     c.add_argument("--hf-dir", required=True, help="Hugging Face model folder (the reference)")

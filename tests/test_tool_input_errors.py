@@ -526,7 +526,7 @@ def test_export_refuses_a_model_its_family_cannot_hold_and_writes_the_family_nam
     assert p.returncode == 2 and "Traceback" not in p.stderr and "KeyError" not in p.stderr, p.stderr
     assert f"{moe} is not a llama model (LlamaForCausalLM), so it cannot be written as one" in p.stderr, p.stderr
     assert "needs num_experts=0 (the model has 4)" in p.stderr and "fit this architecture: mixtral" in p.stderr
-    assert "pass --family" in p.stderr and "Warning" not in p.stdout + p.stderr, p.stderr
+    assert "--family NAME writes another family" in p.stderr and "Warning" not in p.stdout + p.stderr, p.stderr
     assert not (tmp_path / "moe_hf").exists()
     assert "is not a qwen2 model (Qwen2ForCausalLM)" in refused(moe, family="qwen2")
 

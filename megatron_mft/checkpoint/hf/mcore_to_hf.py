@@ -189,11 +189,9 @@ def _check_family(info: CheckpointInfo, family: Optional[str]) -> None:
                 f"its base's config.json says model_type={model_type!r}; {family} is {', '.join(fam.model_types)}"])
         info.family = fam
     problems = family_problems(info.model_cfg.arch(), key="the model", fam=info.family)
-    if problems:
-        fits = "pass --family with one of the families that fit" if "fit this architecture: none" not in problems[0] \
-            else "no known family has this architecture"
+    if problems:  # the message names the families that fit
         raise ConversionError(f"{info.path} is not a {info.family.name} model ({info.family.architecture}), "
-                              f"so it cannot be written as one:", problems + [fits])
+                              f"so it cannot be written as one (--family NAME writes another family):", problems)
 
 
 def _check_empty_out(out: Path) -> None:
